@@ -1,0 +1,90 @@
+"""Data passed between stages: frozen dataclasses with documented shapes (numpy, so they cross Ray)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from polymodal.modality import Modality
+
+
+@dataclass(frozen=True)
+class TextPart:
+    """A piece of text in a message."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class MediaPart:
+    """A medium in a message, already decoded to arrays (see ``polymodal.media_io``).
+
+    ``data``: image uint8 (H, W, 3); audio float32 (S,) mono at ``sample_rate_hz``; video uint8 (F, H, W, 3).
+    ``signal_states``: for a medium the model produced earlier in the conversation, the output-projector
+    input it came from (N, D_llm), kept for reference; it re-enters the prompt through the encoder.
+    """
+
+    modality: Modality
+    data: np.ndarray
+    sample_rate_hz: int | None = None
+    fps: float | None = None
+    name: str | None = None
+    signal_states: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message: ``role`` is ``"user"`` or ``"assistant"``; parts keep their order."""
+
+    role: str
+    parts: tuple[TextPart | MediaPart, ...]
+
+
+@dataclass(frozen=True)
+class SignalGroup:
+    """One complete group of signal tokens the LLM produced (or that was completed / forced).
+
+    Attributes:
+        modality: the medium this group asks for.
+        hidden_states: (N, D_llm) float32, last-layer hidden state (after the final norm) at each
+            signal token's own position.
+        token_embeds: (N, D_llm) float32, the input embedding of each signal token (NExT-GPT adds it to
+            the hidden state before the output projector).
+        index: position of this group among all media of the answer (0-based, output order).
+        text_offset: character offset in the answer text where the medium belongs.
+        completed: the model emitted only part of the group; the rest was teacher-forced.
+        forced: the caller required this modality and the model did not emit it; appended.
+    """
+
+    modality: Modality
+    hidden_states: np.ndarray
+    token_embeds: np.ndarray
+    index: int
+    text_offset: int
+    completed: bool = False
+    forced: bool = False
+
+    @property
+    def projector_input(self) -> np.ndarray:
+        """(N, D_llm): hidden state + token input embedding (NExT-GPT, output projector input)."""
+        return self.hidden_states + self.token_embeds
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Streamed text (already cleaned of signal tokens)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class LLMResult:
+    """What the LLM stage returns for one request."""
+
+    text: str
+    groups: tuple[SignalGroup, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length" | "signal_loop"
+    notes: tuple[str, ...] = field(default_factory=tuple)
