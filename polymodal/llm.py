@@ -647,7 +647,12 @@ def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str 
                 log.info("dequantising %s (once; cached at %s)", gguf, cached)
                 tok = AutoTokenizer.from_pretrained(path, gguf_file=cfg.gguf_file)
                 model = AutoModelForCausalLM.from_pretrained(path, gguf_file=cfg.gguf_file, dtype=torch.float32)
+                cached.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+                # the weights are dequantised in memory: save them as a plain float model
+                model.hf_quantizer = None
+                if hasattr(model.config, "quantization_config"):
+                    del model.config.quantization_config
                 model.save_pretrained(tmp)
                 tok.save_pretrained(tmp)
                 if cached.exists():
@@ -655,6 +660,7 @@ def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str 
 
                     shutil.rmtree(tmp, ignore_errors=True)
                 else:
+                    cached.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(tmp, cached)
             path = str(cached)
         tok = AutoTokenizer.from_pretrained(path)
