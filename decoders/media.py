@@ -1,0 +1,247 @@
+"""Decoded media and their file encodings; normalisation of whatever arrays a diffusion pipeline returns.
+
+- :class:`Medium`: one generated item, image uint8 (H, W, 3), audio float32 (S,) mono, video uint8 (F, H, W, 3).
+  ``encode()`` gives PNG (Pillow), WAV float32 (soundfile) or MP4 h264 yuv420p (PyAV).
+- :func:`image_to_uint8`, :func:`audio_to_mono`, :func:`video_to_uint8`, :func:`split_batch`: turn pipeline
+  outputs of any usual layout and range into those arrays, and :func:`degenerate_reason` tells NaN or
+  all-black / silent output apart from a usable one.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from polymodal.modality import Modality
+
+# A medium whose every value is at or below this (uint8 levels / absolute amplitude) is "all black" / silent.
+BLACK_LEVEL_U8 = 0
+SILENCE_AMPLITUDE = 1e-6
+
+
+@dataclass(frozen=True, eq=False)
+class Medium:
+    """One generated medium.
+
+    Attributes:
+        modality: image, audio or video.
+        data: image uint8 (H, W, 3); audio float32 (S,) mono in [-1, 1]; video uint8 (F, H, W, 3).
+        seed: the seed of this item's generator (item k of a batch equals the same item generated alone).
+        sample_rate_hz: audio only.
+        fps: video only.
+    """
+
+    modality: Modality
+    data: np.ndarray
+    seed: int
+    sample_rate_hz: int | None = None
+    fps: float | None = None
+
+    def __post_init__(self) -> None:
+        m, d = Modality.parse(self.modality), self.data
+        object.__setattr__(self, "modality", m)
+        if m is Modality.IMAGE and not (d.dtype == np.uint8 and d.ndim == 3 and d.shape[-1] == 3):
+            raise ValueError(f"image data must be uint8 (H, W, 3), got {d.dtype} {d.shape}")
+        if m is Modality.VIDEO and not (d.dtype == np.uint8 and d.ndim == 4 and d.shape[-1] == 3):
+            raise ValueError(f"video data must be uint8 (F, H, W, 3), got {d.dtype} {d.shape}")
+        if m is Modality.AUDIO and not (d.dtype == np.float32 and d.ndim == 1):
+            raise ValueError(f"audio data must be float32 (S,) mono, got {d.dtype} {d.shape}")
+        if m is Modality.AUDIO and not self.sample_rate_hz:
+            raise ValueError("audio needs sample_rate_hz")
+        if m is Modality.VIDEO and not self.fps:
+            raise ValueError("video needs fps")
+
+    @property
+    def duration_s(self) -> float | None:
+        """Length of audio or video in seconds (``None`` for an image)."""
+        if self.modality is Modality.AUDIO:
+            return len(self.data) / float(self.sample_rate_hz)
+        if self.modality is Modality.VIDEO:
+            return len(self.data) / float(self.fps)
+        return None
+
+    def encode(self) -> tuple[bytes, str, str]:
+        """Encode to a file: ``(bytes, mime type, extension)``.
+
+        Image: PNG (Pillow). Audio: WAV, 32-bit float samples (soundfile) at ``sample_rate_hz``.
+        Video: MP4, h264 in yuv420p (PyAV); odd sizes are padded by one edge pixel (yuv420p needs even sizes).
+        """
+        if self.modality is Modality.IMAGE:
+            return encode_png(self.data), "image/png", "png"
+        if self.modality is Modality.AUDIO:
+            return encode_wav(self.data, self.sample_rate_hz), "audio/wav", "wav"
+        return encode_mp4(self.data, self.fps), "video/mp4", "mp4"
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, 3) -> PNG bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_wav(audio: np.ndarray, sample_rate_hz: int) -> bytes:
+    """float32 (S,) -> WAV bytes with 32-bit float samples."""
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(audio, dtype=np.float32), int(sample_rate_hz), format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
+    """uint8 (F, H, W, 3) -> MP4 bytes (h264, yuv420p)."""
+    import av
+
+    num_frames, height_px, width_px, _ = frames.shape
+    pad_h, pad_w = height_px % 2, width_px % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    rate = Fraction(fps).limit_denominator(1001)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=rate)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- normalisation of pipeline outputs
+
+
+def _to_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch.Tensor
+        x = x.detach().float().cpu().numpy()
+    elif hasattr(x, "convert") and hasattr(x, "size"):  # PIL.Image
+        x = np.asarray(x.convert("RGB"))
+    return np.asarray(x)
+
+
+def split_batch(output, batch_size: int) -> list:
+    """Split a pipeline output into ``batch_size`` items.
+
+    Accepts a batched array/tensor (leading axis B), a list of B items, or, for B == 1, one unbatched item
+    (e.g. a plain list of video frames, as older pipelines return).
+
+    Raises:
+        ValueError: the output does not hold ``batch_size`` items.
+    """
+    if isinstance(output, (list, tuple)):
+        if len(output) == batch_size and batch_size != 1:
+            return list(output)
+        if batch_size == 1:
+            # [item] or a bare list of frames
+            if len(output) == 1:
+                return [output[0]]
+            return [list(output)]
+        raise ValueError(f"pipeline returned {len(output)} items for a batch of {batch_size}")
+    arr = output
+    if getattr(arr, "shape", None) is None:
+        raise ValueError(f"cannot split a pipeline output of type {type(output).__name__}")
+    if arr.shape[0] != batch_size:
+        if batch_size == 1:
+            return [arr]
+        raise ValueError(f"pipeline returned {arr.shape[0]} items for a batch of {batch_size}")
+    return [arr[k] for k in range(batch_size)]
+
+
+def _float_to_uint8(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    lo, hi = float(np.min(x)), float(np.max(x))
+    if hi > 1.5:  # 0..255 as floats
+        x = x / 255.0
+    elif lo < -1e-3:  # [-1, 1]
+        x = (x + 1.0) / 2.0
+    return (np.clip(x, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def _channels_last_rgb(x: np.ndarray) -> np.ndarray:
+    """(..., H, W, C) or (..., C, H, W) with C in {1, 3, 4} -> (..., H, W, 3)."""
+    if x.ndim >= 3 and x.shape[-1] not in (1, 3, 4) and x.shape[-3] in (1, 3, 4):
+        x = np.moveaxis(x, -3, -1)
+    if x.shape[-1] == 1:
+        x = np.repeat(x, 3, axis=-1)
+    elif x.shape[-1] == 4:
+        x = x[..., :3]
+    elif x.shape[-1] != 3:
+        raise ValueError(f"cannot find the colour channels of an array of shape {x.shape}")
+    return x
+
+
+def _pixels_to_uint8(x: np.ndarray) -> np.ndarray:
+    x = _channels_last_rgb(x)
+    return np.ascontiguousarray(x if x.dtype == np.uint8 else _float_to_uint8(x))
+
+
+def image_to_uint8(image) -> np.ndarray:
+    """One image (H, W, C) / (C, H, W), float in [0, 1] or [-1, 1], uint8, tensor or PIL -> uint8 (H, W, 3)."""
+    x = _to_numpy(image)
+    if x.ndim == 2:
+        x = x[..., None]
+    if x.ndim == 4 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 3:
+        raise ValueError(f"an image must have 2 or 3 axes, got shape {x.shape}")
+    return _pixels_to_uint8(x)
+
+
+def video_to_uint8(video) -> np.ndarray:
+    """One video -> uint8 (F, H, W, 3).
+
+    Accepts a list of frames (arrays, tensors or PIL images), (F, H, W, C), (F, C, H, W), (1, F, H, W, C),
+    (C, F, H, W) tensors as the VAE emits them, float in [0, 1] or [-1, 1], or uint8.
+    """
+    if isinstance(video, (list, tuple)):
+        frames = [_to_numpy(f) for f in video]
+        frames = [f[0] if f.ndim == 4 and f.shape[0] == 1 else f for f in frames]
+        x = np.stack(frames)
+    else:
+        x = _to_numpy(video)
+    if x.ndim == 5 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim == 3:  # grey frames (F, H, W)
+        x = x[..., None]
+    if x.ndim != 4:
+        raise ValueError(f"a video must have 4 axes (F, H, W, C), got shape {x.shape}")
+    if x.shape[-1] not in (1, 3, 4) and x.shape[-3] not in (1, 3, 4) and x.shape[0] in (1, 3, 4):
+        x = np.moveaxis(x, 0, 1)  # (C, F, H, W) -> (F, C, H, W)
+    return _pixels_to_uint8(x)
+
+
+def audio_to_mono(audio) -> np.ndarray:
+    """One waveform (S,), (1, S), (C, S) or (S, C) -> float32 (S,) mono (channels averaged)."""
+    x = _to_numpy(audio).astype(np.float32)
+    if x.ndim == 2:
+        x = x.mean(axis=0 if x.shape[0] <= x.shape[1] else 1)
+    if x.ndim != 1:
+        raise ValueError(f"a waveform must have 1 or 2 axes, got shape {x.shape}")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def degenerate_reason(modality: Modality, raw, converted: np.ndarray | None = None) -> str | None:
+    """Why an output is unusable, or ``None``.
+
+    ``raw``: the pipeline's array for one item (before conversion); ``converted``: the array that would
+    go into the :class:`Medium`. NaN / inf anywhere, an all-black image or video, or silent audio.
+    """
+    x = _to_numpy(raw) if not isinstance(raw, (list, tuple)) else np.stack([_to_numpy(f) for f in raw])
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        return "degenerate output: NaN or inf values"
+    if converted is None:
+        return None
+    if modality is Modality.AUDIO:
+        if float(np.max(np.abs(converted), initial=0.0)) <= SILENCE_AMPLITUDE:
+            return "degenerate output: silent audio"
+    elif int(converted.max(initial=0)) <= BLACK_LEVEL_U8:
+        return "degenerate output: all black"
+    return None

@@ -1,0 +1,66 @@
+"""Video decoder: a text-to-video UNet (``diffusers.TextToVideoSDPipeline``, zeroscope-style).
+
+zeroscope_v2_576w takes OpenCLIP ViT-H last hidden states (77, 1024); the tiny config (8, 32).
+"""
+
+from __future__ import annotations
+
+from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from decoders import tiny
+from decoders.base import Decoder, seeded
+from decoders.media import Medium, video_to_uint8
+from polymodal.config import DecoderConfig, DecoderDefaults
+from polymodal.modality import Modality
+
+
+class VideoDecoder(Decoder):
+    """Text-to-video diffusion driven by ``prompt_embeds`` (B, Q, D_cond) -> uint8 (F, H, W, 3) at ``fps``."""
+
+    modality = Modality.VIDEO
+    pipeline_class = TextToVideoSDPipeline
+
+    @classmethod
+    def tiny_pipeline(cls, config: DecoderConfig, *, seed: int = 0) -> TextToVideoSDPipeline:
+        q, d = config.cond_tokens, config.cond_dim
+        tokenizer = tiny.text_tokenizer(model_max_length=q)
+        with seeded(seed):
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(
+                    vocab_size=len(tokenizer),
+                    hidden_size=d,
+                    intermediate_size=2 * d,
+                    num_hidden_layers=1,
+                    num_attention_heads=tiny.num_heads(d),
+                    max_position_embeddings=q,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            )
+            unet = UNet3DConditionModel(
+                sample_size=16,
+                in_channels=4,
+                out_channels=4,
+                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+                block_out_channels=tiny.TINY_BLOCKS,
+                layers_per_block=1,
+                cross_attention_dim=d,
+                attention_head_dim=8,
+                norm_num_groups=tiny.TINY_GROUPS,
+            )
+            vae = tiny.vae(3)
+        return TextToVideoSDPipeline(
+            vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet, scheduler=tiny.scheduler()
+        )
+
+    def _call_options(self, options: DecoderDefaults) -> dict:
+        return {"height": options.height_px, "width": options.width_px, "num_frames": options.num_frames}
+
+    def _output_items(self, output):
+        return output.frames
+
+    def _to_medium(self, raw, seed: int, options: DecoderDefaults) -> Medium:
+        return Medium(Modality.VIDEO, video_to_uint8(raw), seed=seed, fps=float(options.fps))
