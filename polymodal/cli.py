@@ -121,7 +121,7 @@ def generate(
     temperature: Annotated[Optional[float], typer.Option(min=0.0, max=2.0)] = None,
     steps: Annotated[Optional[int], typer.Option(help="num_inference_steps of every decoder", min=1, max=200)] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(min=0.0, max=30.0)] = None,
-    projectors: Annotated[Optional[Path], typer.Option(help="folder of trained projector exports")] = None,
+    projectors: Annotated[Optional[Path], typer.Option(help="export folder of trained parts (projectors, token rows, LoRA)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -151,7 +151,7 @@ def generate(
 
     try:
         typer.echo(f"loading preset {preset} ...", err=True)
-        pipe = AnyToAnyPipeline.from_preset(preset, device=device, projectors_dir=str(projectors) if projectors else None)
+        pipe = AnyToAnyPipeline.from_preset(preset, device=device, export_dir=str(projectors) if projectors else None)
     except (ValueError, LLMLoadError, RuntimeError, OSError) as e:
         _fail(str(e))
     options = {}
@@ -266,7 +266,7 @@ def serve(
     address: Annotated[Optional[str], typer.Option(help="attach to this Ray cluster instead of starting one")] = None,
     no_ray: Annotated[bool, typer.Option("--no-ray", help="one process under uvicorn (laptops, API tests)")] = False,
     api_key: Annotated[Optional[list[str]], typer.Option(help="accepted API key (repeatable; env POLYMODAL_API_KEYS)")] = None,
-    projectors: Annotated[Optional[Path], typer.Option(help="folder of trained projector exports")] = None,
+    projectors: Annotated[Optional[Path], typer.Option(help="export folder of trained parts (projectors, token rows, LoRA)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -277,7 +277,7 @@ def serve(
     keys = list(api_key or []) + [k for k in os.environ.get("POLYMODAL_API_KEYS", "").split(",") if k]
     try:
         serve_main(preset, host=host, port=port, address=address, no_ray=no_ray, api_keys=keys or None,
-                   projectors_dir=str(projectors) if projectors else None, device=device)
+                   export_dir=str(projectors) if projectors else None, device=device)
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
 

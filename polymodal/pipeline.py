@@ -279,10 +279,11 @@ class DecoderStage:
                 "cond_shape": list(self.decoder.cond_shape)}
 
 
-def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, projectors_dir: str | None = None) -> LLMStage:
+def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, export_dir: str | None = None) -> LLMStage:
     """Load the LLM, encoders and input projectors of a preset.
 
-    ``projectors_dir``: trained projectors exported as ``input_{modality}.safetensors`` (loaded strictly).
+    ``export_dir``: an export of trained parts (:mod:`polymodal.export`): input projectors, new token
+    rows and a LoRA adapter, each loaded strictly when present.
 
     Raises:
         polymodal.llm.LLMLoadError, ProjectorLoadError, and the encoders' load errors.
@@ -294,13 +295,20 @@ def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, pr
     dev = resolve_device(device)
     engine = load_llm(preset.llm, preset.signals.spec(), preset.chat.format(), device=dev,
                       seed=_part_seed(preset, "llm"))
+    if export_dir:
+        from polymodal.export import apply_llm_export
+
+        applied = apply_llm_export(engine, export_dir)
+        if applied:
+            engine.init_state = "pretrained+" + "+".join(applied) if engine.init_state == "pretrained" else (
+                engine.init_state + "+" + "+".join(applied))
     encoders, in_proj = {}, {}
     for m, ecfg in preset.encoders.items():
         if m not in preset.input_projectors:
             continue
         encoders[m] = build_encoder(m, ecfg, device=dev, seed=_part_seed(preset, "encoder", m))
         pcfg = preset.input_projectors[m]
-        ckpt = _projector_file(projectors_dir, "input", m)
+        ckpt = _projector_file(export_dir, "input", m)
         if ckpt:
             pcfg = pcfg.model_copy(update={"checkpoint": ckpt})
         proj = build_input_projector(pcfg, d_enc=encoders[m].dim, d_llm=engine.d_llm,
@@ -311,13 +319,13 @@ def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, pr
 
 
 def build_decoder_stage(
-    preset: PresetConfig | str, modality: Modality, *, device: str | None = None, projectors_dir: str | None = None,
+    preset: PresetConfig | str, modality: Modality, *, device: str | None = None, export_dir: str | None = None,
     d_llm: int | None = None,
 ) -> DecoderStage:
     """Load one modality's output projector and decoder.
 
     ``d_llm`` defaults to the preset LLM's hidden size (read from its config without loading weights for
-    tiny LLMs; pass it when known). ``projectors_dir``: ``output_{modality}.safetensors`` exports.
+    tiny LLMs; pass it when known). ``export_dir``: ``output_{modality}.safetensors`` exports.
 
     Raises:
         ValueError: the preset has no decoder for the modality. decoders.DecoderLoadError, ProjectorLoadError.
@@ -331,7 +339,7 @@ def build_decoder_stage(
     dev = resolve_device(device)
     decoder = build_decoder(modality, preset.decoders[modality], device=dev, seed=_part_seed(preset, "decoder", modality))
     pcfg = preset.output_projectors[modality]
-    ckpt = _projector_file(projectors_dir, "output", modality)
+    ckpt = _projector_file(export_dir, "output", modality)
     if ckpt:
         pcfg = pcfg.model_copy(update={"checkpoint": ckpt})
     spec = preset.signals.spec()
@@ -436,11 +444,11 @@ class AnyToAnyPipeline:
 
     @classmethod
     def from_preset(cls, preset: PresetConfig | str, *, device: str | None = None,
-                    projectors_dir: str | None = None) -> "AnyToAnyPipeline":
+                    export_dir: str | None = None) -> "AnyToAnyPipeline":
         preset = get_preset(preset)
-        llm = build_llm_stage(preset, device=device, projectors_dir=projectors_dir)
+        llm = build_llm_stage(preset, device=device, export_dir=export_dir)
         stages = {
-            m: build_decoder_stage(preset, m, device=device, projectors_dir=projectors_dir, d_llm=llm.engine.d_llm)
+            m: build_decoder_stage(preset, m, device=device, export_dir=export_dir, d_llm=llm.engine.d_llm)
             for m in preset.decoders
             if m in preset.output_projectors
         }
