@@ -367,14 +367,20 @@ def decode_video(
         container = av.open(io.BytesIO(data), mode="r")
     except av.FFmpegError as e:
         _wrong_medium(VIDEO, data)
-        raise MediaError(VIDEO, "corrupt", f"not a readable video file (corrupt, truncated or unknown format): {e}") from None
+        raise MediaError(
+            VIDEO, "corrupt", f"not a readable video file (corrupt, truncated or unknown format): {_av_reason(e)}"
+        ) from None
     try:
         with container:
             return _sample_frames(container, data, num_frames, size_px, limits)
     except MediaError:
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
-        raise MediaError(VIDEO, "corrupt", f"corrupt or truncated video data ({e})") from None
+        raise MediaError(VIDEO, "corrupt", f"corrupt or truncated video data ({_av_reason(e)})") from None
+
+
+def _av_reason(e: Exception) -> str:
+    return getattr(e, "strerror", None) or str(e)
 
 
 def _sample_frames(container, data: bytes, num_frames: int, size_px: int | None, limits: MediaLimits):
