@@ -44,7 +44,7 @@ def photo(name: str = "astronaut", width_px: int | None = 96) -> np.ndarray:
         return arr.copy()
     h, w = arr.shape[:2]
     img = Image.fromarray(arr).resize((width_px, max(1, round(h * width_px / w))), Image.BILINEAR)
-    return np.asarray(img)
+    return np.array(img)
 
 
 def image_bytes(arr: np.ndarray, fmt: str = "PNG", *, mode: str | None = None, **save_kwargs) -> bytes:
@@ -59,10 +59,12 @@ def image_bytes(arr: np.ndarray, fmt: str = "PNG", *, mode: str | None = None, *
     return buf.getvalue()
 
 
+@functools.lru_cache(maxsize=None)
 def photo_png(name: str = "astronaut", width_px: int | None = 96) -> bytes:
     return image_bytes(photo(name, width_px), "PNG")
 
 
+@functools.lru_cache(maxsize=None)
 def photo_jpeg(name: str = "chelsea", width_px: int | None = 96, quality: int = 90) -> bytes:
     return image_bytes(photo(name, width_px), "JPEG", quality=quality)
 
@@ -138,6 +140,7 @@ def photo_frames(names=PHOTO_NAMES, frames_per_photo: int = 4, width_px: int = 6
     return np.stack(out)
 
 
+@functools.lru_cache(maxsize=None)
 def photo_mp4(fps: int = 8, frames_per_photo: int = 4, codec: str = "libx264", fmt: str = "mp4") -> bytes:
     """A short MP4 (default 16 frames, 2 s, 64x48, H.264) made from the four real photos."""
     return encode_video(photo_frames(frames_per_photo=frames_per_photo), fps, codec=codec, fmt=fmt)

@@ -308,6 +308,22 @@ def test_long_video_is_sampled_by_seeking_not_decoded_whole(monkeypatch):
     assert 8 <= len(decoded) <= 8 * (gop + 4) < n
 
 
+@pytest.mark.parametrize("matrix,white_rows", [((0, 0x10000, 0, -0x10000, 0, 0, 0, 0, 0x40000000), slice(0, 8)),
+                                               ((0, -0x10000, 0, 0x10000, 0, 0, 0, 0, 0x40000000), slice(24, 32))])
+def test_display_matrix_rotation_is_applied(matrix, white_rows):
+    import struct
+
+    frame = np.zeros((16, 32, 3), np.uint8)
+    frame[:, :8] = 255  # white left quarter
+    data = bytearray(encode_video([frame] * 3, fps=10))
+    m = data.find(b"tkhd") + 44  # the track header's display matrix (what phones write for portrait video)
+    data[m : m + 36] = struct.pack(">9i", *matrix)
+    frames, _ = decode_video(bytes(data), num_frames=1)
+    assert frames.shape == (1, 32, 16, 3)
+    rows = frames[0, :, :, 0].mean(axis=1)
+    assert (rows[white_rows] > 200).all() and (np.delete(rows, np.r_[white_rows]) < 50).all()
+
+
 def test_video_size_px_scales_the_shorter_side():
     frames, _ = decode_video(photo_mp4(), num_frames=3, size_px=24)
     assert frames.shape == (3, 24, 32, 3)
