@@ -249,13 +249,24 @@ def presets_cmd(
         _fail(str(e))
 
 
+_SUBAPPS = (
+    ("mosit", "mosit.cli", "Build MosIT-style multimodal instruction data."),
+    ("train", "polymodal.training.cli", "Alignment training: encode | decode | instruct stages."),
+    ("convert", "polymodal.convert.cli", "Convert released checkpoints (NExT-GPT) into polymodal exports."),
+)
+
+
 def _mount_subapps() -> None:
-    """Sub-commands owned by other packages, mounted lazily so ``--help`` stays fast."""
-    try:
-        from mosit.cli import app as mosit_app
-    except ImportError:  # pragma: no cover - mosit not installed
-        return
-    app.add_typer(mosit_app, name="mosit", help="Build MosIT-style multimodal instruction data.")
+    """Sub-commands owned by other packages (imported here, at the composition root)."""
+    import importlib
+
+    for name, module, help_text in _SUBAPPS:
+        try:
+            sub = importlib.import_module(module).app
+        except ModuleNotFoundError as e:  # an optional part not present in this install
+            logging.getLogger(__name__).debug("sub-command %s unavailable: %s", name, e)
+            continue
+        app.add_typer(sub, name=name, help=help_text)
 
 
 @app.command()

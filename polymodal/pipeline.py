@@ -209,7 +209,8 @@ class LLMStage:
     def describe(self) -> dict[str, Any]:
         """Init state and source of each part (shown in manifests, ``/v1/models`` and ``/ready``)."""
         return {
-            "llm": {"init_state": self.engine.init_state, "source": self.engine.source, "d_llm": self.engine.d_llm},
+            "llm": {"init_state": self.engine.init_state, "source": self.engine.source, "d_llm": self.engine.d_llm,
+                    "export_parts": list(getattr(self.engine, "export_parts", []))},
             "encoders": {m.value: {"kind": self.preset.encoders[m].kind, "init_state": e.init_state}
                          for m, e in self.encoders.items()},
             "input_projectors": {m.value: {"kind": self.preset.input_projectors[m].kind,
@@ -298,10 +299,7 @@ def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, ex
     if export_dir:
         from polymodal.export import apply_llm_export
 
-        applied = apply_llm_export(engine, export_dir)
-        if applied:
-            engine.init_state = "pretrained+" + "+".join(applied) if engine.init_state == "pretrained" else (
-                engine.init_state + "+" + "+".join(applied))
+        engine.export_parts = apply_llm_export(engine, export_dir)
     encoders, in_proj = {}, {}
     for m, ecfg in preset.encoders.items():
         if m not in preset.input_projectors:
