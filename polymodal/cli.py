@@ -263,9 +263,10 @@ def _mount_subapps() -> None:
     for name, module, help_text in _SUBAPPS:
         try:
             sub = importlib.import_module(module).app
-        except ModuleNotFoundError as e:  # an optional part not present in this install
-            logging.getLogger(__name__).debug("sub-command %s unavailable: %s", name, e)
-            continue
+        except ModuleNotFoundError as e:
+            if e.name and module.startswith(e.name):  # that package is not part of this install
+                continue
+            raise
         app.add_typer(sub, name=name, help=help_text)
 
 
