@@ -199,7 +199,8 @@ def video_to_uint8(video) -> np.ndarray:
     """One video -> uint8 (F, H, W, 3).
 
     Accepts a list of frames (arrays, tensors or PIL images), (F, H, W, C), (F, C, H, W), (1, F, H, W, C),
-    (C, F, H, W) tensors as the VAE emits them, float in [0, 1] or [-1, 1], or uint8.
+    (C, F, H, W) tensors as the VAE emits them, float in [0, 1] or [-1, 1], or uint8. When F is itself 1, 3
+    or 4 a 4-axis array with colour-sized axes 0 and 1 reads as (F, C, H, W).
     """
     if isinstance(video, (list, tuple)):
         frames = [_to_numpy(f) for f in video]
