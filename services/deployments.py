@@ -1,0 +1,200 @@
+"""Ray Serve deployments: plain classes wrapped by the app builder (:mod:`services.app`).
+
+- :class:`LLMServer`: encoders + input projectors + LLM (``polymodal.pipeline.LLMStage``); streams text
+  deltas and signal groups (``generate``).
+- :class:`DecoderServer`: one modality's output projector + diffusion decoder (``DecoderStage``).
+  ``render`` calls are batched with ``@serve.batch``; the pipeline runs in a worker thread (never on the
+  replica's event loop, so batches form and health checks answer), see :class:`services.workers.DecoderWorker`
+  for grouping, seeds, failure isolation and cancellation.
+- :class:`StatsServer`: sums the decoder replicas' counters for ``/metrics``.
+- :class:`IngressServer`: the FastAPI app of :mod:`services.ingress` over a
+  :class:`services.ray_backend.RayBackend`.
+
+Heavy parts are built in the constructors (torch is imported there, never in the ingress), or passed in
+as ``stage`` so tests need no model. ``check_health`` fails when the weights did not load (the
+constructor raises then, so the replica never starts) or the stage became unusable (accelerator fault).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import uuid
+from typing import Any
+
+from ray import serve
+
+from polymodal.config import PresetConfig
+from polymodal.modality import Modality
+
+from services.errors import Cancelled
+from services.protocol import EncodedMedium, LLMRequest, RenderRequest
+from services.settings import ServerSettings
+from services.workers import BatchItem, DecoderWorker, LLMWorker
+
+log = logging.getLogger("ray.serve")
+
+
+class LLMServer:
+    """The LLM stage as a deployment.
+
+    Args:
+        preset: the preset (or its name / YAML path).
+        device: torch device (``None``: cuda if available, else cpu).
+        projectors_dir: trained projector exports (see ``polymodal.pipeline.build_llm_stage``).
+        max_concurrency: generations run at once in this replica.
+        stage: a ready stage (tests); skips loading.
+    """
+
+    def __init__(self, preset: PresetConfig | str, device: str | None = None, projectors_dir: str | None = None,
+                 max_concurrency: int = 1, stage: Any = None):
+        if stage is None:
+            from polymodal.pipeline import build_llm_stage
+
+            stage = build_llm_stage(preset, device=device, projectors_dir=projectors_dir)
+        self._stage = stage
+        self._worker = LLMWorker(stage, max_concurrency=max_concurrency)
+
+    async def generate(self, request: LLMRequest):
+        """Async generator of ``TextDelta | SignalGroup`` then the ``LLMResult``; cancellation stops the LLM."""
+        async for item in self._worker.stream(request):
+            yield item
+
+    def describe(self) -> dict[str, Any]:
+        d = dict(self._stage.describe())
+        d["healthy"] = self._worker.healthy
+        return d
+
+    def check_health(self) -> None:
+        if not self._worker.healthy:
+            raise RuntimeError("the LLM stage is unusable")
+
+
+class DecoderServer:
+    """One modality's decoder as a deployment, batching concurrent ``render`` calls.
+
+    Args:
+        preset: the preset (or its name / YAML path).
+        modality: ``image`` / ``audio`` / ``video``.
+        device: torch device.
+        projectors_dir: trained projector exports.
+        max_batch_size: items per pipeline call (``@serve.batch``).
+        batch_wait_timeout_s: how long a batch waits to fill.
+        stats: handle of :class:`StatsServer` (counters for ``/metrics``), optional.
+        stage: a ready ``DecoderStage`` (tests); skips loading.
+    """
+
+    def __init__(self, preset: PresetConfig | str, modality: str, device: str | None = None,
+                 projectors_dir: str | None = None, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05,
+                 stats: Any = None, stage: Any = None):
+        self.modality = Modality.parse(modality)
+        if stage is None:
+            from polymodal.pipeline import build_decoder_stage, llm_hidden_size
+            from polymodal.presets import get_preset
+
+            p = get_preset(preset)
+            stage = build_decoder_stage(p, self.modality, device=device, projectors_dir=projectors_dir,
+                                        d_llm=llm_hidden_size(p))
+        self._worker = DecoderWorker(stage)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
+        self.render_batch.set_max_batch_size(int(max_batch_size))
+        self.render_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self._stats = stats
+        self._replica = uuid.uuid4().hex
+        self._flusher: asyncio.Task | None = None
+        self._reported: dict[str, int] | None = None
+
+    async def render(self, request: RenderRequest) -> EncodedMedium:
+        """Render one medium (batched with concurrent calls).
+
+        Raises:
+            RenderFailed: this item could not be rendered. asyncio.CancelledError: cancelled by the caller.
+        """
+        self._ensure_flusher()
+        item = BatchItem(request)
+        try:
+            result = await self.render_batch(item)
+        except asyncio.CancelledError:
+            item.cancel.set()  # the step callback sees it; the batch stops once all its items are cancelled
+            raise
+        if isinstance(result, Cancelled):
+            raise asyncio.CancelledError()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    async def render_batch(self, items: list[BatchItem]) -> list[EncodedMedium | Exception]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._worker.run_batch, items)
+
+    def _ensure_flusher(self) -> None:
+        if self._stats is not None and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        """Report this replica's counters to the stats deployment whenever they change (every 0.2 s)."""
+        while True:
+            snap = self._worker.counters.snapshot()
+            if snap != self._reported:
+                try:
+                    await self._stats.report.remote(self._replica, self.modality.value, snap)
+                    self._reported = snap
+                except Exception as e:  # noqa: BLE001 - metrics never break rendering
+                    log.debug("stats report failed: %s", e)
+            await asyncio.sleep(0.2)
+
+    def stats(self) -> dict[str, int]:
+        return self._worker.counters.snapshot()
+
+    def describe(self) -> dict[str, Any]:
+        stage = self._worker.stage
+        d = dict(stage.describe()) if hasattr(stage, "describe") else {"init_state": stage.init_state}
+        d["healthy"] = self._worker.healthy
+        return d
+
+    def check_health(self) -> None:
+        if not self._worker.healthy:
+            raise RuntimeError(f"the {self.modality.value} decoder is unusable: {self._worker.last_error}")
+
+
+class StatsServer:
+    """Latest counters of every decoder replica; ``snapshot`` sums them per modality."""
+
+    def __init__(self):
+        self._latest: dict[tuple[str, str], dict[str, int]] = {}
+
+    def report(self, replica: str, modality: str, counters: dict[str, int]) -> None:
+        self._latest[(replica, modality)] = dict(counters)
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (_, modality), c in self._latest.items():
+            agg = out.setdefault(modality, {})
+            for k, v in c.items():
+                agg[k] = max(agg.get(k, 0), v) if k == "max_batch_size" else agg.get(k, 0) + v
+        return out
+
+
+@serve.ingress()
+class IngressServer:
+    """The HTTP API (:func:`services.ingress.build_app`) over DeploymentHandles.
+
+    Args:
+        preset: the served preset.
+        llm: :class:`LLMServer` handle. decoders: ``{modality value: DecoderServer handle}``.
+        stats: :class:`StatsServer` handle. settings: :class:`services.settings.ServerSettings` (or a dict).
+    """
+
+    def __init__(self, preset: PresetConfig, llm: Any, decoders: dict[str, Any], stats: Any = None,
+                 settings: ServerSettings | dict | None = None):
+        from services.ray_backend import RayBackend
+
+        self._settings = ServerSettings.model_validate(settings or {})
+        self._backend = RayBackend(preset, llm, decoders, stats, retry_after_s=self._settings.retry_after_s)
+
+    def __serve_build_asgi_app__(self):
+        from services.ingress import build_app
+
+        return build_app(self._backend, self._settings)

@@ -1,0 +1,114 @@
+"""The in-process backend (``polymodal serve --no-ray``): the pipeline's stages in this process.
+
+One process, instant start, for laptops and API tests. The LLM runs one generation at a time in a worker
+thread; each decoder renders in its own thread (one pipeline call at a time, items are not batched
+across requests here: that is the Ray host's job). Cancellation, seeds, failure isolation and the step
+counters are those of :mod:`services.workers`, so the API behaves as on Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator
+from typing import Any
+
+from polymodal.config import PresetConfig
+from polymodal.modality import Modality
+
+from services.errors import Cancelled, StageUnavailable
+from services.protocol import Backend, EncodedMedium, LLMEvent, LLMRequest, RenderRequest
+from services.workers import BatchItem, DecoderWorker, LLMWorker
+
+
+class LocalBackend(Backend):
+    """Backend over in-process stages.
+
+    Args:
+        preset: the preset the stages were built from.
+        llm_stage: a ``polymodal.pipeline.LLMStage`` (or any object with its ``stream``/``describe``).
+        decoder_stages: per modality, a ``polymodal.pipeline.DecoderStage`` (or a stand-in).
+    """
+
+    def __init__(self, preset: PresetConfig, llm_stage: Any, decoder_stages: dict[Modality, Any]):
+        self.preset = preset
+        self._llm_stage = llm_stage
+        self._llm = LLMWorker(llm_stage)
+        self._decoders = {Modality.parse(m): DecoderWorker(s) for m, s in decoder_stages.items()}
+        self._executors = {
+            m: concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decoder-{m.value}")
+            for m in self._decoders
+        }
+
+    @classmethod
+    def from_preset(cls, preset: PresetConfig | str, *, device: str | None = None,
+                    projectors_dir: str | None = None, modalities: list[Modality] | None = None) -> "LocalBackend":
+        """Build the stages of ``preset`` in this process (imports torch); decoders for ``modalities``
+        (default: every decoder of the preset).
+
+        Raises:
+            ValueError: a modality the preset has no decoder for. The stages' load errors (a part that fails
+            to load refuses to run).
+        """
+        from polymodal.pipeline import build_decoder_stage, build_llm_stage
+        from polymodal.presets import get_preset
+
+        preset = get_preset(preset)
+        available = [m for m in preset.decoders if m in preset.output_projectors]
+        chosen = available if modalities is None else [Modality.parse(m) for m in modalities]
+        for m in chosen:
+            if m not in available:
+                raise ValueError(f"preset {preset.name!r} has no {m.value} decoder")
+        llm = build_llm_stage(preset, device=device, projectors_dir=projectors_dir)
+        stages = {m: build_decoder_stage(preset, m, device=device, projectors_dir=projectors_dir,
+                                         d_llm=llm.engine.d_llm) for m in chosen}
+        return cls(preset, llm, stages)
+
+    @property
+    def output_modalities(self) -> tuple[Modality, ...]:
+        return tuple(self._decoders)
+
+    async def generate(self, request: LLMRequest) -> AsyncIterator[LLMEvent]:
+        async for item in self._llm.stream(request):
+            yield item
+
+    async def render(self, request: RenderRequest) -> EncodedMedium:
+        m = request.group.modality
+        worker = self._decoders.get(m)
+        if worker is None:
+            raise StageUnavailable(f"no {m.value} decoder is loaded")
+        item = BatchItem(request)
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._executors[m], worker.run_batch, [item])
+        try:
+            result = (await asyncio.shield(fut))[0]
+        except asyncio.CancelledError:
+            item.cancel.set()
+            raise
+        if isinstance(result, Cancelled):
+            raise asyncio.CancelledError()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def describe(self) -> dict[str, Any]:
+        parts: dict[str, Any] = {}
+        try:
+            parts["llm_stage"] = self._llm_stage.describe()
+        except Exception as e:  # noqa: BLE001 - reported, not raised
+            parts["llm_stage"] = {"error": str(e)}
+        parts["decoders"] = {}
+        for m, w in self._decoders.items():
+            d = w.stage.describe() if hasattr(w.stage, "describe") else {"init_state": w.stage.init_state}
+            d["healthy"] = w.healthy
+            parts["decoders"][m.value] = d
+        parts["ready"] = self._llm.healthy and all(w.healthy for w in self._decoders.values())
+        return parts
+
+    async def stats(self) -> dict[str, dict[str, float]]:
+        return {m.value: w.counters.snapshot() for m, w in self._decoders.items()}
+
+    async def close(self) -> None:
+        self._llm.close()
+        for ex in self._executors.values():
+            ex.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,132 @@
+"""The small interface between the ingress and its stages, and the data that crosses it.
+
+Two hosts implement :class:`Backend`: :class:`services.ray_backend.RayBackend` (Ray Serve
+DeploymentHandles) and :class:`services.local.LocalBackend` (the in-process pipeline, ``--no-ray``). The
+ingress sees only this module, so both serve the same endpoints, schemas and errors.
+
+Everything here is a frozen dataclass of numpy arrays / bytes (it crosses Ray by pickling); no torch.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from polymodal.config import DecoderDefaults, PresetConfig
+from polymodal.modality import Modality
+from polymodal.types import LLMResult, SignalGroup, TextDelta, Turn
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """One generation request to the LLM stage.
+
+    ``None`` options take the preset's defaults. ``modalities``: media the answer must contain (the LLM
+    appends a forced signal group for any it did not emit).
+    """
+
+    request_id: str
+    turns: tuple[Turn, ...]
+    modalities: tuple[Modality, ...] = ()
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class RenderRequest:
+    """One medium to render: a signal group ((N, D_llm) states), its seed and the merged options."""
+
+    request_id: str
+    group: SignalGroup
+    seed: int
+    options: DecoderDefaults
+
+
+@dataclass(frozen=True)
+class EncodedMedium:
+    """A rendered medium encoded to a file.
+
+    Attributes:
+        modality: image, audio or video.
+        data: the file (PNG, WAV or MP4).
+        mime_type: ``image/png``, ``audio/wav``, ``video/mp4``.
+        ext: file extension without dot.
+        seed: the seed of its generator.
+        index: position among the answer's media (output order).
+        text_offset: character offset in the answer text where it belongs.
+        batch_size: how many items the decoder rendered in the same pipeline call.
+        duration_s: audio / video length (``None`` for images).
+    """
+
+    modality: Modality
+    data: bytes
+    mime_type: str
+    ext: str
+    seed: int
+    index: int
+    text_offset: int
+    batch_size: int = 1
+    duration_s: float | None = None
+
+
+LLMEvent = TextDelta | SignalGroup | LLMResult
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What a backend serves: the preset, its output modalities and each part's init state."""
+
+    preset: PresetConfig
+    output_modalities: tuple[Modality, ...]
+    input_modalities: tuple[Modality, ...]
+    parts: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """The ingress's view of the model: an LLM stage that streams and one decoder per modality.
+
+    Implementations translate host failures into :mod:`services.errors` (``Overloaded`` for a full queue,
+    ``RenderFailed`` for a medium that could not be rendered, ``StageUnavailable`` for a stage that is down).
+    Cancelling the awaiting task (client disconnect, timeout) must cancel the stage's work.
+    """
+
+    preset: PresetConfig
+
+    @property
+    def output_modalities(self) -> tuple[Modality, ...]:
+        """Modalities this backend has a decoder for."""
+        return tuple(m for m in self.preset.decoders if m in self.preset.output_projectors)
+
+    @property
+    def input_modalities(self) -> tuple[Modality, ...]:
+        """Modalities the LLM stage can read (it has an encoder and an input projector)."""
+        return tuple(m for m in self.preset.encoders if m in self.preset.input_projectors)
+
+    @abc.abstractmethod
+    def generate(self, request: LLMRequest) -> AsyncIterator[LLMEvent]:
+        """Stream ``TextDelta`` and ``SignalGroup`` items; the last item is the ``LLMResult``."""
+
+    @abc.abstractmethod
+    async def render(self, request: RenderRequest) -> EncodedMedium:
+        """Render one medium (decoders batch concurrent calls).
+
+        Raises:
+            RenderFailed: this item could not be rendered. Overloaded, StageUnavailable.
+        """
+
+    @abc.abstractmethod
+    async def describe(self) -> dict[str, Any]:
+        """Each part's init state (``random`` / ``pretrained``) and whether it is loaded; ``ready`` key."""
+
+    async def stats(self) -> dict[str, dict[str, float]]:
+        """Decoder counters per modality: ``steps``, ``batches``, ``batch_items``, ``max_batch_size``,
+        ``cancelled`` (see :class:`services.workers.DecoderCounters`)."""
+        return {}
+
+    async def close(self) -> None:
+        """Release resources (threads, handles)."""

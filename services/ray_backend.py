@@ -1,0 +1,109 @@
+"""The Ray Serve backend: the ingress's stages are DeploymentHandles.
+
+- LLM: ``handle.options(stream=True).generate.remote(req)`` streams text deltas and signal groups.
+- Decoders: one handle per modality; ``render.remote(req)`` (the replica batches with ``@serve.batch``).
+- Stats: the stats deployment sums the decoder replicas' counters (for ``/metrics``).
+
+Cancelling the awaiting task (client disconnect, timeout) cancels the downstream request: Ray Serve
+propagates the cancellation into the replica, where it sets the work's cancel flag. Ray's
+``BackPressureError`` (a deployment's ``max_queued_requests`` reached) becomes :class:`Overloaded` (503
+with ``Retry-After``); an exception raised in a replica is unwrapped to its original type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray.exceptions import RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from polymodal.config import PresetConfig
+from polymodal.modality import Modality
+
+from services.errors import Overloaded, StageUnavailable
+from services.protocol import Backend, EncodedMedium, LLMEvent, LLMRequest, RenderRequest
+
+
+def _unwrap(e: BaseException, stage: str, retry_after_s: int) -> BaseException:
+    if isinstance(e, BackPressureError):
+        return Overloaded(f"the {stage} stage's queue is full; retry later", retry_after_s)
+    if isinstance(e, DeploymentUnavailableError):
+        return StageUnavailable(f"the {stage} stage is not available")
+    if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None:
+        return e.cause
+    return e
+
+
+class RayBackend(Backend):
+    """Backend over Ray Serve DeploymentHandles.
+
+    Args:
+        preset: the served preset.
+        llm: handle of :class:`services.deployments.LLMServer`.
+        decoders: per modality (enum or its value), handle of :class:`services.deployments.DecoderServer`.
+        stats: handle of :class:`services.deployments.StatsServer` (optional).
+        retry_after_s: ``Retry-After`` for 503.
+    """
+
+    def __init__(self, preset: PresetConfig, llm: Any, decoders: dict[Any, Any], stats: Any = None,
+                 retry_after_s: int = 1):
+        self.preset = preset
+        self._llm = llm
+        self._decoders = {Modality.parse(m): h for m, h in decoders.items()}
+        self._stats = stats
+        self._retry = retry_after_s
+
+    @property
+    def output_modalities(self) -> tuple[Modality, ...]:
+        return tuple(m for m in self._decoders if m in self.preset.output_projectors)
+
+    async def generate(self, request: LLMRequest) -> AsyncIterator[LLMEvent]:
+        gen = self._llm.options(stream=True).generate.remote(request)
+        finished = False
+        try:
+            async for item in gen:
+                yield item
+            finished = True
+        except Exception as e:  # noqa: BLE001 - translated
+            raise _unwrap(e, "LLM", self._retry) from None
+        finally:
+            if not finished:
+                gen.cancel()
+
+    async def render(self, request: RenderRequest) -> EncodedMedium:
+        m = request.group.modality
+        handle = self._decoders.get(m)
+        if handle is None:
+            raise StageUnavailable(f"no {m.value} decoder is deployed")
+        resp = handle.render.remote(request)
+        try:
+            return await resp
+        except asyncio.CancelledError:
+            resp.cancel()
+            raise
+        except Exception as e:  # noqa: BLE001 - translated
+            raise _unwrap(e, f"{m.value} decoder", self._retry) from None
+
+    async def describe(self) -> dict[str, Any]:
+        parts: dict[str, Any] = {"decoders": {}}
+        ready = True
+        try:
+            parts["llm_stage"] = await self._llm.describe.remote()
+        except Exception as e:  # noqa: BLE001 - reported
+            parts["llm_stage"] = {"error": str(_unwrap(e, "LLM", self._retry)).splitlines()[0]}
+            ready = False
+        for m, h in self._decoders.items():
+            try:
+                parts["decoders"][m.value] = await h.describe.remote()
+            except Exception as e:  # noqa: BLE001 - reported
+                parts["decoders"][m.value] = {"error": str(_unwrap(e, m.value, self._retry)).splitlines()[0]}
+                ready = False
+        parts["ready"] = ready and all(d.get("healthy", True) for d in parts["decoders"].values())
+        return parts
+
+    async def stats(self) -> dict[str, dict[str, float]]:
+        if self._stats is None:
+            return {}
+        return await self._stats.snapshot.remote()

@@ -1,0 +1,189 @@
+"""``polymodal serve``: start the service and run until Ctrl-C / SIGTERM.
+
+- Default (Ray Serve): starts its **own** local Ray cluster (``ray.init(address="local")`` with its own temp
+  dir, so it never joins or stops another cluster on the machine; Ray's token auth stays as Ray sets it),
+  starts Serve's HTTP proxy on ``host:port``, deploys the graph of :mod:`services.app`, prints the URL and
+  waits. On exit it deletes the app and shuts its cluster down (never ``ray stop``).
+- ``address``: attach to an existing cluster instead; on exit only this app is deleted. The cluster's
+  Serve HTTP options (host/port) win if Serve already runs there.
+- ``no_ray``: one process under uvicorn with the in-process pipeline (:class:`services.local.LocalBackend`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+APP_NAME = "polymodal"
+
+
+def _settings(base: Any, **updates: Any):
+    from services.settings import ServerSettings
+
+    s = ServerSettings.model_validate(base or {})
+    return s.model_copy(update={k: v for k, v in updates.items() if v is not None})
+
+
+def serve_main(
+    preset: str = "smol",
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    address: str | None = None,
+    no_ray: bool = False,
+    api_keys: Sequence[str] = (),
+    device: str | None = None,
+    projectors_dir: str | None = None,
+    modalities: Sequence[str] | None = None,
+    num_cpus: int | None = None,
+    store_dir: str | None = None,
+    request_timeout_s: float | None = None,
+    app_args: Any = None,
+    stop_event: threading.Event | None = None,
+    out=None,
+) -> int:
+    """Start the service and block until SIGINT / SIGTERM (or ``stop_event``).
+
+    Args:
+        preset: preset name or YAML path (``smol`` is the CPU default).
+        host, port: where the HTTP API listens.
+        address: an existing Ray cluster to attach to (``None``: start our own).
+        no_ray: serve in this process under uvicorn instead.
+        api_keys: if given, ``/v1/*`` requires one of them as a Bearer token.
+        device: torch device of the model parts.
+        projectors_dir: trained projector exports.
+        modalities: output modalities to deploy (default: all of the preset's).
+        num_cpus: CPUs of our own Ray cluster (default: all).
+        store_dir: artifact / video-job store folder (default: a temp dir removed on exit).
+        request_timeout_s: per-request timeout.
+        app_args: a full :class:`services.app.AppArgs` (dict or model); the arguments above override it.
+        stop_event: set it to stop (tests / embedding); signals are only handled in the main thread.
+        out: stream for the URL line (default stdout).
+
+    Returns:
+        Process exit status (0).
+
+    Raises:
+        ValueError: unknown preset or modality. The stages' load errors.
+    """
+    from services.app import AppArgs
+
+    out = out or sys.stdout
+    args = AppArgs.model_validate(app_args or {}) if not isinstance(app_args, AppArgs) else app_args
+    own_store = store_dir is None and args.server.store_dir is None
+    store = store_dir or args.server.store_dir or tempfile.mkdtemp(prefix="polymodal-store-")
+    server = _settings(args.server, store_dir=store, request_timeout_s=request_timeout_s,
+                       api_keys=tuple(api_keys) if api_keys else None)
+    updates: dict[str, Any] = {"preset": preset, "server": server}
+    if device is not None:
+        updates["device"] = device
+    if projectors_dir is not None:
+        updates["projectors_dir"] = projectors_dir
+    if modalities is not None:
+        from polymodal.modality import Modality
+
+        updates["modalities"] = Modality.parse_list(list(modalities))
+    args = args.model_copy(update=updates)
+    stop = stop_event or threading.Event()
+    restore = _install_signal_handlers(stop)
+    try:
+        if no_ray:
+            return _serve_local(args, host, port, stop, out)
+        return _serve_ray(args, host, port, address, num_cpus, stop, out)
+    finally:
+        restore()
+        if own_store:
+            shutil.rmtree(store, ignore_errors=True)
+
+
+def _install_signal_handlers(stop: threading.Event):
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):  # noqa: ARG001
+        stop.set()
+
+    for s in previous:
+        signal.signal(s, handler)
+
+    def restore():
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    return restore
+
+
+def _serve_local(args, host: str, port: int, stop: threading.Event, out) -> int:
+    import uvicorn
+
+    from services.ingress import build_app
+    from services.local import LocalBackend
+
+    backend = LocalBackend.from_preset(args.preset, device=args.device, projectors_dir=args.projectors_dir,
+                                       modalities=args.modalities)
+    app = build_app(backend, args.server)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on")
+    server = uvicorn.Server(config)
+    server.install_signal_handlers = lambda: None  # ours set `stop`
+
+    async def main() -> None:
+        task = asyncio.ensure_future(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            print(f"polymodal: serving preset {backend.preset.name!r} (in-process) at http://{host}:{port}/v1 "
+                  "- Ctrl-C to stop", file=out, flush=True)
+        while not stop.is_set() and not task.done():
+            await asyncio.sleep(0.1)
+        server.should_exit = True
+        await task
+        await backend.close()
+
+    asyncio.run(main())
+    return 0
+
+
+def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | None, stop: threading.Event,
+               out) -> int:
+    import ray
+    from ray import serve
+
+    from services.app import app_builder
+
+    own_cluster = address is None
+    temp_dir = None
+    if own_cluster:
+        # A short path: Ray's unix socket paths must stay under ~107 characters.
+        temp_dir = tempfile.mkdtemp(prefix="pm-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
+        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir,
+                 include_dashboard=False, namespace=APP_NAME, configure_logging=True, logging_level="warning")
+    else:
+        ray.init(address=address, namespace=APP_NAME)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(app_builder(args), name=APP_NAME, route_prefix="/", blocking=False)
+        print(f"polymodal: serving preset {args.preset!r} on Ray Serve at http://{host}:{port}/v1 "
+              f"({'own local cluster' if own_cluster else 'cluster ' + address}) - Ctrl-C to stop",
+              file=out, flush=True)
+        while not stop.wait(0.5):
+            pass
+        print("polymodal: stopping", file=out, flush=True)
+    finally:
+        try:
+            if own_cluster:
+                serve.shutdown()
+            else:
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()
+            if temp_dir:
+                shutil.rmtree(temp_dir, ignore_errors=True)
+    return 0

@@ -1,0 +1,166 @@
+"""Artifacts and video jobs in a filesystem store that every ingress replica sees.
+
+State that must survive several ingress replicas lives here, not in one replica's memory: a folder
+(``ServerSettings.store_dir``) shared by the replicas of a node, or a shared volume (NFS, a Kubernetes
+``ReadWriteMany`` PVC) across nodes. Writes are atomic (temp file + ``os.replace``), so a reader never sees
+half a record. Artifact ids are 128-bit random tokens: an artifact URL is a capability (like a signed URL)
+and expires after ``artifact_ttl_s``.
+
+Layout::
+
+    <dir>/artifacts/<id>.bin, <id>.json   {"mime_type", "ext", "created_at", "expires_at", "bytes"}
+    <dir>/videos/<id>.json                the video job (see :class:`VideoJob`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+JobStatus = Literal["queued", "in_progress", "completed", "failed"]
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+@dataclass(frozen=True)
+class Artifact:
+    id: str
+    mime_type: str
+    ext: str
+    created_at: int
+    expires_at: int
+    bytes: int
+
+
+@dataclass
+class VideoJob:
+    """An asynchronous video generation (OpenAI ``video`` object, plus our fields).
+
+    ``status``: ``queued`` -> ``in_progress`` -> ``completed`` | ``failed``. ``deadline_at``: a job not
+    finished by then (e.g. its replica died) reads as failed.
+    """
+
+    id: str
+    model: str
+    prompt: str
+    status: JobStatus = "queued"
+    progress: int = 0
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    completed_at: int | None = None
+    expires_at: int | None = None
+    deadline_at: int | None = None
+    seconds: str = ""
+    size: str = ""
+    num_frames: int = 0
+    fps: int = 0
+    seed: int | None = None
+    artifact_id: str | None = None
+    text: str = ""
+    error: dict[str, Any] | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "object": "video", "model": self.model, "status": self.status,
+            "progress": self.progress, "created_at": self.created_at, "completed_at": self.completed_at,
+            "expires_at": self.expires_at, "seconds": self.seconds, "size": self.size, "prompt": self.prompt,
+            "num_frames": self.num_frames, "fps": self.fps, "seed": self.seed, "text": self.text,
+            "error": self.error,
+        }
+
+
+class FileStore:
+    """Artifacts (bytes with a MIME type and an expiry) and video job records under ``root``."""
+
+    def __init__(self, root: str | Path, ttl_s: int = 3600):
+        self.root = Path(root)
+        self.ttl_s = int(ttl_s)
+        (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
+        (self.root / "videos").mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def new_id(prefix: str = "") -> str:
+        return prefix + secrets.token_urlsafe(16).replace("-", "a").replace("_", "b")
+
+    # ---- artifacts -------------------------------------------------------------------------------
+    def put(self, data: bytes, mime_type: str, ext: str, ttl_s: int | None = None) -> Artifact:
+        now = int(time.time())
+        art = Artifact(self.new_id("art_"), mime_type, ext, now, now + int(ttl_s or self.ttl_s), len(data))
+        d = self.root / "artifacts"
+        _atomic_write(d / f"{art.id}.bin", data)
+        _atomic_write(d / f"{art.id}.json", json.dumps(asdict(art)).encode())
+        self.sweep(limit=16)
+        return art
+
+    def get(self, artifact_id: str) -> tuple[Artifact, bytes] | None:
+        """The artifact and its bytes, or ``None`` if unknown or expired (expired ones are removed)."""
+        if not _ID.match(artifact_id):
+            return None
+        d = self.root / "artifacts"
+        try:
+            art = Artifact(**json.loads((d / f"{artifact_id}.json").read_text()))
+            if art.expires_at < time.time():
+                self._remove(artifact_id)
+                return None
+            return art, (d / f"{artifact_id}.bin").read_bytes()
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _remove(self, artifact_id: str) -> None:
+        for suffix in (".json", ".bin"):
+            try:
+                (self.root / "artifacts" / f"{artifact_id}{suffix}").unlink()
+            except OSError:
+                pass
+
+    def sweep(self, limit: int | None = None) -> int:
+        """Remove expired artifacts (at most ``limit`` per call); returns how many."""
+        now, n = time.time(), 0
+        for meta in (self.root / "artifacts").glob("*.json"):
+            try:
+                if json.loads(meta.read_text())["expires_at"] < now:
+                    self._remove(meta.stem)
+                    n += 1
+            except (OSError, ValueError, KeyError):
+                continue
+            if limit is not None and n >= limit:
+                break
+        return n
+
+    # ---- video jobs ------------------------------------------------------------------------------
+    def save_job(self, job: VideoJob) -> None:
+        _atomic_write(self.root / "videos" / f"{job.id}.json", json.dumps(asdict(job)).encode())
+
+    def load_job(self, job_id: str) -> VideoJob | None:
+        """The job, or ``None`` if unknown. A job past its deadline and not finished reads as failed."""
+        if not _ID.match(job_id):
+            return None
+        try:
+            job = VideoJob(**json.loads((self.root / "videos" / f"{job_id}.json").read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+        if job.status in ("queued", "in_progress") and job.deadline_at and job.deadline_at < time.time():
+            job.status = "failed"
+            job.error = {"code": "timeout", "message": "the video job did not finish before its deadline "
+                                                       "(timed out, or the replica running it stopped)"}
+        return job

@@ -1,0 +1,255 @@
+"""Host-independent stage runners: the blocking model calls, off the event loop, with cancellation.
+
+- :class:`LLMWorker` runs ``LLMStage.stream`` in a thread and hands its items to asyncio; cancelling the
+  consumer sets a flag the LLM checks after every token.
+- :class:`DecoderWorker` renders a batch of :class:`~services.protocol.RenderRequest` items: grouped by
+  compatible settings (the whole :class:`~polymodal.config.DecoderDefaults`: size, steps, guidance,
+  frames, fps, duration), one seed per item, encoded to files. A pipeline call that raises is retried item
+  by item, so only the bad item fails. A group stops at the next denoising step once every item in it is
+  cancelled (an item cancelled while others of its group still want their result simply has its output
+  dropped).
+
+Both the Ray deployments (:mod:`services.deployments`) and the in-process backend (:mod:`services.local`)
+use these, so batching, seeds, failure isolation and cancellation behave the same on both hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from polymodal.config import DecoderDefaults
+from polymodal.modality import Modality
+from polymodal.types import LLMResult
+
+from services.errors import Cancelled, RenderFailed
+from services.protocol import EncodedMedium, LLMEvent, LLMRequest, RenderRequest
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class LLMWorker:
+    """Streams an ``LLMStage`` (blocking iterator) into asyncio, one generation at a time per worker.
+
+    Args:
+        stage: object with ``stream(turns, *, modalities, max_new_tokens, temperature, top_p, seed,
+            should_cancel, system)`` yielding ``TextDelta | SignalGroup`` and finally ``LLMResult``.
+        max_concurrency: generations run at once (the model is shared; 1 keeps the KV cache loop simple).
+    """
+
+    def __init__(self, stage: Any, max_concurrency: int = 1):
+        self.stage = stage
+        self._slots = threading.Semaphore(max_concurrency)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="llm")
+        self.healthy = True
+
+    def _run(self, req: LLMRequest, cancel: threading.Event, put: Callable[[Any], None]) -> None:
+        with self._slots:
+            if cancel.is_set():
+                put(_END)
+                return
+            try:
+                kwargs = dict(
+                    modalities=list(req.modalities),
+                    max_new_tokens=req.max_new_tokens,
+                    temperature=req.temperature,
+                    top_p=req.top_p,
+                    seed=req.seed,
+                    should_cancel=cancel.is_set,
+                )
+                if req.system is not None:
+                    kwargs["system"] = req.system
+                for item in self.stage.stream(list(req.turns), **kwargs):
+                    put(item)
+                    if cancel.is_set():
+                        break
+            except BaseException as e:  # handed to the consumer, which re-raises it
+                put(e)
+            put(_END)
+
+    async def stream(self, req: LLMRequest) -> AsyncIterator[LLMEvent]:
+        """Yield the stage's items; cancelling the consumer (or closing the generator) stops the LLM.
+
+        Raises:
+            whatever the stage raises (``ValueError`` for a bad conversation).
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(item: Any) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # loop closed: the consumer is gone
+                cancel.set()
+
+        loop.run_in_executor(self._executor, self._run, req, cancel, put)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, LLMResult):
+                    return
+        finally:
+            cancel.set()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+@dataclass
+class DecoderCounters:
+    """Monotonic counters of one decoder (thread-safe), exported at ``/metrics``.
+
+    ``steps``: denoising steps run (one per pipeline step, whatever the batch size); ``batches`` /
+    ``batch_items``: pipeline calls and the items they carried; ``max_batch_size``; ``cancelled``: items
+    cancelled; ``failed``: items that could not be rendered.
+    """
+
+    steps: int = 0
+    batches: int = 0
+    batch_items: int = 0
+    max_batch_size: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: int) -> None:
+        with self._lock:
+            for k, v in deltas.items():
+                if k == "max_batch_size":
+                    self.max_batch_size = max(self.max_batch_size, v)
+                else:
+                    setattr(self, k, getattr(self, k) + v)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {k: getattr(self, k) for k in ("steps", "batches", "batch_items", "max_batch_size",
+                                                   "cancelled", "failed")}
+
+
+@dataclass
+class BatchItem:
+    """One render request waiting in a batch, with its own cancellation flag."""
+
+    request: RenderRequest
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def _options_key(options: DecoderDefaults) -> tuple:
+    return tuple(sorted(options.model_dump().items()))
+
+
+class DecoderWorker:
+    """Renders batches with a ``DecoderStage`` (blocking; call from a worker thread).
+
+    Args:
+        stage: object with ``modality``, ``defaults`` and ``render(groups, seeds, options, should_cancel,
+            on_step) -> list[Medium | DecodeError]`` (``decoders``: ``Medium.encode() -> (bytes, mime, ext)``,
+            ``DecodeError.cancelled``).
+        counters: where steps and batches are counted.
+    """
+
+    def __init__(self, stage: Any, counters: DecoderCounters | None = None):
+        self.stage = stage
+        self.modality: Modality = Modality.parse(stage.modality)
+        self.counters = counters or DecoderCounters()
+        self.healthy = True
+        self.last_error: str | None = None
+
+    def run_batch(self, items: list[BatchItem]) -> list[EncodedMedium | Exception]:
+        """Render ``items`` -> one result per item, in order: an :class:`EncodedMedium`, a
+        :class:`~services.errors.RenderFailed` or :class:`~services.errors.Cancelled`. Never raises for
+        one item's failure."""
+        results: list[EncodedMedium | Exception | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, it in enumerate(items):
+            groups.setdefault(_options_key(it.request.options), []).append(i)
+        for idx in groups.values():
+            live = [i for i in idx if not items[i].cancel.is_set()]
+            for i in idx:
+                if items[i].cancel.is_set():
+                    results[i] = Cancelled("cancelled before rendering")
+                    self.counters.add(cancelled=1)
+            if not live:
+                continue
+            out = self._render([items[i] for i in live])
+            if out is None:  # the whole call raised: retry one by one so only the bad item fails
+                out = []
+                for i in live:
+                    single = self._render([items[i]])
+                    out.extend(single if single is not None else [RenderFailed(
+                        f"the {self.modality.value} decoder failed on this item: {self.last_error}")])
+            for i, r in zip(live, out):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    def _render(self, batch: list[BatchItem]) -> list[EncodedMedium | Exception] | None:
+        """One pipeline call; ``None`` if it raised (the error is kept in ``last_error``)."""
+        reqs = [b.request for b in batch]
+        self.counters.add(batches=1, batch_items=len(batch), max_batch_size=len(batch))
+        try:
+            raw = self.stage.render(
+                [r.group for r in reqs],
+                [r.seed for r in reqs],
+                reqs[0].options,
+                should_cancel=lambda: all(b.cancel.is_set() for b in batch),
+                on_step=lambda i: self.counters.add(steps=1),
+            )
+            if len(raw) != len(batch):
+                raise RuntimeError(f"decoder returned {len(raw)} results for {len(batch)} items")
+        except Exception as e:  # noqa: BLE001 - isolated per item by the caller
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.warning("%s decoder batch of %d failed: %s", self.modality.value, len(batch), self.last_error)
+            self._note_fatal(e)
+            return None
+        out: list[EncodedMedium | Exception] = []
+        for b, r in zip(batch, raw):
+            req = b.request
+            if b.cancel.is_set() or getattr(r, "cancelled", False):
+                self.counters.add(cancelled=1)
+                out.append(Cancelled("cancelled"))
+            elif isinstance(r, Exception):
+                self.counters.add(failed=1)
+                out.append(RenderFailed(f"the {self.modality.value} decoder could not render this item "
+                                        f"(seed {req.seed}): {getattr(r, 'reason', r)}"))
+            else:
+                try:
+                    data, mime, ext = r.encode()
+                except Exception as e:  # noqa: BLE001
+                    self.counters.add(failed=1)
+                    out.append(RenderFailed(f"encoding the {self.modality.value} failed: {e}"))
+                    continue
+                out.append(EncodedMedium(
+                    modality=self.modality, data=data, mime_type=mime, ext=ext, seed=req.seed,
+                    index=req.group.index, text_offset=req.group.text_offset, batch_size=len(batch),
+                    duration_s=getattr(r, "duration_s", None),
+                ))
+        return out
+
+    def _note_fatal(self, e: Exception) -> None:
+        """An accelerator fault leaves the replica unusable: report it through the health check."""
+        text = str(e).lower()
+        if "cuda error" in text or "device-side assert" in text or "out of memory" in text and "cuda" in text:
+            self.healthy = False
+
+
+def render_one_sync(worker: DecoderWorker, item: BatchItem) -> EncodedMedium | Exception:
+    """Convenience for hosts without batching."""
+    return worker.run_batch([item])[0]
+
+
+def monotonic_ms() -> int:
+    return int(time.monotonic() * 1000)

@@ -1,0 +1,172 @@
+"""Stand-in stages for the serving tests (no torch, no model): same interfaces as
+``polymodal.pipeline.LLMStage`` / ``DecoderStage``, deterministic, instrumented.
+
+- :class:`FakeLLMStage` answers with text derived from the conversation (so tests see what reached it),
+  emits one signal group per required modality (or none when ``force_groups=False``), honours
+  ``should_cancel`` between tokens, and records every call.
+- :class:`FakeDecoderStage` renders real files (PNG via Pillow, WAV via soundfile, bytes for video) whose
+  content depends on the seed and the options, sleeping ``step_s`` per denoising step, calling ``on_step``
+  and stopping when ``should_cancel()``; ``poison_seeds`` make a whole pipeline call raise.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from polymodal.config import DecoderDefaults
+from polymodal.modality import Modality
+from polymodal.presets import get_preset
+from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart
+
+D_LLM = 16
+
+
+class FakeLLMStage:
+    def __init__(self, force_groups: bool = True, token_s: float = 0.0, fail_with: Exception | None = None):
+        self.force_groups = force_groups
+        self.token_s = token_s
+        self.fail_with = fail_with
+        self.calls: list[dict] = []
+        self.cancelled = 0
+        self._lock = threading.Lock()
+
+    def stream(self, turns, *, modalities=(), max_new_tokens=None, temperature=None, top_p=None, seed=None,
+               should_cancel=None, system=None):
+        with self._lock:
+            self.calls.append(dict(turns=list(turns), modalities=list(modalities), max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed, system=system))
+        if self.fail_with is not None:
+            raise self.fail_with
+        last = turns[-1]
+        media = [p for p in last.parts if isinstance(p, MediaPart)]
+        words = " ".join(p.text for p in last.parts if isinstance(p, TextPart)).split()
+        reply = ["Seen", str(len(media)), "media."] + [w.upper() for w in words][: (max_new_tokens or 24)]
+        text = ""
+        for w in reply:
+            if should_cancel is not None and should_cancel():
+                self.cancelled += 1
+                return
+            if self.token_s:
+                time.sleep(self.token_s)
+            delta = (" " if text else "") + w
+            text += delta
+            yield TextDelta(delta)
+        index = 0
+        if self.force_groups:
+            rng = np.random.default_rng(seed)
+            for m in modalities:
+                n = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}[m]
+                yield SignalGroup(m, rng.standard_normal((n, D_LLM)).astype(np.float32),
+                                  np.zeros((n, D_LLM), np.float32), index=index, text_offset=len(text),
+                                  forced=True)
+                index += 1
+        yield LLMResult(text=text, groups=(), prompt_tokens=7, completion_tokens=len(reply), finish_reason="stop")
+
+    def describe(self):
+        return {"llm": {"init_state": "random"}, "encoders": {}, "fake": True}
+
+
+@dataclass(frozen=True)
+class FakeMedium:
+    modality: Modality
+    data: np.ndarray
+    seed: int
+    sample_rate_hz: int | None = None
+    fps: float | None = None
+
+    @property
+    def duration_s(self):
+        if self.modality is Modality.AUDIO:
+            return len(self.data) / self.sample_rate_hz
+        if self.modality is Modality.VIDEO:
+            return len(self.data) / self.fps
+        return None
+
+    def encode(self):
+        if self.modality is Modality.IMAGE:
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.fromarray(self.data).save(buf, format="PNG")
+            return buf.getvalue(), "image/png", "png"
+        if self.modality is Modality.AUDIO:
+            import soundfile as sf
+
+            buf = io.BytesIO()
+            sf.write(buf, self.data, self.sample_rate_hz, format="WAV", subtype="FLOAT")
+            return buf.getvalue(), "audio/wav", "wav"
+        return b"FAKEMP4" + self.data.tobytes()[:64], "video/mp4", "mp4"
+
+
+class FakeDecodeError(Exception):
+    def __init__(self, seed, reason):
+        super().__init__(seed, reason)
+        self.seed, self.reason = seed, reason
+
+    @property
+    def cancelled(self):
+        return self.reason == "cancelled"
+
+
+class FakeDecoderStage:
+    def __init__(self, modality: Modality, defaults: DecoderDefaults, step_s: float = 0.0,
+                 poison_seeds: tuple[int, ...] = (), degenerate_seeds: tuple[int, ...] = ()):
+        self.modality = modality
+        self.defaults = defaults
+        self.init_state = "random"
+        self.step_s = step_s
+        self.poison_seeds = set(poison_seeds)
+        self.degenerate_seeds = set(degenerate_seeds)
+        self.calls: list[dict] = []
+        self.steps = 0
+        self._lock = threading.Lock()
+
+    def describe(self):
+        return {"init_state": self.init_state, "fake": True}
+
+    def render(self, groups, seeds, options=None, should_cancel=None, on_step=None):
+        options = options or self.defaults
+        with self._lock:
+            self.calls.append(dict(seeds=list(seeds), options=options, n=len(groups)))
+        for g in groups:
+            if g.modality is not self.modality:
+                raise ValueError(f"{g.modality.value} group sent to the {self.modality.value} decoder")
+        if self.poison_seeds & set(seeds):
+            raise RuntimeError("poisoned batch")
+        for i in range(options.num_inference_steps):
+            if should_cancel is not None and should_cancel():
+                return [FakeDecodeError(s, "cancelled") for s in seeds]
+            if self.step_s:
+                time.sleep(self.step_s)
+            self.steps += 1
+            if on_step is not None:
+                on_step(i)
+        out = []
+        for s in seeds:
+            if s in self.degenerate_seeds:
+                out.append(FakeDecodeError(s, "degenerate output: all black"))
+                continue
+            rng = np.random.default_rng(s)
+            if self.modality is Modality.IMAGE:
+                data = rng.integers(0, 256, (options.height_px, options.width_px, 3), dtype=np.uint8)
+                out.append(FakeMedium(self.modality, data, s))
+            elif self.modality is Modality.AUDIO:
+                n = int(round(options.duration_s * 16000))
+                out.append(FakeMedium(self.modality, (rng.random(n, dtype=np.float32) - 0.5), s, sample_rate_hz=16000))
+            else:
+                data = rng.integers(0, 256, (options.num_frames, options.height_px, options.width_px, 3), dtype=np.uint8)
+                out.append(FakeMedium(self.modality, data, s, fps=options.fps))
+        return out
+
+
+def fake_stages(modalities=(Modality.IMAGE, Modality.AUDIO, Modality.VIDEO), step_s: float = 0.0, **decoder_kw):
+    """(preset, FakeLLMStage, {modality: FakeDecoderStage}) for the tiny preset's decoder defaults."""
+    preset = get_preset("tiny")
+    preset = preset.model_copy(update={"decoders": {m: preset.decoders[m] for m in modalities}})
+    decoders = {m: FakeDecoderStage(m, preset.decoders[m].defaults, step_s=step_s, **decoder_kw) for m in modalities}
+    return preset, FakeLLMStage(), decoders
