@@ -47,6 +47,10 @@ class LLMConfig(_Model):
     tiny: TinyLLMConfig = TinyLLMConfig()
     dtype: Dtype = "auto"
     max_context_tokens: int = Field(2048, ge=64)
+    added_tokens: tuple[str, ...] = Field(
+        (), description="tokens added to the tokenizer first, in this order (a released checkpoint's vocabulary "
+        "layout: token i gets id base_vocab + i); signal and marker tokens not listed follow"
+    )
 
 
 class EncoderConfig(_Model):

@@ -223,6 +223,7 @@ class LLMEngine:
         init_state: str,
         source: str,
         seed: int = 0,
+        added_tokens: Sequence[str] = (),
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -230,7 +231,9 @@ class LLMEngine:
         self.chat_format = chat
         self.init_state = init_state
         self.source = source
-        new = [t for t in spec.all_signal_tokens() + spec.all_marker_tokens() if t not in tokenizer.get_vocab()]
+        # ``added_tokens`` first, in order (a checkpoint's vocabulary layout), then the rest, each once
+        wanted = dict.fromkeys([*added_tokens, *spec.all_signal_tokens(), *spec.all_marker_tokens()])
+        new = [t for t in wanted if t not in tokenizer.get_vocab()]
         if new:
             tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
@@ -629,7 +632,8 @@ def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str 
 
         tok = tiny_tokenizer(cfg.tiny.vocab_size)
         model = _tiny_model(cfg, len(tok), seed)
-        return LLMEngine(model.to(dev, dtype), tok, spec, chat, init_state="random", source="tiny", seed=seed)
+        return LLMEngine(model.to(dev, dtype), tok, spec, chat, init_state="random", source="tiny", seed=seed,
+                         added_tokens=cfg.added_tokens)
     if not cfg.path:
         raise LLMLoadError("llm.path is required for source='pretrained' (a hub id or a local folder)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -669,7 +673,8 @@ def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str 
         raise
     except (OSError, ValueError) as e:
         raise LLMLoadError(f"could not load the LLM from {cfg.path!r}: {e}") from e
-    return LLMEngine(model.to(dev), tok, spec, chat, init_state="pretrained", source=cfg.path, seed=seed)
+    return LLMEngine(model.to(dev), tok, spec, chat, init_state="pretrained", source=cfg.path, seed=seed,
+                     added_tokens=cfg.added_tokens)
 
 
 def engine_group_arrays(g: CapturedGroup) -> tuple[np.ndarray, np.ndarray]:

@@ -76,7 +76,35 @@ def smol() -> PresetConfig:
 
 
 def _nextgpt(random: bool) -> PresetConfig:
+    """NExT-GPT 7b_tiva_v0 (arXiv 2309.05519), as its released checkpoint was trained.
+
+    - Vocabulary: Vicuna-7B v0 (32000 tokens) plus 38 tokens added in the released order, ids 32000..32037:
+      ``<Img>`` ``</Img>`` ``[IMG0..3]`` ``[VID0..23]`` ``[AUD0..7]`` (``llm.added_tokens``). The later NExT-GPT
+      code also adds ``<Vid>``/``</Vid>``/``<Aud>``/``</Aud>`` (32042 rows); that is not this checkpoint.
+    - Every input medium sits between ``<Img>`` and ``</Img>`` (the released code has no other markers);
+      the media of a segment are summed into one token (``summed_inputs``).
+    - Chat: ``### Human: ... ### Assistant:``, one BOS, stops on ``###`` (as in training; the released
+      demo's extra BOS before every text piece is not reproduced).
+    - Signal states: the last-layer (post-norm) state at each signal token's own position, which is where
+      training took them (``hidden_states[-1][s:s+N]`` with ``s`` the position of ``[IMG0]``). The released
+      inference code reads them one position earlier (``gen_idx - 1``); we follow training.
+    - Decoder defaults of the released demo: guidance 7.5, 50 steps, SD 512x512, zeroscope 320x576 with 24
+      frames at 8 fps, AudioLDM 9 s.
+
+    The LLM is the merged Vicuna-7B v0 (LLaMA-7B + ``lmsys/vicuna-7b-delta-v0``, no hub id holds it):
+    ``$POLYMODAL_VICUNA_V0``, default ``$POLYMODAL_CACHE/models/vicuna-7b-v0`` (``~/.cache/polymodal``).
+    The released delta goes in with ``polymodal convert nextgpt`` and ``--projectors DIR``.
+    """
+    import os
+
     src = "tiny" if random else "pretrained"
+    counts = {IMAGE: 4, AUDIO: 8, VIDEO: 24}
+    fmt = "[{prefix}{i}]"
+    img_markers = ("<Img>", "</Img>")
+    spec = SignalConfig(counts=counts, token_format=fmt, input_markers={m: img_markers for m in Modality}).spec()
+    added = (*img_markers, *spec.tokens[IMAGE], *spec.tokens[VIDEO], *spec.tokens[AUDIO])
+    cache = Path(os.environ.get("POLYMODAL_CACHE", Path.home() / ".cache" / "polymodal"))
+    vicuna = os.environ.get("POLYMODAL_VICUNA_V0") or str(cache / "models" / "vicuna-7b-v0")
     out_proj = {
         m: ProjectorConfig(kind="transformer", num_queries=q, hidden_dim=512,
                            options={"num_layers": 4, "num_heads": 4, "ff_dim": 2048})
@@ -86,16 +114,16 @@ def _nextgpt(random: bool) -> PresetConfig:
         name="nextgpt-7b-random" if random else "nextgpt-7b",
         description=(
             "NExT-GPT architectures at real size, random weights (benchmarks)" if random else
-            "NExT-GPT 7b_tiva_v0: Vicuna-7B, ImageBind-huge, SD v1.5, AudioLDM-l-full, zeroscope_v2_576w"
+            "NExT-GPT 7b_tiva_v0: Vicuna-7B v0, ImageBind-huge, SD v1.5, AudioLDM-l-full, zeroscope_v2_576w"
         ),
         llm=LLMConfig(
-            source=src, path=None if random else "lmsys/vicuna-7b-v1.1", dtype="float16",
+            source=src, path=None if random else vicuna, dtype="float16",
             tiny=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
                       vocab_size=32000),
+            added_tokens=added,
         ),
         chat=ChatConfig.of(ChatFormat.vicuna_v0()),
-        signals=SignalConfig(token_format="[{prefix}{i}]",
-                             input_markers={m: ("<Img>", "</Img>") for m in Modality}),
+        signals=SignalConfig(counts=counts, token_format=fmt, input_markers={m: img_markers for m in Modality}),
         generation=GenerationConfig(max_new_tokens=256),
         encoders={m: EncoderConfig(kind="tiny" if random else "imagebind", dim=1024) for m in Modality},
         input_projectors={m: ProjectorConfig(kind="linear", num_queries=1) for m in Modality},
