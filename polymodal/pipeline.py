@@ -93,25 +93,28 @@ class LLMStage:
     def turn_segments(self, turn: Turn) -> list[PromptSegment]:
         """One turn's parts in order; each medium between its begin/end marker embeddings.
 
-        With ``preset.summed_inputs`` (NExT-GPT 7b_tiva_v0) the media of the turn are summed into one
-        token placed at the first medium's position.
+        With ``preset.summed_inputs`` (NExT-GPT 7b_tiva_v0, which summed the media inside one
+        ``<Img>..</Img>`` segment) each run of consecutive media with no text between becomes one span
+        holding the sum of their embeddings.
         """
         segs: list[PromptSegment] = []
-        media = [p for p in turn.parts if isinstance(p, MediaPart)]
-        summed = None
-        if self.preset.summed_inputs and media:
-            summed = sum(self.encode_media(p) for p in media)
-        placed = False
+        run: list[MediaPart] = []
+
+        def flush() -> None:
+            if run:
+                segs.extend(self._media_span(run[0].modality, sum(self.encode_media(p) for p in run)))
+                run.clear()
+
         for part in turn.parts:
             if isinstance(part, TextPart):
+                flush()
                 if part.text:
                     segs.append(PromptSegment(part.text, trusted=False))
-            elif summed is not None:
-                if not placed:
-                    segs.extend(self._media_span(part.modality, summed))
-                    placed = True
+            elif self.preset.summed_inputs:
+                run.append(part)
             else:
                 segs.extend(self._media_span(part.modality, self.encode_media(part)))
+        flush()
         return segs
 
     def segments(self, turns: Sequence[Turn], system: str | None = None) -> list[PromptSegment]:

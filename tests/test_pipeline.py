@@ -125,3 +125,17 @@ def test_second_turn_carries_the_first_turns_generated_image(pipe):
     assert not torch.allclose(emb[s + 1 : e], other)
     ans = pipe.generate(turns, seed=2, max_new_tokens=8)
     assert isinstance(ans.text, str)
+
+
+def test_summed_inputs_sum_consecutive_media_into_one_span(pipe):
+    from polymodal.pipeline import LLMStage
+
+    summed = LLMStage(pipe.preset.model_copy(update={"summed_inputs": True}), pipe.llm_stage.engine,
+                      pipe.llm_stage.encoders, pipe.llm_stage.input_projectors)
+    a, b, c = _img("astronaut"), _img("coffee"), _img("rocket")
+    segs = summed.turn_segments(_user(a, b, "then", c))
+    spans = [s.embeds for s in segs if s.embeds is not None]
+    assert len(spans) == 2
+    enc = pipe.llm_stage.encode_media
+    torch.testing.assert_close(spans[0], enc(a) + enc(b))
+    torch.testing.assert_close(spans[1], enc(c))
