@@ -67,7 +67,7 @@ class DeploymentArgs(_Args):
     max_queued_requests: int = Field(-1, ge=-1)
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
-    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
+    graceful_shutdown_timeout_s: float = Field(10.0, ge=0)
 
     def options(self, name: str) -> dict[str, Any]:
         """Keyword arguments of ``Deployment.options``."""
@@ -115,7 +115,7 @@ class AppArgs(_Args):
     Attributes:
         preset: a preset name (``tiny``, ``smol``, ``nextgpt-7b``, ...) or a preset YAML path.
         device: torch device of the model replicas (``None``: cuda if the replica has a GPU, else cpu).
-        projectors_dir: trained projector exports (``{input,output}_{modality}.safetensors``).
+        export_dir: an export of trained parts (:mod:`polymodal.export`: projectors, token rows, LoRA).
         modalities: output modalities to deploy decoders for (default: every decoder of the preset).
         ingress / llm / stats: deployment settings. decoders: per modality (missing ones use defaults).
         server: the HTTP API's settings (limits, timeouts, keys, store).
@@ -123,7 +123,7 @@ class AppArgs(_Args):
 
     preset: str = "tiny"
     device: str | None = None
-    projectors_dir: str | None = None
+    export_dir: str | None = None
     modalities: list[Modality] | None = None
     ingress: IngressDeploymentArgs = IngressDeploymentArgs()
     llm: LLMDeploymentArgs = LLMDeploymentArgs()
@@ -158,11 +158,11 @@ def app_builder(args: AppArgs):
         server = server.model_copy(update={"store_dir": os.path.join(tempfile.gettempdir(), f"polymodal-store-{preset.name}")})
     stats = serve.deployment(StatsServer).options(**args.stats.options("stats")).bind()
     llm = serve.deployment(LLMServer).options(**args.llm.options("llm")).bind(
-        preset, args.device, args.projectors_dir, args.llm.max_concurrency)
+        preset, args.device, args.export_dir, args.llm.max_concurrency)
     decoders = {}
     for m in chosen:
         d = args.decoders.get(m, DecoderDeploymentArgs())
         decoders[m.value] = serve.deployment(DecoderServer).options(**d.options(f"decoder-{m.value}")).bind(
-            preset, m.value, args.device, args.projectors_dir, d.max_batch_size, d.batch_wait_timeout_s, stats)
+            preset, m.value, args.device, args.export_dir, d.max_batch_size, d.batch_wait_timeout_s, stats)
     return serve.deployment(IngressServer).options(**args.ingress.options("ingress")).bind(
         served, llm, decoders, stats, server)

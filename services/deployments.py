@@ -42,17 +42,17 @@ class LLMServer:
     Args:
         preset: the preset (or its name / YAML path).
         device: torch device (``None``: cuda if available, else cpu).
-        projectors_dir: trained projector exports (see ``polymodal.pipeline.build_llm_stage``).
+        export_dir: an export of trained parts (see ``polymodal.pipeline.build_llm_stage``).
         max_concurrency: generations run at once in this replica.
         stage: a ready stage (tests); skips loading.
     """
 
-    def __init__(self, preset: PresetConfig | str, device: str | None = None, projectors_dir: str | None = None,
+    def __init__(self, preset: PresetConfig | str, device: str | None = None, export_dir: str | None = None,
                  max_concurrency: int = 1, stage: Any = None):
         if stage is None:
             from polymodal.pipeline import build_llm_stage
 
-            stage = build_llm_stage(preset, device=device, projectors_dir=projectors_dir)
+            stage = build_llm_stage(preset, device=device, export_dir=export_dir)
         self._stage = stage
         self._worker = LLMWorker(stage, max_concurrency=max_concurrency)
 
@@ -78,7 +78,7 @@ class DecoderServer:
         preset: the preset (or its name / YAML path).
         modality: ``image`` / ``audio`` / ``video``.
         device: torch device.
-        projectors_dir: trained projector exports.
+        export_dir: an export of trained parts (:mod:`polymodal.export`).
         max_batch_size: items per pipeline call (``@serve.batch``).
         batch_wait_timeout_s: how long a batch waits to fill.
         stats: handle of :class:`StatsServer` (counters for ``/metrics``), optional.
@@ -86,7 +86,7 @@ class DecoderServer:
     """
 
     def __init__(self, preset: PresetConfig | str, modality: str, device: str | None = None,
-                 projectors_dir: str | None = None, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05,
+                 export_dir: str | None = None, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05,
                  stats: Any = None, stage: Any = None):
         self.modality = Modality.parse(modality)
         if stage is None:
@@ -94,7 +94,7 @@ class DecoderServer:
             from polymodal.presets import get_preset
 
             p = get_preset(preset)
-            stage = build_decoder_stage(p, self.modality, device=device, projectors_dir=projectors_dir,
+            stage = build_decoder_stage(p, self.modality, device=device, export_dir=export_dir,
                                         d_llm=llm_hidden_size(p))
         self._worker = DecoderWorker(stage)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
@@ -127,7 +127,20 @@ class DecoderServer:
     @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
     async def render_batch(self, items: list[BatchItem]) -> list[EncodedMedium | Exception]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._worker.run_batch, items)
+        try:
+            return await loop.run_in_executor(self._executor, self._worker.run_batch, items)
+        finally:
+            if self._stats is not None:
+                loop.create_task(self._report())
+
+    async def _report(self) -> None:
+        snap = self._worker.counters.snapshot()
+        if snap != self._reported:
+            try:
+                await self._stats.report.remote(self._replica, self.modality.value, snap)
+                self._reported = snap
+            except Exception as e:  # noqa: BLE001 - metrics never break rendering
+                log.debug("stats report failed: %s", e)
 
     def _ensure_flusher(self) -> None:
         if self._stats is not None and (self._flusher is None or self._flusher.done()):
@@ -136,13 +149,7 @@ class DecoderServer:
     async def _flush_loop(self) -> None:
         """Report this replica's counters to the stats deployment whenever they change (every 0.2 s)."""
         while True:
-            snap = self._worker.counters.snapshot()
-            if snap != self._reported:
-                try:
-                    await self._stats.report.remote(self._replica, self.modality.value, snap)
-                    self._reported = snap
-                except Exception as e:  # noqa: BLE001 - metrics never break rendering
-                    log.debug("stats report failed: %s", e)
+            await self._report()
             await asyncio.sleep(0.2)
 
     def stats(self) -> dict[str, int]:

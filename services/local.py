@@ -42,7 +42,7 @@ class LocalBackend(Backend):
 
     @classmethod
     def from_preset(cls, preset: PresetConfig | str, *, device: str | None = None,
-                    projectors_dir: str | None = None, modalities: list[Modality] | None = None) -> "LocalBackend":
+                    export_dir: str | None = None, modalities: list[Modality] | None = None) -> "LocalBackend":
         """Build the stages of ``preset`` in this process (imports torch); decoders for ``modalities``
         (default: every decoder of the preset).
 
@@ -59,8 +59,8 @@ class LocalBackend(Backend):
         for m in chosen:
             if m not in available:
                 raise ValueError(f"preset {preset.name!r} has no {m.value} decoder")
-        llm = build_llm_stage(preset, device=device, projectors_dir=projectors_dir)
-        stages = {m: build_decoder_stage(preset, m, device=device, projectors_dir=projectors_dir,
+        llm = build_llm_stage(preset, device=device, export_dir=export_dir)
+        stages = {m: build_decoder_stage(preset, m, device=device, export_dir=export_dir,
                                          d_llm=llm.engine.d_llm) for m in chosen}
         return cls(preset, llm, stages)
 

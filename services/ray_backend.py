@@ -36,6 +36,17 @@ def _unwrap(e: BaseException, stage: str, retry_after_s: int) -> BaseException:
     return e
 
 
+def _cancel(response: Any) -> None:
+    """Cancel a DeploymentResponse(Generator): best effort (a request that already failed re-raises its
+    error from ``cancel``; there is nothing left to cancel then)."""
+    if response is None:
+        return
+    try:
+        response.cancel()
+    except Exception:  # noqa: BLE001
+        pass
+
+
 class RayBackend(Backend):
     """Backend over Ray Serve DeploymentHandles.
 
@@ -60,28 +71,28 @@ class RayBackend(Backend):
         return tuple(m for m in self._decoders if m in self.preset.output_projectors)
 
     async def generate(self, request: LLMRequest) -> AsyncIterator[LLMEvent]:
-        gen = self._llm.options(stream=True).generate.remote(request)
-        finished = False
+        gen = None
         try:
+            gen = self._llm.options(stream=True).generate.remote(request)
             async for item in gen:
                 yield item
-            finished = True
+        except (asyncio.CancelledError, GeneratorExit):
+            _cancel(gen)
+            raise
         except Exception as e:  # noqa: BLE001 - translated
             raise _unwrap(e, "LLM", self._retry) from None
-        finally:
-            if not finished:
-                gen.cancel()
 
     async def render(self, request: RenderRequest) -> EncodedMedium:
         m = request.group.modality
         handle = self._decoders.get(m)
         if handle is None:
             raise StageUnavailable(f"no {m.value} decoder is deployed")
-        resp = handle.render.remote(request)
+        resp = None
         try:
+            resp = handle.render.remote(request)
             return await resp
         except asyncio.CancelledError:
-            resp.cancel()
+            _cancel(resp)
             raise
         except Exception as e:  # noqa: BLE001 - translated
             raise _unwrap(e, f"{m.value} decoder", self._retry) from None

@@ -40,7 +40,7 @@ def serve_main(
     no_ray: bool = False,
     api_keys: Sequence[str] = (),
     device: str | None = None,
-    projectors_dir: str | None = None,
+    export_dir: str | None = None,
     modalities: Sequence[str] | None = None,
     num_cpus: int | None = None,
     store_dir: str | None = None,
@@ -58,7 +58,7 @@ def serve_main(
         no_ray: serve in this process under uvicorn instead.
         api_keys: if given, ``/v1/*`` requires one of them as a Bearer token.
         device: torch device of the model parts.
-        projectors_dir: trained projector exports.
+        export_dir: an export of trained parts (:mod:`polymodal.export`).
         modalities: output modalities to deploy (default: all of the preset's).
         num_cpus: CPUs of our own Ray cluster (default: all).
         store_dir: artifact / video-job store folder (default: a temp dir removed on exit).
@@ -84,8 +84,8 @@ def serve_main(
     updates: dict[str, Any] = {"preset": preset, "server": server}
     if device is not None:
         updates["device"] = device
-    if projectors_dir is not None:
-        updates["projectors_dir"] = projectors_dir
+    if export_dir is not None:
+        updates["export_dir"] = export_dir
     if modalities is not None:
         from polymodal.modality import Modality
 
@@ -96,7 +96,8 @@ def serve_main(
     try:
         if no_ray:
             return _serve_local(args, host, port, stop, out)
-        return _serve_ray(args, host, port, address, num_cpus, stop, out)
+        return _serve_ray(args, host, port, address, num_cpus, stop, out,
+                          rearm=lambda: _install_signal_handlers(stop))
     finally:
         restore()
         if own_store:
@@ -127,7 +128,7 @@ def _serve_local(args, host: str, port: int, stop: threading.Event, out) -> int:
     from services.ingress import build_app
     from services.local import LocalBackend
 
-    backend = LocalBackend.from_preset(args.preset, device=args.device, projectors_dir=args.projectors_dir,
+    backend = LocalBackend.from_preset(args.preset, device=args.device, export_dir=args.export_dir,
                                        modalities=args.modalities)
     app = build_app(backend, args.server)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on")
@@ -152,7 +153,7 @@ def _serve_local(args, host: str, port: int, stop: threading.Event, out) -> int:
 
 
 def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | None, stop: threading.Event,
-               out) -> int:
+               out, rearm=lambda: None) -> int:
     import ray
     from ray import serve
 
@@ -167,9 +168,11 @@ def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | 
                  include_dashboard=False, namespace=APP_NAME, configure_logging=True, logging_level="warning")
     else:
         ray.init(address=address, namespace=APP_NAME)
+    rearm()  # ray.init installs its own SIGTERM handler (exit without cleanup); ours sets `stop` instead
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(app_builder(args), name=APP_NAME, route_prefix="/", blocking=False)
+        serve.run(app_builder(args), name=APP_NAME, route_prefix="/", blocking=False,
+                  logging_config={"log_level": os.environ.get("POLYMODAL_SERVE_LOG_LEVEL", "WARNING")})
         print(f"polymodal: serving preset {args.preset!r} on Ray Serve at http://{host}:{port}/v1 "
               f"({'own local cluster' if own_cluster else 'cluster ' + address}) - Ctrl-C to stop",
               file=out, flush=True)
@@ -177,13 +180,27 @@ def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | 
             pass
         print("polymodal: stopping", file=out, flush=True)
     finally:
+        _stop_serve(serve, own_cluster)
+        ray.shutdown()
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    return 0
+
+
+def _stop_serve(serve, own_cluster: bool, timeout_s: float = 15.0) -> None:
+    """Delete our app (attached) or shut Serve down (own cluster), giving up after ``timeout_s``: when the
+    signal also reached Ray's own processes (Ctrl-C goes to the whole process group) the controller may be
+    gone already, and ``ray.shutdown`` cleans up what is left."""
+
+    def stop() -> None:
         try:
             if own_cluster:
                 serve.shutdown()
             else:
                 serve.delete(APP_NAME)
-        finally:
-            ray.shutdown()
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
-    return 0
+        except Exception as e:  # noqa: BLE001 - best effort on the way out
+            print(f"polymodal: stopping Serve: {e}", file=sys.stderr)
+
+    t = threading.Thread(target=stop, daemon=True)
+    t.start()
+    t.join(timeout_s)
