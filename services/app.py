@@ -12,8 +12,6 @@ replica's ``num_cpus`` below 1 (Ray only schedules what fits); on a GPU node giv
 the GPU (``num_gpus: 0.3``).
 """
 
-from __future__ import annotations
-
 import os
 import tempfile
 from typing import Any

@@ -1,0 +1,98 @@
+"""deploy/serve.yaml and the typed app builder: Ray's schema, AppArgs validation, the graph it builds (no cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve.deployment import Application
+from ray.serve.schema import ServeDeploySchema
+
+from services.app import AppArgs, app_builder
+from services.deployments import DecoderServer, IngressServer, LLMServer, StatsServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _graph(app: Application) -> dict:
+    """name -> Deployment of every deployment reachable from the ingress."""
+    out = {}
+
+    def walk(x):
+        if isinstance(x, Application):
+            d = x._bound_deployment
+            out[d.name] = d
+            for a in [*d.init_args, *d.init_kwargs.values()]:
+                walk(a)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(app)
+    return out
+
+
+def test_serve_yaml_is_a_valid_serve_config_and_builds_the_graph():
+    cfg = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(cfg)
+    (app_cfg,) = schema.applications
+    assert app_cfg.import_path == "services.app:app_builder"
+    AppArgs.model_validate(app_cfg.args)  # every field known and in bounds
+    app = call_user_app_builder_with_args_if_necessary(app_builder, app_cfg.args)  # Ray's own builder path
+    g = _graph(app)
+    assert set(g) == {"ingress", "llm", "stats", "decoder-image", "decoder-audio", "decoder-video"}
+    assert g["ingress"].func_or_class.__name__ == IngressServer.__name__
+    for name, d in g.items():
+        assert 0 <= d.ray_actor_options["num_cpus"] < 1, name  # schedulable on a 2-core machine
+    img = g["decoder-image"]
+    assert img.func_or_class is DecoderServer and img.max_ongoing_requests == 16 and img.max_queued_requests == 64
+    auto = img._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas) == (1, 2)
+    assert img.init_args[4] == 4 and img.init_args[1] == "image"  # max_batch_size, modality
+    assert g["llm"].func_or_class is LLMServer and g["llm"].max_queued_requests == 32
+    assert g["stats"].func_or_class is StatsServer
+
+
+def test_typed_args_are_validated():
+    with pytest.raises(ValidationError):
+        AppArgs.model_validate({"llm": {"num_cpus": -1}})
+    with pytest.raises(ValidationError):
+        AppArgs.model_validate({"decoders": {"smell": {}}})
+    with pytest.raises(ValidationError):
+        AppArgs.model_validate({"server": {"limits": {"max_inference_steps": 10_000}}})
+    with pytest.raises(ValidationError):
+        AppArgs.model_validate({"unknown_field": 1})
+
+
+def test_builder_options_and_modalities():
+    app = app_builder(AppArgs(preset="tiny", modalities=["image"],
+                              decoders={"image": {"num_gpus": 0.25, "num_cpus": 0.5, "max_batch_size": 6}}))
+    g = _graph(app)
+    assert set(g) == {"ingress", "llm", "stats", "decoder-image"}
+    d = g["decoder-image"]
+    assert d.ray_actor_options["num_gpus"] == 0.25 and d.num_replicas == 1 and d.init_args[4] == 6
+    served = g["ingress"].init_args[0]
+    assert [m.value for m in served.decoders] == ["image"]
+    settings = g["ingress"].init_args[4]
+    assert settings.store_dir and "polymodal-store" in settings.store_dir  # one folder for every ingress replica
+    with pytest.raises(ValueError, match="no video decoder"):
+        app_builder(AppArgs(preset=str(_preset_without_video()), modalities=["video"]))
+
+
+def _preset_without_video() -> Path:
+    import tempfile
+
+    from polymodal.modality import Modality
+    from polymodal.presets import get_preset
+
+    p = get_preset("tiny")
+    p = p.model_copy(update={"name": "tiny-nv", "decoders": {m: c for m, c in p.decoders.items() if m is not Modality.VIDEO}})
+    f = Path(tempfile.mkdtemp()) / "tiny-nv.yaml"
+    f.write_text(p.to_yaml())
+    return f
