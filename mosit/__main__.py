@@ -1,0 +1,3 @@
+from mosit.cli import main
+
+main()
