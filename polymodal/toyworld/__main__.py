@@ -1,0 +1,3 @@
+from polymodal.toyworld.cli import app
+
+app()

@@ -1,0 +1,116 @@
+"""Scoring: the checkers on procedural data, and a decoder's output for asked attributes.
+
+The share of media whose reading (:mod:`polymodal.toyworld.checkers`) shows every asked attribute.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+from polymodal.modality import Modality
+from polymodal.toyworld import checkers
+from polymodal.toyworld.data import (
+    AUDIO_TEMPLATES,
+    COLOURS,
+    DIRECTIONS,
+    IMAGE_TEMPLATES,
+    PITCHES_HZ,
+    SHAPES,
+    TIMBRES,
+    VIDEO_TEMPLATES,
+    iter_items,
+)
+
+# The attributes each modality's media are scored on (video: direction; shape and colour are reported).
+SCORED: dict[Modality, tuple[str, ...]] = {
+    Modality.IMAGE: ("colour", "shape"),
+    Modality.AUDIO: ("pitch", "timbre"),
+    Modality.VIDEO: ("direction",),
+}
+
+
+@dataclass(frozen=True)
+class Score:
+    """``correct`` of ``total`` media showed every scored attribute; ``per_attribute`` each alone."""
+
+    modality: Modality
+    correct: int
+    total: int
+    per_attribute: dict
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+    def line(self) -> str:
+        per = ", ".join(f"{k} {v / self.total:.1%}" for k, v in self.per_attribute.items())
+        return f"{self.modality.value}: {self.correct}/{self.total} = {self.accuracy:.1%} ({per})"
+
+
+def score_readings(modality: Modality | str, readings, asked: list[dict]) -> Score:
+    """Score ``readings`` against ``asked`` attribute dicts (same order)."""
+    modality = Modality.parse(modality)
+    keys = SCORED[modality]
+    per = {k: 0 for k in keys}
+    correct = 0
+    for reading, want in zip(readings, asked, strict=True):
+        hits = {k: getattr(reading, k) == want[k] for k in keys if k in want}
+        for k, hit in hits.items():
+            per[k] += int(hit)
+        correct += int(all(hits.values()))
+    return Score(modality, correct, len(asked), per)
+
+
+def score_procedural(modality: Modality | str, count: int = 300, seed: int = 0, **kwargs) -> Score:
+    """The checker's score on ``count`` procedural items (in memory; see :func:`~polymodal.toyworld.data.make_item`)."""
+    modality = Modality.parse(modality)
+    items = list(iter_items(modality, count, seed, **kwargs))
+    readings = [checkers.check(modality, it.data, sample_rate_hz=it.sample_rate_hz) for it in items]
+    return score_readings(modality, readings, [it.attributes for it in items])
+
+
+def toy_prompts(modality: Modality | str, n: int) -> list[tuple[str, dict]]:
+    """``n`` (caption, attributes) pairs cycling through every attribute combination and phrasing."""
+    modality = Modality.parse(modality)
+    if modality is Modality.IMAGE:
+        combos = [{"colour": c, "shape": s} for c, s in itertools.product(COLOURS, SHAPES)]
+        templates = IMAGE_TEMPLATES
+    elif modality is Modality.AUDIO:
+        combos = [{"pitch": p, "timbre": t} for p, t in itertools.product(PITCHES_HZ, TIMBRES)]
+        templates = AUDIO_TEMPLATES
+    else:
+        combos = [{"direction": d, "colour": c, "shape": s} for d, c, s in itertools.product(DIRECTIONS, COLOURS, SHAPES)]
+        templates = VIDEO_TEMPLATES
+    out = []
+    for i in range(n):
+        attrs = combos[i % len(combos)]
+        template = templates[(i // len(combos)) % len(templates)]
+        if modality is Modality.AUDIO and "{timbre}" not in template:
+            template = AUDIO_TEMPLATES[1]  # every scored attribute must be asked
+        out.append((template.format(**attrs), attrs))
+    return out
+
+
+def score_decoder(decoder, n: int = 48, seed: int = 0, options=None) -> Score:
+    """Generate ``n`` media from the decoder's own text embedding of :func:`toy_prompts` and score them.
+
+    ``decoder`` is a :class:`decoders.Decoder` (its ``encode_text`` and ``generate``); failed items count
+    as wrong.
+    """
+    modality = decoder.modality
+    prompts = toy_prompts(modality, n)
+    readings = []
+    batch = 16
+    for i in range(0, n, batch):
+        chunk = prompts[i : i + batch]
+        embeds = decoder.encode_text([p for p, _ in chunk])
+        media = decoder.generate(embeds, [seed + i + k for k in range(len(chunk))], options)
+        for m in media:
+            if getattr(m, "data", None) is None:
+                readings.append(checkers.VideoReading(None) if modality is Modality.VIDEO else
+                                checkers.AudioReading(None, None) if modality is Modality.AUDIO else
+                                checkers.ImageReading(None, None))
+            else:
+                readings.append(checkers.check(modality, m.data, sample_rate_hz=m.sample_rate_hz))
+    return score_readings(modality, readings, [a for _, a in prompts])

@@ -1,0 +1,241 @@
+"""Toy world: procedural data (reproducible, catalog readable by MosIT and training), checkers (>= 99 % on
+procedural media, about chance on random decoders' output), toy tokenizer, toy decoder training (loads
+through decoders.build_decoder, caching, determinism) and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from polymodal.modality import Modality
+from polymodal.toyworld import checkers
+from polymodal.toyworld.data import (
+    COLOURS,
+    PITCHES_HZ,
+    SAMPLE_RATE_HZ,
+    SHAPES,
+    TIMBRES,
+    encode_item,
+    make_item,
+    write_dataset,
+)
+from polymodal.toyworld.evaluate import score_procedural, score_readings, toy_prompts
+
+N_PROCEDURAL = 300
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    catalog = write_dataset(out, count=24, seed=5, size_px=32)
+    return out, catalog
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def test_items_are_reproducible_and_seed_dependent():
+    for m in Modality:
+        a, b, c = make_item(m, 3, seed=1), make_item(m, 3, seed=1), make_item(m, 3, seed=2)
+        assert np.array_equal(a.data, b.data) and a.caption == b.caption and a.attributes == b.attributes
+        assert encode_item(a) == encode_item(b)
+        assert not np.array_equal(a.data, c.data)
+
+
+def test_item_shapes_and_attribute_coverage():
+    img = make_item("image", 0, size_px=64)
+    assert img.data.shape == (64, 64, 3) and img.data.dtype == np.uint8
+    aud = make_item("audio", 0)
+    assert aud.data.shape == (SAMPLE_RATE_HZ,) and aud.data.dtype == np.float32 and np.abs(aud.data).max() <= 1.0
+    vid = make_item("video", 0, size_px=32, num_frames=12)
+    assert vid.data.shape == (12, 32, 32, 3)
+    images = [make_item("image", i, seed=0).attributes for i in range(120)]
+    assert {a["shape"] for a in images} == set(SHAPES) and {a["colour"] for a in images} == set(COLOURS)
+    tones = [make_item("audio", i, seed=0).attributes for i in range(60)]
+    assert {a["pitch"] for a in tones} == set(PITCHES_HZ) and {a["timbre"] for a in tones} == set(TIMBRES)
+    captions = {make_item("image", i, seed=0).caption for i in range(120)}
+    assert len(captions) > 20  # several phrasings
+    first = make_item("image", 0, seed=0)
+    assert first.attributes["colour"] in first.caption and first.attributes["shape"] in first.caption
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="size_px"):
+        make_item("image", 0, size_px=48)
+    with pytest.raises(ValueError, match="num_frames"):
+        make_item("video", 0, num_frames=4)
+    with pytest.raises(ValueError, match="choose from"):
+        make_item("smell", 0)
+
+
+def test_catalog_is_read_by_mosit_and_training(dataset):
+    out, catalog = dataset
+    rows = [json.loads(line) for line in catalog.read_text().splitlines()]
+    assert len(rows) == 3 * 24
+    assert all({"id", "modality", "path", "caption", "attributes"} <= set(r) for r in rows)
+    from mosit.catalog import load_catalog
+
+    items, rejects = load_catalog(catalog)
+    assert not rejects and len(items) == 72
+    from polymodal.training.data import DataSpec, read_records
+
+    records = read_records(DataSpec(str(catalog), format="jsonl"))
+    assert len(records) == 72 and all(r.media.path.is_file() for r in records)
+    assert {r.modality for r in records} == set(Modality)
+
+
+# ----------------------------------------------------------------------------------------- checkers
+
+
+@pytest.mark.parametrize(
+    "modality,kwargs",
+    [(Modality.IMAGE, {"size_px": 64}), (Modality.IMAGE, {"size_px": 32}), (Modality.AUDIO, {}),
+     (Modality.VIDEO, {"size_px": 32})],
+)
+def test_checkers_read_procedural_media(modality, kwargs):
+    score = score_procedural(modality, N_PROCEDURAL, seed=11, **kwargs)
+    assert score.accuracy >= 0.99, score.line()
+
+
+def test_checkers_read_files_back(dataset):
+    """Through the files (PNG, float WAV, h264 MP4 with its colour subsampling)."""
+    from polymodal.toyworld.data import read_catalog
+
+    out, catalog = dataset
+    rows = read_catalog(catalog)
+    for m in Modality:
+        its = [r for r in rows if r["modality"] == m.value]
+        score = score_readings(m, [checkers.check_file(m, r["path"]) for r in its], [r["attributes"] for r in its])
+        assert score.accuracy >= 0.95, score.line()
+
+
+def test_checkers_are_about_chance_on_noise():
+    rng = np.random.default_rng(0)
+    n = 60
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+    asked = [a for _, a in toy_prompts("image", n)]
+    assert score_readings("image", [checkers.check_image(x) for x in images], asked).accuracy < 0.25
+    tones = [rng.normal(0, 0.3, SAMPLE_RATE_HZ).astype(np.float32) for _ in range(n)]
+    asked = [a for _, a in toy_prompts("audio", n)]
+    assert score_readings("audio", [checkers.check_audio(x, SAMPLE_RATE_HZ) for x in tones], asked).accuracy < 0.4
+    videos = [rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8) for _ in range(n)]
+    asked = [a for _, a in toy_prompts("video", n)]
+    assert score_readings("video", [checkers.check_video(x) for x in videos], asked).accuracy < 0.5
+
+
+def test_checkers_are_about_chance_on_random_decoders():
+    """The tiny random decoders of ``decoders.build_decoder`` (image 1/12 chance, audio 1/6, video 1/4)."""
+    from decoders import build_decoder
+    from polymodal.config import DecoderConfig, DecoderDefaults
+    from polymodal.toyworld.evaluate import score_decoder
+
+    limits = {Modality.IMAGE: 0.3, Modality.AUDIO: 0.45, Modality.VIDEO: 0.55}
+    for m, limit in limits.items():
+        cfg = DecoderConfig(cond_tokens=1 if m is Modality.AUDIO else 8,
+                            defaults=DecoderDefaults(num_frames=8, duration_s=0.5))
+        score = score_decoder(build_decoder(m, cfg, seed=3), n=24)
+        assert score.accuracy < limit, score.line()
+
+
+def test_checker_validation():
+    with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
+        checkers.check_image(np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="sample_rate_hz"):
+        checkers.check("audio", np.zeros(10))
+    assert checkers.check_audio(np.zeros(1600), 16000).pitch is None
+    assert checkers.check_image(np.full((16, 16, 3), 90, np.uint8)).shape is None
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+
+
+def test_toy_tokenizer_is_word_level_and_offline():
+    from polymodal.toyworld.tokenizer import UNK, toy_tokenizer
+
+    tok = toy_tokenizer(16)
+    ids = tok("A picture of a yellow triangle").input_ids
+    tokens = tok.convert_ids_to_tokens(ids)
+    assert tokens[1:-1] == ["a", "picture", "of", "a", "yellow", "triangle"] and tokens[0] == tokens[-1] == tok.eos_token
+    assert tok.convert_ids_to_tokens(tok("zebra").input_ids)[1] == UNK
+    assert len(tok("", padding="max_length").input_ids) == 16
+
+
+# ----------------------------------------------------------------------------------------- toy decoders
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, dataset):
+    from polymodal.toyworld.train import train_decoders
+
+    data_dir, _ = dataset
+    out = tmp_path_factory.mktemp("toydec")
+    manifest = train_decoders(data_dir, out, step_scale=0.002, progress=False)
+    return data_dir, out, manifest
+
+
+def test_trained_toy_decoder_loads_through_build_decoder(trained):
+    from decoders import ImageDecoder, Medium, build_decoder
+    from polymodal.toyworld.train import decoder_config
+
+    _, out, manifest = trained
+    assert manifest["decoders"]["image"]["recipe"]["unet_steps"] >= 1
+    cfg = decoder_config(out, "image")
+    dec = build_decoder("image", cfg)
+    assert isinstance(dec, ImageDecoder) and dec.init_state == "pretrained"
+    assert type(dec.pipeline).__name__ == "StableDiffusionPipeline"
+    emb = dec.encode_text(["a red circle", "a blue square"])
+    assert emb.shape == (2, cfg.cond_tokens, cfg.cond_dim)
+    assert not np.allclose(emb[0].numpy(), emb[1].numpy())
+    (medium,) = dec.generate(emb[:1], [0], cfg.defaults.model_copy(update={"num_inference_steps": 2}))
+    assert isinstance(medium, Medium) and medium.data.shape == (32, 32, 3)
+
+
+def test_training_is_cached_and_deterministic(trained, tmp_path):
+    from polymodal.toyworld.train import MANIFEST, train_decoders
+
+    data_dir, out, manifest = trained
+    weights = out / "image" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = train_decoders(data_dir, out, step_scale=0.002, progress=False)
+    assert weights.stat().st_mtime_ns == before  # skipped: same config hash
+    assert again["decoders"]["image"]["config_hash"] == manifest["decoders"]["image"]["config_hash"]
+    other = train_decoders(data_dir, tmp_path, step_scale=0.002, progress=False)
+    assert (tmp_path / MANIFEST).is_file()
+    assert other["decoders"]["image"]["config_hash"] == manifest["decoders"]["image"]["config_hash"]
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                 "text_encoder/model.safetensors"):
+        assert (tmp_path / "image" / part).read_bytes() == (out / "image" / part).read_bytes(), part
+
+
+def test_train_decoders_errors(tmp_path, dataset):
+    from polymodal.toyworld.train import decoder_config, train_decoders
+
+    with pytest.raises(FileNotFoundError, match="catalog.jsonl"):
+        train_decoders(tmp_path, tmp_path / "o", progress=False)
+    with pytest.raises(ValueError, match="choose from"):
+        train_decoders(dataset[0], tmp_path / "o", modalities=["video"], progress=False)
+    with pytest.raises(FileNotFoundError, match="train-decoders"):
+        decoder_config(tmp_path, "image")
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_data_and_check(tmp_path):
+    from typer.testing import CliRunner
+
+    from polymodal.toyworld.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["data", "--out", str(tmp_path), "--count", "6", "--seed", "2", "--modalities",
+                              "image,audio", "--size-px", "32"])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "catalog.jsonl").read_text().splitlines()]
+    assert [r["modality"] for r in rows].count("image") == 6 and not any(r["modality"] == "video" for r in rows)
+    assert rows[0]["caption"] == make_item("image", 0, seed=2, size_px=32).caption
+    res = runner.invoke(app, ["check", "--data", str(tmp_path)])
+    assert res.exit_code == 0 and "image: 6/6" in res.output and "audio: 6/6" in res.output, res.output
+    res = runner.invoke(app, ["data", "--out", str(tmp_path), "--modalities", "smell"])
+    assert res.exit_code == 2 and "choose from" in res.output
