@@ -57,7 +57,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -158,7 +158,7 @@ class ChatPlan:
     requested: tuple[Modality, ...]
     media_format: str
     include_usage: bool = False
-    extra_seeds: dict[int, list[int]] = field(default_factory=dict)  # images/audio endpoints: n seeds per group
+    variant_seeds: tuple[int, ...] = ()  # one-medium endpoints: render the first group once per seed
 
 
 @dataclass
@@ -549,7 +549,7 @@ class IngressService:
         base_seed = self._seed(seed)
         llm = LLMRequest(request_id, (Turn("user", (TextPart(prompt),)),), (modality,), None, None, None, base_seed)
         return ChatPlan(request_id, llm, {modality: options}, base_seed, (modality,), fmt,
-                        extra_seeds={0: [base_seed + k for k in range(n)]})
+                        variant_seeds=tuple(base_seed + k for k in range(n)))
 
     # ---- running -----------------------------------------------------------------------------------
     async def _render(self, plan: ChatPlan, group: SignalGroup, seed: int) -> EncodedMedium:
@@ -566,7 +566,7 @@ class IngressService:
         queue: asyncio.Queue = asyncio.Queue()
         renders: list[asyncio.Task] = []
         groups: list[SignalGroup] = []
-        only_first = bool(plan.extra_seeds)
+        only_first = bool(plan.variant_seeds)
 
         def start(group: SignalGroup, seed: int) -> None:
             t = asyncio.ensure_future(self._render(plan, group, seed))
@@ -587,7 +587,7 @@ class IngressService:
                         if only_first and (groups or item.modality not in plan.requested):
                             continue
                         groups.append(item)
-                        seeds = plan.extra_seeds.get(0) if only_first else [plan.base_seed + item.index]
+                        seeds = plan.variant_seeds if only_first else (plan.base_seed + item.index,)
                         for s in seeds:
                             start(item, s)
                     elif isinstance(item, LLMResult):

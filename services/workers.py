@@ -19,7 +19,6 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -244,12 +243,3 @@ class DecoderWorker:
         text = str(e).lower()
         if "cuda error" in text or "device-side assert" in text or "out of memory" in text and "cuda" in text:
             self.healthy = False
-
-
-def render_one_sync(worker: DecoderWorker, item: BatchItem) -> EncodedMedium | Exception:
-    """Convenience for hosts without batching."""
-    return worker.run_batch([item])[0]
-
-
-def monotonic_ms() -> int:
-    return int(time.monotonic() * 1000)

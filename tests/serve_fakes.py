@@ -55,7 +55,11 @@ class FakeLLMStage:
                 time.sleep(self.token_s)
             delta = (" " if text else "") + w
             text += delta
-            yield TextDelta(delta)
+            try:
+                yield TextDelta(delta)
+            except GeneratorExit:  # the consumer stopped early (cancelled)
+                self.cancelled += 1
+                raise
         index = 0
         if self.force_groups:
             rng = np.random.default_rng(seed)

@@ -610,3 +610,37 @@ def test_ingress_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_streaming_timeout_is_an_error_event_and_cancels():
+    app, _, decs = make(ServerSettings(request_timeout_s=0.5), modalities=(IMAGE,), step_s=0.02)
+    r = call(app, "POST", "/v1/chat/completions", json={
+        "model": "tiny", "messages": user("x"), "modalities": ["image"], "stream": True,
+        "image": {"num_inference_steps": 100}})
+    ev = _sse(r)
+    assert ev[-1]["error"]["code"] == "timeout" and "[DONE]" not in ev
+    time.sleep(0.1)
+    s1 = decs[IMAGE].steps
+    time.sleep(0.3)
+    assert decs[IMAGE].steps == s1 < 100
+
+
+def test_disconnect_during_text_stops_the_llm():
+    app, llm, decs = make(modalities=(IMAGE,))
+    llm.token_s = 0.1  # ~3 s of text for a long prompt
+    body = {"model": "tiny", "messages": user(" ".join(f"w{i}" for i in range(30))), "stream": True}
+    t0 = time.monotonic()
+    asyncio.run(_asgi_disconnecting(app, "/v1/chat/completions", body, 0.4))
+    assert time.monotonic() - t0 < 2
+    time.sleep(0.3)
+    assert llm.cancelled == 1
+
+
+def test_stats_server_sums_replicas():
+    from services.deployments import StatsServer
+
+    s = StatsServer()
+    s.report("r1", "image", {"steps": 10, "max_batch_size": 2, "batches": 5})
+    s.report("r2", "image", {"steps": 4, "max_batch_size": 3, "batches": 1})
+    s.report("r1", "image", {"steps": 12, "max_batch_size": 2, "batches": 6})  # latest per replica wins
+    assert s.snapshot() == {"image": {"steps": 16, "max_batch_size": 3, "batches": 7}}
