@@ -506,6 +506,16 @@ class IngressService:
 
     async def plan_chat(self, req: ChatCompletionRequest, request_id: str) -> ChatPlan:
         self.check_model(req.model)
+        if req.response_format and req.response_format.get("type", "text") != "text":
+            raise bad_request("response_format: only {'type': 'text'} is supported", param="response_format",
+                              code="unsupported_parameter")
+        for name in ("tools", "functions"):
+            if getattr(req, name):
+                raise bad_request(f"{name}: tool calling is not supported by this model", param=name,
+                                  code="unsupported_parameter")
+        if req.logprobs:
+            raise bad_request("logprobs: not supported by this server", param="logprobs",
+                              code="unsupported_parameter")
         requested: list[Modality] = []
         for k, name in enumerate(req.modalities or []):
             if str(name).lower() == "text":

@@ -127,6 +127,11 @@ class ChatCompletionRequest(_Req):
     video: VideoOptions | None = None
     media_format: Literal["inline", "url"] | None = None
     user: str | None = None
+    # OpenAI fields this server cannot honour: refused (400) when set to anything but their neutral value.
+    response_format: dict | None = None
+    tools: list | None = None
+    functions: list | None = None
+    logprobs: bool | None = None
 
 
 class ImageGenerationRequest(_Req):

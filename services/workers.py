@@ -71,6 +71,8 @@ class LLMWorker:
                     if cancel.is_set():
                         break
             except BaseException as e:  # handed to the consumer, which re-raises it
+                if is_fatal(e):
+                    self.healthy = False
                 put(e)
             put(_END)
 
@@ -239,7 +241,12 @@ class DecoderWorker:
         return out
 
     def _note_fatal(self, e: Exception) -> None:
-        """An accelerator fault leaves the replica unusable: report it through the health check."""
-        text = str(e).lower()
-        if "cuda error" in text or "device-side assert" in text or "out of memory" in text and "cuda" in text:
+        if is_fatal(e):
             self.healthy = False
+
+
+def is_fatal(e: BaseException) -> bool:
+    """An accelerator fault (CUDA error, device-side assert) leaves a replica unusable: its health check
+    fails so Ray Serve replaces it. A CUDA out-of-memory error is not fatal (the next, smaller batch may fit)."""
+    text = str(e).lower()
+    return "cuda error" in text or "device-side assert" in text

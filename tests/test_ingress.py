@@ -644,3 +644,27 @@ def test_stats_server_sums_replicas():
     s.report("r2", "image", {"steps": 4, "max_batch_size": 3, "batches": 1})
     s.report("r1", "image", {"steps": 12, "max_batch_size": 2, "batches": 6})  # latest per replica wins
     assert s.snapshot() == {"image": {"steps": 16, "max_batch_size": 3, "batches": 7}}
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"logprobs": True}, "logprobs"),
+])
+def test_unsupported_openai_fields_are_refused(app_llm_dec, fields, param):
+    app, _, _ = app_llm_dec
+    r = call(app, "POST", "/v1/chat/completions", json={"model": "tiny", "messages": user("x"), **fields})
+    assert r.status_code == 400 and err(r)["param"] == param
+
+
+def test_chunked_body_over_limit_is_413():
+    app, llm, _ = make(ServerSettings(limits=Limits(max_body_bytes=4096)))
+
+    async def body():
+        yield b'{"model": "tiny", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b'"}]}'
+
+    r = call(app, "POST", "/v1/chat/completions", content=body(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and err(r)["code"] == "request_too_large" and llm.calls == []
