@@ -25,7 +25,7 @@ from services.settings import Limits, ServerSettings
 from services.store import FileStore
 from services.workers import BatchItem, DecoderWorker
 from tests.media_fixtures import photo_png, speech_wav
-from tests.serve_fakes import FakeDecoderStage, FakeLLMStage, fake_stages
+from tests.serve_fakes import FakeLLMStage, fake_stages
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 
