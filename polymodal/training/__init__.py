@@ -1,0 +1,62 @@
+"""Alignment training: NExT-GPT's three stages (encode, decode, instruct), in one process or on Ray Train.
+
+Entry points: :func:`train` with a :class:`TrainConfig`, the ``polymodal train`` command
+(:mod:`polymodal.training.cli`), and ``python -m polymodal.training``. See :mod:`.trainer` for the loop,
+:mod:`.data` for the readers, :mod:`.model` for what learns and the losses.
+"""
+
+from polymodal.training.config import STAGES, DataSource, TrainConfig
+from polymodal.training.data import (
+    READERS,
+    CaptionPair,
+    DataFormatError,
+    DataSpec,
+    Dialogue,
+    MediaRef,
+    Message,
+    MissingMediaError,
+    read_records,
+)
+from polymodal.training.model import AlignmentModel, TokenRows, per_token_l2
+from polymodal.training.trainer import (
+    Parts,
+    TrainError,
+    TrainResult,
+    batch_indices,
+    checkpoint_path,
+    export_trained,
+    load_parts,
+    read_metrics,
+    run,
+    setup,
+    train,
+)
+
+__all__ = [
+    "READERS",
+    "STAGES",
+    "AlignmentModel",
+    "CaptionPair",
+    "DataFormatError",
+    "DataSource",
+    "DataSpec",
+    "Dialogue",
+    "MediaRef",
+    "Message",
+    "MissingMediaError",
+    "Parts",
+    "TokenRows",
+    "TrainConfig",
+    "TrainError",
+    "TrainResult",
+    "batch_indices",
+    "checkpoint_path",
+    "export_trained",
+    "load_parts",
+    "per_token_l2",
+    "read_metrics",
+    "read_records",
+    "run",
+    "setup",
+    "train",
+]
