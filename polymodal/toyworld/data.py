@@ -5,7 +5,7 @@ dataset is reproducible item by item and ``count`` only decides how many items a
 
 - Image: uint8 (H, W, 3); one axis-aligned {circle, square, triangle (apex up)} in {red, green, blue,
   yellow} (small per-channel jitter) of random size and position on a plain grey background.
-- Audio: float32 (S,) at 16 kHz, about 1 s; a tone at {low 220 Hz, middle 440 Hz, high 880 Hz} (+-2 %)
+- Audio: float32 (S,) at 16 kHz, about 1 s; a tone at {low 200 Hz, middle 400 Hz, high 800 Hz} (+-2 %)
   with timbre {sine, square (band-limited odd harmonics 1/k)}, 20 ms fades.
 - Video: uint8 (F, H, W, 3), 8-16 frames; one shape moving {left, right, up, down} at constant speed
   across about 45 % of the frame.
@@ -35,7 +35,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (230, 210, 40),
 }
 BACKGROUND_GREYS: tuple[int, ...] = (40, 128, 215)
-PITCHES_HZ: dict[str, float] = {"low": 220.0, "middle": 440.0, "high": 880.0}
+# multiples of 200 Hz: the toy audio decoder's sinusoidal vocoder synthesises 200 Hz-spaced bins
+PITCHES_HZ: dict[str, float] = {"low": 200.0, "middle": 400.0, "high": 800.0}
 TIMBRES: tuple[str, ...] = ("sine", "square")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 SAMPLE_RATE_HZ = 16000

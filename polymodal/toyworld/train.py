@@ -58,6 +58,12 @@ class ImageDecoderRecipe:
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
 
+    def decoder_fields(self) -> dict:
+        """``cond_tokens``, ``cond_dim`` and generation ``defaults`` of the DecoderConfig that loads the result."""
+        return {"cond_tokens": self.cond_tokens, "cond_dim": self.cond_dim,
+                "defaults": {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                             "height_px": self.size_px, "width_px": self.size_px}}
+
     def scaled(self, factor: float) -> "ImageDecoderRecipe":
         """The same recipe with ``factor`` times the training steps (at least 1 each): tests and quick runs."""
         return dataclasses.replace(self, vae_steps=max(1, int(self.vae_steps * factor)),
@@ -152,80 +158,75 @@ def _ema_update(ema, model, decay: float) -> None:
             pe.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
 
 
-def train_image_decoder(rows: list[dict], recipe: ImageDecoderRecipe, out: Path, *, progress: bool = True) -> dict:
-    """Train the toy image decoder on catalog ``rows`` and save it to ``out`` (a diffusers folder).
+def _smooth(prev: float, value: float, keep: float) -> float:
+    return value if prev != prev else keep * prev + (1.0 - keep) * value
 
-    Returns:
-        Training figures (final losses, seconds, latent scaling factor).
-    """
+
+def _train_autoencoder(vae, data, *, steps: int, lr: float, batch_size: int, gen, augment=None,
+                       progress: bool, desc: str) -> tuple[float, object]:
+    """Reconstruction training of an ``AutoencoderKL`` on ``data`` (N, C, H, W); returns (smoothed loss,
+    latent means (N, 4, H', W'))."""
     import torch
-    from diffusers import DDPMScheduler
     from tqdm import tqdm
 
-    torch.set_num_threads(1)
-    t_start = time.time()
-    pipe = build_image_pipeline(recipe)
-    images = torch.from_numpy(_load_images(rows, recipe.size_px))
-    gen = torch.Generator().manual_seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    n = images.shape[0]
-    bs = min(recipe.batch_size, n)
-
-    def batch_index() -> torch.Tensor:
-        return torch.randint(0, n, (bs,), generator=gen)
-
-    def augment(x: torch.Tensor) -> torch.Tensor:  # horizontal flips keep every shape and colour
-        flip = torch.rand(x.shape[0], generator=gen) < 0.5
-        return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-    # 1. autoencoder
-    vae = pipe.vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr)
-    bar = tqdm(range(recipe.vae_steps), desc="image VAE", disable=not progress)
-    vae_loss = float("nan")
+    n = data.shape[0]
+    bs = min(batch_size, n)
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr)
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    smoothed = float("nan")
     for _ in bar:
-        x = augment(images[batch_index()])
+        x = data[torch.randint(0, n, (bs,), generator=gen)]
+        if augment is not None:
+            x = augment(x)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=gen)).sample
         loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        vae_loss = 0.95 * vae_loss + 0.05 * loss.item() if vae_loss == vae_loss else loss.item()
-        bar.set_postfix(loss=f"{vae_loss:.4f}")
+        smoothed = _smooth(smoothed, loss.item(), 0.95)
+        bar.set_postfix(loss=f"{smoothed:.4f}")
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, n, 256)])
-        latents_flipped = torch.cat([vae.encode(images[i : i + 256].flip(-1)).latent_dist.mean for i in range(0, n, 256)])
-    scaling = float(1.0 / latents.std())
-    vae.register_to_config(scaling_factor=scaling)
+    return smoothed, lambda x: torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
 
-    # 2. text encoder + UNet
-    tok = pipe.tokenizer
-    captions = [r["caption"] for r in rows]
-    ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    empty = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-    unet, text_encoder = pipe.unet.train(), pipe.text_encoder.train()
+
+def _train_denoiser(unet, text_encoder, condition, latents, ids, empty_ids, recipe, *, scheduler_config, gen,
+                    latents_flipped=None, progress: bool, desc: str):
+    """Joint epsilon-prediction training of ``unet`` and ``text_encoder`` (DDPM noise with the pipeline
+    scheduler's betas); ``condition(text_encoder, ids)`` gives the UNet's conditioning keyword arguments as the
+    stock pipeline passes them. Captions are dropped to ``""`` with probability ``recipe.caption_dropout``.
+    Returns (smoothed loss, EMA UNet, EMA text encoder)."""
+    import torch
+    from diffusers import DDPMScheduler
+    from tqdm import tqdm
+
+    n = latents.shape[0]
+    bs = min(recipe.batch_size, n)
+    unet.train()
+    text_encoder.train()
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=0.0)
     warmup = max(1, recipe.unet_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    bar = tqdm(range(recipe.unet_steps), desc="image UNet", disable=not progress)
-    unet_loss = float("nan")
+    bar = tqdm(range(recipe.unet_steps), desc=desc, disable=not progress)
+    smoothed = float("nan")
     num_t = noise_scheduler.config.num_train_timesteps
     for _ in bar:
-        idx = batch_index()
-        flip = (torch.rand(bs, generator=gen) < 0.5)[:, None, None, None]
-        z0 = torch.where(flip, latents_flipped[idx], latents[idx]) * scaling
+        idx = torch.randint(0, n, (bs,), generator=gen)
+        if latents_flipped is not None:
+            flip = (torch.rand(bs, generator=gen) < 0.5)[:, None, None, None]
+            z0 = torch.where(flip, latents_flipped[idx], latents[idx])
+        else:
+            z0 = latents[idx]
         drop = torch.rand(bs, generator=gen) < recipe.caption_dropout
-        batch_ids = torch.where(drop[:, None], empty.expand(bs, -1), ids[idx])
+        batch_ids = torch.where(drop[:, None], empty_ids.expand(bs, -1), ids[idx])
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, num_t, (bs,), generator=gen)
         zt = noise_scheduler.add_noise(z0, noise, t)
-        cond = text_encoder(batch_ids)[0]
-        loss = torch.nn.functional.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
+        loss = torch.nn.functional.mse_loss(unet(zt, t, **condition(text_encoder, batch_ids)).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -233,9 +234,373 @@ def train_image_decoder(rows: list[dict], recipe: ImageDecoderRecipe, out: Path,
         sched.step()
         _ema_update(ema_unet, unet, recipe.ema_decay)
         _ema_update(ema_text, text_encoder, recipe.ema_decay)
-        unet_loss = 0.98 * unet_loss + 0.02 * loss.item() if unet_loss == unet_loss else loss.item()
-        bar.set_postfix(loss=f"{unet_loss:.4f}")
-    pipe.unet, pipe.text_encoder = ema_unet.requires_grad_(False), ema_text.requires_grad_(False)
+        smoothed = _smooth(smoothed, loss.item(), 0.98)
+        bar.set_postfix(loss=f"{smoothed:.4f}")
+    return smoothed, ema_unet.requires_grad_(False), ema_text.requires_grad_(False)
+
+
+def _token_ids(tokenizer, captions: list[str]):
+    kw = dict(padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    return tokenizer(list(captions), **kw).input_ids, tokenizer([""], **kw).input_ids
+
+
+def train_image_decoder(rows: list[dict], recipe: ImageDecoderRecipe, out: Path, *, progress: bool = True) -> dict:
+    """Train the toy image decoder on catalog ``rows`` and save it to ``out`` (a diffusers folder).
+
+    Returns:
+        Training figures (final losses, seconds, latent scaling factor).
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    t_start = time.time()
+    pipe = build_image_pipeline(recipe)
+    images = torch.from_numpy(_load_images(rows, recipe.size_px))
+    gen = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+
+    def augment(x):  # horizontal flips keep every shape and colour
+        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+        return torch.where(flip[:, None, None, None], x.flip(-1), x)
+
+    vae_loss, encode = _train_autoencoder(pipe.vae, images, steps=recipe.vae_steps, lr=recipe.vae_lr,
+                                          batch_size=recipe.batch_size, gen=gen, augment=augment,
+                                          progress=progress, desc="image VAE")
+    with torch.no_grad():
+        latents, latents_flipped = encode(images), encode(images.flip(-1))
+    scaling = float(1.0 / latents.std())
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    ids, empty = _token_ids(pipe.tokenizer, [r["caption"] for r in rows])
+    unet_loss, pipe.unet, pipe.text_encoder = _train_denoiser(
+        pipe.unet, pipe.text_encoder, lambda te, i: {"encoder_hidden_states": te(i)[0]}, latents * scaling, ids,
+        empty, recipe, scheduler_config=pipe.scheduler.config, gen=gen, latents_flipped=latents_flipped * scaling,
+        progress=progress, desc="image UNet",
+    )
+    pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return {"vae_loss": round(vae_loss, 5), "unet_loss": round(unet_loss, 5), "latent_scaling_factor": scaling,
+            "train_s": round(time.time() - t_start, 1), "num_items": len(rows)}
+
+
+# ---------------------------------------------------------------------------------------- audio
+
+HOP = 160  # samples per spectrogram frame at 16 kHz (AudioLDM's hop)
+WINDOW = 2 * HOP
+BIN_SPACING_HZ = 200.0  # a multiple of SAMPLE_RATE_HZ / HOP = 100 Hz: overlap-added sinusoids stay in phase
+
+
+@dataclass(frozen=True)
+class AudioDecoderRecipe:
+    """Everything that decides what the toy audio decoder becomes (hashed for caching)."""
+
+    num_bins: int = 16  # sinusoid bins at 200, 400, ..., 3200 Hz
+    duration_s: float = 1.0
+    cond_tokens: int = 16  # text length of the CLAP-style text encoder
+    cond_dim: int = 64  # CLAP projection: the UNet's class-label size
+    text_hidden: int = 32
+    text_layers: int = 2
+    unet_blocks: tuple[int, ...] = (16, 32)
+    vae_blocks: tuple[int, ...] = (8, 16)
+    vae_steps: int = 400
+    vae_lr: float = 2e-3
+    unet_steps: int = 1500
+    unet_lr: float = 1e-3
+    batch_size: int = 32
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    seed: int = 0
+    num_inference_steps: int = 20
+    guidance_scale: float = 3.0
+    spectrogram_gain: float = 2.0  # tone amplitudes (0.3-0.6) scaled towards [0, 1] for the VAE
+
+    def decoder_fields(self) -> dict:
+        """AudioLDM conditions on one L2-normalised vector: (Q, D_cond) = (1, cond_dim)."""
+        return {"cond_tokens": 1, "cond_dim": self.cond_dim,
+                "defaults": {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                             "duration_s": self.duration_s}}
+
+    def scaled(self, factor: float) -> "AudioDecoderRecipe":
+        return dataclasses.replace(self, vae_steps=max(1, int(self.vae_steps * factor)),
+                                   unet_steps=max(1, int(self.unet_steps * factor)))
+
+
+def bin_frequencies_hz(num_bins: int) -> np.ndarray:
+    """(num_bins,) centre frequencies of the toy spectrogram: 200 Hz, 400 Hz, ..."""
+    return BIN_SPACING_HZ * np.arange(1, num_bins + 1)
+
+
+def _window() -> np.ndarray:
+    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(WINDOW) / WINDOW)  # periodic Hann: sums to 1 at hop W/2
+
+
+def tone_spectrogram(audio: np.ndarray, num_bins: int = 16, sample_rate_hz: int = 16000, gain: float = 1.0) -> np.ndarray:
+    """Sinusoid amplitudes per frame: float32 (T, num_bins) with T = ceil(S / 160).
+
+    Frame t is the Hann-windowed segment that the vocoder (:func:`sinusoidal_vocoder`) overlap-adds at samples
+    [160 t - 80, 160 t + 240); entry (t, k) is the amplitude of the sinusoid at bin k's frequency in it, so
+    a steady tone of amplitude a at a bin frequency reads a (times ``gain``).
+    """
+    x = np.asarray(audio, dtype=np.float64)
+    frames = -(-x.size // HOP)
+    padded = np.zeros(frames * HOP + WINDOW)
+    padded[HOP // 2 : HOP // 2 + x.size] = x
+    idx = np.arange(frames)[:, None] * HOP + np.arange(WINDOW)[None, :]
+    segments = padded[idx] * _window()
+    basis = np.exp(-2j * np.pi * np.outer(np.arange(WINDOW), bin_frequencies_hz(num_bins)) / sample_rate_hz)
+    amplitude = np.abs(segments @ basis) * 2.0 / _window().sum()
+    return (amplitude * gain).astype(np.float32)
+
+
+def sinusoidal_vocoder(num_bins: int = 16, sample_rate_hz: int = 16000, gain: float = 1.0):
+    """A ``SpeechT5HifiGan`` (AudioLDM's vocoder class) whose weights are set, not trained, to overlap-add
+    Hann-windowed sinusoids: spectrogram (B, T, num_bins) -> waveform (B, 160 T).
+
+    conv_pre copies the bins; the one upsampler (stride 160, kernel 320) holds +/- windowed sinusoids; the
+    residual block's output convolutions are zero (identity); conv_post recombines the + and - channels
+    (their leaky ReLUs sum to a linear map: lrelu(s) - lrelu(-s) = 1.01 s); tanh stays near-linear for
+    amplitudes below 0.6. ``gain`` undoes :func:`tone_spectrogram`'s.
+    """
+    import torch
+    from transformers import SpeechT5HifiGan, SpeechT5HifiGanConfig
+
+    vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(
+        model_in_dim=num_bins, sampling_rate=sample_rate_hz, upsample_initial_channel=num_bins,
+        upsample_rates=(HOP,), upsample_kernel_sizes=(WINDOW,), resblock_kernel_sizes=(3,),
+        resblock_dilation_sizes=((1,),), normalize_before=False,
+    ))
+    n = np.arange(WINDOW)
+    waves = _window()[None, :] * np.sin(2 * np.pi * np.outer(bin_frequencies_hz(num_bins), n) / sample_rate_hz)
+    with torch.no_grad():
+        for p in vocoder.parameters():
+            p.zero_()
+        vocoder.conv_pre.weight[:, :, 3] = torch.eye(num_bins)
+        up = vocoder.upsampler[0].weight  # (num_bins, num_bins // 2, WINDOW)
+        up[:, 0, :] = torch.from_numpy(waves / gain).float()
+        up[:, 1, :] = -torch.from_numpy(waves / gain).float()
+        for conv in vocoder.resblocks[0].convs1:  # any finite weights: convs2 = 0 makes the block the identity
+            conv.weight[:, :, 1] = torch.eye(conv.weight.shape[0])
+        slope = 0.01  # the final leaky ReLU's
+        vocoder.conv_post.weight[0, 0, 3] = 1.0 / (1.0 + slope)
+        vocoder.conv_post.weight[0, 1, 3] = -1.0 / (1.0 + slope)
+    return vocoder.eval()
+
+
+def build_audio_pipeline(recipe: AudioDecoderRecipe):
+    """An ``AudioLDMPipeline`` with random toy components (seeded) and the fixed sinusoidal vocoder."""
+    import torch
+    from diffusers import AudioLDMPipeline, AutoencoderKL, UNet2DConditionModel
+    from transformers import ClapTextConfig, ClapTextModelWithProjection
+
+    from decoders import tiny
+    from polymodal.toyworld.data import SAMPLE_RATE_HZ
+    from polymodal.toyworld.tokenizer import toy_tokenizer
+
+    tokenizer = toy_tokenizer(recipe.cond_tokens)
+    levels = len(recipe.vae_blocks)
+    n = len(recipe.unet_blocks)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        text_encoder = ClapTextModelWithProjection(ClapTextConfig(
+            vocab_size=len(tokenizer), hidden_size=recipe.text_hidden, intermediate_size=2 * recipe.text_hidden,
+            num_hidden_layers=recipe.text_layers, num_attention_heads=tiny.num_heads(recipe.text_hidden),
+            max_position_embeddings=recipe.cond_tokens + tokenizer.pad_token_id + 2, projection_dim=recipe.cond_dim,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        ))
+        unet = UNet2DConditionModel(
+            sample_size=32, in_channels=4, out_channels=4, down_block_types=("DownBlock2D",) * n,
+            up_block_types=("UpBlock2D",) * n, mid_block_type="UNetMidBlock2D", block_out_channels=recipe.unet_blocks,
+            layers_per_block=1, norm_num_groups=8, cross_attention_dim=recipe.cond_dim,
+            class_embed_type="simple_projection", projection_class_embeddings_input_dim=recipe.cond_dim,
+            class_embeddings_concat=True,
+        )
+        vae = AutoencoderKL(
+            in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=recipe.vae_blocks, layers_per_block=1,
+            latent_channels=4, norm_num_groups=8, sample_size=32, mid_block_add_attention=False,
+        )
+    vocoder = sinusoidal_vocoder(recipe.num_bins, SAMPLE_RATE_HZ, recipe.spectrogram_gain)
+    return AudioLDMPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                            scheduler=tiny.scheduler(), vocoder=vocoder)
+
+
+def _load_spectrograms(rows: list[dict], recipe: AudioDecoderRecipe) -> np.ndarray:
+    """(N, 1, T, num_bins) float32 spectrograms of the catalog's WAV files, cut or padded to duration_s."""
+    import soundfile as sf
+
+    from polymodal.toyworld.data import SAMPLE_RATE_HZ
+
+    samples = int(round(recipe.duration_s * SAMPLE_RATE_HZ))
+    out = []
+    for r in rows:
+        audio, sr = sf.read(r["path"], dtype="float32", always_2d=True)
+        if sr != SAMPLE_RATE_HZ:
+            import soxr
+
+            audio = soxr.resample(audio, sr, SAMPLE_RATE_HZ)
+        mono = np.zeros(samples, np.float32)
+        mono[: min(samples, len(audio))] = audio.mean(axis=1)[:samples]
+        out.append(tone_spectrogram(mono, recipe.num_bins, SAMPLE_RATE_HZ, recipe.spectrogram_gain))
+    return np.stack(out)[:, None]
+
+
+def train_audio_decoder(rows: list[dict], recipe: AudioDecoderRecipe, out: Path, *, progress: bool = True) -> dict:
+    """Train the toy audio decoder (``AudioLDMPipeline``: VAE over the toy spectrogram, CLAP-style text
+    encoder and class-conditioned UNet trained; the sinusoidal vocoder fixed) and save it to ``out``."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    t_start = time.time()
+    pipe = build_audio_pipeline(recipe)
+    specs = torch.from_numpy(_load_spectrograms(rows, recipe))
+    frames = specs.shape[2] - specs.shape[2] % 2 ** (len(recipe.vae_blocks) - 1)
+    specs = specs[:, :, :frames]
+    gen = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    vae_loss, encode = _train_autoencoder(pipe.vae, specs, steps=recipe.vae_steps, lr=recipe.vae_lr,
+                                          batch_size=recipe.batch_size, gen=gen, progress=progress, desc="audio VAE")
+    with torch.no_grad():
+        latents = encode(specs)
+    scaling = float(1.0 / latents.std())
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    ids, empty = _token_ids(pipe.tokenizer, [r["caption"] for r in rows])
+    pad = pipe.tokenizer.pad_token_id
+
+    def condition(te, batch_ids):  # as AudioLDMPipeline._encode_prompt: normalised CLAP text_embeds as class labels
+        embeds = te(batch_ids, attention_mask=(batch_ids != pad).long()).text_embeds
+        return {"encoder_hidden_states": None, "class_labels": F.normalize(embeds, dim=-1)}
+
+    unet_loss, pipe.unet, pipe.text_encoder = _train_denoiser(
+        pipe.unet, pipe.text_encoder, condition, latents * scaling, ids, empty, recipe,
+        scheduler_config=pipe.scheduler.config, gen=gen, progress=progress, desc="audio UNet",
+    )
+    pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    return {"vae_loss": round(vae_loss, 6), "unet_loss": round(unet_loss, 5), "latent_scaling_factor": scaling,
+            "train_s": round(time.time() - t_start, 1), "num_items": len(rows)}
+
+
+# ---------------------------------------------------------------------------------------- video
+
+
+@dataclass(frozen=True)
+class VideoDecoderRecipe:
+    """Everything that decides what the toy video decoder becomes (hashed for caching)."""
+
+    size_px: int = 32
+    num_frames: int = 8
+    fps: int = 8
+    cond_tokens: int = 16
+    cond_dim: int = 64
+    text_layers: int = 2
+    unet_blocks: tuple[int, ...] = (16, 32)
+    vae_blocks: tuple[int, ...] = (8, 16)
+    vae_steps: int = 300
+    vae_lr: float = 2e-3
+    unet_steps: int = 1500
+    unet_lr: float = 1e-3
+    batch_size: int = 8
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    seed: int = 0
+    num_inference_steps: int = 20
+    guidance_scale: float = 3.0
+
+    def decoder_fields(self) -> dict:
+        return {"cond_tokens": self.cond_tokens, "cond_dim": self.cond_dim,
+                "defaults": {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
+                             "height_px": self.size_px, "width_px": self.size_px, "num_frames": self.num_frames,
+                             "fps": self.fps}}
+
+    def scaled(self, factor: float) -> "VideoDecoderRecipe":
+        return dataclasses.replace(self, vae_steps=max(1, int(self.vae_steps * factor)),
+                                   unet_steps=max(1, int(self.unet_steps * factor)))
+
+
+def build_video_pipeline(recipe: VideoDecoderRecipe):
+    """A ``TextToVideoSDPipeline`` with random toy components (seeded): per-frame VAE, CLIP text encoder,
+    ``UNet3DConditionModel``."""
+    import torch
+    from diffusers import AutoencoderKL, TextToVideoSDPipeline, UNet3DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from decoders import tiny
+    from polymodal.toyworld.tokenizer import toy_tokenizer
+
+    tokenizer = toy_tokenizer(recipe.cond_tokens)
+    d = recipe.cond_dim
+    levels = len(recipe.vae_blocks)
+    n = len(recipe.unet_blocks)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=d, intermediate_size=2 * d, num_hidden_layers=recipe.text_layers,
+            num_attention_heads=tiny.num_heads(d), max_position_embeddings=recipe.cond_tokens,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+        unet = UNet3DConditionModel(
+            sample_size=recipe.size_px // 2 ** (levels - 1), in_channels=4, out_channels=4,
+            down_block_types=("DownBlock3D",) * (n - 1) + ("CrossAttnDownBlock3D",),
+            up_block_types=("CrossAttnUpBlock3D",) + ("UpBlock3D",) * (n - 1),
+            block_out_channels=recipe.unet_blocks, layers_per_block=1, cross_attention_dim=d,
+            attention_head_dim=8, norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=recipe.vae_blocks, layers_per_block=1,
+            latent_channels=4, norm_num_groups=8, sample_size=recipe.size_px, mid_block_add_attention=False,
+        )
+    return TextToVideoSDPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                 scheduler=tiny.scheduler())
+
+
+def _load_videos(rows: list[dict], recipe: VideoDecoderRecipe) -> np.ndarray:
+    """(N, F, 3, size_px, size_px) float32 in [-1, 1]: the first ``num_frames`` frames of each MP4, resized."""
+    import av
+    from PIL import Image
+
+    out = []
+    for r in rows:
+        with av.open(r["path"]) as container:
+            frames = [f.to_image() for f in container.decode(video=0)][: recipe.num_frames]
+        if len(frames) < recipe.num_frames:
+            raise ValueError(f"{r['path']}: {len(frames)} frames, the recipe needs {recipe.num_frames}")
+        size = (recipe.size_px, recipe.size_px)
+        out.append(np.stack([np.asarray(f.convert("RGB").resize(size, Image.BOX) if f.size != size else f.convert("RGB"),
+                                        dtype=np.float32) for f in frames]))
+    return (np.stack(out).transpose(0, 1, 4, 2, 3) / 127.5 - 1.0).astype(np.float32)
+
+
+def train_video_decoder(rows: list[dict], recipe: VideoDecoderRecipe, out: Path, *, progress: bool = True) -> dict:
+    """Train the toy video decoder (``TextToVideoSDPipeline``: per-frame VAE, then CLIP text encoder and
+    UNet3D together) on the catalog's MP4s and save it to ``out``."""
+    import torch
+
+    torch.set_num_threads(1)
+    t_start = time.time()
+    pipe = build_video_pipeline(recipe)
+    videos = torch.from_numpy(_load_videos(rows, recipe))  # (N, F, 3, H, W)
+    n, f = videos.shape[:2]
+    gen = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    frames = videos.reshape(n * f, *videos.shape[2:])
+    vae_loss, encode = _train_autoencoder(pipe.vae, frames, steps=recipe.vae_steps, lr=recipe.vae_lr,
+                                          batch_size=4 * recipe.batch_size, gen=gen, progress=progress,
+                                          desc="video VAE")
+    with torch.no_grad():
+        z = encode(frames)
+    latents = z.reshape(n, f, *z.shape[1:]).permute(0, 2, 1, 3, 4).contiguous()  # (N, 4, F, h, w)
+    scaling = float(1.0 / latents.std())
+    pipe.vae.register_to_config(scaling_factor=scaling)
+    ids, empty = _token_ids(pipe.tokenizer, [r["caption"] for r in rows])
+    unet_loss, pipe.unet, pipe.text_encoder = _train_denoiser(
+        pipe.unet, pipe.text_encoder, lambda te, i: {"encoder_hidden_states": te(i)[0]}, latents * scaling, ids,
+        empty, recipe, scheduler_config=pipe.scheduler.config, gen=gen, progress=progress, desc="video UNet",
+    )
     pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
     out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(str(out), safe_serialization=True)
@@ -245,8 +610,9 @@ def train_image_decoder(rows: list[dict], recipe: ImageDecoderRecipe, out: Path,
 
 # ---------------------------------------------------------------------------------------- entry points
 
-RECIPES = {Modality.IMAGE: ImageDecoderRecipe}
-TRAINERS = {Modality.IMAGE: train_image_decoder}
+RECIPES = {Modality.IMAGE: ImageDecoderRecipe, Modality.AUDIO: AudioDecoderRecipe, Modality.VIDEO: VideoDecoderRecipe}
+TRAINERS = {Modality.IMAGE: train_image_decoder, Modality.AUDIO: train_audio_decoder,
+            Modality.VIDEO: train_video_decoder}
 
 
 def trainable_modalities() -> list[Modality]:
@@ -289,11 +655,11 @@ def train_decoders(data_dir: str | Path, out_dir: str | Path, *, modalities=None
         figures = TRAINERS[m](rows, recipe, folder, progress=progress)
         manifest["decoders"][m.value] = {
             "path": m.value, "config_hash": config_hash, "recipe": dataclasses.asdict(recipe), "figures": figures,
-            "cond_tokens": recipe.cond_tokens, "cond_dim": recipe.cond_dim,
-            "defaults": {"num_inference_steps": recipe.num_inference_steps, "guidance_scale": recipe.guidance_scale,
-                         "height_px": recipe.size_px, "width_px": recipe.size_px},
+            **recipe.decoder_fields(),
         }
         out_dir.mkdir(parents=True, exist_ok=True)
+        if manifest_path.is_file():  # keep entries another run wrote meanwhile
+            manifest["decoders"] = {**json.loads(manifest_path.read_text())["decoders"], m.value: manifest["decoders"][m.value]}
         tmp = manifest_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         tmp.replace(manifest_path)
