@@ -40,7 +40,11 @@ def test_items_are_reproducible_and_seed_dependent():
     for m in Modality:
         a, b, c = make_item(m, 3, seed=1), make_item(m, 3, seed=1), make_item(m, 3, seed=2)
         assert np.array_equal(a.data, b.data) and a.caption == b.caption and a.attributes == b.attributes
-        assert encode_item(a) == encode_item(b)
+        if m is Modality.VIDEO:  # x264's bytes vary between runs (not its pictures): compare decoded frames
+            frames = [checkers.decode_mp4(encode_item(x)) for x in (a, b)]
+            assert np.array_equal(frames[0], frames[1]) and np.abs(frames[0].astype(int) - a.data).mean() < 4
+        else:
+            assert encode_item(a) == encode_item(b)
         assert not np.array_equal(a.data, c.data)
 
 

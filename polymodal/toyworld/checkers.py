@@ -217,8 +217,14 @@ def check_file(modality: Modality | str, path) -> object:
 
         audio, sr = sf.read(str(path), dtype="float32", always_2d=False)
         return check_audio(audio, int(sr))
+    return check_video(decode_mp4(path.read_bytes()))
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    """Every frame of a video file's bytes: uint8 (F, H, W, 3) (PyAV)."""
+    import io
+
     import av
 
-    with av.open(str(path)) as container:
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-    return check_video(frames)
+    with av.open(io.BytesIO(data)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])

@@ -257,8 +257,8 @@ def encode_item(item: ToyItem) -> bytes:
     import av  # PyAV bundles ffmpeg; h264 / yuv420p (the toy sizes are even)
 
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "h264",
-                                      rate=int(item.fps))
+        # the decoded frames are reproducible; x264's bytes vary slightly from run to run
+        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=int(item.fps))
         stream.height, stream.width = item.data.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for frame in item.data:
