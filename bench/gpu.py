@@ -1,0 +1,300 @@
+"""GPU: real-size, randomly initialised SD v1.5 UNet/VAE and a 7B-shaped LLM (Vicuna-7B / LLaMA-7B shape).
+
+Run from the repository root on a CUDA machine::
+
+    .venv/bin/python bench/gpu.py [--quick] [--out gpu.json]
+
+Without CUDA it prints ``skipped: no CUDA`` and exits 0 (``--cpu-smoke`` runs the same code on the CPU at
+toy sizes instead, for tests). Measured, side by side on one pipeline object:
+
+- images/s at batch 1 and 8 through our decoder stage (output projector -> ``decoders.ImageDecoder`` ->
+  ``services.workers.DecoderWorker``, the code the image decoder deployment runs, PNG encoding included)
+  against a plain ``StableDiffusionPipeline`` call with the same ``prompt_embeds``;
+- end-to-end seconds per 512x512, 50-step image: ``AnyToAnyPipeline`` with the 7B-shaped LLM (random, so
+  it never emits signal tokens or EOS on its own: after ``--text-tokens`` text tokens the image's signal
+  tokens and then EOS are forced through the decode loop's ``propose`` hook), then the decoder;
+- LLM tokens/s at batch 1 (``--llm-tokens`` tokens, EOS and signal tokens suppressed).
+
+The SD v1.5 UNet, VAE and CLIP ViT-L/14 text encoder are built from their published configs written out in
+code (no download), with a small-std initialisation (weights N(0, ``--init-std``)) so that float16 stays finite;
+``--dtype bfloat16`` is the other way. The LLM is ``nextgpt-7b-random``'s (hidden 4096, 32 layers, 32 heads,
+intermediate 11008) in float16 with transformers' own initialisation (std 0.02).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+# Stable Diffusion v1.5 (unet/, vae/, text_encoder/ config.json of stable-diffusion-v1-5), as keyword arguments.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1,
+    act_fn="silu", norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    act_fn="silu", latent_channels=4, norm_num_groups=32, sample_size=512, scaling_factor=0.18215,
+)
+SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
+                      set_alpha_to_one=False, steps_offset=1)
+
+# --cpu-smoke: the same code at toy sizes.
+TOY_UNET = dict(SD15_UNET, sample_size=8, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+                norm_num_groups=8, cross_attention_dim=32)
+TOY_VAE = dict(SD15_VAE, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8, sample_size=64)
+TOY_TEXT = dict(SD15_TEXT, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=8, projection_dim=32)
+TOY_LLM = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=512)
+
+
+def small_init_(module, std: float) -> None:
+    """Weights (ndim > 1) ~ N(0, std), biases 0; norms keep weight 1 (float16 stays finite)."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim > 1:
+                p.normal_(0.0, std)
+            elif name.endswith("bias"):
+                p.zero_()
+
+
+def sd15_pipeline(device: str, dtype, *, toy: bool, init_std: float):
+    """A StableDiffusionPipeline of SD v1.5's architecture (random, built on ``device``)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from decoders import tiny
+
+    text_cfg = TOY_TEXT if toy else SD15_TEXT
+    tokenizer = tiny.text_tokenizer(model_max_length=text_cfg["max_position_embeddings"])
+    with torch.device(device):
+        torch.manual_seed(0)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer) if toy else 49408, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text_cfg))
+        unet = UNet2DConditionModel(**(TOY_UNET if toy else SD15_UNET))
+        vae = AutoencoderKL(**(TOY_VAE if toy else SD15_VAE))
+    if init_std > 0:
+        for m in (text_encoder, unet, vae):
+            small_init_(m, init_std)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**SD15_SCHEDULER), safety_checker=None, feature_extractor=None,
+        image_encoder=None, requires_safety_checker=False,
+    )
+    return pipe.to(device, dtype)
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--cpu-smoke", action="store_true", help="run the same code on the CPU at toy sizes (tests)")
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16", help="decoder and LLM dtype")
+    p.add_argument("--init-std", type=float, default=0.02,
+                   help="std of the decoder's random weights (0: diffusers' default initialisation)")
+    p.add_argument("--steps", type=int, default=50, help="denoising steps (--quick: 4)")
+    p.add_argument("--size-px", type=int, default=512, help="image height and width")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--batch-sizes", default="1,8", help="decoder batch sizes (comma separated)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per batch size and side (--quick: 1)")
+    p.add_argument("--text-tokens", type=int, default=32, help="text tokens before the forced image group (e2e)")
+    p.add_argument("--llm-tokens", type=int, default=128, help="tokens of the LLM tokens/s run (--quick: 16)")
+    args = p.parse_args(argv)
+
+    import torch
+
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("skipped: no CUDA")
+        C.finish({"benchmark": "gpu", "skipped": "no CUDA"}, args.out)
+        return 0
+
+    import numpy as np
+
+    from polymodal.config import DecoderConfig, DecoderDefaults
+    from polymodal.pipeline import AnyToAnyPipeline, DecoderStage, as_turns, build_llm_stage
+    from polymodal.presets import get_preset
+    from polymodal.types import SignalGroup
+    from projectors import build_output_projector
+    from services.protocol import RenderRequest
+    from services.workers import BatchItem, DecoderWorker
+
+    from decoders import ImageDecoder
+
+    toy = args.cpu_smoke
+    device = "cpu" if toy else "cuda"
+    dtype = torch.float32 if toy else getattr(torch, args.dtype)
+    steps = 2 if toy else (4 if args.quick else args.steps)
+    size = 64 if toy else args.size_px
+    repeats = 1 if (toy or args.quick) else args.repeats
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    llm_tokens = 8 if toy else (16 if args.quick else args.llm_tokens)
+    text_tokens = 4 if toy else args.text_tokens
+    image = C.Modality.IMAGE
+
+    preset = get_preset("nextgpt-7b-random")
+    llm_cfg = preset.llm.model_copy(update={"dtype": "float32" if toy else args.dtype})
+    if toy:
+        llm_cfg = llm_cfg.model_copy(update={"tiny": llm_cfg.tiny.model_copy(update=TOY_LLM)})
+    q, d_cond = (TOY_TEXT if toy else SD15_TEXT)["max_position_embeddings"], (TOY_TEXT if toy else SD15_TEXT)["hidden_size"]
+    defaults = DecoderDefaults(num_inference_steps=steps, guidance_scale=args.guidance_scale, height_px=size,
+                               width_px=size)
+    dec_cfg = preset.decoders[image].model_copy(update={
+        "dtype": "float32" if toy else args.dtype, "cond_tokens": q, "cond_dim": d_cond, "defaults": defaults})
+    preset = preset.model_copy(update={"llm": llm_cfg, "decoders": {image: dec_cfg}})
+    results: dict = {"benchmark": "gpu", "device": torch.cuda.get_device_name(0) if not toy else "cpu (toy sizes)",
+                     "dtype": str(dtype).replace("torch.", ""), "steps": steps, "size_px": size,
+                     "guidance_scale": args.guidance_scale, "init_std": args.init_std}
+
+    print("building the SD v1.5-shaped pipeline ...", flush=True)
+    pipe = sd15_pipeline(device, dtype, toy=toy, init_std=args.init_std)
+    results["unet_params_m"] = sum(x.numel() for x in pipe.unet.parameters()) / 1e6
+    results["vae_params_m"] = sum(x.numel() for x in pipe.vae.parameters()) / 1e6
+    decoder = ImageDecoder(pipe, dec_cfg, init_state="random", device=device)
+
+    print("building the 7B-shaped LLM stage ...", flush=True)
+    t = time.perf_counter()
+    with torch.device(device):  # random init directly on the GPU (7B on the CPU takes minutes)
+        llm = build_llm_stage(preset, device=device)
+    results["llm_build_s"] = time.perf_counter() - t
+    engine = llm.engine
+    results["llm_params_b"] = sum(x.numel() for x in engine.model.parameters()) / 1e9
+    results["llm_shape"] = {k: getattr(engine.model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")}
+    d_llm = engine.d_llm
+    pcfg = preset.output_projectors[image].model_copy(update={"num_queries": q})
+    n_sig = preset.signals.spec().count(image)
+    proj = build_output_projector(pcfg, d_llm=d_llm, num_signal_tokens=n_sig, cond_shape=(q, d_cond), seed=0)
+    stage = DecoderStage(image, proj.to(device).eval(), decoder, "random")
+    worker = DecoderWorker(stage)
+
+    rng = np.random.default_rng(0)
+
+    def group(i: int) -> SignalGroup:
+        return SignalGroup(modality=image, index=0, text_offset=0,
+                           hidden_states=rng.standard_normal((n_sig, d_llm)).astype(np.float32),
+                           token_embeds=rng.standard_normal((n_sig, d_llm)).astype(np.float32))
+
+    def ours(b: int) -> int:
+        items = [BatchItem(RenderRequest(request_id=uuid.uuid4().hex, group=group(i), seed=i, options=defaults))
+                 for i in range(b)]
+        out = worker.run_batch(items)
+        _sync()
+        return sum(not isinstance(o, Exception) for o in out)
+
+    def plain(b: int) -> int:
+        with torch.no_grad():
+            embeds = stage.project([group(i) for i in range(b)]).to(device, dtype)
+        neg = decoder.negative_prompt_embeds.unsqueeze(0).expand_as(embeds).contiguous()
+        out = pipe(prompt_embeds=embeds, negative_prompt_embeds=neg, num_inference_steps=steps,
+                   guidance_scale=args.guidance_scale, height=size, width=size, output_type="np",
+                   generator=[torch.Generator("cpu").manual_seed(i) for i in range(b)])
+        _sync()
+        return int(np.isfinite(out.images).all(axis=(1, 2, 3)).sum())
+
+    print("decoder: warm-up ...", flush=True)
+    ours(1)
+    plain(1)
+    rows = []
+    for b in batch_sizes:
+        row: dict = {"batch_size": b}
+        for k in range(repeats):
+            for name, fn in ((("ours", ours), ("plain", plain)) if k % 2 == 0 else (("plain", plain), ("ours", ours))):
+                t = time.perf_counter()
+                ok = fn(b)
+                row.setdefault(name, {"wall_s": [], "ok_items": 0, "items": 0})
+                row[name]["wall_s"].append(time.perf_counter() - t)
+                row[name]["ok_items"] += ok
+                row[name]["items"] += b
+        for name in ("ours", "plain"):
+            row[name]["images_per_s"] = b * len(row[name]["wall_s"]) / sum(row[name]["wall_s"])
+        row["ratio_ours_over_plain"] = C.ratio(row["ours"]["images_per_s"], row["plain"]["images_per_s"])
+        print(f"  batch {b}: ours {row['ours']['images_per_s']:.3f} images/s, plain "
+              f"{row['plain']['images_per_s']:.3f} images/s", flush=True)
+        rows.append(row)
+    results["decoder"] = rows
+
+    eos = sorted(engine.eos_ids)
+    banned = torch.tensor(eos + [i for ids in engine.signal_ids.values() for i in ids], dtype=torch.long)
+
+    def text_choice(logits) -> int:
+        logits = logits.float().clone()
+        logits[banned.to(logits.device)] = -float("inf")
+        return int(torch.argmax(logits))
+
+    def forced(step: int, logits) -> int:
+        """Text, then the image's signal tokens, then EOS (a random LLM emits neither by itself)."""
+        if step < text_tokens:
+            return text_choice(logits)
+        k = step - text_tokens
+        ids = engine.signal_ids[image]
+        return ids[k] if k < len(ids) else eos[0]
+
+    print("LLM: tokens/s at batch 1 ...", flush=True)
+    turns = as_turns(C.BENCH_PROMPT)
+    llm.generate(turns, max_new_tokens=4, propose=lambda s, lg: text_choice(lg))  # warm-up
+    _sync()
+    t = time.perf_counter()
+    res = llm.generate(turns, max_new_tokens=llm_tokens, propose=lambda s, lg: text_choice(lg))
+    _sync()
+    wall = time.perf_counter() - t
+    results["llm"] = {"params_b": results["llm_params_b"], "prompt_tokens": res.prompt_tokens,
+                      "completion_tokens": res.completion_tokens, "wall_s": wall,
+                      "tokens_per_s": res.completion_tokens / wall}
+
+    print("end to end: one image request ...", flush=True)
+    any2any = AnyToAnyPipeline(preset, llm, {image: stage})
+    e2e = []
+    for k in range(repeats):
+        t = time.perf_counter()
+        answer = any2any.generate(C.BENCH_PROMPT, modalities=[image], seed=k,
+                                  max_new_tokens=text_tokens + n_sig + 2, propose=forced)
+        encoded = [m.encode() for m in answer.media if hasattr(m, "encode")]
+        _sync()
+        e2e.append({"wall_s": time.perf_counter() - t, "timings_s": answer.timings_s,
+                    "finish_reason": answer.llm.finish_reason, "images": len(encoded),
+                    "forced_group": [g.forced for g in answer.llm.groups],
+                    "hidden_states_finite": bool(all(np.isfinite(g.hidden_states).all() for g in answer.llm.groups))})
+    results["end_to_end"] = {"runs": e2e, "seconds_per_image": C.stats_s([r["wall_s"] for r in e2e])}
+
+    C.print_table(
+        f"Image decoder, SD v1.5 shape (random), {size}x{size}, {steps} steps, guidance {args.guidance_scale}, "
+        f"{results['dtype']}",
+        ["batch", "ours images/s", "plain diffusers images/s", "ratio ours/plain", "ok ours (not NaN/black)", "finite plain"],
+        [[r["batch_size"], r["ours"]["images_per_s"], r["plain"]["images_per_s"], r["ratio_ours_over_plain"],
+          f"{r['ours']['ok_items']}/{r['ours']['items']}", f"{r['plain']['ok_items']}/{r['plain']['items']}"]
+         for r in rows],
+    )
+    C.print_table(
+        "7B-shaped LLM and end to end",
+        ["measure", "value"],
+        [["LLM params (M)", 1000 * results["llm_params_b"]],
+         [f"LLM tokens/s, batch 1 ({res.completion_tokens} tokens)", results["llm"]["tokens_per_s"]],
+         [f"end to end s per {size}x{size} {steps}-step image (p50)",
+          results["end_to_end"]["seconds_per_image"]["p50_s"]],
+         ["end to end: images returned", f"{sum(r['images'] for r in e2e)}/{len(e2e)}"]],
+    )
+    C.finish(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Serving overhead: the same request in-process (``AnyToAnyPipeline``) and over HTTP into the Ray Serve graph.
+
+Run from the repository root::
+
+    .venv/bin/python bench/overhead.py [--quick] [--out overhead.json]
+
+Both sides use the ``bench`` preset (``tiny`` with 24 denoising steps, so one text+image request takes about
+0.5 s on one CPU thread), one torch thread, the same prompt, seed and ``max_tokens``; requests alternate
+between the two sides so load on a shared machine hits both alike. The HTTP side is the full graph of
+``services.app:app_builder`` (ingress -> LLM deployment -> image decoder deployment) on our own local Ray
+cluster; its time includes JSON, PNG encoding and base64, which the in-process side also does (it encodes
+the image to PNG) so that the difference is the serving graph itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=40, help="timed requests per side (--quick: 4)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed requests per side first (--quick: 1)")
+    p.add_argument("--steps", type=int, default=C.BENCH_STEPS, help="denoising steps of the bench preset")
+    p.add_argument("--size-px", type=int, default=32, help="image size of the bench preset")
+    p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of the request")
+    p.add_argument("--batch-wait-s", type=float, default=None,
+                   help="image decoder batch_wait_timeout_s (default: AppArgs' default; a lone request waits it)")
+    args = p.parse_args(argv)
+    n, warm = (4, 1) if args.quick else (args.requests, args.warmup)
+
+    import httpx
+    from ray import serve
+
+    from polymodal.pipeline import AnyToAnyPipeline
+    from services.app import AppArgs, DecoderDeploymentArgs, app_builder
+
+    C.one_thread()
+    preset = C.bench_preset(num_inference_steps=args.steps, size_px=args.size_px, max_new_tokens=args.max_tokens)
+    tmp = Path(tempfile.mkdtemp(prefix="pm-bench-overhead-"))
+    preset_path = C.write_preset(preset, tmp)
+    decoder = DecoderDeploymentArgs() if args.batch_wait_s is None else DecoderDeploymentArgs(
+        batch_wait_timeout_s=args.batch_wait_s)
+    app_args = AppArgs(preset=str(preset_path), modalities=[C.Modality.IMAGE], decoders={C.Modality.IMAGE: decoder})
+
+    print(f"in-process pipeline: building {preset.name!r} ...", flush=True)
+    pipe = AnyToAnyPipeline.from_preset(preset)
+
+    def in_process(seed: int) -> bytes:
+        answer = pipe.generate(C.BENCH_PROMPT, modalities=[C.Modality.IMAGE], seed=seed,
+                               max_new_tokens=args.max_tokens)
+        data, _, _ = answer.media[0].encode()
+        return data
+
+    with C.ray_cluster():
+        url = C.serve_http(C.free_port())
+        print("Ray Serve graph: deploying ...", flush=True)
+        serve.run(app_builder(app_args), name="polymodal", route_prefix="/", blocking=False)
+        C.wait_ready(url)
+        client = httpx.Client(timeout=600)
+
+        def over_http(seed: int) -> bytes:
+            r = client.post(url + "/v1/chat/completions",
+                            json=C.chat_body(preset.name, seed=seed, max_tokens=args.max_tokens))
+            r.raise_for_status()
+            part = next(x for x in r.json()["choices"][0]["message"]["content"] if x["type"] == "image_url")
+            return base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+
+        sides = {"in_process": in_process, "http_ray_serve": over_http}
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        same = 0
+        for i in range(warm + n):
+            order = list(sides) if i % 2 == 0 else list(sides)[::-1]
+            outs = {}
+            for k in order:
+                t = time.perf_counter()
+                outs[k] = sides[k](1000 + i)
+                if i >= warm:
+                    times[k].append(time.perf_counter() - t)
+            same += outs["in_process"] == outs["http_ray_serve"]
+            print(f"  request {i + 1}/{warm + n}", end="\r", flush=True)
+        client.close()
+
+    st = {k: C.stats_s(v) for k, v in times.items()}
+    a, b = st["in_process"], st["http_ray_serve"]
+    results = {
+        "benchmark": "overhead",
+        "preset": preset.model_dump(mode="json", include={"name", "description"}),
+        "request": C.chat_body(preset.name, seed=0, max_tokens=args.max_tokens),
+        "app_args": app_args.model_dump(mode="json", include={"llm", "decoders", "ingress"}),
+        "torch_threads_in_process": 1,
+        "latency": st,
+        "ratio_http_over_in_process": {"p50": C.ratio(b["p50_s"], a["p50_s"]), "p95": C.ratio(b["p95_s"], a["p95_s"])},
+        "overhead_ms": {"p50": 1000 * (b["p50_s"] - a["p50_s"]), "p95": 1000 * (b["p95_s"] - a["p95_s"])},
+        "identical_images": f"{same}/{warm + n}",
+    }
+    C.print_table(
+        f"Serving overhead: one text+image request, preset {preset.name!r} ({args.steps} steps, "
+        f"{args.size_px}px, max_tokens {args.max_tokens}), {n} requests per side",
+        ["path", "p50 s", "p95 s", "mean s"],
+        [["in-process AnyToAnyPipeline", a["p50_s"], a["p95_s"], a["mean_s"]],
+         ["HTTP -> Ray Serve graph", b["p50_s"], b["p95_s"], b["mean_s"]],
+         ["ratio HTTP / in-process", results["ratio_http_over_in_process"]["p50"],
+          results["ratio_http_over_in_process"]["p95"], C.ratio(b["mean_s"], a["mean_s"])],
+         ["overhead ms", results["overhead_ms"]["p50"], results["overhead_ms"]["p95"],
+          1000 * (b["mean_s"] - a["mean_s"])]],
+    )
+    print(f"identical images on both paths: {results['identical_images']}")
+    C.finish(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Smoke tests of ``bench/``: each script runs in its ``--quick`` mode, prints its table and writes its JSON.
+
+No timed assertions (figures on a shared machine are noise): the checks are that the runs complete and
+that what they report is consistent (both sides of a comparison produced the same images, batching on
+really formed batches and off did not, every mixed request succeeded). The scripts that start a Ray cluster
+or build the GPU script's models at toy size are ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import _common as C  # noqa: E402
+
+
+def _run(script: str, *args: str, tmp_path: Path, timeout: int = 900) -> tuple[str, dict]:
+    out = tmp_path / f"{Path(script).stem}.json"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args, "--out", str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout, json.loads(out.read_text())
+
+
+def _positive(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_stats_percentiles():
+    s = C.stats_s([float(x) for x in range(20, 0, -1)])
+    assert s["n"] == 20 and s["p50_s"] == 10.5 and s["p95_s"] == 19.0 and s["min_s"] == 1.0
+    assert C.stats_s([3.0])["p95_s"] == 3.0
+    with pytest.raises(ValueError):
+        C.stats_s([])
+
+
+def test_bench_preset_survives_yaml_round_trip():
+    """Serve replicas get the preset through YAML; every decoder stage must still build from it."""
+    from polymodal.config import PresetConfig
+    from polymodal.pipeline import build_decoder_stage
+
+    preset = C.bench_preset(num_inference_steps=5, size_px=32)
+    back = PresetConfig.from_yaml(preset.to_yaml())
+    assert back.name == "bench"
+    assert {m: d.defaults.num_inference_steps for m, d in back.decoders.items()} == {m: 5 for m in preset.decoders}
+    stage = build_decoder_stage(back, C.Modality.IMAGE)
+    assert stage.defaults.num_inference_steps == 5
+
+
+def test_table_prints_every_row(capsys):
+    C.print_table("T", ["a", "b"], [["x", 1.23456], ["y", float("nan")]])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == ["a", "b"] and out[3].split() == ["x", "1.235"] and out[4].split() == ["y", "nan"]
+
+
+def test_gpu_without_cuda_skips(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA exists here: the skip path is not taken")
+    stdout, data = _run("gpu.py", tmp_path=tmp_path, timeout=300)
+    assert "skipped: no CUDA" in stdout and data["skipped"] == "no CUDA"
+
+
+def test_reference_baseline_quick(tmp_path):
+    stdout, data = _run("reference_baseline.py", "--quick", "--steps", "2", "--concurrent", "4",
+                        tmp_path=tmp_path, timeout=600)
+    assert "NExT-GPT-style serving" in stdout and "ratio ours/reference throughput" in stdout
+    assert set(data["latency"]) == {"reference", "ours"}
+    assert all(_positive(v) for v in data["ratios"].values())
+    assert data["identical_images"] == "3/3"  # per-request rebuilt decoder == kept decoder, same seeds
+    assert sum(b["media"] for b in data["batched_rounds"]) == 4
+
+
+@pytest.mark.slow
+def test_gpu_script_at_toy_size_on_cpu(tmp_path):
+    stdout, data = _run("gpu.py", "--cpu-smoke", tmp_path=tmp_path, timeout=600)
+    assert "images/s" in stdout
+    assert [r["batch_size"] for r in data["decoder"]] == [1, 8]
+    assert all(_positive(r["ours"]["images_per_s"]) and _positive(r["plain"]["images_per_s"]) for r in data["decoder"])
+    run = data["end_to_end"]["runs"][0]
+    assert run["images"] == 1 and run["finish_reason"] == "stop" and run["hidden_states_finite"]
+    assert data["llm"]["completion_tokens"] == 8
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_overhead_quick(tmp_path):
+    stdout, data = _run("overhead.py", "--quick", "--steps", "2", tmp_path=tmp_path)
+    assert "HTTP -> Ray Serve graph" in stdout
+    assert data["latency"]["in_process"]["n"] == data["latency"]["http_ray_serve"]["n"] == 4
+    assert data["identical_images"] == "5/5"  # the same request gives the same image on both paths
+    assert _positive(data["ratio_http_over_in_process"]["p50"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_batching_quick(tmp_path):
+    stdout, data = _run("batching.py", "--quick", "--steps", "2", "--concurrency", "1,8", "--max-batch-size", "8",
+                        "--batch-wait-s", "0.2", "--llm-max-concurrency", "1", tmp_path=tmp_path)
+    assert "ratio on/off" in stdout and "tokens/s" in stdout
+    rows = {r["concurrency"]: r for r in data["decoder"]}
+    assert all(r["off"]["max_batch_size_seen"] == 1 for r in rows.values())
+    assert rows[8]["on"]["max_batch_size_seen"] > 1
+    llm = data["llm"]["rows"][0]
+    assert llm["max_concurrency"] == 1 and _positive(llm["c1"]["tokens_per_s"]) and llm["c4"]["tokens"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_memory_quick(tmp_path):
+    stdout, data = _run("memory.py", "--quick", "--settle-s", "0.5", tmp_path=tmp_path)
+    assert "USS" in stdout and "PSS" in stdout
+    assert data["status_codes"] == {"200": 50}
+    roles = {p["role"] for p in data["processes"]}
+    assert {"ray::ServeReplica:polymodal:llm", "ray::ServeReplica:polymodal:decoder-image"} <= roles, roles
+    assert data["totals"]["service_workers"]["uss"]["before_mib"] > 0
