@@ -60,7 +60,8 @@ def train(
     prompt_template: Annotated[str, typer.Option(help="decode: user message made from {caption}")] = "{caption}",
     instruction: Annotated[str, typer.Option(help="encode: the request after the {modality}")] = (
         "Describe this {modality} briefly."),
-    max_tokens: Annotated[int, typer.Option(min=8)] = 512,
+    max_tokens: Annotated[int, typer.Option(min=8, help="longest training sequence (longer ones are skipped)")] = 512,
+    max_examples: Annotated[Optional[int], typer.Option(min=1, help="use the first N records of each data file")] = None,
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 100,
     stop_after: Annotated[Optional[int], typer.Option(min=1, help="stop (with a checkpoint) after this step")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in OUT from its checkpoint")] = False,
@@ -105,6 +106,7 @@ def train(
             lora_alpha=lora_alpha, lora_dropout=lora_dropout,
             lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
             prompt_template=prompt_template, instruction=instruction, max_tokens=max_tokens,
+            max_examples=max_examples,
             checkpoint_every=checkpoint_every, stop_after=stop_after, resume=resume, log_every=log_every,
             progress=progress, tensorboard=tensorboard, device=device, ray=ray, num_workers=num_workers,
             ray_address=ray_address,

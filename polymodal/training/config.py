@@ -80,7 +80,8 @@ class TrainConfig(BaseModel):
 
     prompt_template: str = Field("{caption}", description="decode: the user message made from a caption")
     instruction: str = Field("Describe this {modality} briefly.", description="encode: the user's request")
-    max_tokens: int = Field(512, ge=8, description="longest training sequence (longer ones are cut)")
+    max_tokens: int = Field(512, ge=8, description="longest training sequence (longer ones are skipped)")
+    max_examples: int | None = Field(None, ge=1, description="use the first N usable records of each data file")
 
     checkpoint_every: int = Field(100, ge=1)
     stop_after: int | None = Field(None, ge=1, description="stop (with a checkpoint) after this step")

@@ -96,6 +96,28 @@ class TokenRows(nn.Module):
         return base.index_copy(-1, self.ids, new)
 
     @torch.no_grad()
+    def frozen_logit_stats(self, h: torch.Tensor, labels: torch.Tensor):
+        """For states ``h`` (n, D_llm) predicting ``labels`` (n,): the log-sum-exp over the frozen columns
+        (n,), the label's frozen logit (n,; 0 for a held label) and the label's held-row index (n,; -1)."""
+        head = self._frozen["head"] or self._frozen["emb"]
+        base = F.linear(h, head.weight, getattr(head, "bias", None)).float()
+        base[:, self.ids] = -float("inf")
+        row = self.lookup[labels]
+        label_frozen = torch.where(row < 0, base.gather(1, labels[:, None])[:, 0], torch.zeros_like(row, dtype=base.dtype))
+        return torch.logsumexp(base, dim=-1), label_frozen, row
+
+    def cached_ce(self, h: torch.Tensor, lse_frozen: torch.Tensor, label_frozen: torch.Tensor,
+                  label_row: torch.Tensor) -> torch.Tensor:
+        """Mean CE from :meth:`frozen_logit_stats` and the held LM-head rows (equal to the full-vocabulary CE)."""
+        head = self._frozen["head"] or self._frozen["emb"]
+        new = F.linear(h.float(), self.head_rows.float())
+        if getattr(head, "bias", None) is not None:
+            new = new + head.bias[self.ids].float()
+        lse = torch.logaddexp(lse_frozen, torch.logsumexp(new, dim=-1))
+        label = torch.where(label_row >= 0, new.gather(1, label_row.clamp(min=0)[:, None])[:, 0], label_frozen)
+        return (lse - label).mean()
+
+    @torch.no_grad()
     def write_back(self) -> None:
         """Copy the rows into the engine's embedding matrix and LM head (inference sees them)."""
         emb = self._frozen["emb"].weight
@@ -226,8 +248,14 @@ class Losses:
 
 @dataclass
 class _Cached:
+    """One example's frozen quantities. The CE needs only the held LM-head rows each step:
+    ``CE = logaddexp(lse_frozen, logsumexp(h @ rows^T)) - label logit``, exact."""
+
     h_ce: torch.Tensor  # (n, D_llm) states predicting labelled tokens
     labels: torch.Tensor  # (n,)
+    lse_frozen: torch.Tensor  # (n,) log-sum-exp of the logits over the frozen vocabulary columns
+    label_frozen: torch.Tensor  # (n,) the label's logit when the label is a frozen token (else 0)
+    label_row: torch.Tensor  # (n,) the label's index among the held rows, or -1
     groups: list[tuple[Modality, torch.Tensor, int]]  # (modality, (N, D_llm) states, example-group index)
 
 
@@ -324,7 +352,8 @@ class AlignmentModel(nn.Module):
             h = self._hidden(self._inputs_embeds([ex], ids), mask)[0].float()
             sel = labels[0, 1:] != IGNORE
             groups = [(s.modality, h[list(s.positions)].clone(), k) for k, s in enumerate(ex.outputs)]
-            out.append(_Cached(h[:-1][sel].clone(), labels[0, 1:][sel].clone(), groups))
+            h_ce, lab = h[:-1][sel].clone(), labels[0, 1:][sel].clone()
+            out.append(_Cached(h_ce, lab, *self.rows.frozen_logit_stats(h_ce, lab), groups))
         return out
 
     # ----------------------------------------------------------------------------------------------
@@ -332,12 +361,20 @@ class AlignmentModel(nn.Module):
         """Losses of the examples ``indices`` (see the class docstring)."""
         parts: dict[str, torch.Tensor] = {}
         group_states: list[tuple[int, int, Modality, torch.Tensor]] = []  # (example, slot, modality, (N, D))
+        total = torch.zeros((), device=self.device)
         if self.cached:
             cache = [self._cache[i] for i in indices]
             h_ce = torch.cat([c.h_ce for c in cache])
             labels = torch.cat([c.labels for c in cache])
             for i, c in zip(indices, cache):
                 group_states.extend((i, k, m, h) for m, h, k in c.groups)
+            if labels.numel():
+                ce = self.rows.cached_ce(h_ce, torch.cat([c.lse_frozen for c in cache]),
+                                         torch.cat([c.label_frozen for c in cache]),
+                                         torch.cat([c.label_row for c in cache]))
+                parts["ce"] = ce
+                if ce.requires_grad:
+                    total = total + self.weights.get("ce", 1.0) * ce
         else:
             batch = [self.examples[i] for i in indices]
             ids, labels_full, mask = self._batch_tensors(batch)
@@ -348,11 +385,10 @@ class AlignmentModel(nn.Module):
             for b, (i, ex) in enumerate(zip(indices, batch)):
                 for k, s in enumerate(ex.outputs):
                     group_states.append((i, k, s.modality, h[b, list(s.positions)]))
-        total = torch.zeros((), device=self.device)
-        if labels.numel():
-            ce = F.cross_entropy(self.rows.logits(h_ce), labels)
-            parts["ce"] = ce
-            total = total + self.weights.get("ce", 1.0) * ce
+            if labels.numel():
+                ce = F.cross_entropy(self.rows.logits(h_ce), labels)
+                parts["ce"] = ce
+                total = total + self.weights.get("ce", 1.0) * ce
         if group_states:
             dist_sum = torch.zeros((), device=self.device)
             noise_sum = torch.zeros((), device=self.device)

@@ -31,7 +31,7 @@ from polymodal.config import PresetConfig
 from polymodal.modality import Modality
 from polymodal.presets import get_preset
 from polymodal.training.config import TrainConfig
-from polymodal.training.data import DataFormatError, DataSpec, Dialogue, MediaRef, check_media, read_all
+from polymodal.training.data import DataFormatError, DataSpec, MediaRef, check_media, read_records
 from polymodal.training.model import AlignmentModel, EncodedExample, SequenceBuilder, SequenceTooLong, TokenRows
 from polymodal.training.stages import StageSpec, stage_spec
 
@@ -270,8 +270,12 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
         TrainError: nothing to train on, or an incompatible starting point.
     """
     spec = stage_spec(config.stage)
-    records = read_all(DataSpec(d.path, d.format, d.modality, d.media_root) for d in config.data)
-    dialogues: list[Dialogue] = [d for d in (spec.to_dialogue(r, config) for r in records) if d is not None]
+    records, dialogues = [], []
+    for src in config.data:
+        recs = read_records(DataSpec(src.path, src.format, src.modality, src.media_root))
+        usable = [d for d in (spec.to_dialogue(r, config) for r in recs) if d is not None]
+        records.extend(recs)
+        dialogues.extend(usable[:config.max_examples] if config.max_examples else usable)
     if not dialogues:
         raise TrainError(f"none of the {len(records)} records read is usable by the {config.stage} stage "
                          f"(encode: media with captions; decode: captions or dialogues with output media; "
