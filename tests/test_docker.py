@@ -5,7 +5,8 @@ Needs a Docker engine (skipped with the reason otherwise; ``.ci/run`` starts one
 ``docker build --network host`` from the repository (torch from ``wheels/``, filled here from pip's find-links
 when empty) and run with the default preset (``smol``), ``--shm-size=2g`` and a named cache volume
 (``polymodal-test-cache``, kept between runs so later starts skip the GGUF dequantisation). Layers are cached by
-the engine: a rebuild after a source change takes well under a minute.
+the engine: a rebuild after a source change takes well under a minute (the legacy builder keeps the builder
+stage's cache as untagged images: ``docker image prune`` drops it and the next build takes minutes again).
 """
 
 from __future__ import annotations

@@ -356,3 +356,15 @@ def test_healthcheck_probe_exit_codes(tmp_path):
     finally:
         server.shutdown()
     assert subprocess.run(probe, env=env, capture_output=True, timeout=30).returncode == 1  # nothing listens
+
+
+def test_image_check_refuses_a_cpu_torch_in_a_cuda_build():
+    """docker/verify_image.py, run here (a CPU torch and no nvidia-* wheels): cpu passes, cuda is refused."""
+    torch = pytest.importorskip("torch")
+    if torch.version.cuda is not None:
+        pytest.skip("this environment has a CUDA torch")
+    script = str(DOCKER / "verify_image.py")
+    cpu = subprocess.run([sys.executable, script, "cpu"], capture_output=True, text=True, timeout=120)
+    cuda = subprocess.run([sys.executable, script, "cuda"], capture_output=True, text=True, timeout=120)
+    assert cuda.returncode == 1 and "CPU build" in cuda.stderr
+    assert "TORCH_VARIANT=cpu" not in cpu.stderr  # (pip check of this dev venv may report other things)
