@@ -253,6 +253,7 @@ _SUBAPPS = (
     ("mosit", "mosit.cli", "Build MosIT-style multimodal instruction data."),
     ("train", "polymodal.training.cli", "Alignment training: encode | decode | instruct stages."),
     ("convert", "polymodal.convert.cli", "Convert released checkpoints (NExT-GPT) into polymodal exports."),
+    ("toyworld", "polymodal.toyworld.cli", "Toy world: procedural data, toy decoders, checkers."),
 )
 
 
