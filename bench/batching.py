@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def generate(handle):
             async def call(i: int):
-                req = LLMRequest(request_id=uuid.uuid4().hex, turns=(Turn("user", (TextPart(f"{C.BENCH_PROMPT} {i}"),)),),
+                turn = Turn("user", (TextPart(f"{C.BENCH_PROMPT} {i}"),))
+                req = LLMRequest(request_id=uuid.uuid4().hex, turns=(turn,),
                                  max_new_tokens=args.llm_max_new_tokens, seed=i)
                 last = None
                 async for item in handle.options(stream=True).generate.remote(req):

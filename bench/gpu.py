@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     llm_cfg = preset.llm.model_copy(update={"dtype": "float32" if toy else args.dtype})
     if toy:
         llm_cfg = llm_cfg.model_copy(update={"tiny": llm_cfg.tiny.model_copy(update=TOY_LLM)})
-    q, d_cond = (TOY_TEXT if toy else SD15_TEXT)["max_position_embeddings"], (TOY_TEXT if toy else SD15_TEXT)["hidden_size"]
+    text_cfg = TOY_TEXT if toy else SD15_TEXT
+    q, d_cond = text_cfg["max_position_embeddings"], text_cfg["hidden_size"]
     defaults = DecoderDefaults(num_inference_steps=steps, guidance_scale=args.guidance_scale, height_px=size,
                                width_px=size)
     dec_cfg = preset.decoders[image].model_copy(update={
@@ -178,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     results["llm_build_s"] = time.perf_counter() - t
     engine = llm.engine
     results["llm_params_b"] = sum(x.numel() for x in engine.model.parameters()) / 1e9
-    results["llm_shape"] = {k: getattr(engine.model.config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")}
+    results["llm_shape"] = {k: getattr(engine.model.config, k) for k in (
+        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")}
     d_llm = engine.d_llm
     pcfg = preset.output_projectors[image].model_copy(update={"num_queries": q})
     n_sig = preset.signals.spec().count(image)
@@ -278,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     C.print_table(
         f"Image decoder, SD v1.5 shape (random), {size}x{size}, {steps} steps, guidance {args.guidance_scale}, "
         f"{results['dtype']}",
-        ["batch", "ours images/s", "plain diffusers images/s", "ratio ours/plain", "ok ours (not NaN/black)", "finite plain"],
+        ["batch", "ours images/s", "plain diffusers images/s", "ratio ours/plain", "ok ours (not NaN/black)",
+         "finite plain"],
         [[r["batch_size"], r["ours"]["images_per_s"], r["plain"]["images_per_s"], r["ratio_ours_over_plain"],
           f"{r['ours']['ok_items']}/{r['ours']['items']}", f"{r['plain']['ok_items']}/{r['plain']['items']}"]
          for r in rows],

@@ -7,9 +7,11 @@ Run from the repository root::
 Starts the whole graph of ``services.app:app_builder`` (ingress, LLM, image and audio decoders, stats) on our
 own local Ray cluster, sends a warm-up round of every request kind, measures, sends ``--requests`` (500;
 ``--quick``: 50) mixed requests from a few concurrent clients over HTTP, and measures again. The processes
-are this script's descendants (Ray's GCS and raylet, and the raylet's workers: Serve controller, HTTP proxy,
-one process per replica), read with psutil ``memory_full_info()``: USS (memory only that process holds)
-and PSS (shared pages split among their sharers). Growth in percent per process and in total.
+are this script's descendants (Ray's GCS, raylet and agents, and the raylet's workers: Serve controller,
+HTTP proxy, one process per replica), read with psutil ``memory_full_info()``: USS (memory only that process holds)
+and PSS (shared pages split among their sharers); the totals are also taken half-way, so that growth in
+the second half tells a plateau from a leak. Growth in percent per process and in total (replicas;
+Serve's processes = replicas + controller + proxy; all processes).
 
 Mixed requests: text chat, image out, audio out, image + audio out, image in, audio in, SSE streaming with
 audio, and ``/v1/images/generations`` with two images.
@@ -81,8 +83,8 @@ def service_processes() -> list:
 
 def _role(proc) -> str:
     cmd = proc.cmdline()
-    if cmd and cmd[0].startswith("ray::"):
-        return cmd[0].split()[0]
+    if cmd and cmd[0].startswith("ray::"):  # the process title; a running task adds ".method"
+        return cmd[0].split()[0].split(".")[0]
     name = proc.name()
     if name.startswith("python") and any("log_monitor" in c for c in cmd):
         return "log_monitor"
@@ -159,8 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         before = snapshot()
         print(f"warm-up done ({time.perf_counter() - t:.1f} s); sending {total} mixed requests ...", flush=True)
         t = time.perf_counter()
-        codes = asyncio.run(_drive(url, kinds, total, args.concurrency, start=1000))
-        elapsed = time.perf_counter() - t
+        half = total // 2
+        codes = asyncio.run(_drive(url, kinds, half, args.concurrency, start=1000))
+        paused = time.perf_counter()
+        time.sleep(args.settle_s)
+        middle = snapshot()  # growth in the second half tells a plateau from a leak
+        resumed = time.perf_counter()
+        for k, v in asyncio.run(_drive(url, kinds, total - half, args.concurrency, start=1000 + half)).items():
+            codes[k] = codes.get(k, 0) + v
+        elapsed = (paused - t) + (time.perf_counter() - resumed)
         time.sleep(args.settle_s)
         after = snapshot()
 
@@ -179,18 +188,24 @@ def main(argv: list[str] | None = None) -> int:
                      b["pss"] / MIB if b else "", a["pss"] / MIB if a else "", entry.get("pss_growth_pct", ""),
                      entry["note"]])
 
-    def total_of(snap: dict, key: str, workers_only: bool) -> int:
-        return sum(v[key] for v in snap.values() if not workers_only or v["role"].startswith("ray::"))
+    groups = {"replicas": ("ray::ServeReplica",),
+              "serve_processes": ("ray::ServeReplica", "ray::ServeController", "ray::ProxyActor"),
+              "all_processes": ("",)}
+
+    def total_of(snap: dict, key: str, prefixes: tuple[str, ...]) -> int:
+        return sum(v[key] for v in snap.values() if v["role"].startswith(prefixes))
 
     totals = {}
-    for label, workers in (("service_workers", True), ("all_processes", False)):
-        t_ = {k: {"before_mib": total_of(before, k, workers) / MIB, "after_mib": total_of(after, k, workers) / MIB}
-              for k in ("uss", "pss")}
+    for label, prefixes in groups.items():
+        t_ = {k: {"before_mib": total_of(before, k, prefixes) / MIB, "middle_mib": total_of(middle, k, prefixes) / MIB,
+                  "after_mib": total_of(after, k, prefixes) / MIB} for k in ("uss", "pss")}
         for v in t_.values():
             v["growth_pct"] = 100 * (v["after_mib"] - v["before_mib"]) / max(v["before_mib"], 1e-9)
+            v["second_half_growth_pct"] = 100 * (v["after_mib"] - v["middle_mib"]) / max(v["middle_mib"], 1e-9)
         totals[label] = t_
         rows.append([f"TOTAL {label}", "", t_["uss"]["before_mib"], t_["uss"]["after_mib"], t_["uss"]["growth_pct"],
-                     t_["pss"]["before_mib"], t_["pss"]["after_mib"], t_["pss"]["growth_pct"], ""])
+                     t_["pss"]["before_mib"], t_["pss"]["after_mib"], t_["pss"]["growth_pct"],
+                     f"2nd half: USS {t_['uss']['second_half_growth_pct']:+.2f}%"])
 
     results = {"benchmark": "memory", "preset": model, "requests": total, "concurrency": args.concurrency,
                "elapsed_s": elapsed, "requests_per_s": total / elapsed, "status_codes": codes,

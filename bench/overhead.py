@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=C.BENCH_STEPS, help="denoising steps of the bench preset")
     p.add_argument("--size-px", type=int, default=32, help="image size of the bench preset")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of the request")
+    p.add_argument("--text-only", action="store_true",
+                   help="a text-only request instead (the LLM path alone: no decoder, no PNG)")
     p.add_argument("--batch-wait-s", type=float, default=None,
                    help="image decoder batch_wait_timeout_s (default: AppArgs' default; a lone request waits it)")
     args = p.parse_args(argv)
@@ -54,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"in-process pipeline: building {preset.name!r} ...", flush=True)
     pipe = AnyToAnyPipeline.from_preset(preset)
 
+    out_modalities = [] if args.text_only else [C.Modality.IMAGE]
+
     def in_process(seed: int) -> bytes:
-        answer = pipe.generate(C.BENCH_PROMPT, modalities=[C.Modality.IMAGE], seed=seed,
-                               max_new_tokens=args.max_tokens)
+        answer = pipe.generate(C.BENCH_PROMPT, modalities=out_modalities, seed=seed, max_new_tokens=args.max_tokens)
+        if args.text_only:
+            return answer.text.strip().encode()
         data, _, _ = answer.media[0].encode()
         return data
 
@@ -68,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
         client = httpx.Client(timeout=600)
 
         def over_http(seed: int) -> bytes:
-            r = client.post(url + "/v1/chat/completions",
-                            json=C.chat_body(preset.name, seed=seed, max_tokens=args.max_tokens))
+            r = client.post(url + "/v1/chat/completions", json=C.chat_body(
+                preset.name, seed=seed, max_tokens=args.max_tokens, modalities=[m.value for m in out_modalities]))
             r.raise_for_status()
+            content = r.json()["choices"][0]["message"]["content"]
+            if args.text_only:
+                return content.strip().encode()
             part = next(x for x in r.json()["choices"][0]["message"]["content"] if x["type"] == "image_url")
             return base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
 
@@ -94,17 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     results = {
         "benchmark": "overhead",
         "preset": preset.model_dump(mode="json", include={"name", "description"}),
-        "request": C.chat_body(preset.name, seed=0, max_tokens=args.max_tokens),
+        "request": C.chat_body(preset.name, seed=0, max_tokens=args.max_tokens,
+                               modalities=[m.value for m in out_modalities]),
         "app_args": app_args.model_dump(mode="json", include={"llm", "decoders", "ingress"}),
         "torch_threads_in_process": 1,
         "latency": st,
-        "ratio_http_over_in_process": {"p50": C.ratio(b["p50_s"], a["p50_s"]), "p95": C.ratio(b["p95_s"], a["p95_s"])},
+        "ratio_http_over_in_process": {"p50": C.ratio(b["p50_s"], a["p50_s"]),
+                                       "p95": C.ratio(b["p95_s"], a["p95_s"])},
         "overhead_ms": {"p50": 1000 * (b["p50_s"] - a["p50_s"]), "p95": 1000 * (b["p95_s"] - a["p95_s"])},
-        "identical_images": f"{same}/{warm + n}",
+        "identical_outputs": f"{same}/{warm + n}",
     }
     C.print_table(
-        f"Serving overhead: one text+image request, preset {preset.name!r} ({args.steps} steps, "
-        f"{args.size_px}px, max_tokens {args.max_tokens}), {n} requests per side",
+        f"Serving overhead: one {'text-only' if args.text_only else 'text+image'} request, preset {preset.name!r} "
+        f"({args.steps} steps, {args.size_px}px, max_tokens {args.max_tokens}), {n} requests per side",
         ["path", "p50 s", "p95 s", "mean s"],
         [["in-process AnyToAnyPipeline", a["p50_s"], a["p95_s"], a["mean_s"]],
          ["HTTP -> Ray Serve graph", b["p50_s"], b["p95_s"], b["mean_s"]],
@@ -113,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
          ["overhead ms", results["overhead_ms"]["p50"], results["overhead_ms"]["p95"],
           1000 * (b["mean_s"] - a["mean_s"])]],
     )
-    print(f"identical images on both paths: {results['identical_images']}")
+    print(f"identical {'texts' if args.text_only else 'images'} on both paths: {results['identical_outputs']}")
     C.finish(results, args.out)
     return 0
 
