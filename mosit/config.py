@@ -30,7 +30,7 @@ class _Model(BaseModel):
 
 LLM_KINDS = ("preset", "openai", "scripted", "factory")
 CAPTION_ENCODER_KINDS = ("preset", "none", "factory")
-GENERATOR_KINDS = ("none", "preset", "factory")
+GENERATOR_KINDS = ("none", "preset", "http", "factory")
 
 
 def _check_kind(value: str, choices: tuple[str, ...], what: str) -> str:
@@ -78,7 +78,8 @@ class LLMBackendConfig(_Model):
                                 "whole: the LLM writes the whole dialogue from the demonstrations (large models)")
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
-    max_new_tokens: int = Field(40, ge=4, le=4096, description="per call (per_turn) or per dialogue (whole)")
+    max_new_tokens: int = Field(40, ge=4, le=4096, description="per reply (per_turn) or per dialogue (whole)")
+    short_max_new_tokens: int = Field(24, ge=4, le=1024, description="per question or caption (per_turn)")
     max_concurrency: int = Field(1, ge=1, le=512, description="dialogues written at once in a shard")
     max_retries: int = Field(5, ge=0, le=30)
     backoff_s: float = Field(0.5, gt=0.0, le=60.0, description="first retry delay; doubles each retry")
@@ -129,17 +130,35 @@ class CaptionEncoderConfig(_Model):
 
     _kind = field_validator("kind")(lambda cls, v: _check_kind(v, CAPTION_ENCODER_KINDS, "caption encoder"))
 
+    @model_validator(mode="after")
+    def _needs(self) -> "CaptionEncoderConfig":
+        if self.kind == "factory" and not self.factory:
+            raise ValueError("caption_encoder kind 'factory' needs factory: 'module:callable'")
+        return self
+
 
 class GeneratorConfig(_Model):
-    """Fallback media generation when no catalog item is close enough. polymodal decoders only, and only
-    when their weights are pretrained (a random decoder is refused and the dialogue rejected)."""
+    """Fallback media generation when no catalog item is close enough: polymodal decoders in-process
+    (``preset``) or a running polymodal server (``http``: ``base_url`` like ``http://host:8000/v1``), and
+    only when their weights are pretrained (a random decoder is refused and the dialogue rejected)."""
 
     kind: str = "none"
     preset: str = "smol"
+    base_url: str | None = None
+    api_key_env: str | None = None
+    timeout_s: float = Field(600.0, gt=0.0, description="http: per medium (video jobs are polled)")
     factory: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
 
     _kind = field_validator("kind")(lambda cls, v: _check_kind(v, GENERATOR_KINDS, "generator"))
+
+    @model_validator(mode="after")
+    def _needs(self) -> "GeneratorConfig":
+        if self.kind == "http" and not self.base_url:
+            raise ValueError("generator kind 'http' needs base_url")
+        if self.kind == "factory" and not self.factory:
+            raise ValueError("generator kind 'factory' needs factory: 'module:callable'")
+        return self
 
 
 class RayConfig(_Model):

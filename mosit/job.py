@@ -211,7 +211,7 @@ def _fill(ctx: ShardContext, d: Dialogue, index: int) -> tuple[list[dict], list[
         gen_path = ctx.out_dir / WORK / "generated" / f"{d.id}-m{mi}-{k}.{ext}"
         atomic_write_bytes(gen_path, data)
         media.append({**entry, "source": "generated", "catalog_id": None, "path": str(gen_path),
-                      "caption": p.caption, "data_source": f"generated:{cfg.generator.preset}"})
+                      "caption": p.caption, "data_source": f"generated:{getattr(ctx.generator, 'name', 'generator')}"})
     return media, reasons, scores
 
 
@@ -222,7 +222,8 @@ def process_dialogue(ctx: ShardContext, index: int) -> dict:
         plan = plan_dialogue(index, seed=cfg.seed, modes=ctx.modes,
                              weights={n: mc.weight for n, mc in cfg.modes.items()}, topics=cfg.topics,
                              min_turns=cfg.min_turns, max_turns=cfg.max_turns)
-        settings = WriterSettings(cfg.llm.max_new_tokens, cfg.llm.temperature, cfg.llm.top_p, cfg.seed)
+        settings = WriterSettings(cfg.llm.max_new_tokens, cfg.llm.temperature, cfg.llm.top_p, cfg.seed,
+                                  cfg.llm.short_max_new_tokens)
         if cfg.llm.strategy == "whole":
             d = write_whole(plan, ctx.llm, settings, cfg.modes[plan.mode.name].demonstrations)
         else:
@@ -378,7 +379,7 @@ def _record(o: dict, names: dict[str, str]) -> tuple[dict, list[tuple[dict, str,
 
 
 def finalize(cfg: MositConfig, out_dir: Path, ctx_total: int, num_shards: int, *, catalog_items: list[CatalogItem],
-             catalog_rejects: list[CatalogReject], embed, caption_encoder, progress: bool = True) -> dict:
+             catalog_rejects: list[CatalogReject], embed, caption_encoder) -> dict:
     """Read every shard, drop near-duplicates, copy media, write embeddings, records, rejects, summary and
     the review export. Returns the summary."""
     outcomes: list[dict] = []
@@ -513,19 +514,22 @@ def _summary(cfg, outcomes, records, catalog_items, catalog_rejects, emb_info) -
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def _check_out_dir(cfg: MositConfig, out_dir: Path, catalog_sha: str, resume: bool) -> None:
-    state_path = out_dir / WORK / STATE_FILE
-    fp = {"config": cfg.fingerprint(), "catalog_sha256": catalog_sha}
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
+def _precheck_out_dir(out_dir: Path, resume: bool) -> None:
+    """Refuse, before writing anything, a folder holding another build (without --resume) or other files."""
+    if (out_dir / WORK / STATE_FILE).is_file():
         if not resume:
             raise BuildError(f"{out_dir} already holds a MosIT build; pass --resume to continue it or choose "
                              "another --out")
-        if state.get("fingerprint") != fp:
-            raise BuildError(f"cannot resume {out_dir}: the config or catalog changed since that build started "
-                             "(use a new --out)")
     elif out_dir.exists() and any(p.name != WORK for p in out_dir.iterdir()):
         raise BuildError(f"{out_dir} is not empty and holds no MosIT build; choose an empty or new --out")
+
+
+def _check_state(cfg: MositConfig, out_dir: Path, catalog_sha: str) -> None:
+    state_path = out_dir / WORK / STATE_FILE
+    fp = {"config": cfg.fingerprint(), "catalog_sha256": catalog_sha}
+    if state_path.is_file() and json.loads(state_path.read_text()).get("fingerprint") != fp:
+        raise BuildError(f"cannot resume {out_dir}: the config or catalog changed since that build started "
+                         "(use a new --out)")
     atomic_write_json(state_path, {"fingerprint": fp})
 
 
@@ -541,11 +545,11 @@ def build(cfg: MositConfig, out_dir: str | Path, *, use_ray: bool = False, resum
         mosit.llm.LLMRequestError: the dialogue endpoint failed for good (the build resumes later).
     """
     out_dir = Path(out_dir).resolve()
+    _precheck_out_dir(out_dir, resume)
     (out_dir / WORK).mkdir(parents=True, exist_ok=True)
-    catalog_path = materialise_catalog(cfg, out_dir)
-    catalog_sha = _sha256_file(catalog_path)
-    _check_out_dir(cfg, out_dir, catalog_sha, resume)
     remove_stale_tmp(out_dir)
+    catalog_path = materialise_catalog(cfg, out_dir)
+    _check_state(cfg, out_dir, _sha256_file(catalog_path))
     items, rejects = load_catalog(catalog_path)
     for r in rejects:
         log.warning("catalog %s line %d rejected: %s", r.id or "?", r.line, r.reason)
@@ -579,4 +583,4 @@ def build(cfg: MositConfig, out_dir: str | Path, *, use_ray: bool = False, resum
 
         caption_encoder = build_caption_encoder(cfg.caption_encoder)
     return finalize(cfg, out_dir, total, num_shards, catalog_items=items, catalog_rejects=rejects, embed=embed,
-                    caption_encoder=caption_encoder, progress=progress)
+                    caption_encoder=caption_encoder)

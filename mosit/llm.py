@@ -146,15 +146,22 @@ class OpenAIChatLLM:
 
 
 _QUOTED = re.compile(r'"([^"]{3,})"')
+_ABOUT = re.compile(r"\babout (.+?)\.? Write only", re.IGNORECASE)
 _OPENERS = ("", "I think ", "Maybe ", "Well, ", "Honestly, ")
+_QUESTIONS = ("What can you tell me about {}?", "I keep wondering about {}. Any thoughts?", "Tell me about {}.",
+              "Do you know anything about {}?", "How would you explain {}?", "Why do people care about {}?")
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 class ScriptedLLM:
     """No model: an offline, deterministic writer for dry runs and tests.
 
-    It answers with the last double-quoted phrase of the last user message (the per-turn prompts quote
-    their subject) or the message's last words, inside a template chosen by ``hash(messages, seed)``.
-    ``delay_s`` simulates latency per call.
+    It echoes the subject of the last user message (what a question prompt asks ``about``, else the last
+    double-quoted phrase - the per-turn prompts quote their topic or caption - else the last words) inside
+    a template chosen by ``hash(messages, seed)``. ``delay_s`` simulates latency per call.
     """
 
     def __init__(self, delay_s: float = 0.0, max_concurrency: int = 1):
@@ -165,16 +172,18 @@ class ScriptedLLM:
         if self.delay_s:
             time.sleep(self.delay_s)
         last = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
-        quoted = _QUOTED.findall(last)
-        subject = quoted[-1] if quoted else " ".join(last.split()[-8:])
+        about, quoted = _ABOUT.search(last), _QUOTED.findall(last)
         key = repr((messages, seed)).encode()
         rng = random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "big"))
         low = last.lower()
-        if "question" in low:
-            return f"{rng.choice(_OPENERS)}what is special about {subject.rstrip('.?!')}?".strip().capitalize()
-        if "describe" in low:
-            return subject.rstrip(".") + "."
-        return f"{rng.choice(_OPENERS)}{subject.rstrip('.?!')} is a lovely thing to talk about.".strip().capitalize()
+        if "question" in low and about:
+            return _cap(rng.choice(_QUESTIONS).format(about.group(1).replace('"', "")))
+        subject = quoted[-1] if quoted else " ".join(last.split()[-8:])
+        if "caption" in low or "describe" in low:
+            return _cap(subject.rstrip(".") + ".")
+        m = re.search(r"about (.+?)[?.!]", last)
+        subject = m.group(1) if m else subject.rstrip(".?!")
+        return _cap(f"{rng.choice(_OPENERS)}{subject} is a lovely thing to talk about. Ask me more.")
 
 
 def build_chat_llm(cfg: LLMBackendConfig) -> ChatLLM:

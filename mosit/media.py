@@ -33,7 +33,12 @@ class MediaGenerator(Protocol):
 
 
 class GenerationError(RuntimeError):
-    """The decoder returned no usable medium (NaN, all black, silent, ...)."""
+    """The decoder returned no usable medium (NaN, all black, silent, a failed job): the dialogue is
+    rejected with this reason."""
+
+
+class GeneratorUnavailable(RuntimeError):
+    """The generation server cannot be reached: the build stops (and resumes later) rather than rejecting."""
 
 
 class _Stages:
@@ -104,6 +109,7 @@ class DecoderMediaGenerator:
 
     def __init__(self, preset: str = "smol"):
         self.stages = _Stages.of(preset)
+        self.name = f"polymodal:{preset}"
 
     def refusal(self, modality: Modality) -> str | None:
         try:
@@ -127,7 +133,88 @@ class DecoderMediaGenerator:
         return data, ext
 
 
+class HTTPMediaGenerator:
+    """A running polymodal server (``polymodal serve``): ``POST /images/generations``,
+    ``/audio/generations`` (``b64_json``) and ``/videos`` (an asynchronous job, polled, then ``/content``),
+    with the caption as the prompt and the derived seed. Refuses a modality whose decoder stage the
+    server's ``GET /models`` card reports as not ``pretrained`` (the prompt goes through the LLM, the
+    output projector and the decoder, so all of the stage must be trained).
+
+    Raises (from ``generate``): GenerationError on an HTTP error, a failed job or a timeout.
+    """
+
+    _PATHS = {Modality.IMAGE: ("images/generations", "png"), Modality.AUDIO: ("audio/generations", "wav")}
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout_s: float = 600.0, poll_s: float = 2.0):
+        import httpx
+
+        self.base = base_url.rstrip("/")
+        self.timeout_s, self.poll_s = timeout_s, poll_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(timeout=timeout_s, headers=headers)
+        self._card: dict | None = None
+        self._lock = threading.Lock()
+        self._httpx = httpx
+        self.name = f"polymodal-http:{self.base}"
+
+    def _decoders(self) -> dict:
+        with self._lock:
+            if self._card is None:
+                r = self._client.get(f"{self.base}/models")
+                r.raise_for_status()
+                self._card = r.json()["data"][0]
+            return ((self._card.get("parts") or {}).get("decoders") or {})
+
+    def refusal(self, modality: Modality) -> str | None:
+        try:
+            dec = self._decoders().get(modality.value)
+        except Exception as e:  # noqa: BLE001 - reported as the reason
+            return f"generation refused: cannot read {self.base}/models: {e}"
+        if dec is None:
+            return f"generation refused: the server at {self.base} has no {modality.value} decoder"
+        state = dec.get("init_state")
+        if state != "pretrained":
+            return f"generation refused: the server's {modality.value} decoder stage has {state} weights"
+        return None
+
+    def _request(self, method: str, path: str, **kw):
+        try:
+            return self._client.request(method, f"{self.base}/{path}", **kw)
+        except self._httpx.TransportError as e:
+            raise GeneratorUnavailable(f"{method} {self.base}/{path}: {type(e).__name__}: {e}") from e
+
+    def _post(self, path: str, body: dict) -> dict:
+        r = self._request("POST", path, json=body)
+        if r.status_code != 200:
+            raise GenerationError(f"POST {path}: HTTP {r.status_code}: {r.text[:200]}")
+        return r.json()
+
+    def generate(self, modality: Modality, caption: str, seed: int) -> tuple[bytes, str]:
+        import base64
+        import time
+
+        if modality in self._PATHS:
+            path, ext = self._PATHS[modality]
+            out = self._post(path, {"prompt": caption, "n": 1, "response_format": "b64_json", "seed": int(seed)})
+            return base64.b64decode(out["data"][0]["b64_json"]), ext
+        job = self._post("videos", {"prompt": caption, "seed": int(seed)})
+        deadline = time.monotonic() + self.timeout_s
+        while job.get("status") not in ("completed", "failed"):
+            if time.monotonic() > deadline:
+                raise GenerationError(f"video job {job.get('id')} did not finish in {self.timeout_s:g} s")
+            time.sleep(self.poll_s)
+            job = self._request("GET", f"videos/{job['id']}").json()
+        if job["status"] == "failed":
+            raise GenerationError(f"video job {job['id']} failed: {job.get('error')}")
+        r = self._request("GET", f"videos/{job['id']}/content")
+        if r.status_code != 200:
+            raise GenerationError(f"video content: HTTP {r.status_code}")
+        return r.content, "mp4"
+
+
 class NoGenerator:
+    name = "none"
+
     def refusal(self, modality: Modality) -> str | None:
         return "no generator configured"
 
@@ -149,4 +236,9 @@ def build_generator(cfg: GeneratorConfig) -> MediaGenerator:
         return NoGenerator()
     if cfg.kind == "preset":
         return DecoderMediaGenerator(cfg.preset)
+    if cfg.kind == "http":
+        import os
+
+        key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+        return HTTPMediaGenerator(cfg.base_url, api_key=key, timeout_s=cfg.timeout_s)
     return import_object(cfg.factory)(**cfg.options)

@@ -15,10 +15,16 @@ Rules (the ``rule`` of a :class:`Violation`):
   speaker (e.g. a human ``<Image>`` in ``T_I``).
 - ``modality_mismatch``: the human / assistant placeholders are not exactly the mode's inputs / outputs
   (an extra medium or a missing one).
+- ``repeated_message``: a message (of at least 4 words, placeholders aside) that (nearly) repeats an
+  earlier one (``difflib`` ratio >= 0.9): small LLMs echo the previous turn.
+- ``refusal``: an assistant-style refusal ("as an AI", "I don't have the ability to", "I cannot show")
+  anywhere, captions included: useless as training data for a model that *can* show media.
 """
 
 from __future__ import annotations
 
+import difflib
+import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -28,8 +34,15 @@ from mosit.modes import Mode
 RULES = (
     "empty_dialogue", "empty_message", "speaker", "starts_with_human", "ends_with_assistant",
     "speaker_alternation", "turn_count", "word_limit", "malformed_placeholder", "placeholder_not_allowed",
-    "modality_mismatch",
+    "modality_mismatch", "repeated_message", "refusal",
 )
+REPEAT_RATIO = 0.9
+_REFUSAL = re.compile(
+    r"\bas an ai\b|\bas an? (?:helpful |virtual )?(?:ai|assistant|language model)\b|"
+    r"\bi (?:don't|do not) have the (?:ability|capability|capacity)\b|"
+    r"\bi (?:can't|cannot|can not|am unable to|am not able to) (?:access|show|display|provide|play|generate|see|view|hear)\b|"
+    r"\bsorry for any confusion\b", re.IGNORECASE)
+_PLACEHOLDER = re.compile(r"<\s*(image|audio|video)\s*>.*?<\s*/\s*\1\s*>", re.IGNORECASE | re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -107,4 +120,17 @@ def validate_dialogue(dialogue: Dialogue, mode: Mode, rules: Rules = Rules()) ->
                 parts.append(f"missing {_fmt(missing)}")
             out.append(Violation("modality_mismatch",
                                  f"{who} media: {'; '.join(parts)} (mode {mode.name} wants {_fmt(want)})"))
+    seen: list[tuple[int, str]] = []
+    for i, m in enumerate(msgs):
+        plain = " ".join(_PLACEHOLDER.sub(" ", m.value).lower().split())
+        if len(plain.split()) >= 4:
+            for j, prev in seen:
+                ratio = difflib.SequenceMatcher(None, prev, plain, autojunk=False).ratio()
+                if ratio >= REPEAT_RATIO:
+                    out.append(Violation("repeated_message", f"message {i} repeats message {j} (similarity {ratio:.2f})"))
+                    break
+            seen.append((i, plain))
+        hit = _REFUSAL.search(m.value)
+        if hit:
+            out.append(Violation("refusal", f"message {i}: {hit.group(0)!r}"))
     return out

@@ -43,11 +43,12 @@ WHOLE_SYSTEM = ("You write example dialogues between a Human and an AI assistant
                 "play audio and show videos; a medium is written as a short caption inside tags: "
                 "<Image> caption </Image>, <Audio> caption </Audio>, <Video> caption </Video>.")
 
-P_FIRST = 'Write one short question that a curious person could ask about "{topic}". Write only the question.'
-P_FOLLOW = 'Write a short follow-up question to this message: "{prev}". Write only the question.'
+# Question aspects: the job picks a different one per exchange so a small model does not echo the last turn.
+ASPECTS = ("the history of", "how to get started with", "a fun fact about", "the science behind",
+           "common mistakes with", "the future of", "the best way to enjoy", "what surprises people about")
+P_QUESTION = 'Write one short question about {aspect} "{topic}". Write only the question.'
 P_ABOUT_MEDIUM = 'Write one short question about this {noun}: "{caption}". Write only the question.'
-P_CAPTION_IN = 'Describe a {noun} about "{topic}" in one short sentence, like a caption.'
-P_CAPTION_OUT = 'Describe, in one short sentence, a {noun} about {topic} for this request: "{request}"'
+P_CAPTION = 'Write a one-sentence caption for a {noun} about "{topic}".'
 
 
 def derive_seed(*parts: object) -> int:
@@ -111,13 +112,16 @@ _SENT = re.compile(r"(?<=[.!?])\s+")
 
 
 def clean_text(text: str, *, max_sentences: int = 1, max_words: int = 30) -> str:
-    """The first line of an LLM answer without labels or wrapping quotes, cut to whole sentences and a
-    word cap."""
+    """The first line of an LLM answer without labels or wrapping quotes, cut to whole sentences (an
+    unfinished last sentence is dropped when a finished one precedes it) and a word cap."""
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     t = lines[0] if lines else ""
     for _ in range(2):
         t = _LABEL.sub("", t).strip().strip('"“”').strip()
-    t = " ".join(_SENT.split(t)[:max_sentences])
+    sentences = _SENT.split(t)
+    if len(sentences) > 1 and not sentences[-1].rstrip('"\')”').endswith((".", "!", "?")):
+        sentences = sentences[:-1]
+    t = " ".join(sentences[:max_sentences])
     words = t.split()
     if len(words) > max_words:
         t = " ".join(words[:max_words]).rstrip(",;:") + "."
@@ -137,10 +141,11 @@ def _flat(value: str) -> str:
 
 @dataclass
 class WriterSettings:
-    max_new_tokens: int = 40
+    max_new_tokens: int = 40  # replies (per_turn) or the whole dialogue (whole)
     temperature: float = 0.7
     top_p: float = 0.9
     seed: int = 0
+    short_max_new_tokens: int = 24  # questions and captions (per_turn)
 
 
 class _Calls:
@@ -156,39 +161,42 @@ class _Calls:
                              seed=derive_seed("call", self.s.seed, self.index, self.k))
 
     def ask(self, prompt: str) -> str:
-        return self([{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}])
+        return self([{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}],
+                    max_new_tokens=self.s.short_max_new_tokens)
 
 
 def write_per_turn(plan: DialoguePlan, llm, settings: WriterSettings) -> Dialogue:
-    """Write ``plan`` piece by piece (see the module docstring)."""
+    """Write ``plan`` piece by piece (see the module docstring).
+
+    Human message: [share phrase + <medium> for each input medium] + question (about the shared medium,
+    else about an aspect of the topic) + [a request phrase per medium the assistant will produce].
+    Assistant message: the LLM's reply to the question (it never sees the request phrase, so it does not
+    refuse) + a <medium> with an LLM-written caption per output medium.
+    """
     rng = random.Random(derive_seed("phrases", settings.seed, plan.index))
+    aspects = rng.sample(ASPECTS, k=len(ASPECTS))
     call = _Calls(llm, settings, plan.index)
     messages: list[Message] = []
     chat_history: list[dict[str, str]] = [{"role": "system", "content": SYSTEM}]
     for t in range(plan.num_turns):
-        # human
         parts: list[str] = []
         question = ""
         for m in plan.human_media[t]:
-            cap = clean_text(call.ask(P_CAPTION_IN.format(noun=NOUN[m], topic=plan.topic)), max_words=25)
+            cap = clean_text(call.ask(P_CAPTION.format(noun=NOUN[m], topic=plan.topic)), max_words=25)
             parts += [rng.choice(SHARE_HUMAN[m]), placeholder(m, cap)]
             question = clean_text(call.ask(P_ABOUT_MEDIUM.format(noun=NOUN[m], caption=cap)))
         if not plan.human_media[t]:
-            prompt = (P_FIRST.format(topic=plan.topic) if not messages
-                      else P_FOLLOW.format(prev=_flat(messages[-1].value)))
-            question = clean_text(call.ask(prompt))
+            question = clean_text(call.ask(P_QUESTION.format(aspect=aspects[t % len(aspects)], topic=plan.topic)))
         parts.append(question)
+        human_context = _flat(" ".join(p for p in parts if p))
         for m in plan.gpt_media[t]:
             parts.append(rng.choice(REQUEST[m]))
-        human_value = " ".join(p for p in parts if p)
-        messages.append(Message(HUMAN, human_value))
-        chat_history.append({"role": "user", "content": _flat(human_value)})
-        # assistant
+        messages.append(Message(HUMAN, " ".join(p for p in parts if p)))
+        chat_history.append({"role": "user", "content": human_context})
         reply = clean_text(call(chat_history), max_sentences=2, max_words=45)
         gparts = [reply]
         for m in plan.gpt_media[t]:
-            cap = clean_text(call.ask(P_CAPTION_OUT.format(noun=NOUN[m], topic=plan.topic, request=question or
-                                                           plan.topic)), max_words=25)
+            cap = clean_text(call.ask(P_CAPTION.format(noun=NOUN[m], topic=plan.topic)), max_words=25)
             if not reply:
                 gparts.append(rng.choice(SHARE_GPT[m]))
             gparts.append(placeholder(m, cap))

@@ -239,7 +239,7 @@ def test_plans_follow_modes_and_scripted_dialogues_validate():
     from mosit.writer import WriterSettings, plan_dialogue, write_per_turn
 
     modes = dict(MODES)
-    seen = set()
+    seen, valid = set(), 0
     for i in range(60):
         p = plan_dialogue(i, seed=1, modes=modes, weights={n: 1.0 for n in modes}, topics=["cats", "rockets"],
                           min_turns=1, max_turns=4)
@@ -248,9 +248,65 @@ def test_plans_follow_modes_and_scripted_dialogues_validate():
         assert tuple(m for t in p.human_media for m in t) == p.mode.inputs
         assert tuple(m for t in p.gpt_media for m in t) == p.mode.outputs
         d = write_per_turn(p, ScriptedLLM(), WriterSettings(seed=1))
-        assert validate_dialogue(d, p.mode, Rules(1, 4, 1000)) == [], (p, d)
+        assert len(d.messages) == 2 * p.num_turns
+        # the skeleton always satisfies the mode; the scripted echo writer may repeat itself
+        bad = {v.rule for v in validate_dialogue(d, p.mode, Rules(1, 4, 1000))}
+        assert bad <= {"repeated_message"}, (p, d, bad)
+        valid += not bad
         seen.add(p.mode.name)
-    assert len(seen) >= 8
+    assert len(seen) >= 8 and valid >= 40
+
+
+AUDIOCAPS = ROOT.parent / "shared" / "data" / "audiocaps_val.csv"
+
+
+@pytest.mark.skipif(not AUDIOCAPS.is_file(), reason="AudioCaps captions (../shared/data) not available")
+def test_csv_catalog_with_audiocaps_captions(tmp_path, embedder):
+    import soundfile as sf
+
+    from mosit.catalog import CatalogIndex, load_catalog
+
+    with open(AUDIOCAPS, newline="") as f:
+        rows = list(csv.DictReader(f))[:150]
+    (tmp_path / "audios").mkdir()
+    sf.write(tmp_path / "audios" / "tone.wav", np.sin(np.linspace(0, 440 * 6.28, 8000)).astype(np.float32), 16000)
+    with open(tmp_path / "catalog.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "modality", "path", "caption"])
+        for r in rows:
+            w.writerow([f"ac{r['audiocap_id']}", "audio", "audios/tone.wav", r["caption"]])
+        w.writerow(["ac-missing", "audio", "audios/none.wav", "a dog barks"])
+    items, rejects = load_catalog(tmp_path / "catalog.csv")
+    assert len(items) == len({r["audiocap_id"] for r in rows}) and [r.id for r in rejects][-1] == "ac-missing"
+    index = CatalogIndex(items, embedder.encode)
+    for it in items[::37]:
+        m = index.search(it.modality, embedder.encode([it.caption])[0])
+        assert m.item.caption == it.caption and m.score > 0.99
+    assert index.search(items[0].modality, embedder.encode([items[0].caption])[0], exclude={items[0].id}).score < 1
+
+
+def test_whole_strategy_prompts_with_demonstrations_and_parses():
+    from mosit.writer import WriterSettings, plan_dialogue, write_whole
+
+    demo = "Human: Show me a rocket.\nGPT: Here. <Image> a rocket </Image>"
+    answer = ("Sure, here is one:\nHuman: I love cats. What do they do all day?\nGPT: They nap a lot. "
+              "<Image> a ginger cat asleep </Image>\nHuman: Cute.\nGPT: Indeed.")
+    seen = []
+
+    class LLM:
+        def chat(self, messages, **kw):
+            seen.append((messages, kw))
+            return answer
+
+    modes = {"T_I": MODES["T_I"]}
+    p = plan_dialogue(0, seed=0, modes=modes, weights={"T_I": 1}, topics=["cats"], min_turns=2, max_turns=2)
+    d = write_whole(p, LLM(), WriterSettings(max_new_tokens=300, seed=0), [demo])
+    prompt = seen[0][0][-1]["content"]
+    assert demo in prompt and "about cats" in prompt and "exactly 2 exchanges" in prompt
+    assert "one image" in prompt and seen[0][1]["max_new_tokens"] == 300
+    assert validate_dialogue(d, MODES["T_I"], Rules(2, 2, 300)) == []
+    answer = "I cannot write that."
+    assert write_whole(p, LLM(), WriterSettings(), [demo]).messages == ()
 
 
 # ------------------------------------------------------------------ OpenAI-compatible endpoint client
@@ -292,6 +348,7 @@ class _Server:
 
     def close(self):
         self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 def test_openai_backend_retries_with_backoff_and_limits_concurrency():
@@ -369,3 +426,60 @@ def test_generator_refuses_random_decoders_and_uses_pretrained(tmp_path):
     data, ext = gen.generate(Modality.IMAGE, "a red kite", seed=5)
     assert ext == "png" and data[:8] == b"\x89PNG\r\n\x1a\n"
     assert gen.generate(Modality.IMAGE, "a red kite", seed=5) == (data, ext)
+
+
+def test_http_generator_checks_the_servers_init_state():
+    import base64
+
+    from mosit.media import HTTPMediaGenerator
+    from polymodal.modality import Modality
+
+    png = b"\x89PNG\r\n\x1a\nfake"
+    calls = []
+
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def _send(self, obj, raw=None):
+            data = raw if raw is not None else json.dumps(obj).encode()
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            calls.append(("GET", self.path))
+            if self.path == "/v1/models":
+                self._send({"data": [{"parts": {"decoders": {"image": {"init_state": "pretrained"},
+                                                             "audio": {"init_state": "random"},
+                                                             "video": {"init_state": "pretrained"}}}}]})
+            elif self.path == "/v1/videos/v1":
+                self._send({"id": "v1", "status": "completed"})
+            elif self.path == "/v1/videos/v1/content":
+                self._send(None, raw=b"mp4bytes")
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls.append(("POST", self.path, body))
+            if self.path == "/v1/images/generations":
+                self._send({"data": [{"b64_json": base64.b64encode(png).decode()}]})
+            else:
+                self._send({"id": "v1", "status": "queued"})
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        gen = HTTPMediaGenerator(f"http://127.0.0.1:{httpd.server_address[1]}/v1", poll_s=0.01, timeout_s=20)
+        assert gen.refusal(Modality.IMAGE) is None
+        assert "random weights" in gen.refusal(Modality.AUDIO)
+        assert gen.generate(Modality.IMAGE, "a kite", seed=9) == (png, "png")
+        assert calls[-1] == ("POST", "/v1/images/generations",
+                             {"prompt": "a kite", "n": 1, "response_format": "b64_json", "seed": 9})
+        assert gen.generate(Modality.VIDEO, "waves", seed=1) == (b"mp4bytes", "mp4")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    from mosit.media import GeneratorUnavailable
+
+    with pytest.raises(GeneratorUnavailable):
+        gen.generate(Modality.IMAGE, "a kite", seed=9)

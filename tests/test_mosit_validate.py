@@ -43,6 +43,10 @@ BAD = {
                                    "</Image>\nHuman: Thanks.\nGPT: Welcome."),
     "placeholder_not_allowed": (T_I, "Human: Look. <Image> my cat </Image> Show me a rocket.\nGPT: Here. "
                                      "<Image> a rocket </Image>\nHuman: Thanks.\nGPT: Welcome."),
+    "repeated_message": (T_I, "Human: Show me a rocket on the pad please.\nGPT: Here. <Image> a rocket </Image>\n"
+                              "Human: Show me a rocket on the pad, please!\nGPT: Welcome."),
+    "refusal": (T_I, "Human: Show me a rocket.\nGPT: As an AI, I cannot show images. <Image> a rocket </Image>\n"
+                     "Human: Thanks.\nGPT: Welcome."),
     "modality_mismatch": (T_I, "Human: Show me a rocket.\nGPT: Here. <Image> a rocket </Image> <Audio> a launch "
                                "</Audio>\nHuman: Thanks.\nGPT: Welcome."),
 }
