@@ -60,3 +60,38 @@ def scheduler() -> DDIMScheduler:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+
+
+def clip_text_encoder(tokenizer, *, num_tokens: int, dim: int):
+    """A one-layer random ``CLIPTextModel`` of width ``dim`` over ``tokenizer`` (Q = ``num_tokens`` positions)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=dim,
+            intermediate_size=2 * dim,
+            num_hidden_layers=1,
+            num_attention_heads=num_heads(dim),
+            max_position_embeddings=num_tokens,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    ).eval()
+
+
+def unet_kwargs(cross_attention_dim: int, dims: str) -> dict:
+    """Constructor arguments of a tiny 2-level conditional UNet; ``dims`` is ``"2D"`` or ``"3D"``."""
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=(f"CrossAttnDownBlock{dims}", f"DownBlock{dims}"),
+        up_block_types=(f"UpBlock{dims}", f"CrossAttnUpBlock{dims}"),
+        block_out_channels=TINY_BLOCKS,
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=TINY_GROUPS,
+    )

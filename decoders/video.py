@@ -6,7 +6,6 @@ zeroscope_v2_576w takes OpenCLIP ViT-H last hidden states (77, 1024); the tiny c
 from __future__ import annotations
 
 from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
 
 from decoders import tiny
 from decoders.base import Decoder, seeded
@@ -26,34 +25,11 @@ class VideoDecoder(Decoder):
         q, d = config.cond_tokens, config.cond_dim
         tokenizer = tiny.text_tokenizer(model_max_length=q)
         with seeded(seed):
-            text_encoder = CLIPTextModel(
-                CLIPTextConfig(
-                    vocab_size=len(tokenizer),
-                    hidden_size=d,
-                    intermediate_size=2 * d,
-                    num_hidden_layers=1,
-                    num_attention_heads=tiny.num_heads(d),
-                    max_position_embeddings=q,
-                    bos_token_id=tokenizer.bos_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            )
-            unet = UNet3DConditionModel(
-                sample_size=16,
-                in_channels=4,
-                out_channels=4,
-                down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-                block_out_channels=tiny.TINY_BLOCKS,
-                layers_per_block=1,
-                cross_attention_dim=d,
-                attention_head_dim=8,
-                norm_num_groups=tiny.TINY_GROUPS,
-            )
+            text_encoder = tiny.clip_text_encoder(tokenizer, num_tokens=q, dim=d)
+            unet = UNet3DConditionModel(**tiny.unet_kwargs(d, "3D"))
             vae = tiny.vae(3)
         return TextToVideoSDPipeline(
-            vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet, scheduler=tiny.scheduler()
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=tiny.scheduler()
         )
 
     def _call_options(self, options: DecoderDefaults) -> dict:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -134,7 +133,7 @@ def generate(
     from polymodal.config import DecoderDefaults
     from polymodal.llm import LLMLoadError
     from polymodal.modality import Modality
-    from polymodal.types import MediaPart, TextPart, Turn
+    from polymodal.types import TextPart, Turn
 
     try:
         wanted = Modality.parse_list(modalities)

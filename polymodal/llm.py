@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -675,8 +674,3 @@ def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str 
         raise LLMLoadError(f"could not load the LLM from {cfg.path!r}: {e}") from e
     return LLMEngine(model.to(dev), tok, spec, chat, init_state="pretrained", source=cfg.path, seed=seed,
                      added_tokens=cfg.added_tokens)
-
-
-def engine_group_arrays(g: CapturedGroup) -> tuple[np.ndarray, np.ndarray]:
-    """(N, D_llm) float32 numpy copies of a group's hidden states and token embeddings."""
-    return g.hidden_states.numpy().astype(np.float32), g.token_embeds.numpy().astype(np.float32)
