@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import av
-import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image

@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 
 from decoders import (
     DECODERS,
-    AudioDecoder,
     DecodeError,
     DecoderLoadError,
     Medium,
