@@ -90,7 +90,7 @@ def test_gpu_script_at_toy_size_on_cpu(tmp_path):
     assert all(_positive(r["ours"]["images_per_s"]) and _positive(r["plain"]["images_per_s"]) for r in data["decoder"])
     run = data["end_to_end"]["runs"][0]
     assert run["images"] == 1 and run["finish_reason"] == "stop" and run["hidden_states_finite"]
-    assert data["llm"]["completion_tokens"] == 8
+    assert 1 <= data["llm"]["completion_tokens"] <= 8 and _positive(data["llm"]["tokens_per_s"])
 
 
 @pytest.mark.slow
