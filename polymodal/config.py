@@ -70,7 +70,10 @@ class ProjectorConfig(_Model):
     """
 
     kind: str = "linear"
-    num_queries: int = Field(1, ge=1, le=1024, description="Q (output) or k tokens (input)")
+    num_queries: int | None = Field(
+        None, ge=1, le=1024,
+        description="output: Q (None = the decoder's Q; set, it must agree); input: k tokens (None = 1)",
+    )
     hidden_dim: int = Field(64, ge=1)
     options: dict[str, float | int | str | bool] = {}
     checkpoint: str | None = None

@@ -59,7 +59,7 @@ def build_output_projector(
             state is left untouched when given.
 
     With ``config.checkpoint`` the module is loaded strictly from that file, which must record the same
-    type, sizes and options. ``config.num_queries``, when set explicitly, must equal Q.
+    type, sizes and options. ``config.num_queries``, when set (not ``None``), must equal Q.
 
     Raises:
         ValueError: an unknown kind (listing the choices), an unknown or ill-typed option, Q disagreeing
@@ -70,7 +70,7 @@ def build_output_projector(
     if len(cond_shape) != 2:
         raise ValueError(f"cond_shape must be (Q, D_cond), got {cond_shape!r}")
     num_queries, cond_dim = (check_positive_int("Q", cond_shape[0]), check_positive_int("D_cond", cond_shape[1]))
-    if "num_queries" in config.model_fields_set and config.num_queries != num_queries:
+    if config.num_queries is not None and config.num_queries != num_queries:
         raise ValueError(
             f"config.num_queries ({config.num_queries}) disagrees with the decoder's Q ({num_queries}) "
             f"of cond_shape {tuple(cond_shape)}"
@@ -93,5 +93,5 @@ def build_input_projector(
         ProjectorLoadError: the checkpoint is missing or differs from the config.
     """
     cls = _lookup(INPUT_PROJECTORS, config.kind, "input")
-    kwargs = dict(d_enc=d_enc, d_llm=d_llm, num_tokens=config.num_queries)
+    kwargs = dict(d_enc=d_enc, d_llm=d_llm, num_tokens=config.num_queries or 1)
     return _build(cls, config, kwargs, seed)  # type: ignore[return-value]

@@ -247,7 +247,7 @@ def _check_preset(preset: PresetConfig) -> None:
             raise ConversionError(f"preset {preset.name!r}: the {m.value} output projector is "
                                   f"{preset.output_projectors[m].kind!r}; NExT-GPT's is 'transformer'")
     for m, pcfg in preset.input_projectors.items():
-        if pcfg.kind != "linear" or pcfg.num_queries != 1:
+        if pcfg.kind != "linear" or (pcfg.num_queries or 1) != 1:
             raise ConversionError(f"preset {preset.name!r}: the {m.value} input projector is {pcfg.kind!r} with "
                                   f"{pcfg.num_queries} tokens; NExT-GPT's llama_proj is 'linear', one token")
 

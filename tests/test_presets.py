@@ -1,0 +1,29 @@
+"""Presets: registry, YAML round trip, and a YAML preset that builds and runs."""
+
+from __future__ import annotations
+
+import pytest
+
+from polymodal.config import PresetConfig
+from polymodal.modality import Modality
+from polymodal.pipeline import AnyToAnyPipeline
+from polymodal.presets import PRESETS, get_preset
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_yaml_round_trip_is_identical(name):
+    p = get_preset(name)
+    assert PresetConfig.from_yaml(p.to_yaml()) == p
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match="tiny, smol"):
+        get_preset("nope")
+
+
+def test_preset_saved_as_yaml_builds_and_generates(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(get_preset("tiny").to_yaml())
+    pipe = AnyToAnyPipeline.from_preset(str(path))
+    ans = pipe.generate("draw", modalities=[Modality.IMAGE], seed=0, max_new_tokens=4)
+    assert [m.modality for m in ans.media] == [Modality.IMAGE]
