@@ -272,3 +272,20 @@ def test_cli_data_and_check(tmp_path):
     assert res.exit_code == 0 and "image: 6/6" in res.output and "audio: 6/6" in res.output, res.output
     res = runner.invoke(app, ["data", "--out", str(tmp_path), "--modalities", "smell"])
     assert res.exit_code == 2 and "choose from" in res.output
+
+
+def test_generation_defaults_change_without_retraining(trained, monkeypatch):
+    import dataclasses
+
+    from polymodal.toyworld import train as toy_train
+
+    data_dir, out, manifest = trained
+    weights = out / "image" / "unet" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    base = toy_train.ImageDecoderRecipe()
+    monkeypatch.setitem(toy_train.RECIPES, Modality.IMAGE,
+                        lambda: dataclasses.replace(base, guidance_scale=base.guidance_scale + 1.5))
+    again = toy_train.train_decoders(data_dir, out, modalities=["image"], step_scale=0.0004, progress=False)
+    assert weights.stat().st_mtime_ns == before
+    assert toy_train.decoder_config(out, "image").defaults.guidance_scale == base.guidance_scale + 1.5
+    assert again["decoders"]["image"]["config_hash"] == manifest["decoders"]["image"]["config_hash"]

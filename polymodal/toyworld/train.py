@@ -35,6 +35,8 @@ from polymodal.modality import Modality
 
 MANIFEST = "toyworld-decoders.json"
 RECIPE_VERSION = 1
+# Recipe fields that only set the saved generation defaults: left out of the config hash.
+GENERATION_FIELDS = frozenset({"num_inference_steps", "guidance_scale", "fps"})
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,14 @@ class ImageDecoderRecipe:
     vae_blocks: tuple[int, ...] = (8, 16)
     vae_steps: int = 600
     vae_lr: float = 2e-3
-    unet_steps: int = 2500
+    unet_steps: int = 5000
     unet_lr: float = 1e-3
     batch_size: int = 32
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
     seed: int = 0
     num_inference_steps: int = 20
-    guidance_scale: float = 3.0
+    guidance_scale: float = 6.0
 
     def decoder_fields(self) -> dict:
         """``cond_tokens``, ``cond_dim`` and generation ``defaults`` of the DecoderConfig that loads the result."""
@@ -315,7 +317,7 @@ class AudioDecoderRecipe:
     ema_decay: float = 0.995
     seed: int = 0
     num_inference_steps: int = 20
-    guidance_scale: float = 3.0
+    guidance_scale: float = 10.0
     spectrogram_gain: float = 2.0  # tone amplitudes (0.3-0.6) scaled towards [0, 1] for the VAE
     attribute_weight: float = 1.0  # auxiliary attribute loss on the text embeddings (see _AttributeHeads)
 
@@ -678,25 +680,35 @@ def train_decoders(data_dir: str | Path, out_dir: str | Path, *, modalities=None
     for m in mods:
         recipe = RECIPES[m]().scaled(step_scale) if step_scale != 1.0 else RECIPES[m]()
         rows = _catalog_rows(data_dir, m)
-        config_hash = _hash({"version": RECIPE_VERSION, "recipe": dataclasses.asdict(recipe), "data": _rows_digest(rows)})
+        trained_fields = {k: v for k, v in dataclasses.asdict(recipe).items() if k not in GENERATION_FIELDS}
+        config_hash = _hash({"version": RECIPE_VERSION, "recipe": trained_fields, "data": _rows_digest(rows)})
         folder = out_dir / m.value
         entry = manifest["decoders"].get(m.value)
         if not force and entry and entry.get("config_hash") == config_hash and (folder / "model_index.json").is_file():
             if progress:
                 print(f"{m.value}: up to date ({folder}, config hash {config_hash})")
+            if entry.get("defaults") != recipe.decoder_fields()["defaults"]:  # generation defaults: no retraining
+                entry.update(recipe=dataclasses.asdict(recipe), **recipe.decoder_fields())
+                _write_manifest(manifest_path, manifest, m)
             continue
         figures = TRAINERS[m](rows, recipe, folder, progress=progress)
         manifest["decoders"][m.value] = {
             "path": m.value, "config_hash": config_hash, "recipe": dataclasses.asdict(recipe), "figures": figures,
             **recipe.decoder_fields(),
         }
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if manifest_path.is_file():  # keep entries another run wrote meanwhile
-            manifest["decoders"] = {**json.loads(manifest_path.read_text())["decoders"], m.value: manifest["decoders"][m.value]}
-        tmp = manifest_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        tmp.replace(manifest_path)
+        _write_manifest(manifest_path, manifest, m)
     return manifest
+
+
+def _write_manifest(manifest_path: Path, manifest: dict, modality: Modality) -> None:
+    """Write ``manifest`` atomically, keeping other modalities' entries another run wrote meanwhile."""
+    manifest_path.parent.mkdir(parents=True, exist_ok=True)
+    if manifest_path.is_file():
+        on_disk = json.loads(manifest_path.read_text())["decoders"]
+        manifest["decoders"] = {**on_disk, modality.value: manifest["decoders"][modality.value]}
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.replace(manifest_path)
 
 
 def decoder_config(out_dir: str | Path, modality: Modality | str):
