@@ -162,7 +162,15 @@ class EncodedExample:
 
 
 class SequenceTooLong(ValueError):
-    pass
+    """A dialogue longer than ``max_tokens``."""
+
+
+def _progress(items, desc: str, enabled: bool):
+    if not enabled or len(items) < 4:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)
 
 
 class SequenceBuilder:
@@ -288,6 +296,7 @@ class AlignmentModel(nn.Module):
         decoders: dict | None = None,
         latents: dict[MediaRef, torch.Tensor] | None = None,
         cached: bool = False,
+        progress: bool = False,
     ):
         super().__init__()
         self.engine = engine
@@ -306,6 +315,7 @@ class AlignmentModel(nn.Module):
         self.pad_id = SequenceBuilder(engine, {}, 1).pad_id
         self._cache: list[_Cached] | None = None
         self.device = engine.device
+        self.progress = progress
         if cached:
             self._cache = self._compute_cache()
 
@@ -345,15 +355,23 @@ class AlignmentModel(nn.Module):
         return self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
 
     @torch.no_grad()
-    def _compute_cache(self) -> list[_Cached]:
+    def _compute_cache(self, chunk: int = 16) -> list[_Cached]:
         out = []
-        for ex in self.examples:
-            ids, labels, mask = self._batch_tensors([ex])
-            h = self._hidden(self._inputs_embeds([ex], ids), mask)[0].float()
-            sel = labels[0, 1:] != IGNORE
-            groups = [(s.modality, h[list(s.positions)].clone(), k) for k, s in enumerate(ex.outputs)]
-            h_ce, lab = h[:-1][sel].clone(), labels[0, 1:][sel].clone()
-            out.append(_Cached(h_ce, lab, *self.rows.frozen_logit_stats(h_ce, lab), groups))
+        order = sorted(range(len(self.examples)), key=lambda i: len(self.examples[i].ids))  # little padding
+        done: dict[int, _Cached] = {}
+        for start in _progress(range(0, len(order), chunk), "caching LLM states", self.progress):
+            idx = order[start:start + chunk]
+            batch = [self.examples[i] for i in idx]
+            ids, labels, mask = self._batch_tensors(batch)
+            hb = self._hidden(self._inputs_embeds(batch, ids), mask).float()
+            for b, (i, ex) in enumerate(zip(idx, batch)):
+                h = hb[b, :len(ex.ids)]
+                lab_all = labels[b, 1:len(ex.ids)]
+                sel = lab_all != IGNORE
+                groups = [(s.modality, h[list(s.positions)].clone(), k) for k, s in enumerate(ex.outputs)]
+                h_ce, lab = h[:-1][sel].clone(), lab_all[sel].clone()
+                done[i] = _Cached(h_ce, lab, *self.rows.frozen_logit_stats(h_ce, lab), groups)
+        out = [done[i] for i in range(len(self.examples))]
         return out
 
     # ----------------------------------------------------------------------------------------------

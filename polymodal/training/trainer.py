@@ -318,10 +318,11 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
 
     trained_inputs = [m for m in in_mods if spec.input_projectors]
     trained_outputs = [m for m in out_mods if spec.output_projectors]
+    # trained projectors learn in float32 (an fp16 preset keeps fp16 only in its frozen parts)
     for m in trained_inputs:
-        parts.llm.input_projectors[m].requires_grad_(True)
+        parts.llm.input_projectors[m].float().requires_grad_(True)
     for m in trained_outputs:
-        parts.decoders[m].projector.requires_grad_(True)
+        parts.decoders[m].projector.float().requires_grad_(True)
 
     sig = engine.spec
     tokens: list[str] = []
@@ -406,6 +407,7 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
         decoders={m: parts.decoders[m].decoder for m in noise_mods},
         latents=latents,
         cached=cached,
+        progress=config.progress,
     )
     optimizer = _optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lambda(config))
