@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from polymodal.modality import Modality
-from polymodal.training import MissingMediaError, TrainConfig, TrainError, load_parts, read_metrics, train
+from polymodal.training import (
+    MissingMediaError,
+    TrainConfig,
+    TrainError,
+    load_parts,
+    read_metrics,
+    train,
+)
 from polymodal.training.config import DataSource
 
 IMAGE = Modality.IMAGE
@@ -91,8 +98,8 @@ def parts():
 
 
 def _config(data_dir: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(stage="decode", data=[DataSource(path=str(data_dir / "train.jsonl"))], out_dir=str(out),
-                progress=False, tensorboard=False, log_every=1)
+    base = {"stage": "decode", "data": [DataSource(path=str(data_dir / "train.jsonl"))], "out_dir": str(out),
+            "progress": False, "tensorboard": False, "log_every": 1}
     return TrainConfig(**{**base, **kw})
 
 
@@ -188,8 +195,8 @@ def test_export_round_trips_into_the_pipeline(aligned, exported_pipe, parts):
 def test_stop_and_resume_equals_an_uninterrupted_run(parts, data_dir, tmp_path):
     """Live path (token rows feed the LLM) with the noise-prediction loss (random timesteps and noise) and
     weight decay: the resumed run must restore weights, optimizer, scheduler, RNG and data position."""
-    kw = dict(max_steps=6, batch_size=4, lr=5e-3, weight_decay=0.1, warmup_steps=2, noise_weight=0.5,
-              token_rows="all", checkpoint_every=100)
+    kw = {"max_steps": 6, "batch_size": 4, "lr": 5e-3, "weight_decay": 0.1, "warmup_steps": 2, "noise_weight": 0.5,
+          "token_rows": "all", "checkpoint_every": 100}
     full = train(_config(data_dir, tmp_path / "full", **kw), parts.fresh_copy())
     first = train(_config(data_dir, tmp_path / "split", stop_after=3, **kw), parts.fresh_copy())
     assert not first.completed and first.step == 3 and first.export_dir is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -32,23 +32,24 @@ def train(
              "for the shipped caption list")],
     out: Annotated[Path, typer.Option(help="run folder: checkpoint/, metrics.jsonl, export/")],
     preset: Annotated[str, typer.Option("--preset", "-p", help="preset name or YAML file")] = "tiny",
-    modality: Annotated[Optional[str], typer.Option(help="modality of caption lists / rows that do not say")] = None,
-    media_root: Annotated[Optional[Path], typer.Option(help="folder to resolve media file names against")] = None,
-    modalities: Annotated[Optional[str], typer.Option(help="train only these, e.g. image,audio")] = None,
-    export: Annotated[Optional[Path], typer.Option(help="export folder (default OUT/export)")] = None,
-    init_from: Annotated[Optional[Path], typer.Option(help="start from this export (e.g. an earlier stage's)")] = None,
+    modality: Annotated[str | None, typer.Option(help="modality of caption lists / rows that do not say")] = None,
+    media_root: Annotated[Path | None, typer.Option(help="folder to resolve media file names against")] = None,
+    modalities: Annotated[str | None, typer.Option(help="train only these, e.g. image,audio")] = None,
+    export: Annotated[Path | None, typer.Option(help="export folder (default OUT/export)")] = None,
+    init_from: Annotated[Path | None, typer.Option(help="start from this export (e.g. an earlier stage's)")] = None,
     max_steps: Annotated[int, typer.Option(min=1)] = 200,
     batch_size: Annotated[int, typer.Option(min=1, help="examples per step (per worker)")] = 8,
     lr: Annotated[float, typer.Option(min=0.0, help="projectors' learning rate")] = 1e-3,
-    rows_lr: Annotated[Optional[float], typer.Option(help="token rows' learning rate (default --lr)")] = None,
-    lora_lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate (default --lr)")] = None,
+    rows_lr: Annotated[float | None, typer.Option(help="token rows' learning rate (default --lr)")] = None,
+    lora_lr: Annotated[float | None, typer.Option(help="LoRA learning rate (default --lr)")] = None,
     weight_decay: Annotated[float, typer.Option(min=0.0, help="on projector / LoRA matrices, never token rows")] = 0.0,
     warmup_steps: Annotated[int, typer.Option(min=0)] = 0,
     schedule: Annotated[str, typer.Option(help="constant, linear, cosine")] = "cosine",
     grad_clip: Annotated[float, typer.Option(help="max gradient norm (0: off)")] = 1.0,
     seed: Annotated[int, typer.Option(min=0)] = 0,
     ce_weight: Annotated[float, typer.Option(min=0.0)] = 1.0,
-    mse_weight: Annotated[float, typer.Option(min=0.0, help="per-token Euclidean distance to the caption target")] = 1.0,
+    mse_weight: Annotated[float, typer.Option(min=0.0, help="per-token Euclidean distance to the caption target")] = (
+        1.0),
     noise_weight: Annotated[float, typer.Option(min=0.0, help=">0: noise-prediction loss through the frozen UNet "
                                                               "(image / video; needs the media files)")] = 0.0,
     token_rows: Annotated[str, typer.Option(help="new token rows that learn: none, output, all")] = "all",
@@ -61,17 +62,18 @@ def train(
     instruction: Annotated[str, typer.Option(help="encode: the request after the {modality}")] = (
         "Describe this {modality} briefly."),
     max_tokens: Annotated[int, typer.Option(min=8, help="longest training sequence (longer ones are skipped)")] = 512,
-    max_examples: Annotated[Optional[int], typer.Option(min=1, help="use the first N records of each data file")] = None,
+    max_examples: Annotated[int | None, typer.Option(min=1, help="use the first N records of each data file")] = None,
     checkpoint_every: Annotated[int, typer.Option(min=1)] = 100,
-    stop_after: Annotated[Optional[int], typer.Option(min=1, help="stop (with a checkpoint) after this step")] = None,
+    stop_after: Annotated[int | None, typer.Option(min=1, help="stop (with a checkpoint) after this step")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in OUT from its checkpoint")] = False,
     log_every: Annotated[int, typer.Option(min=1)] = 10,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     tensorboard: Annotated[bool, typer.Option("--tensorboard/--no-tensorboard")] = True,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda (default: cuda if available)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda (default: cuda if available)")] = None,
     ray: Annotated[bool, typer.Option("--ray", help="run on Ray Train (TorchTrainer, DDP)")] = False,
     num_workers: Annotated[int, typer.Option(min=1, help="Ray Train workers")] = 2,
-    ray_address: Annotated[Optional[str], typer.Option(help="attach to this Ray cluster (default: a private one)")] = None,
+    cpus_per_worker: Annotated[int, typer.Option(min=1, help="CPUs (torch threads) per Ray Train worker")] = 1,
+    ray_address: Annotated[str | None, typer.Option(help="attach to this Ray cluster (default: a private one)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Train one stage, write a resume checkpoint while going and an export at the end.
@@ -79,14 +81,16 @@ def train(
     The export (OUT/export) holds only the trained parts; pass it to `polymodal generate --projectors DIR`
     or `polymodal serve --projectors DIR`.
     """
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     from pydantic import ValidationError
 
     from polymodal.llm import LLMLoadError
     from polymodal.modality import Modality
     from polymodal.training.config import DataSource, TrainConfig
     from polymodal.training.data import DataFormatError, parse_data_arg
-    from polymodal.training.trainer import TrainError, train as run_train
+    from polymodal.training.trainer import TrainError
+    from polymodal.training.trainer import train as run_train
 
     try:
         mod = Modality.parse(modality) if modality else None
@@ -109,6 +113,7 @@ def train(
             max_examples=max_examples,
             checkpoint_every=checkpoint_every, stop_after=stop_after, resume=resume, log_every=log_every,
             progress=progress, tensorboard=tensorboard, device=device, ray=ray, num_workers=num_workers,
+            cpus_per_worker=cpus_per_worker,
             ray_address=ray_address,
         )
     except ValidationError as e:

@@ -15,7 +15,7 @@ STAGES: tuple[str, ...] = ("encode", "decode", "instruct")
 
 # Fields that do not change what a run computes: a resumed run may differ in them.
 _RUN_ONLY = frozenset({"out_dir", "export_dir", "resume", "stop_after", "progress", "log_every", "checkpoint_every",
-                       "ray", "num_workers", "ray_address", "device", "tensorboard"})
+                       "ray", "num_workers", "cpus_per_worker", "ray_address", "device", "tensorboard"})
 
 
 class DataSource(BaseModel):
@@ -93,10 +93,11 @@ class TrainConfig(BaseModel):
 
     ray: bool = False
     num_workers: int = Field(2, ge=1, le=4096)
+    cpus_per_worker: int = Field(1, ge=1, le=1024, description="CPUs (and torch threads) per Ray Train worker")
     ray_address: str | None = None
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if "{caption}" not in self.prompt_template:
             raise ValueError("prompt_template must contain {caption}")
         if self.stage == "encode" and self.noise_weight > 0:

@@ -196,7 +196,8 @@ def _emb(name: str | None, path: Path, spec: DataSpec, modality: Modality) -> Pa
     if p.is_absolute():
         return p
     base = path.parent
-    for c in (base / p, base / "embed" / p, base / "embeddings" / p, base / f"{_FOLDERS[modality][:-1]}_embeddings" / p):
+    folders = ("", "embed", "embeddings", f"{_FOLDERS[modality][:-1]}_embeddings")
+    for c in (base / f / p for f in folders):
         if c.exists():
             return c
     return None  # a missing cached embedding is not an error: the caption is encoded instead
@@ -225,7 +226,8 @@ def _messages(convo, where: str, key: str = "conversations") -> list[tuple[str, 
         raise DataFormatError(f"{where}: {key!r} must be a non-empty list of {{from, value}} messages")
     out = []
     for j, msg in enumerate(convo):
-        if not isinstance(msg, dict) or str(msg.get("from", "")).lower() not in _ROLES or not isinstance(msg.get("value"), str):
+        ok = isinstance(msg, dict) and str(msg.get("from", "")).lower() in _ROLES and isinstance(msg.get("value"), str)
+        if not ok:
             raise DataFormatError(f"{where}: message {j} must be {{\"from\": \"human\"|\"gpt\", \"value\": str}}")
         out.append((_ROLES[str(msg["from"]).lower()], msg))
     return out
@@ -410,10 +412,11 @@ def read_jsonl(path: Path, spec: DataSpec) -> list[Record]:
         p = rec.get("path")
         media_path = None
         if isinstance(p, str) and p:
-            media_path = Path(p) if Path(p).is_absolute() else (Path(spec.media_root) if spec.media_root else path.parent) / p
+            root = Path(spec.media_root) if spec.media_root else path.parent
+            media_path = Path(p) if Path(p).is_absolute() else root / p
         emb = rec.get("embedding")
-        out.append(CaptionPair(MediaRef(m, media_path, caption, _emb(emb if isinstance(emb, str) else None, path, spec, m)),
-                               where))
+        emb_path = _emb(emb if isinstance(emb, str) else None, path, spec, m)
+        out.append(CaptionPair(MediaRef(m, media_path, caption, emb_path), where))
     return out
 
 
@@ -430,7 +433,8 @@ def read_captions(path: Path, spec: DataSpec) -> list[Record]:
                     raise DataFormatError(f"{path}: CSV has no 'caption' column (columns: {reader.fieldnames})")
                 rows = [(f"{path} row {i}", (r.get("caption") or "").strip()) for i, r in enumerate(reader)]
         else:
-            rows = [(f"{path} line {i + 1}", line.strip()) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines())]
+            lines = path.read_text(encoding="utf-8").splitlines()
+            rows = [(f"{path} line {i + 1}", line.strip()) for i, line in enumerate(lines)]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise DataFormatError(f"cannot read {path}: {e}") from e
     seen = set()

@@ -103,7 +103,8 @@ class TokenRows(nn.Module):
         base = F.linear(h, head.weight, getattr(head, "bias", None)).float()
         base[:, self.ids] = -float("inf")
         row = self.lookup[labels]
-        label_frozen = torch.where(row < 0, base.gather(1, labels[:, None])[:, 0], torch.zeros_like(row, dtype=base.dtype))
+        label_frozen = torch.where(row < 0, base.gather(1, labels[:, None])[:, 0],
+                                   torch.zeros_like(row, dtype=base.dtype))
         return torch.logsumexp(base, dim=-1), label_frozen, row
 
     def cached_ce(self, h: torch.Tensor, lse_frozen: torch.Tensor, label_frozen: torch.Tensor,
@@ -341,9 +342,9 @@ class AlignmentModel(nn.Module):
         embeds = embeds.clone()
         for m in {s.modality for _, s in slots}:
             mine = [(b, s) for b, s in slots if s.modality is m]
-            proj = self.input_projectors[m.value] if m.value in self.input_projectors else None
-            if proj is None:
+            if m.value not in self.input_projectors:
                 raise ValueError(f"no {m.value} input projector")
+            proj = self.input_projectors[m.value]
             enc = torch.stack([self.input_embeds[s.media] for _, s in mine]).to(self.device)
             out = proj(enc).to(embeds.dtype)  # (n, k, D_llm)
             for (b, s), e in zip(mine, out):
@@ -426,7 +427,8 @@ class AlignmentModel(nn.Module):
                     refs = [self.examples[g[0]].outputs[g[1]].media for g in mine]
                     have = [j for j, r in enumerate(refs) if r in self.latents]
                     if have:
-                        noise_sum = noise_sum + self._noise_loss(m, pred[have], [self.latents[refs[j]] for j in have]) * len(have)
+                        lat = [self.latents[refs[j]] for j in have]
+                        noise_sum = noise_sum + self._noise_loss(m, pred[have], lat) * len(have)
                         n_noise += len(have)
             mse = dist_sum / len(group_states)
             parts["mse"] = mse

@@ -51,7 +51,12 @@ def train_on_ray(config: TrainConfig):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from polymodal.training.trainer import TrainError, TrainResult, checkpoint_path, read_metrics
+    from polymodal.training.trainer import (
+        TrainError,
+        TrainResult,
+        checkpoint_path,
+        read_metrics,
+    )
 
     out_dir = Path(config.out_dir).resolve()
     if checkpoint_path(out_dir).exists() and not config.resume:
@@ -68,21 +73,24 @@ def train_on_ray(config: TrainConfig):
         "progress": False,
     })
     own = config.ray_address is None and not ray.is_initialized()
+    connected = False  # we connected this driver to a cluster and disconnect it at the end
     temp_dir = None
     if own:
         # a short path: Ray's unix socket paths must stay under ~107 characters
         temp_dir = tempfile.mkdtemp(prefix="pm-train-", dir="/tmp" if os.path.isdir("/tmp") else None)
-        ray.init(address="local", num_cpus=max(2, config.num_workers), _temp_dir=temp_dir, include_dashboard=False,
+        ray.init(address="local", num_cpus=max(2, config.num_workers * config.cpus_per_worker), _temp_dir=temp_dir,
+                 include_dashboard=False,
                  logging_level=logging.ERROR)
     elif config.ray_address is not None and not ray.is_initialized():
         ray.init(address=config.ray_address)
+        connected = True
     use_gpu = (config.device or "cpu").startswith("cuda")
     try:
         trainer = TorchTrainer(
             _worker_loop,
-            train_loop_config={"config": abs_cfg.model_dump(mode="json"), "threads": 1},
+            train_loop_config={"config": abs_cfg.model_dump(mode="json"), "threads": config.cpus_per_worker},
             scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": 1}),
+                                         resources_per_worker={"CPU": config.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(name="polymodal-train", storage_path=str(out_dir / "ray")),
         )
@@ -91,8 +99,8 @@ def train_on_ray(config: TrainConfig):
         except Exception as e:  # Ray wraps worker errors in its own types
             raise TrainError(f"the Ray Train run failed: {e}") from e
     finally:
-        if own:
-            ray.shutdown()
+        if own or connected:
+            ray.shutdown()  # stops our private cluster, or only disconnects from a given one
     rows = read_metrics(out_dir)
     last = {k: v for k, v in (rows[-1] if rows else {}).items() if k not in ("step", "epoch", "lr", "elapsed_s")}
     step = int(rows[-1]["step"]) if rows else 0

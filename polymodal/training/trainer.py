@@ -31,8 +31,20 @@ from polymodal.config import PresetConfig
 from polymodal.modality import Modality
 from polymodal.presets import get_preset
 from polymodal.training.config import TrainConfig
-from polymodal.training.data import DataFormatError, DataSpec, MediaRef, check_media, read_records
-from polymodal.training.model import AlignmentModel, EncodedExample, SequenceBuilder, SequenceTooLong, TokenRows
+from polymodal.training.data import (
+    DataFormatError,
+    DataSpec,
+    MediaRef,
+    check_media,
+    read_records,
+)
+from polymodal.training.model import (
+    AlignmentModel,
+    EncodedExample,
+    SequenceBuilder,
+    SequenceTooLong,
+    TokenRows,
+)
 from polymodal.training.stages import StageSpec, stage_spec
 
 log = logging.getLogger(__name__)
@@ -58,7 +70,7 @@ class Parts:
     llm: Any  # polymodal.pipeline.LLMStage
     decoders: dict[Modality, Any] = field(default_factory=dict)  # Modality -> DecoderStage
 
-    def fresh_copy(self) -> "Parts":
+    def fresh_copy(self) -> Parts:
         """Copies of everything a run changes (LLM, projectors); encoders and decoders are frozen and shared."""
         llm = copy.copy(self.llm)
         llm.engine = copy.deepcopy(self.llm.engine)
@@ -383,8 +395,8 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
         targets[m] = torch.stack(rows_t).to(dev)
 
     latents: dict[MediaRef, torch.Tensor] = {}
-    for ref in _progress(list(dict.fromkeys(s.media for ex in examples for s in ex.outputs if s.modality in noise_mods)),
-                         "encoding target media", config.progress):
+    rendered = list(dict.fromkeys(s.media for ex in examples for s in ex.outputs if s.modality in noise_mods))
+    for ref in _progress(rendered, "encoding target media", config.progress):
         latents[ref] = _encode_latents(ref, parts.decoders[ref.modality].decoder)
 
     input_rows_train = rows.input_rows.requires_grad
