@@ -5,7 +5,7 @@ Work is cut into shards of ``shard_size`` dialogue indices. :func:`run_shard` is
 and a shard runs the same locally or inside a Ray Data actor (``--ray``). Every random choice and LLM
 seed is a function of ``(seed, dialogue index)``, so the output does not depend on shard size, order,
 workers or interruptions. :func:`finalize` then reads every shard in index order and writes the dataset
-(see ``mosit/README`` section in the project README for the layout and schema).
+(``mosit/README.md`` documents the layout, the schema and the review loop).
 """
 
 from __future__ import annotations

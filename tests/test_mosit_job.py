@@ -383,8 +383,6 @@ def test_openai_backend_retries_with_backoff_and_limits_concurrency():
 
 
 def test_caption_embeddings_come_from_the_decoders_text_encoder():
-    import torch
-
     from mosit.media import DecoderCaptionEncoder
     from polymodal.modality import Modality
     from polymodal.pipeline import build_decoder_stage
