@@ -3,6 +3,17 @@
 Entry points: :func:`train` with a :class:`TrainConfig`, the ``polymodal train`` command
 (:mod:`polymodal.training.cli`), and ``python -m polymodal.training``. See :mod:`.trainer` for the loop,
 :mod:`.data` for the readers, :mod:`.model` for what learns and the losses.
+
+Decoding-side alignment of the ``smol`` preset on CPU (LLM states cached once, then only the output
+projectors learn)::
+
+    polymodal train --stage decode --preset smol \
+        --data /work/shared/data/audiocaps_val.csv --modality audio \
+        --data builtin:image --data builtin:video --max-examples 200 \
+        --token-rows none --max-steps 300 --batch-size 32 --lr 3e-3 --out runs/smol-decode
+    polymodal serve --preset smol --projectors runs/smol-decode/export
+
+(``--data builtin`` alone uses the caption list shipped in :mod:`polymodal.training.captions`.)
 """
 
 from polymodal.training.config import STAGES, DataSource, TrainConfig
