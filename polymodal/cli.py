@@ -136,7 +136,7 @@ def generate(
     from polymodal.types import TextPart, Turn
 
     try:
-        wanted = Modality.parse_list(modalities)
+        wanted = Modality.parse_list([m for m in modalities.split(",") if m.strip().lower() != "text"])
         turns = load_history(history) if history else []
         parts: list = []
         for mod, files in ((Modality.IMAGE, image), (Modality.AUDIO, audio), (Modality.VIDEO, video)):
@@ -286,6 +286,12 @@ def serve(
     _setup_logging(verbose)
     from services.run import serve_main
 
+    try:
+        from polymodal.llm import resolve_device
+
+        resolve_device(device)
+    except ValueError as e:
+        _fail(str(e))
     keys = list(api_key or []) + [k for k in os.environ.get("POLYMODAL_API_KEYS", "").split(",") if k]
     try:
         serve_main(preset, host=host, port=port, address=address, no_ray=no_ray, api_keys=keys or None,

@@ -40,10 +40,21 @@ class LLMLoadError(RuntimeError):
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else CPU."""
+    """``None``/``"auto"`` -> CUDA when available, else CPU.
+
+    Raises:
+        ValueError: an unknown device string, or CUDA asked of a torch build without it.
+    """
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but this torch build has no usable CUDA "
+                         f"(torch {torch.__version__}); install a CUDA torch or use --device cpu")
+    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -486,6 +497,9 @@ class LLMEngine:
                 # hold back a tail that could be the start of a stop string
                 hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
                 safe = len(text) - hold
+                # a character split over several tokens decodes as U+FFFD until complete: hold it back
+                while safe > emitted and text[safe - 1] == "\ufffd":
+                    safe -= 1
                 if safe > emitted:
                     yield StreamEvent(text=text[emitted:safe])
                     emitted = safe

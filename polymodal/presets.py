@@ -166,5 +166,11 @@ def get_preset(name_or_path: str | PresetConfig) -> PresetConfig:
         return PRESETS[name_or_path]()
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
-        return PresetConfig.from_yaml(p.read_text())
+        import yaml
+        from pydantic import ValidationError
+
+        try:
+            return PresetConfig.from_yaml(p.read_text())
+        except (yaml.YAMLError, ValidationError) as e:
+            raise ValueError(f"invalid preset file {p}: {e}") from e
     raise ValueError(f"unknown preset {name_or_path!r}; choose from: {', '.join(PRESETS)} or a .yaml file")

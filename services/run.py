@@ -91,6 +91,8 @@ def serve_main(
 
         updates["modalities"] = Modality.parse_list(list(modalities))
     args = args.model_copy(update=updates)
+    if address is None or no_ray:
+        _check_port_free(host, port)
     stop = stop_event or threading.Event()
     restore = _install_signal_handlers(stop)
     try:
@@ -102,6 +104,23 @@ def serve_main(
         restore()
         if own_store:
             shutil.rmtree(store, ignore_errors=True)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse to start on a port something already listens on (two proxies on one port would split
+    requests between two models, and between keyed and unkeyed servers).
+
+    Raises:
+        ValueError: the port is taken, naming it.
+    """
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        target = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+        if sock.connect_ex((target, port)) == 0:
+            raise ValueError(f"port {port} on {host} is already in use (another polymodal serve?); "
+                             f"stop it or pass --port")
 
 
 def _install_signal_handlers(stop: threading.Event):

@@ -174,3 +174,26 @@ def test_chat_never_emits_signal_tokens(engine):
     text = engine.chat([{"role": "user", "content": "hello"}], max_new_tokens=16, seed=0)
     assert isinstance(text, str)
     assert not any(t in text for t in engine.spec.all_signal_tokens())
+
+
+def test_streaming_never_splits_a_multibyte_character(engine):
+    segs = _segs(engine)
+    text = "cat 🐱 and 日本"
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text.split())  # characters span several byte-level tokens
+    eos = engine.tokenizer.eos_token_id
+    deltas = [ev.text for ev in engine.stream(segs, propose=lambda s, _l: ids[s] if s < len(ids) else eos,
+                                               max_new_tokens=len(ids) + 2) if ev.text]
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) == text
+
+
+def test_cuda_on_a_cpu_build_is_a_clear_error():
+    from polymodal.llm import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="no usable CUDA"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu9")

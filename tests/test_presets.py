@@ -27,3 +27,23 @@ def test_preset_saved_as_yaml_builds_and_generates(tmp_path):
     pipe = AnyToAnyPipeline.from_preset(str(path))
     ans = pipe.generate("draw", modalities=[Modality.IMAGE], seed=0, max_new_tokens=4)
     assert [m.modality for m in ans.media] == [Modality.IMAGE]
+
+
+def test_broken_yaml_preset_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("foo: [\n")
+    with pytest.raises(ValueError, match="invalid preset file"):
+        get_preset(str(bad))
+
+
+def test_serve_refuses_a_port_in_use():
+    import socket
+
+    from services.run import serve_main
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        with pytest.raises(ValueError, match=f"port {port} .* already in use"):
+            serve_main("tiny", port=port, no_ray=True)
