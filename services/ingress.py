@@ -483,7 +483,7 @@ class IngressService:
                         mime, data = await self._media_bytes(c.video_url.url, f"{pp}.video_url.url")
                         parts.append(await self._decode(Modality.VIDEO, data, mime, f"{pp}.video_url.url"))
             if not parts:
-                raise bad_request(f"{p}.content: a {msg.role} message needs content", param=f"{p}.content")
+                raise bad_request(f"{p}.content: {'an' if msg.role[0] in 'aeiou' else 'a'} {msg.role} message needs content", param=f"{p}.content")
             turns.append(Turn(msg.role, tuple(parts)))
         if not turns or turns[-1].role != "user":
             raise bad_request("the last message must be the user's (system messages aside)", param="messages")
@@ -1071,7 +1071,9 @@ def build_app(backend: Backend, settings: ServerSettings | None = None, *, store
 
     @app.get("/v1/models/{model_id}", dependencies=[auth])
     async def get_model(model_id: str):
-        svc.check_model(model_id)
+        if model_id != svc.model_name:  # a missing resource: 404, as OpenAI answers
+            raise APIError(404, f"model {model_id!r} not found; this server serves {svc.model_name!r}",
+                           type="invalid_request_error", param="model_id", code="model_not_found")
         return _model_card(await _describe())
 
     @app.get("/health")

@@ -168,6 +168,8 @@ def test_unknown_model_is_400(app_llm_dec):
     assert r.status_code == 400 and e["param"] == "model" and e["code"] == "model_not_found"
     r = call(app, "POST", "/v1/images/generations", json={"model": "dall-e-3", "prompt": "x"})
     assert r.status_code == 400 and err(r)["param"] == "model"
+    r = call(app, "GET", "/v1/models/gpt-4o")
+    assert r.status_code == 404 and err(r)["code"] == "model_not_found"
 
 
 @pytest.mark.parametrize("fields,param", [
