@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import numpy as np
 
-    from polymodal.config import DecoderConfig, DecoderDefaults
+    from polymodal.config import DecoderDefaults
     from polymodal.pipeline import AnyToAnyPipeline, DecoderStage, as_turns, build_llm_stage
     from polymodal.presets import get_preset
     from polymodal.types import SignalGroup

