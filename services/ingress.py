@@ -118,7 +118,12 @@ def _loc_to_param(loc: tuple) -> str | None:
 
 
 def _validation_error(errors: list[dict]) -> APIError:
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    if not errors:
+        errors = [{"loc": (), "msg": "invalid request"}]
+    bad_json = [e for e in errors if e.get("type") == "json_invalid"]
+    # for a union (content: str | list of parts) pydantic reports one error per member: the deepest
+    # location names the part that is actually wrong
+    first = bad_json[0] if bad_json else max(errors, key=lambda e: len(e.get("loc", ())))
     if first.get("type") == "json_invalid":
         return bad_request(f"the request body is not valid JSON ({first.get('msg', '')})", code="invalid_json")
     param = _loc_to_param(tuple(first.get("loc", ())))

@@ -670,3 +670,13 @@ def test_chunked_body_over_limit_is_413():
 
     r = call(app, "POST", "/v1/chat/completions", content=body(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and err(r)["code"] == "request_too_large" and llm.calls == []
+
+
+def test_a_wrong_content_part_is_named(app_llm_dec):
+    app, _, _ = app_llm_dec
+    body = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                      {"type": "image_url", "image_url": "not-an-object"}]}]}
+    r = call(app, "POST", "/v1/chat/completions", json=body)
+    e = err(r)
+    assert r.status_code == 400
+    assert e["param"].startswith("messages[0].content[1]"), e
