@@ -295,7 +295,7 @@ class TinyEncoder(Encoder):
         window = torch.hann_window(self.N_FFT, device=self.device)
         feats = []
         for x in clips:
-            wave = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+            wave = torch.tensor(np.asarray(x, dtype=np.float32)).to(self.device)
             if wave.shape[0] < self.N_FFT:
                 wave = nn.functional.pad(wave, (0, self.N_FFT - wave.shape[0]))
             spec = torch.stft(wave, self.N_FFT, self.HOP, window=window, return_complex=True).abs().pow(2)
@@ -518,7 +518,7 @@ class ImageBindEncoder(Encoder):
         items = []
         for x in clips:
             sampler = ConstantClipsPerVideoSampler(clip_duration=2, clips_per_video=3)
-            wave = torch.from_numpy(np.ascontiguousarray(x))[None]
+            wave = torch.tensor(np.asarray(x, dtype=np.float32))[None]
             mels = []
             for start_s, end_s in get_clip_timepoints(sampler, wave.shape[1] / rate):
                 piece = wave[:, int(start_s * rate) : int(end_s * rate)]
