@@ -112,27 +112,6 @@ class SignalConfig(_Model):
         return SignalSpec.build(self.counts, self.token_format, self.input_markers)
 
 
-class ChatConfig(_Model):
-    """Serialisable :class:`polymodal.signals.ChatFormat`."""
-
-    system: str = ""
-    system_prefix: str = ""
-    system_suffix: str = ""
-    user_prefix: str = "User: "
-    user_suffix: str = "\n"
-    assistant_prefix: str = "Assistant:"
-    assistant_suffix: str = "\n"
-    stop: tuple[str, ...] = ()
-    add_bos: bool = False
-
-    @classmethod
-    def of(cls, fmt: ChatFormat) -> "ChatConfig":
-        return cls(**fmt.__dict__)
-
-    def format(self) -> ChatFormat:
-        return ChatFormat(**self.model_dump())
-
-
 class GenerationConfig(_Model):
     """LLM decoding defaults and output limits."""
 
@@ -150,7 +129,7 @@ class PresetConfig(_Model):
     description: str = ""
     seed: int = Field(0, ge=0, description="seed of random initialisation of every random part")
     llm: LLMConfig = LLMConfig()
-    chat: ChatConfig = ChatConfig()
+    chat: ChatFormat = ChatFormat()
     signals: SignalConfig = SignalConfig()
     generation: GenerationConfig = GenerationConfig()
     encoders: dict[Modality, EncoderConfig] = {}

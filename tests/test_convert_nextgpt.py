@@ -160,7 +160,7 @@ def test_nextgpt_preset_is_the_released_composition():
     assert len(added) == 38
     assert added[:6] == ("<Img>", "</Img>", "[IMG0]", "[IMG1]", "[IMG2]", "[IMG3]")
     assert added[6] == "[VID0]" and added[29] == "[VID23]" and added[30] == "[AUD0]" and added[37] == "[AUD7]"
-    chat = p.chat.format()
+    chat = p.chat
     assert chat.user_prefix == "### Human: " and chat.assistant_prefix == "### Assistant:" and "###" in chat.stop
     d = {m: c.defaults for m, c in p.decoders.items()}
     assert all(x.guidance_scale == 7.5 and x.num_inference_steps == 50 for x in d.values())

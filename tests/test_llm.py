@@ -16,7 +16,7 @@ IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 @pytest.fixture(scope="module")
 def engine():
     p = get_preset("tiny")
-    return load_llm(p.llm, p.signals.spec(), p.chat.format(), seed=0)
+    return load_llm(p.llm, p.signals.spec(), p.chat, seed=0)
 
 
 def _segs(engine, text="draw something"):
@@ -57,7 +57,7 @@ def _check_states(engine, segs, out):
 def test_each_signal_token_is_one_id_and_groups_are_n_ids(fmt):
     p = get_preset("tiny")
     spec = SignalSpec.build(fmt=fmt)
-    eng = load_llm(p.llm, spec, p.chat.format())
+    eng = load_llm(p.llm, spec, p.chat)
     for m, toks in spec.tokens.items():
         ids = eng.tokenizer.encode(spec.group_string(m), add_special_tokens=False)
         assert len(ids) == len(toks) == spec.count(m)
