@@ -95,6 +95,9 @@ log = logging.getLogger(__name__)
 _PART_KEY = {Modality.IMAGE: "image_url", Modality.AUDIO: "audio_url", Modality.VIDEO: "video_url"}
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 _FINISH = {"stop": "stop", "length": "length"}
+# The images / audio / videos endpoints only need the LLM's short lead-in (returned as revised_prompt) and
+# the group it emits or that is then forced: more text would only delay the medium.
+PROMPT_ENDPOINT_MAX_NEW_TOKENS = 32
 
 
 class ClientGone(Exception):
@@ -562,7 +565,8 @@ class IngressService:
         modality's group required; the first group of that modality is rendered ``n`` times with seeds
         ``seed + k``."""
         base_seed = self._seed(seed)
-        llm = LLMRequest(request_id, (Turn("user", (TextPart(prompt),)),), (modality,), None, None, None, base_seed)
+        llm = LLMRequest(request_id, (Turn("user", (TextPart(prompt),)),), (modality,),
+                         min(PROMPT_ENDPOINT_MAX_NEW_TOKENS, self.limits.max_new_tokens), None, None, base_seed)
         return ChatPlan(request_id, llm, {modality: options}, base_seed, (modality,), fmt,
                         variant_seeds=tuple(base_seed + k for k in range(n)))
 

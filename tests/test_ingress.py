@@ -501,6 +501,9 @@ def test_images_endpoint_b64_and_url(app_llm_dec):
     ims = [Image.open(io.BytesIO(base64.b64decode(d["b64_json"]))) for d in data]
     assert all(im.size == (48, 40) for im in ims) and ims[0].tobytes() != ims[1].tobytes()
     assert llm.calls[-1]["modalities"] == [IMAGE] and "RED FOX" in data[0]["revised_prompt"]
+    from services.ingress import PROMPT_ENDPOINT_MAX_NEW_TOKENS
+
+    assert llm.calls[-1]["max_new_tokens"] == PROMPT_ENDPOINT_MAX_NEW_TOKENS  # a short lead-in, then the group
     r = call(app, "POST", "/v1/images/generations", json={"prompt": "a fox", "response_format": "url"})
     url = r.json()["data"][0]["url"]
     assert url.startswith("http://test/v1/artifacts/") and r.json()["data"][0]["expires_at"] > time.time()
