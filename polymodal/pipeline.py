@@ -16,6 +16,7 @@ in :attr:`polymodal.types.MediaPart.signal_states` for reference.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import time
@@ -203,7 +204,7 @@ class LLMStage:
                 groups.append(item)
             elif isinstance(item, LLMResult):
                 result = item
-        return LLMResult(**{**result.__dict__, "groups": tuple(groups)})
+        return dataclasses.replace(result, groups=tuple(groups))
 
     def chat(self, messages: Sequence[dict[str, str]], **kwargs) -> str:
         """Text-only chat (see :meth:`polymodal.llm.LLMEngine.chat`)."""
