@@ -38,13 +38,15 @@ def data(
     modalities: Annotated[Optional[str], typer.Option(help="comma-separated (default: image,audio,video)")] = None,
     size_px: Annotated[int, typer.Option("--size-px", help="image and video side: 32 or 64")] = 64,
     num_frames: Annotated[int, typer.Option(help="video frames (8..16)", min=8, max=16)] = 8,
+    layout: Annotated[str, typer.Option(help="random (any grey, size, position) or canonical (mid-grey, "
+                                        "centred: what the toy decoders train on)")] = "random",
 ) -> None:
     """Write seeded procedural images, tones and moving-shape videos with captions + catalog.jsonl."""
     from polymodal.toyworld.data import write_dataset
 
     try:
         catalog = write_dataset(out, count=count, seed=seed, modalities=_modalities(modalities), size_px=size_px,
-                                num_frames=num_frames, progress=True)
+                                num_frames=num_frames, layout=layout, progress=True)
     except ValueError as e:
         _fail(str(e))
     typer.echo(str(catalog))

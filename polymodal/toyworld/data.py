@@ -42,6 +42,10 @@ DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 SAMPLE_RATE_HZ = 16000
 IMAGE_SIZES_PX: tuple[int, ...] = (32, 64)
 COLOUR_JITTER = 15
+# "random": any grey, size and position (inputs, grounding); "canonical": mid-grey background, one size band,
+# centred path with 1-2 px jitter (what the toy decoders learn to draw: the attributes, not the layout)
+LAYOUTS: tuple[str, ...] = ("random", "canonical")
+CANONICAL_GREY = 128
 
 _EXT = {Modality.IMAGE: ".png", Modality.AUDIO: ".wav", Modality.VIDEO: ".mp4"}
 _MODALITY_SALT = {Modality.IMAGE: 1, Modality.AUDIO: 2, Modality.VIDEO: 3}
@@ -133,20 +137,40 @@ def draw_shape(canvas: np.ndarray, shape: str, rgb: tuple[int, int, int], x0: fl
     return np.asarray(img, dtype=np.uint8).copy()
 
 
-def _background(rng: np.random.Generator, size_px: int) -> tuple[np.ndarray, int]:
-    grey = int(BACKGROUND_GREYS[rng.integers(len(BACKGROUND_GREYS))])
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from: {', '.join(LAYOUTS)}")
+
+
+def _background(rng: np.random.Generator, size_px: int, layout: str = "random") -> tuple[np.ndarray, int]:
+    grey = CANONICAL_GREY if layout == "canonical" else int(BACKGROUND_GREYS[rng.integers(len(BACKGROUND_GREYS))])
     return np.full((size_px, size_px, 3), grey, dtype=np.uint8), grey
 
 
+def _jitter(rng: np.random.Generator, size_px: int) -> int:
+    j = max(1, size_px // 32)
+    return int(rng.integers(-j, j + 1))
+
+
 def render_image(rng: np.random.Generator, size_px: int = 64, shape: str | None = None,
-                 colour: str | None = None) -> tuple[np.ndarray, dict]:
-    """One image uint8 (size_px, size_px, 3) and its attributes; unspecified attributes are drawn."""
+                 colour: str | None = None, layout: str = "random") -> tuple[np.ndarray, dict]:
+    """One image uint8 (size_px, size_px, 3) and its attributes; unspecified attributes are drawn.
+
+    Raises:
+        ValueError: unknown ``layout`` (see :data:`LAYOUTS`).
+    """
+    _check_layout(layout)
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
-    canvas, grey = _background(rng, size_px)
-    side = int(rng.integers(int(0.35 * size_px), int(0.65 * size_px) + 1))
-    x0 = int(rng.integers(0, size_px - side + 1))
-    y0 = int(rng.integers(0, size_px - side + 1))
+    canvas, grey = _background(rng, size_px, layout)
+    if layout == "canonical":
+        side = int(rng.integers(int(0.55 * size_px), int(0.65 * size_px) + 1))
+        x0 = (size_px - side) // 2 + _jitter(rng, size_px)
+        y0 = (size_px - side) // 2 + _jitter(rng, size_px)
+    else:
+        side = int(rng.integers(int(0.35 * size_px), int(0.65 * size_px) + 1))
+        x0 = int(rng.integers(0, size_px - side + 1))
+        y0 = int(rng.integers(0, size_px - side + 1))
     image = draw_shape(canvas, shape, _colour(rng, colour), x0, y0, side)
     return image, {"shape": shape, "colour": colour, "size_px": side, "x_px": x0, "y_px": y0, "background": grey}
 
@@ -179,20 +203,31 @@ _STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
 def render_video(rng: np.random.Generator, size_px: int = 64, num_frames: int = 8, direction: str | None = None,
-                 shape: str | None = None, colour: str | None = None) -> tuple[np.ndarray, dict]:
-    """One clip uint8 (num_frames, size_px, size_px, 3) of a shape moving in ``direction``, and its attributes."""
+                 shape: str | None = None, colour: str | None = None,
+                 layout: str = "random") -> tuple[np.ndarray, dict]:
+    """One clip uint8 (num_frames, size_px, size_px, 3) of a shape moving in ``direction``, and its attributes.
+
+    Raises:
+        ValueError: unknown ``layout`` (see :data:`LAYOUTS`).
+    """
+    _check_layout(layout)
     direction = direction or DIRECTIONS[rng.integers(len(DIRECTIONS))]
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
-    canvas, grey = _background(rng, size_px)
+    canvas, grey = _background(rng, size_px, layout)
     rgb = _colour(rng, colour)
-    side = int(rng.integers(int(0.25 * size_px), int(0.35 * size_px) + 1))
     travel = 0.45 * size_px
     dx, dy = _STEP[direction]
-    # start so that the whole path stays inside the frame
-    lo_x, hi_x = (travel if dx < 0 else 0), size_px - side - (travel if dx > 0 else 0)
-    lo_y, hi_y = (travel if dy < 0 else 0), size_px - side - (travel if dy > 0 else 0)
-    x0, y0 = float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y))
+    if layout == "canonical":  # one size; the path is centred on the frame
+        side = int(0.3 * size_px)
+        x0 = (size_px - side) / 2 - dx * travel / 2 + _jitter(rng, size_px)
+        y0 = (size_px - side) / 2 - dy * travel / 2 + _jitter(rng, size_px)
+    else:
+        side = int(rng.integers(int(0.25 * size_px), int(0.35 * size_px) + 1))
+        # start so that the whole path stays inside the frame
+        lo_x, hi_x = (travel if dx < 0 else 0), size_px - side - (travel if dx > 0 else 0)
+        lo_y, hi_y = (travel if dy < 0 else 0), size_px - side - (travel if dy > 0 else 0)
+        x0, y0 = float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y))
     frames = []
     for f in range(num_frames):
         u = f / max(num_frames - 1, 1)
@@ -210,13 +245,15 @@ def caption_for(modality: Modality, attributes: dict, rng: np.random.Generator,
 
 
 def make_item(modality: Modality | str, index: int, seed: int = 0, *, size_px: int = 64, num_frames: int = 8,
-              duration_s: float = 1.0) -> ToyItem:
+              duration_s: float = 1.0, layout: str = "random") -> ToyItem:
     """Item ``index`` of ``modality`` (reproducible from ``seed`` and ``index`` alone).
 
     Raises:
-        ValueError: unknown modality, ``size_px`` not in :data:`IMAGE_SIZES_PX`, ``num_frames`` outside 8..16.
+        ValueError: unknown modality or layout, ``size_px`` not in :data:`IMAGE_SIZES_PX`, ``num_frames``
+            outside 8..16.
     """
     modality = Modality.parse(modality)
+    _check_layout(layout)
     if size_px not in IMAGE_SIZES_PX:
         raise ValueError(f"size_px must be one of {IMAGE_SIZES_PX}, got {size_px}")
     if not 8 <= num_frames <= 16:
@@ -224,12 +261,12 @@ def make_item(modality: Modality | str, index: int, seed: int = 0, *, size_px: i
     rng = item_rng(seed, modality, index)
     item_id = f"{modality.value}-{index:05d}"
     if modality is Modality.IMAGE:
-        data, attrs = render_image(rng, size_px)
+        data, attrs = render_image(rng, size_px, layout=layout)
         return ToyItem(item_id, modality, data, caption_for(modality, attrs, rng), attrs)
     if modality is Modality.AUDIO:
         data, attrs = render_audio(rng, duration_s)
         return ToyItem(item_id, modality, data, caption_for(modality, attrs, rng), attrs, sample_rate_hz=SAMPLE_RATE_HZ)
-    data, attrs = render_video(rng, size_px, num_frames)
+    data, attrs = render_video(rng, size_px, num_frames, layout=layout)
     return ToyItem(item_id, modality, data, caption_for(modality, attrs, rng), attrs, fps=8.0)
 
 
@@ -269,7 +306,7 @@ def encode_item(item: ToyItem) -> bytes:
 
 def write_dataset(out_dir: str | Path, *, count: int, seed: int = 0,
                   modalities: Sequence[Modality | str] = tuple(Modality), size_px: int = 64, num_frames: int = 8,
-                  duration_s: float = 1.0, progress: bool = False) -> Path:
+                  duration_s: float = 1.0, layout: str = "random", progress: bool = False) -> Path:
     """Write ``count`` items per modality under ``out_dir`` and ``out_dir/catalog.jsonl``; returns the catalog.
 
     Raises:
@@ -288,7 +325,8 @@ def write_dataset(out_dir: str | Path, *, count: int, seed: int = 0,
         bar = tqdm(total=total, desc="toy data", unit="item")
     for m in mods:
         (out / m.value).mkdir(parents=True, exist_ok=True)
-        for item in iter_items(m, count, seed, size_px=size_px, num_frames=num_frames, duration_s=duration_s):
+        for item in iter_items(m, count, seed, size_px=size_px, num_frames=num_frames, duration_s=duration_s,
+                               layout=layout):
             rel = f"{m.value}/{item.id}{_EXT[m]}"
             (out / rel).write_bytes(encode_item(item))
             rows.append({"id": item.id, "modality": m.value, "path": rel, "caption": item.caption,
