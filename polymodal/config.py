@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from polymodal.grounding.loc import GroundingConfig
 from polymodal.modality import Modality
 from polymodal.signals import ChatFormat, SignalSpec
 
@@ -138,6 +139,10 @@ class PresetConfig(_Model):
     decoders: dict[Modality, DecoderConfig] = {}
     summed_inputs: bool = Field(
         False, description="NExT-GPT 7b_tiva_v0: the media of one segment are summed into one token"
+    )
+    grounding: GroundingConfig | None = Field(
+        None, description="boxes as an output (polymodal.grounding): the answer format and task identifiers; "
+        "None: no grounding"
     )
 
     def to_yaml(self) -> str:

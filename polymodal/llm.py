@@ -221,6 +221,8 @@ class LLMEngine:
         tokenizer: its tokenizer; signal and marker tokens are added here (one id each) and the
             embedding matrix resized.
         spec: the preset's signal spec. chat: the preset's chat format.
+        extra_tokens: more tokens added (one id each) after the signal and marker tokens.
+        never_generate: tokens the model may read but never emits (e.g. task identifiers).
     """
 
     def __init__(
@@ -234,6 +236,8 @@ class LLMEngine:
         source: str,
         seed: int = 0,
         added_tokens: Sequence[str] = (),
+        extra_tokens: Sequence[str] = (),
+        never_generate: Sequence[str] = (),
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -241,8 +245,9 @@ class LLMEngine:
         self.chat_format = chat
         self.init_state = init_state
         self.source = source
-        # ``added_tokens`` first, in order (a checkpoint's vocabulary layout), then the rest, each once
-        wanted = dict.fromkeys([*added_tokens, *spec.all_signal_tokens(), *spec.all_marker_tokens()])
+        # ``added_tokens`` first, in order (a checkpoint's vocabulary layout), then the rest, each once;
+        # ``extra_tokens`` (e.g. grounding tokens, polymodal.grounding) last
+        wanted = dict.fromkeys([*added_tokens, *spec.all_signal_tokens(), *spec.all_marker_tokens(), *extra_tokens])
         new = [t for t in wanted if t not in tokenizer.get_vocab()]
         if new:
             tokenizer.add_special_tokens({"additional_special_tokens": new}, replace_extra_special_tokens=False)
@@ -256,6 +261,7 @@ class LLMEngine:
         self.dtype = next(model.parameters()).dtype
         self.eos_ids = self._eos_ids()
         suppressed = {i for pair in self.marker_ids.values() for i in pair}
+        suppressed |= {self._single_id(t) for t in never_generate}
         if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in self.eos_ids:
             suppressed.add(tokenizer.pad_token_id)
         self._always_suppressed = sorted(suppressed)
@@ -627,7 +633,8 @@ def _tiny_model(cfg: LLMConfig, vocab: int, seed: int) -> nn.Module:
         return LlamaForCausalLM(lc)
 
 
-def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str | torch.device | None = None, seed: int = 0) -> LLMEngine:
+def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str | torch.device | None = None, seed: int = 0,
+             extra_tokens: Sequence[str] = (), never_generate: Sequence[str] = ()) -> LLMEngine:
     """Build the :class:`LLMEngine` of a preset.
 
     ``tiny``: random Llama of ``cfg.tiny`` with the offline tiny tokenizer (declared ``random``).
@@ -646,7 +653,7 @@ def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str 
         tok = tiny_tokenizer(cfg.tiny.vocab_size)
         model = _tiny_model(cfg, len(tok), seed)
         return LLMEngine(model.to(dev, dtype), tok, spec, chat, init_state="random", source="tiny", seed=seed,
-                         added_tokens=cfg.added_tokens)
+                         added_tokens=cfg.added_tokens, extra_tokens=extra_tokens, never_generate=never_generate)
     if not cfg.path:
         raise LLMLoadError("llm.path is required for source='pretrained' (a hub id or a local folder)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -687,4 +694,4 @@ def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str 
     except (OSError, ValueError) as e:
         raise LLMLoadError(f"could not load the LLM from {cfg.path!r}: {e}") from e
     return LLMEngine(model.to(dev), tok, spec, chat, init_state="pretrained", source=cfg.path, seed=seed,
-                     added_tokens=cfg.added_tokens)
+                     added_tokens=cfg.added_tokens, extra_tokens=extra_tokens, never_generate=never_generate)

@@ -68,6 +68,7 @@ class LLMStage:
         self.engine = engine
         self.encoders = encoders
         self.input_projectors = input_projectors
+        self.grounding_parser = preset.grounding.parser() if preset.grounding is not None else None
 
     # ---- prompt ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -118,17 +119,48 @@ class LLMStage:
         flush()
         return segs
 
-    def segments(self, turns: Sequence[Turn], system: str | None = None) -> list[PromptSegment]:
+    def segments(self, turns: Sequence[Turn], system: str | None = None, task: str | None = None) -> list[PromptSegment]:
         """Whole conversation -> prompt segments ending with the assistant prefix.
 
+        ``task``: a grounding task of the preset (``grounding``, ``refer``, ...); its identifier goes into
+        the last user turn just before that turn's first text (after its media), as the instruct stage
+        lays out grounding data (:func:`polymodal.training.data.read_grounding`).
+
         Raises:
-            ValueError: no turns, or the last turn is not the user's.
+            ValueError: no turns, the last turn is not the user's, an unknown task.
         """
         if not turns:
             raise ValueError("the conversation is empty")
         if turns[-1].role != "user":
             raise ValueError("the last message must be the user's")
-        return self.engine.chat_segments([(t.role, self.turn_segments(t)) for t in turns], system=system)
+        per_turn = [(t.role, self.turn_segments(t)) for t in turns]
+        if task is not None:
+            ident = self.task_identifier(task)
+            role, segs = per_turn[-1]
+            at = next((k for k, s in enumerate(segs) if s.text is not None and not s.trusted), len(segs))
+            per_turn[-1] = (role, [*segs[:at], PromptSegment(ident), *segs[at:]])
+        return self.engine.chat_segments(per_turn, system=system)
+
+    def task_identifier(self, task: str) -> str:
+        """Raises:
+            ValueError: this preset has no grounding, or an unknown task (lists the choices)."""
+        if self.preset.grounding is None:
+            raise ValueError(f"task {task!r}: this model has no grounding tasks (its preset has no grounding)")
+        return self.preset.grounding.task_identifier(task)
+
+    def _grounded(self, o, sizes: list[tuple[int, int]]) -> tuple[str, tuple]:
+        """The answer's text without grounding markup, and its boxes: the text token ids decoded with the
+        tags kept, cut at a stop string as the streamed text was, then the preset's parser."""
+        from polymodal.grounding.formats import decode_keeping_tags
+
+        signal = {i for ids in self.engine.signal_ids.values() for i in ids}
+        raw = decode_keeping_tags([i for i in o.generated_ids if i not in signal], self.engine.tokenizer)
+        cut = min((raw.find(s) for s in self.engine.chat_format.stop if s and s in raw), default=-1)
+        raw = raw[:cut] if cut >= 0 else raw
+        if o.finish_reason != "stop":
+            raw = raw.rstrip()
+        out = self.grounding_parser.parse(raw, image_sizes=sizes)
+        return out.text, out.boxes
 
     # ---- generation ------------------------------------------------------------------------------
     def stream(
@@ -143,20 +175,29 @@ class LLMStage:
         should_cancel: Callable[[], bool] | None = None,
         system: str | None = None,
         propose: Callable[[int, torch.Tensor], int | None] | None = None,
+        task: str | None = None,
     ) -> Iterator[TextDelta | SignalGroup | LLMResult]:
         """Stream text deltas and signal groups; the last item is the :class:`LLMResult`.
 
         ``modalities``: media the answer must contain (missing groups are appended, see
-        :mod:`polymodal.llm`). ``None`` options take the preset's defaults.
+        :mod:`polymodal.llm`). ``None`` options take the preset's defaults. ``task``: a grounding task (see
+        :meth:`segments`).
+
+        With a grounding preset the result's ``text`` has the grounding markup removed and ``boxes`` holds
+        the boxes, in pixels of the last image of the conversation (:mod:`polymodal.grounding`); our own
+        tokens are special tokens, so the streamed text never shows them.
 
         Raises:
-            ValueError: a requested modality this model cannot produce; an empty conversation.
+            ValueError: a requested modality this model cannot produce; an empty conversation; an unknown task.
         """
         gen = self.preset.generation
         for m in modalities:
             if m not in self.engine.signal_ids:
                 raise ValueError(f"this model cannot produce {m.value}")
-        segs = self.segments(turns, system=system)
+        segs = self.segments(turns, system=system, task=task)
+        sizes = [(p.data.shape[1], p.data.shape[0]) for t in turns for p in t.parts
+                 if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+        streamed = ""
         index = 0
         for ev in self.engine.stream(
             segs,
@@ -171,28 +212,35 @@ class LLMStage:
             propose=propose,
         ):
             if ev.text:
+                streamed += ev.text
                 yield TextDelta(ev.text)
             elif ev.group is not None:
                 g = ev.group
+                offset = g.text_offset
+                if self.grounding_parser is not None:  # where the medium sits once the markup is removed
+                    prefix = streamed[:offset]
+                    offset += len(self.grounding_parser.parse(prefix, image_sizes=sizes).text) - len(prefix)
                 yield SignalGroup(
                     modality=g.modality,
                     hidden_states=g.hidden_states.numpy().astype(np.float32),
                     token_embeds=g.token_embeds.numpy().astype(np.float32),
                     index=index,
-                    text_offset=g.text_offset,
+                    text_offset=offset,
                     completed=g.completed,
                     forced=g.forced,
                 )
                 index += 1
             elif ev.output is not None:
                 o = ev.output
+                text, boxes = self._grounded(o, sizes) if self.grounding_parser is not None else (o.text, ())
                 yield LLMResult(
-                    text=o.text,
+                    text=text,
                     groups=(),  # already streamed; `generate` fills them
                     prompt_tokens=o.prompt_len,
                     completion_tokens=len(o.generated_ids),
                     finish_reason=o.finish_reason,
                     notes=tuple(o.notes),
+                    boxes=boxes,
                 )
 
     def generate(self, turns: Sequence[Turn], **kwargs) -> LLMResult:
@@ -221,6 +269,8 @@ class LLMStage:
                                            "init_state": getattr(p, "init_state", "random")}
                                  for m, p in self.input_projectors.items()},
             "signal_tokens": {m.value: list(t) for m, t in self.engine.spec.tokens.items()},
+            "grounding": None if self.preset.grounding is None else {
+                "format": self.preset.grounding.format, "tasks": list(self.preset.grounding.tasks)},
         }
 
 
@@ -298,8 +348,10 @@ def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, ex
 
     preset = get_preset(preset)
     dev = resolve_device(device)
+    g = preset.grounding
     engine = load_llm(preset.llm, preset.signals.spec(), preset.chat, device=dev,
-                      seed=_part_seed(preset, "llm"))
+                      seed=_part_seed(preset, "llm"), extra_tokens=g.added_tokens() if g else (),
+                      never_generate=g.never_generated() if g else ())
     if export_dir:
         from polymodal.export import apply_llm_export
 
@@ -407,6 +459,11 @@ class Answer:
     @property
     def media(self) -> list:
         return [p for p in self.parts if not isinstance(p, TextPart)]
+
+    @property
+    def boxes(self) -> tuple:
+        """The answer's boxes (:class:`polymodal.grounding.GroundedPhrase`), with a grounding preset."""
+        return self.llm.boxes
 
 
 def interleave(text: str, groups: Sequence[SignalGroup], media: Sequence[Any]) -> list:

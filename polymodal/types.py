@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from polymodal.grounding.boxes import GroundedPhrase
 from polymodal.modality import Modality
 
 
@@ -80,7 +81,11 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class LLMResult:
-    """What the LLM stage returns for one request."""
+    """What the LLM stage returns for one request.
+
+    ``boxes``: with a grounding preset, the boxes of the answer (pixels of the image the user sent; the
+    grounding markup is removed from ``text``).
+    """
 
     text: str
     groups: tuple[SignalGroup, ...]
@@ -88,3 +93,4 @@ class LLMResult:
     completion_tokens: int
     finish_reason: str  # "stop" | "length" | "signal_loop"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    boxes: tuple[GroundedPhrase, ...] = ()

@@ -85,7 +85,7 @@ class GroundingParser(abc.ABC):
 def decode_keeping_tags(token_ids: Sequence[int], tokenizer) -> str:
     """Decode ids with special tokens kept (tags such as Qwen2-VL's ``<|box_start|>`` are special tokens that
     ``skip_special_tokens=True`` drops)."""
-    return tokenizer.decode(list(token_ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return tokenizer.decode(list(token_ids), skip_special_tokens=False)
 
 
 def _phrase_span(start: int, end: int, replacement: str, raw_phrase: str | None, boxes: list[BoxPx]) -> Span:
