@@ -119,7 +119,8 @@ class LLMStage:
         flush()
         return segs
 
-    def segments(self, turns: Sequence[Turn], system: str | None = None, task: str | None = None) -> list[PromptSegment]:
+    def segments(self, turns: Sequence[Turn], system: str | None = None,
+                 task: str | None = None) -> list[PromptSegment]:
         """Whole conversation -> prompt segments ending with the assistant prefix.
 
         ``task``: a grounding task of the preset (``grounding``, ``refer``, ...); its identifier goes into

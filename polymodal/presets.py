@@ -160,10 +160,10 @@ def _nextgpt(random: bool) -> PresetConfig:
 
 PRESETS: dict[str, Callable[[], PresetConfig]] = {
     "tiny": tiny,
-    "tiny-grounding": tiny_grounding,
     "smol": smol,
     "nextgpt-7b": lambda: _nextgpt(False),
     "nextgpt-7b-random": lambda: _nextgpt(True),
+    "tiny-grounding": tiny_grounding,
 }
 
 

@@ -13,6 +13,18 @@ Endpoints
   the ordered list of parts (``text``, ``image_url``, ``audio_url``, ``video_url``; each medium part also
   carries ``mime_type``, ``seed`` and ``index``) and the first audio also as OpenAI's ``message.audio``
   {id, data (base64 WAV), format, expires_at, transcript}.
+
+  Grounding (a model whose preset has ``grounding``; ``/v1/models`` lists its ``grounding.tasks``): request
+  field ``task`` (e.g. ``"grounding"``, ``"refer"``; its identifier goes before the last user text; an
+  unknown task, or any task on a model without grounding: 400 naming the choices) and ``box_overlay: true``
+  (needs an input image). The answer's boxes come as ``message.boxes``: ``[{"phrase", "box": [x1, y1, x2,
+  y2], "image_index", "text_span"}]`` with ``box`` in pixels of the image the user sent (after its EXIF
+  orientation; 2 decimals, x right, y down), ``image_index`` the image among the request's images (in
+  message order; boxes refer to the last one) and ``text_span`` [start, end) of the phrase in the answer
+  text (or null); the grounding markup is removed from the text. With ``box_overlay`` the content list
+  ends with ``{"type": "image_url", "image_url": {...}, "mime_type": "image/png", "index", "overlay": true,
+  "image_index"}``: that image with the boxes drawn (Pillow). ``message.boxes`` is present (maybe empty)
+  on every answer of a grounding model.
 - ``POST /v1/images/generations``: the prompt goes through the LLM with the image group required; the
   ``n`` images are rendered from that group with seeds ``seed + k`` (one decoder batch).
 - ``POST /v1/audio/generations``: the same for audio (WAV); ``data[k].b64_json`` or ``url``.
@@ -30,7 +42,10 @@ Streaming (``stream: true``) is Server-Sent Events of ``chat.completion.chunk`` 
    plus ``text_offset`` (where it belongs in the text); the first audio also ``delta.audio``
    {id, data, format, expires_at, transcript}. Media chunks have no ``content`` so text-only clients
    ignore them;
-4. ``delta: {}`` with ``finish_reason``; with ``stream_options.include_usage`` a chunk with ``usage``;
+4. with ``box_overlay``, the overlay as a ``delta: {"media": <part>}`` chunk; then ``delta: {}`` with
+   ``finish_reason`` (a grounding model: ``delta: {"boxes": [...]}``, the boxes of the whole answer; the
+   streamed text of our own format never shows grounding tokens, a format whose tags are plain text streams
+   them as written); with ``stream_options.include_usage`` a chunk with ``usage``;
 5. ``data: [DONE]``. A failure after the stream started is sent as ``data: {"error": {...}}`` (the OpenAI
    client raises it) and the stream ends.
 
@@ -70,6 +85,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from polymodal import media_io
 from polymodal.config import DecoderDefaults
+from polymodal.grounding.overlay import overlay_png
 from polymodal.modality import Modality
 from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn
 
@@ -140,6 +156,11 @@ def _medium_of_mime(mime: str) -> Modality | None:
     return Modality(top) if top in ("image", "audio", "video") else None
 
 
+def _images(turns) -> list[MediaPart]:
+    """The input images of a conversation, in message order (what ``image_index`` counts)."""
+    return [p for t in turns for p in t.parts if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+
+
 def _interleave(text: str, media: list[tuple[int, int, Any]]) -> list[Any]:
     """Split ``text`` at each medium's text offset; ``media``: (index, text_offset, part) in any order."""
     parts: list[Any] = []
@@ -167,6 +188,7 @@ class ChatPlan:
     media_format: str
     include_usage: bool = False
     variant_seeds: tuple[int, ...] = ()  # one-medium endpoints: render the first group once per seed
+    box_overlay: bool = False
 
 
 @dataclass
@@ -175,6 +197,7 @@ class ChatOutcome:
     media: list[EncodedMedium]
     result: LLMResult
     groups: list[SignalGroup]
+    overlay: tuple[EncodedMedium, int] | None = None  # (PNG, index of the image it was drawn on)
 
 
 class _Admission:
@@ -546,18 +569,38 @@ class IngressService:
             given: BaseModel | None = getattr(req, m.value)
             overrides = given.model_dump(exclude_unset=True, exclude_none=True) if given is not None else {}
             options[m] = self.decoder_options(m, overrides, f"{m.value}.")
+        self.check_grounding(req)
         turns, system = await self.build_turns(req)
+        if req.box_overlay and not _images(turns):
+            raise bad_request("box_overlay: the messages hold no image to draw the boxes on", param="box_overlay",
+                              code="invalid_value")
         base_seed = self._seed(req.seed)
         return ChatPlan(
             request_id=request_id,
             llm=LLMRequest(request_id, tuple(turns), tuple(requested), max_new, req.temperature, req.top_p,
-                           base_seed, system),
+                           base_seed, system, task=req.task),
             options=options,
             base_seed=base_seed,
             requested=tuple(requested),
             media_format=req.media_format or self.settings.default_media_format,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            box_overlay=req.box_overlay,
         )
+
+    def check_grounding(self, req: ChatCompletionRequest) -> None:
+        """``task`` / ``box_overlay`` need a grounding model; ``task`` one of its tasks.
+
+        Raises:
+            APIError: 400 naming the field (and the tasks to choose from).
+        """
+        grounding = self.backend.preset.grounding
+        for param, asked in (("task", req.task is not None), ("box_overlay", req.box_overlay)):
+            if asked and grounding is None:
+                raise bad_request(f"{param}: this model has no grounding (its preset has no grounding tokens)",
+                                  param=param, code="unsupported_parameter")
+        if req.task is not None and req.task not in grounding.tasks:
+            raise bad_request(f"task: unknown task {req.task!r}; choose from: {', '.join(grounding.tasks)}",
+                              param="task", code="invalid_value")
 
     def plan_prompt(self, prompt: str, modality: Modality, options: DecoderDefaults, seed: int | None, n: int,
                     request_id: str, fmt: str) -> ChatPlan:
@@ -673,8 +716,29 @@ class IngressService:
                 media.append(value)
             else:
                 result, groups = value
+        overlay = await self.overlay(plan, result) if plan.box_overlay else None
         return ChatOutcome(result.text if result is not None and result.text else "".join(text), media, result,
-                           groups)
+                           groups, overlay)
+
+    async def overlay(self, plan: ChatPlan, result: LLMResult) -> tuple[EncodedMedium, int]:
+        """The answer's boxes drawn on the image they refer to (the last image when there are none), as PNG."""
+        images = _images(plan.llm.turns)
+        k = result.boxes[0].image_index if result.boxes else len(images) - 1
+        mine = [b for b in result.boxes if b.image_index == k]
+        png = await asyncio.to_thread(overlay_png, images[k].data, mine)
+        return EncodedMedium(Modality.IMAGE, png, "image/png", "png", seed=0, index=0,
+                             text_offset=len(result.text)), k
+
+    def overlay_part(self, overlay: tuple[EncodedMedium, int], index: int, fmt: str, base_url: str) -> dict[str, Any]:
+        m, k = overlay
+        return {"type": "image_url", "image_url": self.medium_ref(m, fmt, base_url), "mime_type": m.mime_type,
+                "index": index, "overlay": True, "image_index": k}
+
+    @staticmethod
+    def boxes_json(result: LLMResult) -> list[dict[str, Any]]:
+        """``message.boxes``: phrase, box (pixels of the sent image, 2 decimals), image_index, text_span."""
+        return [{"phrase": b.phrase, "box": [round(float(v), 2) for v in b.box_px], "image_index": b.image_index,
+                 "text_span": list(b.text_span) if b.text_span is not None else None} for b in result.boxes]
 
     async def guarded(self, request: Request, work: Awaitable[Any]) -> Any:
         """Run ``work`` under the request timeout, cancelling it if the client disconnects.
@@ -737,6 +801,14 @@ class IngressService:
             audio = next((m for m in sorted(out.media, key=lambda m: m.index) if m.modality is Modality.AUDIO), None)
             if audio is not None:
                 message["audio"] = self.audio_message(audio, out.text)
+        if out.overlay is not None:
+            content = message["content"]
+            if isinstance(content, str):
+                content = [{"type": "text", "text": content.strip()}] if content.strip() else []
+            message["content"] = [*content, self.overlay_part(out.overlay, len(out.media), plan.media_format,
+                                                              base_url)]
+        if self.backend.preset.grounding is not None:
+            message["boxes"] = self.boxes_json(r)
         return {
             "id": plan.request_id,
             "object": "chat.completion",
@@ -801,6 +873,7 @@ class IngressService:
         timer = loop.call_later(self.settings.request_timeout_s, on_timeout)
         first_audio = True
         text: list[str] = []
+        n_media = 0
         try:
             yield self.chunk(plan, created, {"role": "assistant", "content": ""})
             while True:
@@ -815,6 +888,7 @@ class IngressService:
                     text.append(value)
                     yield self.chunk(plan, created, {"content": value})
                 elif kind == "medium":
+                    n_media += 1
                     part = self.medium_part(value, plan.media_format, base_url)
                     part["text_offset"] = value.text_offset
                     delta: dict[str, Any] = {"media": part}
@@ -824,7 +898,13 @@ class IngressService:
                     yield self.chunk(plan, created, delta)
                 else:
                     result, _ = value
-                    yield self.chunk(plan, created, {}, _FINISH.get(result.finish_reason, "stop"))
+                    if plan.box_overlay:
+                        part = self.overlay_part(await self.overlay(plan, result), n_media, plan.media_format,
+                                                 base_url)
+                        part["text_offset"] = len(result.text)
+                        yield self.chunk(plan, created, {"media": part})
+                    last = {"boxes": self.boxes_json(result)} if self.backend.preset.grounding is not None else {}
+                    yield self.chunk(plan, created, last, _FINISH.get(result.finish_reason, "stop"))
                     if plan.include_usage:
                         yield self.chunk(plan, created, None, usage=self.usage(result))
             yield b"data: [DONE]\n\n"
@@ -1071,6 +1151,8 @@ def build_app(backend: Backend, settings: ServerSettings | None = None, *, store
             "decoder_defaults": {m.value: backend.preset.decoders[m].defaults.model_dump()
                                  for m in backend.output_modalities},
             "limits": settings.limits.model_dump(),
+            "grounding": None if backend.preset.grounding is None else {
+                "format": backend.preset.grounding.format, "tasks": list(backend.preset.grounding.tasks)},
             "parts": parts,
         }
 

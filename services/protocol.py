@@ -24,7 +24,8 @@ class LLMRequest:
     """One generation request to the LLM stage.
 
     ``None`` options take the preset's defaults. ``modalities``: media the answer must contain (the LLM
-    appends a forced signal group for any it did not emit).
+    appends a forced signal group for any it did not emit). ``task``: a grounding task of the preset
+    (``grounding``, ``refer``, ...), whose identifier goes before the last user text.
     """
 
     request_id: str
@@ -35,6 +36,7 @@ class LLMRequest:
     top_p: float | None = None
     seed: int | None = None
     system: str | None = None
+    task: str | None = None
 
 
 @dataclass(frozen=True)

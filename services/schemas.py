@@ -108,7 +108,9 @@ class ChatCompletionRequest(_Req):
 
     Extensions: ``image`` / ``audio`` / ``video`` generation options, ``media_format`` (``inline`` data URLs
     or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``, ``audio``, ``video``; each
-    requested medium is produced or the request is refused with 400.
+    requested medium is produced or the request is refused with 400. With a grounding model: ``task`` (one
+    of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also return the image
+    with the answer's boxes drawn).
     """
 
     model: str
@@ -126,6 +128,8 @@ class ChatCompletionRequest(_Req):
     audio: AudioOptions | None = None
     video: VideoOptions | None = None
     media_format: Literal["inline", "url"] | None = None
+    task: str | None = Field(None, max_length=64, description="a grounding task (see /v1/models: grounding.tasks)")
+    box_overlay: bool = Field(False, description="also return the input image with the answer's boxes drawn")
     user: str | None = None
     # OpenAI fields this server cannot honour: refused (400) when set to anything but their neutral value.
     response_format: dict | None = None

@@ -40,7 +40,7 @@ class LLMWorker:
 
     Args:
         stage: object with ``stream(turns, *, modalities, max_new_tokens, temperature, top_p, seed,
-            should_cancel, system)`` yielding ``TextDelta | SignalGroup`` and finally ``LLMResult``.
+            should_cancel, system, task)`` yielding ``TextDelta | SignalGroup`` and finally ``LLMResult``.
         max_concurrency: generations run at once (the model is shared; 1 keeps the KV cache loop simple).
     """
 
@@ -66,6 +66,8 @@ class LLMWorker:
                 )
                 if req.system is not None:
                     kwargs["system"] = req.system
+                if req.task is not None:
+                    kwargs["task"] = req.task
                 for item in self.stage.stream(list(req.turns), **kwargs):
                     put(item)
                     if cancel.is_set():

@@ -39,7 +39,15 @@ import re
 from collections.abc import Sequence
 from typing import ClassVar
 
-from polymodal.grounding.boxes import BoxPx, GroundingOutput, Span, assemble, box_from_fractions, last_image
+from polymodal.grounding.boxes import (
+    BoxPx,
+    GroundedPhrase,
+    GroundingOutput,
+    Span,
+    assemble,
+    box_from_fractions,
+    last_image,
+)
 from polymodal.grounding.loc import LocGrid
 
 ImageSizes = Sequence[tuple[int, int]]
@@ -176,7 +184,6 @@ class Kosmos2Parser(GroundingParser):
         where = last_image(image_sizes)
         if where is None:
             return GroundingOutput(text)
-        from polymodal.grounding.boxes import GroundedPhrase
         from transformers.models.kosmos2.processing_kosmos2 import clean_text_and_extract_entities_with_bboxes
 
         caption = text.split("</image>")[-1]  # as post_process_generation does

@@ -137,7 +137,7 @@ class GroundingConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "GroundingConfig":
+    def _check(self) -> GroundingConfig:
         if "{i}" not in self.loc_token:
             raise ValueError("loc_token must contain {i}")
         for name, ident in self.tasks.items():

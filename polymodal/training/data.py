@@ -30,6 +30,9 @@ Readers (registry :data:`READERS`; ``format="auto"`` picks one from the file's s
 - ``jsonl``: one ``{"path"?, "caption", "modality"}`` object per line (``path`` relative to the file).
 - ``captions``: a caption per line (``.txt``) or a CSV with a ``caption`` column; needs a modality.
 - ``builtin``: the caption list shipped in :mod:`polymodal.training.captions` (path ``builtin``).
+- ``grounding``: RefCOCO-style rows, one ``{"image", "phrase", "box", "box_format", "task"?, "question"?}``
+  per line (``.jsonl``) or a JSON list; see :func:`read_grounding`. Each becomes an instruct dialogue whose
+  answer is the phrase and its boxes in the preset's location tokens (:mod:`polymodal.grounding.loc`).
 
 A row whose medium is needed (see :func:`check_media`) but missing raises :class:`MissingMediaError`
 naming the file, the row and the path.
@@ -97,11 +100,35 @@ class CaptionPair:
 
 
 @dataclass(frozen=True)
+class TaskRef:
+    """A grounding task identifier in a user message (``grounding``, ``refer``, ...): the preset's identifier
+    token goes there, as :meth:`polymodal.pipeline.LLMStage.segments` puts it at inference."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class GroundedSpan:
+    """An answer part: a phrase and its boxes, written in the preset's grounding tokens when the sequence is
+    built (``<p>phrase</p><loc_a><loc_b>...``), so the data does not depend on the grid size.
+
+    Attributes:
+        phrase: the words. boxes_px: (x1, y1, x2, y2) boxes in pixels of the image.
+        image_size: (width_px, height_px) of the image the boxes are in.
+    """
+
+    phrase: str
+    boxes_px: tuple[tuple[float, float, float, float], ...]
+    image_size: tuple[int, int]
+
+
+@dataclass(frozen=True)
 class Message:
-    """``role`` is ``"user"`` or ``"assistant"``; ``parts`` are ``str`` and :class:`MediaRef` in order."""
+    """``role`` is ``"user"`` or ``"assistant"``; ``parts`` are ``str``, :class:`MediaRef` and, in grounding
+    data, :class:`TaskRef` (user) and :class:`GroundedSpan` (assistant), in order."""
 
     role: str
-    parts: tuple[str | MediaRef, ...]
+    parts: tuple[str | MediaRef | TaskRef | GroundedSpan, ...]
 
 
 @dataclass(frozen=True)
@@ -445,6 +472,98 @@ def read_captions(path: Path, spec: DataSpec) -> list[Record]:
     return out
 
 
+_BOX_FORMATS = ("xyxy", "xywh")
+
+
+def _rows(path: Path) -> list[tuple[str, object]]:
+    """(where, record) of a JSONL file (one object per line) or a JSON list."""
+    if path.suffix.lower() != ".jsonl":
+        return [(_row(path, i), rec) for i, rec in enumerate(_load_json_list(path))]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"cannot read {path}: {e}") from e
+    out = []
+    for i, line in enumerate(lines):
+        if line.strip():
+            try:
+                out.append((f"{path} line {i + 1}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{path} line {i + 1}: not valid JSON: {e}") from e
+    return out
+
+
+def _first_jsonl_record(path: Path) -> object:
+    """The first record of a JSONL file (``None`` if unreadable: its reader reports the problem)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    return json.loads(line)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return None
+
+
+def read_grounding(path: Path, spec: DataSpec) -> list[Record]:
+    """RefCOCO-style grounding rows -> instruct dialogues.
+
+    A row: ``{"image": path, "phrase": "the red square", "box": [x1, y1, x2, y2] (or a list of boxes),
+    "box_format": "xyxy" | "xywh", "task"?: "grounding", "question"?: "where is {phrase}?", "width"?,
+    "height"?}``. Boxes are in pixels of the image; ``box_format`` is required (``xywh`` is COCO's
+    [x, y, width, height], RefCOCO's native form). The image size comes from ``width``/``height`` or from the
+    file's header. The dialogue: user ``[image, TaskRef(task), question]``, assistant
+    ``[GroundedSpan(phrase, boxes)]`` (the preset's tokens, e.g. ``<p>the red square</p><loc_a><loc_b>``).
+
+    Raises:
+        DataFormatError: a missing field, an unknown box format, a box outside its image (names the row).
+        MissingMediaError: the image file is missing and no size is given.
+    """
+    out: list[Record] = []
+    for where, rec in _rows(path):
+        if not isinstance(rec, dict):
+            raise DataFormatError(f"{where}: expected an object")
+        image = _resolve(_need(rec, "image", where), path, spec, IMAGE)
+        phrase = _need(rec, "phrase", where).strip()
+        if not phrase:
+            raise DataFormatError(f"{where}: empty phrase")
+        fmt = rec.get("box_format")
+        if fmt not in _BOX_FORMATS:
+            raise DataFormatError(f"{where}: box_format must be one of {', '.join(_BOX_FORMATS)} (pixels; xywh is "
+                                  f"COCO's [x, y, width, height]), got {fmt!r}")
+        box = _need(rec, "box", where, (list,))
+        boxes = box if box and all(isinstance(b, list) for b in box) else [box]
+        if "width" in rec or "height" in rec:
+            w, h = _need(rec, "width", where, (int,)), _need(rec, "height", where, (int,))
+        else:
+            if image is None or not image.is_file():
+                raise MissingMediaError(f"{where}: image file not found: {image}")
+            from PIL import Image, UnidentifiedImageError
+
+            try:
+                with Image.open(image) as im:
+                    w, h = im.size
+            except (OSError, UnidentifiedImageError) as e:
+                raise DataFormatError(f"{where}: cannot read the image {image}: {e}") from e
+        xyxy = []
+        for b in boxes:
+            if len(b) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in b):
+                raise DataFormatError(f"{where}: a box is 4 numbers, got {b!r}")
+            x1, y1, a, c = (float(v) for v in b)
+            x2, y2 = (x1 + a, y1 + c) if fmt == "xywh" else (a, c)
+            if not (0 <= x1 <= x2 <= w and 0 <= y1 <= y2 <= h):
+                raise DataFormatError(f"{where}: box {b} ({fmt}) is not inside the {w}x{h} image")
+            xyxy.append((x1, y1, x2, y2))
+        task = rec.get("task", "grounding")
+        question = rec.get("question", "where is {phrase}?")
+        if not isinstance(task, str) or not isinstance(question, str):
+            raise DataFormatError(f"{where}: task and question must be strings")
+        user = (MediaRef(IMAGE, image), TaskRef(task), question.replace("{phrase}", phrase))
+        answer = (GroundedSpan(phrase, tuple(xyxy), (int(w), int(h))),)
+        out.append(Dialogue((Message("user", user), Message("assistant", answer)), where))
+    return out
+
+
 def read_builtin(path: Path, spec: DataSpec) -> list[Record]:
     """The shipped caption list (:data:`polymodal.training.captions.BUILTIN_CAPTIONS`)."""
     from polymodal.training.captions import BUILTIN_CAPTIONS
@@ -466,6 +585,7 @@ READERS: dict[str, Callable[[Path, DataSpec], list[Record]]] = {
     "jsonl": read_jsonl,
     "captions": read_captions,
     "builtin": read_builtin,
+    "grounding": read_grounding,
 }
 _FORMAT_MODALITY = {"cc3m": IMAGE, "webvid": VIDEO, "audiocap": AUDIO}
 
@@ -478,7 +598,8 @@ def detect_format(path: Path) -> str:
     """
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return "jsonl"
+        first = _first_jsonl_record(path)
+        return "grounding" if isinstance(first, dict) and {"phrase", "box"} <= set(first) else "jsonl"
     if suffix in (".csv", ".txt"):
         return "captions"
     body = _load_json_list(path)
@@ -486,6 +607,8 @@ def detect_format(path: Path) -> str:
     if not isinstance(first, dict):
         raise DataFormatError(f"{path}: records must be JSON objects")
     keys = set(first)
+    if {"phrase", "box"} <= keys:
+        return "grounding"
     if keys & {f"{m.value}_list" for m in Modality}:
         return "mosit"
     if keys & {f"input_{m.value}" for m in Modality}:

@@ -25,7 +25,7 @@ from torch import nn
 
 from polymodal.llm import LLMEngine, PromptSegment
 from polymodal.modality import Modality
-from polymodal.training.data import Dialogue, MediaRef
+from polymodal.training.data import Dialogue, GroundedSpan, MediaRef, TaskRef
 
 log = logging.getLogger(__name__)
 
@@ -179,20 +179,42 @@ class SequenceBuilder:
     the preset's chat format; media between their begin / end markers), with CE labels on the assistant's
     text, signal groups and turn suffix.
 
+    Grounding parts (:class:`TaskRef`, :class:`GroundedSpan`) are written in the preset's own grounding tokens
+    (``grounding``, format ``loc``): the task identifier, and ``<p>phrase</p><loc_a><loc_b>...`` with the
+    phrase tokenized as untrusted text.
+
     Args:
         engine: the LLM engine. k_tokens: per input modality, the input projector's k.
         max_tokens: longest sequence; longer dialogues raise :class:`SequenceTooLong`.
+        grounding: the preset's :class:`polymodal.grounding.GroundingConfig` (grounding data needs it).
     """
 
-    def __init__(self, engine: LLMEngine, k_tokens: dict[Modality, int], max_tokens: int):
+    def __init__(self, engine: LLMEngine, k_tokens: dict[Modality, int], max_tokens: int, grounding=None):
         self.engine = engine
         self.k_tokens = k_tokens
         self.max_tokens = max_tokens
+        self.grounding = grounding
         tok = engine.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
     def _text(self, text: str, trusted: bool) -> list[int]:
         return self.engine.tokenize_segment(PromptSegment(text, trusted=trusted)) if text else []
+
+    def _grounding(self, part: TaskRef | GroundedSpan, source: str) -> list[int]:
+        g = self.grounding
+        if g is None or g.format != "loc":
+            raise ValueError(f"{source}: grounding data needs a preset with our grounding tokens "
+                             f"(preset.grounding with format 'loc')")
+        if isinstance(part, TaskRef):
+            try:
+                return self._text(g.task_identifier(part.name), True)
+            except ValueError as e:
+                raise ValueError(f"{source}: {e}") from None
+        grid = g.grid()
+        w, h = part.image_size
+        boxes = "".join(grid.encode_box(b, w, h) for b in part.boxes_px)
+        return [*self._text(grid.phrase_markers[0], True), *self._text(part.phrase, False),
+                *self._text(grid.phrase_markers[1] + boxes, True)]
 
     def build(self, dialogue: Dialogue) -> EncodedExample:
         """Raises:
@@ -219,6 +241,9 @@ class SequenceBuilder:
             for part in msg.parts:
                 if isinstance(part, str):
                     add(self._text(part, False), not user)
+                    continue
+                if isinstance(part, (TaskRef, GroundedSpan)):
+                    add(self._grounding(part, dialogue.source), not user)
                     continue
                 m = part.modality
                 if user:

@@ -19,7 +19,8 @@ class StageSpec:
 
     Attributes:
         input_projectors / output_projectors / lora: whether those learn.
-        token_kinds: which new token rows may learn (``signal``, ``marker``), as ``token_rows`` allows.
+        token_kinds: which new token rows may learn (``signal``, ``marker``, ``grounding``: the preset's
+            grounding tokens, when the data holds grounding parts), as ``token_rows`` allows.
         to_dialogue: record -> dialogue for this stage, or ``None`` to skip the record.
         needs_input_files: input media are read (encoders).
     """
@@ -74,7 +75,7 @@ def _instruct_dialogue(rec: Record, cfg: TrainConfig) -> Dialogue | None:
 STAGE_SPECS: dict[str, StageSpec] = {
     "encode": StageSpec("encode", True, False, False, ("marker",), _encode_dialogue),
     "decode": StageSpec("decode", False, True, False, ("signal",), _decode_dialogue),
-    "instruct": StageSpec("instruct", True, True, True, ("signal", "marker"), _instruct_dialogue),
+    "instruct": StageSpec("instruct", True, True, True, ("signal", "marker", "grounding"), _instruct_dialogue),
 }
 
 

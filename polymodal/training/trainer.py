@@ -34,7 +34,9 @@ from polymodal.training.config import TrainConfig
 from polymodal.training.data import (
     DataFormatError,
     DataSpec,
+    GroundedSpan,
     MediaRef,
+    TaskRef,
     check_media,
     read_records,
 )
@@ -342,6 +344,9 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
         tokens += [t for m in out_mods for t in sig.tokens[m]]
     if "marker" in spec.token_kinds:
         tokens += [t for m in in_mods for t in sig.input_markers[m]]
+    if "grounding" in spec.token_kinds and preset.grounding is not None and any(
+            isinstance(p, (TaskRef, GroundedSpan)) for d in dialogues for msg in d.messages for p in msg.parts):
+        tokens += preset.grounding.added_tokens()
     if not tokens:  # nothing of this kind: hold the output signal rows, frozen
         tokens = [t for m in out_mods for t in sig.tokens[m]]
     rows = TokenRows(engine, tokens, train_input=config.token_rows == "all", train_output=config.token_rows != "none")
@@ -350,7 +355,7 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
     rows.to(dev)
 
     builder = SequenceBuilder(engine, {m: p.num_tokens for m, p in parts.llm.input_projectors.items()},
-                              config.max_tokens)
+                              config.max_tokens, grounding=preset.grounding)
     examples: list[EncodedExample] = []
     skipped = 0
     for d in dialogues:
