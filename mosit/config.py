@@ -1,13 +1,17 @@
 """The job's configuration (pydantic, read from YAML): topics, modes, catalog, dialogue LLM, limits.
 
-Relative paths in a config file are relative to the file's folder. :func:`load_config` raises
-:class:`ConfigError` with every problem listed (the CLI prints it and exits non-zero).
+Relative paths in a config file are relative to the file's folder. ``${NAME}`` in any string value is
+replaced by the environment variable ``NAME`` (e.g. ``catalog: {path: ${TOYWORLD_DATA}/catalog.jsonl}``; an
+unset one is an error). :func:`load_config` raises :class:`ConfigError` with every problem listed (the CLI
+prints it and exits non-zero).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -238,14 +242,41 @@ def _resolve(base: Path, p: str | None) -> str | None:
     return str(q if q.is_absolute() else (base / q).resolve())
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(data: Any, where: str = "", missing: list[str] | None = None) -> Any:
+    """``data`` with ``${NAME}`` in every string replaced by ``os.environ["NAME"]``; unset names are appended
+    to ``missing`` as ``"NAME (at key.path)"`` and left as they are."""
+    missing = [] if missing is None else missing
+    if isinstance(data, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k), missing) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, f"{where}[{i}]", missing) for i, v in enumerate(data)]
+    if isinstance(data, str):
+        def sub(m: re.Match) -> str:
+            if m.group(1) in os.environ:
+                return os.environ[m.group(1)]
+            missing.append(f"{m.group(1)} (at {where or 'top level'})")
+            return m.group(0)
+
+        return _ENV_REF.sub(sub, data)
+    return data
+
+
 def parse_config(data: Any, base_dir: str | Path = ".") -> MositConfig:
-    """Validate a config mapping; relative paths are resolved against ``base_dir``.
+    """Validate a config mapping; ``${NAME}`` references are expanded from the environment; relative paths
+    are resolved against ``base_dir``.
 
     Raises:
-        ConfigError: listing every problem.
+        ConfigError: listing every problem (an unset environment variable included).
     """
     if not isinstance(data, dict):
         raise ConfigError(f"a MosIT config must be a mapping, got {type(data).__name__}")
+    missing: list[str] = []
+    data = expand_env(data, missing=missing)
+    if missing:
+        raise ConfigError("unset environment variable(s) in the MosIT config: " + ", ".join(missing))
     try:
         cfg = MositConfig.model_validate(data)
     except ValidationError as e:
