@@ -240,11 +240,15 @@ def presets_cmd(
 
     if name is None:
         for n, fn in PRESETS.items():
-            typer.echo(f"{n:20s} {fn().description}")
+            try:
+                desc = fn().description
+            except FileNotFoundError as e:  # a preset whose files are not here (the toy build)
+                desc = f"(not available: {e})"
+            typer.echo(f"{n:20s} {desc}")
         return
     try:
         typer.echo(get_preset(name).to_yaml())
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 
 

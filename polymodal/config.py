@@ -121,6 +121,10 @@ class GenerationConfig(_Model):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_outputs: int = Field(2, ge=1, le=8, description="at most this many media per modality per answer")
     max_signal_run: int = Field(3, ge=1, description="stop after this many complete groups in a row")
+    prompt_lead_in_tokens: int = Field(
+        32, ge=0, le=4096,
+        description="images / audio / videos endpoints: at most this many answer tokens before the requested group "
+        "is forced (0: the group opens the answer, as the decode stage trains it)")
 
 
 class PresetConfig(_Model):
@@ -143,6 +147,10 @@ class PresetConfig(_Model):
     grounding: GroundingConfig | None = Field(
         None, description="boxes as an output (polymodal.grounding): the answer format and task identifiers; "
         "None: no grounding"
+    )
+    export_dir: str | None = Field(
+        None, description="an export of trained parts (polymodal.export) this preset always loads; an export "
+        "given at load time (--projectors) replaces it"
     )
 
     def to_yaml(self) -> str:

@@ -339,7 +339,7 @@ def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, ex
     """Load the LLM, encoders and input projectors of a preset.
 
     ``export_dir``: an export of trained parts (:mod:`polymodal.export`): input projectors, new token
-    rows and a LoRA adapter, each loaded strictly when present.
+    rows and a LoRA adapter, each loaded strictly when present (default: the preset's own ``export_dir``).
 
     Raises:
         polymodal.llm.LLMLoadError, ProjectorLoadError, and the encoders' load errors.
@@ -348,6 +348,7 @@ def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, ex
     from projectors import build_input_projector
 
     preset = get_preset(preset)
+    export_dir = export_dir or preset.export_dir
     dev = resolve_device(device)
     g = preset.grounding
     engine = load_llm(preset.llm, preset.signals.spec(), preset.chat, device=dev,
@@ -380,7 +381,8 @@ def build_decoder_stage(
     """Load one modality's output projector and decoder.
 
     ``d_llm`` defaults to the preset LLM's hidden size (read from its config without loading weights for
-    tiny LLMs; pass it when known). ``export_dir``: ``output_{modality}.safetensors`` exports.
+    tiny LLMs; pass it when known). ``export_dir``: ``output_{modality}.safetensors`` exports (default: the
+    preset's own ``export_dir``).
 
     Raises:
         ValueError: the preset has no decoder for the modality. decoders.DecoderLoadError, ProjectorLoadError.
@@ -389,6 +391,7 @@ def build_decoder_stage(
     from projectors import build_output_projector
 
     preset = get_preset(preset)
+    export_dir = export_dir or preset.export_dir
     if modality not in preset.decoders or modality not in preset.output_projectors:
         raise ValueError(f"preset {preset.name!r} has no {modality.value} decoder")
     dev = resolve_device(device)

