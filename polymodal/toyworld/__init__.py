@@ -10,11 +10,15 @@
   Not trained: the audio vocoder (a ``SpeechT5HifiGan`` whose weights are set to overlap-add sinusoids at
   200 Hz-spaced bins; a HiFi-GAN trained from scratch costs far more than this CPU budget), so the audio
   VAE's "mel spectrogram" is a 16-bin sinusoid-amplitude spectrogram (:func:`~polymodal.toyworld.train.tone_spectrogram`).
+- :mod:`polymodal.toyworld.encoder`: the toy image encoder (input side), a tiny transformers ``CLIPModel``
+  trained contrastively on toy image-caption pairs, loaded as encoder kind ``clip`` by
+  ``polymodal.encoders.build_encoder(Modality.IMAGE, encoder_config(OUT))``.
 - :mod:`polymodal.toyworld.evaluate`: checker scores on procedural data and on a decoder's output.
 
 Deterministic rebuild (cached by config hash; one torch thread)::
 
     polymodal toyworld data --out toy/data --count 2400 --seed 0 --modalities image,audio,video
     polymodal toyworld train-decoders --data toy/data --out toy/decoders
+    polymodal toyworld train-encoder --data toy/data --out toy/encoders
     polymodal toyworld score-decoder --out toy/decoders --modality image --n 48
 """

@@ -72,6 +72,24 @@ def train_decoders(
         typer.echo(f"{name}: {out / entry['path']} {entry['figures']}")
 
 
+@app.command("train-encoder")
+def train_encoder(
+    data: Annotated[Path, typer.Option("--data", help="folder written by `toyworld data` (random layout)")],
+    out: Annotated[Path, typer.Option("--out", help="folder for image/ (a CLIPModel) and toyworld-encoders.json")],
+    step_scale: Annotated[float, typer.Option(help="multiply the step count (quick trials)", min=1e-6, max=100)] = 1.0,
+    force: Annotated[bool, typer.Option("--force", help="retrain even if the config hash matches")] = False,
+) -> None:
+    """Train the toy image encoder (a tiny CLIP) from scratch; load it as encoder kind `clip` from OUT/image."""
+    from polymodal.toyworld.encoder import train_encoders
+
+    try:
+        manifest = train_encoders(data, out, step_scale=step_scale, force=force, progress=True)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    for name, entry in manifest["encoders"].items():
+        typer.echo(f"{name}: {out / entry['path']} (kind {entry['kind']}, dim {entry['dim']}) {entry['figures']}")
+
+
 @app.command()
 def check(
     data: Annotated[Path, typer.Option("--data", help="folder written by `toyworld data`")],
