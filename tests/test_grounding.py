@@ -157,6 +157,10 @@ def test_qwen2_vl_from_token_ids():
     assert boxes_of(out) == [("dog", (64.0, 96.0, 192.0, 192.0)), ("dog", (448.0, 240.0, 576.0, 480.0))]
     assert out.text == "The dog runs, <|object_ref_start|>a cat<|object_ref_end|><|box_start|>(5,5)<|box_end|> sleeps"
     assert parse_grounding("qwen2-vl", text, image_sizes=SIZES).boxes == out.boxes  # same from text
+    # a referring answer: the box alone, on a portrait image (480 x 640): x * 0.48, y * 0.64
+    ids = tok("<|box_start|>(250,125),(750,1000)<|box_end|>", add_special_tokens=False)["input_ids"]
+    out = build_parser("qwen2-vl").parse(token_ids=ids, tokenizer=tok, image_sizes=[(480, 640)])
+    assert boxes_of(out) == [("", (120.0, 80.0, 360.0, 640.0))] and out.text == ""
 
 
 def test_shikra_frame_is_the_padded_square():
