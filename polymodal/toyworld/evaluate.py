@@ -114,3 +114,64 @@ def score_decoder(decoder, n: int = 48, seed: int = 0, options=None) -> Score:
             else:
                 readings.append(checkers.check(modality, m.data, sample_rate_hz=m.sample_rate_hz))
     return score_readings(modality, readings, [a for _, a in prompts])
+
+
+def _empty_reading(modality: Modality):
+    return {Modality.IMAGE: checkers.ImageReading(None, None), Modality.AUDIO: checkers.AudioReading(None, None),
+            Modality.VIDEO: checkers.VideoReading(None)}[modality]
+
+
+def read_media(modality: Modality, media) -> list:
+    """Checker readings of decoder outputs (a failed item, without ``data``, reads as nothing)."""
+    return [checkers.check(modality, m.data, sample_rate_hz=getattr(m, "sample_rate_hz", None))
+            if getattr(m, "data", None) is not None else _empty_reading(modality) for m in media]
+
+
+def derangement(n: int, seed: int = 0) -> list[int]:
+    """A permutation of range(n) with no fixed point (n >= 2): request i gets the states of request perm[i]."""
+    import numpy as np
+
+    if n < 2:
+        raise ValueError("shuffling needs at least 2 requests")
+    rng = np.random.default_rng(seed)
+    while True:
+        perm = rng.permutation(n)
+        if not (perm == np.arange(n)).any():
+            return [int(x) for x in perm]
+
+
+def score_pipeline(pipe, modality: Modality | str, prompts: list[tuple[str, dict]], *, seed: int = 0,
+                   shuffle: bool = False, batch_size: int = 8, max_new_tokens: int | None = None,
+                   progress: bool = False) -> Score:
+    """Ask an :class:`~polymodal.pipeline.AnyToAnyPipeline` for each (request, attributes) and score its media.
+
+    Each request goes through the LLM stage with ``modality`` required (lead-in ``max_new_tokens``, default
+    the preset's ``prompt_lead_in_tokens``), the first group of that modality through the decoder stage.
+    ``shuffle=True`` is the control: request i is rendered from the signal states of another request (a
+    derangement), so a score above chance there would mean information reaching the medium around the
+    states.
+    """
+    from polymodal.types import TextPart, Turn
+
+    modality = Modality.parse(modality)
+    gen = pipe.preset.generation
+    lead = gen.prompt_lead_in_tokens if max_new_tokens is None else max_new_tokens
+    groups = []
+    it = prompts
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(prompts, desc=f"{modality.value} requests (LLM)")
+    for k, (text, _) in enumerate(it):
+        result = pipe.llm_stage.generate([Turn("user", (TextPart(text),))], modalities=[modality],
+                                         max_new_tokens=lead, seed=seed + k)
+        groups.append(next(g for g in result.groups if g.modality is modality))
+    if shuffle:
+        perm = derangement(len(groups), seed)
+        groups = [groups[j] for j in perm]
+    stage = pipe.decoder_stages[modality]
+    readings = []
+    for i in range(0, len(groups), batch_size):
+        chunk = groups[i:i + batch_size]
+        readings += read_media(modality, stage.render(chunk, [seed + i + k for k in range(len(chunk))]))
+    return score_readings(modality, readings, [a for _, a in prompts])
