@@ -1,4 +1,4 @@
-"""The toy-world MosIT build (examples/toyworld/mosit.yaml with polymodal.toyworld.mosit:ToyDialogueWriter) on a
+"""The toy-world MosIT build (polymodal/toyworld/mosit.yaml with polymodal.toyworld.mosit:ToyDialogueWriter) on a
 36-item toy catalog: real all-MiniLM-L6-v2 retrieval, records read back by the instruct stage's reader."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from polymodal.toyworld.mosit import ToyDialogueWriter, load_toy_captions, parse
 from polymodal.training.data import DataSpec, MediaRef, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "examples" / "toyworld" / "mosit.yaml"
+CONFIG = ROOT / "polymodal" / "toyworld" / "mosit.yaml"
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 # the words that name each attribute's values, per modality ("square" is a shape and a timbre)
 VOCAB: dict[Modality, dict[str, tuple[str, ...]]] = {

@@ -1,6 +1,6 @@
 """The toy world's MosIT dialogue writer: no model, milliseconds per dialogue, toy-world phrasings only.
 
-Use it in a MosIT config (``examples/toyworld/mosit.yaml``)::
+Use it in a MosIT config (``polymodal/toyworld/mosit.yaml``)::
 
     llm: {kind: factory, factory: "polymodal.toyworld.mosit:ToyDialogueWriter", strategy: whole,
           options: {catalog: /abs/path/catalog.jsonl}}
