@@ -81,10 +81,11 @@ def toy_preset(root: str | Path | None = None, *, aligned: bool = True) -> Prese
         signals=SignalConfig(counts=SIGNAL_COUNTS),
         generation=GenerationConfig(max_new_tokens=64, max_outputs=1, prompt_lead_in_tokens=0),
         encoders=encoders,
-        input_projectors={m: ProjectorConfig(kind="mlp", num_queries=2, hidden_dim=256) for m in Modality},
+        # sized so that every shipped part together stays under 10 MB (fp32)
+        input_projectors={m: ProjectorConfig(kind="mlp", num_queries=1, hidden_dim=128) for m in Modality},
         output_projectors={
-            m: ProjectorConfig(kind="transformer", hidden_dim=128,
-                               options={"num_layers": 2, "num_heads": 4, "ff_dim": 256})
+            m: ProjectorConfig(kind="transformer", hidden_dim=64,
+                               options={"num_layers": 1, "num_heads": 4, "ff_dim": 128})
             for m in decoders
         },
         decoders=decoders,

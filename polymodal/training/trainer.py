@@ -598,7 +598,8 @@ def export_trained(s: Setup, step: int) -> Path:
                         None if out_rows is None else out_rows.detach())
         written.append("token_rows")
     if s.peft_model is not None:
-        s.peft_model.save_pretrained(str(d / "lora"))
+        # the new token rows go to token_rows.safetensors; the adapter holds only the LoRA matrices
+        s.peft_model.save_pretrained(str(d / "lora"), save_embedding_layers=False)
         written.append("lora")
     write_manifest(d, s.parts.preset.name, sorted(set(written)),
                    extra={"trained_by": "polymodal train", "stage": cfg.stage, "steps": step,

@@ -1,0 +1,230 @@
+"""``polymodal toyworld build``: the whole toy world in one deterministic, cached command.
+
+Steps (each skipped when its inputs and settings are unchanged; one torch thread; seeded):
+
+1. Data (:mod:`polymodal.toyworld.data`): ``work/data-canonical`` (32 px, canonical layout: what the decoders
+   learn to draw, and the MosIT catalog) and ``work/data-random`` (64 px images in the random layout: the
+   encoder and the encoding side).
+2. Toy decoders (:mod:`polymodal.toyworld.train`) -> ``OUT/decoders``; toy image encoder
+   (:mod:`polymodal.toyworld.encoder`) -> ``OUT/encoders``.
+3. MosIT dialogues from the toy catalog (``polymodal mosit build`` with ``polymodal/toyworld/mosit.yaml`` and
+   its toy writer) -> ``work/mosit``.
+4. Alignment of ``smol`` with the three NExT-GPT stages (:mod:`polymodal.training`), each starting from the
+   previous stage's export: ``encode`` (input projectors on toy images and captions), ``decode`` (output
+   projectors on training-bank requests, LLM frozen, states cached, groups open the answer), ``instruct``
+   (LoRA + both projectors + signal rows on the MosIT dialogues and requests with lead-ins) -> ``OUT/export``.
+5. ``OUT/toyworld-build.json``: the settings, each step's figures and the size of every shipped part.
+
+``OUT`` is then a toy build folder (:mod:`polymodal.toyworld.preset`): ``POLYMODAL_TOY_DIR=OUT polymodal serve
+--preset toy``. The package ships one in ``polymodal/toyworld/assets``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from polymodal.modality import Modality
+
+BUILD_MANIFEST = "toyworld-build.json"
+IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What decides a toy build (every field is hashed into the cache keys of the steps it affects)."""
+
+    seed: int = 0
+    canonical_count: int = 1200  # per modality
+    random_count: int = 2400  # images
+    mosit_dialogues: int = 600
+    decode_requests: int = 1152  # per modality (training bank)
+    instruct_requests: int = 192  # per modality, with lead-ins, besides the MosIT dialogues
+    encode_steps: int = 300
+    decode_steps: int = 1500
+    instruct_steps: int = 300
+    batch_size: int = 8
+    decode_batch_size: int = 32
+    lora_r: int = 4
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # 0.9 MB: the shipped build stays under 10 MB
+    lr: float = 1e-3
+    step_scale: float = 1.0  # multiplies every training step count (tests, quick trials)
+
+    def steps(self, n: int) -> int:
+        return max(1, int(round(n * self.step_scale)))
+
+
+def _key(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _done(folder: Path, key: str) -> bool:
+    stamp = folder / ".build-key"
+    return stamp.is_file() and stamp.read_text() == key
+
+
+def _stamp(folder: Path, key: str) -> None:
+    (folder / ".build-key").write_text(key)
+
+
+def _data(out: Path, *, count: int, seed: int, modalities, size_px: int, layout: str, progress: bool) -> Path:
+    from polymodal.toyworld.data import write_dataset
+
+    key = _key({"count": count, "seed": seed, "modalities": [m.value for m in modalities], "size_px": size_px,
+                "layout": layout})
+    if _done(out, key):
+        return out / "catalog.jsonl"
+    if out.exists():
+        shutil.rmtree(out)
+    write_dataset(out, count=count, seed=seed, modalities=modalities, size_px=size_px, layout=layout,
+                  progress=progress)
+    _stamp(out, key)
+    return out / "catalog.jsonl"
+
+
+def _mosit(work: Path, data_dir: Path, s: BuildSettings, progress: bool) -> Path:
+    from mosit.config import load_config
+    from mosit.job import build as mosit_build
+
+    out = work / "mosit"
+    config = Path(__file__).resolve().parent / "mosit.yaml"
+    key = _key({"config": config.read_text(), "data": (data_dir / ".build-key").read_text(),
+                "n": s.mosit_dialogues, "seed": s.seed})
+    if _done(out, key):
+        return out / "mosit.json"
+    if out.exists():
+        shutil.rmtree(out)
+    old = os.environ.get("TOYWORLD_DATA")
+    os.environ["TOYWORLD_DATA"] = str(data_dir.resolve())
+    try:
+        cfg = load_config(config, seed=s.seed).model_copy(update={"num_dialogues": s.mosit_dialogues})
+        mosit_build(cfg, out, progress=progress)
+    finally:
+        if old is None:
+            os.environ.pop("TOYWORLD_DATA", None)
+        else:
+            os.environ["TOYWORLD_DATA"] = old
+    _stamp(out, key)
+    return out / "mosit.json"
+
+
+def _stage(name: str, work: Path, preset_yaml: Path, data: list, init_from: Path | None, key_parts: dict,
+           progress: bool, **fields) -> tuple[Path, dict]:
+    """Run one alignment stage (cached); returns (export folder, last metrics)."""
+    from polymodal.training import TrainConfig, train
+    from polymodal.training.config import DataSource
+
+    out = work / f"align-{name}"
+    key = _key({**key_parts, "fields": fields, "data": [str(d) for d in data],
+                "init": (init_from / ".build-key").read_text() if init_from else None})
+    export = out / "export"
+    if _done(export, key):
+        return export, json.loads((out / "figures.json").read_text())
+    if out.exists():
+        shutil.rmtree(out)
+    cfg = TrainConfig(stage=name, preset=str(preset_yaml), data=[DataSource(**d) for d in data], out_dir=str(out),
+                      init_from=str(init_from) if init_from else None, progress=progress, tensorboard=False,
+                      checkpoint_every=10_000_000, **fields)
+    t = time.time()
+    result = train(cfg)
+    figures = {k: round(float(v), 5) for k, v in result.last.items()}
+    figures.update(train_s=round(time.time() - t, 1), num_examples=result.num_examples, steps=result.step)
+    (out / "figures.json").write_text(json.dumps(figures))
+    _stamp(export, key)
+    return export, figures
+
+
+def _size_mb(folder: Path) -> float:
+    return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 3)
+
+
+def build(out: str | Path, settings: BuildSettings | None = None, *, progress: bool = True,
+          work: str | Path | None = None) -> dict:
+    """Build (or bring up to date) the toy world into ``out``; returns the build manifest.
+
+    ``work``: intermediate files (default ``OUT/work``; not needed by the preset, safe to delete).
+
+    Raises:
+        ValueError / FileNotFoundError from the steps (bad settings, missing files).
+    """
+    import torch
+
+    from polymodal.toyworld.align import write_requests
+    from polymodal.toyworld.encoder import train_encoders
+    from polymodal.toyworld.preset import toy_preset
+    from polymodal.toyworld.train import train_decoders
+
+    s = settings or BuildSettings()
+    torch.set_num_threads(1)
+    out = Path(out).resolve()
+    work = Path(work).resolve() if work else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log = (lambda msg: print(f"[toyworld build] {msg}", flush=True)) if progress else (lambda msg: None)
+
+    log("data")
+    canonical = _data(work / "data-canonical", count=s.canonical_count, seed=s.seed, modalities=list(Modality),
+                      size_px=32, layout="canonical", progress=progress).parent
+    random_images = _data(work / "data-random", count=s.random_count, seed=s.seed + 1, modalities=[IMAGE],
+                          size_px=64, layout="random", progress=progress).parent
+
+    log("toy decoders")
+    decoders = train_decoders(canonical, out / "decoders", step_scale=s.step_scale, progress=progress)
+    log("toy image encoder")
+    encoders = train_encoders(random_images, out / "encoders", step_scale=s.step_scale, progress=progress)
+
+    log("MosIT dialogues from the toy catalog")
+    mosit = _mosit(work, canonical, s, progress)
+
+    preset = toy_preset(out, aligned=False)
+    preset_yaml = work / "preset-unaligned.yaml"
+    preset_yaml.write_text(preset.to_yaml())
+    parts_key = {"preset": preset.to_yaml().replace(str(out), "OUT"),
+                 "decoders": {m: e["config_hash"] for m, e in decoders["decoders"].items()},
+                 "encoders": {m: e["config_hash"] for m, e in encoders["encoders"].items()}}
+    decode_data = write_requests(work / "requests-decode.json", list(Modality), s.decode_requests, seed=s.seed)
+    instruct_data = write_requests(work / "requests-instruct.json", list(Modality), s.instruct_requests,
+                                   seed=s.seed + 1, lead_ins=True)
+    common = dict(seed=s.seed, lr=s.lr)
+
+    log("alignment 1/3: encoding side")
+    enc_export, enc_fig = _stage(
+        "encode", work, preset_yaml, [{"path": str(random_images / "catalog.jsonl"), "format": "jsonl"}], None,
+        parts_key, progress, max_steps=s.steps(s.encode_steps), batch_size=s.batch_size, modalities=[IMAGE],
+        **common)
+    log("alignment 2/3: decoding side")
+    dec_export, dec_fig = _stage(
+        "decode", work, preset_yaml, [{"path": str(decode_data), "format": "t2x"}], enc_export, parts_key, progress,
+        max_steps=s.steps(s.decode_steps), batch_size=s.decode_batch_size, token_rows="none", ce_weight=0.0,
+        **common)
+    log("alignment 3/3: instruction tuning (LoRA)")
+    ins_export, ins_fig = _stage(
+        "instruct", work, preset_yaml,
+        [{"path": str(mosit), "format": "mosit"}, {"path": str(instruct_data), "format": "t2x"}], dec_export,
+        parts_key, progress, max_steps=s.steps(s.instruct_steps), batch_size=s.batch_size, lora_r=s.lora_r,
+        lora_alpha=float(2 * s.lora_r), lora_targets=list(s.lora_targets), **common)
+
+    final = out / "export"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(ins_export, final, ignore=shutil.ignore_patterns(".build-key"))
+    manifest = {
+        "settings": dataclasses.asdict(s),
+        "figures": {"encode": enc_fig, "decode": dec_fig, "instruct": ins_fig,
+                    "decoders": {m: e["figures"] for m, e in decoders["decoders"].items()},
+                    "encoders": {m: e["figures"] for m, e in encoders["encoders"].items()}},
+        "sizes_mb": {p: _size_mb(out / p) for p in ("decoders", "encoders", "export")},
+        "build_s": round(time.time() - t0, 1),
+    }
+    manifest["sizes_mb"]["total"] = round(sum(manifest["sizes_mb"].values()), 3)
+    tmp = out / (BUILD_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.replace(out / BUILD_MANIFEST)
+    log(f"done in {manifest['build_s']} s; sizes (MB): {manifest['sizes_mb']}")
+    return manifest
