@@ -1,0 +1,495 @@
+"""Toy world: does the medium show what was asked, through the running service?
+
+Run from the repository root::
+
+    .venv/bin/python bench/toyworld.py [--quick] [--n 200] [--toy-dir DIR] [--out toyworld.json]
+
+Serves the ``toy`` preset (the build in ``$POLYMODAL_TOY_DIR`` or ``--toy-dir``, else the one shipped in the
+package) as the whole graph of ``services.app:app_builder`` (ingress, LLM, image / audio / video decoders, one
+torch thread per replica) on our own local Ray cluster, and measures over HTTP:
+
+- **Output side.** Per modality, ``--n`` requests (``--quick``: 12) from the *held-out* request bank
+  (:func:`polymodal.toyworld.phrasings.requests`, ``heldout=True``; checked disjoint from every training-bank
+  prompt with :func:`~polymodal.toyworld.phrasings.assert_disjoint` before anything is sent) go to
+  ``POST /v1/chat/completions`` with ``modalities: [m]`` (``--concurrency`` at once, one seed each). The medium
+  in the answer (a base64 data URL: PNG / WAV / MP4) is decoded, read by the toy checker
+  (:mod:`polymodal.toyworld.checkers`) and scored against the attributes the request states
+  (:func:`polymodal.toyworld.evaluate.score_readings`: image colour and shape, audio pitch and the timbre when
+  asked, video direction). Images also go through ``POST /v1/images/generations`` with the OpenAI client
+  (``client.images.generate``), the README's second path.
+- **Control.** The same requests in-process (``AnyToAnyPipeline.from_preset``) with
+  :func:`~polymodal.toyworld.evaluate.score_pipeline` ``(shuffle=True)``: request i is rendered from the signal
+  states of request j (a derangement), so it must score near chance. Chance is the mean over the items of the
+  probability that a uniform guess hits every asked attribute (image 1/12; audio 1/3, 1/6 when the timbre is
+  asked; video 1/4); "chance + 3 sigma" adds three standard deviations of the number of hits over the N items
+  (a sum of independent Bernoullis), divided by N.
+- **Input side.** ``--n`` random-layout 64 px toy images (seed 10 000, disjoint from the build's data seeds),
+  balanced over colour x shape, sent as ``image_url`` with a held-out question (checked against the questions of
+  the toy MosIT writer and the encoding stage): the share of answers naming the right colour *and* shape
+  (word match; naming another colour or shape too counts as wrong), and each alone; control: the same
+  questions with another request's image (a derangement), scored against the original image.
+
+Verdicts: PASS when the service's share (chat path) is >= 90 % and the shuffled control <= chance + 3 sigma.
+``--strict`` exits 1 when a verdict fails (the default exits 0: figures, not a test). Requests are drawn from a
+whole number of cycles of every attribute combination and then cut to N (so a small N still mixes them).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C
+
+MODALITIES = ("image", "audio", "video")
+TARGET_SHARE = 0.90
+# held-out questions about an input image (none is a question of the toy MosIT writer or the encode stage)
+INPUT_QUESTIONS = (
+    "Name the shape and its colour.",
+    "Which coloured shape is shown here?",
+    "Tell me the colour and the shape you see.",
+    "What coloured shape does this image contain?",
+)
+INPUT_SEED = 10_000  # data seed of the input images (the build uses 0 and 1, bench/toyworld_encoder.py 1000)
+_PART_KEY = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
+
+
+# ---- requests and chance ---------------------------------------------------------------------------------
+def draw_requests(modality: str, n: int, seed: int) -> list[tuple[str, str, dict]]:
+    """``n`` held-out (request, caption, stated attributes): a whole number of cycles of every attribute
+    combination (shuffled by :func:`phrasings.requests`), cut to ``n``."""
+    from polymodal.toyworld.phrasings import ATTRIBUTE_COMBOS, requests
+
+    combos = len(ATTRIBUTE_COMBOS[C.Modality.parse(modality)])
+    return requests(modality, math.ceil(n / combos) * combos, heldout=True, seed=seed)[:n]
+
+
+def check_heldout(modality: str, prompts: Sequence[str]) -> dict[str, Any]:
+    """Assert that no prompt is a training-bank prompt -> what was checked."""
+    from polymodal.toyworld.phrasings import all_prompts, assert_disjoint
+
+    train = all_prompts(modality, heldout=False)
+    assert_disjoint(prompts, train)
+    return {"prompts": len(prompts), "distinct": len(set(prompts)), "training_prompts": len(train), "common": 0}
+
+
+def training_questions() -> set[str]:
+    """Every user question about a shared medium that the toy build trains on (MosIT writer, encode stage)."""
+    from polymodal.toyworld import mosit
+    from polymodal.training.config import TrainConfig
+
+    qs = {q for bank in mosit.ASK_ABOUT.values() for q in bank}
+    qs |= {q for pairs in mosit.FOLLOW_UPS.values() for q, _ in pairs}
+    qs |= {h for h, _ in (*mosit.THANKS, *mosit.OPENERS)}
+    instruction = TrainConfig.model_fields["instruction"].default
+    qs |= {instruction.format(modality=m) for m in MODALITIES}
+    return qs
+
+
+def hit_probability(modality: str, asked: dict) -> float:
+    """The probability that a uniform guess shows every scored attribute ``asked`` states."""
+    from polymodal.toyworld.data import COLOURS, DIRECTIONS, PITCHES_HZ, SHAPES, TIMBRES
+    from polymodal.toyworld.evaluate import SCORED
+
+    sizes = {"colour": len(COLOURS), "shape": len(SHAPES), "pitch": len(PITCHES_HZ), "timbre": len(TIMBRES),
+             "direction": len(DIRECTIONS)}
+    p = 1.0
+    for k in SCORED[C.Modality.parse(modality)]:
+        if k in asked:
+            p /= sizes[k]
+    return p
+
+
+def chance(probabilities: Sequence[float]) -> dict[str, float]:
+    """Mean hit probability and mean + 3 sigma of the share of hits (independent Bernoullis)."""
+    n = len(probabilities)
+    mean = sum(probabilities) / n
+    sigma = math.sqrt(sum(p * (1 - p) for p in probabilities)) / n
+    return {"chance": mean, "sigma": sigma, "chance_plus_3_sigma": mean + 3 * sigma}
+
+
+# ---- reading media out of answers ------------------------------------------------------------------------
+def empty_reading(modality: str):
+    from polymodal.toyworld import checkers
+
+    return {"image": checkers.ImageReading(None, None), "audio": checkers.AudioReading(None, None),
+            "video": checkers.VideoReading(None)}[modality]
+
+
+def read_bytes(modality: str, data: bytes):
+    """The checker's reading of a PNG / WAV / MP4."""
+    import numpy as np
+
+    from polymodal.toyworld import checkers
+
+    if modality == "image":
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return checkers.check_image(np.asarray(im.convert("RGB")))
+    if modality == "audio":
+        import soundfile as sf
+
+        audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+        return checkers.check_audio(audio, int(sr))
+    return checkers.check_video(checkers.decode_mp4(data))
+
+
+def data_url_bytes(url: str) -> bytes:
+    if not url.startswith("data:") or "," not in url:
+        raise ValueError(f"expected a base64 data URL, got {url[:40]!r}")
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def run_all(fn: Callable[[int], dict], n: int, concurrency: int, label: str) -> tuple[list[dict], float]:
+    """``fn(i)`` for i < n on ``concurrency`` threads -> (results in order, wall seconds)."""
+    done = 0
+    t = time.perf_counter()
+
+    def one(i: int) -> dict:
+        nonlocal done
+        out = fn(i)
+        done += 1
+        print(f"  {label}: {done}/{n}", end="\r", flush=True)
+        return out
+
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        results = list(pool.map(one, range(n)))
+    wall = time.perf_counter() - t
+    print(f"  {label}: {n}/{n} in {wall:.1f} s", flush=True)
+    return results, wall
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float, str | None]:
+    t = time.perf_counter()
+    try:
+        return fn(), time.perf_counter() - t, None
+    except Exception as e:  # noqa: BLE001 - a failed request counts as a miss and is reported
+        return None, time.perf_counter() - t, f"{type(e).__name__}: {str(e)[:200]}"
+
+
+# ---- the input side --------------------------------------------------------------------------------------
+def input_images(n: int) -> list[tuple[bytes, dict]]:
+    """``n`` random-layout 64 px toy images as PNG, balanced over colour x shape (data seed 10 000)."""
+    from PIL import Image
+
+    from polymodal.toyworld.data import item_rng, render_image
+    from polymodal.toyworld.phrasings import ATTRIBUTE_COMBOS
+
+    combos = ATTRIBUTE_COMBOS[C.Modality.IMAGE]
+    out = []
+    for i in range(n):
+        rng = item_rng(INPUT_SEED, C.Modality.IMAGE, i)
+        want = combos[int(rng.integers(len(combos)))] if i >= n - n % len(combos) else combos[i % len(combos)]
+        image, attrs = render_image(rng, 64, shape=want["shape"], colour=want["colour"], layout="random")
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        out.append((buf.getvalue(), {"colour": attrs["colour"], "shape": attrs["shape"]}))
+    return out
+
+
+def _words(words: Sequence[str]) -> dict[str, re.Pattern]:
+    return {w: re.compile(rf"\b{w}s?\b", re.IGNORECASE) for w in words}
+
+
+def name_hits(answer: str, attrs: dict) -> dict[str, bool]:
+    """Whether ``answer`` names the right colour (and no other colour), the right shape (and no other)."""
+    from polymodal.toyworld.data import COLOURS, SHAPES
+
+    out = {}
+    for key, words in (("colour", list(COLOURS)), ("shape", list(SHAPES))):
+        named = {w for w, rx in _words(words).items() if rx.search(answer or "")}
+        out[key] = named == {attrs[key]}
+    out["both"] = out["colour"] and out["shape"]
+    return out
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=200, help="requests per modality and input images (--quick: 12)")
+    p.add_argument("--toy-dir", default=None, help="toy build folder (default: $POLYMODAL_TOY_DIR, else shipped)")
+    p.add_argument("--concurrency", type=int, default=6, help="HTTP requests at once")
+    p.add_argument("--max-tokens", type=int, default=32,
+                   help="max_tokens of the chat requests (the lead-in before the medium; the in-process "
+                        "control generates as many)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the request draw and of generation")
+    p.add_argument("--modalities", default=",".join(MODALITIES), help="comma-separated subset of image,audio,video")
+    p.add_argument("--skip-input", action="store_true", help="skip the input side (image in, text out)")
+    p.add_argument("--skip-control", action="store_true", help="skip the in-process shuffled-states control")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a PASS/FAIL verdict fails")
+    args = p.parse_args(argv)
+    n = 12 if args.quick else args.n
+    mods = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    bad = [m for m in mods if m not in MODALITIES]
+    if bad or not mods:
+        p.error(f"--modalities: unknown {bad or 'empty'}; choose from {', '.join(MODALITIES)}")
+    if n < 2:
+        p.error("--n must be >= 2 (the controls need a derangement)")
+    if args.toy_dir:
+        os.environ["POLYMODAL_TOY_DIR"] = str(Path(args.toy_dir).resolve())  # Ray's workers inherit it
+
+    from polymodal.toyworld.evaluate import SCORED, derangement, score_readings
+    from polymodal.toyworld.phrasings import assert_disjoint
+    from polymodal.toyworld.preset import toy_preset, toy_root
+
+    try:
+        preset = toy_preset()
+    except FileNotFoundError as e:
+        print(f"bench/toyworld.py: {e}", file=sys.stderr)
+        return 2
+    missing = [m for m in mods if C.Modality.parse(m) not in preset.decoders]
+    if missing:
+        print(f"bench/toyworld.py: the toy build at {toy_root()} has no {', '.join(missing)} decoder", file=sys.stderr)
+        return 2
+    C.one_thread()
+
+    # ---- what is asked (held out), checked before anything is sent
+    reqs = {m: draw_requests(m, n, args.seed) for m in mods}
+    held = {}
+    print(f"toy build: {toy_root()}")
+    for m in mods:
+        held[m] = check_heldout(m, [r for r, _, _ in reqs[m]])
+        print(f"held-out check ({m}): {held[m]['prompts']} requests ({held[m]['distinct']} distinct), none among "
+              f"the {held[m]['training_prompts']} training-bank prompts (assert_disjoint)")
+    questions = [INPUT_QUESTIONS[i % len(INPUT_QUESTIONS)] for i in range(n)]
+    train_q = training_questions()
+    assert_disjoint(questions, train_q)
+    print(f"held-out check (input questions): {len(set(questions))} questions, none among the {len(train_q)} "
+          f"questions of the toy MosIT writer and the encode stage")
+
+    import httpx
+    from ray import serve
+
+    from services.app import AppArgs, app_builder
+
+    app_args = AppArgs(preset="toy", modalities=[C.Modality.parse(m) for m in mods],
+                       server={"request_timeout_s": 900, "max_concurrent_requests": 64})
+    model = preset.name
+    results: dict[str, Any] = {"benchmark": "toyworld", "toy_dir": str(toy_root()), "n": n, "seed": args.seed,
+                               "concurrency": args.concurrency, "max_tokens": args.max_tokens,
+                               "heldout_checks": held, "output": {}, "timings_s": {}}
+
+    def chat_medium(m: str, i: int) -> dict:
+        prompt = reqs[m][i][0]
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "modalities": [m],
+                "seed": 1_000 * args.seed + i, "max_tokens": args.max_tokens}
+        r, dt, err = timed(lambda: client.post(url + "/v1/chat/completions", json=body))
+        reading, text = empty_reading(m), ""
+        if err is None and r.status_code != 200:
+            err = f"HTTP {r.status_code}: {r.text[:200]}"
+        if err is None:
+            try:
+                content = r.json()["choices"][0]["message"]["content"]
+                part = next(x for x in content if x.get("type") == _PART_KEY[m])
+                text = " ".join(x.get("text", "") for x in content if x.get("type") == "text")
+                reading = read_bytes(m, data_url_bytes(part[_PART_KEY[m]]["url"]))
+            except Exception as e:  # noqa: BLE001 - an unreadable answer counts as a miss
+                err = f"{type(e).__name__}: {str(e)[:200]}"
+        return {"reading": reading, "latency_s": dt, "error": err, "text": text}
+
+    def images_endpoint(i: int) -> dict:
+        prompt = reqs["image"][i][0]
+
+        def call():
+            if openai_client is not None:
+                out = openai_client.images.generate(model=model, prompt=prompt, n=1, response_format="b64_json",
+                                                    extra_body={"seed": 1_000 * args.seed + i})
+                return base64.b64decode(out.data[0].b64_json)
+            r = client.post(url + "/v1/images/generations", json={
+                "model": model, "prompt": prompt, "n": 1, "response_format": "b64_json",
+                "seed": 1_000 * args.seed + i})
+            r.raise_for_status()
+            return base64.b64decode(r.json()["data"][0]["b64_json"])
+
+        data, dt, err = timed(call)
+        reading = empty_reading("image")
+        if err is None:
+            try:
+                reading = read_bytes("image", data)
+            except Exception as e:  # noqa: BLE001
+                err = f"{type(e).__name__}: {str(e)[:200]}"
+        return {"reading": reading, "latency_s": dt, "error": err}
+
+    images = input_images(n)
+    perm = derangement(n, args.seed)
+
+    def image_question(i: int, image_index: int) -> dict:
+        png = images[image_index][0]
+        body = {"model": model, "seed": 1_000 * args.seed + i, "max_tokens": args.max_tokens, "messages": [
+            {"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+                {"type": "text", "text": questions[i]}]}]}
+        r, dt, err = timed(lambda: client.post(url + "/v1/chat/completions", json=body))
+        answer = ""
+        if err is None and r.status_code != 200:
+            err = f"HTTP {r.status_code}: {r.text[:200]}"
+        if err is None:
+            content = r.json()["choices"][0]["message"]["content"]
+            answer = content if isinstance(content, str) else " ".join(
+                x.get("text", "") for x in content if x.get("type") == "text")
+        return {"answer": answer, "latency_s": dt, "error": err, **name_hits(answer, images[i][1])}
+
+    def summarize(m: str, rows: list[dict], wall: float) -> dict:
+        asked = [a for _, _, a in reqs[m]]
+        score = score_readings(m, [r["reading"] for r in rows], asked)
+        per = {k: {"hits": score.per_attribute[k], "asked": sum(k in a for a in asked)} for k in SCORED[C.Modality.parse(m)]}
+        extra = {}
+        if m == "video":  # read but not scored: the shape and colour of the moving shape
+            for k in ("colour", "shape"):
+                hits = [getattr(r["reading"], k) == a[k] for r, a in zip(rows, asked) if k in a]
+                extra[k] = {"hits": sum(hits), "asked": len(hits)}
+        errors = [r["error"] for r in rows if r["error"]]
+        return {"correct": score.correct, "total": score.total, "share": score.accuracy, "per_attribute": per,
+                "also_read": extra, "errors": len(errors), "error_examples": errors[:3],
+                "latency": C.stats_s([r["latency_s"] for r in rows]), "wall_s": wall, "requests_per_s": n / wall,
+                "chance": chance([hit_probability(m, a) for a in asked]),
+                "sample_texts": [r.get("text", "") for r in rows[:3]]}
+
+    t_start = time.perf_counter()
+    with C.ray_cluster():
+        url = C.serve_http(C.free_port())
+        print(f"Ray Serve graph: deploying preset 'toy' with decoders {', '.join(mods)} ...", flush=True)
+        serve.run(app_builder(app_args), name="polymodal", route_prefix="/", blocking=False)
+        C.wait_ready(url, timeout_s=1800)
+        results["timings_s"]["deploy_until_ready"] = time.perf_counter() - t_start
+        print(f"ready after {results['timings_s']['deploy_until_ready']:.1f} s", flush=True)
+        client = httpx.Client(timeout=1200)
+        try:
+            import openai
+
+            openai_client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1200, max_retries=0)
+        except ImportError:  # the `test` extra is not installed: the same request with httpx
+            openai_client = None
+        results["images_endpoint_client"] = "openai" if openai_client is not None else "httpx"
+        for m in mods:
+            rows, wall = run_all(lambda i, m=m: chat_medium(m, i), n, args.concurrency, f"{m}: chat")
+            results["output"].setdefault(m, {})["service_chat"] = summarize(m, rows, wall)
+            if m == "image":
+                rows, wall = run_all(images_endpoint, n, args.concurrency, "image: /v1/images/generations")
+                results["output"][m]["service_images_endpoint"] = summarize(m, rows, wall)
+        if not args.skip_input:
+            in_rows, in_wall = run_all(lambda i: image_question(i, i), n, args.concurrency, "image in: question")
+            ctrl, wall_c = run_all(lambda i: image_question(i, perm[i]), n, args.concurrency,
+                                   "image in: swapped image")
+        client.close()
+        if openai_client is not None:
+            openai_client.close()
+    results["timings_s"]["service_total"] = time.perf_counter() - t_start
+
+    if not args.skip_input:
+        same = sum(images[i][1] == images[perm[i]][1] for i in range(n))
+
+        def shares(rs: list[dict], w: float) -> dict:
+            errs = [r["error"] for r in rs if r["error"]]
+            return {k: sum(r[k] for r in rs) / n for k in ("both", "colour", "shape")} | {
+                "errors": len(errs), "error_examples": errs[:3], "latency": C.stats_s([r["latency_s"] for r in rs]),
+                "wall_s": w, "sample_answers": [r["answer"] for r in rs[:4]]}
+
+        results["input"] = {"questions": list(INPUT_QUESTIONS), "data_seed": INPUT_SEED, "size_px": 64,
+                            "service": shares(in_rows, in_wall), "swapped_image_control": shares(ctrl, wall_c),
+                            "swapped_pairs_with_same_attributes": same,
+                            "chance": {"both": chance([1 / 12] * n), "colour": chance([1 / 4] * n),
+                                       "shape": chance([1 / 3] * n)}}
+
+    if not args.skip_control:
+        from polymodal.pipeline import AnyToAnyPipeline
+        from polymodal.toyworld.evaluate import score_pipeline
+
+        print("in-process control: building the toy pipeline ...", flush=True)
+        try:  # no "Loading pipeline components" bars between the lines
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+        t = time.perf_counter()
+        pipe = AnyToAnyPipeline.from_preset(preset)
+        results["timings_s"]["control_build"] = time.perf_counter() - t
+        for m in mods:
+            t = time.perf_counter()
+            score = score_pipeline(pipe, m, [(r, a) for r, _, a in reqs[m]], seed=args.seed, shuffle=True,
+                                   max_new_tokens=args.max_tokens)
+            wall = time.perf_counter() - t
+            asked = [a for _, _, a in reqs[m]]
+            results["output"][m]["control_shuffled_in_process"] = {
+                "correct": score.correct, "total": score.total, "share": score.accuracy,
+                "per_attribute": {k: {"hits": score.per_attribute[k], "asked": sum(k in a for a in asked)}
+                                  for k in SCORED[C.Modality.parse(m)]},
+                "wall_s": wall, "chance": chance([hit_probability(m, a) for a in asked])}
+            print(f"  {m}: shuffled control {score.correct}/{score.total} in {wall:.1f} s", flush=True)
+
+    # ---- tables and verdicts
+    verdicts = []
+    for m in mods:
+        rows_t = []
+        for path, label in (("service_chat", "service /v1/chat/completions"),
+                            ("service_images_endpoint", "service /v1/images/generations (openai client)"),
+                            ("control_shuffled_in_process", "control: in-process, shuffled states")):
+            r = results["output"][m].get(path)
+            if r is None:
+                continue
+            per = ", ".join(f"{k} {v['hits']}/{v['asked']}" for k, v in r["per_attribute"].items())
+            if r.get("also_read"):
+                per += " | read: " + ", ".join(f"{k} {v['hits']}/{v['asked']}" for k, v in r["also_read"].items())
+            lat = r.get("latency", {})
+            rows_t.append([label, f"{r['correct']}/{r['total']}", r["share"], per, r["chance"]["chance"],
+                           r["chance"]["chance_plus_3_sigma"], lat.get("p50_s", ""), lat.get("p95_s", ""),
+                           r["wall_s"], r.get("errors", "")])
+        C.print_table(f"{m}: does the medium show what was asked? ({n} held-out requests, scored on "
+                      f"{' + '.join(SCORED[C.Modality.parse(m)])})",
+                      ["path", "correct", "share", "per attribute", "chance", "chance+3sd", "p50 s", "p95 s",
+                       "wall s", "errors"], rows_t)
+        chat = results["output"][m]["service_chat"]
+        verdicts.append([f"{m}: service share >= {TARGET_SHARE:.0%}", chat["share"], TARGET_SHARE,
+                         "PASS" if chat["share"] >= TARGET_SHARE else "FAIL"])
+        ctrl_r = results["output"][m].get("control_shuffled_in_process")
+        if ctrl_r is not None:
+            lim = ctrl_r["chance"]["chance_plus_3_sigma"]
+            verdicts.append([f"{m}: shuffled control <= chance + 3 sd", ctrl_r["share"], lim,
+                             "PASS" if ctrl_r["share"] <= lim else "FAIL"])
+    if "input" in results:
+        inp = results["input"]
+        rows_t = []
+        for label, r in (("service: image + question", inp["service"]),
+                         ("control: another request's image", inp["swapped_image_control"])):
+            rows_t.append([label, r["both"], r["colour"], r["shape"], inp["chance"]["both"]["chance"],
+                           inp["chance"]["both"]["chance_plus_3_sigma"], r["latency"]["p50_s"], r["latency"]["p95_s"],
+                           r["wall_s"], r["errors"]])
+        C.print_table(f"image in, text out: does the answer name the shape and colour? ({n} random-layout 64 px "
+                      f"images, held-out questions)",
+                      ["path", "colour+shape", "colour", "shape", "chance", "chance+3sd", "p50 s", "p95 s",
+                       "wall s", "errors"], rows_t)
+        print(f"  a perfect reader would score {inp['swapped_pairs_with_same_attributes']}/{n} on the control "
+              f"(swapped pairs with the same colour and shape); answers: {inp['service']['sample_answers'][:2]}")
+        lim = inp["chance"]["both"]["chance_plus_3_sigma"]
+        verdicts.append(["image in: swapped-image control <= chance + 3 sd", inp["swapped_image_control"]["both"],
+                         lim, "PASS" if inp["swapped_image_control"]["both"] <= lim else "FAIL"])
+    C.print_table("verdicts", ["check", "value", "threshold", "verdict"], verdicts)
+    results["verdicts"] = [{"check": c, "value": v, "threshold": t, "verdict": x} for c, v, t, x in verdicts]
+    results["timings_s"]["total"] = time.perf_counter() - t_start
+    for m in mods:
+        for path in ("service_chat", "service_images_endpoint"):
+            r = results["output"][m].get(path)
+            if r:
+                print(f"{m} {path}: {r['requests_per_s']:.2f} requests/s at concurrency {args.concurrency}; "
+                      f"{r['errors']} errors {r['error_examples'][:1]}")
+    print(f"timings: {', '.join(f'{k} {v:.1f} s' for k, v in results['timings_s'].items())}")
+    C.finish(results, args.out)
+    failed = [v for v in verdicts if v[3] == "FAIL"]
+    return 1 if args.strict and failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

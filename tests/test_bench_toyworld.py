@@ -1,0 +1,84 @@
+"""``bench/toyworld.py``'s scoring helpers (no model, no cluster).
+
+The whole ``--quick`` run (Ray cluster + the toy preset's three decoders + the in-process control) takes about
+5 minutes on 2 cores on top of a toy build, so it is not run here; these tests cover what decides its figures:
+held-out requests, chance, the answer word match and the input images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import toyworld as TW
+
+from polymodal.toyworld import checkers
+from polymodal.toyworld.phrasings import all_prompts, assert_disjoint
+
+
+@pytest.mark.parametrize("modality", TW.MODALITIES)
+def test_requests_are_heldout_and_mixed(modality):
+    reqs = TW.draw_requests(modality, 12, seed=0)
+    assert len(reqs) == 12
+    info = TW.check_heldout(modality, [r for r, _, _ in reqs])
+    assert info["common"] == 0 and info["training_prompts"] > 0
+    # cut from whole shuffled cycles: a small N still mixes the first attribute (video: not all "left")
+    first = {"image": "colour", "audio": "pitch", "video": "direction"}[modality]
+    assert len({a[first] for _, _, a in reqs}) > 1
+    with pytest.raises(AssertionError):  # the check can fail: a training prompt is caught
+        TW.check_heldout(modality, [next(iter(all_prompts(modality, heldout=False)))])
+
+
+def test_input_questions_are_not_training_questions():
+    train = TW.training_questions()
+    assert "What do you see in this image?" in train and "Describe this image briefly." in train
+    assert_disjoint(TW.INPUT_QUESTIONS, train)
+
+
+def test_chance_per_modality():
+    assert TW.hit_probability("image", {"colour": "red", "shape": "circle"}) == pytest.approx(1 / 12)
+    assert TW.hit_probability("audio", {"pitch": "low"}) == pytest.approx(1 / 3)
+    assert TW.hit_probability("audio", {"pitch": "low", "timbre": "sine"}) == pytest.approx(1 / 6)
+    assert TW.hit_probability("video", {"direction": "up", "colour": "red", "shape": "circle"}) == pytest.approx(1 / 4)
+    c = TW.chance([0.25] * 100)
+    assert c["chance"] == pytest.approx(0.25)
+    assert c["chance_plus_3_sigma"] == pytest.approx(0.25 + 3 * math.sqrt(100 * 0.25 * 0.75) / 100)
+
+
+def test_answer_word_match():
+    want = {"colour": "blue", "shape": "circle"}
+    assert TW.name_hits("It is a Blue circle.", want) == {"colour": True, "shape": True, "both": True}
+    assert TW.name_hits("The shape is a circle.", want) == {"colour": False, "shape": True, "both": False}
+    # naming every word does not count: another colour named too is a miss
+    assert TW.name_hits("red, blue, green circles", want)["colour"] is False
+    assert TW.name_hits("", want)["both"] is False
+    assert TW.name_hits("a bluebird encircled", want) == {"colour": False, "shape": False, "both": False}
+
+
+def test_input_images_balanced_and_readable():
+    images = TW.input_images(24)
+    assert Counter((a["colour"], a["shape"]) for _, a in images) == Counter(
+        {(c, s): 2 for c in ("red", "green", "blue", "yellow") for s in ("circle", "square", "triangle")})
+    read = 0
+    for png, attrs in images:
+        arr = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        assert arr.shape == (64, 64, 3)
+        read += checkers.matches(checkers.check_image(arr), attrs)
+    assert read >= 22  # the checker reads what the bench scores the answers against
+    assert TW.read_bytes("image", images[0][0]) == checkers.check_image(
+        np.asarray(Image.open(io.BytesIO(images[0][0])).convert("RGB")))
+
+
+def test_data_url_bytes():
+    assert TW.data_url_bytes("data:image/png;base64,aGk=") == b"hi"
+    with pytest.raises(ValueError, match="data URL"):
+        TW.data_url_bytes("http://example.com/x.png")
