@@ -185,9 +185,12 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     preset = toy_preset(out, aligned=False)
     preset_yaml = work / "preset-unaligned.yaml"
     preset_yaml.write_text(preset.to_yaml())
-    parts_key = {"preset": preset.to_yaml().replace(str(out), "OUT"),
-                 "decoders": {m: e["config_hash"] for m, e in decoders["decoders"].items()},
+    # the encoding side depends on the LLM, encoders and input projectors only (not on the decoders)
+    input_side = preset.model_copy(update={"decoders": {}, "output_projectors": {}})
+    input_key = {"preset": input_side.to_yaml().replace(str(out), "OUT"),
                  "encoders": {m: e["config_hash"] for m, e in encoders["encoders"].items()}}
+    parts_key = {**input_key, "preset": preset.to_yaml().replace(str(out), "OUT"),
+                 "decoders": {m: e["config_hash"] for m, e in decoders["decoders"].items()}}
     decode_data = write_requests(work / "requests-decode.json", list(Modality), s.decode_requests, seed=s.seed)
     instruct_data = write_requests(work / "requests-instruct.json", list(Modality), s.instruct_requests,
                                    seed=s.seed + 1, lead_ins=True)
@@ -196,7 +199,7 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     log("alignment 1/3: encoding side")
     enc_export, enc_fig = _stage(
         "encode", work, preset_yaml, [{"path": str(random_images / "catalog.jsonl"), "format": "jsonl"}], None,
-        parts_key, progress, max_steps=s.steps(s.encode_steps), batch_size=s.batch_size, modalities=[IMAGE],
+        input_key, progress, max_steps=s.steps(s.encode_steps), batch_size=s.batch_size, modalities=[IMAGE],
         **common)
     log("alignment 2/3: decoding side")
     dec_export, dec_fig = _stage(
