@@ -938,6 +938,11 @@ def build_app(backend: Backend, settings: ServerSettings | None = None, *, store
     if store is None:
         root = settings.store_dir or tempfile.mkdtemp(prefix="polymodal-store-")
         store = FileStore(root, ttl_s=settings.artifact_ttl_s)
+        if not settings.store_dir:  # our own temp folder: removed with the store (or at exit)
+            import shutil
+            import weakref
+
+            weakref.finalize(store, shutil.rmtree, root, ignore_errors=True)
     svc = IngressService(backend, settings, store)
 
     @contextlib.asynccontextmanager
