@@ -226,8 +226,9 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
         "build_s": round(time.time() - t0, 1),
     }
     manifest["sizes_mb"]["total"] = round(sum(manifest["sizes_mb"].values()), 3)
+    text = json.dumps(manifest, indent=2, sort_keys=True)
     tmp = out / (BUILD_MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    tmp.write_text(text)
     tmp.replace(out / BUILD_MANIFEST)
     log(f"done in {manifest['build_s']} s; sizes (MB): {manifest['sizes_mb']}")
-    return manifest
+    return json.loads(text)  # as read back from the file (tuples are lists)

