@@ -198,7 +198,10 @@ def test_trained_toy_decoders_load_through_build_decoder(trained):
         assert not np.allclose(emb[0].numpy(), emb[1].numpy())
         (medium,) = dec.generate(emb[:1], [0], cfg.defaults.model_copy(update={"num_inference_steps": 2}))
         assert isinstance(medium, Medium), medium
-        expected = {Modality.IMAGE: (32, 32, 3), Modality.AUDIO: (16000,), Modality.VIDEO: (8, 32, 32, 3)}[m]
+        from polymodal.toyworld.train import RECIPES
+
+        side = RECIPES[m]().size_px if m is not Modality.AUDIO else None
+        expected = {Modality.IMAGE: (side, side, 3), Modality.AUDIO: (16000,), Modality.VIDEO: (8, side, side, 3)}[m]
         assert medium.data.shape == expected
 
 
