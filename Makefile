@@ -4,7 +4,7 @@ VENV   ?= .venv
 # CPU torch (a local wheel on this machine kind); for CUDA: make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX=--index-url=https://download.pytorch.org/whl/cu128
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
-PRESET ?= smol
+PRESET ?= toy
 PORT   ?= 8000
 BIN := $(VENV)/bin
 

@@ -70,4 +70,4 @@ echo "$port" > "${TMPDIR:-/tmp}/polymodal.port" 2>/dev/null || true
 # Ray keeps its object store in /dev/shm; Docker gives containers 64 MiB unless told otherwise.
 [ "$no_ray" = 1 ] || ray_shm
 
-exec polymodal serve --preset "${POLYMODAL_PRESET:-smol}" --host "${POLYMODAL_HOST:-0.0.0.0}" --port "$port" "$@"
+exec polymodal serve --preset "${POLYMODAL_PRESET:-toy}" --host "${POLYMODAL_HOST:-0.0.0.0}" --port "$port" "$@"

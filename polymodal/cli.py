@@ -276,7 +276,7 @@ def _mount_subapps() -> None:
 
 @app.command()
 def serve(
-    preset: PresetOpt = "smol",
+    preset: PresetOpt = "toy",
     host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port", min=1, max=65535)] = 8000,
     address: Annotated[Optional[str], typer.Option(help="attach to this Ray cluster instead of starting one")] = None,

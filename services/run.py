@@ -32,7 +32,7 @@ def _settings(base: Any, **updates: Any):
 
 
 def serve_main(
-    preset: str = "smol",
+    preset: str = "toy",
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -52,7 +52,7 @@ def serve_main(
     """Start the service and block until SIGINT / SIGTERM (or ``stop_event``).
 
     Args:
-        preset: preset name or YAML path (``smol`` is the CPU default).
+        preset: preset name or YAML path (``toy``, the toy world's trained preset, is the default).
         host, port: where the HTTP API listens.
         address: an existing Ray cluster to attach to (``None``: start our own).
         no_ray: serve in this process under uvicorn instead.

@@ -3,7 +3,7 @@
 Needs a Docker engine (skipped with the reason otherwise; ``.ci/run`` starts one through
 ``../shared/tools/docker-engine.sh`` where the workplace has it). The image is built with
 ``docker build --network host`` from the repository (torch from ``wheels/``, filled here from pip's find-links
-when empty) and run with the default preset (``smol``), ``--shm-size=2g`` and a named cache volume
+when empty) and run with the default preset (``toy``), ``--shm-size=2g`` and a named cache volume
 (``polymodal-test-cache``, kept between runs so later starts skip the GGUF dequantisation). Layers are cached by
 the engine: a rebuild after a source change takes well under a minute (the legacy builder keeps the builder
 stage's cache as untagged images: ``docker image prune`` drops it and the next build takes minutes again).
@@ -144,7 +144,7 @@ def test_chat_with_a_photo_returns_a_png(container):
 
     _, url = container
     body = {
-        "model": "smol",
+        "model": "toy",
         "modalities": ["image"],
         "max_tokens": 16,
         "seed": 3,
