@@ -13,12 +13,23 @@
 - :mod:`polymodal.toyworld.encoder`: the toy image encoder (input side), a tiny transformers ``CLIPModel``
   trained contrastively on toy image-caption pairs, loaded as encoder kind ``clip`` by
   ``polymodal.encoders.build_encoder(Modality.IMAGE, encoder_config(OUT))``.
-- :mod:`polymodal.toyworld.evaluate`: checker scores on procedural data and on a decoder's output.
+- :mod:`polymodal.toyworld.evaluate`: checker scores on procedural data, on a decoder's output, and on a
+  whole pipeline's answers to requests (with the shuffled-states control).
+- :mod:`polymodal.toyworld.phrasings`: how requests are worded; a training bank and a disjoint held-out bank.
+- :mod:`polymodal.toyworld.mosit`: a deterministic toy dialogue writer for ``polymodal mosit build``
+  (``polymodal/toyworld/mosit.yaml``).
+- :mod:`polymodal.toyworld.align`: alignment data (text-to-X request records) for ``polymodal train``.
+- :mod:`polymodal.toyworld.build`: the whole toy world in one cached, deterministic command.
+- :mod:`polymodal.toyworld.preset`: the ``toy`` preset over a build folder (the shipped one in ``assets/``).
 
-Deterministic rebuild (cached by config hash; one torch thread)::
+Rebuild everything (cached step by step; one torch thread; ~1.5 h on one core)::
 
-    polymodal toyworld data --out toy/data --count 2400 --seed 0 --modalities image,audio,video
+    polymodal toyworld build --out runs/toy
+    POLYMODAL_TOY_DIR=runs/toy polymodal serve --preset toy
+
+Single steps::
+
+    polymodal toyworld data --out toy/data --count 1200 --size-px 32 --layout canonical
     polymodal toyworld train-decoders --data toy/data --out toy/decoders
-    polymodal toyworld train-encoder --data toy/data --out toy/encoders
     polymodal toyworld score-decoder --out toy/decoders --modality image --n 48
 """
