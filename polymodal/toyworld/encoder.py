@@ -277,15 +277,10 @@ def encoder_config(out_dir: str | Path, modality: Modality | str = Modality.IMAG
         ValueError: the manifest has no encoder of that modality.
     """
     from polymodal.config import EncoderConfig
+    from polymodal.toyworld.train import manifest_entry
 
     out_dir = Path(out_dir)
-    manifest_path = out_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found; run polymodal toyworld train-encoder --out {out_dir}")
-    m = Modality.parse(modality)
-    entry = json.loads(manifest_path.read_text())["encoders"].get(m.value)
-    if entry is None:
-        raise ValueError(f"{manifest_path} has no {m.value} encoder")
+    entry = manifest_entry(out_dir, MANIFEST, "encoders", modality, "train-encoder")
     return EncoderConfig(kind=entry["kind"], path=str((out_dir / entry["path"]).resolve()), dim=entry["dim"])
 
 

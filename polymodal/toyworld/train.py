@@ -711,6 +711,23 @@ def _write_manifest(manifest_path: Path, manifest: dict, modality: Modality) -> 
     tmp.replace(manifest_path)
 
 
+def manifest_entry(out_dir: Path, manifest: str, section: str, modality: Modality | str, command: str) -> dict:
+    """The ``modality`` entry of ``section`` ("decoders" / "encoders") in ``OUT/manifest``.
+
+    Raises:
+        FileNotFoundError: no manifest (names the ``polymodal toyworld`` command that writes it).
+        ValueError: the manifest has no entry for that modality.
+    """
+    manifest_path = Path(out_dir) / manifest
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found; run polymodal toyworld {command} --out {out_dir}")
+    m = Modality.parse(modality)
+    entry = json.loads(manifest_path.read_text())[section].get(m.value)
+    if entry is None:
+        raise ValueError(f"{manifest_path} has no {m.value} {section[:-1]}")
+    return entry
+
+
 def decoder_config(out_dir: str | Path, modality: Modality | str):
     """The :class:`polymodal.config.DecoderConfig` that loads the trained toy decoder of ``modality``.
 
@@ -721,13 +738,7 @@ def decoder_config(out_dir: str | Path, modality: Modality | str):
     from polymodal.config import DecoderConfig, DecoderDefaults
 
     out_dir = Path(out_dir)
-    manifest_path = out_dir / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path} not found; run polymodal toyworld train-decoders --out {out_dir}")
-    m = Modality.parse(modality)
-    entry = json.loads(manifest_path.read_text())["decoders"].get(m.value)
-    if entry is None:
-        raise ValueError(f"{manifest_path} has no {m.value} decoder")
+    entry = manifest_entry(out_dir, MANIFEST, "decoders", modality, "train-decoders")
     return DecoderConfig(source="pretrained", path=str((out_dir / entry["path"]).resolve()),
                          cond_tokens=entry["cond_tokens"], cond_dim=entry["cond_dim"],
                          defaults=DecoderDefaults(**entry["defaults"]))
