@@ -121,13 +121,18 @@ def generate(
     steps: Annotated[Optional[int], typer.Option(help="num_inference_steps of every decoder", min=1, max=200)] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(min=0.0, max=30.0)] = None,
     projectors: Annotated[Optional[Path], typer.Option(help="export folder of trained parts (projectors, token rows, LoRA)")] = None,
+    task: Annotated[Optional[str], typer.Option(help="grounding task of the preset, e.g. grounding, refer "
+                                                     "(its identifier goes before your message)")] = None,
+    box_overlay: Annotated[bool, typer.Option("--box-overlay", help="also write overlay.png: the answer's boxes "
+                                                                    "drawn on the input image they refer to")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Answer one message (with optional media and history); write the text, each medium and a manifest.
 
     Files in OUT: answer.txt, NN_<modality>.<png|wav|mp4>, manifest.json (parts in output order, seeds,
-    shapes, init state of each part, timings) and conversation.json (pass it to --history to continue).
+    shapes, init state of each part, timings; with a grounding preset the boxes, in pixels of the input
+    image) and conversation.json (pass it to --history to continue); overlay.png with --box-overlay.
     """
     _setup_logging(verbose)
     from polymodal.config import DecoderDefaults
@@ -143,6 +148,9 @@ def generate(
             parts.extend(_load_media_file(mod, f) for f in files or [])
         parts.append(TextPart(prompt))
         turns.append(Turn("user", tuple(parts)))
+        if box_overlay and not any(getattr(p, "modality", None) is Modality.IMAGE
+                                                 for t in turns for p in t.parts):
+            raise ValueError("--box-overlay: there is no input image to draw the boxes on (pass --image)")
     except ValueError as e:
         _fail(str(e))
 
@@ -153,16 +161,18 @@ def generate(
         pipe = AnyToAnyPipeline.from_preset(preset, device=device, export_dir=str(projectors) if projectors else None)
     except (ValueError, LLMLoadError, RuntimeError, OSError) as e:
         _fail(str(e))
+    if box_overlay and pipe.preset.grounding is None:
+        _fail(f"--box-overlay: preset {pipe.preset.name!r} has no grounding (no boxes to draw)")
     options = {}
     for m, stage in pipe.decoder_stages.items():
         upd = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
         options[m] = DecoderDefaults(**{**stage.defaults.model_dump(), **upd})
     try:
         answer = pipe.generate(turns, modalities=wanted, seed=seed, options=options,
-                               max_new_tokens=max_new_tokens, temperature=temperature)
+                               max_new_tokens=max_new_tokens, temperature=temperature, task=task)
     except ValueError as e:
         _fail(str(e))
-    write_answer(answer, out, turns, pipe.preset.name)
+    write_answer(answer, out, turns, pipe.preset.name, box_overlay=box_overlay)
     typer.echo(answer.text)
     failed = [p for p in answer.media if isinstance(p, Exception)]
     for p in answer.media:
@@ -175,8 +185,10 @@ def generate(
         raise typer.Exit(1)
 
 
-def write_answer(answer, out: Path, turns: list, preset_name: str) -> dict:
-    """Write answer.txt, the media, manifest.json and conversation.json into ``out``."""
+def write_answer(answer, out: Path, turns: list, preset_name: str, *, box_overlay: bool = False) -> dict:
+    """Write answer.txt, the media, manifest.json and conversation.json into ``out``; with ``box_overlay``
+    also overlay.png (the answer's boxes on the input image they refer to, when there are boxes)."""
+    from polymodal.modality import Modality
     from polymodal.types import MediaPart, TextPart
 
     out.mkdir(parents=True, exist_ok=True)
@@ -217,6 +229,16 @@ def write_answer(answer, out: Path, turns: list, preset_name: str) -> dict:
         history.append({"role": t.role, "content": items})
     history.append({"role": "assistant", "content": convo_parts})
     atomic_write(out / "conversation.json", json.dumps(history, indent=2).encode())
+    images = [p for t in turns for p in t.parts if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+    boxes = [{"phrase": b.phrase, "box_px": [round(v, 2) for v in b.box_px], "image_index": b.image_index}
+             for b in answer.boxes]
+    overlay = None
+    if box_overlay and answer.boxes and images:
+        from polymodal.grounding.overlay import overlay_png
+
+        k = answer.boxes[0].image_index
+        overlay = "overlay.png"
+        atomic_write(out / overlay, overlay_png(images[k].data, [b for b in answer.boxes if b.image_index == k]))
     manifest = {
         "preset": preset_name,
         "parts": manifest_parts,
@@ -227,6 +249,9 @@ def write_answer(answer, out: Path, turns: list, preset_name: str) -> dict:
         "timings_s": {k: round(v, 4) for k, v in answer.timings_s.items()},
         "model": answer.describe,
     }
+    if boxes or box_overlay:
+        manifest["boxes"] = boxes
+        manifest["overlay"] = overlay
     atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
     return manifest
 

@@ -119,3 +119,52 @@ def test_smol_answers_a_factual_question(tmp_path):
     man = json.loads((out / "manifest.json").read_text())
     assert man["model"]["llm"]["init_state"] == "pretrained"
     assert [p["type"] for p in man["parts"] if p["type"] != "text"] == ["image", "audio", "video"]
+
+
+def test_write_answer_keeps_boxes_and_draws_the_overlay(tmp_path):
+    """Boxes go into manifest.json in pixels of the input image; --box-overlay draws them on that image."""
+    import numpy as np
+
+    from polymodal.cli import write_answer
+    from polymodal.grounding.boxes import GroundedPhrase
+    from polymodal.modality import Modality
+    from polymodal.pipeline import Answer
+    from polymodal.types import LLMResult, MediaPart, TextPart, Turn
+
+    image = np.full((48, 80, 3), 200, np.uint8)
+    turns = [Turn("user", (MediaPart(Modality.IMAGE, image), TextPart("where is the cat?")))]
+    box = GroundedPhrase("cat", (10.0, 5.0, 30.0, 25.0), 0)
+    llm = LLMResult(text="A cat.", groups=(), prompt_tokens=3, completion_tokens=4, finish_reason="stop", boxes=(box,))
+    answer = Answer(parts=[TextPart("A cat.")], llm=llm, seeds={}, timings_s={})
+    man = write_answer(answer, tmp_path, turns, "tiny-grounding", box_overlay=True)
+    assert man["boxes"] == [{"phrase": "cat", "box_px": [10.0, 5.0, 30.0, 25.0], "image_index": 0}]
+    assert man["overlay"] == "overlay.png"
+    drawn = np.asarray(Image.open(tmp_path / "overlay.png").convert("RGB")).astype(int)
+    assert drawn.shape == image.shape
+    changed = np.abs(drawn - image).sum(-1) > 0
+    ys, xs = np.nonzero(changed)
+    assert changed[5, 10:30].any() and not changed[40:, :].any()  # the outline, nothing far below the box
+    assert xs.min() >= 10 and ys.min() >= 5
+    plain = write_answer(dataclass_replace(answer, llm=dataclass_replace(llm, boxes=())), tmp_path / "p", turns, "t")
+    assert "boxes" not in plain
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "tiny", "--task", "grounding"], "has no grounding tasks"),
+        (["--preset", "tiny-grounding", "--task", "count"], "unknown task 'count'; choose from: grounding, refer"),
+        (["--preset", "tiny-grounding", "--box-overlay"], "no input image"),
+    ],
+)
+def test_generate_grounding_options_are_checked(tmp_path, args, message):
+    r = runner.invoke(app, ["generate", "where is it?", "--out", str(tmp_path / "x"), *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
+    assert not (tmp_path / "x").exists()
