@@ -51,6 +51,8 @@ class Decoder:
 
     modality: ClassVar[Modality]
     pipeline_class: ClassVar[type]
+    # Pipelines a pretrained folder may hold (its model_index.json names one); the first is ``pipeline_class``.
+    pipeline_classes: ClassVar[tuple[type, ...]] = ()
 
     def __init__(
         self,
@@ -96,7 +98,8 @@ class Decoder:
         if config.source == "tiny":
             pipe, init_state = cls.tiny_pipeline(config, seed=seed), "random"
         else:
-            pipe, init_state = load_pipeline_strict(cls.pipeline_class, config.path, torch_dtype=dtype), "pretrained"
+            accepted = cls.pipeline_classes or cls.pipeline_class
+            pipe, init_state = load_pipeline_strict(accepted, config.path, torch_dtype=dtype), "pretrained"
         return cls(pipe, config, init_state=init_state, device=device)
 
     @classmethod
@@ -244,7 +247,7 @@ class Decoder:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}({self.pipeline_class.__name__}, init_state={self.init_state!r}, "
+            f"{type(self).__name__}({type(self.pipeline).__name__}, init_state={self.init_state!r}, "
             f"cond_shape={self.cond_shape}, device={self.device}, dtype={self.dtype})"
         )
 

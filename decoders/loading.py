@@ -83,31 +83,38 @@ def _keys(keys) -> str:
     return ", ".join(keys[:_SHOW_KEYS]) + more
 
 
-def load_pipeline_strict(pipeline_class: type, path: str | None, *, torch_dtype: torch.dtype):
-    """Load ``pipeline_class`` from ``path`` (hub id or local diffusers folder), refusing anything partial.
+def load_pipeline_strict(pipeline_classes, path: str | None, *, torch_dtype: torch.dtype):
+    """Load a pipeline from ``path`` (hub id or local diffusers folder), refusing anything partial.
+
+    Args:
+        pipeline_classes: the accepted pipeline class, or a tuple of them; the folder's ``model_index.json``
+            (``_class_name``) says which one it holds, and any other class is refused.
 
     Raises:
         DecoderLoadError: missing folder, missing ``model_index.json``, a pipeline of another class, a
             required component absent from the index or its folder missing, a component that fails to
             load, or missing / unexpected / mismatched weight keys. The message names the component.
     """
-    what = f"{pipeline_class.__name__} at {path!r}"
+    accepted = tuple(pipeline_classes) if isinstance(pipeline_classes, (tuple, list)) else (pipeline_classes,)
+    names = " or ".join(c.__name__ for c in accepted)
+    what = f"{names} at {path!r}"
     folder = resolve_folder(path, what=what)
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise DecoderLoadError(
             f"{what}: {index_file} is missing; this is not a diffusers pipeline folder "
-            f"(save one with `{pipeline_class.__name__}.save_pretrained(DIR)`)"
+            f"(save one with `{accepted[0].__name__}.save_pretrained(DIR)`)"
         )
     try:
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError as exc:
         raise DecoderLoadError(f"{what}: {index_file} is not valid JSON ({exc})") from exc
     class_name = index.get("_class_name")
-    if class_name != pipeline_class.__name__:
-        raise DecoderLoadError(
-            f"{what}: model_index.json declares pipeline {class_name!r}, expected {pipeline_class.__name__!r}"
-        )
+    by_name = {c.__name__: c for c in accepted}
+    if class_name not in by_name:
+        raise DecoderLoadError(f"{what}: model_index.json declares pipeline {class_name!r}, expected {names}")
+    pipeline_class = by_name[class_name]
+    what = f"{class_name} at {path!r}"
 
     expected, _ = pipeline_class._get_signature_keys(pipeline_class)
     optional = set(getattr(pipeline_class, "_optional_components", []) or [])

@@ -1,11 +1,17 @@
-"""Video decoder: a text-to-video UNet (``diffusers.TextToVideoSDPipeline``, zeroscope-style).
+"""Video decoder: a text-to-video UNet, ``diffusers.TextToVideoSDPipeline`` (zeroscope-style, the default and
+the tiny random config) or ``diffusers.AnimateDiffPipeline`` (an SD UNet with AnimateDiff motion modules,
+``UNetMotionModel``; Guo et al. 2023, "AnimateDiff", sec. 4): a pretrained folder's ``model_index.json`` names
+which. Both take CLIP last hidden states as ``prompt_embeds`` (B, Q, D_cond) and return frames the same way.
 
 zeroscope_v2_576w takes OpenCLIP ViT-H last hidden states (77, 1024); the tiny config (8, 32).
+UNet3D's temporal attention has no frame positions (order reaches it only through padded temporal convolutions);
+AnimateDiff's motion modules add sinusoidal frame positions, which is what lets the toy world's video decoder
+learn the direction of motion on CPU (``polymodal.toyworld.train``).
 """
 
 from __future__ import annotations
 
-from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline, UNet3DConditionModel
 
 from decoders import tiny
 from decoders.base import Decoder, seeded
@@ -19,6 +25,7 @@ class VideoDecoder(Decoder):
 
     modality = Modality.VIDEO
     pipeline_class = TextToVideoSDPipeline
+    pipeline_classes = (TextToVideoSDPipeline, AnimateDiffPipeline)
 
     @classmethod
     def tiny_pipeline(cls, config: DecoderConfig, *, seed: int = 0) -> TextToVideoSDPipeline:

@@ -358,6 +358,31 @@ def test_missing_and_unexpected_keys_refused(configs, checkpoints, tmp_path):
     assert "'unet'" in str(err.value) and "extra_block.weight" in str(err.value)
 
 
+def test_video_decoder_loads_an_animatediff_folder(tmp_path):
+    """A folder whose model_index.json names AnimateDiffPipeline (UNetMotionModel, no separate motion adapter)
+    loads as the video decoder; batch item k equals item k alone; the image decoder refuses it by name."""
+    from diffusers import AnimateDiffPipeline
+
+    from polymodal.config import DecoderConfig
+    from polymodal.toyworld.train import VideoDecoderRecipe, build_video_pipeline
+
+    recipe = VideoDecoderRecipe()
+    build_video_pipeline(recipe).save_pretrained(str(tmp_path), safe_serialization=True)
+    cfg = DecoderConfig(source="pretrained", path=str(tmp_path), cond_tokens=recipe.cond_tokens,
+                        cond_dim=recipe.cond_dim, defaults=recipe.decoder_fields()["defaults"])
+    dec = build_decoder(VIDEO, cfg)
+    assert isinstance(dec.pipeline, AnimateDiffPipeline) and "AnimateDiffPipeline" in repr(dec)
+    options = cfg_options(dec, num_inference_steps=2)
+    emb = dec.encode_text(["a red circle moving to the left", "a blue square moving up"])
+    both = dec.generate(emb, [3, 4], options)
+    alone = dec.generate(emb[1:], [4], options)
+    assert both[0].data.shape == (recipe.num_frames, recipe.size_px, recipe.size_px, 3)
+    assert_same_medium(both[1], alone[0])
+    assert not np.array_equal(both[0].data, both[1].data)
+    with pytest.raises(DecoderLoadError, match="AnimateDiffPipeline"):
+        build_decoder(IMAGE, cfg.model_copy(update={"cond_tokens": 8, "cond_dim": 32}))
+
+
 def test_wrong_pipeline_or_conditioning_refused(configs, checkpoints):
     with pytest.raises(DecoderLoadError, match="TextToVideoSDPipeline"):
         build_decoder(IMAGE, pretrained(configs[IMAGE], checkpoints[VIDEO]))
