@@ -314,11 +314,19 @@ def _require_path(kind: str, config: EncoderConfig) -> str:
 
 def _load_checked(model_cls, path: str, kind: str, allowed_unexpected: tuple[str, ...]):
     """``from_pretrained`` with strict key checking: missing or mismatched weights are an error; unexpected ones
-    only when they belong to the other tower of a two-tower checkpoint (``allowed_unexpected`` prefixes)."""
+    only when they belong to the other tower of a two-tower checkpoint (``allowed_unexpected`` prefixes).
+    transformers' own load report (a table of those keys, as a warning) is held back: these checks replace it."""
+    import logging
+
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)
     try:
         model, info = model_cls.from_pretrained(path, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         raise EncoderLoadError(f"encoder {kind!r}: cannot load {model_cls.__name__} from {path!r}: {e}") from e
+    finally:
+        report.setLevel(level)
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
     unexpected = sorted(k for k in (info.get("unexpected_keys") or []) if not k.startswith(allowed_unexpected))
