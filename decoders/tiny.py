@@ -50,8 +50,9 @@ def vae(channels: int) -> AutoencoderKL:
     )
 
 
-def scheduler() -> DDIMScheduler:
-    """DDIM with Stable Diffusion's noise schedule."""
+def scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """DDIM with Stable Diffusion's noise schedule; the UNet predicts ``prediction_type`` (``epsilon`` or
+    ``v_prediction``, as SD 2's 768 px models)."""
     return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -59,6 +60,7 @@ def scheduler() -> DDIMScheduler:
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
+        prediction_type=prediction_type,
     )
 
 

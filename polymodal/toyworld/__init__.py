@@ -4,9 +4,10 @@
   with captions, written as files + ``catalog.jsonl`` (MosIT catalog and training JSONL compatible).
 - :mod:`polymodal.toyworld.checkers`: read a medium back (colour and shape, pitch and timbre, direction).
 - :mod:`polymodal.toyworld.tokenizer`: the toy decoders' offline WordLevel tokenizer.
-- :mod:`polymodal.toyworld.train`: toy decoders trained from scratch, saved as the stock diffusers pipelines
-  the real decoders wrap (image ``StableDiffusionPipeline``, audio ``AudioLDMPipeline``, video
-  ``TextToVideoSDPipeline``), loaded by ``decoders.build_decoder(m, decoder_config(OUT, m))``.
+- :mod:`polymodal.toyworld.train`: toy decoders trained from scratch, saved as stock diffusers pipelines that
+  the real decoders load (image ``StableDiffusionPipeline``, audio ``AudioLDMPipeline``, video
+  ``AnimateDiffPipeline``: its motion modules have frame positions, UNet3D's temporal attention has none),
+  loaded by ``decoders.build_decoder(m, decoder_config(OUT, m))``.
   Not trained: the audio vocoder (a ``SpeechT5HifiGan`` whose weights are set to overlap-add sinusoids at
   200 Hz-spaced bins; a HiFi-GAN trained from scratch costs far more than this CPU budget), so the audio
   VAE's "mel spectrogram" is a 16-bin sinusoid-amplitude spectrogram (:func:`~polymodal.toyworld.train.tone_spectrogram`).
