@@ -40,12 +40,7 @@ def test_the_shipped_build_is_small_and_fully_trained(toy_pipe):
     assert all(v["decoder"] == "pretrained" and v["projector"] == "pretrained" for v in d["decoders"].values())
 
 
-@pytest.mark.parametrize("modality", [
-    Modality.IMAGE, Modality.AUDIO,
-    # the toy video decoder draws the asked shape and colour moving, but not yet in the asked direction (issue 10)
-    pytest.param(Modality.VIDEO, marks=pytest.mark.xfail(strict=True, reason="toy video decoder: direction not "
-                                                                             "learned yet (about 35%)")),
-])
+@pytest.mark.parametrize("modality", list(Modality), ids=lambda m: m.value)
 def test_held_out_requests_come_back_as_asked(toy_pipe, modality):
     asked = [(r, a) for r, _, a in requests(modality, N, heldout=True, seed=11)]
     assert_disjoint([r for r, _ in asked], all_prompts(modality, heldout=False))

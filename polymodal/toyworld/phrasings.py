@@ -77,16 +77,20 @@ def caption_attributes(template: str, attrs: dict[str, str]) -> dict[str, str]:
 def requests(modality: Modality | str, n: int, *, heldout: bool, seed: int = 0) -> list[tuple[str, str, dict]]:
     """``n`` (request, caption, stated attributes) triples drawn from the train or held-out bank.
 
-    Every attribute combination comes equally often (cycled; then shuffled with ``seed``); wrapper and caption
-    template are drawn per item.
+    Every attribute combination comes equally often (cycled; then shuffled with ``seed``); a last, partial
+    cycle takes a random subset of the combinations (not the first ones: those share their first attribute,
+    e.g. 8 video requests would all move left); wrapper and caption template are drawn per item.
     """
     modality = Modality.parse(modality)
     bank = (HELDOUT_REQUESTS if heldout else TRAIN_REQUESTS)[modality]
     combos = ATTRIBUTE_COMBOS[modality]
-    rng = np.random.default_rng([seed, 1 if heldout else 0, list(Modality).index(modality)])
+    key = [seed, 1 if heldout else 0, list(Modality).index(modality)]
+    rng = np.random.default_rng(key)
+    whole = n - n % len(combos)
+    partial = np.random.default_rng(key + [2]).permutation(len(combos))  # own stream: whole cycles unchanged
     out = []
     for i in range(n):
-        attrs = combos[i % len(combos)]
+        attrs = combos[i % len(combos) if i < whole else int(partial[i - whole])]
         template = CAPTION_TEMPLATES[modality][rng.integers(len(CAPTION_TEMPLATES[modality]))]
         caption = template.format(**attrs)
         wrapper = bank[rng.integers(len(bank))]
