@@ -66,14 +66,16 @@ class EncoderConfig(_Model):
 class ProjectorConfig(_Model):
     """A projector (registry key ``kind``).
 
-    Output projectors map (B, N, D_llm) -> (B, Q, D_cond); input projectors (B, D_enc) -> (B, k, D_llm).
+    Output projectors map (B, N, D_llm) -> (B, Q, D_cond); input projectors each of N encoder tokens,
+    (B, N, D_enc) -> (B, N * k, D_llm).
     ``checkpoint``: a safetensors file written by ``projectors.save_projector``; ``None`` = random init.
     """
 
     kind: str = "linear"
     num_queries: int | None = Field(
         None, ge=1, le=1024,
-        description="output: Q (None = the decoder's Q; set, it must agree); input: k tokens (None = 1)",
+        description="output: Q (None = the decoder's Q; set, it must agree); input: k tokens per encoder token "
+        "(None = 1)",
     )
     hidden_dim: int = Field(64, ge=1)
     options: dict[str, float | int | str | bool] = {}

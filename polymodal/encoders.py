@@ -1,6 +1,9 @@
-"""Input encoders: one registry (``ENCODERS``) mapping a decoded medium to one embedding per item.
+"""Input encoders: one registry (``ENCODERS``) mapping a decoded medium to embeddings.
 
-Every encoder takes decoded arrays (see :mod:`polymodal.media_io`) and returns ``(B, D_enc)`` float32:
+Every encoder takes decoded arrays (see :mod:`polymodal.media_io`). ``encode_tokens`` returns ``(B, N, D_enc)``
+float32, what the input projector reads: N = ``encoder.num_tokens`` tokens per item, token 0 the pooled embedding
+(N = 1 for every kind by default; ``clip`` with ``options["tokens"] = "patches"`` gives the class token and
+every patch, as LLaVA and Kosmos-2 feed their LLMs). ``encode`` returns token 0 alone, ``(B, D_enc)``:
 
 - image: B items of uint8 (H, W, 3) RGB;
 - audio: B items of float32 (S,) mono at ``sample_rate_hz`` (resampled with ``soxr`` to the encoder's rate);
@@ -16,7 +19,12 @@ Registry keys (``EncoderConfig.kind``):
 
 - ``tiny``: seeded random-initialised small torch modules (tests, the ``tiny``/``smol`` presets).
 - ``clip``: transformers ``CLIPVisionModelWithProjection`` + its image processor, by hub id or local folder
-  (a full ``CLIPModel`` checkpoint loads too; the text tower's weights are ignored). Image and video.
+  (a full ``CLIPModel`` checkpoint loads too; the text tower's weights are ignored). Image and video. Option
+  ``tokens``: ``"pooled"`` (default: ``image_embeds``) or ``"patches"`` (1 + P tokens: the last layer's states
+  of the class token and the P patches, each through ``post_layernorm`` and ``visual_projection``, so token 0
+  is ``image_embeds`` and every token is D_enc = ``projection_dim``; patches keep their position, which
+  grounding needs). Option ``patch_pool`` (default 1): average each k x k window of patch tokens (P / k^2
+  tokens, fewer LLM positions; Qwen2-VL merges 2 x 2 patches for the same reason).
 - ``clap``: transformers ``ClapAudioModelWithProjection`` + ``ClapFeatureExtractor`` (e.g. laion/clap-htsat-unfused,
   the CLAP AudioLDM uses). Audio.
 - ``imagebind``: NExT-GPT's encoder, ImageBind-huge (1024-d, all three media). Optional extra for GPU installs
@@ -106,6 +114,7 @@ class Encoder:
         dim: D_enc, the size of one embedding.
         init_state: ``"random"`` (seeded random initialisation, a declared state) or ``"pretrained"``.
         kind: the registry key.
+        num_tokens: N, tokens per item of :meth:`encode_tokens` (1: one pooled embedding).
         sample_rate_hz: the rate audio is resampled to before encoding (audio encoders), else ``None``.
         max_frames: most frames per video item (video encoders).
         module: the underlying ``torch.nn.Module`` (frozen).
@@ -116,9 +125,11 @@ class Encoder:
 
     def __init__(self, modality: Modality, dim: int, init_state: str, module: nn.Module, *,
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 sample_rate_hz: int | None = None, max_frames: int = 8, batch_size: int = 32, path: str | None = None):
+                 sample_rate_hz: int | None = None, max_frames: int = 8, batch_size: int = 32, path: str | None = None,
+                 num_tokens: int = 1):
         self.modality = modality
         self.dim = dim
+        self.num_tokens = num_tokens
         self.init_state = init_state
         self.device = torch.device(device)
         self.dtype = dtype
@@ -148,22 +159,32 @@ class Encoder:
 
     # -- encoding -----------------------------------------------------------------------------------------------
     def encode(self, items: Sequence[np.ndarray], *, sample_rate_hz: int | None = None) -> torch.Tensor:
-        """Encode B decoded media of this encoder's modality.
+        """The pooled embedding of B decoded media: token 0 of :meth:`encode_tokens`, (B, D_enc) float32.
+
+        Raises:
+            ValueError / TypeError: as :meth:`encode_tokens`.
+        """
+        return self.encode_tokens(items, sample_rate_hz=sample_rate_hz)[:, 0]
+
+    def encode_tokens(self, items: Sequence[np.ndarray], *, sample_rate_hz: int | None = None) -> torch.Tensor:
+        """Encode B decoded media of this encoder's modality into what the input projector reads.
 
         Args:
-            items: B arrays: image uint8 (H, W, 3); audio float32 (S,); video uint8 (F, H, W, 3).
+            items: B arrays: image uint8 (H, W, 3); audio float32 (S,); video uint8 (F, H, W, 3) (each token is
+                averaged over the frames).
             sample_rate_hz: rate of the audio items (``None``: already at ``self.sample_rate_hz``).
 
         Returns:
-            (B, D_enc) float32 on ``self.device`` (no gradient).
+            (B, N, D_enc) float32 on ``self.device`` (no gradient), N = ``self.num_tokens``, token 0 pooled.
 
         Raises:
+            TypeError: ``items`` is not a list of arrays.
             ValueError: an item of the wrong shape or dtype (names its index), a non-positive sample rate.
         """
         if isinstance(items, np.ndarray) or not isinstance(items, (list, tuple)):
             raise TypeError(f"{self.modality.value} encoder: expected a list of arrays, got {type(items).__name__}")
         if not items:
-            return torch.zeros(0, self.dim, device=self.device)
+            return torch.zeros(0, self.num_tokens, self.dim, device=self.device)
         name = f"{self.modality.value} encoder"
         with torch.no_grad():
             if self.modality is IMAGE:
@@ -184,8 +205,11 @@ class Encoder:
                     counts.append(len(keep))
                 per_frame = self._encode_images(frames)
                 out = torch.stack([chunk.mean(dim=0) for chunk in torch.split(per_frame, counts)])
-        if out.shape != (len(items), self.dim):
-            raise RuntimeError(f"{name} produced {tuple(out.shape)}, expected {(len(items), self.dim)}")
+        if out.dim() == 2:  # the kind's hook gives one embedding per item: (n, D_enc)
+            out = out[:, None]
+        want = (len(items), self.num_tokens, self.dim)
+        if out.shape != want:
+            raise RuntimeError(f"{name} produced {tuple(out.shape)}, expected {want}")
         return out.float()
 
     __call__ = encode
@@ -193,6 +217,7 @@ class Encoder:
     def _batched(self, items: list, fn) -> torch.Tensor:
         return torch.cat([fn(items[i : i + self.batch_size]) for i in range(0, len(items), self.batch_size)])
 
+    # hooks: (n, D_enc) (one token per item) or (n, N, D_enc)
     def _encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
         raise ValueError(f"encoder {self.kind!r} has no image path")
 
@@ -207,7 +232,8 @@ class Encoder:
     def describe(self) -> dict:
         """Manifest entry: kind, modality, D_enc, init state, source path, parameter count."""
         return {
-            "kind": self.kind, "modality": self.modality.value, "dim": self.dim, "init_state": self.init_state,
+            "kind": self.kind, "modality": self.modality.value, "dim": self.dim, "num_tokens": self.num_tokens,
+            "init_state": self.init_state,
             "path": self.path, "parameters": sum(p.numel() for p in self.module.parameters()),
         }
 
@@ -360,7 +386,8 @@ def _check_dim(kind: str, config: EncoderConfig, model_dim: int, path: str) -> N
 
 
 class CLIPEncoder(Encoder):
-    """CLIP image tower (transformers ``CLIPVisionModelWithProjection``): ``image_embeds`` (B, projection_dim).
+    """CLIP image tower (transformers ``CLIPVisionModelWithProjection``): ``image_embeds`` (B, projection_dim), or
+    with ``options["tokens"] = "patches"`` the class and patch tokens (B, 1 + P, projection_dim) (module docstring).
 
     Preprocessing is the checkpoint's own image processor (``CLIPImageProcessorPil``, Pillow/numpy: shorter side
     resized to ``size``, centre crop, CLIP mean/std). Embeddings are not normalised (as the model returns them).
@@ -368,6 +395,7 @@ class CLIPEncoder(Encoder):
 
     kind = "clip"
     modalities = frozenset({IMAGE, VIDEO})
+    TOKENS = ("pooled", "patches")
 
     @classmethod
     def build(cls, modality, config, *, device="cpu", seed=0):
@@ -375,19 +403,36 @@ class CLIPEncoder(Encoder):
         from transformers import CLIPVisionModelWithProjection
 
         common = cls._common_options(config)
-        if common.pop("rest"):
-            raise ValueError(f"unknown options for the clip encoder: {sorted(config.options)}")
+        rest = common.pop("rest")
+        tokens = str(rest.pop("tokens", "pooled"))
+        pool = int(rest.pop("patch_pool", 1))
+        if rest:
+            raise ValueError(f"unknown options for the clip encoder: {sorted(rest)}; known: tokens, patch_pool, "
+                             "max_frames, batch_size, dtype")
+        if tokens not in cls.TOKENS:
+            raise ValueError(f"clip encoder option tokens={tokens!r}; choose from: {', '.join(cls.TOKENS)}")
         model = _load_checked(CLIPVisionModelWithProjection, path, cls.kind,
                               ("text_model.", "text_projection.", "logit_scale"))
         _check_dim(cls.kind, config, model.config.projection_dim, path)
-        enc = cls(modality, config.dim, "pretrained", model, device=device, path=path, **common)
+        grid = model.config.image_size // model.config.patch_size
+        if pool < 1 or grid % pool:
+            raise ValueError(f"clip encoder option patch_pool={pool} must divide the {grid} x {grid} patch grid")
+        n = 1 + (grid // pool) ** 2 if tokens == "patches" else 1
+        enc = cls(modality, config.dim, "pretrained", model, device=device, path=path, num_tokens=n, **common)
+        enc.tokens, enc.grid, enc.patch_pool = tokens, grid, pool
         enc.processor = _load_processor(("CLIPImageProcessorPil", "CLIPImageProcessor"), path, cls.kind)
         return enc
 
     def _encode_images(self, images):
         def run(chunk):
             pixels = self.processor(images=list(chunk), return_tensors="pt")["pixel_values"]
-            return self.module(pixel_values=pixels.to(self.device, self.dtype)).image_embeds
+            out = self.module(pixel_values=pixels.to(self.device, self.dtype))
+            if self.tokens == "pooled":
+                return out.image_embeds
+            h = self.module.visual_projection(self.module.vision_model.post_layernorm(out.last_hidden_state))
+            g, k = self.grid, self.patch_pool
+            patches = h[:, 1:].reshape(len(h), g // k, k, g // k, k, -1).mean(dim=(2, 4))  # row-major windows
+            return torch.cat([h[:, :1], patches.flatten(1, 2)], dim=1)  # (n, 1 + (g / k)^2, D_enc)
 
         return self._batched(images, run)
 

@@ -73,7 +73,7 @@ class LLMStage:
     # ---- prompt ----------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_media(self, part: MediaPart) -> torch.Tensor:
-        """One medium -> (k, D_llm) prompt embeddings (encoder, then input projector).
+        """One medium -> (N * k, D_llm) prompt embeddings (N encoder tokens, then the input projector).
 
         Raises:
             ValueError: the preset has no encoder for this modality.
@@ -83,10 +83,10 @@ class LLMStage:
             raise ValueError(f"this model has no {m.value} encoder; it accepts: "
                              f"{', '.join(x.value for x in self.encoders) or 'text only'}")
         enc = self.encoders[m]
-        emb = enc.encode([part.data], sample_rate_hz=part.sample_rate_hz)  # (1, D_enc)
+        emb = enc.encode_tokens([part.data], sample_rate_hz=part.sample_rate_hz)  # (1, N, D_enc)
         proj = self.input_projectors[m]
         p = next(proj.parameters())
-        return proj(emb.to(p.device, p.dtype))[0]  # (k, D_llm)
+        return proj(emb.to(p.device, p.dtype))[0]  # (N * k, D_llm)
 
     def _media_span(self, m: Modality, embeds: torch.Tensor) -> list[PromptSegment]:
         begin, end = self.engine.spec.input_markers[m]

@@ -169,10 +169,12 @@ class OutputProjector(Projector):
 
 
 class InputProjector(Projector):
-    """Maps one media embedding into k LLM input embeddings.
+    """Maps each encoder token of a medium into k LLM input embeddings.
 
-    ``forward(media_embeds (B, D_enc)) -> (B, k, D_llm)``. Inputs are cast to the parameter dtype.
-    Subclasses implement ``_project(x (B, D_enc)) -> (B, k, D_llm)``.
+    ``forward(media_embeds (B, N, D_enc)) -> (B, N * k, D_llm)``: every one of the N encoder tokens (N = 1 for a
+    pooled embedding, 1 + P for patch tokens, see :mod:`polymodal.encoders`) is projected alone, in order, by the
+    same weights (LLaVA's projector on CLIP patches). Inputs are cast to the parameter dtype. Subclasses
+    implement ``_project(x (M, D_enc)) -> (M, k, D_llm)``.
     """
 
     role: ClassVar[Role] = "input"
@@ -189,21 +191,30 @@ class InputProjector(Projector):
     def shape_metadata(self) -> dict[str, int]:
         return {"d_enc": self.d_enc, "d_llm": self.d_llm, "k": self.num_tokens}
 
+    def prompt_tokens(self, encoder_tokens: int = 1) -> int:
+        """Prompt embeddings per medium: N * k for N encoder tokens."""
+        return encoder_tokens * self.num_tokens
+
     def forward(self, media_embeds: torch.Tensor) -> torch.Tensor:
         """Project media embeddings.
 
         Args:
-            media_embeds: (B, D_enc) one pooled encoder embedding per medium.
+            media_embeds: (B, N, D_enc) encoder tokens per medium (``Encoder.encode_tokens``), or (B, D_enc) for
+                one pooled embedding per medium (N = 1).
 
         Returns:
-            (B, k, D_llm) prompt embeddings for the medium.
+            (B, N * k, D_llm) prompt embeddings for the medium: tokens of encoder token 0 first.
 
         Raises:
-            ValueError: a shape other than (B, D_enc).
+            ValueError: a shape other than (B, N, D_enc) or (B, D_enc).
         """
-        if media_embeds.dim() != 2 or media_embeds.shape[1] != self.d_enc:
-            raise ValueError(f"media_embeds must have shape (B, D_enc={self.d_enc}), got {tuple(media_embeds.shape)}")
-        return self._project(media_embeds.to(self._param_dtype()))
+        x = media_embeds[:, None] if media_embeds.dim() == 2 else media_embeds
+        if x.dim() != 3 or x.shape[2] != self.d_enc:
+            raise ValueError(f"media_embeds must have shape (B, N, D_enc={self.d_enc}) or (B, D_enc), got "
+                             f"{tuple(media_embeds.shape)}")
+        b, n = x.shape[:2]
+        out = self._project(x.reshape(b * n, self.d_enc).to(self._param_dtype()))  # (B * N, k, D_llm)
+        return out.reshape(b, n * self.num_tokens, self.d_llm)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -83,7 +83,7 @@ def build_output_projector(
 def build_input_projector(
     config: ProjectorConfig, *, d_enc: int, d_llm: int, seed: int | None = None,
 ) -> InputProjector:
-    """Build the input projector of one modality: (B, D_enc) -> (B, k, D_llm), k = ``config.num_queries``.
+    """Build the input projector of one modality: (B, N, D_enc) -> (B, N * k, D_llm), k = ``config.num_queries``.
 
     ``linear`` (NExT-GPT: ``Linear(1024, D_llm)``) needs k = 1; ``mlp`` gives k tokens. ``seed`` and
     ``config.checkpoint`` as in :func:`build_output_projector`.

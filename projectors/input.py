@@ -1,4 +1,4 @@
-"""Input projectors: one media embedding (B, D_enc) -> k LLM input embeddings (B, k, D_llm).
+"""Input projectors: each encoder token (B, N, D_enc) -> k LLM input embeddings, (B, N * k, D_llm).
 
 Registry :data:`INPUT_PROJECTORS`:
 

@@ -177,6 +177,38 @@ def test_clip_from_saved_two_tower_folder_matches_the_saved_model(clip_dir, phot
     torch.testing.assert_close(video.encode([np.stack([a, b])])[0], enc.encode([a, b]).mean(0), rtol=1e-4, atol=1e-5)
 
 
+def test_clip_patch_tokens_start_with_the_pooled_embedding_and_keep_position(clip_dir, photos):
+    path, model = clip_dir
+    pooled = build_encoder(IMAGE, EncoderConfig(kind="clip", path=str(path), dim=16))
+    patches = build_encoder(IMAGE, EncoderConfig(kind="clip", path=str(path), dim=16, options={"tokens": "patches"}))
+    assert (pooled.num_tokens, patches.num_tokens) == (1, 1 + (32 // 8) ** 2)
+    tok = patches.encode_tokens(photos)
+    assert tok.shape == (4, 17, 16) and pooled.encode_tokens(photos).shape == (4, 1, 16)
+    torch.testing.assert_close(tok[:, 0], pooled.encode(photos), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(patches.encode(photos), pooled.encode(photos), rtol=1e-5, atol=1e-6)
+    # a bright square in the top-left corner changes the top-left patch more than the bottom-right one
+    grey = np.full((32, 32, 3), 128, np.uint8)
+    marked = grey.copy()
+    marked[:8, :8] = 255
+    a, b = patches.encode_tokens([grey, marked])
+    assert float((a[1] - b[1]).norm()) > 2 * float((a[16] - b[16]).norm())
+    video = build_encoder(VIDEO, EncoderConfig(kind="clip", path=str(path), dim=16, options={"tokens": "patches"}))
+    torch.testing.assert_close(video.encode_tokens([np.stack([grey, marked])])[0], (a + b) / 2, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="choose from: pooled, patches"):
+        build_encoder(IMAGE, EncoderConfig(kind="clip", path=str(path), dim=16, options={"tokens": "grid"}))
+    # patch_pool 2: each token the mean of a 2 x 2 window of patches, windows in row-major order
+    pooled2 = build_encoder(IMAGE, EncoderConfig(kind="clip", path=str(path), dim=16,
+                                                 options={"tokens": "patches", "patch_pool": 2}))
+    assert pooled2.num_tokens == 1 + 2 * 2
+    got = pooled2.encode_tokens([marked])[0]
+    torch.testing.assert_close(got[0], b[0])
+    torch.testing.assert_close(got[1], b[[1, 2, 5, 6]].mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[4], b[[11, 12, 15, 16]].mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="must divide the 4 x 4 patch grid"):
+        build_encoder(IMAGE, EncoderConfig(kind="clip", path=str(path), dim=16,
+                                           options={"tokens": "patches", "patch_pool": 3}))
+
+
 def test_clip_load_is_strict(clip_dir, tmp_path):
     import shutil
 

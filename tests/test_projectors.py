@@ -112,6 +112,20 @@ def test_input_projector_shapes():
         P.build_input_projector(ProjectorConfig(kind="linear", num_queries=2), d_enc=10, d_llm=D_LLM)
 
 
+def test_input_projector_maps_each_encoder_token_in_order():
+    tokens = torch.randn(B, 5, 10)  # (B, N, D_enc), e.g. a class token and 4 patches
+    mlp = P.build_input_projector(ProjectorConfig(kind="mlp", num_queries=2, hidden_dim=8), d_enc=10, d_llm=D_LLM)
+    out = mlp(tokens)
+    assert out.shape == (B, 5 * 2, D_LLM) and mlp.prompt_tokens(5) == 10
+    for n in range(5):  # the k tokens of encoder token n, from that token alone
+        torch.testing.assert_close(out[:, 2 * n:2 * n + 2], mlp(tokens[:, n]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mlp(tokens[:, :1]), mlp(tokens[:, 0]))  # N = 1 is the pooled form
+    with pytest.raises(ValueError, match=r"\(B, N, D_enc=10\)"):
+        mlp(torch.randn(B, 5, 11))
+    with pytest.raises(ValueError, match="got \\(2, 3, 4, 10\\)"):
+        mlp(torch.randn(2, 3, 4, 10))
+
+
 # --- registries and builders --------------------------------------------------------------------------
 
 

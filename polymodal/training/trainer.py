@@ -175,7 +175,7 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _load_input_medium(ref: MediaRef, encoder) -> torch.Tensor:
-    """A medium file -> (D_enc,) encoder embedding."""
+    """A medium file -> (N, D_enc) encoder tokens (what the input projector reads)."""
     from polymodal import media_io
 
     data = ref.path.read_bytes()
@@ -189,7 +189,7 @@ def _load_input_medium(ref: MediaRef, encoder) -> torch.Tensor:
             arr, sr = media_io.decode_video(data)[0], None
     except ValueError as e:
         raise DataFormatError(f"cannot decode {ref.path}: {e}") from e
-    return encoder.encode([arr], sample_rate_hz=sr)[0].float().cpu()
+    return encoder.encode_tokens([arr], sample_rate_hz=sr)[0].float().cpu()
 
 
 def _encode_latents(ref: MediaRef, decoder) -> torch.Tensor:
@@ -354,7 +354,8 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
         rows.requires_grad_(False)
     rows.to(dev)
 
-    builder = SequenceBuilder(engine, {m: p.num_tokens for m, p in parts.llm.input_projectors.items()},
+    builder = SequenceBuilder(engine, {m: p.prompt_tokens(parts.llm.encoders[m].num_tokens)
+                                       for m, p in parts.llm.input_projectors.items()},
                               config.max_tokens, grounding=preset.grounding)
     examples: list[EncodedExample] = []
     skipped = 0
