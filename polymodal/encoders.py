@@ -341,18 +341,22 @@ def _require_path(kind: str, config: EncoderConfig) -> str:
 def _load_checked(model_cls, path: str, kind: str, allowed_unexpected: tuple[str, ...]):
     """``from_pretrained`` with strict key checking: missing or mismatched weights are an error; unexpected ones
     only when they belong to the other tower of a two-tower checkpoint (``allowed_unexpected`` prefixes).
-    transformers' own load report (a table of those keys, as a warning) is held back: these checks replace it."""
+    transformers' own load report (a table of those keys, as a warning) is held back: these checks replace it.
+    (With that logger above WARNING, transformers 5 also checks the model's tensor-parallel plan and warns that
+    no layer "was sharded", through a second logger: held back too.)"""
     import logging
 
-    report = logging.getLogger("transformers.modeling_utils")
-    level = report.level
-    report.setLevel(logging.ERROR)
+    quiet = [logging.getLogger(f"transformers.{name}") for name in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
         model, info = model_cls.from_pretrained(path, output_loading_info=True)
     except (OSError, ValueError, KeyError) as e:
         raise EncoderLoadError(f"encoder {kind!r}: cannot load {model_cls.__name__} from {path!r}: {e}") from e
     finally:
-        report.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     missing = sorted(info.get("missing_keys") or [])
     mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
     unexpected = sorted(k for k in (info.get("unexpected_keys") or []) if not k.startswith(allowed_unexpected))
