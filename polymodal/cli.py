@@ -20,7 +20,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="preset name (tiny, smol, nextgpt-7b, ...) or a preset YAML file")]
+PresetOpt = Annotated[str, typer.Option("--preset", "-p", help="preset name (toy, tiny, smol, nextgpt-7b, ...; "
+                                        "`polymodal presets` lists them) or a preset YAML file")]
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -108,7 +109,7 @@ def load_history(path: Path) -> list:
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="the user's message")],
-    preset: PresetOpt = "tiny",
+    preset: PresetOpt = "toy",
     modalities: Annotated[str, typer.Option(help="media the answer must contain, e.g. image,audio,video")] = "",
     out: Annotated[Path, typer.Option(help="output folder (text, media files, manifest.json)")] = Path("out"),
     image: Annotated[Optional[list[Path]], typer.Option(help="input image file (repeatable)")] = None,
