@@ -193,6 +193,27 @@ def serve_http(port: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
+def deploy(app_args, what: str, timeout_s: float = 600.0) -> tuple[str, float]:
+    """Inside :func:`ray_cluster`: start the HTTP proxy on a free port, deploy the whole graph of
+    ``services.app:app_builder(app_args)`` and wait for ``/ready`` -> (base URL, seconds until ready).
+
+    Raises:
+        TimeoutError: not ready in ``timeout_s``.
+    """
+    from ray import serve
+
+    from services.app import app_builder
+
+    t = time.perf_counter()
+    url = serve_http(free_port())
+    print(f"Ray Serve graph: deploying {what} ...", flush=True)
+    serve.run(app_builder(app_args), name="polymodal", route_prefix="/", blocking=False)
+    wait_ready(url, timeout_s=timeout_s)
+    ready_s = time.perf_counter() - t
+    print(f"ready after {ready_s:.1f} s", flush=True)
+    return url, ready_s
+
+
 def wait_ready(url: str, timeout_s: float = 600.0) -> None:
     """Poll ``GET /ready`` until 200.
 

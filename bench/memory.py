@@ -142,19 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     total = 50 if args.quick else args.requests
 
-    from ray import serve
-
-    from services.app import AppArgs, app_builder
+    from services.app import AppArgs
 
     app_args = AppArgs(preset=args.preset, modalities=[C.Modality.IMAGE, C.Modality.AUDIO],
                        server={"request_timeout_s": 600, "max_concurrent_requests": 64})
     model = app_args.resolved_preset().name
     kinds = request_kinds(model)
     with C.ray_cluster():
-        url = C.serve_http(C.free_port())
-        print(f"deploying the graph (preset {model!r}) ...", flush=True)
-        serve.run(app_builder(app_args), name="polymodal", route_prefix="/", blocking=False)
-        C.wait_ready(url)
+        url, _ = C.deploy(app_args, f"preset {model!r}")
         t = time.perf_counter()
         warm_codes = asyncio.run(_drive(url, kinds, 2 * len(kinds), min(args.concurrency, 2)))
         time.sleep(args.settle_s)

@@ -40,10 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     n, warm = (4, 1) if args.quick else (args.requests, args.warmup)
 
     import httpx
-    from ray import serve
 
     from polymodal.pipeline import AnyToAnyPipeline
-    from services.app import AppArgs, DecoderDeploymentArgs, app_builder
+    from services.app import AppArgs, DecoderDeploymentArgs
 
     C.one_thread()
     preset = C.bench_preset(num_inference_steps=args.steps, size_px=args.size_px, max_new_tokens=args.max_tokens)
@@ -66,10 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return data
 
     with C.ray_cluster():
-        url = C.serve_http(C.free_port())
-        print("Ray Serve graph: deploying ...", flush=True)
-        serve.run(app_builder(app_args), name="polymodal", route_prefix="/", blocking=False)
-        C.wait_ready(url)
+        url, _ = C.deploy(app_args, f"preset {app_args.preset!r}")
         client = httpx.Client(timeout=600)
 
         def over_http(seed: int) -> bytes:

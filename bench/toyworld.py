@@ -270,9 +270,7 @@ def main(argv: list[str] | None = None) -> int:
           f"questions of the toy MosIT writer and the encode stage")
 
     import httpx
-    from ray import serve
-
-    from services.app import AppArgs, app_builder
+    from services.app import AppArgs
 
     app_args = AppArgs(preset="toy", modalities=[C.Modality.parse(m) for m in mods],
                        server={"request_timeout_s": 900, "max_concurrent_requests": 64})
@@ -359,12 +357,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     with C.ray_cluster():
-        url = C.serve_http(C.free_port())
-        print(f"Ray Serve graph: deploying preset 'toy' with decoders {', '.join(mods)} ...", flush=True)
-        serve.run(app_builder(app_args), name="polymodal", route_prefix="/", blocking=False)
-        C.wait_ready(url, timeout_s=1800)
-        results["timings_s"]["deploy_until_ready"] = time.perf_counter() - t_start
-        print(f"ready after {results['timings_s']['deploy_until_ready']:.1f} s", flush=True)
+        url, results["timings_s"]["deploy_until_ready"] = C.deploy(
+            app_args, f"preset 'toy' with decoders {', '.join(mods)}", timeout_s=1800)
         client = httpx.Client(timeout=1200)
         try:
             import openai

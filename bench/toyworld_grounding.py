@@ -236,9 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     perm = derangement(n, args.seed)
     chance = swap_chance(truth, perm)
 
-    from ray import serve
-
-    from services.app import AppArgs, app_builder
+    from services.app import AppArgs
 
     app_args = AppArgs(preset=args.preset, modalities=[],
                        server={"request_timeout_s": 900, "max_concurrent_requests": 64})
@@ -268,12 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t_start = time.perf_counter()
     with C.ray_cluster():
-        url = C.serve_http(C.free_port())
-        print(f"Ray Serve graph: deploying preset {args.preset!r} (ingress + LLM) ...", flush=True)
-        serve.run(app_builder(app_args), name="polymodal", route_prefix="/", blocking=False)
-        C.wait_ready(url, timeout_s=1800)
-        results["timings_s"]["deploy_until_ready"] = time.perf_counter() - t_start
-        print(f"ready after {results['timings_s']['deploy_until_ready']:.1f} s", flush=True)
+        url, results["timings_s"]["deploy_until_ready"] = C.deploy(
+            app_args, f"preset {args.preset!r} (ingress + LLM)", timeout_s=1800)
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", timeout=1200, max_retries=0)
         try:
             rows, wall = TW.run_all(lambda i: ask(i, i), n, args.concurrency, "grounding")
