@@ -56,8 +56,8 @@ def toy_grounding_preset(root: str | Path | None = None, *, aligned: bool = True
     Differs from :func:`toy_preset` in what grounding needs: image inputs are the toy CLIP's class and patch
     tokens (``clip`` options ``tokens: patches, patch_pool: 2``: 1 + 4 x 4 tokens; a pooled embedding carries too
     little of where the shape is: a ridge probe from it to the box reaches IoU >= 0.5 on 39% of held-out toy
-    images, from these 17 tokens on 95%), our location tokens (16 x 16 grid, ``[grounding]`` / ``[refer]``), and its own
-    export ``ROOT/export-grounding``. Video inputs stay pooled.
+    images, from these 17 tokens on 95%), our location tokens (16 x 16 grid, ``[grounding]`` / ``[refer]``), and
+    its own export ``ROOT/export-grounding``. Video inputs stay pooled.
 
     Raises:
         FileNotFoundError: as :func:`toy_preset`.
