@@ -324,3 +324,25 @@ def test_ray_train_two_workers_on_cpu(data_dir, tmp_path):
     assert res.completed and res.step == 12 and [r["step"] for r in rows] == [3, 6, 9, 12]
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], rows
     assert (res.export_dir / "output_image.safetensors").is_file() and res.num_examples == len(TRAIN)
+
+
+def test_signal_ce_first_labels_only_the_token_that_opens_a_group(parts):
+    from polymodal.training.data import Dialogue, MediaRef, Message
+    from polymodal.training.model import IGNORE, SequenceBuilder
+
+    eng = parts.llm.engine
+    image = Modality.IMAGE
+    rec = Dialogue((Message("user", ("draw a red circle",)),
+                    Message("assistant", ("Here it is.", MediaRef(image, None, "a red circle")))), "t")
+    group = eng.signal_ids[image]
+    labelled = {}
+    for mode in ("all", "first"):
+        ex = SequenceBuilder(eng, {}, 512, signal_ce=mode).build(rec)
+        start = ex.outputs[0].positions[0]
+        assert ex.ids[start:start + len(group)] == tuple(group)
+        labelled[mode] = ex.labels[start:start + len(group)]
+        assert ex.labels[start + len(group)] != IGNORE  # the turn suffix after the group is learned either way
+    assert labelled["all"] == tuple(group)
+    assert labelled["first"] == (group[0],) + (IGNORE,) * (len(group) - 1)
+    with pytest.raises(ValueError, match="signal_ce"):
+        SequenceBuilder(eng, {}, 512, signal_ce="none")

@@ -70,6 +70,10 @@ class TrainConfig(BaseModel):
     noise_weight: float = Field(0.0, ge=0.0, description=">0 adds the noise-prediction loss through the frozen UNet")
     token_rows: Literal["none", "output", "all"] = Field(
         "all", description="new token rows that learn: none, output (LM-head rows), all (input and output)")
+    signal_ce: Literal["all", "first"] = Field(
+        "all", description="which signal tokens of an output group take the next-token loss: all (NExT-GPT), or "
+        "first (the LLM still learns to open the group; the states of the rest answer to the decoding-side loss "
+        "alone: toy world, 32-token lead-ins, video 25% -> 96%, image 79-98% -> 100%, in process)")
     cache_states: Literal["auto", "on", "off"] = Field(
         "auto", description="decode: compute the frozen LLM's states once when nothing upstream of them trains")
 

@@ -187,13 +187,19 @@ class SequenceBuilder:
         engine: the LLM engine. k_tokens: per input modality, the input projector's k.
         max_tokens: longest sequence; longer dialogues raise :class:`SequenceTooLong`.
         grounding: the preset's :class:`polymodal.grounding.GroundingConfig` (grounding data needs it).
+        signal_ce: ``"all"``: every token of an output signal group is labelled; ``"first"``: only the first
+            (``TrainConfig.signal_ce``).
     """
 
-    def __init__(self, engine: LLMEngine, k_tokens: dict[Modality, int], max_tokens: int, grounding=None):
+    def __init__(self, engine: LLMEngine, k_tokens: dict[Modality, int], max_tokens: int, grounding=None,
+                 signal_ce: str = "all"):
+        if signal_ce not in ("all", "first"):
+            raise ValueError(f"signal_ce must be 'all' or 'first', got {signal_ce!r}")
         self.engine = engine
         self.k_tokens = k_tokens
         self.max_tokens = max_tokens
         self.grounding = grounding
+        self.signal_ce = signal_ce
         tok = engine.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
@@ -261,7 +267,8 @@ class SequenceBuilder:
                         raise ValueError(f"{dialogue.source}: an output {m.value} has no caption (its target)")
                     group = e.signal_ids[m]
                     outputs.append(OutputSlot(m, tuple(range(len(ids), len(ids) + len(group))), part))
-                    add(group, True)
+                    add(group[:1], True)
+                    add(group[1:], self.signal_ce == "all")
             add(self._text(f.user_suffix if user else f.assistant_suffix, True), not user)
         if len(ids) > self.max_tokens:
             raise SequenceTooLong(f"{dialogue.source}: {len(ids)} tokens > max_tokens {self.max_tokens}")

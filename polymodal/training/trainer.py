@@ -356,7 +356,7 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
 
     builder = SequenceBuilder(engine, {m: p.prompt_tokens(parts.llm.encoders[m].num_tokens)
                                        for m, p in parts.llm.input_projectors.items()},
-                              config.max_tokens, grounding=preset.grounding)
+                              config.max_tokens, grounding=preset.grounding, signal_ce=config.signal_ce)
     examples: list[EncodedExample] = []
     skipped = 0
     for d in dialogues:
