@@ -215,6 +215,9 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     instruct_data = write_requests(work / "requests-instruct.json", list(Modality), s.instruct_requests,
                                    seed=s.seed + 1, lead_ins=True)
     common = dict(seed=s.seed, lr=s.lr)
+    instruct = dict(batch_size=s.batch_size, lora_r=s.lora_r, lora_alpha=float(2 * s.lora_r),
+                    lora_targets=list(s.lora_targets), mse_weight=s.instruct_mse_weight,
+                    signal_ce=s.instruct_signal_ce, **common)  # the instruct stage's fields (toy and toy-grounding)
 
     log("alignment 1/3: encoding side")
     enc_export, enc_fig = _stage(
@@ -230,9 +233,7 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     ins_export, ins_fig = _stage(
         "instruct", work, preset_yaml,
         [{"path": str(mosit), "format": "mosit"}, {"path": str(instruct_data), "format": "t2x"}], dec_export,
-        parts_key, progress, max_steps=s.steps(s.instruct_steps), batch_size=s.batch_size, lora_r=s.lora_r,
-        lora_alpha=float(2 * s.lora_r), lora_targets=list(s.lora_targets), mse_weight=s.instruct_mse_weight,
-        signal_ce=s.instruct_signal_ce, **common)
+        parts_key, progress, max_steps=s.steps(s.instruct_steps), **instruct)
 
     exports = {"export": ins_export}
     figures = {"encode": enc_fig, "decode": dec_fig, "instruct": ins_fig}
@@ -247,9 +248,7 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
             [{"path": str(mosit), "format": "mosit"}, {"path": str(instruct_data), "format": "t2x"},
              {"path": str(rows), "format": "grounding"}], dec_export,
             {**parts_key, "preset": g_preset.to_yaml().replace(str(out), "OUT")}, progress, folder="grounding",
-            max_steps=s.steps(s.grounding_steps), batch_size=s.batch_size, lora_r=s.lora_r,
-            lora_alpha=float(2 * s.lora_r), lora_targets=list(s.lora_targets), mse_weight=s.instruct_mse_weight,
-            signal_ce=s.instruct_signal_ce, **common)
+            max_steps=s.steps(s.grounding_steps), **instruct)
 
     for name, export in exports.items():
         final = out / name
