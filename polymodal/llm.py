@@ -302,7 +302,7 @@ class LLMEngine:
             mean = w[:old].float().mean(0)
             std = w[:old].float().std().item() or 0.02
             noise = torch.randn((w.shape[0] - old, w.shape[1]), generator=g) * std * 0.1
-            w[old:] = (mean + noise).to(w.dtype)
+            w[old:] = (mean + noise.to(mean.device)).to(w.dtype)  # noise drawn on the CPU: same rows on any device
 
     def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
         """(T,) ids -> (T, D_llm) input embeddings."""
