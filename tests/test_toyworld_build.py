@@ -15,7 +15,7 @@ from polymodal.toyworld.build import BUILD_MANIFEST, BuildSettings, build
 pytest.importorskip("gguf")
 
 QUICK = BuildSettings(canonical_count=48, random_count=48, mosit_dialogues=12, decode_requests=24,
-                      instruct_requests=6, step_scale=0.002)
+                      instruct_requests=6, grounding_batch_size=4, step_scale=0.002)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,7 @@ def test_grounding_build_trains_location_tokens_over_patch_tokens(quick_build):
     rows = json.loads((out / "work" / "grounding-rows.json").read_text())
     assert len(rows) == QUICK.random_count and {r["question"] for r in rows} <= set(TRAIN_QUESTIONS)
     assert manifest["figures"]["grounding"]["steps"] >= 1 and manifest["sizes_mb"]["export-grounding"] > 0
+    assert manifest["figures"]["grounding"]["num_examples"] == len(rows)  # the grounding rows alone
     with safe_open(str(out / "export-grounding" / "token_rows.safetensors"), "pt") as f:
         tokens = json.loads(f.metadata()["tokens"])
     assert {"<loc_0>", "<loc_255>", "[grounding]", "<p>"} <= set(tokens)
@@ -92,3 +93,9 @@ def test_rebuild_is_served_from_the_caches(quick_build):
     assert second["build_s"] < first["build_s"]
     assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob(".build-key")} == stamps  # nothing redone
     assert (out / "decoders" / "toyworld-decoders.json").read_text() == decoders
+
+
+def test_build_refuses_a_device_it_cannot_use(tmp_path):
+    with pytest.raises(ValueError, match="device 'tpu'"):
+        build(tmp_path, QUICK, progress=False, device="tpu")
+    assert not any(tmp_path.iterdir())  # refused before anything was written
