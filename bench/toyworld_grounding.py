@@ -49,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 import toyworld as TW
 
+from polymodal.grounding import box_iou as iou
+
 TARGET_SHARE = 0.90
 IOU_HIT = 0.5
 DATA_SEED = 20_000  # data seed of the images (the build uses 0 and 1, toyworld_encoder.py 1000, toyworld.py 10 000)
@@ -58,18 +60,6 @@ TASK = "grounding"
 
 
 # ---- boxes and chance ------------------------------------------------------------------------------------
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two boxes [x1, y1, x2, y2] (any unit, x2 >= x1 and y2 >= y1 for a non-empty
-    box; an inverted box has area 0). Two empty boxes: 0."""
-    ax1, ay1, ax2, ay2 = (float(v) for v in a)
-    bx1, by1, bx2, by2 = (float(v) for v in b)
-    iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
-    ih = max(0.0, min(ay2, by2) - max(ay1, by1))
-    inter = iw * ih
-    union = max(0.0, ax2 - ax1) * max(0.0, ay2 - ay1) + max(0.0, bx2 - bx1) * max(0.0, by2 - by1) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def swap_chance(true_boxes: Sequence[Sequence[float]], perm: Sequence[int]) -> dict[str, float]:
     """Chance of the swapped-image control: the share of pairs (i, perm[i]) whose true boxes overlap with
     IoU >= 0.5, with its binomial sigma over N items and chance + 3 sigma (:func:`toyworld.chance`)."""
@@ -260,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 box, text = first_box(message), answer_text(message)
                 if overlay:
                     overlays[i] = overlay_png(message)
-            except Exception as e:  # noqa: BLE001 - an unreadable answer counts as a miss
+            except Exception as e:
                 err = f"{type(e).__name__}: {str(e)[:200]}"
         return {"box": box, "error": err, "latency_s": dt, "text": text}
 

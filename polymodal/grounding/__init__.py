@@ -9,8 +9,18 @@
 No torch import here: the HTTP ingress reads these types.
 """
 
-from polymodal.grounding.boxes import GroundedPhrase, GroundingOutput, box_from_fractions
-from polymodal.grounding.formats import GROUNDING_FORMATS, GroundingParser, build_parser, parse_grounding
+from polymodal.grounding.boxes import (
+    GroundedPhrase,
+    GroundingOutput,
+    box_from_fractions,
+    box_iou,
+)
+from polymodal.grounding.formats import (
+    GROUNDING_FORMATS,
+    GroundingParser,
+    build_parser,
+    parse_grounding,
+)
 from polymodal.grounding.loc import GroundingConfig, LocGrid
 
 __all__ = [
@@ -21,6 +31,7 @@ __all__ = [
     "GroundingParser",
     "LocGrid",
     "box_from_fractions",
+    "box_iou",
     "build_parser",
     "parse_grounding",
 ]

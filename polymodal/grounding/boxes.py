@@ -109,3 +109,13 @@ def last_image(image_sizes: Sequence[tuple[int, int]]) -> tuple[int, int, int] |
         return None
     w, h = image_sizes[-1]
     return len(image_sizes) - 1, int(w), int(h)
+
+
+def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
+    """Intersection over union of two boxes ``[x1, y1, x2, y2]`` in one unit (pixels, fractions). An inverted
+    box has area 0; two empty boxes give 0."""
+    ax1, ay1, ax2, ay2 = (float(v) for v in a)
+    bx1, by1, bx2, by2 = (float(v) for v in b)
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = max(0.0, ax2 - ax1) * max(0.0, ay2 - ay1) + max(0.0, bx2 - bx1) * max(0.0, by2 - by1) - inter
+    return inter / union if union > 0 else 0.0
