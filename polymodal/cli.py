@@ -188,11 +188,16 @@ def generate(
 
 def write_answer(answer, out: Path, turns: list, preset_name: str, *, box_overlay: bool = False) -> dict:
     """Write answer.txt, the media, manifest.json and conversation.json into ``out``; with ``box_overlay``
-    also overlay.png (the answer's boxes on the input image they refer to, when there are boxes)."""
+    also overlay.png (the answer's boxes on the input image they refer to, when there are boxes).
+
+    Writing into a folder of an earlier answer: the files its manifest named (media, overlay) that this answer
+    does not write again are removed once the new manifest is in place; nothing else in the folder is touched.
+    """
     from polymodal.modality import Modality
     from polymodal.types import MediaPart, TextPart
 
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _files_of_manifest(out / "manifest.json")
     manifest_parts = []
     convo_parts = []
     k = 0
@@ -254,7 +259,19 @@ def write_answer(answer, out: Path, turns: list, preset_name: str, *, box_overla
         manifest["boxes"] = boxes
         manifest["overlay"] = overlay
     atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
+    for name in earlier - _files_of_manifest(out / "manifest.json"):
+        (out / name).unlink(missing_ok=True)
     return manifest
+
+
+def _files_of_manifest(path: Path) -> set[str]:
+    """The files an answer's manifest.json names (plain names inside its folder); empty when unreadable."""
+    try:
+        manifest = json.loads(path.read_text())
+        names = [p.get("file") for p in manifest.get("parts", []) if isinstance(p, dict)] + [manifest.get("overlay")]
+    except (OSError, ValueError, AttributeError):
+        return set()
+    return {n for n in names if isinstance(n, str) and n and Path(n).name == n}
 
 
 @app.command("presets")

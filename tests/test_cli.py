@@ -149,6 +149,33 @@ def test_write_answer_keeps_boxes_and_draws_the_overlay(tmp_path):
     assert "boxes" not in plain
 
 
+def test_write_answer_into_an_earlier_answers_folder_drops_only_its_stale_files(tmp_path):
+    """A second answer into the same --out: media and overlay the first manifest named and the second does not
+    write are removed; the user's own files stay."""
+    import numpy as np
+
+    from decoders.media import Medium
+    from polymodal.cli import write_answer
+    from polymodal.grounding.boxes import GroundedPhrase
+    from polymodal.modality import Modality
+    from polymodal.pipeline import Answer
+    from polymodal.types import LLMResult, MediaPart, TextPart, Turn
+
+    image = np.full((16, 16, 3), 90, np.uint8)
+    turns = [Turn("user", (MediaPart(Modality.IMAGE, image), TextPart("where?")))]
+    box = GroundedPhrase("it", (1.0, 1.0, 8.0, 8.0), 0)
+    llm = LLMResult(text="Here.", groups=(), prompt_tokens=3, completion_tokens=4, finish_reason="stop", boxes=(box,))
+    first = Answer(parts=[TextPart("Here."), Medium(Modality.IMAGE, image, seed=1)], llm=llm, seeds={}, timings_s={})
+    (tmp_path / "notes.txt").write_text("mine")
+    write_answer(first, tmp_path, turns, "t", box_overlay=True)
+    assert (tmp_path / "00_image.png").is_file() and (tmp_path / "overlay.png").is_file()
+    second = Answer(parts=[TextPart("No picture.")], llm=dataclass_replace(llm, boxes=()), seeds={}, timings_s={})
+    man = write_answer(second, tmp_path, turns, "t")
+    assert [p["type"] for p in man["parts"]] == ["text"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answer.txt", "conversation.json", "manifest.json",
+                                                          "notes.txt"]
+
+
 def dataclass_replace(obj, **kw):
     import dataclasses
 
