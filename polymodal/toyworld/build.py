@@ -59,8 +59,8 @@ class BuildSettings:
     # instruct CE 0.44 -> 1.53; decode-stage requests with lead-ins changed nothing (video 25%)
     instruct_mse_weight: float = 1.0
     # TrainConfig.signal_ce of the instruct stage: "first" labels only the token that opens an output group, so the
-    # other signal states answer to the decoding-side loss alone. Measured (in process, 24 held-out requests, 32-token
-    # lead-in): video 6/24 with "all" (NExT-GPT's labelling) -> 23/24 with "first"; image 24/24
+    # other signal states answer to the decoding-side loss alone. Measured on this build (in process, 24 held-out
+    # requests, 32-token lead-in): video 6/24 with "all" (NExT-GPT's labelling) -> 23/24 with "first"; image 22/24
     instruct_signal_ce: str = "first"
     # the toy-grounding instruct stage (only with build(grounding=True)), on the grounding rows alone. Measured
     # on an H200 (in process, 60 held-out images, IoU >= 0.5): this recipe at 1983 steps 97%; with the instruct
