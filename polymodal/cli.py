@@ -197,7 +197,10 @@ def write_answer(answer, out: Path, turns: list, preset_name: str, *, box_overla
     from polymodal.types import MediaPart, TextPart
 
     out.mkdir(parents=True, exist_ok=True)
-    earlier = _files_of_manifest(out / "manifest.json")
+    try:
+        earlier = _manifest_files(json.loads((out / "manifest.json").read_text()))
+    except (OSError, ValueError):
+        earlier = set()
     manifest_parts = []
     convo_parts = []
     k = 0
@@ -259,18 +262,18 @@ def write_answer(answer, out: Path, turns: list, preset_name: str, *, box_overla
         manifest["boxes"] = boxes
         manifest["overlay"] = overlay
     atomic_write(out / "manifest.json", json.dumps(manifest, indent=2).encode())
-    for name in earlier - _files_of_manifest(out / "manifest.json"):
+    for name in earlier - _manifest_files(manifest):
         (out / name).unlink(missing_ok=True)
     return manifest
 
 
-def _files_of_manifest(path: Path) -> set[str]:
-    """The files an answer's manifest.json names (plain names inside its folder); empty when unreadable."""
-    try:
-        manifest = json.loads(path.read_text())
-        names = [p.get("file") for p in manifest.get("parts", []) if isinstance(p, dict)] + [manifest.get("overlay")]
-    except (OSError, ValueError, AttributeError):
+def _manifest_files(manifest) -> set[str]:
+    """The files an answer's manifest names (plain names inside its folder); empty for anything else."""
+    if not isinstance(manifest, dict):
         return set()
+    parts = manifest.get("parts")
+    names = [p.get("file") for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+    names.append(manifest.get("overlay"))
     return {n for n in names if isinstance(n, str) and n and Path(n).name == n}
 
 
