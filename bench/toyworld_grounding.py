@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 box, text = first_box(message), answer_text(message)
                 if overlay:
                     overlays[i] = overlay_png(message)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - an unreadable answer counts as a miss
                 err = f"{type(e).__name__}: {str(e)[:200]}"
         return {"box": box, "error": err, "latency_s": dt, "text": text}
 
