@@ -37,6 +37,7 @@ whole number of cycles of every attribute combination and then cut to N (so a sm
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import math
 import os
@@ -120,32 +121,6 @@ def chance(probabilities: Sequence[float]) -> dict[str, float]:
 
 
 # ---- reading media out of answers ------------------------------------------------------------------------
-def empty_reading(modality: str):
-    from polymodal.toyworld import checkers
-
-    return {"image": checkers.ImageReading(None, None), "audio": checkers.AudioReading(None, None),
-            "video": checkers.VideoReading(None)}[modality]
-
-
-def read_bytes(modality: str, data: bytes):
-    """The checker's reading of a PNG / WAV / MP4."""
-    import numpy as np
-
-    from polymodal.toyworld import checkers
-
-    if modality == "image":
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            return checkers.check_image(np.asarray(im.convert("RGB")))
-    if modality == "audio":
-        import soundfile as sf
-
-        audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
-        return checkers.check_audio(audio, int(sr))
-    return checkers.check_video(checkers.decode_mp4(data))
-
-
 def data_url_bytes(url: str) -> bytes:
     if not url.startswith("data:") or "," not in url:
         raise ValueError(f"expected a base64 data URL, got {url[:40]!r}")
@@ -240,7 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.toy_dir:
         os.environ["POLYMODAL_TOY_DIR"] = str(Path(args.toy_dir).resolve())  # Ray's workers inherit it
 
-    from polymodal.toyworld.evaluate import SCORED, derangement, score_readings
+    from polymodal.toyworld.checkers import check_bytes
+    from polymodal.toyworld.evaluate import (
+        SCORED,
+        derangement,
+        empty_reading,
+        score_readings,
+    )
     from polymodal.toyworld.phrasings import assert_disjoint
     from polymodal.toyworld.preset import toy_preset, toy_root
 
@@ -270,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
           f"questions of the toy MosIT writer and the encode stage")
 
     import httpx
+
     from services.app import AppArgs
 
     app_args = AppArgs(preset="toy", modalities=[C.Modality.parse(m) for m in mods],
@@ -292,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                 content = r.json()["choices"][0]["message"]["content"]
                 part = next(x for x in content if x.get("type") == _PART_KEY[m])
                 text = " ".join(x.get("text", "") for x in content if x.get("type") == "text")
-                reading = read_bytes(m, data_url_bytes(part[_PART_KEY[m]]["url"]))
+                reading = check_bytes(m, data_url_bytes(part[_PART_KEY[m]]["url"]))
             except Exception as e:  # noqa: BLE001 - an unreadable answer counts as a miss
                 err = f"{type(e).__name__}: {str(e)[:200]}"
         return {"reading": reading, "latency_s": dt, "error": err, "text": text}
@@ -315,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         reading = empty_reading("image")
         if err is None:
             try:
-                reading = read_bytes("image", data)
+                reading = check_bytes("image", data)
             except Exception as e:  # noqa: BLE001
                 err = f"{type(e).__name__}: {str(e)[:200]}"
         return {"reading": reading, "latency_s": dt, "error": err}
@@ -342,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     def summarize(m: str, rows: list[dict], wall: float) -> dict:
         asked = [a for _, _, a in reqs[m]]
         score = score_readings(m, [r["reading"] for r in rows], asked)
-        per = {k: {"hits": score.per_attribute[k], "asked": sum(k in a for a in asked)} for k in SCORED[C.Modality.parse(m)]}
+        scored = SCORED[C.Modality.parse(m)]
+        per = {k: {"hits": score.per_attribute[k], "asked": sum(k in a for a in asked)} for k in scored}
         extra = {}
         if m == "video":  # read but not scored: the shape and colour of the moving shape
             for k in ("colour", "shape"):
@@ -353,7 +336,11 @@ def main(argv: list[str] | None = None) -> int:
                 "also_read": extra, "errors": len(errors), "error_examples": errors[:3],
                 "latency": C.stats_s([r["latency_s"] for r in rows]), "wall_s": wall, "requests_per_s": n / wall,
                 "chance": chance([hit_probability(m, a) for a in asked]),
-                "sample_texts": [r.get("text", "") for r in rows[:3]]}
+                "sample_texts": [r.get("text", "") for r in rows[:3]],
+                "requests": [{"prompt": reqs[m][i][0], "seed": 1_000 * args.seed + i, "asked": a,
+                              "read": dataclasses.asdict(r["reading"]),
+                              "ok": all(getattr(r["reading"], k) == a[k] for k in scored if k in a),
+                              "text": r.get("text"), "error": r["error"]} for i, (r, a) in enumerate(zip(rows, asked))]}
 
     t_start = time.perf_counter()
     with C.ray_cluster():

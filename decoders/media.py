@@ -32,6 +32,7 @@ class Medium:
         seed: the seed of this item's generator (item k of a batch equals the same item generated alone).
         sample_rate_hz: audio only.
         fps: video only.
+        crf: video only: the libx264 constant rate factor of :meth:`encode` (``None``: libx264's default, 23).
     """
 
     modality: Modality
@@ -39,6 +40,7 @@ class Medium:
     seed: int
     sample_rate_hz: int | None = None
     fps: float | None = None
+    crf: int | None = None
 
     def __post_init__(self) -> None:
         m, d = Modality.parse(self.modality), self.data
@@ -67,13 +69,14 @@ class Medium:
         """Encode to a file: ``(bytes, mime type, extension)``.
 
         Image: PNG (Pillow). Audio: WAV, 32-bit float samples (soundfile) at ``sample_rate_hz``.
-        Video: MP4, h264 in yuv420p (PyAV); odd sizes are padded by one edge pixel (yuv420p needs even sizes).
+        Video: MP4, h264 in yuv420p (PyAV) at :attr:`crf`; odd sizes are padded by one edge pixel (yuv420p needs
+        even sizes).
         """
         if self.modality is Modality.IMAGE:
             return encode_png(self.data), "image/png", "png"
         if self.modality is Modality.AUDIO:
             return encode_wav(self.data, self.sample_rate_hz), "audio/wav", "wav"
-        return encode_mp4(self.data, self.fps), "video/mp4", "mp4"
+        return encode_mp4(self.data, self.fps, crf=self.crf), "video/mp4", "mp4"
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -94,8 +97,13 @@ def encode_wav(audio: np.ndarray, sample_rate_hz: int) -> bytes:
     return buf.getvalue()
 
 
-def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
-    """uint8 (F, H, W, 3) -> MP4 bytes (h264, yuv420p)."""
+def encode_mp4(frames: np.ndarray, fps: float, *, crf: int | None = None) -> bytes:
+    """uint8 (F, H, W, 3) -> MP4 bytes (h264, yuv420p).
+
+    ``crf``: libx264's constant rate factor (0-51, lower is closer to ``frames``; ``None``: libx264's default,
+    23). Small frames need a low one: at 16 x 16 px the default blurs a 4 px shape enough to move it (see
+    :class:`polymodal.config.DecoderDefaults`). Ignored when PyAV has only another h264 encoder.
+    """
     import av
 
     num_frames, height_px, width_px, _ = frames.shape
@@ -105,7 +113,10 @@ def encode_mp4(frames: np.ndarray, fps: float) -> bytes:
     rate = Fraction(fps).limit_denominator(1001)
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=rate)
+        x264 = "libx264" in av.codecs_available
+        stream = container.add_stream("libx264" if x264 else "h264", rate=rate)
+        if x264 and crf is not None:
+            stream.options = {"crf": str(int(crf))}
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         for frame in frames:

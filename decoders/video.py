@@ -46,4 +46,4 @@ class VideoDecoder(Decoder):
         return output.frames
 
     def _to_medium(self, raw, seed: int, options: DecoderDefaults) -> Medium:
-        return Medium(Modality.VIDEO, video_to_uint8(raw), seed=seed, fps=float(options.fps))
+        return Medium(Modality.VIDEO, video_to_uint8(raw), seed=seed, fps=float(options.fps), crf=options.crf)

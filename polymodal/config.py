@@ -92,6 +92,11 @@ class DecoderDefaults(_Model):
     num_frames: int = Field(4, ge=1, le=128)
     fps: int = Field(8, ge=1, le=60)
     duration_s: float = Field(1.0, gt=0.0, le=30.0)
+    crf: int = Field(
+        18, ge=0, le=51,
+        description="video: libx264 constant rate factor of the MP4 the frames are encoded to (lower: closer to the "
+        "decoder's frames, bigger files; 18 is the usual visually-lossless setting, libx264's own default is 23; 0 "
+        "is lossless but needs the High 4:4:4 profile, which many players lack); other h264 encoders ignore it")
 
 
 class DecoderConfig(_Model):

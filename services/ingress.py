@@ -1050,7 +1050,7 @@ def build_app(backend: Backend, settings: ServerSettings | None = None, *, store
         svc.check_model(body.model)
         svc.require_output(Modality.VIDEO, "model")
         overrides = svc.parse_size(body.size)
-        overrides.update(body.model_dump(include={"num_frames", "fps", "num_inference_steps", "guidance_scale"},
+        overrides.update(body.model_dump(include={"num_frames", "fps", "num_inference_steps", "guidance_scale", "crf"},
                                          exclude_none=True))
         defaults = backend.preset.decoders[Modality.VIDEO].defaults
         fps = overrides.get("fps", defaults.fps)

@@ -94,6 +94,8 @@ class VideoOptions(_Steps):
     width_px: int | None = Field(None, ge=8, le=2048, multiple_of=8)
     num_frames: int | None = Field(None, ge=1, le=128)
     fps: int | None = Field(None, ge=1, le=60)
+    crf: int | None = Field(None, ge=0, le=51, description="libx264 constant rate factor of the MP4 (lower: closer "
+                            "to the generated frames, bigger file; default: the preset's)")
 
 
 class StreamOptions(_Req):
@@ -179,7 +181,8 @@ class VideoCreateRequest(_Req):
     """``POST /v1/videos`` (OpenAI videos schema: ``prompt``, ``seconds``, ``size``): an asynchronous job.
 
     ``seconds`` (``"4"`` or 4) sets ``num_frames = round(seconds * fps)`` unless ``num_frames`` is given.
-    Extensions: ``num_frames``, ``fps``, ``seed``, ``num_inference_steps``, ``guidance_scale``.
+    Extensions: ``num_frames``, ``fps``, ``seed``, ``num_inference_steps``, ``guidance_scale``, ``crf`` (libx264
+    constant rate factor of the MP4).
     """
 
     prompt: str = Field(min_length=1, max_length=32000)
@@ -191,3 +194,4 @@ class VideoCreateRequest(_Req):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(None, ge=1, le=200)
     guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    crf: int | None = Field(None, ge=0, le=51)

@@ -74,7 +74,7 @@ def test_input_images_balanced_and_readable():
         assert arr.shape == (64, 64, 3)
         read += checkers.matches(checkers.check_image(arr), attrs)
     assert read >= 22  # the checker reads what the bench scores the answers against
-    assert TW.read_bytes("image", images[0][0]) == checkers.check_image(
+    assert checkers.check_bytes("image", images[0][0]) == checkers.check_image(
         np.asarray(Image.open(io.BytesIO(images[0][0])).convert("RGB")))
 
 

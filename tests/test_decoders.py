@@ -435,6 +435,26 @@ def test_mp4_round_trip(decoders):
     assert np.abs(as_float(back[1]) - as_float(flat.data[1])).max() < 8
 
 
+def test_mp4_crf_trades_bytes_for_fidelity(decoders):
+    """A lower ``crf`` keeps the frames closer (and the file bigger); the video decoder stamps its option."""
+    rng = np.random.default_rng(1)
+    frames = np.repeat(rng.integers(0, 256, (1, 16, 16, 3), dtype=np.uint8), 6, axis=0)
+    frames[:, 4:8, 4:8] = (250, 20, 20)
+    for t in range(6):  # a small red square moving right over a noisy background
+        frames[t, 10:14, 2 + 2 * t:6 + 2 * t] = (20, 20, 250)
+    errors, sizes = {}, {}
+    for crf in (None, 30, 12):
+        data = Medium(VIDEO, frames, seed=0, fps=8.0, crf=crf).encode()[0]
+        errors[crf] = np.abs(as_float(np.stack(_decode_mp4(data))) - as_float(frames)).mean()
+        sizes[crf] = len(data)
+    assert errors[12] < errors[None] < errors[30], errors  # None: libx264's own default, 23
+    assert sizes[12] > sizes[None] > sizes[30], sizes
+    dec = decoders[VIDEO]
+    assert dec.defaults.crf == 18
+    medium = dec.generate(dec.encode_text(["x"]), [0], cfg_options(dec, crf=30))[0]
+    assert medium.crf == 30
+
+
 def test_mp4_odd_size_is_padded():
     video = Medium(VIDEO, np.random.default_rng(0).integers(0, 255, (2, 15, 17, 3), dtype=np.uint8), seed=0, fps=4.0)
     frames = _decode_mp4(video.encode()[0])

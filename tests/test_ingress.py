@@ -184,6 +184,7 @@ def test_unknown_model_is_400(app_llm_dec):
     ({"image": {"num_inference_steps": 150}}, "image.num_inference_steps"),  # over the server limit (100)
     ({"audio": {"duration_s": 0}}, "audio.duration_s"),
     ({"video": {"fps": 100}}, "video.fps"),
+    ({"video": {"crf": 52}}, "video.crf"),
     ({"modalities": ["smell"]}, "modalities"),
     ({"messages": []}, "messages"),
 ])
@@ -535,7 +536,7 @@ def test_video_jobs_survive_another_replica(tmp_path):
     async def go():
         async with client(app) as c, client(other) as c2:
             r = await c.post("/v1/videos", json={"prompt": "waves", "seconds": "1", "size": "32x32", "fps": 4,
-                                                 "num_inference_steps": 20})
+                                                 "num_inference_steps": 20, "crf": 14})
             assert r.status_code == 200, r.text
             job = r.json()
             assert job["status"] in ("queued", "in_progress") and job["num_frames"] == 4 and job["object"] == "video"
@@ -553,7 +554,7 @@ def test_video_jobs_survive_another_replica(tmp_path):
     assert st["status"] == "completed" and st["progress"] == 100
     assert content.status_code == 200 and content.headers["content-type"] == "video/mp4"
     assert content.content.startswith(b"FAKEMP4")
-    assert decs[VIDEO].calls[-1]["options"].num_frames == 4
+    assert decs[VIDEO].calls[-1]["options"].num_frames == 4 and decs[VIDEO].calls[-1]["options"].crf == 14
     assert call(other, "GET", "/v1/videos/video_unknown123").status_code == 404
 
 

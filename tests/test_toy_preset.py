@@ -42,6 +42,10 @@ def test_the_shipped_build_is_small_and_fully_trained(toy_pipe):
     assert d["input_projectors"]["image"]["init_state"] == "pretrained"
     assert d["encoders"]["image"]["init_state"] == "pretrained"
     assert all(v["decoder"] == "pretrained" and v["projector"] == "pretrained" for v in d["decoders"].values())
+    from polymodal.toyworld.train import VideoDecoderRecipe
+
+    # the shipped manifest's generation defaults are the recipe's (the MP4 quality among them)
+    assert toy_pipe.decoder_stages[Modality.VIDEO].defaults.crf == VideoDecoderRecipe().crf
 
 
 @pytest.mark.parametrize("modality", list(Modality), ids=lambda m: m.value)

@@ -201,23 +201,33 @@ def matches(reading, asked: dict) -> bool:
     return all(getattr(reading, k) == asked[k] for k in keys)
 
 
-def check_file(modality: Modality | str, path) -> object:
-    """Read the medium at ``path`` (PNG / WAV / MP4) and check it."""
-    from pathlib import Path
+def check_bytes(modality: Modality | str, data: bytes) -> object:
+    """Read a medium's file bytes (PNG / WAV / MP4, as ``decoders.Medium.encode`` writes them) and check it.
+
+    Raises:
+        ValueError: unknown modality; whatever Pillow / soundfile / PyAV raise for bytes they cannot read.
+    """
+    import io
 
     modality = Modality.parse(modality)
-    path = Path(path)
     if modality is Modality.IMAGE:
         from PIL import Image
 
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(data)) as im:
             return check_image(np.asarray(im.convert("RGB")))
     if modality is Modality.AUDIO:
         import soundfile as sf
 
-        audio, sr = sf.read(str(path), dtype="float32", always_2d=False)
+        audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
         return check_audio(audio, int(sr))
-    return check_video(decode_mp4(path.read_bytes()))
+    return check_video(decode_mp4(data))
+
+
+def check_file(modality: Modality | str, path) -> object:
+    """Read the medium at ``path`` (PNG / WAV / MP4) and check it (:func:`check_bytes`)."""
+    from pathlib import Path
+
+    return check_bytes(modality, Path(path).read_bytes())
 
 
 def decode_mp4(data: bytes) -> np.ndarray:

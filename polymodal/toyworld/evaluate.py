@@ -95,8 +95,8 @@ def toy_prompts(modality: Modality | str, n: int) -> list[tuple[str, dict]]:
 def score_decoder(decoder, n: int = 48, seed: int = 0, options=None) -> Score:
     """Generate ``n`` media from the decoder's own text embedding of :func:`toy_prompts` and score them.
 
-    ``decoder`` is a :class:`decoders.Decoder` (its ``encode_text`` and ``generate``); failed items count
-    as wrong.
+    ``decoder`` is a :class:`decoders.Decoder` (its ``encode_text`` and ``generate``); each medium is read from
+    its file (:func:`read_media`); failed items count as wrong.
     """
     modality = decoder.modality
     prompts = toy_prompts(modality, n)
@@ -105,26 +105,22 @@ def score_decoder(decoder, n: int = 48, seed: int = 0, options=None) -> Score:
     for i in range(0, n, batch):
         chunk = prompts[i : i + batch]
         embeds = decoder.encode_text([p for p, _ in chunk])
-        media = decoder.generate(embeds, [seed + i + k for k in range(len(chunk))], options)
-        for m in media:
-            if getattr(m, "data", None) is None:
-                readings.append(checkers.VideoReading(None) if modality is Modality.VIDEO else
-                                checkers.AudioReading(None, None) if modality is Modality.AUDIO else
-                                checkers.ImageReading(None, None))
-            else:
-                readings.append(checkers.check(modality, m.data, sample_rate_hz=m.sample_rate_hz))
+        readings += read_media(modality, decoder.generate(embeds, [seed + i + k for k in range(len(chunk))], options))
     return score_readings(modality, readings, [a for _, a in prompts])
 
 
-def _empty_reading(modality: Modality):
+def empty_reading(modality: Modality | str):
+    """The reading of a medium that could not be made: every attribute ``None`` (a miss)."""
     return {Modality.IMAGE: checkers.ImageReading(None, None), Modality.AUDIO: checkers.AudioReading(None, None),
-            Modality.VIDEO: checkers.VideoReading(None)}[modality]
+            Modality.VIDEO: checkers.VideoReading(None)}[Modality.parse(modality)]
 
 
 def read_media(modality: Modality, media) -> list:
-    """Checker readings of decoder outputs (a failed item, without ``data``, reads as nothing)."""
-    return [checkers.check(modality, m.data, sample_rate_hz=getattr(m, "sample_rate_hz", None))
-            if getattr(m, "data", None) is not None else _empty_reading(modality) for m in media]
+    """Checker readings of decoder outputs as a user gets them: each ``decoders.Medium`` is read back from its
+    file (:meth:`~decoders.media.Medium.encode`: PNG, float WAV, or MP4 at the decoder's ``crf``, whose
+    compression can move a small shape); a failed item (a ``DecodeError``, no ``data``) reads as nothing."""
+    return [checkers.check_bytes(modality, m.encode()[0]) if getattr(m, "data", None) is not None
+            else empty_reading(modality) for m in media]
 
 
 def derangement(n: int, seed: int = 0) -> list[int]:

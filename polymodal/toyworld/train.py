@@ -40,7 +40,7 @@ from polymodal.modality import Modality
 MANIFEST = "toyworld-decoders.json"
 RECIPE_VERSION = 1
 # Recipe fields that only set the saved generation defaults: left out of the config hash.
-GENERATION_FIELDS = frozenset({"num_inference_steps", "guidance_scale", "fps"})
+GENERATION_FIELDS = frozenset({"num_inference_steps", "guidance_scale", "fps", "crf"})
 
 
 @dataclass(frozen=True)
@@ -586,12 +586,15 @@ class VideoDecoderRecipe:
     seed: int = 0
     num_inference_steps: int = 20
     guidance_scale: float = 3.0
+    # the MP4 the service returns: at libx264's default (23) the 16 px frames of 200 held-out requests read back the
+    # direction of the raw frames in 173/200 (the service's video share was 83.5%); 18: 192; 16 or lower: 196-198
+    crf: int = 12
 
     def decoder_fields(self) -> dict:
         return {"cond_tokens": self.cond_tokens, "cond_dim": self.cond_dim,
                 "defaults": {"num_inference_steps": self.num_inference_steps, "guidance_scale": self.guidance_scale,
                              "height_px": self.size_px, "width_px": self.size_px, "num_frames": self.num_frames,
-                             "fps": self.fps}}
+                             "fps": self.fps, "crf": self.crf}}
 
     def scaled(self, factor: float) -> "VideoDecoderRecipe":
         return dataclasses.replace(self, vae_steps=max(1, int(self.vae_steps * factor)),
