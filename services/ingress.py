@@ -25,6 +25,11 @@ Endpoints
   ends with ``{"type": "image_url", "image_url": {...}, "mime_type": "image/png", "index", "overlay": true,
   "image_index"}``: that image with the boxes drawn (Pillow). ``message.boxes`` is present (maybe empty)
   on every answer of a grounding model.
+  Decoder options per output modality (all optional; defaults: the preset's): ``image`` / ``video``
+  {num_inference_steps, guidance_scale, height_px, width_px}, ``audio`` {num_inference_steps, guidance_scale,
+  duration_s}, ``video`` also {num_frames, fps, crf} (``crf``: libx264's constant rate factor of the returned
+  MP4, 0-51, lower keeps the decoder's frames closer; presets default to 18, the toy preset to 12 for its
+  16 px frames).
 - ``POST /v1/images/generations``: the prompt goes through the LLM with the image group required; the
   ``n`` images are rendered from that group with seeds ``seed + k`` (one decoder batch).
 - ``POST /v1/audio/generations``: the same for audio (WAV); ``data[k].b64_json`` or ``url``.
