@@ -121,6 +121,9 @@ def generate(
     temperature: Annotated[Optional[float], typer.Option(min=0.0, max=2.0)] = None,
     steps: Annotated[Optional[int], typer.Option(help="num_inference_steps of every decoder", min=1, max=200)] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(min=0.0, max=30.0)] = None,
+    crf: Annotated[Optional[int], typer.Option(help="video: libx264 constant rate factor of the MP4 (lower keeps "
+                                                    "the decoder's frames closer; default: the preset's)",
+                                               min=0, max=51)] = None,
     projectors: Annotated[Optional[Path], typer.Option(help="export folder of trained parts (projectors, token rows, LoRA)")] = None,
     task: Annotated[Optional[str], typer.Option(help="grounding task of the preset, e.g. grounding, refer "
                                                      "(its identifier goes before your message)")] = None,
@@ -167,6 +170,8 @@ def generate(
     options = {}
     for m, stage in pipe.decoder_stages.items():
         upd = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
+        if m is Modality.VIDEO and crf is not None:
+            upd["crf"] = crf
         options[m] = DecoderDefaults(**{**stage.defaults.model_dump(), **upd})
     try:
         answer = pipe.generate(turns, modalities=wanted, seed=seed, options=options,

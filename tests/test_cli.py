@@ -42,6 +42,20 @@ def test_generate_writes_media_and_manifest(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_generate_crf_sets_the_mp4_quality(tmp_path):
+    sizes = {}
+    for crf in (5, 51):
+        out = tmp_path / f"crf{crf}"
+        r = _run("generate", "a clip", "--preset", "tiny", "--modalities", "video", "--out", out, "--seed", "3",
+                 "--crf", crf)
+        assert r.exit_code == 0, r.output
+        sizes[crf] = (out / next(p for p in json.loads((out / "manifest.json").read_text())["parts"]
+                                 if p["type"] == "video")["file"]).stat().st_size
+    assert sizes[5] > 2 * sizes[51], sizes  # the same frames (same seed), encoded closer at the lower crf
+    r = runner.invoke(app, ["generate", "x", "--preset", "tiny", "--out", str(tmp_path / "bad"), "--crf", "60"])
+    assert r.exit_code == 2 and "crf" in r.output
+
+
 def test_generate_with_media_inputs_and_history(tmp_path):
     img = tmp_path / "photo.png"
     img.write_bytes(photo_png("chelsea", 64))
