@@ -186,10 +186,10 @@ def ray_cluster(num_cpus: int | None = None) -> Iterator[None]:
 
 
 def serve_http(port: int) -> str:
-    """Start Serve's HTTP proxy on ``127.0.0.1:port`` -> base URL."""
-    from ray import serve
+    """Start Serve's HTTP proxy on ``127.0.0.1:port`` (:func:`services.run.start_serve`) -> base URL."""
+    from services.run import start_serve
 
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve("127.0.0.1", port)
     return f"http://127.0.0.1:{port}"
 
 

@@ -171,6 +171,33 @@ def _serve_local(args, host: str, port: int, stop: threading.Event, out) -> int:
     return 0
 
 
+def start_serve(host: str, port: int, attempts: int = 3) -> None:
+    """``serve.start`` with Serve's HTTP proxy on ``host:port``, surviving a busy machine.
+
+    Under CPU load the Serve controller's own ready check of a new proxy (``RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S``,
+    5 s by default) can time out; the controller then kills that proxy and starts another, but ``serve.start``
+    is still waiting on the first one and raises ``ActorDiedError`` ("ProxyActor ... cancelled before it
+    started running"). The controller is up by then, so starting again attaches to it (Serve logs
+    "Connecting to existing Serve app") while it brings the replacement proxy up; callers wait for the HTTP
+    route (``/ready``) anyway.
+
+    Raises:
+        ray.exceptions.ActorDiedError: still failing after ``attempts`` tries.
+    """
+    from ray import serve
+    from ray.exceptions import ActorDiedError
+
+    for attempt in range(1, attempts + 1):
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            return
+        except ActorDiedError as e:
+            if attempt == attempts:
+                raise
+            print(f"polymodal: Serve's HTTP proxy was restarted while starting (try {attempt}/{attempts}): "
+                  f"{str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+
+
 def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | None, stop: threading.Event,
                out, rearm=lambda: None) -> int:
     import ray
@@ -189,7 +216,7 @@ def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | 
         ray.init(address=address, namespace=APP_NAME)
     rearm()  # ray.init installs its own SIGTERM handler (exit without cleanup); ours sets `stop` instead
     try:
-        serve.start(http_options={"host": host, "port": port})
+        start_serve(host, port)
         serve.run(app_builder(args), name=APP_NAME, route_prefix="/", blocking=False,
                   logging_config={"log_level": os.environ.get("POLYMODAL_SERVE_LOG_LEVEL", "WARNING")})
         print(f"polymodal: serving preset {args.preset!r} on Ray Serve at http://{host}:{port}/v1 "

@@ -96,3 +96,34 @@ def _preset_without_video() -> Path:
     f = Path(tempfile.mkdtemp()) / "tiny-nv.yaml"
     f.write_text(p.to_yaml())
     return f
+
+
+def test_start_serve_survives_a_proxy_the_controller_restarted(monkeypatch, capsys):
+    """A proxy killed by the controller's ready check (a busy machine) fails ``serve.start`` with
+    ``ActorDiedError``; starting again attaches to the controller, which brings up another proxy."""
+    from ray import serve
+    from ray.exceptions import ActorDiedError
+
+    from services.run import start_serve
+
+    calls = []
+
+    def flaky(http_options):
+        calls.append(http_options)
+        if len(calls) == 1:
+            raise ActorDiedError()
+
+    monkeypatch.setattr(serve, "start", flaky)
+    start_serve("127.0.0.1", 8765)
+    assert calls == [{"host": "127.0.0.1", "port": 8765}] * 2
+    assert "restarted while starting (try 1/3)" in capsys.readouterr().err
+
+    def dead(http_options):
+        calls.append(http_options)
+        raise ActorDiedError()
+
+    calls.clear()
+    monkeypatch.setattr(serve, "start", dead)
+    with pytest.raises(ActorDiedError):
+        start_serve("127.0.0.1", 8765, attempts=2)
+    assert len(calls) == 2
