@@ -73,7 +73,7 @@ class TrainConfig(BaseModel):
     signal_ce: Literal["all", "first"] = Field(
         "all", description="which signal tokens of an output group take the next-token loss: all (NExT-GPT), or "
         "first (the LLM still learns to open the group; the states of the rest answer to the decoding-side loss "
-        "alone: in the toy world, video after a 32-token lead-in 43.5% -> 83.5% through the service)")
+        "alone: in the toy world, video after a 32-token lead-in 43.5% -> 96.0% through the service)")
     cache_states: Literal["auto", "on", "off"] = Field(
         "auto", description="decode: compute the frozen LLM's states once when nothing upstream of them trains")
 
