@@ -6,22 +6,47 @@ last-layer hidden state *after the final norm* (what ``hidden_states[-1]`` is, t
 at that token's own position, and stream text as it comes. NExT-GPT (arXiv 2309.05519, sec. 4.2) feeds
 that state plus the signal token's input embedding to the output projector.
 
+:meth:`LLMEngine.stream` runs in named steps, as diffusers' pipelines number theirs: 1. prepare (prompt,
+KV cache, parser, sampler, masks), 2. the decode loop (one step: logits -> masks -> choose -> advance,
+with text emission and group capture), 3. finish the text, 4. complete a partial group, 5. append the
+required groups, 6. the output. Shapes: T prompt positions, N a group's signal tokens, D_llm the
+LLM's width, V its vocabulary (batch size B = 1: one answer per call).
+
 Outcomes whatever the model emits (:class:`SignalParser`):
 - a group started and left partial is completed by teacher forcing its missing tokens (``completed``);
 - a signal token outside a group ("stray") never reaches a decoder;
 - at most ``max_outputs`` media per modality (further groups are stray);
 - a run of ``max_signal_run`` groups (or 8 strays) with no text between ends generation (``signal_loop``);
-- a modality the caller requires but the model did not produce is appended and its states computed.
+- a modality the caller requires but the model did not produce is appended and its states computed;
+- a modality the caller does not allow (``allowed_modalities``) never starts a group: its signal tokens
+  are masked at every step of the decode (``modalities`` as a ceiling, DESIGN.md's one rule).
+
+Token constraints (:class:`TokenConstraint`) and signal groups, the rule:
+- A *free step* is one where the model chooses and no signal group is open. Constraints mask the logits
+  (V,) at free steps only, and are told (``accept``) only the tokens that become answer text.
+- Inside a group the parser teacher-forces the group's next token whatever the model chose (the choice
+  only tells whether the group was the model's own or ``completed``); after the loop the engine
+  teacher-forces the rest of a partial group and the required groups. Constraints are neither asked
+  about nor told of any of these signal tokens, nor of stray signal tokens: a grammar sees the text of
+  the answer only, and a group may sit wherever the constraints leave a group's first token unmasked.
+- Static bans (:class:`BannedTokens`: the tokens never generated, ``allow_signals=False``, the
+  modalities not allowed) apply at every step where the model chooses, inside a group too.
+- A ``propose`` hook's token (tests, benchmarks) that the masks ban at a free step is refused: the
+  model's own choice from the masked logits is taken instead (and noted).
+- A constraint whose ``is_done()`` turns True after a text token ends the answer (``finish_reason``
+  ``"stop"``), as EOS does.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -181,7 +206,12 @@ class PromptSegment:
 
 @dataclass(frozen=True)
 class CapturedGroup:
-    """One signal group in engine terms (positions index the full sequence, prompt included)."""
+    """One signal group in engine terms (positions index the full sequence, prompt included).
+
+    hidden_states: (N, D_llm) last-layer states at the group's tokens; token_embeds: (N, D_llm) their input
+    embeddings. ``text_offset``: characters of the answer's text before the group. ``completed``: some of
+    its tokens were teacher-forced; ``forced``: the whole group was appended because it was required.
+    """
 
     modality: Modality
     positions: tuple[int, ...]
@@ -193,23 +223,176 @@ class CapturedGroup:
     forced: bool
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One answer-text token's log-probability under the distribution it was drawn from.
+
+    That distribution is the one actually sampled from: the logits (V,) after every mask, then the
+    sampling warpers (temperature, top-p), renormalised (``log_softmax``); greedy decoding (temperature 0)
+    reports the masked logits' own softmax. ``logprob`` is <= 0, ``-inf`` only when a ``propose`` hook
+    forced a token the sampler could not have drawn (outside top-p). ``top``: the ``k`` likeliest tokens
+    of the same distribution as ``(token_id, logprob)``, best first; tokens it could not draw (``-inf``)
+    are left out, so fewer than ``k`` may come.
+    """
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
 @dataclass
 class EngineOutput:
+    """The finished answer. ``logprobs``: one :class:`TokenLogprob` per answer-text token (signal and
+    stray tokens have none), or ``None`` when not asked for."""
+
     text: str
     groups: list[CapturedGroup]
     prompt_len: int
     generated_ids: list[int]
     finish_reason: str
     notes: list[str]
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
 class StreamEvent:
-    """``text`` delta, or a finished ``group``, or the final ``output``."""
+    """``text`` delta, or a finished ``group``, or the final ``output``.
+
+    ``logprobs`` (with a text delta, when asked for): the entries of the text tokens decoded since the
+    previous text event; a token whose text is held back (half a character, a possible stop-string start)
+    rides with the event that releases it. Entries of tokens whose text is never streamed (a stop string)
+    are in :attr:`EngineOutput.logprobs` only.
+    """
 
     text: str | None = None
     group: CapturedGroup | None = None
     output: EngineOutput | None = None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-step token constraints
+
+
+@runtime_checkable
+class TokenConstraint(Protocol):
+    """A per-request rule over the answer's next token, consulted at the free steps of the decode loop.
+
+    Per free step (see the module docstring for the rule with signal groups): ``mask(logits)`` before
+    the choice; when the chosen token becomes answer text, ``accept(token_id)``; then ``is_done()``:
+    True ends the answer. Users: :class:`BannedTokens` (static bans), a grammar engine (structured
+    outputs, issue #22), the ceiling of ``modalities`` (issue #21).
+    """
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Ban tokens in place: ``logits`` (V,) float32 on the model's device; banned entries -> ``-inf``."""
+
+    def accept(self, token_id: int) -> None:
+        """``token_id`` was chosen and is now part of the answer text."""
+
+    def is_done(self) -> bool:
+        """True when nothing more may follow: the answer ends (``finish_reason="stop"``)."""
+
+
+class BannedTokens:
+    """A fixed set of token ids the model never chooses: a stateless :class:`TokenConstraint`.
+
+    The engine merges every ``BannedTokens`` (its own never-generated ids, ``allow_signals=False``, the
+    modalities not allowed, and any passed in ``constraints``) into one index, applied at every step where
+    the model chooses, inside a signal group too (it costs one indexed write per step, as before).
+    """
+
+    def __init__(self, ids: Sequence[int], device: torch.device | str = "cpu"):
+        self.ids: tuple[int, ...] = tuple(sorted({int(i) for i in ids}))
+        self._index = torch.tensor(self.ids, dtype=torch.long, device=device)
+
+    def mask(self, logits: torch.Tensor) -> None:
+        if self.ids:
+            logits[self._index] = -float("inf")
+
+    def accept(self, token_id: int) -> None:
+        return None
+
+    def is_done(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"BannedTokens({len(self.ids)} ids)"
+
+
+class _Sampler:
+    """The choice over masked logits (V,): greedy (``temperature`` 0) or seeded temperature + top-p sampling."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int | None):
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.generator = torch.Generator().manual_seed(int(seed if seed is not None else 0))
+        self.warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if temperature > 0 else []
+
+    def distribution(self, logits: torch.Tensor) -> torch.Tensor:
+        """(V,) masked logits -> (V,) the scores sampled from (warped; the logits themselves when greedy)."""
+        if not self.warpers:
+            return logits
+        scores = logits.unsqueeze(0)
+        for w in self.warpers:
+            scores = w(None, scores)
+        return scores[0]
+
+    def choose(self, logits: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """(V,) masked logits -> (token id, the (V,) scores sampled from, or ``None`` when greedy)."""
+        if not self.warpers:
+            return int(torch.argmax(logits)), None
+        scores = self.distribution(logits)
+        probs = torch.softmax(scores, -1)
+        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator)), scores
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """What one :meth:`LLMEngine.stream` call decodes with; fixed by step 1 (prepare).
+
+    ``banned``: the merged static bans; ``constraints``: the per-request constraints (free steps only);
+    ``logprobs``: top-k alternatives per text token (``None``: none computed at all).
+    """
+
+    prompt_len: int  # T
+    max_new_tokens: int
+    required: tuple[Modality, ...]
+    banned: BannedTokens
+    constraints: tuple[TokenConstraint, ...]
+    sampler: _Sampler
+    stops: tuple[str, ...]
+    logprobs: int | None
+    should_cancel: Callable[[], bool] | None
+    propose: Callable[[int, torch.Tensor], int | None] | None
+
+
+@dataclass(eq=False)
+class DecodeState:
+    """The running decode, advanced in place by the steps of :meth:`LLMEngine.stream` (one object per
+    call; mutable because every token updates it, and a copy per token would cost).
+
+    cache: the KV cache (prompt + every fed token). h_last: (D_llm,) last-layer state of the last fed
+    token (its logits choose the next one). position: index of the next fed token in the full sequence
+    (prompt included). text_ids / text / emitted: the answer's text tokens, their decoded text, and how
+    many characters of it were streamed. pending_states: (D_llm,) states of the open group so far.
+    pending_logprobs: entries not yet carried by a text event (``None`` when not asked for).
+    """
+
+    cache: Any
+    h_last: torch.Tensor
+    position: int
+    parser: SignalParser
+    text_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    generated_ids: list[int] = field(default_factory=list)
+    groups: list[CapturedGroup] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pending_states: list[torch.Tensor] = field(default_factory=list)
+    finish_reason: str = "length"
+    logprobs: list[TokenLogprob] | None = None
+    pending_logprobs: list[TokenLogprob] | None = None
 
 
 class LLMEngine:
@@ -384,180 +567,336 @@ class LLMEngine:
         max_outputs: int = 2,
         max_signal_run: int = 3,
         allow_signals: bool = True,
+        allowed_modalities: Sequence[Modality] | None = None,
+        constraints: Sequence[TokenConstraint] = (),
+        logprobs: int | None = None,
         should_cancel: Callable[[], bool] | None = None,
         propose: Callable[[int, torch.Tensor], int | None] | None = None,
     ) -> Iterator[StreamEvent]:
         """Generate an answer, streaming text deltas and finished signal groups.
 
         Args:
-            segments: the prompt (see :meth:`chat_segments`).
+            segments: the prompt (see :meth:`chat_segments`); T positions once built.
             required: modalities the answer must contain; missing groups are appended at the end.
             temperature: 0 = greedy; else sampling with ``top_p`` nucleus and a generator seeded by ``seed``.
-            allow_signals: False suppresses every signal token (text-only chat).
+            allow_signals: False suppresses every signal token (text-only chat; ``required`` groups are
+                still appended).
+            allowed_modalities: the ceiling of the answer's media (``None``: every modality). A modality not
+                listed has its signal tokens banned at every step, so no group of it is ever made.
+            constraints: per-request :class:`TokenConstraint`\\ s (see the module docstring for the rule
+                with signal groups); :class:`BannedTokens` among them join the static bans.
+            logprobs: when set (k >= 0), each text token's :class:`TokenLogprob` with its top-k alternatives
+                rides with the text events and lands in :attr:`EngineOutput.logprobs`; ``None`` computes none.
             should_cancel: polled every step; True stops with ``finish_reason="cancelled"``.
-            propose: test hook ``(step, logits (V,)) -> token id | None`` overriding the model's choice.
+            propose: test hook ``(step, logits (V,)) -> token id | None`` overriding the model's choice (a
+                token the masks ban at a free step is refused; see the module docstring).
         Yields:
             :class:`StreamEvent`; the last one carries the :class:`EngineOutput`.
         Raises:
-            ValueError: an empty or over-long prompt.
+            ValueError: an empty or over-long prompt; ``required`` not within ``allowed_modalities``; a
+                negative ``logprobs``.
+            TypeError: a constraint that is not a :class:`TokenConstraint`.
+            RuntimeError: the constraints ban every token at a free step (a broken constraint).
+        """
+        # 1. Prepare: prompt -> KV cache, signal parser, sampler, masks
+        plan, state = self._prepare(
+            segments, required=required, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, max_outputs=max_outputs, max_signal_run=max_signal_run, allow_signals=allow_signals,
+            allowed_modalities=allowed_modalities, constraints=constraints, logprobs=logprobs,
+            should_cancel=should_cancel, propose=propose,
+        )
+        # 2. Decode loop: one step = logits -> masks -> choose -> advance (text and groups as they come)
+        yield from self._decode_loop(plan, state)
+        # 3. Finish the text: stream what was held back (unless a stop ended it), trim a cut answer
+        yield from self._finish_text(state)
+        if state.finish_reason != "cancelled":
+            # 4. An unfinished group (the length limit came mid-group): complete it by teacher forcing
+            yield from self._complete_partial_group(state)
+            # 5. Required modalities the answer lacks: append each group after the answer
+            yield from self._append_required_groups(plan, state)
+        # 6. The output
+        yield StreamEvent(output=EngineOutput(
+            text=state.text,
+            groups=state.groups,
+            prompt_len=plan.prompt_len,
+            generated_ids=state.generated_ids,
+            finish_reason=state.finish_reason,
+            notes=state.notes,
+            logprobs=state.logprobs,
+        ))
+
+    # ---- step 1 ----------------------------------------------------------------------------------
+    def signal_ban(self, modalities: Sequence[Modality]) -> BannedTokens:
+        """The static ban of every signal token of ``modalities`` (one group of theirs can never start)."""
+        return BannedTokens([i for m in modalities for i in self.signal_ids.get(m, ())], self.device)
+
+    def _prepare(
+        self,
+        segments: Sequence[PromptSegment],
+        *,
+        required: Sequence[Modality],
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int | None,
+        max_outputs: int,
+        max_signal_run: int,
+        allow_signals: bool,
+        allowed_modalities: Sequence[Modality] | None,
+        constraints: Sequence[TokenConstraint],
+        logprobs: int | None,
+        should_cancel: Callable[[], bool] | None,
+        propose: Callable[[int, torch.Tensor], int | None] | None,
+    ) -> tuple[DecodePlan, DecodeState]:
+        """Check the request, run the prompt (1, T, D_llm) through the model into a fresh KV cache, and
+        set up the parser, the sampler and the masks.
+
+        Raises:
+            ValueError / TypeError: as :meth:`stream` says.
         """
         from transformers import DynamicCache
-        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
-        prompt, prompt_ids = self.build_prompt(segments)
+        required = tuple(required)
+        if allowed_modalities is not None:
+            allowed = set(allowed_modalities)
+            outside = [m.value for m in required if m not in allowed]
+            if outside:
+                raise ValueError(f"required modalities {outside} are not among the allowed modalities "
+                                 f"{sorted(m.value for m in allowed)}")
+        if logprobs is not None and logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0 (the number of alternatives per token), got {logprobs}")
+        bad = [type(c).__name__ for c in constraints if not isinstance(c, TokenConstraint)]
+        if bad:
+            raise TypeError(f"constraints must have mask(logits), accept(token_id) and is_done(); got {bad}")
+
+        prompt, _ = self.build_prompt(segments)  # (1, T, D_llm)
         max_ctx = getattr(self.model.config, "max_position_embeddings", None) or 1 << 30
         if prompt.shape[1] >= max_ctx:
             raise ValueError(f"prompt is {prompt.shape[1]} tokens; this model's context is {max_ctx}")
         max_new_tokens = min(max_new_tokens, max_ctx - prompt.shape[1] - sum(len(v) for v in self.signal_ids.values()))
-        parser = SignalParser(self.spec, self.signal_ids, max_outputs, max_signal_run)
+
+        # static bans, merged into one index: never-generated ids, signal tokens of modalities not allowed
+        banned_modalities = [m for m in self.signal_ids
+                             if not allow_signals or (allowed_modalities is not None and m not in allowed)]
+        static = [i for c in constraints if isinstance(c, BannedTokens) for i in c.ids]
+        banned = BannedTokens([*self._always_suppressed, *self.signal_ban(banned_modalities).ids, *static], self.device)
+        plan = DecodePlan(
+            prompt_len=prompt.shape[1],
+            max_new_tokens=max(0, max_new_tokens),
+            required=required,
+            banned=banned,
+            constraints=tuple(c for c in constraints if not isinstance(c, BannedTokens)),
+            sampler=_Sampler(temperature, top_p, seed),
+            stops=tuple(s for s in self.chat_format.stop if s),
+            logprobs=logprobs,
+            should_cancel=should_cancel,
+            propose=propose,
+        )
         cache = DynamicCache(config=self.model.config)
-        gen = torch.Generator().manual_seed(int(seed if seed is not None else 0))
-        warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)] if temperature > 0 else []
-        suppress = list(self._always_suppressed)
-        if not allow_signals:
-            suppress += [i for ids in self.signal_ids.values() for i in ids]
-        suppress_t = torch.tensor(suppress, dtype=torch.long)
-
         h = self._forward(prompt, cache)
-        pos = prompt.shape[1]  # position of the next fed token
-        h_last = h[0, -1]
-        text_ids: list[int] = []
-        text = ""
-        emitted = 0  # chars of `text` already streamed
-        generated: list[int] = []
-        groups: list[CapturedGroup] = []
-        notes: list[str] = []
-        states: list[torch.Tensor] = []
-        finish = "length"
-        stops = tuple(s for s in self.chat_format.stop if s)
+        state = DecodeState(
+            cache=cache,
+            h_last=h[0, -1],
+            position=prompt.shape[1],
+            parser=SignalParser(self.spec, self.signal_ids, max_outputs, max_signal_run),
+            logprobs=[] if logprobs is not None else None,
+            pending_logprobs=[] if logprobs is not None else None,
+        )
+        return plan, state
 
-        def capture(g: _GroupState, m: Modality, hs: list[torch.Tensor], forced: bool) -> CapturedGroup:
-            ids = self.signal_ids[m]
-            return CapturedGroup(
-                modality=m,
-                positions=tuple(g.positions),
-                token_ids=tuple(ids),
-                hidden_states=torch.stack(hs).float().cpu(),
-                token_embeds=self.embed_ids(ids).float().cpu(),
-                text_offset=len(text),
-                completed=g.forced > 0,
-                forced=forced,
-            )
-
-        for step in range(max(0, max_new_tokens)):
-            if should_cancel is not None and should_cancel():
-                finish = "cancelled"
-                break
-            logits = self._logits(h_last)
-            if len(suppress_t):
-                logits[suppress_t] = -float("inf")
-            choice = propose(step, logits) if propose is not None else None
-            if choice is None:
-                if warpers:
-                    scores = logits.unsqueeze(0)
-                    for w in warpers:
-                        scores = w(None, scores)
-                    probs = torch.softmax(scores[0], -1)
-                    choice = int(torch.multinomial(probs.cpu(), 1, generator=gen))
-                else:
-                    choice = int(torch.argmax(logits))
-            if parser.current is None and choice in self.eos_ids:
-                finish = "stop"
-                break
+    # ---- step 2 ----------------------------------------------------------------------------------
+    def _decode_loop(self, plan: DecodePlan, state: DecodeState) -> Iterator[StreamEvent]:
+        """Up to ``plan.max_new_tokens`` steps; each: choose a token (:meth:`_choose`), let the parser
+        judge it, feed it (:meth:`_feed`), then capture a finished group, note a stray, or emit text.
+        Ends early on cancel, EOS, a stop string, a signal loop or a constraint that is done."""
+        parser = state.parser
+        for step in range(plan.max_new_tokens):
+            if plan.should_cancel is not None and plan.should_cancel():
+                state.finish_reason = "cancelled"
+                return
+            free = parser.current is None
+            logits, choice, scores = self._choose(plan, state, step, free)
+            if free and choice in self.eos_ids:
+                state.finish_reason = "stop"
+                return
             action = parser.step(choice)
             if action.kind == "stop":
-                finish = "signal_loop"
-                notes.append("a run of signal tokens with no text between ended the answer")
-                break
+                state.finish_reason = "signal_loop"
+                state.notes.append("a run of signal tokens with no text between ended the answer")
+                return
             tid = action.token_id
-            h = self._forward(self.embed_ids([tid]).unsqueeze(0), cache)
-            h_last = h[0, -1]
-            generated.append(tid)
+            fed_at = self._feed(state, tid)
             if action.kind == "signal":
-                parser.current.positions.append(pos)
-                states.append(h_last)
+                parser.current.positions.append(fed_at)
+                state.pending_states.append(state.h_last)
                 if action.group_done:
                     g = parser.finish_group()
-                    cg = capture(g, g.modality, states, forced=False)
-                    states = []
-                    groups.append(cg)
-                    if cg.completed:
-                        notes.append(f"a partial {g.modality.value} group was completed ({g.forced} tokens forced)")
-                    yield StreamEvent(group=cg)
+                    note = f"a partial {g.modality.value} group was completed ({g.forced} tokens forced)"
+                    yield self._capture_group(state, g, state.pending_states, forced=False,
+                                              note=note if g.forced > 0 else None)
             elif action.kind == "stray":
-                notes.append(f"stray signal token {self.tokenizer.convert_ids_to_tokens(tid)!r} ignored")
+                state.notes.append(f"stray signal token {self.tokenizer.convert_ids_to_tokens(tid)!r} ignored")
             else:
-                text_ids.append(tid)
-                new_text = self.tokenizer.decode(text_ids, skip_special_tokens=True)
-                parser.note_text(new_text[len(text):])
-                text = new_text
-                cut = min((text.find(s) for s in stops if s in text), default=-1)
-                if cut >= 0:
-                    text = text[:cut]
-                    finish = "stop"
-                    if len(text) > emitted:
-                        yield StreamEvent(text=text[emitted:])
-                        emitted = len(text)
-                    pos += 1
-                    break
-                # hold back a tail that could be the start of a stop string
-                hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-                safe = len(text) - hold
-                # a character split over several tokens decodes as U+FFFD until complete: hold it back
-                while safe > emitted and text[safe - 1] == "\ufffd":
-                    safe -= 1
-                if safe > emitted:
-                    yield StreamEvent(text=text[emitted:safe])
-                    emitted = safe
-            pos += 1
-        if len(text) > emitted and finish != "stop":
-            yield StreamEvent(text=text[emitted:])
-            emitted = len(text)
-        text = text.rstrip() if finish != "stop" else text
+                if state.pending_logprobs is not None:
+                    entry = self._token_logprob(plan, logits, scores, tid)
+                    state.pending_logprobs.append(entry)
+                    state.logprobs.append(entry)
+                for c in plan.constraints:
+                    c.accept(tid)
+                if (yield from self._emit_text(plan, state, tid)):
+                    return
+                if plan.constraints and any(c.is_done() for c in plan.constraints):
+                    state.finish_reason = "stop"
+                    return
 
-        # an unfinished group at the length limit: complete it by teacher forcing
-        if parser.current is not None and finish != "cancelled":
-            g = parser.current
-            m = g.modality
-            rest = self.signal_ids[m][g.next_index:]
-            g.forced += len(rest)
-            hs = self._forward(self.embed_ids(rest).unsqueeze(0), cache)[0]
-            g.positions.extend(range(pos, pos + len(rest)))
-            pos += len(rest)
-            generated.extend(rest)
-            states.extend(hs)
-            parser.finish_group()
-            cg = capture(g, m, states, forced=False)
-            groups.append(cg)
-            notes.append(f"a partial {m.value} group was completed ({g.forced} tokens forced)")
-            yield StreamEvent(group=cg)
+    def _choose(self, plan: DecodePlan, state: DecodeState, step: int,
+                free: bool) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+        """Logits (V,) of the next token -> masks -> the choice (``propose``'s, else the sampler's).
 
-        # forced modalities: append each missing group after the answer, in one forward pass each
-        if finish != "cancelled":
-            have = {g.modality for g in groups}
-            for m in required:
-                if m in have:
-                    continue
-                ids = self.signal_ids[m]
-                hs = self._forward(self.embed_ids(ids).unsqueeze(0), cache)[0]
-                g = _GroupState(m, len(ids), positions=list(range(pos, pos + len(ids))))
-                pos += len(ids)
-                generated.extend(ids)
-                cg = capture(g, m, list(hs), forced=True)
-                groups.append(cg)
-                notes.append(f"{m.value} was required and appended (forced group)")
-                yield StreamEvent(group=cg)
-        yield StreamEvent(
-            output=EngineOutput(
-                text=text,
-                groups=groups,
-                prompt_len=prompt.shape[1],
-                generated_ids=generated,
-                finish_reason=finish,
-                notes=notes,
-            )
+        Returns the masked logits, the chosen id, and the (V,) scores it was sampled from (``None`` when
+        greedy or proposed). ``free``: no signal group is open (constraints apply, proposals are checked).
+        """
+        logits = self._logits(state.h_last)  # (V,) float32
+        plan.banned.mask(logits)
+        if free and plan.constraints:
+            for c in plan.constraints:
+                c.mask(logits)
+            if not bool(torch.isfinite(logits).any()):
+                raise RuntimeError(f"the constraints {list(plan.constraints)} ban every token at step {step}")
+        choice = plan.propose(step, logits) if plan.propose is not None else None
+        if choice is not None and free and logits[choice] == -float("inf"):
+            state.notes.append(f"proposed token {self.tokenizer.convert_ids_to_tokens(choice)!r} is banned "
+                               "here; the model's own choice was taken")
+            choice = None
+        scores = None
+        if choice is None:
+            choice, scores = plan.sampler.choose(logits)
+        return logits, choice, scores
+
+    def _feed(self, state: DecodeState, token_id: int) -> int:
+        """Run one token through the model (KV cache); returns the position it was fed at."""
+        fed_at = state.position
+        h = self._forward(self.embed_ids([token_id]).unsqueeze(0), state.cache)  # (1, 1, D_llm)
+        state.h_last = h[0, -1]
+        state.generated_ids.append(token_id)
+        state.position += 1
+        return fed_at
+
+    def _token_logprob(self, plan: DecodePlan, logits: torch.Tensor, scores: torch.Tensor | None,
+                       token_id: int) -> TokenLogprob:
+        """The chosen token's log-probability (and top-k) under the (V,) distribution it was drawn from."""
+        if scores is None:
+            scores = plan.sampler.distribution(logits)
+        logp = torch.log_softmax(scores.float(), -1)
+        k = min(plan.logprobs or 0, logp.shape[0])
+        top: tuple[tuple[int, float], ...] = ()
+        if k:
+            values, ids = torch.topk(logp, k)
+            top = tuple((i, v) for i, v in zip(ids.tolist(), values.tolist()) if v != -math.inf)
+        return TokenLogprob(token_id=token_id, logprob=float(logp[token_id]), top=top)
+
+    # ---- text emission ----------------------------------------------------------------------------
+    def _emit_text(self, plan: DecodePlan, state: DecodeState, token_id: int) -> Generator[StreamEvent, None, bool]:
+        """Add one text token to the answer and yield the text now safe to show.
+
+        A stop string ends the answer (cut before it; returns True). Otherwise a tail that could be the
+        start of a stop string, and a character still split over tokens (decoded as U+FFFD), are held back
+        until a later token settles them.
+        """
+        state.text_ids.append(token_id)
+        new_text = self.tokenizer.decode(state.text_ids, skip_special_tokens=True)
+        state.parser.note_text(new_text[len(state.text):])
+        state.text = text = new_text
+        cut = min((text.find(s) for s in plan.stops if s in text), default=-1)
+        if cut >= 0:
+            state.text = text[:cut]
+            state.finish_reason = "stop"
+            if len(state.text) > state.emitted:
+                yield self._text_event(state, len(state.text))
+            return True
+        hold = max((k for s in plan.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        safe = len(text) - hold
+        while safe > state.emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > state.emitted:
+            yield self._text_event(state, safe)
+        return False
+
+    def _text_event(self, state: DecodeState, end: int) -> StreamEvent:
+        """The text delta ``text[emitted:end]`` with the log-probabilities not yet carried."""
+        lp = None
+        if state.pending_logprobs is not None:
+            lp, state.pending_logprobs = tuple(state.pending_logprobs), []
+        ev = StreamEvent(text=state.text[state.emitted:end], logprobs=lp)
+        state.emitted = end
+        return ev
+
+    # ---- step 3 ----------------------------------------------------------------------------------
+    def _finish_text(self, state: DecodeState) -> Iterator[StreamEvent]:
+        """After the loop: unless a stop ended the answer, stream the held-back text and trim the answer's
+        trailing whitespace (a stop keeps the text as streamed so far, and holds back nothing more)."""
+        if state.finish_reason != "stop":
+            if len(state.text) > state.emitted:
+                yield self._text_event(state, len(state.text))
+            state.text = state.text.rstrip()
+
+    # ---- steps 4 and 5 ----------------------------------------------------------------------------
+    def _teacher_force(self, state: DecodeState, ids: Sequence[int]) -> tuple[range, torch.Tensor]:
+        """Feed ``ids`` in one forward pass; returns their positions and their (len(ids), D_llm) states."""
+        hs = self._forward(self.embed_ids(ids).unsqueeze(0), state.cache)[0]
+        positions = range(state.position, state.position + len(ids))
+        state.position += len(ids)
+        state.generated_ids.extend(ids)
+        return positions, hs
+
+    def _complete_partial_group(self, state: DecodeState) -> Iterator[StreamEvent]:
+        """A group the loop left open: teacher-force its missing tokens and capture it (``completed``)."""
+        g = state.parser.current
+        if g is None:
+            return
+        rest = self.signal_ids[g.modality][g.next_index:]
+        g.forced += len(rest)
+        positions, hs = self._teacher_force(state, rest)
+        g.positions.extend(positions)
+        state.pending_states.extend(hs)
+        state.parser.finish_group()
+        yield self._capture_group(state, g, state.pending_states, forced=False,
+                                  note=f"a partial {g.modality.value} group was completed ({g.forced} tokens forced)")
+
+    def _append_required_groups(self, plan: DecodePlan, state: DecodeState) -> Iterator[StreamEvent]:
+        """Each required modality without a group gets one appended after the answer (``forced``), its
+        states from one teacher-forced pass."""
+        have = {g.modality for g in state.groups}
+        for m in plan.required:
+            if m in have:
+                continue
+            ids = self.signal_ids[m]
+            positions, hs = self._teacher_force(state, ids)
+            g = _GroupState(m, len(ids), positions=list(positions))
+            yield self._capture_group(state, g, list(hs), forced=True,
+                                      note=f"{m.value} was required and appended (forced group)")
+
+    # ---- every group ------------------------------------------------------------------------------
+    def _capture_group(self, state: DecodeState, g: _GroupState, states: Sequence[torch.Tensor], *,
+                       forced: bool, note: str | None) -> StreamEvent:
+        """A finished group -> :class:`CapturedGroup` ((N, D_llm) states and input embeddings, on the CPU in
+        float32), recorded in ``state`` with its note; the open group's states are cleared."""
+        ids = self.signal_ids[g.modality]
+        cg = CapturedGroup(
+            modality=g.modality,
+            positions=tuple(g.positions),
+            token_ids=tuple(ids),
+            hidden_states=torch.stack(list(states)).float().cpu(),
+            token_embeds=self.embed_ids(ids).float().cpu(),
+            text_offset=len(state.text),
+            completed=g.forced > 0,
+            forced=forced,
         )
-
+        state.groups.append(cg)
+        if note is not None:
+            state.notes.append(note)
+        state.pending_states = []
+        return StreamEvent(group=cg)
     def generate(self, segments: Sequence[PromptSegment], **kwargs) -> EngineOutput:
         """Non-streaming :meth:`stream`; returns the final :class:`EngineOutput`."""
         out = None
