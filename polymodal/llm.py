@@ -304,6 +304,7 @@ class BannedTokens:
 
     def __init__(self, ids: Sequence[int], device: torch.device | str = "cpu"):
         self.ids: tuple[int, ...] = tuple(sorted({int(i) for i in ids}))
+        self.id_set = frozenset(self.ids)
         self._index = torch.tensor(self.ids, dtype=torch.long, device=device)
 
     def mask(self, logits: torch.Tensor) -> None:
@@ -764,7 +765,8 @@ class LLMEngine:
             if not bool(torch.isfinite(logits).any()):
                 raise RuntimeError(f"the constraints {list(plan.constraints)} ban every token at step {step}")
         choice = plan.propose(step, logits) if plan.propose is not None else None
-        if choice is not None and free and logits[choice] == -float("inf"):
+        if choice is not None and free and (choice in plan.banned.id_set
+                                            or (plan.constraints and logits[choice] == -float("inf"))):
             state.notes.append(f"proposed token {self.tokenizer.convert_ids_to_tokens(choice)!r} is banned "
                                "here; the model's own choice was taken")
             choice = None

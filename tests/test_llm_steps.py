@@ -218,6 +218,33 @@ def test_sampled_logprobs_are_of_the_renormalised_distribution(engine):
     assert [e.token_id for e in out.logprobs] == [i for i in out.generated_ids if i not in _signal_ids(engine)]
 
 
+def test_sampled_logprobs_are_after_temperature_and_top_p(engine):
+    """Recomputed from the masked logits the loop chose with (seen through a ``propose`` hook that
+    proposes nothing): each entry is q_i / q(S), q = softmax(logits / T), S the top-p nucleus of q."""
+    segs = _segs(engine, "make a picture and a sound")
+    vocab = engine.model.get_output_embeddings().weight.shape[0]
+    temperature, top_p = 0.7, 0.6
+    seen: list[torch.Tensor] = []
+
+    def watch(step, logits):
+        seen.append(logits.clone())
+        return None
+
+    out = engine.generate(segs, logprobs=vocab, temperature=temperature, top_p=top_p, seed=2, max_new_tokens=24,
+                          propose=watch)
+    signal = _signal_ids(engine)
+    steps = [k for k, i in enumerate(out.generated_ids[:len(seen)]) if i not in signal]
+    assert len(steps) == len(out.logprobs) > 5
+    for k, e in zip(steps, out.logprobs):
+        q = torch.softmax(seen[k].double() / temperature, -1)
+        nucleus = [i for i, _ in e.top]
+        mass = float(q[nucleus].sum())
+        assert mass >= top_p - 1e-5 and mass - float(q[nucleus].min()) < top_p + 1e-5
+        assert float(q[nucleus].min()) >= float(q[[i for i in range(vocab) if i not in set(nucleus)]].max())
+        for i, lp in e.top:
+            assert lp == pytest.approx(math.log(float(q[i]) / mass), abs=1e-4)
+
+
 @pytest.mark.parametrize("name", ["vicuna-stop-string", "script-multibyte", "vicuna-sample-s1"])
 def test_logprobs_ride_with_the_text_events(name):
     """Concatenated over the events, the entries are the output's, minus those of a stop string's
