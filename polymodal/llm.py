@@ -368,7 +368,7 @@ class DecodePlan:
     propose: Callable[[int, torch.Tensor], int | None] | None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class DecodeState:
     """The running decode, advanced in place by the steps of :meth:`LLMEngine.stream` (one object per
     call; mutable because every token updates it, and a copy per token would cost).
