@@ -327,7 +327,7 @@ class DecoderStage:
         if not groups:
             return []
         prompt_embeds = self.project(groups)
-        return self.decoder.generate(prompt_embeds, list(seeds), options or self.defaults,
+        return self.decoder.render(prompt_embeds, list(seeds), options or self.defaults,
                                      should_cancel=should_cancel, on_step=on_step)
 
     def describe(self) -> dict[str, Any]:
