@@ -2,7 +2,7 @@
 
 Every call passes ``prompt_embeds`` AND ``negative_prompt_embeds`` of the same shape (the negative being the
 decoder's own text encoder's embedding of ``""``), one ``torch.Generator`` per item seeded with that item's
-seed (item k of a batch equals item k generated alone), ``output_type="np"``, and a step callback that
+seed (item k of a batch equals item k rendered alone), ``output_type="np"``, and a step callback that
 reports progress and cancels. Subclasses (image, audio, video) say which pipeline, how to build its tiny
 random components, and how to turn its output into :class:`decoders.media.Medium`.
 """
@@ -147,7 +147,7 @@ class Decoder:
             raise ValueError(f"{prompt_embeds.shape[0]} prompt_embeds but {num_seeds} seeds: one seed per item")
         return prompt_embeds.to(self.device, self.dtype)
 
-    # ------------------------------------------------------------------ generation
+    # ------------------------------------------------------------------ rendering
 
     def _call_options(self, options: DecoderDefaults) -> dict:
         """Modality-specific keyword arguments of the pipeline call (sizes, frames, duration)."""
@@ -164,7 +164,7 @@ class Decoder:
         """A pipeline-specific reason to reject item k (e.g. a safety checker), or ``None``."""
         return None
 
-    def generate(
+    def render(
         self,
         prompt_embeds: torch.Tensor,
         seeds: list[int],
@@ -177,7 +177,7 @@ class Decoder:
         Args:
             prompt_embeds: (B, Q, D_cond) (audio also (B, D_cond)); e.g. an output projector's output or
                 :meth:`encode_text`.
-            seeds: B seeds, one ``torch.Generator`` each: item k equals item k generated alone.
+            seeds: B seeds, one ``torch.Generator`` each: item k equals item k rendered alone.
             options: steps, guidance, size, frames, duration; ``None`` = :attr:`defaults`.
             should_cancel: polled at every denoising step; when it returns True the run stops and every
                 item is a ``DecodeError(reason="cancelled")``.

@@ -103,7 +103,7 @@ class DecoderCaptionEncoder:
 
 
 class DecoderMediaGenerator:
-    """Text -> medium with a preset's decoder (``encode_text`` then ``generate``; the output projector
+    """Text -> medium with a preset's decoder (``encode_text`` then ``render``; the output projector
     is not involved). Refuses a decoder whose ``init_state`` is not ``"pretrained"``: random weights make
     noise, never training data."""
 
@@ -125,7 +125,7 @@ class DecoderMediaGenerator:
         st = self.stages.get(modality)
         with self.stages.lock:
             emb = st.decoder.encode_text([caption])
-            out = st.decoder.generate(emb, [int(seed)])[0]
+            out = st.decoder.render(emb, [int(seed)])[0]
         if not hasattr(out, "encode"):
             raise GenerationError(f"the {modality.value} decoder gave no usable medium: "
                                   f"{getattr(out, 'reason', out)}")

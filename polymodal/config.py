@@ -18,6 +18,30 @@ from polymodal.signals import ChatFormat, SignalSpec
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 WeightSource = Literal["tiny", "pretrained"]
 
+# ---- absolute bounds of the generation options ------------------------------------------------------
+# The one source of each option's hard upper bound: the preset fields below (DecoderDefaults,
+# GenerationConfig), the media decoding limits (polymodal.media_io.MediaLimits), the server's configurable
+# limits (services.settings.Limits: a server may tighten them, never exceed them) and the HTTP request fields
+# (services.schemas).
+MAX_INFERENCE_STEPS = 200
+"""Decoder ``num_inference_steps``."""
+MAX_GUIDANCE_SCALE = 30.0
+"""Decoder ``guidance_scale``."""
+MAX_SIZE_PX = 2048
+"""Image / video ``height_px`` and ``width_px``."""
+MAX_NUM_FRAMES = 128
+"""Frames of a generated video."""
+MAX_FPS = 60
+"""Frame rate of a generated video."""
+MAX_DURATION_S = 30.0
+"""Length of a generated audio / video, seconds."""
+MAX_CRF = 51
+"""libx264 constant rate factor (its own maximum)."""
+MAX_NEW_TOKENS = 4096
+"""Answer tokens of one generation."""
+MAX_INPUT_VIDEO_FRAMES = 8
+"""Frames sampled from an input video for the encoders."""
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
@@ -85,15 +109,15 @@ class ProjectorConfig(_Model):
 class DecoderDefaults(_Model):
     """Generation defaults of one decoder; a request may override within the documented bounds."""
 
-    num_inference_steps: int = Field(2, ge=1, le=200)
-    guidance_scale: float = Field(1.0, ge=0.0, le=30.0)
-    height_px: int = Field(32, ge=8, le=2048)
-    width_px: int = Field(32, ge=8, le=2048)
-    num_frames: int = Field(4, ge=1, le=128)
-    fps: int = Field(8, ge=1, le=60)
-    duration_s: float = Field(1.0, gt=0.0, le=30.0)
+    num_inference_steps: int = Field(2, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float = Field(1.0, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    height_px: int = Field(32, ge=8, le=MAX_SIZE_PX)
+    width_px: int = Field(32, ge=8, le=MAX_SIZE_PX)
+    num_frames: int = Field(4, ge=1, le=MAX_NUM_FRAMES)
+    fps: int = Field(8, ge=1, le=MAX_FPS)
+    duration_s: float = Field(1.0, gt=0.0, le=MAX_DURATION_S)
     crf: int = Field(
-        18, ge=0, le=51,
+        18, ge=0, le=MAX_CRF,
         description="video: libx264 constant rate factor of the MP4 the frames are encoded to (lower: closer to the "
         "decoder's frames, bigger files; 18 is the usual visually-lossless setting, libx264's own default is 23; 0 "
         "is lossless but needs the High 4:4:4 profile, which many players lack); other h264 encoders ignore it")
@@ -123,13 +147,13 @@ class SignalConfig(_Model):
 class GenerationConfig(_Model):
     """LLM decoding defaults and output limits."""
 
-    max_new_tokens: int = Field(64, ge=1, le=4096)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(0.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_outputs: int = Field(2, ge=1, le=8, description="at most this many media per modality per answer")
     max_signal_run: int = Field(3, ge=1, description="stop after this many complete groups in a row")
     prompt_lead_in_tokens: int = Field(
-        32, ge=0, le=4096,
+        32, ge=0, le=MAX_NEW_TOKENS,
         description="images / audio / videos endpoints: at most this many answer tokens before the requested group "
         "is forced (0: the group opens the answer, as the decode stage trains it)")
 

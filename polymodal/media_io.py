@@ -29,6 +29,7 @@ from typing import Literal
 
 import numpy as np
 
+from polymodal.config import MAX_INPUT_VIDEO_FRAMES
 from polymodal.modality import Modality
 from polymodal.types import MediaPart
 
@@ -65,7 +66,7 @@ class MediaLimits:
     max_audio_channels: int = 8
     max_video_duration_s: float = 120.0
     max_video_frame_pixels: int = 3840 * 2160
-    max_video_frames_sampled: int = 8
+    max_video_frames_sampled: int = MAX_INPUT_VIDEO_FRAMES
 
 
 DEFAULT_LIMITS = MediaLimits()
@@ -493,9 +494,12 @@ _DATA_URL = re.compile(
 _MIME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]*$")
 
 
-def _modality_of_mime(mime: str) -> Modality | None:
+def modality_of_mime(mime: str) -> Modality | None:
+    """The medium of a MIME type from its top-level type (``image/png`` -> image, ``audio/x-wav`` -> audio, case
+    ignored); ``None`` for another type (``text/plain``, ``application/octet-stream``). The one mime -> modality
+    map: data URLs here and the HTTP ingress both ask it."""
     top = mime.split("/", 1)[0].lower()
-    return Modality(top) if top in ("image", "audio", "video") else None
+    return next((m for m in Modality if m.value == top), None)
 
 
 def encode_data_url(data: bytes, mime: str) -> str:
@@ -529,7 +533,7 @@ def parse_data_url(url: str, *, limits: MediaLimits = DEFAULT_LIMITS) -> tuple[s
         raise MediaError(None, "unsupported", f"only base64 data URLs are accepted (got scheme {scheme!r})")
     head = url[5:].split(",", 1)[0]
     mime = head.split(";", 1)[0].strip().lower()
-    modality = _modality_of_mime(mime) if _MIME.match(mime) else None
+    modality = modality_of_mime(mime) if _MIME.match(mime) else None
     if "," in url and ";base64" not in head.lower():
         raise MediaError(modality, "unsupported", "the data URL is not base64-encoded (';base64,' missing)")
     m = _DATA_URL.match(url) if "," in url else None

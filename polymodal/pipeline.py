@@ -32,7 +32,7 @@ from polymodal.config import DecoderDefaults, PresetConfig
 from polymodal.llm import LLMEngine, PromptSegment, load_llm, resolve_device
 from polymodal.modality import Modality
 from polymodal.presets import get_preset
-from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn
+from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn, interleave
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class DecoderStage:
         if not groups:
             return []
         prompt_embeds = self.project(groups)
-        return self.decoder.generate(prompt_embeds, list(seeds), options or self.defaults,
+        return self.decoder.render(prompt_embeds, list(seeds), options or self.defaults,
                                      should_cancel=should_cancel, on_step=on_step)
 
     def describe(self) -> dict[str, Any]:
@@ -468,21 +468,6 @@ class Answer:
     def boxes(self) -> tuple:
         """The answer's boxes (:class:`polymodal.grounding.GroundedPhrase`), with a grounding preset."""
         return self.llm.boxes
-
-
-def interleave(text: str, groups: Sequence[SignalGroup], media: Sequence[Any]) -> list:
-    """Split ``text`` at each group's ``text_offset`` and place the medium there (output order)."""
-    parts: list = []
-    cursor = 0
-    for g, medium in sorted(zip(groups, media), key=lambda x: x[0].index):
-        off = min(max(g.text_offset, cursor), len(text))
-        if text[cursor:off].strip():
-            parts.append(TextPart(text[cursor:off].strip()))
-        parts.append(medium)
-        cursor = off
-    if text[cursor:].strip():
-        parts.append(TextPart(text[cursor:].strip()))
-    return parts
 
 
 def as_turns(conversation: str | Sequence[Turn]) -> list[Turn]:

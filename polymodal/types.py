@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -94,3 +96,47 @@ class LLMResult:
     finish_reason: str  # "stop" | "length" | "signal_loop"
     notes: tuple[str, ...] = field(default_factory=tuple)
     boxes: tuple[GroundedPhrase, ...] = ()
+
+
+class Placed(Protocol):
+    """Anything placed in an answer's text: a :class:`SignalGroup`, or what was rendered from one
+    (``services.protocol.EncodedMedium``)."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def text_offset(self) -> int: ...
+
+
+_T = TypeVar("_T")
+
+
+def interleave(text: str, placed: Sequence[Placed], items: Sequence[_T],
+               text_part: Callable[[str], Any] = TextPart) -> list:
+    """Split ``text`` at each placement's ``text_offset`` and put its item there, in output order.
+
+    The one rule of where media go in an answer, for the in-process pipeline (items: ``decoders.Medium``,
+    text as :class:`TextPart`) and the HTTP answer (items: content-part dicts, text as ``{"type": "text"}``).
+
+    Args:
+        text: the answer text.
+        placed: one per item, with ``index`` (output order) and ``text_offset`` (character offset in ``text``);
+            any order.
+        items: what goes at each placement (same length as ``placed``).
+        text_part: wraps each non-blank piece of text (stripped); default :class:`TextPart`.
+
+    Returns:
+        Text pieces and items in output order; an offset before the previous one (or past the end) is clamped.
+    """
+    parts: list = []
+    cursor = 0
+    for p, item in sorted(zip(placed, items), key=lambda x: x[0].index):
+        off = min(max(p.text_offset, cursor), len(text))
+        if text[cursor:off].strip():
+            parts.append(text_part(text[cursor:off].strip()))
+        parts.append(item)
+        cursor = off
+    if text[cursor:].strip():
+        parts.append(text_part(text[cursor:].strip()))
+    return parts

@@ -24,12 +24,13 @@ import uuid
 from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
 
 from services.errors import Cancelled
-from services.protocol import EncodedMedium, LLMRequest, RenderRequest
+from services.protocol import DecoderStageLike, EncodedMedium, LLMRequest, LLMStageLike, RenderRequest
 from services.settings import ServerSettings
 from services.workers import BatchItem, DecoderWorker, LLMWorker
 
@@ -48,7 +49,7 @@ class LLMServer:
     """
 
     def __init__(self, preset: PresetConfig | str, device: str | None = None, export_dir: str | None = None,
-                 max_concurrency: int = 1, stage: Any = None):
+                 max_concurrency: int = 1, stage: LLMStageLike | None = None):
         if stage is None:
             from polymodal.pipeline import build_llm_stage
 
@@ -87,7 +88,7 @@ class DecoderServer:
 
     def __init__(self, preset: PresetConfig | str, modality: str, device: str | None = None,
                  export_dir: str | None = None, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05,
-                 stats: Any = None, stage: Any = None):
+                 stats: DeploymentHandle | None = None, stage: DecoderStageLike | None = None):
         self.modality = Modality.parse(modality)
         if stage is None:
             from polymodal.pipeline import build_decoder_stage, llm_hidden_size
@@ -194,7 +195,8 @@ class IngressServer:
         stats: :class:`StatsServer` handle. settings: :class:`services.settings.ServerSettings` (or a dict).
     """
 
-    def __init__(self, preset: PresetConfig, llm: Any, decoders: dict[str, Any], stats: Any = None,
+    def __init__(self, preset: PresetConfig, llm: DeploymentHandle, decoders: dict[str, DeploymentHandle],
+                 stats: DeploymentHandle | None = None,
                  settings: ServerSettings | dict | None = None):
         from services.ray_backend import RayBackend
 

@@ -17,7 +17,15 @@ from polymodal.config import PresetConfig
 from polymodal.modality import Modality
 
 from services.errors import Cancelled, StageUnavailable
-from services.protocol import Backend, EncodedMedium, LLMEvent, LLMRequest, RenderRequest
+from services.protocol import (
+    Backend,
+    DecoderStageLike,
+    EncodedMedium,
+    LLMEvent,
+    LLMRequest,
+    LLMStageLike,
+    RenderRequest,
+)
 from services.workers import BatchItem, DecoderWorker, LLMWorker
 
 
@@ -26,11 +34,13 @@ class LocalBackend(Backend):
 
     Args:
         preset: the preset the stages were built from.
-        llm_stage: a ``polymodal.pipeline.LLMStage`` (or any object with its ``stream``/``describe``).
-        decoder_stages: per modality, a ``polymodal.pipeline.DecoderStage`` (or a stand-in).
+        llm_stage: a ``polymodal.pipeline.LLMStage`` (or any :class:`~services.protocol.LLMStageLike`).
+        decoder_stages: per modality, a ``polymodal.pipeline.DecoderStage`` (or any
+            :class:`~services.protocol.DecoderStageLike`).
     """
 
-    def __init__(self, preset: PresetConfig, llm_stage: Any, decoder_stages: dict[Modality, Any]):
+    def __init__(self, preset: PresetConfig, llm_stage: LLMStageLike,
+                 decoder_stages: dict[Modality, DecoderStageLike]):
         self.preset = preset
         self._llm_stage = llm_stage
         self._llm = LLMWorker(llm_stage)

@@ -4,15 +4,22 @@ Two hosts implement :class:`Backend`: :class:`services.ray_backend.RayBackend` (
 DeploymentHandles) and :class:`services.local.LocalBackend` (the in-process pipeline, ``--no-ray``). The
 ingress sees only this module, so both serve the same endpoints, schemas and errors.
 
-Everything here is a frozen dataclass of numpy arrays / bytes (it crosses Ray by pickling); no torch.
+The stage seams are typed here too: :class:`LLMStageLike` and :class:`DecoderStageLike` are what the workers
+(:mod:`services.workers`), the deployments and the in-process backend call on a stage
+(:class:`polymodal.pipeline.LLMStage` / :class:`~polymodal.pipeline.DecoderStage`, or a test stand-in), and
+:class:`RenderedMedium` what a decoder stage returns per item. They are structural (``typing.Protocol``): a stage
+needs no base class.
+
+Everything that crosses the seams is a frozen dataclass of numpy arrays / bytes (it crosses Ray by pickling);
+no torch.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from polymodal.config import DecoderDefaults, PresetConfig
 from polymodal.modality import Modality
@@ -77,6 +84,91 @@ class EncodedMedium:
 
 
 LLMEvent = TextDelta | SignalGroup | LLMResult
+
+
+# ---- stage seams ---------------------------------------------------------------------------------------
+@runtime_checkable
+class LLMStageLike(Protocol):
+    """The LLM stage as the services call it (:class:`polymodal.pipeline.LLMStage`).
+
+    Called from a worker thread (:class:`services.workers.LLMWorker`); blocking.
+    """
+
+    def stream(
+        self,
+        turns: Sequence[Turn],
+        *,
+        modalities: Sequence[Modality] = (),
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        system: str | None = None,
+        task: str | None = None,
+    ) -> Iterator[LLMEvent]:
+        """Yield ``TextDelta`` and ``SignalGroup`` items, the ``LLMResult`` last; check ``should_cancel`` after
+        every token (``system`` / ``task`` are passed only when the request sets them).
+
+        Raises:
+            ValueError: a conversation or request the model refuses (the API answers 400).
+        """
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Each part's init state and source (``/v1/models``, ``/ready``)."""
+        ...
+
+
+@runtime_checkable
+class RenderedMedium(Protocol):
+    """One item a decoder stage rendered (:class:`decoders.Medium`); ``duration_s`` (audio / video) is read when
+    present."""
+
+    def encode(self) -> tuple[bytes, str, str]:
+        """The file: ``(bytes, mime type, extension)``, e.g. ``(png, "image/png", "png")``."""
+        ...
+
+
+@runtime_checkable
+class DecoderStageLike(Protocol):
+    """One modality's output projector + decoder as the services call it (:class:`polymodal.pipeline.DecoderStage`).
+
+    Called from a worker thread (:class:`services.workers.DecoderWorker`); blocking.
+    """
+
+    modality: Modality
+
+    @property
+    def defaults(self) -> DecoderDefaults:
+        """The preset's decoder options (what a request does not set)."""
+        ...
+
+    @property
+    def init_state(self) -> str:
+        """``random`` or ``pretrained``."""
+        ...
+
+    def render(
+        self,
+        groups: Sequence[SignalGroup],
+        seeds: Sequence[int],
+        options: DecoderDefaults | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> list[RenderedMedium | Exception]:
+        """B groups ((N, D_llm) states each) with one seed each -> B items, in order: a :class:`RenderedMedium`,
+        or an exception for an item that could not be rendered (``decoders.DecodeError``: ``reason``, and
+        ``cancelled`` once ``should_cancel()`` returned True). ``on_step(i)`` after every denoising step.
+
+        Raises:
+            Exception: the whole call failed (the worker retries its items one by one).
+        """
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Init state of the projector and decoder (``/ready``)."""
+        ...
 
 
 @dataclass(frozen=True)

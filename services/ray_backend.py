@@ -18,6 +18,7 @@ from typing import Any
 
 from ray.exceptions import RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
@@ -36,7 +37,7 @@ def _unwrap(e: BaseException, stage: str, retry_after_s: int) -> BaseException:
     return e
 
 
-def _cancel(response: Any) -> None:
+def _cancel(response: DeploymentResponse | DeploymentResponseGenerator | None) -> None:
     """Cancel a DeploymentResponse(Generator): best effort (a request that already failed re-raises its
     error from ``cancel``; there is nothing left to cancel then)."""
     if response is None:
@@ -58,8 +59,8 @@ class RayBackend(Backend):
         retry_after_s: ``Retry-After`` for 503.
     """
 
-    def __init__(self, preset: PresetConfig, llm: Any, decoders: dict[Any, Any], stats: Any = None,
-                 retry_after_s: int = 1):
+    def __init__(self, preset: PresetConfig, llm: DeploymentHandle, decoders: dict[Modality | str, DeploymentHandle],
+                 stats: DeploymentHandle | None = None, retry_after_s: int = 1):
         self.preset = preset
         self._llm = llm
         self._decoders = {Modality.parse(m): h for m, h in decoders.items()}

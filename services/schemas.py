@@ -2,8 +2,9 @@
 fields. Unknown fields are ignored (clients send many); fields we cannot honour (``n > 1`` in chat, a
 ``response_format`` we do not produce) are refused with 400 naming the field.
 
-Absolute bounds are on the fields; the server's (tighter, configurable) limits are in
-:class:`services.settings.Limits` and checked by the ingress. Size fields are multiples of 8 (the VAE's).
+Absolute bounds (the runtime's ``polymodal.config.MAX_*``) are on the fields; the server's (tighter,
+configurable) limits are in :class:`services.settings.Limits` and checked by the ingress. Size fields are
+multiples of 8 (the VAE's).
 """
 
 from __future__ import annotations
@@ -11,6 +12,17 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from polymodal.config import (
+    MAX_CRF,
+    MAX_DURATION_S,
+    MAX_FPS,
+    MAX_GUIDANCE_SCALE,
+    MAX_INFERENCE_STEPS,
+    MAX_NEW_TOKENS,
+    MAX_NUM_FRAMES,
+    MAX_SIZE_PX,
+)
 
 
 class _Req(BaseModel):
@@ -72,30 +84,30 @@ class ChatMessage(_Req):
 
 # ---- per-medium generation options (override the preset's decoder defaults) -------------------------
 class _Steps(_Req):
-    num_inference_steps: int | None = Field(None, ge=1, le=200)
-    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
 
 
 class ImageOptions(_Steps):
-    height_px: int | None = Field(None, ge=8, le=2048, multiple_of=8)
-    width_px: int | None = Field(None, ge=8, le=2048, multiple_of=8)
+    height_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
+    width_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
 
 
 class AudioOptions(_Steps):
     """Also OpenAI's chat ``audio`` output parameter: ``format`` (only ``wav``) and ``voice`` (ignored)."""
 
-    duration_s: float | None = Field(None, gt=0.0, le=30.0)
+    duration_s: float | None = Field(None, gt=0.0, le=MAX_DURATION_S)
     format: Literal["wav"] | None = None
     voice: str | None = None
 
 
 class VideoOptions(_Steps):
-    height_px: int | None = Field(None, ge=8, le=2048, multiple_of=8)
-    width_px: int | None = Field(None, ge=8, le=2048, multiple_of=8)
-    num_frames: int | None = Field(None, ge=1, le=128)
-    fps: int | None = Field(None, ge=1, le=60)
-    crf: int | None = Field(None, ge=0, le=51, description="libx264 constant rate factor of the MP4 (lower: closer "
-                            "to the generated frames, bigger file; default: the preset's)")
+    height_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
+    width_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
+    num_frames: int | None = Field(None, ge=1, le=MAX_NUM_FRAMES)
+    fps: int | None = Field(None, ge=1, le=MAX_FPS)
+    crf: int | None = Field(None, ge=0, le=MAX_CRF, description="libx264 constant rate factor of the MP4 (lower: "
+                            "closer to the generated frames, bigger file; default: the preset's)")
 
 
 class StreamOptions(_Req):
@@ -120,8 +132,8 @@ class ChatCompletionRequest(_Req):
     modalities: list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1, le=4096)
-    max_completion_tokens: int | None = Field(None, ge=1, le=4096)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
@@ -155,8 +167,8 @@ class ImageGenerationRequest(_Req):
     response_format: Literal["b64_json", "url"] | None = None
     output_format: Literal["png"] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(None, ge=1, le=200)
-    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
     user: str | None = None
 
 
@@ -169,12 +181,12 @@ class AudioGenerationRequest(_Req):
     prompt: str = Field(min_length=1, max_length=32000)
     model: str | None = None
     n: int = Field(1, ge=1, le=16)
-    duration_s: float | None = Field(None, gt=0.0, le=30.0)
+    duration_s: float | None = Field(None, gt=0.0, le=MAX_DURATION_S)
     response_format: Literal["b64_json", "url"] | None = None
     format: Literal["wav"] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(None, ge=1, le=200)
-    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
 
 
 class VideoCreateRequest(_Req):
@@ -187,11 +199,11 @@ class VideoCreateRequest(_Req):
 
     prompt: str = Field(min_length=1, max_length=32000)
     model: str | None = None
-    seconds: float | None = Field(None, gt=0.0, le=30.0)
+    seconds: float | None = Field(None, gt=0.0, le=MAX_DURATION_S)
     size: str | None = None
-    num_frames: int | None = Field(None, ge=1, le=128)
-    fps: int | None = Field(None, ge=1, le=60)
+    num_frames: int | None = Field(None, ge=1, le=MAX_NUM_FRAMES)
+    fps: int | None = Field(None, ge=1, le=MAX_FPS)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(None, ge=1, le=200)
-    guidance_scale: float | None = Field(None, ge=0.0, le=30.0)
-    crf: int | None = Field(None, ge=0, le=51)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    crf: int | None = Field(None, ge=0, le=MAX_CRF)

@@ -12,13 +12,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from polymodal.config import (
+    MAX_DURATION_S,
+    MAX_FPS,
+    MAX_INFERENCE_STEPS,
+    MAX_INPUT_VIDEO_FRAMES,
+    MAX_NEW_TOKENS,
+    MAX_NUM_FRAMES,
+    MAX_SIZE_PX,
+)
+
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Limits(_Model):
-    """Upper bounds of request options (the server's; each is also capped by the field's absolute bound).
+    """Upper bounds of request options (the server's; each is also capped by the field's absolute bound, the
+    runtime's ``polymodal.config.MAX_*``: a server may tighten a bound, never exceed it).
 
     Attributes:
         max_body_bytes: size of one HTTP request body (413 above).
@@ -39,15 +50,15 @@ class Limits(_Model):
     max_media_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_media_inputs: int = Field(8, ge=0, le=64)
     max_messages: int = Field(64, ge=1, le=1024)
-    max_new_tokens: int = Field(1024, ge=1, le=4096)
-    max_inference_steps: int = Field(100, ge=1, le=200)
-    max_height_px: int = Field(1024, ge=8, le=2048)
-    max_width_px: int = Field(1024, ge=8, le=2048)
-    max_num_frames: int = Field(64, ge=1, le=128)
-    max_fps: int = Field(30, ge=1, le=60)
-    max_duration_s: float = Field(30.0, gt=0, le=30.0)
+    max_new_tokens: int = Field(1024, ge=1, le=MAX_NEW_TOKENS)
+    max_inference_steps: int = Field(100, ge=1, le=MAX_INFERENCE_STEPS)
+    max_height_px: int = Field(1024, ge=8, le=MAX_SIZE_PX)
+    max_width_px: int = Field(1024, ge=8, le=MAX_SIZE_PX)
+    max_num_frames: int = Field(64, ge=1, le=MAX_NUM_FRAMES)
+    max_fps: int = Field(30, ge=1, le=MAX_FPS)
+    max_duration_s: float = Field(MAX_DURATION_S, gt=0, le=MAX_DURATION_S)
     max_n: int = Field(4, ge=1, le=16)
-    max_input_video_frames: int = Field(8, ge=1, le=8)
+    max_input_video_frames: int = Field(MAX_INPUT_VIDEO_FRAMES, ge=1, le=MAX_INPUT_VIDEO_FRAMES)
 
 
 class ServerSettings(_Model):

@@ -28,7 +28,14 @@ from polymodal.modality import Modality
 from polymodal.types import LLMResult
 
 from services.errors import Cancelled, RenderFailed
-from services.protocol import EncodedMedium, LLMEvent, LLMRequest, RenderRequest
+from services.protocol import (
+    DecoderStageLike,
+    EncodedMedium,
+    LLMEvent,
+    LLMRequest,
+    LLMStageLike,
+    RenderRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +46,13 @@ class LLMWorker:
     """Streams an ``LLMStage`` (blocking iterator) into asyncio, one generation at a time per worker.
 
     Args:
-        stage: object with ``stream(turns, *, modalities, max_new_tokens, temperature, top_p, seed,
-            should_cancel, system, task)`` yielding ``TextDelta | SignalGroup`` and finally ``LLMResult``.
+        stage: the LLM stage (:class:`~services.protocol.LLMStageLike`: ``stream(turns, *, modalities,
+            max_new_tokens, temperature, top_p, seed, should_cancel, system, task)`` yielding ``TextDelta |
+            SignalGroup`` and finally ``LLMResult``).
         max_concurrency: generations run at once (the model is shared; 1 keeps the KV cache loop simple).
     """
 
-    def __init__(self, stage: Any, max_concurrency: int = 1):
+    def __init__(self, stage: LLMStageLike, max_concurrency: int = 1):
         self.stage = stage
         self._slots = threading.Semaphore(max_concurrency)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="llm")
@@ -159,13 +167,13 @@ class DecoderWorker:
     """Renders batches with a ``DecoderStage`` (blocking; call from a worker thread).
 
     Args:
-        stage: object with ``modality``, ``defaults`` and ``render(groups, seeds, options, should_cancel,
-            on_step) -> list[Medium | DecodeError]`` (``decoders``: ``Medium.encode() -> (bytes, mime, ext)``,
-            ``DecodeError.cancelled``).
+        stage: the decoder stage (:class:`~services.protocol.DecoderStageLike`: ``modality``, ``defaults`` and
+            ``render(groups, seeds, options, should_cancel, on_step) -> list[Medium | DecodeError]``;
+            ``decoders``: ``Medium.encode() -> (bytes, mime, ext)``, ``DecodeError.cancelled``).
         counters: where steps and batches are counted.
     """
 
-    def __init__(self, stage: Any, counters: DecoderCounters | None = None):
+    def __init__(self, stage: DecoderStageLike, counters: DecoderCounters | None = None):
         self.stage = stage
         self.modality: Modality = Modality.parse(stage.modality)
         self.counters = counters or DecoderCounters()

@@ -140,7 +140,7 @@ def test_own_text_embedding_equals_stock_prompt(decoders, modality):
     dec = decoders[modality]
     options = cfg_options(dec)
     caption, seed = "a red circle", 7
-    ours = dec.generate(dec.encode_text([caption]), [seed], options)[0]
+    ours = dec.render(dec.encode_text([caption]), [seed], options)[0]
     assert isinstance(ours, Medium) and ours.seed == seed
     stock = stock_items(dec, stock_call(dec, options, seed, prompt=[caption]))[0]
     if modality is AUDIO:
@@ -167,12 +167,12 @@ def test_batch_item_equals_item_alone_and_seeds_differ(decoders, modality):
     options = cfg_options(dec)
     embeds = dec.encode_text(CAPTIONS)
     seeds = [11, 12, 13, 14]
-    batch = dec.generate(embeds, seeds, options)
+    batch = dec.render(embeds, seeds, options)
     assert [m.seed for m in batch] == seeds
     for k in range(4):
-        alone = dec.generate(embeds[k : k + 1], [seeds[k]], options)[0]
+        alone = dec.render(embeds[k : k + 1], [seeds[k]], options)[0]
         assert_same_medium(batch[k], alone)
-    same_caption = dec.generate(embeds[:1].repeat(2, 1, 1), [1, 2], options)
+    same_caption = dec.render(embeds[:1].repeat(2, 1, 1), [1, 2], options)
     assert np.abs(as_float(same_caption[0].data) - as_float(same_caption[1].data)).max() > 1e-3
 
 
@@ -181,11 +181,11 @@ def test_negative_embeds_always_passed_so_no_tokenizer_is_needed(decoders, modal
     # Without negative_prompt_embeds, diffusers tokenises "" at guidance > 1: with no tokenizer that fails.
     dec = decoders[modality]
     emb = dec.encode_text(["a cat"])
-    expected = dec.generate(emb, [4], cfg_options(dec))[0]
+    expected = dec.render(emb, [4], cfg_options(dec))[0]
     tokenizer = dec.pipeline.tokenizer
     dec.pipeline.tokenizer = None
     try:
-        got = dec.generate(emb, [4], cfg_options(dec))[0]
+        got = dec.render(emb, [4], cfg_options(dec))[0]
     finally:
         dec.pipeline.tokenizer = tokenizer
     assert_same_medium(got, expected)
@@ -200,23 +200,23 @@ def test_decode_error_survives_pickling():
 def test_audio_accepts_b_d_and_rejects_wrong_shapes(decoders):
     dec = decoders[AUDIO]
     emb = dec.encode_text(["a dog"])
-    a = dec.generate(emb, [3])[0]
-    b = dec.generate(emb[:, 0], [3])[0]
+    a = dec.render(emb, [3])[0]
+    b = dec.render(emb[:, 0], [3])[0]
     np.testing.assert_allclose(a.data, b.data, atol=1e-6)
     with pytest.raises(ValueError, match="shape"):
-        dec.generate(torch.zeros(1, 2, dec.cond_shape[1]), [0])
+        dec.render(torch.zeros(1, 2, dec.cond_shape[1]), [0])
     with pytest.raises(ValueError, match="seed"):
-        dec.generate(emb, [0, 1])
+        dec.render(emb, [0, 1])
 
 
 def test_media_shapes_follow_options(decoders):
-    img = decoders[IMAGE].generate(decoders[IMAGE].encode_text(["x"]), [0], cfg_options(decoders[IMAGE], width_px=48))
+    img = decoders[IMAGE].render(decoders[IMAGE].encode_text(["x"]), [0], cfg_options(decoders[IMAGE], width_px=48))
     assert img[0].data.shape == (32, 48, 3) and img[0].data.dtype == np.uint8
     vid_dec = decoders[VIDEO]
-    vid = vid_dec.generate(vid_dec.encode_text(["x"]), [0], cfg_options(vid_dec, num_frames=3, fps=5))[0]
+    vid = vid_dec.render(vid_dec.encode_text(["x"]), [0], cfg_options(vid_dec, num_frames=3, fps=5))[0]
     assert vid.data.shape == (3, 32, 32, 3) and vid.fps == 5.0
     aud_dec = decoders[AUDIO]
-    aud = aud_dec.generate(aud_dec.encode_text(["x"]), [0], cfg_options(aud_dec, duration_s=0.8))[0]
+    aud = aud_dec.render(aud_dec.encode_text(["x"]), [0], cfg_options(aud_dec, duration_s=0.8))[0]
     assert aud.data.dtype == np.float32 and aud.data.ndim == 1
     assert aud.data.shape[0] == int(0.8 * aud.sample_rate_hz)
     assert aud.duration_s == pytest.approx(0.8)
@@ -247,7 +247,7 @@ def test_nan_and_black_items_are_reported_not_returned(decoders, modality):
 
     handle = module.register_forward_hook(corrupt)
     try:
-        results = dec.generate(dec.encode_text(CAPTIONS[:3]), [5, 6, 7])
+        results = dec.render(dec.encode_text(CAPTIONS[:3]), [5, 6, 7])
     finally:
         handle.remove()
     assert isinstance(results[0], Medium) and results[0].seed == 5
@@ -264,7 +264,7 @@ def test_nan_and_black_items_are_reported_not_returned(decoders, modality):
 def test_cancellation_stops_before_all_steps(decoders, modality):
     dec = decoders[modality]
     steps: list[int] = []
-    results = dec.generate(
+    results = dec.render(
         dec.encode_text(CAPTIONS[:2]),
         [1, 2],
         cfg_options(dec, num_inference_steps=6),
@@ -279,7 +279,7 @@ def test_cancellation_stops_before_all_steps(decoders, modality):
 def test_on_step_reports_every_step(decoders):
     dec = decoders[IMAGE]
     steps: list[int] = []
-    out = dec.generate(dec.encode_text(["x"]), [0], cfg_options(dec, num_inference_steps=3), on_step=steps.append)
+    out = dec.render(dec.encode_text(["x"]), [0], cfg_options(dec, num_inference_steps=3), on_step=steps.append)
     assert steps == [0, 1, 2] and isinstance(out[0], Medium)
 
 
@@ -307,7 +307,7 @@ def test_saved_tiny_checkpoint_loads_via_pretrained_path(decoders, configs, chec
     torch.testing.assert_close(dec.negative_prompt_embeds, decoders[modality].negative_prompt_embeds)
     options = cfg_options(dec)
     emb = dec.encode_text(["a cat"])
-    assert_same_medium(dec.generate(emb, [9], options)[0], decoders[modality].generate(emb, [9], options)[0])
+    assert_same_medium(dec.render(emb, [9], options)[0], decoders[modality].render(emb, [9], options)[0])
 
 
 def _copy(src, dst):
@@ -374,8 +374,8 @@ def test_video_decoder_loads_an_animatediff_folder(tmp_path):
     assert isinstance(dec.pipeline, AnimateDiffPipeline) and "AnimateDiffPipeline" in repr(dec)
     options = cfg_options(dec, num_inference_steps=2)
     emb = dec.encode_text(["a red circle moving to the left", "a blue square moving up"])
-    both = dec.generate(emb, [3, 4], options)
-    alone = dec.generate(emb[1:], [4], options)
+    both = dec.render(emb, [3, 4], options)
+    alone = dec.render(emb[1:], [4], options)
     assert both[0].data.shape == (recipe.num_frames, recipe.size_px, recipe.size_px, 3)
     assert_same_medium(both[1], alone[0])
     assert not np.array_equal(both[0].data, both[1].data)
@@ -396,7 +396,7 @@ def test_wrong_pipeline_or_conditioning_refused(configs, checkpoints):
 
 def test_png_round_trip(decoders):
     dec = decoders[IMAGE]
-    medium = dec.generate(dec.encode_text(["x"]), [0])[0]
+    medium = dec.render(dec.encode_text(["x"]), [0])[0]
     data, mime, ext = medium.encode()
     assert (mime, ext) == ("image/png", "png")
     back = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -405,7 +405,7 @@ def test_png_round_trip(decoders):
 
 def test_wav_round_trip(decoders):
     dec = decoders[AUDIO]
-    medium = dec.generate(dec.encode_text(["x"]), [0])[0]
+    medium = dec.render(dec.encode_text(["x"]), [0])[0]
     assert float(np.abs(medium.data).max()) > 1e-3, "tiny audio is audible noise"
     data, mime, ext = medium.encode()
     assert (mime, ext) == ("audio/wav", "wav")
@@ -424,7 +424,7 @@ def _decode_mp4(data: bytes) -> list[np.ndarray]:
 
 def test_mp4_round_trip(decoders):
     dec = decoders[VIDEO]
-    medium = dec.generate(dec.encode_text(["x"]), [0], cfg_options(dec, num_frames=5, fps=6))[0]
+    medium = dec.render(dec.encode_text(["x"]), [0], cfg_options(dec, num_frames=5, fps=6))[0]
     data, mime, ext = medium.encode()
     assert (mime, ext) == ("video/mp4", "mp4")
     frames = _decode_mp4(data)
@@ -451,7 +451,7 @@ def test_mp4_crf_trades_bytes_for_fidelity(decoders):
     assert sizes[12] > sizes[None] > sizes[30], sizes
     dec = decoders[VIDEO]
     assert dec.defaults.crf == 18
-    medium = dec.generate(dec.encode_text(["x"]), [0], cfg_options(dec, crf=30))[0]
+    medium = dec.render(dec.encode_text(["x"]), [0], cfg_options(dec, crf=30))[0]
     assert medium.crf == 30
 
 

@@ -436,9 +436,9 @@ def test_remote_urls_refused_unless_allow_listed(monkeypatch):
         fetched.append(url)
         return "image/png", photo_png()
 
-    from services.ingress import IngressService
+    from services.ingress.media_input import MediaReader
 
-    monkeypatch.setattr(IngressService, "_fetch", fake_fetch)
+    monkeypatch.setattr(MediaReader, "_fetch", fake_fetch)
     r = chat(app, user({"type": "image_url", "image_url": {"url": "https://media.example.org/cat.png"}}))
     assert r.status_code == 200 and fetched == ["https://media.example.org/cat.png"]
     r = chat(app, user({"type": "image_url", "image_url": {"url": "https://evil.example.com/cat.png"}}))

@@ -198,7 +198,7 @@ def test_trained_toy_decoders_load_through_build_decoder(trained):
         emb = dec.encode_text(prompts[m])
         assert emb.shape == (2, cfg.cond_tokens, cfg.cond_dim)
         assert not np.allclose(emb[0].numpy(), emb[1].numpy())
-        (medium,) = dec.generate(emb[:1], [0], cfg.defaults.model_copy(update={"num_inference_steps": 2}))
+        (medium,) = dec.render(emb[:1], [0], cfg.defaults.model_copy(update={"num_inference_steps": 2}))
         assert isinstance(medium, Medium), medium
         from polymodal.toyworld.train import RECIPES
 

@@ -95,7 +95,7 @@ def toy_prompts(modality: Modality | str, n: int) -> list[tuple[str, dict]]:
 def score_decoder(decoder, n: int = 48, seed: int = 0, options=None) -> Score:
     """Generate ``n`` media from the decoder's own text embedding of :func:`toy_prompts` and score them.
 
-    ``decoder`` is a :class:`decoders.Decoder` (its ``encode_text`` and ``generate``); each medium is read from
+    ``decoder`` is a :class:`decoders.Decoder` (its ``encode_text`` and ``render``); each medium is read from
     its file (:func:`read_media`); failed items count as wrong.
     """
     modality = decoder.modality
@@ -105,7 +105,7 @@ def score_decoder(decoder, n: int = 48, seed: int = 0, options=None) -> Score:
     for i in range(0, n, batch):
         chunk = prompts[i : i + batch]
         embeds = decoder.encode_text([p for p, _ in chunk])
-        readings += read_media(modality, decoder.generate(embeds, [seed + i + k for k in range(len(chunk))], options))
+        readings += read_media(modality, decoder.render(embeds, [seed + i + k for k in range(len(chunk))], options))
     return score_readings(modality, readings, [a for _, a in prompts])
 
 
