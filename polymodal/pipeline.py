@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from polymodal.config import DecoderDefaults, PresetConfig
-from polymodal.llm import LLMEngine, PromptSegment, load_llm, resolve_device
+from polymodal.devices import resolve_device
+from polymodal.llm import LLMEngine, PromptSegment, load_llm
 from polymodal.modality import Modality
 from polymodal.presets import get_preset
 from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn
@@ -125,7 +126,7 @@ class LLMStage:
 
         ``task``: a grounding task of the preset (``grounding``, ``refer``, ...); its identifier goes into
         the last user turn just before that turn's first text (after its media), as the instruct stage
-        lays out grounding data (:func:`polymodal.training.data.read_grounding`).
+        lays out grounding data (:func:`training.align.data.read_grounding`).
 
         Raises:
             ValueError: no turns, the last turn is not the user's, an unknown task.
