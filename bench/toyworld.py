@@ -87,8 +87,8 @@ def check_heldout(modality: str, prompts: Sequence[str]) -> dict[str, Any]:
 
 def training_questions() -> set[str]:
     """Every user question about a shared medium that the toy build trains on (MosIT writer, encode stage)."""
-    from training.toyworld import mosit
     from training.align.config import TrainConfig
+    from training.toyworld import mosit
 
     qs = {q for bank in mosit.ASK_ABOUT.values() for q in bank}
     qs |= {q for pairs in mosit.FOLLOW_UPS.values() for q, _ in pairs}
@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.toy_dir:
         os.environ["POLYMODAL_TOY_DIR"] = str(Path(args.toy_dir).resolve())  # Ray's workers inherit it
 
+    from polymodal.presets.toy import toy_preset, toy_root
     from training.toyworld.checkers import check_bytes
     from training.toyworld.evaluate import (
         SCORED,
@@ -223,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         score_readings,
     )
     from training.toyworld.phrasings import assert_disjoint
-    from polymodal.presets.toy import toy_preset, toy_root
 
     try:
         preset = toy_preset()

@@ -24,6 +24,7 @@ from polymodal.config import DecoderConfig, DecoderDefaults
 from polymodal.devices import resolve_dtype
 from polymodal.modality import Modality
 
+
 class _Cancelled(Exception):
     """Raised from the step callback to stop the denoising loop."""
 

@@ -341,53 +341,54 @@ _PASS_THROUGH = dict(
 )
 
 
-def _run_subapp(sub: typer.Typer, ctx: typer.Context) -> None:
-    """Run a sub-command's Typer app on the arguments that follow its name."""
+def _mosit_app() -> typer.Typer:
+    from mosit.cli import app as sub
+
+    return sub
+
+
+def _train_app() -> typer.Typer:
+    from training.align.cli import app as sub
+
+    return sub
+
+
+def _convert_app() -> typer.Typer:
+    from training.convert.cli import app as sub
+
+    return sub
+
+
+def _toyworld_app() -> typer.Typer:
+    from training.toyworld.cli import app as sub
+
+    return sub
+
+
+# name -> (the loader importing its Typer app, the package that owns it, help)
+_SUBCOMMANDS = {
+    "mosit": (_mosit_app, "mosit", "Build MosIT-style multimodal instruction data."),
+    "train": (_train_app, "training", "Alignment training: encode | decode | instruct stages."),
+    "convert": (_convert_app, "training", "Convert released checkpoints (NExT-GPT) into polymodal exports."),
+    "toyworld": (_toyworld_app, "training", "Toy world: procedural data, toy decoders, checkers."),
+}
+
+
+def _subcommand(ctx: typer.Context) -> None:
+    """Run the sub-command ``ctx.info_name``'s Typer app on the arguments that follow its name (its package is
+    imported only now); a package missing from this install fails with that message."""
+    load, package, _ = _SUBCOMMANDS[ctx.info_name]
+    try:
+        sub = load()
+    except ModuleNotFoundError as e:
+        if e.name != package:
+            raise
+        _fail(f"`polymodal {ctx.info_name}` needs the {package!r} package, which this install lacks")
     sub(args=list(ctx.args), prog_name=f"{ctx.find_root().info_name} {ctx.info_name}")
 
 
-def _not_installed(e: ModuleNotFoundError, package: str) -> None:
-    """A sub-command whose package is not part of this install fails with that message; other import errors
-    propagate."""
-    if e.name == package:
-        _fail(f"`polymodal` has no {package!r} package in this install")
-    raise e
-
-
-@app.command("mosit", help="Build MosIT-style multimodal instruction data.", **_PASS_THROUGH)
-def mosit_cmd(ctx: typer.Context) -> None:
-    try:
-        from mosit.cli import app as sub
-    except ModuleNotFoundError as e:
-        _not_installed(e, "mosit")
-    _run_subapp(sub, ctx)
-
-
-@app.command("train", help="Alignment training: encode | decode | instruct stages.", **_PASS_THROUGH)
-def train_cmd(ctx: typer.Context) -> None:
-    try:
-        from training.align.cli import app as sub
-    except ModuleNotFoundError as e:
-        _not_installed(e, "training")
-    _run_subapp(sub, ctx)
-
-
-@app.command("convert", help="Convert released checkpoints (NExT-GPT) into polymodal exports.", **_PASS_THROUGH)
-def convert_cmd(ctx: typer.Context) -> None:
-    try:
-        from training.convert.cli import app as sub
-    except ModuleNotFoundError as e:
-        _not_installed(e, "training")
-    _run_subapp(sub, ctx)
-
-
-@app.command("toyworld", help="Toy world: procedural data, toy decoders, checkers.", **_PASS_THROUGH)
-def toyworld_cmd(ctx: typer.Context) -> None:
-    try:
-        from training.toyworld.cli import app as sub
-    except ModuleNotFoundError as e:
-        _not_installed(e, "training")
-    _run_subapp(sub, ctx)
+for _name, (_, _, _help) in _SUBCOMMANDS.items():
+    app.command(_name, help=_help, **_PASS_THROUGH)(_subcommand)
 
 
 def main() -> None:

@@ -106,14 +106,16 @@ def test_contracts_break_on_a_wrong_import(tmp_path, file, line, contract, says)
 
 
 def test_edge_and_app_import_neither_torch_nor_the_offline_wing():
-    """What the contracts say statically, at run time: a fresh interpreter importing the HTTP edge loads no torch,
-    and the app builder (services.app, which reads presets) loads nothing of training/ or mosit/."""
+    """What the contracts say statically, at run time: a fresh interpreter importing the HTTP edge loads no torch;
+    the app builder (services.app, which reads presets, the toy one included) and the CLI (until a sub-command
+    runs) load nothing of training/ or mosit/."""
     code = (
         "import sys\n"
         "import services.ingress, services.schemas, services.settings, services.errors, services.protocol\n"
         "heavy = {'torch', 'transformers', 'diffusers', 'accelerate', 'peft'}\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy)[:5])\n"
-        "import services.app\n"
+        "import services.app, polymodal.cli, polymodal.presets\n"
+        "polymodal.presets.get_preset('toy')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in {'training', 'mosit'}))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -21,6 +21,11 @@ from typer.testing import CliRunner
 
 from decoders import Medium, save_tiny_checkpoint
 from polymodal.config import DecoderConfig, DecoderDefaults, EncoderConfig, PresetConfig, ProjectorConfig
+from polymodal.llm import PromptSegment
+from polymodal.modality import Modality
+from polymodal.offline_tokenizer import tiny_tokenizer
+from polymodal.pipeline import AnyToAnyPipeline
+from polymodal.presets import get_preset
 from training.convert import (
     BaseModelInfo,
     ConversionError,
@@ -29,11 +34,6 @@ from training.convert import (
     write_nextgpt_export,
 )
 from training.convert.cli import app
-from polymodal.llm import PromptSegment
-from polymodal.modality import Modality
-from polymodal.pipeline import AnyToAnyPipeline
-from polymodal.presets import get_preset
-from polymodal.offline_tokenizer import tiny_tokenizer
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 D_LLM, LAYERS, RANK, D_ENC, D_MODEL = 64, 2, 4, 32, 32

@@ -62,10 +62,10 @@ def test_grounding_build_trains_location_tokens_over_patch_tokens(quick_build):
     from safetensors import safe_open
 
     from polymodal.pipeline import AnyToAnyPipeline
-    from training.toyworld.data import render_image
-    from training.toyworld.grounding import TRAIN_QUESTIONS
     from polymodal.presets.toy import toy_grounding_preset
     from polymodal.types import MediaPart
+    from training.toyworld.data import render_image
+    from training.toyworld.grounding import TRAIN_QUESTIONS
 
     out, manifest = quick_build
     rows = json.loads((out / "work" / "grounding-rows.json").read_text())

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from training.align.data import DataSpec, read_grounding
 from training.toyworld import grounding as G
 from training.toyworld.data import write_dataset
-from training.align.data import DataSpec, read_grounding
 
 
 def test_question_banks_are_disjoint_and_mixed():

@@ -13,13 +13,13 @@ import yaml
 from mosit.config import ConfigError, load_config, parse_config
 from mosit.job import build
 from polymodal.modality import Modality
+from training.align.data import DataSpec, MediaRef, read_records
 from training.toyworld import phrasings
 from training.toyworld.data import COLOURS, DIRECTIONS, PITCHES_HZ, SHAPES, TIMBRES, write_dataset
 from training.toyworld.mosit import ToyDialogueWriter, load_toy_captions, parse_whole_prompt
-from training.align.data import DataSpec, MediaRef, read_records
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "polymodal" / "toyworld" / "mosit.yaml"
+CONFIG = ROOT / "training" / "toyworld" / "mosit.yaml"
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 # the words that name each attribute's values, per modality ("square" is a shape and a timbre)
 VOCAB: dict[Modality, dict[str, tuple[str, ...]]] = {

@@ -16,13 +16,13 @@ from polymodal.grounding.boxes import (
     box_from_fractions,
     box_iou,
 )
+from polymodal.grounding.config import GroundingConfig
 from polymodal.grounding.formats import (
     GROUNDING_FORMATS,
     GroundingParser,
     build_parser,
     parse_grounding,
 )
-from polymodal.grounding.config import GroundingConfig
 from polymodal.grounding.loc import LocGrid
 
 __all__ = [

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from polymodal.grounding.boxes import BoxPx
 
+
 @dataclass(frozen=True)
 class LocGrid:
     """The location-token grid of a preset (see the module docstring).

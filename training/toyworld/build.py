@@ -185,10 +185,10 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     """
     import torch
 
+    from polymodal.presets.toy import GROUNDING_EXPORT, toy_grounding_preset, toy_preset
     from training.toyworld.align import write_requests
     from training.toyworld.encoder import train_encoders
     from training.toyworld.grounding import write_grounding_rows
-    from polymodal.presets.toy import GROUNDING_EXPORT, toy_grounding_preset, toy_preset
     from training.toyworld.train import train_decoders
 
     s = settings or BuildSettings()

@@ -151,8 +151,8 @@ def score_decoder(
 ) -> None:
     """Generate from the trained toy decoder's own text embeddings and score the media with the checker."""
     from decoders import build_decoder
-    from training.toyworld.evaluate import score_decoder as run
     from polymodal.presets.toy import decoder_config
+    from training.toyworld.evaluate import score_decoder as run
 
     try:
         dec = build_decoder(modality, decoder_config(out, modality))

@@ -410,8 +410,7 @@ def build_audio_pipeline(recipe: AudioDecoderRecipe):
     from transformers import ClapTextConfig, ClapTextModelWithProjection
 
     from decoders import tiny
-    from training.toyworld.data import SAMPLE_RATE_HZ
-    from training.toyworld.data import toy_tokenizer
+    from training.toyworld.data import SAMPLE_RATE_HZ, toy_tokenizer
 
     tokenizer = toy_tokenizer(recipe.cond_tokens)
     levels = len(recipe.vae_blocks)
