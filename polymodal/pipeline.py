@@ -8,6 +8,10 @@
 Both are plain classes built from a :class:`polymodal.config.PresetConfig`; the Ray Serve graph wraps them
 in deployments, :class:`AnyToAnyPipeline` composes them in-process.
 
+Layer: composition (see :mod:`polymodal`): the one runtime module that imports the components (``projectors``,
+``decoders``, the LLM, the encoders); ``decoders`` and ``projectors`` are imported where a stage is built, so
+importing this module does not load diffusers.
+
 Media the model produced earlier in a conversation re-enter the prompt **through the encoder**, like
 media the user sent: one path for every medium, no state to keep between requests or replicas, and the
 model reads what was actually rendered (not what it meant to render). Their signal states may ride along

@@ -175,21 +175,16 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def _load_input_medium(ref: MediaRef, encoder) -> torch.Tensor:
-    """A medium file -> (N, D_enc) encoder tokens (what the input projector reads)."""
+    """A medium file -> (N, D_enc) encoder tokens (what the input projector reads): decoded as the service decodes
+    an upload (:func:`polymodal.media_io.decode_media`; audio at the encoder's rate, default 16 kHz)."""
     from polymodal import media_io
 
     data = ref.path.read_bytes()
     try:
-        if ref.modality is Modality.IMAGE:
-            arr, sr = media_io.decode_image(data), None
-        elif ref.modality is Modality.AUDIO:
-            sr = encoder.sample_rate_hz or 16000
-            arr = media_io.decode_audio(data, target_sample_rate_hz=sr)
-        else:
-            arr, sr = media_io.decode_video(data)[0], None
+        part = media_io.decode_media(ref.modality, data, sample_rate_hz=encoder.sample_rate_hz or 16000)
     except ValueError as e:
         raise DataFormatError(f"cannot decode {ref.path}: {e}") from e
-    return encoder.encode_tokens([arr], sample_rate_hz=sr)[0].float().cpu()
+    return encoder.encode_tokens([part.data], sample_rate_hz=part.sample_rate_hz)[0].float().cpu()
 
 
 def _encode_latents(ref: MediaRef, decoder) -> torch.Tensor:
