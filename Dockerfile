@@ -91,6 +91,7 @@ COPY projectors /tmp/src/projectors
 COPY decoders /tmp/src/decoders
 COPY services /tmp/src/services
 COPY mosit /tmp/src/mosit
+COPY training /tmp/src/training
 COPY docker/verify_image.py /tmp/verify_image.py
 ARG TORCH_VARIANT=cpu
 RUN pip install --no-deps --no-build-isolation /tmp/src \

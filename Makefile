@@ -30,5 +30,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# the import contracts of pyproject's [tool.importlinter] (also run by tests/test_architecture.py)
+lint: setup
+	$(BIN)/lint-imports --no-cache
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -9,16 +9,16 @@ package) as the whole graph of ``services.app:app_builder`` (ingress, LLM, image
 torch thread per replica) on our own local Ray cluster, and measures over HTTP:
 
 - **Output side.** Per modality, ``--n`` requests (``--quick``: 12) from the *held-out* request bank
-  (:func:`polymodal.toyworld.phrasings.requests`, ``heldout=True``; checked disjoint from every training-bank
-  prompt with :func:`~polymodal.toyworld.phrasings.assert_disjoint` before anything is sent) go to
+  (:func:`training.toyworld.phrasings.requests`, ``heldout=True``; checked disjoint from every training-bank
+  prompt with :func:`~training.toyworld.phrasings.assert_disjoint` before anything is sent) go to
   ``POST /v1/chat/completions`` with ``modalities: [m]`` (``--concurrency`` at once, one seed each). The medium
   in the answer (a base64 data URL: PNG / WAV / MP4) is decoded, read by the toy checker
-  (:mod:`polymodal.toyworld.checkers`) and scored against the attributes the request states
-  (:func:`polymodal.toyworld.evaluate.score_readings`: image colour and shape, audio pitch and the timbre when
+  (:mod:`training.toyworld.checkers`) and scored against the attributes the request states
+  (:func:`training.toyworld.evaluate.score_readings`: image colour and shape, audio pitch and the timbre when
   asked, video direction). Images also go through ``POST /v1/images/generations`` with the OpenAI client
   (``client.images.generate``), the README's second path.
 - **Control.** The same requests in-process (``AnyToAnyPipeline.from_preset``) with
-  :func:`~polymodal.toyworld.evaluate.score_pipeline` ``(shuffle=True)``: request i is rendered from the signal
+  :func:`~training.toyworld.evaluate.score_pipeline` ``(shuffle=True)``: request i is rendered from the signal
   states of request j (a derangement), so it must score near chance. Chance is the mean over the items of the
   probability that a uniform guess hits every asked attribute (image 1/12; audio 1/3, 1/6 when the timbre is
   asked; video 1/4); "chance + 3 sigma" adds three standard deviations of the number of hits over the N items
@@ -70,7 +70,7 @@ _PART_KEY = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
 def draw_requests(modality: str, n: int, seed: int) -> list[tuple[str, str, dict]]:
     """``n`` held-out (request, caption, stated attributes): a whole number of cycles of every attribute
     combination (shuffled by :func:`phrasings.requests`), cut to ``n``."""
-    from polymodal.toyworld.phrasings import ATTRIBUTE_COMBOS, requests
+    from training.toyworld.phrasings import ATTRIBUTE_COMBOS, requests
 
     combos = len(ATTRIBUTE_COMBOS[C.Modality.parse(modality)])
     return requests(modality, math.ceil(n / combos) * combos, heldout=True, seed=seed)[:n]
@@ -78,7 +78,7 @@ def draw_requests(modality: str, n: int, seed: int) -> list[tuple[str, str, dict
 
 def check_heldout(modality: str, prompts: Sequence[str]) -> dict[str, Any]:
     """Assert that no prompt is a training-bank prompt -> what was checked."""
-    from polymodal.toyworld.phrasings import all_prompts, assert_disjoint
+    from training.toyworld.phrasings import all_prompts, assert_disjoint
 
     train = all_prompts(modality, heldout=False)
     assert_disjoint(prompts, train)
@@ -87,8 +87,8 @@ def check_heldout(modality: str, prompts: Sequence[str]) -> dict[str, Any]:
 
 def training_questions() -> set[str]:
     """Every user question about a shared medium that the toy build trains on (MosIT writer, encode stage)."""
-    from polymodal.toyworld import mosit
-    from polymodal.training.config import TrainConfig
+    from training.align.config import TrainConfig
+    from training.toyworld import mosit
 
     qs = {q for bank in mosit.ASK_ABOUT.values() for q in bank}
     qs |= {q for pairs in mosit.FOLLOW_UPS.values() for q, _ in pairs}
@@ -100,8 +100,8 @@ def training_questions() -> set[str]:
 
 def hit_probability(modality: str, asked: dict) -> float:
     """The probability that a uniform guess shows every scored attribute ``asked`` states."""
-    from polymodal.toyworld.data import COLOURS, DIRECTIONS, PITCHES_HZ, SHAPES, TIMBRES
-    from polymodal.toyworld.evaluate import SCORED
+    from training.toyworld.data import COLOURS, DIRECTIONS, PITCHES_HZ, SHAPES, TIMBRES
+    from training.toyworld.evaluate import SCORED
 
     sizes = {"colour": len(COLOURS), "shape": len(SHAPES), "pitch": len(PITCHES_HZ), "timbre": len(TIMBRES),
              "direction": len(DIRECTIONS)}
@@ -159,8 +159,8 @@ def input_images(n: int) -> list[tuple[bytes, dict]]:
     """``n`` random-layout 64 px toy images as PNG, balanced over colour x shape (data seed 10 000)."""
     from PIL import Image
 
-    from polymodal.toyworld.data import item_rng, render_image
-    from polymodal.toyworld.phrasings import ATTRIBUTE_COMBOS
+    from training.toyworld.data import item_rng, render_image
+    from training.toyworld.phrasings import ATTRIBUTE_COMBOS
 
     combos = ATTRIBUTE_COMBOS[C.Modality.IMAGE]
     out = []
@@ -180,7 +180,7 @@ def _words(words: Sequence[str]) -> dict[str, re.Pattern]:
 
 def name_hits(answer: str, attrs: dict) -> dict[str, bool]:
     """Whether ``answer`` names the right colour (and no other colour), the right shape (and no other)."""
-    from polymodal.toyworld.data import COLOURS, SHAPES
+    from training.toyworld.data import COLOURS, SHAPES
 
     out = {}
     for key, words in (("colour", list(COLOURS)), ("shape", list(SHAPES))):
@@ -215,15 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.toy_dir:
         os.environ["POLYMODAL_TOY_DIR"] = str(Path(args.toy_dir).resolve())  # Ray's workers inherit it
 
-    from polymodal.toyworld.checkers import check_bytes
-    from polymodal.toyworld.evaluate import (
+    from polymodal.presets.toy import toy_preset, toy_root
+    from training.toyworld.checkers import check_bytes
+    from training.toyworld.evaluate import (
         SCORED,
         derangement,
         empty_reading,
         score_readings,
     )
-    from polymodal.toyworld.phrasings import assert_disjoint
-    from polymodal.toyworld.preset import toy_preset, toy_root
+    from training.toyworld.phrasings import assert_disjoint
 
     try:
         preset = toy_preset()
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_control:
         from polymodal.pipeline import AnyToAnyPipeline
-        from polymodal.toyworld.evaluate import score_pipeline
+        from training.toyworld.evaluate import score_pipeline
 
         print("in-process control: building the toy pipeline ...", flush=True)
         try:  # no "Loading pipeline components" bars between the lines

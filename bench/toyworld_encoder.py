@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
     from polymodal.config import EncoderConfig
     from polymodal.encoders import build_encoder
     from polymodal.modality import Modality
-    from polymodal.toyworld.data import COLOURS, SHAPES, make_item, write_dataset
-    from polymodal.toyworld.encoder import (
+    from training.toyworld.data import COLOURS, SHAPES, make_item, write_dataset
+    from training.toyworld.encoder import (
         caption_retrieval_top1,
         encoder_config,
         linear_probe_accuracy,

@@ -11,13 +11,13 @@ no decoder: the answer is text and boxes) on our own local Ray cluster, and meas
 
 - **Service.** ``--n`` (``--quick``: 12) random-layout 64 px toy images (data seed 20 000, disjoint from the build's
   data seeds and from the other benches'), each with a *held-out* question
-  (:func:`polymodal.toyworld.grounding.questions` ``(heldout=True)`` formatted with the image's
-  :func:`~polymodal.toyworld.grounding.phrase`, e.g. "Mark the red circle, please."), checked disjoint from every
-  training question (:func:`~polymodal.toyworld.grounding.all_questions` ``(heldout=False)``, with
-  :func:`~polymodal.toyworld.phrasings.assert_disjoint`) before anything is sent. Each goes through the OpenAI
+  (:func:`training.toyworld.grounding.questions` ``(heldout=True)`` formatted with the image's
+  :func:`~training.toyworld.grounding.phrase`, e.g. "Mark the red circle, please."), checked disjoint from every
+  training question (:func:`~training.toyworld.grounding.all_questions` ``(heldout=False)``, with
+  :func:`~training.toyworld.phrasings.assert_disjoint`) before anything is sent. Each goes through the OpenAI
   client (``client.chat.completions.create`` with ``extra_body={"task": "grounding"}``, temperature 0, one seed
   each, ``--concurrency`` at once); the answer's first box (``message.boxes[0].box``, pixels of the sent image) is
-  scored by its IoU with the shape's true box (:func:`~polymodal.toyworld.grounding.true_box`). An answer without
+  scored by its IoU with the shape's true box (:func:`~training.toyworld.grounding.true_box`). An answer without
   a box is a miss, counted apart from failed requests. Reported: share with IoU >= 0.5, mean IoU (misses count
   0), answers without a box, errors, latency p50 / p95.
 - **Control.** The same question with another image of the set (a seeded derangement ``perm``), the returned box
@@ -74,10 +74,10 @@ def check_heldout(questions: Sequence[str]) -> dict[str, Any]:
     """Assert that no question is a training grounding question -> what was checked.
 
     Raises:
-        AssertionError: a question is among :func:`polymodal.toyworld.grounding.all_questions` ``(heldout=False)``.
+        AssertionError: a question is among :func:`training.toyworld.grounding.all_questions` ``(heldout=False)``.
     """
-    from polymodal.toyworld.grounding import all_questions
-    from polymodal.toyworld.phrasings import assert_disjoint
+    from training.toyworld.grounding import all_questions
+    from training.toyworld.phrasings import assert_disjoint
 
     train = all_questions(heldout=False)
     assert_disjoint(questions, train)
@@ -90,8 +90,8 @@ def grounding_items(n: int, seed: int = 0) -> list[dict[str, Any]]:
     held-out question naming their shape: ``[{"png", "attributes", "box", "question"}]``."""
     from PIL import Image
 
-    from polymodal.toyworld.data import item_rng, render_image
-    from polymodal.toyworld.grounding import phrase, questions, true_box
+    from training.toyworld.data import item_rng, render_image
+    from training.toyworld.grounding import phrase, questions, true_box
 
     templates = questions(n, heldout=True, seed=seed)
     out = []
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["POLYMODAL_TOY_DIR"] = str(Path(args.toy_dir).resolve())  # Ray's workers inherit it
 
     from polymodal.presets import get_preset
-    from polymodal.toyworld.evaluate import derangement
+    from training.toyworld.evaluate import derangement
 
     try:
         preset = get_preset(args.preset)

@@ -21,16 +21,8 @@ import torch
 from decoders.errors import DecodeError, DecoderLoadError
 from decoders.media import Medium, degenerate_reason, split_batch
 from polymodal.config import DecoderConfig, DecoderDefaults
+from polymodal.devices import resolve_dtype
 from polymodal.modality import Modality
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU whatever the config says; on an accelerator the config's dtype (``auto`` = float16)."""
-    if device.type == "cpu":
-        return torch.float32
-    return torch.float16 if dtype == "auto" else _DTYPES[dtype]
 
 
 class _Cancelled(Exception):

@@ -1,16 +1,15 @@
 """Tiny components shared by the random-initialised (``source="tiny"``) decoders.
 
 Sized so that a 2-step 32x32 generation takes well under a second on CPU. The tokenizer is the project's
-offline BPE (:func:`polymodal.tiny_tokenizer.tiny_tokenizer`) with CLIP/Roberta-style begin and end
+offline BPE (:func:`polymodal.offline_tokenizer.tiny_tokenizer`) with CLIP/Roberta-style begin and end
 tokens around every text, so the embedding of ``""`` is defined.
 """
 
 from __future__ import annotations
 
 from diffusers import AutoencoderKL, DDIMScheduler
-from tokenizers import processors
 
-from polymodal.tiny_tokenizer import tiny_tokenizer
+from polymodal.offline_tokenizer import tiny_tokenizer
 
 TINY_VOCAB_SIZE = 512
 # Channels of the tiny UNets / VAEs; 2 levels, so the VAE scale factor is 2 (32 px -> 16 latent px).
@@ -22,12 +21,7 @@ TINY_GROUPS = 8
 def text_tokenizer(model_max_length: int):
     """Offline BPE tokenizer padding to ``model_max_length``; every text becomes ``<eos> ... <eos>``
     (the begin and end token are both ``<|endoftext|>``, as CLIP's end token)."""
-    tok = tiny_tokenizer(vocab_size=TINY_VOCAB_SIZE, model_max_length=model_max_length)
-    e = tok.eos_token
-    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{e} $A {e}", pair=f"{e} $A {e} $B {e}", special_tokens=[(e, tok.eos_token_id)]
-    )
-    return tok
+    return tiny_tokenizer(vocab_size=TINY_VOCAB_SIZE, model_max_length=model_max_length, wrap=True)
 
 
 def num_heads(dim: int) -> int:

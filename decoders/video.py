@@ -6,7 +6,7 @@ which. Both take CLIP last hidden states as ``prompt_embeds`` (B, Q, D_cond) and
 zeroscope_v2_576w takes OpenCLIP ViT-H last hidden states (77, 1024); the tiny config (8, 32).
 UNet3D's temporal attention has no frame positions (order reaches it only through padded temporal convolutions);
 AnimateDiff's motion modules add sinusoidal frame positions, which is what lets the toy world's video decoder
-learn the direction of motion on CPU (``polymodal.toyworld.train``).
+learn the direction of motion on CPU (``training.toyworld.train``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The ``polymodal`` command line (the composition root: the only module of ``polymodal/`` that reaches
-``services/`` or ``mosit/``, inside the command that needs them)."""
+``services/``, ``mosit/`` or the offline wing ``training/``, each inside the command that needs it; the import
+contracts in pyproject's ``[tool.importlinter]`` name these edges)."""
 
 from __future__ import annotations
 
@@ -51,20 +52,16 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 def _load_media_file(modality, path: Path):
+    """A media file -> :class:`polymodal.types.MediaPart` (audio at 16 kHz, video 8 frames; named by its path).
+
+    Raises:
+        ValueError: the file is missing, or :class:`polymodal.media_io.MediaError` (a ``ValueError``).
+    """
     from polymodal import media_io
-    from polymodal.modality import Modality
-    from polymodal.types import MediaPart
 
     if not path.is_file():
         raise ValueError(f"{modality.value} file not found: {path}")
-    data = path.read_bytes()
-    if modality is Modality.IMAGE:
-        return MediaPart(Modality.IMAGE, media_io.decode_image(data), name=str(path))
-    if modality is Modality.AUDIO:
-        sr = 16000
-        return MediaPart(Modality.AUDIO, media_io.decode_audio(data, target_sample_rate_hz=sr), sample_rate_hz=sr, name=str(path))
-    frames, fps = media_io.decode_video(data)
-    return MediaPart(Modality.VIDEO, frames, fps=fps, name=str(path))
+    return media_io.decode_media(modality, path.read_bytes(), sample_rate_hz=16000, name=str(path))
 
 
 def load_history(path: Path) -> list:
@@ -303,28 +300,6 @@ def presets_cmd(
         _fail(str(e))
 
 
-_SUBAPPS = (
-    ("mosit", "mosit.cli", "Build MosIT-style multimodal instruction data."),
-    ("train", "polymodal.training.cli", "Alignment training: encode | decode | instruct stages."),
-    ("convert", "polymodal.convert.cli", "Convert released checkpoints (NExT-GPT) into polymodal exports."),
-    ("toyworld", "polymodal.toyworld.cli", "Toy world: procedural data, toy decoders, checkers."),
-)
-
-
-def _mount_subapps() -> None:
-    """Sub-commands owned by other packages (imported here, at the composition root)."""
-    import importlib
-
-    for name, module, help_text in _SUBAPPS:
-        try:
-            sub = importlib.import_module(module).app
-        except ModuleNotFoundError as e:
-            if e.name and module.startswith(e.name):  # that package is not part of this install
-                continue
-            raise
-        app.add_typer(sub, name=name, help=help_text)
-
-
 @app.command()
 def serve(
     preset: PresetOpt = "toy",
@@ -342,7 +317,7 @@ def serve(
     from services.run import serve_main
 
     try:
-        from polymodal.llm import resolve_device
+        from polymodal.devices import resolve_device
 
         resolve_device(device)
     except ValueError as e:
@@ -355,8 +330,68 @@ def serve(
         _fail(str(e))
 
 
+# ------------------------------------------------------------------------------------------------
+# sub-commands owned by other packages: each is imported inside its command (nothing else of polymodal reaches
+# mosit/ or training/), and gets the rest of the command line
+
+
+_PASS_THROUGH = dict(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,  # --help goes to the sub-command
+)
+
+
+def _mosit_app() -> typer.Typer:
+    from mosit.cli import app as sub
+
+    return sub
+
+
+def _train_app() -> typer.Typer:
+    from training.align.cli import app as sub
+
+    return sub
+
+
+def _convert_app() -> typer.Typer:
+    from training.convert.cli import app as sub
+
+    return sub
+
+
+def _toyworld_app() -> typer.Typer:
+    from training.toyworld.cli import app as sub
+
+    return sub
+
+
+# name -> (the loader importing its Typer app, the package that owns it, help)
+_SUBCOMMANDS = {
+    "mosit": (_mosit_app, "mosit", "Build MosIT-style multimodal instruction data."),
+    "train": (_train_app, "training", "Alignment training: encode | decode | instruct stages."),
+    "convert": (_convert_app, "training", "Convert released checkpoints (NExT-GPT) into polymodal exports."),
+    "toyworld": (_toyworld_app, "training", "Toy world: procedural data, toy decoders, checkers."),
+}
+
+
+def _subcommand(ctx: typer.Context) -> None:
+    """Run the sub-command ``ctx.info_name``'s Typer app on the arguments that follow its name (its package is
+    imported only now); a package missing from this install fails with that message."""
+    load, package, _ = _SUBCOMMANDS[ctx.info_name]
+    try:
+        sub = load()
+    except ModuleNotFoundError as e:
+        if e.name != package:
+            raise
+        _fail(f"`polymodal {ctx.info_name}` needs the {package!r} package, which this install lacks")
+    sub(args=list(ctx.args), prog_name=f"{ctx.find_root().info_name} {ctx.info_name}")
+
+
+for _name, (_, _, _help) in _SUBCOMMANDS.items():
+    app.command(_name, help=_help, **_PASS_THROUGH)(_subcommand)
+
+
 def main() -> None:
-    _mount_subapps()
     app()
 
 

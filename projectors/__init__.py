@@ -5,6 +5,9 @@ Output projectors (``OUTPUT_PROJECTORS``: ``transformer``, ``linear``, ``mlp``) 
 input projectors (``INPUT_PROJECTORS``: ``linear``, ``mlp``) map a media embedding (B, D_enc) into
 k LLM input embeddings (B, k, D_llm). Projectors and decoders never import each other: they meet in
 tensors of these documented shapes.
+
+Layer: a component (see :mod:`polymodal`): imports only polymodal's vocabulary (:mod:`polymodal.config`);
+composed by :mod:`polymodal.pipeline`.
 """
 
 from projectors.base import InputProjector, OutputProjector, Projector

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import toyworld as TW
 
-from polymodal.toyworld import checkers
-from polymodal.toyworld.phrasings import all_prompts, assert_disjoint
+from training.toyworld import checkers
+from training.toyworld.phrasings import all_prompts, assert_disjoint
 
 
 @pytest.mark.parametrize("modality", TW.MODALITIES)

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import toyworld_grounding as TG
 
-from polymodal.toyworld.data import COLOURS, SHAPES
-from polymodal.toyworld.grounding import TRAIN_QUESTIONS
+from training.toyworld.data import COLOURS, SHAPES
+from training.toyworld.grounding import TRAIN_QUESTIONS
 
 
 @pytest.mark.parametrize(("a", "b", "want"), [

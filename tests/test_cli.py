@@ -209,3 +209,30 @@ def test_generate_grounding_options_are_checked(tmp_path, args, message):
     assert r.exit_code == 2, r.output
     assert message in r.output
     assert not (tmp_path / "x").exists()
+
+
+# ---- sub-commands of other packages (mosit, the offline wing): imported inside the command --------------------
+
+
+def test_sub_commands_are_listed_and_run_their_package(tmp_path):
+    r = _run("--help")
+    assert r.exit_code == 0
+    for name in ("mosit", "train", "convert", "toyworld"):
+        assert name in r.output
+    r = _run("toyworld", "--help")  # --help reaches the sub-command
+    assert r.exit_code == 0 and "train-decoders" in r.output and "score-decoder" in r.output
+    r = _run("toyworld", "data", "--out", tmp_path, "--modalities", "smell")  # its own errors and exit codes
+    assert r.exit_code == 2 and "choose from" in r.output
+    r = _run("convert", "nextgpt", "--help")
+    assert r.exit_code == 0 and "checkpoint" in r.output.lower()
+
+
+def test_a_sub_command_whose_package_is_missing_says_so(monkeypatch):
+    from polymodal import cli
+
+    def missing():
+        raise ModuleNotFoundError("No module named 'training'", name="training")
+
+    monkeypatch.setitem(cli._SUBCOMMANDS, "train", (missing, "training", "x"))
+    r = _run("train", "--stage", "decode")
+    assert r.exit_code == 2 and "needs the 'training' package" in r.output

@@ -21,19 +21,19 @@ from typer.testing import CliRunner
 
 from decoders import Medium, save_tiny_checkpoint
 from polymodal.config import DecoderConfig, DecoderDefaults, EncoderConfig, PresetConfig, ProjectorConfig
-from polymodal.convert import (
+from polymodal.llm import PromptSegment
+from polymodal.modality import Modality
+from polymodal.offline_tokenizer import tiny_tokenizer
+from polymodal.pipeline import AnyToAnyPipeline
+from polymodal.presets import get_preset
+from training.convert import (
     BaseModelInfo,
     ConversionError,
     convert_nextgpt,
     parse_nextgpt_state_dict,
     write_nextgpt_export,
 )
-from polymodal.convert.cli import app
-from polymodal.llm import PromptSegment
-from polymodal.modality import Modality
-from polymodal.pipeline import AnyToAnyPipeline
-from polymodal.presets import get_preset
-from polymodal.tiny_tokenizer import tiny_tokenizer
+from training.convert.cli import app
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 D_LLM, LAYERS, RANK, D_ENC, D_MODEL = 64, 2, 4, 32, 32

@@ -364,7 +364,7 @@ def test_video_decoder_loads_an_animatediff_folder(tmp_path):
     from diffusers import AnimateDiffPipeline
 
     from polymodal.config import DecoderConfig
-    from polymodal.toyworld.train import VideoDecoderRecipe, build_video_pipeline
+    from training.toyworld.train import VideoDecoderRecipe, build_video_pipeline
 
     recipe = VideoDecoderRecipe()
     build_video_pipeline(recipe).save_pretrained(str(tmp_path), safe_serialization=True)

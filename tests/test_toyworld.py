@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from polymodal.modality import Modality
-from polymodal.toyworld import checkers
-from polymodal.toyworld.data import (
+from training.toyworld import checkers
+from training.toyworld.data import (
     COLOURS,
     PITCHES_HZ,
     SAMPLE_RATE_HZ,
@@ -21,7 +21,7 @@ from polymodal.toyworld.data import (
     make_item,
     write_dataset,
 )
-from polymodal.toyworld.evaluate import score_procedural, score_readings, toy_prompts
+from training.toyworld.evaluate import score_procedural, score_readings, toy_prompts
 
 N_PROCEDURAL = 300
 
@@ -83,7 +83,7 @@ def test_catalog_is_read_by_mosit_and_training(dataset):
 
     items, rejects = load_catalog(catalog)
     assert not rejects and len(items) == 72
-    from polymodal.training.data import DataSpec, read_records
+    from training.align.data import DataSpec, read_records
 
     records = read_records(DataSpec(str(catalog), format="jsonl"))
     assert len(records) == 72 and all(r.media.path.is_file() for r in records)
@@ -105,7 +105,7 @@ def test_checkers_read_procedural_media(modality, kwargs):
 
 def test_checkers_read_files_back(dataset):
     """Through the files (PNG, float WAV, h264 MP4 with its colour subsampling)."""
-    from polymodal.toyworld.data import read_catalog
+    from training.toyworld.data import read_catalog
 
     out, catalog = dataset
     rows = read_catalog(catalog)
@@ -133,7 +133,7 @@ def test_checkers_are_about_chance_on_random_decoders():
     """The tiny random decoders of ``decoders.build_decoder`` (image 1/12 chance, audio 1/6, video 1/4)."""
     from decoders import build_decoder
     from polymodal.config import DecoderConfig, DecoderDefaults
-    from polymodal.toyworld.evaluate import score_decoder
+    from training.toyworld.evaluate import score_decoder
 
     limits = {Modality.IMAGE: 0.3, Modality.AUDIO: 0.45, Modality.VIDEO: 0.55}
     for m, limit in limits.items():
@@ -156,7 +156,8 @@ def test_checker_validation():
 
 
 def test_toy_tokenizer_is_word_level_and_offline():
-    from polymodal.toyworld.tokenizer import UNK, toy_tokenizer
+    from polymodal.offline_tokenizer import UNK
+    from training.toyworld.data import toy_tokenizer
 
     tok = toy_tokenizer(16)
     ids = tok("A picture of a yellow triangle").input_ids
@@ -171,7 +172,7 @@ def test_toy_tokenizer_is_word_level_and_offline():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, dataset):
-    from polymodal.toyworld.train import train_decoders
+    from training.toyworld.train import train_decoders
 
     data_dir, _ = dataset
     out = tmp_path_factory.mktemp("toydec")
@@ -182,7 +183,7 @@ def trained(tmp_path_factory, dataset):
 def test_trained_toy_decoders_load_through_build_decoder(trained):
     """Every modality's result is the real decoder class over the same stock pipeline class, loaded strictly."""
     from decoders import DECODERS, Medium, build_decoder
-    from polymodal.toyworld.train import decoder_config
+    from polymodal.presets.toy import decoder_config
 
     _, out, manifest = trained
     assert set(manifest["decoders"]) == {m.value for m in Modality}
@@ -200,7 +201,7 @@ def test_trained_toy_decoders_load_through_build_decoder(trained):
         assert not np.allclose(emb[0].numpy(), emb[1].numpy())
         (medium,) = dec.render(emb[:1], [0], cfg.defaults.model_copy(update={"num_inference_steps": 2}))
         assert isinstance(medium, Medium), medium
-        from polymodal.toyworld.train import RECIPES
+        from training.toyworld.train import RECIPES
 
         side = RECIPES[m]().size_px if m is not Modality.AUDIO else None
         expected = {Modality.IMAGE: (side, side, 3), Modality.AUDIO: (16000,), Modality.VIDEO: (8, side, side, 3)}[m]
@@ -208,7 +209,7 @@ def test_trained_toy_decoders_load_through_build_decoder(trained):
 
 
 def test_training_is_cached_and_deterministic(trained, tmp_path):
-    from polymodal.toyworld.train import MANIFEST, train_decoders
+    from training.toyworld.train import MANIFEST, train_decoders
 
     data_dir, out, manifest = trained
     weights = out / "image" / "unet" / "diffusion_pytorch_model.safetensors"
@@ -230,8 +231,8 @@ def test_sinusoidal_vocoder_round_trip():
     """The audio decoder's fixed vocoder resynthesises a toy tone from its spectrogram so the checker reads it."""
     import torch
 
-    from polymodal.toyworld.data import iter_items
-    from polymodal.toyworld.train import sinusoidal_vocoder, tone_spectrogram
+    from training.toyworld.data import iter_items
+    from training.toyworld.train import sinusoidal_vocoder, tone_spectrogram
 
     vocoder = sinusoidal_vocoder(16, SAMPLE_RATE_HZ, gain=2.0)
     items = list(iter_items("audio", 30, seed=4))
@@ -248,7 +249,8 @@ def test_sinusoidal_vocoder_round_trip():
 
 
 def test_train_decoders_errors(tmp_path, dataset):
-    from polymodal.toyworld.train import decoder_config, train_decoders
+    from polymodal.presets.toy import decoder_config
+    from training.toyworld.train import train_decoders
 
     with pytest.raises(FileNotFoundError, match="catalog.jsonl"):
         train_decoders(tmp_path, tmp_path / "o", progress=False)
@@ -264,7 +266,7 @@ def test_train_decoders_errors(tmp_path, dataset):
 def test_cli_data_and_check(tmp_path):
     from typer.testing import CliRunner
 
-    from polymodal.toyworld.cli import app
+    from training.toyworld.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["data", "--out", str(tmp_path), "--count", "6", "--seed", "2", "--modalities",
@@ -282,7 +284,8 @@ def test_cli_data_and_check(tmp_path):
 def test_generation_defaults_change_without_retraining(trained, monkeypatch):
     import dataclasses
 
-    from polymodal.toyworld import train as toy_train
+    from polymodal.presets.toy import decoder_config
+    from training.toyworld import train as toy_train
 
     data_dir, out, manifest = trained
     weights = out / "image" / "unet" / "diffusion_pytorch_model.safetensors"
@@ -292,5 +295,5 @@ def test_generation_defaults_change_without_retraining(trained, monkeypatch):
                         lambda: dataclasses.replace(base, guidance_scale=base.guidance_scale + 1.5))
     again = toy_train.train_decoders(data_dir, out, modalities=["image"], step_scale=0.0004, progress=False)
     assert weights.stat().st_mtime_ns == before
-    assert toy_train.decoder_config(out, "image").defaults.guidance_scale == base.guidance_scale + 1.5
+    assert decoder_config(out, "image").defaults.guidance_scale == base.guidance_scale + 1.5
     assert again["decoders"]["image"]["config_hash"] == manifest["decoders"]["image"]["config_hash"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from polymodal.modality import Modality
-from polymodal.toyworld.build import BUILD_MANIFEST, BuildSettings, build
+from training.toyworld.build import BUILD_MANIFEST, BuildSettings, build
 
 pytest.importorskip("gguf")
 
@@ -32,7 +32,7 @@ def quick_build(tmp_path_factory):
 
 def test_build_writes_every_part_and_a_loadable_preset(quick_build):
     from polymodal.pipeline import AnyToAnyPipeline
-    from polymodal.toyworld.preset import toy_preset
+    from polymodal.presets.toy import toy_preset
 
     out, manifest = quick_build
     assert json.loads((out / BUILD_MANIFEST).read_text()) == manifest
@@ -62,10 +62,10 @@ def test_grounding_build_trains_location_tokens_over_patch_tokens(quick_build):
     from safetensors import safe_open
 
     from polymodal.pipeline import AnyToAnyPipeline
-    from polymodal.toyworld.data import render_image
-    from polymodal.toyworld.grounding import TRAIN_QUESTIONS
-    from polymodal.toyworld.preset import toy_grounding_preset
+    from polymodal.presets.toy import toy_grounding_preset
     from polymodal.types import MediaPart
+    from training.toyworld.data import render_image
+    from training.toyworld.grounding import TRAIN_QUESTIONS
 
     out, manifest = quick_build
     rows = json.loads((out / "work" / "grounding-rows.json").read_text())

@@ -14,8 +14,8 @@ import torch
 from polymodal.config import EncoderConfig
 from polymodal.encoders import build_encoder
 from polymodal.modality import Modality
-from polymodal.toyworld.data import make_item, write_dataset
-from polymodal.toyworld.encoder import (
+from training.toyworld.data import make_item, write_dataset
+from training.toyworld.encoder import (
     MANIFEST,
     ImageEncoderRecipe,
     build_clip_model,
@@ -99,7 +99,7 @@ def test_text_tower_pools_the_end_of_each_caption(trained):
 def test_training_is_deterministic_and_cached(trained, data_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
-    from polymodal.toyworld import encoder as toy_encoder
+    from training.toyworld import encoder as toy_encoder
 
     out, manifest = trained
     weights = out / "image" / "model.safetensors"
@@ -162,7 +162,7 @@ def test_linear_probe_reads_a_linear_label_and_not_noise():
 def test_cli_train_encoder(tmp_path, data_dir):
     from typer.testing import CliRunner
 
-    from polymodal.toyworld.cli import app
+    from training.toyworld.cli import app
 
     runner = CliRunner()
     res = runner.invoke(app, ["train-encoder", "--data", str(data_dir), "--out", str(tmp_path), "--step-scale",

@@ -1,4 +1,4 @@
-"""Toy-world grounding data (:mod:`polymodal.toyworld.grounding`): the rows the toy-grounding instruct stage reads."""
+"""Toy-world grounding data (:mod:`training.toyworld.grounding`): the rows the toy-grounding instruct stage reads."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from polymodal.toyworld import grounding as G
-from polymodal.toyworld.data import write_dataset
-from polymodal.training.data import DataSpec, read_grounding
+from training.align.data import DataSpec, read_grounding
+from training.toyworld import grounding as G
+from training.toyworld.data import write_dataset
 
 
 def test_question_banks_are_disjoint_and_mixed():

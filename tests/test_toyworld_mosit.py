@@ -1,4 +1,4 @@
-"""The toy-world MosIT build (polymodal/toyworld/mosit.yaml with polymodal.toyworld.mosit:ToyDialogueWriter) on a
+"""The toy-world MosIT build (training/toyworld/mosit.yaml with training.toyworld.mosit:ToyDialogueWriter) on a
 36-item toy catalog: real all-MiniLM-L6-v2 retrieval, records read back by the instruct stage's reader."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import yaml
 from mosit.config import ConfigError, load_config, parse_config
 from mosit.job import build
 from polymodal.modality import Modality
-from polymodal.toyworld import phrasings
-from polymodal.toyworld.data import COLOURS, DIRECTIONS, PITCHES_HZ, SHAPES, TIMBRES, write_dataset
-from polymodal.toyworld.mosit import ToyDialogueWriter, load_toy_captions, parse_whole_prompt
-from polymodal.training.data import DataSpec, MediaRef, read_records
+from training.align.data import DataSpec, MediaRef, read_records
+from training.toyworld import phrasings
+from training.toyworld.data import COLOURS, DIRECTIONS, PITCHES_HZ, SHAPES, TIMBRES, write_dataset
+from training.toyworld.mosit import ToyDialogueWriter, load_toy_captions, parse_whole_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = ROOT / "polymodal" / "toyworld" / "mosit.yaml"
+CONFIG = ROOT / "training" / "toyworld" / "mosit.yaml"
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 # the words that name each attribute's values, per modality ("square" is a shape and a timbre)
 VOCAB: dict[Modality, dict[str, tuple[str, ...]]] = {

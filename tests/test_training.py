@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from polymodal.modality import Modality
-from polymodal.training import (
+from training.align import (
     MissingMediaError,
     TrainConfig,
     TrainError,
@@ -24,7 +24,7 @@ from polymodal.training import (
     read_metrics,
     train,
 )
-from polymodal.training.config import DataSource
+from training.align.config import DataSource
 
 IMAGE = Modality.IMAGE
 
@@ -303,7 +303,7 @@ def test_missing_medium_names_the_row(data_dir, tmp_path):
 def test_cli_errors_and_help(tmp_path):
     from typer.testing import CliRunner
 
-    from polymodal.training.cli import app
+    from training.align.cli import app
 
     runner = CliRunner()
     r = runner.invoke(app, ["--help"])
@@ -327,8 +327,8 @@ def test_ray_train_two_workers_on_cpu(data_dir, tmp_path):
 
 
 def test_signal_ce_first_labels_only_the_token_that_opens_a_group(parts):
-    from polymodal.training.data import Dialogue, MediaRef, Message
-    from polymodal.training.model import IGNORE, SequenceBuilder
+    from training.align.data import Dialogue, MediaRef, Message
+    from training.align.model import IGNORE, SequenceBuilder
 
     eng = parts.llm.engine
     image = Modality.IMAGE

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from polymodal.modality import Modality
-from polymodal.training import TrainConfig
-from polymodal.training.config import DataSource
-from polymodal.training.data import (
+from training.align import TrainConfig
+from training.align.config import DataSource
+from training.align.data import (
     CaptionPair,
     DataFormatError,
     DataSpec,
@@ -24,7 +24,7 @@ from polymodal.training.data import (
     parse_data_arg,
     read_records,
 )
-from polymodal.training.stages import stage_spec
+from training.align.stages import stage_spec
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 

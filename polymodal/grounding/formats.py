@@ -1,6 +1,6 @@
 """Parsers of the grounding formats of several models, one registry: :data:`GROUNDING_FORMATS`.
 
-The preset names the format (:class:`polymodal.grounding.loc.GroundingConfig`); it is never guessed from
+The preset names the format (:class:`polymodal.grounding.config.GroundingConfig`); it is never guessed from
 the text. Each parser turns an answer (its text, or its token ids and the tokenizer, decoded with the
 special tokens kept, for formats whose tags are special tokens that ordinary decoding drops) and the
 sizes of the images the user sent into the cleaned text and the boxes, in pixels of the image the boxes

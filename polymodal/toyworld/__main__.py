@@ -1,3 +1,0 @@
-from polymodal.toyworld.cli import app
-
-app()

@@ -1,0 +1,3 @@
+from training.toyworld.cli import app
+
+app()

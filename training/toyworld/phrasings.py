@@ -1,0 +1,116 @@
+"""How people ask the toy world for media: request wrappers, split into a training and a held-out bank.
+
+A request is a wrapper around a caption phrasing (:data:`training.toyworld.data.IMAGE_TEMPLATES` ...):
+``"Draw {caption}."`` with ``caption = "a blue triangle"``. Alignment data (decode, instruct, the toy MosIT
+writer) uses only :data:`TRAIN_REQUESTS`; the benchmark uses only :data:`HELDOUT_REQUESTS`, so no benchmark
+prompt is a training prompt (:func:`assert_disjoint` checks whole prompt strings). Answers before a medium
+(the instruct stage's lead-ins) come from :data:`LEAD_INS`.
+
+Attribute lists are shared with :mod:`training.toyworld.data`; nothing here maps words to media (the
+decoders and the aligned LLM do).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from polymodal.modality import Modality
+from training.toyworld.data import (
+    AUDIO_TEMPLATES,
+    COLOURS,
+    DIRECTIONS,
+    IMAGE_TEMPLATES,
+    PITCHES_HZ,
+    SHAPES,
+    TIMBRES,
+    VIDEO_TEMPLATES,
+)
+
+IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+
+CAPTION_TEMPLATES: dict[Modality, tuple[str, ...]] = {
+    IMAGE: IMAGE_TEMPLATES, AUDIO: AUDIO_TEMPLATES, VIDEO: VIDEO_TEMPLATES,
+}
+
+TRAIN_REQUESTS: dict[Modality, tuple[str, ...]] = {
+    IMAGE: ("{caption}", "Draw {caption}.", "Show me {caption}.", "Please generate {caption}.",
+            "Can you make {caption}?", "I want to see {caption}.", "Create {caption}.", "Paint {caption}."),
+    AUDIO: ("{caption}", "Play {caption}.", "Generate {caption}.", "Let me hear {caption}.",
+            "Can you make {caption}?", "Please produce {caption}.", "I want to hear {caption}.",
+            "Create {caption}."),
+    VIDEO: ("{caption}", "Show me {caption}.", "Generate {caption}.", "Animate {caption}.",
+            "Can you make {caption}?", "Please produce {caption}.", "I want to see {caption}.",
+            "Create {caption}."),
+}
+
+HELDOUT_REQUESTS: dict[Modality, tuple[str, ...]] = {
+    IMAGE: ("Could you draw {caption} for me?", "I would like {caption}.", "Make me {caption}, please.",
+            "Give me {caption}."),
+    AUDIO: ("Could you play {caption} for me?", "I would like {caption}.", "Make me {caption}, please.",
+            "Give me {caption}."),
+    VIDEO: ("Could you show {caption} for me?", "I would like {caption}.", "Make me {caption}, please.",
+            "Give me {caption}."),
+}
+
+LEAD_INS: dict[Modality, tuple[str, ...]] = {
+    IMAGE: ("Here is {caption}.", "Sure, here is {caption}.", "This is {caption}."),
+    AUDIO: ("Here is {caption}.", "Sure, listen to {caption}.", "This is {caption}."),
+    VIDEO: ("Here is {caption}.", "Sure, watch {caption}.", "This is {caption}."),
+}
+
+# what a request asks for (the scored attributes are a subset: training.toyworld.evaluate.SCORED)
+ATTRIBUTE_COMBOS: dict[Modality, list[dict[str, str]]] = {
+    IMAGE: [{"colour": c, "shape": s} for c, s in itertools.product(COLOURS, SHAPES)],
+    AUDIO: [{"pitch": p, "timbre": t} for p, t in itertools.product(PITCHES_HZ, TIMBRES)],
+    VIDEO: [{"direction": d, "colour": c, "shape": s} for d, c, s in itertools.product(DIRECTIONS, COLOURS, SHAPES)],
+}
+
+
+def caption_attributes(template: str, attrs: dict[str, str]) -> dict[str, str]:
+    """The attributes a caption made from ``template`` actually states (a template may leave some out)."""
+    return {k: v for k, v in attrs.items() if "{" + k + "}" in template}
+
+
+def requests(modality: Modality | str, n: int, *, heldout: bool, seed: int = 0) -> list[tuple[str, str, dict]]:
+    """``n`` (request, caption, stated attributes) triples drawn from the train or held-out bank.
+
+    Every attribute combination comes equally often (cycled; then shuffled with ``seed``); a last, partial
+    cycle takes a random subset of the combinations (not the first ones: those share their first attribute,
+    e.g. 8 video requests would all move left); wrapper and caption template are drawn per item.
+    """
+    modality = Modality.parse(modality)
+    bank = (HELDOUT_REQUESTS if heldout else TRAIN_REQUESTS)[modality]
+    combos = ATTRIBUTE_COMBOS[modality]
+    key = [seed, 1 if heldout else 0, list(Modality).index(modality)]
+    rng = np.random.default_rng(key)
+    whole = n - n % len(combos)
+    partial = np.random.default_rng(key + [2]).permutation(len(combos))  # own stream: whole cycles unchanged
+    out = []
+    for i in range(n):
+        attrs = combos[i % len(combos) if i < whole else int(partial[i - whole])]
+        template = CAPTION_TEMPLATES[modality][rng.integers(len(CAPTION_TEMPLATES[modality]))]
+        caption = template.format(**attrs)
+        wrapper = bank[rng.integers(len(bank))]
+        out.append((wrapper.format(caption=caption), caption, caption_attributes(template, attrs)))
+    order = rng.permutation(n)
+    return [out[i] for i in order]
+
+
+def all_prompts(modality: Modality | str, *, heldout: bool) -> set[str]:
+    """Every request string a bank can produce (every wrapper x template x attribute combination)."""
+    modality = Modality.parse(modality)
+    bank = (HELDOUT_REQUESTS if heldout else TRAIN_REQUESTS)[modality]
+    return {w.format(caption=t.format(**a)) for w in bank for t in CAPTION_TEMPLATES[modality]
+            for a in ATTRIBUTE_COMBOS[modality]}
+
+
+def assert_disjoint(benchmark_prompts: Iterable[str], training_prompts: Sequence[str] | set[str]) -> None:
+    """Raises:
+        AssertionError: a benchmark prompt also occurs among the training prompts (names a few)."""
+    train = set(training_prompts)
+    common = sorted(set(benchmark_prompts) & train)
+    if common:
+        raise AssertionError(f"{len(common)} benchmark prompts are training prompts, e.g. {common[:3]}")
