@@ -250,11 +250,14 @@ def _json_dumps_layout(text: str) -> bool:
 
 def test_object_ends_the_answer(compiler, tok):
     c = compiler.matcher(json_schema({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
-    assert not c.allows_eos() and not c.is_done()
+    eos = tok.eos_token_id
+    assert not c.allows_eos() and not c.is_done() and not c.allowed()[eos]
     _accept_text(c, tok, '{"a": 7')
-    assert not c.allows_eos()
+    assert not c.allows_eos() and not c.allowed()[eos]
     _accept_text(c, tok, "}")
     assert c.allows_eos() and c.is_done()
+    assert c.allowed().nonzero().squeeze(1).tolist() == [eos]  # done: only EOS may follow
+    c.accept(eos)
     assert isinstance(c, TokenConstraint)
 
 
@@ -317,6 +320,25 @@ def test_signal_and_chat_tokens_are_never_allowed(compiler, tok):
     assert torch.isfinite(logits[allowed.nonzero().squeeze(1)]).all()
     with pytest.raises(TokenRejected):
         c.accept(signal_ids[0])
+
+
+@pytest.mark.parametrize("state", ["", '{"s": "ab', '{"s": "ab", "n": 1'])
+def test_mask_paths_agree(compiler, tok, state):
+    """The float32 CPU path (additive bias) and the torch path (masked_fill_, GPUs and other dtypes) mask alike,
+    and leave allowed logits bit-identical."""
+    g = json_schema({"type": "object", "properties": {"s": {"type": "string", "maxLength": 5},
+                                                      "n": {"type": "integer"}}, "required": ["s", "n"]})
+    c = compiler.matcher(g)
+    _accept_text(c, tok, state)
+    n = c.adapter.vocab_size
+    base = torch.randn(n + PAD_ROWS, generator=torch.Generator().manual_seed(1))
+    fast, slow, strided = base.clone(), base.double(), base.repeat(2)[::2]
+    for x in (fast, slow, strided):
+        c.mask(x)
+    allowed = c.allowed()
+    assert torch.equal(torch.isneginf(fast[:n]), ~allowed)
+    assert torch.equal(torch.isneginf(slow), torch.isneginf(fast)) and torch.equal(torch.isneginf(strided), torch.isneginf(fast))
+    assert torch.equal(fast[:n][allowed], base[:n][allowed])
 
 
 def test_a_masked_token_is_rejected(compiler, tok):
@@ -505,6 +527,27 @@ def test_auto_allows_text_and_constrains_a_started_call(compiler, tok):
         assert how in ("done", "eos")
         parsed = _check_calls("Let me check.\n<tool_call>" + tok.decode(ids))
         assert parsed.text == "Let me check." and parsed.calls
+
+
+def test_auto_free_text_may_carry_signal_tokens_but_calls_may_not(compiler, tok):
+    spec = get_preset("smol").signals.spec()
+    image = [tok.convert_tokens_to_ids(t) for t in spec.tokens[next(iter(spec.tokens))]]
+    other = [tok.convert_tokens_to_ids(t) for toks in list(spec.tokens.values())[1:] for t in toks]
+    g = tool_calls(TOOLS, ToolChoice("auto"), hermes(), free_special_ids=image)
+    check(g)  # the ingress's check passes with ids it cannot resolve
+    c = compiler.matcher(g)
+    _accept_text(c, tok, "Here is a cat: ")
+    allowed = c.allowed()
+    assert allowed[image].all() and not allowed[other].any()  # a modality not listed stays masked
+    for tid in image:  # a whole group, as the decode loop feeds it (teacher-forced or not)
+        c.accept(tid)
+    _accept_text(c, tok, " and now the weather.\n<tool_call>")
+    assert not c.allowed()[image].any()  # inside a call: no signal token
+    ids, how = _drive(c, tok, seed=0, budget=8 * 80)
+    assert how in ("done", "eos")
+    assert _check_calls("<tool_call>" + tok.decode(ids)).calls
+    with pytest.raises(TokenRejected):
+        compiler.matcher(g).accept(other[0])
 
 
 def test_grammar_accepts_what_the_format_renders(compiler, tok):

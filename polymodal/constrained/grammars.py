@@ -84,12 +84,15 @@ class Grammar:
         param: the request field an error about it names (``response_format.json_schema.schema``, ``tools``).
         parts: for ``tool_calls``: per tool, ``(field of its parameters, grammar of them alone)``, to blame
             one tool when the whole fails.
+        special_ids: special token ids the grammar itself admits (``tool_calls(free_special_ids=...)``);
+            every other special token stays masked.
     """
 
     kind: str
     text: str
     param: str
     parts: tuple[tuple[str, str], ...] = ()
+    special_ids: tuple[int, ...] = ()
 
 
 def _compact_size(value: Any) -> int:
@@ -266,6 +269,7 @@ def tool_calls(
     *,
     parallel: bool = True,
     strict: bool = False,
+    free_special_ids: Sequence[int] = (),
     limits: ConstraintLimits = ConstraintLimits(),
     param: str = "tools",
 ) -> Grammar | None:
@@ -278,6 +282,12 @@ def tool_calls(
       once the model writes the opening tag (``fmt.open_tag.strip()``), the call must be complete and valid.
     Each call is ``{"<name_key>": "<one tool's name>", "<arguments_key>": <that tool's arguments>}`` in the
     format's layout; ``strict`` closes the arguments' objects (:func:`close_objects`).
+
+    ``free_special_ids``: token ids (of the tokenizer the grammar is compiled for) allowed between pieces of
+    the free text under ``auto``, e.g. the signal tokens of the modalities the answer may contain (teacher-
+    forced group completion stays possible: any order is accepted). Nothing special is allowed anywhere
+    else. :func:`check` cannot resolve ids without a tokenizer: the ingress checks the grammar built
+    without them (same structure), the LLM side compiles the one with them.
 
     Raises:
         InvalidSchema: no tools, a parameters schema that is not an object schema.
@@ -296,6 +306,7 @@ def tool_calls(
     else:
         chosen = list(enumerate(tools))
     layout = JsonLayout(fmt.item_separator, fmt.key_separator)
+    special: tuple[int, ...] = ()
     trigger = fmt.open_tag.strip()
     lead, rest_open = fmt.open_tag[: fmt.open_tag.index(trigger)], fmt.open_tag[fmt.open_tag.index(trigger) + len(trigger):]
     lines = ["%llguidance {}"]
@@ -325,10 +336,17 @@ def tool_calls(
         t_re = _regex_literal(trigger)
         lines.append(f"FREE: /(?s:.*)/ & ~/(?s:.*){t_re}(?s:.*)/")
         lines.append(f"head[lazy]: /(?s:.*)/ {_lark_literal(trigger)}")
-        lines.append(f"start: FREE | head after_open{more}")
+        if free_special_ids:
+            # text pieces and these special tokens (signal tokens: media in a free answer), in any order
+            special = tuple(sorted({int(i) for i in free_special_ids}))
+            ids = ",".join(map(str, special))
+            lines.append(f"free: (FREE | <[{ids}]>)*")
+            lines.append(f"start: free | free head after_open{more}")
+        else:
+            lines.append(f"start: FREE | head after_open{more}")
     else:
         lines.append(f"start: call{more}")
-    return Grammar("tool_calls", "\n".join(lines), param, tuple(parts))
+    return Grammar("tool_calls", "\n".join(lines), param, tuple(parts), special if choice.mode == "auto" else ())
 
 
 # --------------------------------------------------------------------------------------------------

@@ -120,7 +120,8 @@ def tokenizer_adapter(tokenizer, eos_ids: Iterable[int] | None = None) -> Tokeni
     return adapter
 
 
-_NP_FLOATS = (torch.float32, torch.float64, torch.float16)
+# (256, 8) float32: row b holds, for bit j of byte b, -inf where the bit is set (banned) else 0
+_BIAS_BY_BYTE = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, np.float32(-np.inf), np.float32(0)).astype(np.float32)
 _SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit j of a byte
 
 
@@ -152,10 +153,17 @@ _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_pre
 
 @dataclass(frozen=True)
 class CompiledGrammar:
-    """A grammar compiled for one tokenizer: a template matcher that requests copy."""
+    """A grammar compiled for one tokenizer: a template matcher that requests copy.
+
+    Attributes:
+        keep_words: (W,) int32 ANDed into every mask: the adapter's, with the grammar's own special ids
+            (``Grammar.special_ids``) let through.
+    """
 
     grammar: Grammar
     template: object  # llguidance.LLMatcher, never advanced
+    keep_words: torch.Tensor
+    banned: frozenset[int]
 
 
 class GrammarCompiler:
@@ -221,7 +229,12 @@ class GrammarCompiler:
             msg = m.get_error()
             out: CompiledGrammar | ConstraintError = InvalidSchema(_engine_message([msg]), param=blame(grammar, [msg]))
         else:
-            out = CompiledGrammar(grammar, m)
+            keep, banned = self.adapter.keep_words, frozenset(self.adapter.banned_ids)
+            if grammar.special_ids:
+                bits = unpack_bitmask(keep, keep.numel() * 32).clone()
+                bits[[i for i in grammar.special_ids if i < self.adapter.vocab_size]] = True
+                keep, banned = _pack(bits), banned - set(grammar.special_ids)
+            out = CompiledGrammar(grammar, m, keep, banned)
         with self._lock:
             self._cache[grammar.text] = out
             self._cache.move_to_end(grammar.text)
@@ -270,7 +283,8 @@ class GrammarConstraint:
         self.adapter = adapter
         self._m = compiled.template.deep_copy()
         self._words = torch.zeros((1, adapter.keep_words.numel()), dtype=torch.int32)  # llguidance writes here
-        self._banned = frozenset(adapter.banned_ids)
+        self._keep = compiled.keep_words
+        self._banned = compiled.banned
         self.tokens: list[int] = []
 
     # ---------------------------------------------------------------------------------------------
@@ -279,7 +293,7 @@ class GrammarConstraint:
             raise TokenRejected(f"the grammar matcher is in an error state: {self._m.get_error()[:300]}")
         v = self._words[0]
         self._m.unsafe_compute_mask_ptr(v.data_ptr(), v.numel() * v.element_size())
-        v &= self.adapter.keep_words
+        v &= self._keep
         return v
 
     def allowed(self) -> torch.Tensor:
@@ -300,9 +314,12 @@ class GrammarConstraint:
         if logits.dim() != 1 or logits.shape[0] < n:
             raise ValueError(f"logits must be (V,) with V >= {n} (the tokenizer's size), got {tuple(logits.shape)}")
         banned = ~self._fill()  # bits set = disallowed
-        if logits.device.type == "cpu" and logits.is_contiguous() and logits.dtype in _NP_FLOATS:
-            # numpy's masked copy is 2-8x faster than torch's masked_fill_ on one CPU thread (bench/constrained_mask.py)
-            np.copyto(logits[:n].numpy(), -np.inf, where=unpack_bitmask(banned, n).numpy())
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and logits.is_contiguous():
+            # branch-free: each bitmask byte selects 8 additive biases (0 or -inf); ~40 µs for 49k ids
+            # whatever the mask's density, where masked_fill_ takes 60-800 µs (bench/constrained_mask.py)
+            bias = np.take(_BIAS_BY_BYTE, banned.numpy().view(np.uint8), axis=0).reshape(-1)[:n]
+            view = logits[:n].numpy()
+            np.add(view, bias, out=view)
         else:
             logits[:n].masked_fill_(unpack_bitmask(banned.to(logits.device), n), float("-inf"))
         if logits.shape[0] > n:
