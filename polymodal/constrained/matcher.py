@@ -97,7 +97,8 @@ def tokenizer_adapter(tokenizer, eos_ids: Iterable[int] | None = None) -> Tokeni
     """
     import llguidance.hf
 
-    eos = tuple(sorted({int(i) for i in (eos_ids if eos_ids is not None else [tokenizer.eos_token_id]) if i is not None}))
+    wanted = eos_ids if eos_ids is not None else [tokenizer.eos_token_id]
+    eos = tuple(sorted({int(i) for i in wanted if i is not None}))
     if not eos:
         raise ValueError("a constrained decode needs at least one EOS id; the tokenizer has no eos_token_id")
     key = (len(tokenizer), eos)
@@ -121,7 +122,8 @@ def tokenizer_adapter(tokenizer, eos_ids: Iterable[int] | None = None) -> Tokeni
 
 
 # (256, 8) float32: row b holds, for bit j of byte b, -inf where the bit is set (banned) else 0
-_BIAS_BY_BYTE = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, np.float32(-np.inf), np.float32(0)).astype(np.float32)
+_BIAS_BY_BYTE = np.where((np.arange(256)[:, None] >> np.arange(8)) & 1, np.float32(-np.inf),
+                         np.float32(0)).astype(np.float32)
 _SHIFTS = torch.arange(8, dtype=torch.uint8)  # bit j of a byte
 
 
@@ -177,7 +179,8 @@ class GrammarCompiler:
         compiles: grammars compiled so far (cache misses that ran the engine); ``hits``: cache hits.
     """
 
-    def __init__(self, tokenizer, *, eos_ids: Iterable[int] | None = None, limits: ConstraintLimits = ConstraintLimits()):
+    def __init__(self, tokenizer, *, eos_ids: Iterable[int] | None = None,
+                 limits: ConstraintLimits = ConstraintLimits()):
         self.adapter = tokenizer_adapter(tokenizer, eos_ids)
         self.limits = limits
         self._cache: OrderedDict[str, CompiledGrammar | ConstraintError] = OrderedDict()
@@ -256,7 +259,8 @@ class GrammarCompiler:
 _COMPILERS: "weakref.WeakKeyDictionary[object, dict[tuple, GrammarCompiler]]" = weakref.WeakKeyDictionary()
 
 
-def compiler_for(tokenizer, *, eos_ids: Iterable[int] | None = None, limits: ConstraintLimits = ConstraintLimits()) -> GrammarCompiler:
+def compiler_for(tokenizer, *, eos_ids: Iterable[int] | None = None,
+                 limits: ConstraintLimits = ConstraintLimits()) -> GrammarCompiler:
     """The shared :class:`GrammarCompiler` of a tokenizer (one cache per tokenizer, EOS set and limits)."""
     key = (len(tokenizer), tuple(sorted(set(eos_ids))) if eos_ids is not None else None, limits)
     with _ADAPTERS_LOCK:

@@ -33,11 +33,14 @@ class Tool:
         name: ``^[A-Za-z0-9_-]{1,64}$``.
         parameters: the JSON schema of the arguments (an object schema; ``{}`` = any object).
         description: shown to the model in the system text.
+        strict: OpenAI's ``function.strict``: the arguments' objects are closed (``additionalProperties``
+            false where unsaid) in the grammar.
     """
 
     name: str
     parameters: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    strict: bool = False
 
     def __post_init__(self):
         if not TOOL_NAME_RE.match(self.name):
@@ -377,5 +380,6 @@ def tools_from_openai(tools: Iterable[Mapping[str, Any]], *, param: str = "tools
         params = fn.get("parameters") or {}
         if not isinstance(params, Mapping):
             raise InvalidSchema("must be a JSON schema object", param=f"{param}[{i}].function.parameters")
-        out.append(Tool(name=name, parameters=params, description=str(fn.get("description") or "")))
+        out.append(Tool(name=name, parameters=params, description=str(fn.get("description") or ""),
+                        strict=bool(fn.get("strict") or False)))
     return out
