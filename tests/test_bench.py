@@ -72,6 +72,15 @@ def test_gpu_without_cuda_skips(tmp_path):
     assert "skipped: no CUDA" in stdout and data["skipped"] == "no CUDA"
 
 
+def test_constrained_mask_quick(tmp_path):
+    stdout, data = _run("constrained_mask.py", "--quick", "--tokenizer", "tiny", tmp_path=tmp_path, timeout=300)
+    assert "mask cost per step" in stdout and "slowdown (x)" in stdout
+    assert set(data["per_step"]) == {"json_schema", "tool_calls required", "tool_calls auto (text)"}
+    for r in data["per_step"].values():
+        assert r["tokens"] > 0 and _positive(r["mask_us"]["p50_s"]) and _positive(r["compute_us"]["p50_s"])
+    assert _positive(data["decode"]["no_mask_tokens_per_s"]) and _positive(data["decode"]["mask_tokens_per_s"])
+
+
 def test_reference_baseline_quick(tmp_path):
     stdout, data = _run("reference_baseline.py", "--quick", "--steps", "2", "--concurrent", "4",
                         tmp_path=tmp_path, timeout=600)
