@@ -56,7 +56,7 @@ def _tokenizer(which: str):
     from polymodal.presets import get_preset
 
     if which == "tiny":
-        from polymodal.tiny_tokenizer import tiny_tokenizer
+        from polymodal.offline_tokenizer import tiny_tokenizer
 
         tok, preset = tiny_tokenizer(get_preset("tiny").llm.tiny.vocab_size), "tiny"
     else:

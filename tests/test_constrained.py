@@ -83,7 +83,7 @@ def _smol_tokenizer():
 
 
 def _tiny_tokenizer():
-    from polymodal.tiny_tokenizer import tiny_tokenizer
+    from polymodal.offline_tokenizer import tiny_tokenizer
 
     return _with_engine_tokens(tiny_tokenizer(get_preset("tiny").llm.tiny.vocab_size), "tiny")
 
