@@ -501,3 +501,22 @@ def test_detect_objects_loads_strictly(tiny_owlvit, tmp_path):
         build_skill("detect_objects", path=str(other))
     with pytest.raises(SkillLoadError, match="not a local folder"):
         build_skill("detect_objects", path=str(tmp_path / "nowhere"))
+
+
+def test_the_image_build_check_of_the_skills_passes_here():
+    """docker/verify_image.py runs the same check at image build time (the Docker image's install)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("verify_image", ROOT / "docker" / "verify_image.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.skill_problems() == []
+    assert any(p.startswith("rapidocr-onnxruntime") for p in module.NO_DEPS_ON_PURPOSE)
+    assert "rapidocr-onnxruntime==" not in (ROOT / "docker" / "requirements.lock").read_text()
+    assert "opencv-python-headless==4." in (ROOT / "docker" / "requirements.lock").read_text()
+    # the same rapidocr version in make setup and the image
+    import re
+
+    make = re.search(r"rapidocr-onnxruntime==(\S+)", (ROOT / "Makefile").read_text()).group(1)
+    docker = re.search(r"ARG RAPIDOCR_VERSION=(\S+)", (ROOT / "Dockerfile").read_text()).group(1)
+    assert make == docker == metadata.version("rapidocr-onnxruntime")
