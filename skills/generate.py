@@ -97,8 +97,7 @@ class _GenerateSkill(Skill):
             raise SkillError(f"{self.modality.value} decoder's text encoder gave {tuple(embeds.shape)}, its "
                              f"conditioning is (1, {q}, {d})")
         (out,) = render(self.decoder, embeds, [params.seed], options)
-        medium = getattr(out, "data", None)
-        if medium is None:  # a DecodeError: NaN, all black / silent, cancelled
+        if isinstance(out, Exception):  # decoders.DecodeError: NaN, all black / silent, cancelled
             raise SkillError(f"the {self.modality.value} decoder produced no usable output: "
                              f"{getattr(out, 'reason', out)}")
         return SkillResult(self.name, self._summary(out, params), media=(out,),

@@ -411,6 +411,26 @@ def test_generate_with_tiny_decoders(tiny_decoders):
         build_skill("generate_audio", decoder=tiny_decoders[Modality.IMAGE])
 
 
+def test_generate_turns_a_degenerate_medium_into_an_error_result(tiny_decoders):
+    from decoders import DecodeError
+
+    class Blank:
+        """The tiny image decoder, except that every render is rejected as all black."""
+
+        def __init__(self, inner):
+            self.inner, self.modality, self.defaults, self.cond_shape = inner, inner.modality, inner.defaults, \
+                inner.cond_shape
+
+        def encode_text(self, captions):
+            return self.inner.encode_text(captions)
+
+        def generate(self, prompt_embeds, seeds, options=None):
+            return [DecodeError(s, "degenerate output: all black") for s in seeds]
+
+    r = build_skill("generate_image", decoder=Blank(tiny_decoders[Modality.IMAGE])).run({"caption": "a cat"})
+    assert r.error_code == "failed" and "all black" in r.error and r.media == ()
+
+
 def test_generate_image_with_the_toy_decoder_draws_the_caption():
     """The toy image decoder was trained on captions: through its own text encoder, "a red circle" comes out as a
     red circle (read back by the toy checker), "a blue triangle" as a blue triangle."""
