@@ -22,6 +22,7 @@ photos ``astronaut()``, ``chelsea()``, ``coffee()`` and ``rocket()`` (as sent: 5
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -156,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="pm-bench-skills-"))
     t0 = time.perf_counter()
-    owl = build_skill("detect_objects", path=str(_owlvit_folder(args.owlvit, root)))
+    try:
+        owl = build_skill("detect_objects", path=str(_owlvit_folder(args.owlvit, root)))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # loaded: the folder (600 MB for base) is no longer needed
     load_s = time.perf_counter() - t0
     st, res = _time(owl, [({"queries": ["a face", "a cat", "a cup", "a rocket"]}, sent[n]) for n in PHOTOS], runs)
     record(f"detect_objects ({args.owlvit})", "detect_objects", "4 photos, 4 queries", st, res,
