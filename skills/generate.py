@@ -141,4 +141,5 @@ class GenerateVideoSkill(_GenerateSkill):
 
     def _summary(self, medium, params: GenerateParams) -> str:
         f, h, w = medium.data.shape[:3]
-        return f"generated a video ({f} frames of {w}x{h} px at {medium.fps:g} fps, seed {params.seed}) of {params.caption!r}"
+        return (f"generated a video ({f} frames of {w}x{h} px at {medium.fps:g} fps, seed {params.seed}) of "
+                f"{params.caption!r}")

@@ -212,7 +212,8 @@ def save_tiny_owlvit(path: str | Path, *, seed: int = 0, image_size_px: int = 64
     class scores are random."""
     import torch
     from tokenizers import pre_tokenizers
-    from transformers import CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor, OwlViTProcessor
+    from transformers import (CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection, OwlViTImageProcessor,
+                              OwlViTProcessor)
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab: dict[str, int] = {}

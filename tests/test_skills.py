@@ -214,7 +214,8 @@ def _font(size: int):
         return ImageFont.load_default(size=size)  # Pillow >= 10.1: the bundled scalable font
     except TypeError:
         pass
-    for p in ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
+    for p in ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+              "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"):
         if Path(p).is_file():
             return ImageFont.truetype(p, size)
     pytest.skip("no scalable font: Pillow < 10.1 and no DejaVu TTF on this machine")
@@ -506,7 +507,8 @@ def test_detect_objects_loads_strictly(tiny_owlvit, tmp_path):
 
     state = load_file(str(tiny_owlvit / "model.safetensors"))
     for name, change in (("missing", lambda s: s.pop("box_head.dense2.bias")),
-                         ("unexpected", lambda s: s.__setitem__("extra_head.weight", s["box_head.dense2.bias"].clone()))):
+                         ("unexpected",
+                          lambda s: s.__setitem__("extra_head.weight", s["box_head.dense2.bias"].clone()))):
         folder = tmp_path / name
         shutil.copytree(tiny_owlvit, folder)
         st = dict(state)
