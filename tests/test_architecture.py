@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("polymodal", "projectors", "decoders", "services", "mosit", "training")
+PACKAGES = ("polymodal", "projectors", "decoders", "services", "skills", "mosit", "training")
 CONTRACT_IDS = ("layers", "runtime-not-offline", "components-independent", "edge-torch-free", "acyclic")
 
 

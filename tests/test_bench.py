@@ -91,6 +91,16 @@ def test_reference_baseline_quick(tmp_path):
     assert sum(b["media"] for b in data["batched_rounds"]) == 4
 
 
+def test_skills_quick(tmp_path):
+    stdout, data = _run("skills.py", "--quick", "--no-generate", tmp_path=tmp_path, timeout=600)
+    assert "skill latency in process" in stdout
+    assert set(data["skills"]) == {"detect (face)", "detect (cat_face)", "segment", "ocr", "detect_objects (tiny)"}
+    for key, s in data["skills"].items():
+        assert s["ok"] == s["n"] == 3 and not s["errors"], (key, s)
+        assert _positive(s["p50_s"]) and s["p95_s"] >= s["p50_s"], (key, s)
+    assert data["skills"]["ocr"]["note"] == "line read back 3/3"
+
+
 @pytest.mark.slow
 def test_gpu_script_at_toy_size_on_cpu(tmp_path):
     stdout, data = _run("gpu.py", "--cpu-smoke", tmp_path=tmp_path, timeout=600)

@@ -206,6 +206,34 @@ def test_enough_shared_memory_gives_no_warning(container):
     assert "--shm-size" not in logs
 
 
+# Run inside the image (no server): the skills' packaged models are there and work. No scikit-image in the image:
+# a line of text and a disc drawn with Pillow.
+_SKILLS_IN_IMAGE = """
+import cv2, numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from skills import build_skill, images, mask_iou
+assert int(cv2.__version__.split(".")[0]) < 5, cv2.__version__
+im = Image.new("RGB", (320, 160), (230, 230, 230))
+d = ImageDraw.Draw(im)
+d.text((20, 20), "HELLO SKILLS", font=ImageFont.load_default(size=32), fill=(0, 0, 0))
+d.ellipse((200, 80, 259, 139), fill=(200, 30, 30))
+a = np.asarray(im)
+ocr = build_skill("ocr").run({}, images(a))
+assert "HELLOSKILLS" in ocr.data["text"].replace(" ", ""), ocr.text
+m = Image.new("L", (320, 160)); ImageDraw.Draw(m).ellipse((200, 80, 259, 139), fill=1)
+seg = build_skill("segment").run({"box_px": [200, 80, 260, 140]}, images(a))
+assert mask_iou(seg.masks[0].to_array(), np.asarray(m) > 0) > 0.9, seg.text
+det = build_skill("detect").run({"target": "cat_face"}, images(a))
+assert det.ok, det.error
+print("skills ok:", cv2.__version__, ocr.data["text"])
+"""
+
+
+def test_skills_run_in_the_image(image):
+    r = docker("run", "--rm", "--entrypoint", "python", image, "-c", _SKILLS_IN_IMAGE, timeout=300)
+    assert "skills ok:" in r.stdout, r.stdout + r.stderr
+
+
 def test_small_shared_memory_warns_at_start(image):
     name = f"polymodal-test-shm-{uuid.uuid4().hex[:8]}"
     docker("run", "-d", "--name", name, "--shm-size=64m", image, "--preset", "tiny")

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("polymodal", "projectors", "decoders", "services", "mosit", "training")
+PACKAGES = ("polymodal", "projectors", "decoders", "services", "skills", "mosit", "training")
 ASSETS = ROOT / "polymodal" / "assets"
 
 
