@@ -37,7 +37,7 @@ from polymodal.devices import resolve_device
 from polymodal.llm import LLMEngine, PromptSegment, load_llm
 from polymodal.modality import Modality
 from polymodal.presets import get_preset
-from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn, interleave
+from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn, input_images, interleave
 
 log = logging.getLogger(__name__)
 
@@ -201,8 +201,7 @@ class LLMStage:
             if m not in self.engine.signal_ids:
                 raise ValueError(f"this model cannot produce {m.value}")
         segs = self.segments(turns, system=system, task=task)
-        sizes = [(p.data.shape[1], p.data.shape[0]) for t in turns for p in t.parts
-                 if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+        sizes = [(p.data.shape[1], p.data.shape[0]) for p in input_images(turns)]
         streamed = ""
         index = 0
         for ev in self.engine.stream(
@@ -396,6 +395,7 @@ def build_decoder_stage(
     from projectors import build_output_projector
 
     preset = get_preset(preset)
+    modality = Modality.parse(modality)
     export_dir = export_dir or preset.export_dir
     if modality not in preset.decoders or modality not in preset.output_projectors:
         raise ValueError(f"preset {preset.name!r} has no {modality.value} decoder")
@@ -411,7 +411,7 @@ def build_decoder_stage(
         d_llm=d_llm or llm_hidden_size(preset),
         num_signal_tokens=spec.count(modality),
         cond_shape=tuple(decoder.cond_shape),
-        normalize=bool(getattr(decoder, "normalized_cond", modality is Modality.AUDIO)),
+        normalize=bool(getattr(decoder, "normalized_cond", modality.spec.normalize_cond)),
         seed=_part_seed(preset, "output_projector", modality),
     )
     return DecoderStage(modality, proj.to(dev).eval(), decoder, "pretrained" if pcfg.checkpoint else "random")
