@@ -134,7 +134,7 @@ class Encoder:
         self.device = torch.device(device)
         self.dtype = dtype
         path = INPUT_PATHS.get(modality)
-        self.sample_rate_hz = sample_rate_hz if path is not None and path.network == "audio" else None
+        self.sample_rate_hz = sample_rate_hz if path is not None and path.waveform else None
         self.max_frames = max_frames
         self.batch_size = batch_size
         self.path = path
@@ -254,18 +254,24 @@ def _video_items(enc: Encoder, items: Sequence[np.ndarray], name: str, sample_ra
 
 @dataclass(frozen=True)
 class InputPath:
-    """How one modality's items reach an encoder: ``encode(encoder, items, name, sample_rate_hz)`` -> (B, D_enc) or
-    (B, N, D_enc) through the kind's hooks, and the ``network`` they use (``"image"``: :meth:`Encoder._encode_images`,
-    frames too; ``"audio"``: :meth:`Encoder._encode_audio`, waveforms resampled to the encoder's rate)."""
+    """How one modality's items reach an encoder.
+
+    Attributes:
+        encode: ``(encoder, items, name, sample_rate_hz)`` -> (B, D_enc) or (B, N, D_enc) through the kind's hooks.
+        network: the name of the network the items go through (``"image"``: :meth:`Encoder._encode_images`, video
+            frames too; ``"audio"``: :meth:`Encoder._encode_audio`); the tiny kind seeds its weights with it.
+        waveform: items are waveforms, resampled to the encoder's ``sample_rate_hz``.
+    """
 
     encode: Callable[[Encoder, Sequence[np.ndarray], str, int | None], torch.Tensor]
     network: str
+    waveform: bool = False
 
 
 # The input paths of the modalities encoders read (video: each frame through the image path, averaged per item).
 INPUT_PATHS: dict[Modality, InputPath] = {
     IMAGE: InputPath(_image_items, "image"),
-    AUDIO: InputPath(_audio_items, "audio"),
+    AUDIO: InputPath(_audio_items, "audio", waveform=True),
     VIDEO: InputPath(_video_items, "image"),
 }
 
@@ -327,9 +333,9 @@ class TinyEncoder(Encoder):
             raise ValueError(f"tiny encoder image_size_px must be >= 4, got {image_size_px}")
         with torch.random.fork_rng(devices=[]):
             # video frames go through the image network: same weights as the image encoder of this seed
-            network = INPUT_PATHS[modality].network  # video frames: the image network (same seed, same weights)
-            torch.manual_seed(_sub_seed(seed, "tiny-encoder", network))
-            module = (_TinyAudioNet(config.dim, cls.FREQ_BINS, cls.TIME_BINS) if network == "audio"
+            path = INPUT_PATHS[modality]  # video frames: the image network (same seed, same weights)
+            torch.manual_seed(_sub_seed(seed, "tiny-encoder", path.network))
+            module = (_TinyAudioNet(config.dim, cls.FREQ_BINS, cls.TIME_BINS) if path.waveform
                       else _TinyImageNet(config.dim, image_size_px))
         enc = cls(modality, config.dim, "random", module, device=device, sample_rate_hz=16000, **common)
         enc.image_size_px = image_size_px

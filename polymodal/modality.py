@@ -113,7 +113,7 @@ class _ModalityMeta(type):
         return isinstance(item, str) and str.__str__(item) in _BY_NAME
 
     def __getattr__(cls, attr: str) -> "Modality":
-        # Modality.IMAGE, Modality.POINTCLOUD: the registered modality of that (upper-case) name
+        # Modality.IMAGE, or a plug-in modality by its upper-case name: the registered modality of that name
         if attr.isupper() and attr.lower() in _BY_NAME:
             return _BY_NAME[attr.lower()]
         raise AttributeError(f"type object 'Modality' has no attribute {attr!r}")
