@@ -26,8 +26,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-
 from polymodal.config import MAX_INPUT_VIDEO_FRAMES
 from polymodal.modality import Modality
 from polymodal.types import MediaPart

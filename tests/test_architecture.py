@@ -237,3 +237,17 @@ def test_branch_scan_sees_branches(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(sys.modules[__name__], "PACKAGES", ("services",))
     assert _modality_branches(tmp_path) == {"services/branchy.py": 5}
+
+
+def test_the_architecture_page_lists_the_layers_as_the_contracts_do():
+    """docs/architecture.md draws the layers of the ``layers`` contract, in its order (module names shortened as
+    the page writes them: ``polymodal.signals`` is ``signals`` after the first ``polymodal.`` of its row)."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    block = page.split("## The layers", 1)[1].split("```")[1]
+    rows = [line.split("  ")[0].strip() for line in block.splitlines() if line and not line.startswith(" ")]
+    layers = next(c for c in _contracts() if c["id"] == "layers")["layers"]
+    assert len(rows) == len(layers), rows
+    for row, layer in zip(rows, layers):
+        want = [m.strip() for m in re.split(r"[|:]", layer)]
+        got = [m.strip() for m in re.split(r"[|:]", row)]
+        assert len(got) == len(want) and all(w == g or w.endswith("." + g) for w, g in zip(want, got)), (row, layer)
