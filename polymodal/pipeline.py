@@ -43,11 +43,12 @@ log = logging.getLogger(__name__)
 
 # Offsets added to the preset seed so every random part gets its own, reproducible initialisation.
 _SEED_OFFSETS = {"llm": 0, "encoder": 100, "input_projector": 200, "output_projector": 300, "decoder": 400}
-_MOD_INDEX = {m: i for i, m in enumerate(Modality)}
 
 
 def _part_seed(preset: PresetConfig, part: str, modality: Modality | None = None) -> int:
-    return preset.seed + _SEED_OFFSETS[part] + (_MOD_INDEX[modality] if modality else 0)
+    """The seed of a random part: the preset's, plus the part's offset, plus the modality's place in the registration
+    order (image 0, audio 1, video 2, then plug-ins; asked at call time, so a modality registered later counts)."""
+    return preset.seed + _SEED_OFFSETS[part] + (list(Modality).index(modality) if modality else 0)
 
 
 def _projector_file(directory: str | Path | None, role: str, modality: Modality) -> str | None:
