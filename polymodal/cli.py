@@ -92,10 +92,11 @@ def load_history(path: Path) -> list:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
                 parts.append(TextPart(str(part.get("text", ""))))
-            elif kind in ("image", "audio", "video"):
+            elif isinstance(kind, str) and kind in Modality:
                 parts.append(_load_media_file(Modality(kind), (path.parent / part["path"]).resolve()))
             else:
-                raise ValueError(f"message {i} of {path}: unknown part type {kind!r} (text, image, audio, video)")
+                choices = ", ".join(["text", *(m.value for m in Modality)])
+                raise ValueError(f"message {i} of {path}: unknown part type {kind!r} ({choices})")
         turns.append(Turn(msg["role"], tuple(parts)))
     return turns
 
@@ -139,7 +140,7 @@ def generate(
     from polymodal.config import DecoderDefaults
     from polymodal.llm import LLMLoadError
     from polymodal.modality import Modality
-    from polymodal.types import TextPart, Turn
+    from polymodal.types import TextPart, Turn, input_images
 
     try:
         wanted = Modality.parse_list([m for m in modalities.split(",") if m.strip().lower() != "text"])
@@ -149,8 +150,7 @@ def generate(
             parts.extend(_load_media_file(mod, f) for f in files or [])
         parts.append(TextPart(prompt))
         turns.append(Turn("user", tuple(parts)))
-        if box_overlay and not any(getattr(p, "modality", None) is Modality.IMAGE
-                                                 for t in turns for p in t.parts):
+        if box_overlay and not input_images(turns):
             raise ValueError("--box-overlay: there is no input image to draw the boxes on (pass --image)")
     except ValueError as e:
         _fail(str(e))
@@ -167,7 +167,7 @@ def generate(
     options = {}
     for m, stage in pipe.decoder_stages.items():
         upd = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
-        if m is Modality.VIDEO and crf is not None:
+        if crf is not None and "crf" in m.spec.option_fields:
             upd["crf"] = crf
         options[m] = DecoderDefaults(**{**stage.defaults.model_dump(), **upd})
     try:
@@ -195,8 +195,7 @@ def write_answer(answer, out: Path, turns: list, preset_name: str, *, box_overla
     Writing into a folder of an earlier answer: the files its manifest named (media, overlay) that this answer
     does not write again are removed once the new manifest is in place; nothing else in the folder is touched.
     """
-    from polymodal.modality import Modality
-    from polymodal.types import MediaPart, TextPart
+    from polymodal.types import MediaPart, TextPart, input_images
 
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -240,7 +239,7 @@ def write_answer(answer, out: Path, turns: list, preset_name: str, *, box_overla
         history.append({"role": t.role, "content": items})
     history.append({"role": "assistant", "content": convo_parts})
     atomic_write(out / "conversation.json", json.dumps(history, indent=2).encode())
-    images = [p for t in turns for p in t.parts if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+    images = input_images(turns)
     boxes = [{"phrase": b.phrase, "box_px": [round(v, 2) for v in b.box_px], "image_index": b.image_index}
              for b in answer.boxes]
     overlay = None

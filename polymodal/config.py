@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from polymodal.grounding.config import GroundingConfig
 from polymodal.modality import Modality
-from polymodal.signals import ChatFormat, SignalSpec
+from polymodal.signals import ChatFormat, SignalSpec, default_counts
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 WeightSource = Literal["tiny", "pretrained"]
@@ -136,7 +136,14 @@ class DecoderConfig(_Model):
 
 
 class SignalConfig(_Model):
-    counts: dict[Modality, int] = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}
+    """Signal tokens of a preset (see :class:`polymodal.signals.SignalSpec`).
+
+    ``counts``: tokens per group, per modality (default: every registered modality's spec default; a modality the
+    preset decodes but does not list here gets its spec's default, see :class:`PresetConfig`). ``input_markers``:
+    ``None`` = the specs' markers.
+    """
+
+    counts: dict[Modality, int] = Field(default_factory=default_counts)
     token_format: str = "<{prefix}{i}>"
     input_markers: dict[Modality, tuple[str, str]] | None = None
 
@@ -183,6 +190,16 @@ class PresetConfig(_Model):
         None, description="an export of trained parts (polymodal.export) this preset always loads; an export "
         "given at load time (--projectors) replaces it"
     )
+
+    @model_validator(mode="after")
+    def _count_every_decoded_modality(self) -> "PresetConfig":
+        """A modality the preset decodes but ``signals.counts`` does not list gets its spec's default count
+        (appended, so the listed modalities keep their token order)."""
+        missing = [m for m in self.decoders if m not in self.signals.counts]
+        if missing:
+            counts = {**self.signals.counts, **{m: m.spec.default_signal_count for m in missing}}
+            self.__dict__["signals"] = self.signals.model_copy(update={"counts": counts})
+        return self
 
     def to_yaml(self) -> str:
         import yaml

@@ -37,17 +37,18 @@ from polymodal.devices import resolve_device
 from polymodal.llm import LLMEngine, PromptSegment, load_llm
 from polymodal.modality import Modality
 from polymodal.presets import get_preset
-from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn, interleave
+from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn, input_images, interleave
 
 log = logging.getLogger(__name__)
 
 # Offsets added to the preset seed so every random part gets its own, reproducible initialisation.
 _SEED_OFFSETS = {"llm": 0, "encoder": 100, "input_projector": 200, "output_projector": 300, "decoder": 400}
-_MOD_INDEX = {m: i for i, m in enumerate(Modality)}
 
 
 def _part_seed(preset: PresetConfig, part: str, modality: Modality | None = None) -> int:
-    return preset.seed + _SEED_OFFSETS[part] + (_MOD_INDEX[modality] if modality else 0)
+    """The seed of a random part: the preset's, plus the part's offset, plus the modality's place in the registration
+    order (image 0, audio 1, video 2, then plug-ins; asked at call time, so a modality registered later counts)."""
+    return preset.seed + _SEED_OFFSETS[part] + (list(Modality).index(modality) if modality else 0)
 
 
 def _projector_file(directory: str | Path | None, role: str, modality: Modality) -> str | None:
@@ -201,8 +202,7 @@ class LLMStage:
             if m not in self.engine.signal_ids:
                 raise ValueError(f"this model cannot produce {m.value}")
         segs = self.segments(turns, system=system, task=task)
-        sizes = [(p.data.shape[1], p.data.shape[0]) for t in turns for p in t.parts
-                 if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+        sizes = [(p.data.shape[1], p.data.shape[0]) for p in input_images(turns)]
         streamed = ""
         index = 0
         for ev in self.engine.stream(
@@ -396,6 +396,7 @@ def build_decoder_stage(
     from projectors import build_output_projector
 
     preset = get_preset(preset)
+    modality = Modality.parse(modality)
     export_dir = export_dir or preset.export_dir
     if modality not in preset.decoders or modality not in preset.output_projectors:
         raise ValueError(f"preset {preset.name!r} has no {modality.value} decoder")
@@ -411,7 +412,7 @@ def build_decoder_stage(
         d_llm=d_llm or llm_hidden_size(preset),
         num_signal_tokens=spec.count(modality),
         cond_shape=tuple(decoder.cond_shape),
-        normalize=bool(getattr(decoder, "normalized_cond", modality is Modality.AUDIO)),
+        normalize=bool(getattr(decoder, "normalized_cond", modality.spec.normalize_cond)),
         seed=_part_seed(preset, "output_projector", modality),
     )
     return DecoderStage(modality, proj.to(dev).eval(), decoder, "pretrained" if pcfg.checkpoint else "random")

@@ -13,7 +13,8 @@ import binascii
 from urllib.parse import urlparse
 
 from polymodal import media_io
-from polymodal.modality import Modality
+from polymodal.media_io import modality_of_mime
+from polymodal.modality import Modality, modality_of_content_part
 from polymodal.types import MediaPart
 
 from services.errors import APIError, bad_request
@@ -48,17 +49,17 @@ class MediaReader:
         Raises:
             APIError: 400 (bad URL, wrong medium, corrupt, not read by this model), 413 (too large).
         """
-        if isinstance(c, ImageContent):
-            mime, data = await self.media_bytes(c.image_url.url, f"{pp}.image_url.url")
-            return await self.decode(Modality.IMAGE, data, mime, f"{pp}.image_url.url")
-        if isinstance(c, AudioContent):
+        if isinstance(c, AudioContent):  # OpenAI's input_audio: base64 (not a URL) and a format, read as audio
+            modality = modality_of_mime(f"audio/{c.input_audio.format}")
             data = self.b64(c.input_audio.data, f"{pp}.input_audio.data")
-            return await self.decode(Modality.AUDIO, data, f"audio/{c.input_audio.format}", f"{pp}.input_audio.data")
-        if isinstance(c, AudioURLContent):
-            mime, data = await self.media_bytes(c.audio_url.url, f"{pp}.audio_url.url")
-            return await self.decode(Modality.AUDIO, data, mime, f"{pp}.audio_url.url")
-        mime, data = await self.media_bytes(c.video_url.url, f"{pp}.video_url.url")
-        return await self.decode(Modality.VIDEO, data, mime, f"{pp}.video_url.url")
+            return await self.decode(modality, data, f"audio/{c.input_audio.format}", f"{pp}.input_audio.data")
+        # a URL part: its type is a modality's content_part (image_url, audio_url, video_url)
+        modality = modality_of_content_part(c.type)
+        if modality is None:
+            raise bad_request(f"{pp}.type: {c.type!r} is not a media part", param=f"{pp}.type")
+        param = f"{pp}.{c.type}.url"
+        mime, data = await self.media_bytes(getattr(c, c.type).url, param)
+        return await self.decode(modality, data, mime, param)
 
     async def media_bytes(self, url: str, param: str) -> tuple[str | None, bytes]:
         """(mime or None, bytes) of a data URL or an allow-listed remote URL."""

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from polymodal.config import DecoderDefaults
 from polymodal.modality import Modality
-from polymodal.types import MediaPart, TextPart, Turn
+from polymodal.types import MediaPart, TextPart, Turn, input_images
 
 from services.errors import APIError, bad_request
 from services.ingress.media_input import MediaReader
@@ -36,11 +36,6 @@ PROMPT_ENDPOINT_MAX_NEW_TOKENS = 32
 def new_id(prefix: str) -> str:
     """``{prefix}-{32 hex}``: a request id (``chatcmpl``, ``img``, ``aud``)."""
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def input_images(turns) -> list[MediaPart]:
-    """The input images of a conversation, in message order (what ``image_index`` counts)."""
-    return [p for t in turns for p in t.parts if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
 
 
 @dataclass
@@ -106,7 +101,8 @@ class Planner:
                 raise bad_request(f"{prefix}{k} must be <= {bounds[k]} on this server, got {v}",
                                   param=f"{prefix}{k}", code="invalid_value")
         defaults = self.backend.preset.decoders[modality].defaults
-        merged = {**defaults.model_dump(), **{k: v for k, v in overrides.items() if k in DecoderDefaults.model_fields}}
+        applies = modality.spec.option_fields  # the DecoderDefaults fields of this medium
+        merged = {**defaults.model_dump(), **{k: v for k, v in overrides.items() if k in applies}}
         try:
             return DecoderDefaults.model_validate(merged)
         except ValidationError as e:
@@ -222,7 +218,9 @@ class Planner:
                               param=param, code="invalid_value")
         options = {}
         for m in self.backend.output_modalities:
-            given: BaseModel | None = getattr(req, m.value)
+            # the request's options field of this medium (``image``, ``audio``, ``video``; none for a modality
+            # the request schema has no field for: the preset's defaults)
+            given: BaseModel | None = getattr(req, m.value, None)
             overrides = given.model_dump(exclude_unset=True, exclude_none=True) if given is not None else {}
             options[m] = self.decoder_options(m, overrides, f"{m.value}.")
         self.check_grounding(req)

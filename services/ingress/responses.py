@@ -32,8 +32,6 @@ from services.protocol import EncodedMedium
 from services.settings import ServerSettings
 from services.store import FileStore
 
-PART_KEY = {Modality.IMAGE: "image_url", Modality.AUDIO: "audio_url", Modality.VIDEO: "video_url"}
-"""The content-part key of each output modality."""
 FINISH = {"stop": "stop", "length": "length"}
 """The LLM's finish reasons OpenAI knows; any other (``signal_loop``) is reported as ``stop``."""
 DONE = b"data: [DONE]\n\n"
@@ -79,7 +77,7 @@ class Responses:
     def medium_part(self, m: EncodedMedium, fmt: str, base_url: str) -> dict[str, Any]:
         """A content part ``{"type": "image_url", "image_url": {...}, "mime_type", "seed", "index"[,
         "duration_s"]}``."""
-        key = PART_KEY[m.modality]
+        key = m.modality.spec.content_part
         self.metrics.media.labels(m.modality.value).inc()
         part = {"type": key, key: self.medium_ref(m, fmt, base_url), "mime_type": m.mime_type, "seed": m.seed,
                 "index": m.index}
@@ -121,9 +119,10 @@ class Responses:
         if out.media:
             parts = [self.medium_part(m, plan.media_format, base_url) for m in out.media]
             message["content"] = interleave(out.text, out.media, parts, text_part=_text_part)
-            audio = next((m for m in sorted(out.media, key=lambda m: m.index) if m.modality is Modality.AUDIO), None)
-            if audio is not None:
-                message["audio"] = self.audio_message(audio, out.text)
+            for m in sorted(out.media, key=lambda m: m.index):  # OpenAI's message.audio: the first audio
+                slot = m.modality.spec.message_slot
+                if slot is not None and slot not in message:
+                    message[slot] = self.audio_message(m, out.text)
         if out.overlay is not None:
             content = message["content"]
             if isinstance(content, str):
@@ -188,7 +187,7 @@ class StreamChunks:
         self.r, self.plan, self.base_url = responses, plan, base_url
         self.created = int(time.time())
         self._text: list[str] = []
-        self._first_audio = True
+        self._slots_filled: set[str] = set()
         self._n_media = 0
 
     def opening(self) -> bytes:
@@ -205,9 +204,10 @@ class StreamChunks:
         part = self.r.medium_part(m, self.plan.media_format, self.base_url)
         part["text_offset"] = m.text_offset
         delta: dict[str, Any] = {"media": part}
-        if m.modality is Modality.AUDIO and self._first_audio:
-            self._first_audio = False
-            delta["audio"] = self.r.audio_message(m, "".join(self._text))
+        slot = m.modality.spec.message_slot
+        if slot is not None and slot not in self._slots_filled:  # the first audio also as delta.audio
+            self._slots_filled.add(slot)
+            delta[slot] = self.r.audio_message(m, "".join(self._text))
         return self.r.chunk(self.plan, self.created, delta)
 
     def overlay(self, overlay: tuple[EncodedMedium, int], result: LLMResult) -> bytes:

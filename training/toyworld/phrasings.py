@@ -18,22 +18,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from polymodal.modality import Modality
-from training.toyworld.data import (
-    AUDIO_TEMPLATES,
-    COLOURS,
-    DIRECTIONS,
-    IMAGE_TEMPLATES,
-    PITCHES_HZ,
-    SHAPES,
-    TIMBRES,
-    VIDEO_TEMPLATES,
-)
+from training.toyworld.data import COLOURS, DIRECTIONS, PITCHES_HZ, SHAPES, TEMPLATES, TIMBRES
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 
-CAPTION_TEMPLATES: dict[Modality, tuple[str, ...]] = {
-    IMAGE: IMAGE_TEMPLATES, AUDIO: AUDIO_TEMPLATES, VIDEO: VIDEO_TEMPLATES,
-}
+CAPTION_TEMPLATES: dict[Modality, tuple[str, ...]] = TEMPLATES
 
 TRAIN_REQUESTS: dict[Modality, tuple[str, ...]] = {
     IMAGE: ("{caption}", "Draw {caption}.", "Show me {caption}.", "Please generate {caption}.",
