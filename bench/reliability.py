@@ -331,6 +331,9 @@ def section_kill(n: int, warmup: int) -> dict[str, Any]:
         out = tally(rows, time.perf_counter() - t)
         time.sleep(2)
         out["image_replicas_after"] = len(image_replicas())
+        m = re.search(r'^polymodal_decoder_retried_total\{modality="image"\} (\S+)$',
+                      httpx.get(url + "/metrics", timeout=30).text, re.M)
+        out["renders_retried"] = int(float(m.group(1))) if m else 0
     out.update({"ready_s": ready_s, "image_replicas_before": len(replicas), "killed": killed,
                 "image_options": REQUEST["image"],
                 "failed_by_the_kill": sum(1 for r in rows if r["status"] == 500
@@ -439,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         p.error(f"--only: unknown {bad}; choose from {', '.join(SECTIONS)}")
     cases = 30 if args.quick else args.cases
-    n = 40 if args.quick else args.n
+    n = args.n if args.n != 200 or not args.quick else 40
     n_plain = 20 if args.quick else args.plain
     results: dict[str, Any] = {"benchmark": "reliability", "machine": C.machine(), "sections": {}}
     runners = {"fuzz": lambda: section_fuzz(cases, args.seed), "concurrent": lambda: section_concurrent(n, args.warmup),
@@ -462,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
                                 f"{x['refused_with_retry_after']})",
                          f"504 after admission {x['timeout_504_after_admission']}, other {x['other_errors']}, lost "
                          f"{x['lost']}, duplicate ids {x['duplicate_ids']}"
-                         + (f", failed by the kill {x['failed_by_the_kill']}" if key == "kill" else ""),
+                         + (f", failed by the kill {x['failed_by_the_kill']} (renders retried {x['renders_retried']})"
+                            if key == "kill" else ""),
                          f"p50 {C.fmt(x['p50_answered_s'])} s, wall {C.fmt(x['wall_s'])} s"])
     if "restart" in r:
         x = r["restart"]

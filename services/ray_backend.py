@@ -115,6 +115,7 @@ class RayBackend(Backend):
         self._decoders = {Modality.parse(m): h for m, h in decoders.items()}
         self._stats = stats
         self._retry = retry_after_s
+        self.retried: dict[str, int] = {}  # renders sent again after their replica died, per modality
 
     @property
     def output_modalities(self) -> tuple[Modality, ...]:
@@ -159,6 +160,7 @@ class RayBackend(Backend):
                 retries = retries or _Retries()
                 if not _replica_lost(e) or not await retries.again():
                     raise _unwrap(e, f"{m.value} decoder", self._retry) from None
+                self.retried[m.value] = self.retried.get(m.value, 0) + 1
                 log.warning("%s: the %s decoder replica died under this render (%s); try %d (seed %d)",
                             request.request_id, m.value, type(e).__name__, retries.tries, request.seed)
 
@@ -180,6 +182,7 @@ class RayBackend(Backend):
         return parts
 
     async def stats(self) -> dict[str, dict[str, float]]:
-        if self._stats is None:
-            return {}
-        return await self._stats.snapshot.remote()
+        out = {} if self._stats is None else await self._stats.snapshot.remote()
+        for m, n in self.retried.items():
+            out.setdefault(m, {})["retried"] = n
+        return out

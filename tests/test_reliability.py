@@ -380,6 +380,7 @@ def test_a_render_whose_replica_died_is_sent_again():
     handle = _Handle([ActorDiedError(), medium])
     backend = RayBackend(get_preset("tiny"), llm=None, decoders={"image": handle})
     assert asyncio.run(backend.render(_render_request())) == medium and handle.render.calls == 2
+    assert backend.retried == {"image": 1}  # polymodal_decoder_retried_total{modality="image"}
 
 
 def test_a_render_whose_replica_stays_dead_is_503_before_the_deadline():
