@@ -142,6 +142,8 @@ ALLOWED = {
         "module is loaded",
     ("mosit/embed.py", "find_spec("):
         "locates the installed MiniLM model wheel without importing it; no module is loaded",
+    ("polymodal/preflight.py", "find_spec("):
+        "asks whether the ImageBind package is installed (a start-up check of nextgpt-7b); no module is loaded",
 }
 
 
