@@ -184,7 +184,7 @@ class Planner:
                                           param=pp, code="too_many_media")
                     parts.append(await self.media.read_part(c, pp))
             if not parts:
-                article = "an" if msg.role[0] in "aeiou" else "a"
+                article = "an" if msg.role == "assistant" else "a"
                 raise bad_request(f"{p}.content: {article} {msg.role} message needs content", param=f"{p}.content")
             turns.append(Turn(msg.role, tuple(parts)))
         if not turns or turns[-1].role != "user":
