@@ -17,9 +17,10 @@ Sections (each prints its figures; a summary table closes the run):
   chats (``modalities: ["text", "image"]``) at once. Counted: answered (200 with an image), refused (503 +
   Retry-After), 504 after admission, other errors, lost (no HTTP answer), duplicate ids, p50 / p95 latency of the
   answered, wall time.
-- **kill**: the same graph with two image-decoder replicas; ``--n`` text+image chats at once and, once the image
-  decoders are rendering, one image replica is killed (``ray.kill``). Counted as above, plus the requests that
-  failed because of the kill (any 500 / 503 ``stage_unavailable``: should be 0).
+- **kill**: the same graph with two image-decoder replicas; ``--n`` text+image chats at once and the first image
+  replica seen with a request in flight (Serve's ``get_num_ongoing_requests`` of the replica actor) is killed
+  (``ray.kill``). Counted as above, plus the requests that failed because of the kill (any 500 / 503
+  ``stage_unavailable``: should be 0) and the renders sent again (``polymodal_decoder_retried_total``).
 - **restart**: the ``--no-ray`` host (``tiny``) with a store folder; a chat answered with ``media_format: url``
   and a finished video job; the service stopped (SIGTERM) and started again on the same store: the artifact and
   the job (status and MP4) are still served.
@@ -320,15 +321,20 @@ def section_kill(n: int, warmup: int) -> dict[str, Any]:
             return float(m.group(1)) if m else 0.0
 
         async def kill_when_rendering():
-            s0 = await asyncio.to_thread(steps)
+            """Kill the first image replica seen with a request in flight (Serve's own count per replica)."""
+            handles = [(name, ray.get_actor(name, namespace=ns)) for name, ns in replicas]
             deadline = time.monotonic() + 300
-            while await asyncio.to_thread(steps) <= s0 + 2 and time.monotonic() < deadline:
-                await asyncio.sleep(0.2)
-            await asyncio.sleep(1.0)  # both replicas busy with the burst
-            name, ns = replicas[0]
-            ray.kill(ray.get_actor(name, namespace=ns), no_restart=True)
-            killed.update({"replica": name, "at_s": time.perf_counter() - t, "steps_before": s0})
-            print(f"kill: killed {name} {killed['at_s']:.1f} s into the burst", flush=True)
+            while time.monotonic() < deadline:
+                for name, h in handles:
+                    ongoing = await asyncio.to_thread(ray.get, h.get_num_ongoing_requests.remote(), timeout=10)
+                    if ongoing >= 1:
+                        ray.kill(h, no_restart=True)
+                        killed.update({"replica": name, "at_s": time.perf_counter() - t, "ongoing_at_kill": ongoing,
+                                       "steps_before": await asyncio.to_thread(steps)})
+                        print(f"kill: killed {name} with {ongoing} request(s) in flight, {killed['at_s']:.1f} s "
+                              "into the burst", flush=True)
+                        return
+                await asyncio.sleep(0.05)
 
         t = time.perf_counter()
         rows = asyncio.run(burst(url, n, on_started=lambda: asyncio.ensure_future(kill_when_rendering())))
