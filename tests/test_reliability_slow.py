@@ -14,7 +14,6 @@ import pytest
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parents[1]
-pytest.importorskip("schemathesis", reason="the `reliability` extra (pip install -e '.[reliability]')")
 
 
 def _bench(tmp_path: Path, *args: str, timeout: float = 900) -> dict:
@@ -26,6 +25,7 @@ def _bench(tmp_path: Path, *args: str, timeout: float = 900) -> dict:
 
 
 def test_fuzz_no_unexpected_5xx(tmp_path):
+    pytest.importorskip("schemathesis", reason="the `reliability` extra (pip install -e '.[reliability]')")
     f = _bench(tmp_path, "--only", "fuzz")["fuzz"]
     assert f["cases"] >= 300 and f["seed"] == 21
     assert f["unexpected_5xx"] == 0, f["unexpected_examples"]
