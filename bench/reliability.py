@@ -69,7 +69,7 @@ class LocalHost:
         self.port = C.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or Path(tempfile.mkstemp(prefix="pm-rel-", suffix=".log")[1])
-        args_file = Path(tempfile.mkstemp(prefix="pm-rel-args-", suffix=".json")[1])
+        args_file = self.args_file = Path(tempfile.mkstemp(prefix="pm-rel-args-", suffix=".json")[1])
         args_file.write_text(json.dumps(app_args))
         code = ("import json, sys; from services.run import serve_main; "
                 f"sys.exit(serve_main({preset!r}, host='127.0.0.1', port={self.port}, no_ray=True, "
@@ -94,6 +94,9 @@ class LocalHost:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(30)
+        self.args_file.unlink(missing_ok=True)
+        if self.proc.returncode == 0:
+            self.log.unlink(missing_ok=True)
         return self.proc.returncode
 
 
