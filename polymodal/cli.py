@@ -47,6 +47,12 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _use_cache(cache: Path | None) -> None:
+    """``--cache``: the cache folder for this process and what it starts (``POLYMODAL_CACHE``)."""
+    if cache is not None:
+        os.environ["POLYMODAL_CACHE"] = str(cache.expanduser())
+
+
 # ------------------------------------------------------------------------------------------------
 # conversation files
 
@@ -128,6 +134,8 @@ def generate(
     box_overlay: Annotated[bool, typer.Option("--box-overlay", help="also write overlay.png: the answer's boxes "
                                                                     "drawn on the input image they refer to")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="cache folder (converted GGUF models, ...); default "
+                                                       "$POLYMODAL_CACHE or ~/.cache/polymodal")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Answer one message (with optional media and history); write the text, each medium and a manifest.
@@ -135,8 +143,12 @@ def generate(
     Files in OUT: answer.txt, NN_<modality>.<png|wav|mp4>, manifest.json (parts in output order, seeds,
     shapes, init state of each part, timings; with a grounding preset the boxes, in pixels of the input
     image) and conversation.json (pass it to --history to continue); overlay.png with --box-overlay.
+
+    --modalities is the floor and the ceiling of the answer's media ("text" alone: none); without it the
+    model decides (the preset's policy).
     """
     _setup_logging(verbose)
+    _use_cache(cache)
     from polymodal.config import DecoderDefaults
     from polymodal.llm import LLMLoadError
     from polymodal.modality import Modality
@@ -156,7 +168,12 @@ def generate(
         _fail(str(e))
 
     from polymodal.pipeline import AnyToAnyPipeline
+    from polymodal.preflight import check_start
 
+    try:
+        check_start(preset, export_dir=projectors)
+    except ValueError as e:
+        _fail(str(e))
     try:
         typer.echo(f"loading preset {preset} ...", err=True)
         pipe = AnyToAnyPipeline.from_preset(preset, device=device, export_dir=str(projectors) if projectors else None)
@@ -171,7 +188,8 @@ def generate(
             upd["crf"] = crf
         options[m] = DecoderDefaults(**{**stage.defaults.model_dump(), **upd})
     try:
-        answer = pipe.generate(turns, modalities=wanted, seed=seed, options=options,
+        ceiling = wanted if modalities.strip() else None  # --modalities: floor and ceiling
+        answer = pipe.generate(turns, modalities=wanted, seed=seed, options=options, allowed_modalities=ceiling,
                                max_new_tokens=max_new_tokens, temperature=temperature, task=task)
     except ValueError as e:
         _fail(str(e))
@@ -309,10 +327,20 @@ def serve(
     api_key: Annotated[Optional[list[str]], typer.Option(help="accepted API key (repeatable; env POLYMODAL_API_KEYS)")] = None,
     projectors: Annotated[Optional[Path], typer.Option(help="export folder of trained parts (projectors, token rows, LoRA)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="cache folder (converted GGUF models, ...); default "
+                                                       "$POLYMODAL_CACHE or ~/.cache/polymodal")] = None,
+    request_timeout_s: Annotated[Optional[float], typer.Option(
+        "--request-timeout-s", min=1, max=3600,
+        help="a request still running after this is cancelled (504); requests that would not finish in it are "
+             "refused up front (503 + Retry-After). Default: 120, as in deploy/*.yaml")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Serve the model behind OpenAI-compatible REST endpoints (Ray Serve graph, or one process with --no-ray)."""
+    """Serve the model behind OpenAI-compatible REST endpoints (Ray Serve graph, or one process with --no-ray).
+
+    Every path given (preset file, --projectors, --cache, the preset's weights) is checked before anything starts.
+    """
     _setup_logging(verbose)
+    _use_cache(cache)
     from services.run import serve_main
 
     try:
@@ -324,7 +352,8 @@ def serve(
     keys = list(api_key or []) + [k for k in os.environ.get("POLYMODAL_API_KEYS", "").split(",") if k]
     try:
         serve_main(preset, host=host, port=port, address=address, no_ray=no_ray, api_keys=keys or None,
-                   export_dir=str(projectors) if projectors else None, device=device)
+                   export_dir=str(projectors) if projectors else None, device=device,
+                   request_timeout_s=request_timeout_s)
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
 

@@ -35,6 +35,10 @@ MAX_FPS = 60
 """Frame rate of a generated video."""
 MAX_DURATION_S = 30.0
 """Length of a generated audio / video, seconds."""
+MIN_DURATION_S = 0.02
+"""Shortest generated audio, seconds: AudioLDM needs at least two mel frames of its vocoder (hop 160 samples at
+16 kHz: 0.01 s each; diffusers' ``AudioLDMPipeline`` refuses less), checked for the tiny, toy and AudioLDM
+vocoders."""
 MAX_CRF = 51
 """libx264 constant rate factor (its own maximum)."""
 MAX_NEW_TOKENS = 4096
@@ -76,6 +80,10 @@ class LLMConfig(_Model):
         (), description="tokens added to the tokenizer first, in this order (a released checkpoint's vocabulary "
         "layout: token i gets id base_vocab + i); signal and marker tokens not listed follow"
     )
+    missing_hint: str | None = Field(
+        None, description="what to do when `path` is missing (named in the start-up error), e.g. the variable "
+        "that sets it"
+    )
 
 
 class EncoderConfig(_Model):
@@ -115,7 +123,7 @@ class DecoderDefaults(_Model):
     width_px: int = Field(32, ge=8, le=MAX_SIZE_PX)
     num_frames: int = Field(4, ge=1, le=MAX_NUM_FRAMES)
     fps: int = Field(8, ge=1, le=MAX_FPS)
-    duration_s: float = Field(1.0, gt=0.0, le=MAX_DURATION_S)
+    duration_s: float = Field(1.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
     crf: int = Field(
         18, ge=0, le=MAX_CRF,
         description="video: libx264 constant rate factor of the MP4 the frames are encoded to (lower: closer to the "
@@ -163,6 +171,11 @@ class GenerationConfig(_Model):
         32, ge=0, le=MAX_NEW_TOKENS,
         description="images / audio / videos endpoints: at most this many answer tokens before the requested group "
         "is forced (0: the group opens the answer, as the decode stage trains it)")
+    media_without_modalities: Literal["model_decides", "none"] = Field(
+        "model_decides",
+        description="a chat request without `modalities`: model_decides = the answer may hold any medium the "
+        "server has a decoder for, as the model emits signal tokens (nothing is forced); none = text only (the "
+        "signal tokens are masked). With `modalities` the request decides: floor and ceiling")
 
 
 class PresetConfig(_Model):

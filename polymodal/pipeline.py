@@ -183,19 +183,22 @@ class LLMStage:
         system: str | None = None,
         propose: Callable[[int, torch.Tensor], int | None] | None = None,
         task: str | None = None,
+        allowed_modalities: Sequence[Modality] | None = None,
     ) -> Iterator[TextDelta | SignalGroup | LLMResult]:
         """Stream text deltas and signal groups; the last item is the :class:`LLMResult`.
 
         ``modalities``: media the answer must contain (missing groups are appended, see
-        :mod:`polymodal.llm`). ``None`` options take the preset's defaults. ``task``: a grounding task (see
-        :meth:`segments`).
+        :mod:`polymodal.llm`). ``allowed_modalities``: the media it may contain (``None``: any; ``()``: none):
+        the signal tokens of the others are masked at every decode step, so no group of theirs is made.
+        ``None`` options take the preset's defaults. ``task``: a grounding task (see :meth:`segments`).
 
         With a grounding preset the result's ``text`` has the grounding markup removed and ``boxes`` holds
         the boxes, in pixels of the last image of the conversation (:mod:`polymodal.grounding`); our own
         tokens are special tokens, so the streamed text never shows them.
 
         Raises:
-            ValueError: a requested modality this model cannot produce; an empty conversation; an unknown task.
+            ValueError: a requested modality this model cannot produce, or one outside ``allowed_modalities``; an
+            empty conversation; an unknown task.
         """
         gen = self.preset.generation
         for m in modalities:
@@ -216,6 +219,7 @@ class LLMStage:
             max_signal_run=gen.max_signal_run,
             should_cancel=should_cancel,
             propose=propose,
+            allowed_modalities=None if allowed_modalities is None else list(allowed_modalities),
         ):
             if ev.text:
                 streamed += ev.text
@@ -344,16 +348,22 @@ def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, ex
     """Load the LLM, encoders and input projectors of a preset.
 
     ``export_dir``: an export of trained parts (:mod:`polymodal.export`): input projectors, new token
-    rows and a LoRA adapter, each loaded strictly when present (default: the preset's own ``export_dir``).
+    rows and a LoRA adapter, each loaded strictly when present (default: the preset's own ``export_dir``); the
+    folder must hold parts, and every part its ``export.json`` lists.
 
     Raises:
-        polymodal.llm.LLMLoadError, ProjectorLoadError, and the encoders' load errors.
+        polymodal.export.ExportError (the folder), polymodal.llm.LLMLoadError, ProjectorLoadError, and the
+        encoders' load errors.
     """
     from polymodal.encoders import build_encoder
     from projectors import build_input_projector
 
     preset = get_preset(preset)
     export_dir = export_dir or preset.export_dir
+    if export_dir:
+        from polymodal.export import check_export
+
+        check_export(export_dir)
     dev = resolve_device(device)
     g = preset.grounding
     engine = load_llm(preset.llm, preset.signals.spec(), preset.chat, device=dev,
@@ -398,6 +408,10 @@ def build_decoder_stage(
     preset = get_preset(preset)
     modality = Modality.parse(modality)
     export_dir = export_dir or preset.export_dir
+    if export_dir:
+        from polymodal.export import check_export
+
+        check_export(export_dir)
     if modality not in preset.decoders or modality not in preset.output_projectors:
         raise ValueError(f"preset {preset.name!r} has no {modality.value} decoder")
     dev = resolve_device(device)

@@ -22,6 +22,7 @@ from polymodal.config import (
     MAX_NEW_TOKENS,
     MAX_NUM_FRAMES,
     MAX_SIZE_PX,
+    MIN_DURATION_S,
 )
 
 
@@ -94,9 +95,10 @@ class ImageOptions(_Steps):
 
 
 class AudioOptions(_Steps):
-    """Also OpenAI's chat ``audio`` output parameter: ``format`` (only ``wav``) and ``voice`` (ignored)."""
+    """Also OpenAI's chat ``audio`` output parameter: ``format`` (only ``wav``) and ``voice`` (a spoken answer:
+    not available yet, refused with 400 naming ``audio.voice``)."""
 
-    duration_s: float | None = Field(None, gt=0.0, le=MAX_DURATION_S)
+    duration_s: float | None = Field(None, ge=MIN_DURATION_S, le=MAX_DURATION_S)
     format: Literal["wav"] | None = None
     voice: str | None = None
 
@@ -181,7 +183,7 @@ class AudioGenerationRequest(_Req):
     prompt: str = Field(min_length=1, max_length=32000)
     model: str | None = None
     n: int = Field(1, ge=1, le=16)
-    duration_s: float | None = Field(None, gt=0.0, le=MAX_DURATION_S)
+    duration_s: float | None = Field(None, ge=MIN_DURATION_S, le=MAX_DURATION_S)
     response_format: Literal["b64_json", "url"] | None = None
     format: Literal["wav"] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

@@ -145,6 +145,8 @@ ALLOWED = {
     ("skills/ocr.py", "find_spec("):
         "locates rapidocr-onnxruntime's folder (its ONNX models and config) to check the --no-deps install; no "
         "module is loaded by it",
+    ("polymodal/preflight.py", "find_spec("):
+        "asks whether the ImageBind package is installed (a start-up check of nextgpt-7b); no module is loaded",
 }
 
 

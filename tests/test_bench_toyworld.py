@@ -82,3 +82,27 @@ def test_data_url_bytes():
     assert TW.data_url_bytes("data:image/png;base64,aGk=") == b"hi"
     with pytest.raises(ValueError, match="data URL"):
         TW.data_url_bytes("http://example.com/x.png")
+
+
+def test_plain_questions_are_plain_heldout_and_distinct():
+    from training.toyworld.phrasings import plain_questions
+
+    qs = plain_questions(200)
+    assert len(qs) == len(set(qs)) == 200 and qs == plain_questions(200)
+    kinds = Counter("capital" if "capital of" in q else "define" if ("Define" in q or "mean?" in q)
+                    else "arithmetic" if any(c.isdigit() for c in q) else "fact" for q in qs)
+    assert min(kinds.values()) >= 30, kinds  # a mix, not one template
+    for m in TW.MODALITIES:  # none is a request of the toy world (train or held-out bank)
+        assert_disjoint(qs, all_prompts(m, heldout=False) | all_prompts(m, heldout=True))
+    assert_disjoint(qs, TW.training_questions())
+    with pytest.raises(AssertionError):
+        plain_questions(201)
+
+
+def test_answer_media_reads_both_answer_shapes():
+    parts = {"content": [{"type": "text", "text": "Here"}, {"type": "image_url", "image_url": {"url": "u"}},
+                         {"type": "audio_url", "audio_url": {"url": "a"}}], "audio": {"data": "x"}}
+    assert TW.answer_media(parts) == ["image", "audio"]
+    fields = {"content": "Here ![image 1](u)", "images": [{"type": "image_url", "image_url": {"url": "u"}}]}
+    assert TW.answer_media(fields) == ["image"]
+    assert TW.answer_media({"content": "4"}) == [] and TW.answer_media({"content": "4", "audio": None}) == []

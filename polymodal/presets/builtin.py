@@ -125,6 +125,9 @@ def nextgpt(random: bool) -> PresetConfig:
             tiny=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
                       vocab_size=32000),
             added_tokens=added,
+            missing_hint=None if random else (
+                "set POLYMODAL_VICUNA_V0 to the merged Vicuna-7B v0 folder (LLaMA-7B + lmsys/vicuna-7b-delta-v0; "
+                "no hub id holds it), or put it at $POLYMODAL_CACHE/models/vicuna-7b-v0"),
         ),
         chat=ChatFormat.vicuna_v0(),
         signals=SignalConfig(counts=counts, token_format=fmt, input_markers={m: img_markers for m in BUILTIN}),

@@ -54,13 +54,24 @@ Streaming (``stream: true``) is Server-Sent Events of ``chat.completion.chunk`` 
 5. ``data: [DONE]``. A failure after the stream started is sent as ``data: {"error": {...}}`` (the OpenAI
    client raises it) and the stream ends.
 
-Rules: a requested output modality is produced or the request is refused (400 upfront if no decoder; a
-500 ``generation_failed`` if the medium could not be rendered, never dropped). Unknown ``model``: 400.
-Out-of-range options: 400 naming the field. Body over ``limits.max_body_bytes`` or a medium over
-``limits.max_media_bytes``: 413. Running past ``request_timeout_s``: 504 and the work is cancelled; a
-client that disconnects cancels downstream work. More than ``max_concurrent_requests`` at once, or a full
-stage queue: 503 with ``Retry-After``. API keys (if configured): 401. Remote URLs: refused unless the host
-is in ``allowed_remote_hosts``.
+Rules: ``modalities``, when given, is the floor and the ceiling of the answer (DESIGN.md's one rule): every
+listed medium is produced or the request is refused (400 upfront if no decoder; a 500 ``generation_failed`` if
+the medium could not be rendered, never dropped), and no unlisted medium is made (the signal tokens of the
+others are masked in the LLM's decode loop: ``LLMRequest.allowed_modalities``); ``["text"]`` alone: no media.
+Without ``modalities`` the preset's ``generation.media_without_modalities`` decides: ``model_decides`` (every
+shipped preset: ``tiny``, ``smol``, ``toy``, ``nextgpt-7b``; the model may add any medium this server has a
+decoder for, nothing is forced) or ``none`` (text only). ``audio.voice`` (a spoken answer) is refused with 400
+(speech output is not available yet). The images / audio / videos endpoints allow and require their one medium.
+Unknown ``model``: 400. Out-of-range options: 400 naming the field (every option is bounded in its schema, e.g.
+``duration_s`` >= 0.02 s, AudioLDM's two mel frames). Body over ``limits.max_body_bytes`` or a medium over
+``limits.max_media_bytes``: 413. Admission (:mod:`~services.ingress.admission`): a request predicted not to
+finish within ``request_timeout_s`` (from the measured seconds per queue place and the requests ahead), or one
+over ``max_concurrent_requests``, is refused up front with 503 ``overloaded`` and ``Retry-After`` (503, not
+429: the server's state, not the caller's rate); a full stage queue: 503 too. Running past ``request_timeout_s``
+anyway: 504 and the work is cancelled; a client that disconnects cancels downstream work, queued or running. A
+decoder replica that dies under a request: the render is sent again (deterministic for its seed); none back in
+time: 503 ``stage_unavailable`` with ``Retry-After``. API keys (if configured): 401. Remote URLs: refused unless
+the host is in ``allowed_remote_hosts``.
 
 Modules (the contract above is kept here; each rule is implemented in one place)
 -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from services.errors import APIError
 from services.ingress.error_map import stage_error
 from services.ingress.planning import ChatPlan, input_images
 from services.metrics import APIMetrics
-from services.protocol import Backend, EncodedMedium, RenderRequest
+from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest
 from services.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class Runner:
         Raises:
             APIError (RenderFailed, Overloaded, StageUnavailable, 400 for a conversation the model refuses).
         """
+        if plan.deadline is not None:  # the renders and the LLM stream started below inherit it
+            REQUEST_DEADLINE.set(plan.deadline)
         queue: asyncio.Queue = asyncio.Queue()
         renders: list[asyncio.Task] = []
         groups: list[SignalGroup] = []
@@ -84,9 +86,13 @@ class Runner:
                     if isinstance(item, TextDelta):
                         queue.put_nowait(("text", item.text))
                     elif isinstance(item, SignalGroup):
-                        if item.modality not in self.backend.output_modalities:
-                            log.info("%s: no %s decoder; group %d skipped", plan.request_id, item.modality.value,
-                                     item.index)
+                        if item.modality not in self.backend.output_modalities or (
+                                plan.llm.allowed_modalities is not None and item.modality not in plan.allowed):
+                            # never with our LLM stage (it masks what the request does not allow): a stage
+                            # that ignores its ceiling must not cost a render
+                            log.warning("%s: %s group %d is outside the answer's media (%s); not rendered",
+                                        plan.request_id, item.modality.value, item.index,
+                                        ", ".join(m.value for m in plan.allowed) or "text only")
                             continue
                         if only_first and (groups or item.modality not in plan.requested):
                             continue
@@ -130,6 +136,8 @@ class Runner:
                     if exc is not None:
                         raise stage_error(exc)
                     yield "medium", value.result()
+            if plan.on_complete is not None:
+                plan.on_complete()
             yield "done", (result, groups)
         finally:
             pending = [t for t in (producer, *renders) if not t.done()]
@@ -137,6 +145,9 @@ class Runner:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=10)
+            for t in renders:  # a failure beside the one raised: retrieved here, never left unread
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    log.debug("%s: render outcome: %r", plan.request_id, t.exception())
 
     async def collect(self, plan: ChatPlan) -> ChatOutcome:
         """Run a plan to the end (and draw its overlay when asked)."""

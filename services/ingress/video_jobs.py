@@ -58,6 +58,7 @@ class VideoJobs:
         settings, store = self.settings, self.store
         try:
             async with self._sem:
+                plan.deadline = time.monotonic() + settings.video_job_timeout_s
                 job.status = "in_progress"
                 job.progress = 1
                 store.save_job(job)
