@@ -77,6 +77,11 @@ ContentPart = Annotated[
 
 
 class ChatMessage(_Req):
+    """A message. Other fields are kept (``model_extra``): an assistant message sent back may carry the media arrays
+    of our answers (``images``, ``audios``, ``videos``) and OpenAI's ``audio`` ``{"id"}``, read by the ingress."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None

@@ -43,9 +43,9 @@ class IngressService:
         self.metrics = APIMetrics()
         self.model_name = settings.model_name or backend.preset.name
         self.admission = Admission(settings.max_concurrent_requests, settings.retry_after_s, self.metrics)
-        self.media = MediaReader(backend, settings, self.metrics)
+        self.media = MediaReader(backend, settings, self.metrics, store)
         self.planner = Planner(backend, settings, self.media, self.model_name)
-        self.runner = Runner(backend, settings, self.metrics)
+        self.runner = Runner(backend, settings, self.metrics, store)
         self.responses = Responses(backend.preset, settings, store, self.metrics, self.model_name)
         self.videos = VideoJobs(self.runner, store, settings, self.metrics)
         self._api_keys = settings.effective_api_keys()
