@@ -63,7 +63,6 @@ INPUT_QUESTIONS = (
     "What coloured shape does this image contain?",
 )
 INPUT_SEED = 10_000  # data seed of the input images (the build uses 0 and 1, bench/toyworld_encoder.py 1000)
-_PART_KEY = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
 
 
 # ---- requests and chance ---------------------------------------------------------------------------------
@@ -271,10 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             err = f"HTTP {r.status_code}: {r.text[:200]}"
         if err is None:
             try:
-                content = r.json()["choices"][0]["message"]["content"]
-                part = next(x for x in content if x.get("type") == _PART_KEY[m])
-                text = " ".join(x.get("text", "") for x in content if x.get("type") == "text")
-                reading = check_bytes(m, data_url_bytes(part[_PART_KEY[m]]["url"]))
+                message = r.json()["choices"][0]["message"]
+                text = C.answer_text(message)
+                reading = check_bytes(m, data_url_bytes(C.answer_media(message, m)[0]))
             except Exception as e:  # noqa: BLE001 - an unreadable answer counts as a miss
                 err = f"{type(e).__name__}: {str(e)[:200]}"
         return {"reading": reading, "latency_s": dt, "error": err, "text": text}
@@ -316,9 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         if err is None and r.status_code != 200:
             err = f"HTTP {r.status_code}: {r.text[:200]}"
         if err is None:
-            content = r.json()["choices"][0]["message"]["content"]
-            answer = content if isinstance(content, str) else " ".join(
-                x.get("text", "") for x in content if x.get("type") == "text")
+            answer = C.answer_text(r.json()["choices"][0]["message"])
         return {"answer": answer, "latency_s": dt, "error": err, **name_hits(answer, images[i][1])}
 
     def summarize(m: str, rows: list[dict], wall: float) -> dict:

@@ -82,3 +82,18 @@ def test_data_url_bytes():
     assert TW.data_url_bytes("data:image/png;base64,aGk=") == b"hi"
     with pytest.raises(ValueError, match="data URL"):
         TW.data_url_bytes("http://example.com/x.png")
+
+
+def test_benches_read_media_and_text_from_a_real_answer():
+    """The benches' answer readers (``bench/_common.py``) against an answer of the ingress itself (fake stages):
+    the medium's bytes from ``images`` / ``audios``, the words without the media references."""
+    import _common as C
+
+    from tests.test_ingress import chat, data_of, make, user
+
+    app, _, _ = make()
+    message = chat(app, user("draw and sing"), modalities=["image", "audio"], seed=3).json()["choices"][0]["message"]
+    assert "![image 1](" in message["content"] and C.answer_text(message) == "Seen 0 media. DRAW AND SING"
+    png = data_of(C.answer_media(message, "image")[0])
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    assert data_of(C.answer_media(message, "audio")[0])[:4] == b"RIFF" and C.answer_media(message, "video") == []

@@ -156,7 +156,7 @@ class Responses:
             n = counts.get(Modality.IMAGE, 0) + 1
             refs.append((len(text), self.reference(Modality.IMAGE, n, ov.artifact, base_url)))
             arrays.setdefault(Modality.IMAGE, []).append(
-                self.array_item(Modality.IMAGE, self.url(ov, plan.media_format, base_url), n))
+                {**self.array_item(Modality.IMAGE, self.url(ov, plan.media_format, base_url), n), "overlay": True})
             part = {**self.media_part(ov, base_url), "index": len(media), "text_offset": len(text), "overlay": True,
                     "image_index": k}
             part.pop("seed")
@@ -281,7 +281,7 @@ class StreamChunks:
         frames = self._content(self.content.reference(len(result.text), self.r.reference(Modality.IMAGE, n, s.artifact,
                                                                                           self.base_url)))
         item = self.r.array_item(Modality.IMAGE, self.r.url(s, self.plan.media_format, self.base_url), n)
-        return [*frames, self.r.chunk(self.plan, self.created, {"images": [item]})]
+        return [*frames, self.r.chunk(self.plan, self.created, {"images": [{**item, "overlay": True}]})]
 
     def finish(self, result: LLMResult) -> list[bytes]:
         """References still waiting, the closing ``delta`` with ``finish_reason`` (``boxes`` for a grounding model),
