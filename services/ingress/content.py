@@ -4,10 +4,10 @@ One :class:`ContentStream` writes both the streamed content deltas and the whole
 non-streamed body feeds it the answer's text and every reference at its offset), so the concatenated stream
 equals the non-streamed ``content`` whenever the streamed text is the answer's text.
 
-Layout rule (a function of what came before only, so it can stream): a reference starts a paragraph (a blank
-line before it unless the content is empty or already ends with one), the text after a reference starts a new
-paragraph (its leading whitespace replaced by a blank line), and trailing whitespace is held back until more text
-follows (an answer's trailing whitespace is never sent).
+Layout rule (a function of what came before only, so it can stream): a reference starts a paragraph (the
+whitespace before it dropped, a blank line before it unless the content is empty), the text after a reference
+starts a new paragraph (its leading whitespace replaced by a blank line), and trailing whitespace is held back
+until more text follows (an answer's trailing whitespace is never sent).
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ class ContentStream:
         sent: list[str] = []
         while self._pending and self._pending[0][0] <= len(self._text):
             offset, md = self._pending.pop(0)
-            if offset > self._placed:
-                sent.append(self._emit_text(self._text[self._placed:offset]))
+            if offset > self._placed:  # the text before a reference, its trailing whitespace dropped
+                sent.append(self._emit_text(self._text[self._placed:offset].rstrip()))
                 self._placed = offset
             sent.append(self._emit_ref(md))
         end = len(self._text.rstrip())
