@@ -60,7 +60,7 @@ class AudioContent(_Req):
 
 
 class AudioURLContent(_Req):
-    """An audio as a data URL (what our own answers contain, so a client can send them back)."""
+    """An audio by URL: a data URL, or one of our artifact URLs (as our answers' ``audios`` hold them)."""
 
     type: Literal["audio_url"]
     audio_url: MediaURL
@@ -125,8 +125,8 @@ MAX_SEED = 2**31 - 1
 class ChatCompletionRequest(_Req):
     """``POST /v1/chat/completions``.
 
-    Extensions: ``image`` / ``audio`` / ``video`` generation options, ``media_format`` (``inline`` data URLs
-    or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``, ``audio``, ``video``; each
+    Extensions: ``image`` / ``audio`` / ``video`` generation options, ``media_format`` (the answer's media arrays
+    hold ``inline`` data URLs or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``, ``audio``, ``video``; each
     requested medium is produced or the request is refused with 400. With a grounding model: ``task`` (one
     of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also return the image
     with the answer's boxes drawn).

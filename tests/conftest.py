@@ -3,8 +3,8 @@
 One torch thread per test process: the tiny models gain nothing from more, and on a 2-core machine
 shared with Ray workers, oversubscribed threads made tiny generations 10-30x slower.
 
-Session fixtures ``tiny_server`` and ``toy_server``: one real ``--no-ray`` host per preset (tests/local_server.py),
-shared by the tests that talk to it with real clients.
+Session fixtures ``tiny_server``, ``toy_server`` and ``toy_grounding_server``: one real ``--no-ray`` host per preset
+(tests/local_server.py), shared by the tests that talk to it with real clients.
 """
 
 import os
@@ -33,3 +33,11 @@ def toy_server():
     from tests.local_server import serve
 
     yield from serve("toy")
+
+
+@pytest.fixture(scope="session")
+def toy_grounding_server():
+    """A ``--no-ray`` host of ``toy-grounding`` (the README's grounding examples)."""
+    from tests.local_server import serve
+
+    yield from serve("toy-grounding")
