@@ -126,8 +126,8 @@ class ChatCompletionRequest(_Req):
     """``POST /v1/chat/completions``.
 
     Extensions: ``image`` / ``audio`` / ``video`` generation options, ``media_format`` (the answer's media arrays
-    hold ``inline`` data URLs or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``, ``audio``, ``video``; each
-    requested medium is produced or the request is refused with 400. With a grounding model: ``task`` (one
+    hold ``inline`` data URLs or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``,
+    ``audio``, ``video``; each requested medium is produced or the request is refused with 400. With a grounding model: ``task`` (one
     of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also return the image
     with the answer's boxes drawn).
     """
