@@ -127,9 +127,10 @@ class ChatCompletionRequest(_Req):
 
     Extensions: ``image`` / ``audio`` / ``video`` generation options, ``media_format`` (the answer's media arrays
     hold ``inline`` data URLs or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``,
-    ``audio``, ``video``; each requested medium is produced or the request is refused with 400. With a grounding model: ``task`` (one
-    of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also return the image
-    with the answer's boxes drawn).
+    ``audio``, ``video``; each requested medium is produced or the request is refused with 400. With a grounding
+    model: ``task`` (one of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also
+    return the image with the answer's boxes drawn). An assistant message may carry our answers' media arrays
+    (``images``, ``audios``, ``videos``) and ``audio`` ``{"id"}`` (kept as extra fields, see :class:`ChatMessage`).
     """
 
     model: str
