@@ -291,6 +291,15 @@ def test_history_refusals_name_the_field_and_nothing_is_fetched(monkeypatch):
     assert r.status_code == 400 and err(r)["code"] == "artifact_not_found" and "expired" in err(r)["message"]
 
 
+def test_a_data_url_in_assistant_markdown_is_the_medium_itself():
+    app, llm, _ = make()
+    content = f"A photo: ![photo]({data_url(photo_png(), 'image/png')}) there."
+    assert chat(app, [*user("a"), {"role": "assistant", "content": content}, *user("b")]).status_code == 200
+    parts = llm.calls[-1]["turns"][1].parts
+    assert parts[0] == TextPart("A photo:") and parts[2] == TextPart("there.")
+    assert np.array_equal(parts[1].data, _decoded(photo_png()))
+
+
 def test_links_stay_text_and_user_parts_may_name_our_artifacts():
     app, llm, _ = make()
     first = _first_turn(app)

@@ -12,7 +12,8 @@ Endpoints
   History: an assistant message sent back may carry our own media (see "The answer's shape": the references in
   its ``content``, the ``images`` / ``audios`` / ``videos`` arrays, ``audio.id``); they resolve to the same media
   from the store (:mod:`~services.ingress.history`). Only our own artifact URLs count there (any host or base,
-  the ``/v1/artifacts/{id}.{ext}`` path, the id in the store) besides data URLs; an unknown or expired id
+  the ``/v1/artifacts/{id}.{ext}`` path, the id in the store) besides data URLs (the medium itself, e.g. a
+  chat UI's inline ``![](data:...)``); an unknown or expired id
   (``artifact_not_found``), a failed one (``artifact_failed``), or a media reference to anything else
   (``invalid_history_reference``) is a 400 naming the field: never fetched, never dropped. A user's content part
   may also name one of our artifact URLs (read from the store, no fetch); links in user text stay text.

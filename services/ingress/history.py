@@ -11,8 +11,8 @@ the message with its arrays), so an assistant message's media are read from:
    medium not already taken from ``content`` (same artifact, or same bytes) is appended to the turn.
 
 A URL there must be one of ours (the ``/v1/artifacts/{id}.{ext}`` path on any host, its id in the store) or a
-data URL (an array item, or a content part); an unknown or expired id, or a media reference to anything else,
-is a 400 naming the field: never fetched, never dropped. Other fields of the message (``parts``, ``boxes``) are
+data URL (the medium itself); an unknown or expired id, or a media reference to anything else, is a 400 naming
+the field: never fetched, never dropped. Other fields of the message (``parts``, ``boxes``) are
 not read. Links in user text stay text.
 """
 
@@ -116,8 +116,12 @@ class AssistantTurn:
         for ref in refs:
             if text[cursor:ref.start].strip():
                 self.parts.append(TextPart(text[cursor:ref.start].strip()))
-            mime, data, artifact_id = await self._artifact(ref.url, param)
-            self._take(await self._decode(mime, data, param), data, artifact_id)
+            if ref.url.startswith("data:"):  # the medium itself (e.g. a chat UI's inline image): no fetch
+                mime, data = await self.media.media_bytes(ref.url, param, assistant=True)
+                self._take(await self._decode(mime or "", data, param), data, None)
+            else:
+                mime, data, artifact_id = await self._artifact(ref.url, param)
+                self._take(await self._decode(mime, data, param), data, artifact_id)
             cursor = ref.end
         if text[cursor:].strip():
             self.parts.append(TextPart(text[cursor:].strip()))
