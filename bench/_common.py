@@ -259,12 +259,12 @@ def as_dict(message: Any) -> dict[str, Any]:
 
 
 def answer_text(message: Any) -> str:
-    """The answer's words: the text parts of ``message.parts`` joined (``content`` without its media
+    """The answer's words: the text parts of ``message.parts`` joined by spaces (``content`` without its media
     references), or ``content`` when there are no parts."""
     msg = as_dict(message)
     parts = msg.get("parts")
     if isinstance(parts, list):
-        return "".join(p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text").strip()
+        return " ".join(p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text").strip()
     return (msg.get("content") or "").strip()
 
 

@@ -90,10 +90,10 @@ def test_content_is_the_text_with_a_reference_where_each_medium_was_emitted():
     assert msg["images"][0]["type"] == "image_url" and msg["images"][0]["index"] == 0
     assert msg["audio"]["id"] == refs[1][4] and base64.b64decode(msg["audio"]["data"]) == data_of(
         msg["audios"][0]["audio_url"]["url"])
-    # parts: the text cut where the media belong (joined: the answer's text), media by artifact URL
+    # parts: the text cut where the media belong (the pipeline's one placement rule), media by artifact URL
     parts = msg["parts"]
     assert [p["type"] for p in parts] == ["text", "image_url", "text", "audio_url", "text"]
-    assert "".join(p["text"] for p in parts if p["type"] == "text") == "Here is a shape:  and a tone \nDone."
+    assert [p["text"] for p in parts if p["type"] == "text"] == ["Here is a shape:", "and a tone", "Done."]
     assert parts[1]["image_url"]["url"] == refs[0][3] and parts[1]["text_offset"] == len("Here is a shape: ")
     assert parts[3]["artifact_id"] == refs[1][4] and parts[3]["duration_s"] > 0
 

@@ -103,7 +103,7 @@ OVERLAY_MESSAGE = {  # the answer's shape of services/ingress/__init__.py
     "content": f"The red circle.\n\n![image 1]({ARTIFACT})",
     "images": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(_png()).decode()},
                 "index": 0, "overlay": True}],
-    "parts": [{"type": "text", "text": "The red circle.", "text_offset": 0},
+    "parts": [{"type": "text", "text": "The red circle."},
               {"type": "image_url", "image_url": {"url": ARTIFACT}, "artifact_id": "art_0123456789abcdef",
                "mime_type": "image/png", "index": 0, "text_offset": 15, "overlay": True, "image_index": 0}],
     "boxes": [{"phrase": "red circle", "box": [12.5, 8.0, 40.0, 35.75], "image_index": 0, "text_span": [4, 14]},

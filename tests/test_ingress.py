@@ -103,7 +103,7 @@ def test_text_only_answer_keeps_content_a_string(app_llm_dec):
     assert body["id"].startswith("chatcmpl-") and r.headers["x-request-id"] == body["id"]
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert "audio" not in msg and "images" not in msg
-    assert msg["parts"] == [{"type": "text", "text": msg["content"], "text_offset": 0}]
+    assert msg["parts"] == [{"type": "text", "text": msg["content"]}]
     call_ = llm.calls[-1]
     assert (call_["seed"], call_["max_new_tokens"], call_["temperature"], call_["top_p"]) == (3, 5, 0.5, None)
 

@@ -25,8 +25,8 @@ Endpoints
   y2], "image_index", "text_span"}]`` with ``box`` in pixels of the image the user sent (after its EXIF
   orientation; 2 decimals, x right, y down), ``image_index`` the image among the request's images (in
   message order; boxes refer to the last one) and ``text_span`` [start, end) of the phrase in the answer
-  text (the text of ``parts``: ``content`` without its references; a span before the first reference is the same
-  in ``content``), or null; the
+  text (the answer's text without its media references, as ``parts``' ``text_offset``; a span before the first
+  reference is the same in ``content``), or null; the
   grounding markup is removed from the text. With ``box_overlay`` the answer's last image is that image with
   the boxes drawn (Pillow): referenced at the end of ``content``, last in ``images`` (``"overlay": true``),
   and in ``parts`` as ``{..., "overlay": true, "image_index"}``. ``message.boxes`` is present (maybe empty)
@@ -68,10 +68,11 @@ The per-modality names come from :data:`~services.ingress.media_refs.MEDIA_SHAPE
   ``default_media_format``; a data URL, as OpenRouter sends) or ``url`` (the artifact URL).
 - ``message.audio``: OpenAI's slot ``{id, data (base64 WAV), format, expires_at, transcript}`` for the answer's
   first sound (``id`` is its artifact id, ``transcript`` the answer's text).
-- ``message.parts`` (extension; every chat answer): the ordered, offset-tagged parts: ``{"type": "text", "text",
-  "text_offset"}`` (joined: the answer's text without references) and ``{"type": "image_url", "image_url":
-  {"url": artifact URL}, "artifact_id", "mime_type", "seed", "index" (among the answer's media), "text_offset"[,
-  "duration_s"]}`` (``audio_url``, ``video_url`` alike).
+- ``message.parts`` (extension; every chat answer): text and media in output order, as the in-process pipeline
+  places them (:func:`polymodal.types.interleave`): ``{"type": "text", "text"}`` (stripped pieces of the answer's
+  text) and ``{"type": "image_url", "image_url": {"url": artifact URL}, "artifact_id", "mime_type", "seed",
+  "index" (among the answer's media), "text_offset" (where it belongs in the answer's text)[, "duration_s"]}``
+  (``audio_url``, ``video_url`` alike).
 - ``message.boxes`` (grounding models). Medium k of an answer is rendered with seed ``seed + k``.
 
 Streaming (``stream: true``) is Server-Sent Events of ``chat.completion.chunk`` objects:

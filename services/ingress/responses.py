@@ -2,7 +2,8 @@
 
 - :meth:`Responses.completion_body`: a ``chat.completion``: ``content`` (a string: the text with a markdown
   reference per medium, see :mod:`~services.ingress.content`), the media arrays (``images``, ``audios``,
-  ``videos``), OpenAI's ``audio`` slot, the ordered ``parts``, ``boxes``, usage.
+  ``videos``), OpenAI's ``audio`` slot, the ordered ``parts`` (the one placement rule,
+  :func:`polymodal.types.interleave`), ``boxes``, usage.
 - :class:`StreamChunks`: the ``chat.completion.chunk`` SSE frames of a streamed answer, in order.
 - :meth:`Responses.array_item` / :meth:`~Responses.media_part` / :meth:`~Responses.audio_message`: how one stored
   medium appears (data URL or artifact URL).
@@ -16,6 +17,7 @@ answer's shape is a change of this module.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from typing import Any
@@ -23,7 +25,7 @@ from typing import Any
 from polymodal import media_io
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
-from polymodal.types import LLMResult
+from polymodal.types import LLMResult, interleave
 
 from services.errors import APIError
 from services.ingress.content import ContentStream, compose
@@ -43,22 +45,6 @@ def sse_event(body: dict[str, Any], *, compact: bool = True) -> bytes:
     """One server-sent event ``data: <json>``."""
     text = json.dumps(body, separators=(",", ":")) if compact else json.dumps(body)
     return b"data: " + text.encode() + b"\n\n"
-
-
-def ordered_parts(text: str, media: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``message.parts``: ``text`` cut where each medium part belongs (its ``text_offset``, clamped, in output
-    order); text parts are ``{"type": "text", "text", "text_offset"}`` and, joined, are ``text``."""
-    parts: list[dict[str, Any]] = []
-    cursor = 0
-    for part in media:
-        off = min(max(part["text_offset"], cursor), len(text))
-        if off > cursor:
-            parts.append({"type": "text", "text": text[cursor:off], "text_offset": cursor})
-        parts.append({**part, "text_offset": off})
-        cursor = off
-    if cursor < len(text):
-        parts.append({"type": "text", "text": text[cursor:], "text_offset": cursor})
-    return parts
 
 
 class Responses:
@@ -150,6 +136,7 @@ class Responses:
         for s, n in numbered:
             arrays.setdefault(s.medium.modality, []).append(
                 self.array_item(s.medium.modality, self.url(s, plan.media_format, base_url), n))
+        placed = [s.medium for s in media]
         media_parts = [self.media_part(s, base_url) for s in media]
         if out.overlay is not None:
             ov, k = out.overlay
@@ -157,6 +144,7 @@ class Responses:
             refs.append((len(text), self.reference(Modality.IMAGE, n, ov.artifact, base_url)))
             arrays.setdefault(Modality.IMAGE, []).append(
                 {**self.array_item(Modality.IMAGE, self.url(ov, plan.media_format, base_url), n), "overlay": True})
+            placed.append(dataclasses.replace(ov.medium, index=len(media), text_offset=len(text)))
             part = {**self.media_part(ov, base_url), "index": len(media), "text_offset": len(text), "overlay": True,
                     "image_index": k}
             part.pop("seed")
@@ -168,7 +156,7 @@ class Responses:
         audio = next((s for s in media if s.medium.modality is Modality.AUDIO), None)
         if audio is not None:
             message["audio"] = self.audio_message(audio, text)
-        message["parts"] = ordered_parts(text, media_parts)
+        message["parts"] = interleave(text, placed, media_parts, text_part=lambda t: {"type": "text", "text": t})
         if self.preset.grounding is not None:
             message["boxes"] = self.boxes_json(r)
         return {
