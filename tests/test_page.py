@@ -126,6 +126,15 @@ def test_page_route_serves_only_its_files_and_docs_stay_the_api():
     assert "/" not in paths and "/page/{name}" not in paths and "/v1/chat/completions" in paths
 
 
+def test_readme_shows_the_page_with_a_small_screenshot_and_the_command_that_made_it():
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    shot = root / "docs" / "page.png"
+    assert "](docs/page.png)" in readme and "docs/page_screenshot.py" in readme
+    assert "http://127.0.0.1:8000/" in readme
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size < 200 * 1024
+
+
 def test_missing_browser_fails_under_ci_and_skips_elsewhere(monkeypatch):
     import tests.page_browser as pb
 
