@@ -30,6 +30,8 @@ ENDPOINTS = {
     ("GET", "/health", "system"),
     ("GET", "/ready", "system"),
     ("GET", "/metrics", "system"),
+    ("GET", "/", "page"),
+    ("GET", "/page/{name}", "page"),
 }
 
 
