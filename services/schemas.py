@@ -90,6 +90,9 @@ class ChatMessage(_Req):
 
 # ---- per-medium generation options (override the preset's decoder defaults) -------------------------
 class _Steps(_Req):
+    """Per-medium options are polymodal's own extension: an unknown key is a typo, refused with 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
 
