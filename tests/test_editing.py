@@ -1,0 +1,150 @@
+"""Editing (issue #27): the decoders render from a source medium (img2img with ``strength``, inpainting with a mask,
+video-to-video) through stock diffusers pipelines composed over the loaded components; ``POST /v1/images/edits``.
+
+Tiny random components on CPU: what is checked is the plumbing (same weights, the stock pipeline's output, the
+source's pixels kept outside a mask, outputs that follow their sources), not what an edit looks like.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline
+
+from decoders import DecodeError, Medium, build_decoder
+from polymodal.modality import Modality
+from polymodal.presets import get_preset
+from polymodal.types import EditSource
+
+IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+SHARED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@pytest.fixture(scope="module")
+def configs():
+    return get_preset("tiny").decoders
+
+
+@pytest.fixture(scope="module")
+def image_dec(configs):
+    return build_decoder(IMAGE, configs[IMAGE], seed=0)
+
+
+@pytest.fixture(scope="module")
+def video_dec(configs):
+    return build_decoder(VIDEO, configs[VIDEO], seed=0)
+
+
+def picture(h: int, w: int, seed: int) -> np.ndarray:
+    """A source image with structure (a bright square on a dark gradient), uint8 (H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = np.linspace(0, 120, w, dtype=np.uint8)[None, :]
+    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    img[y:y + h // 2, x:x + w // 2] = rng.integers(100, 255, 3, dtype=np.uint8)
+    return img
+
+
+def edit_options(dec, **update):
+    return dec.defaults.model_copy(update={"num_inference_steps": 4, "strength": 0.5, **update})
+
+
+def test_edit_pipelines_share_the_loaded_components(image_dec, video_dec, configs):
+    before = {id(p) for p in image_dec.pipeline.unet.parameters()}
+    for dec, kinds in ((image_dec, ("whole", "masked")), (video_dec, ("whole",))):
+        assert dec.edit_kinds == kinds
+        for kind in kinds:
+            pipe = dec.edit_pipeline(kind)
+            assert pipe is dec.edit_pipeline(kind)  # composed once
+            for name in SHARED:
+                assert getattr(pipe, name) is getattr(dec.pipeline, name), (kind, name)
+    assert {id(p) for p in image_dec.edit_pipeline("masked").unet.parameters()} == before
+    audio = build_decoder(AUDIO, configs[AUDIO], seed=0)
+    assert audio.edit_kinds == ()
+    with pytest.raises(ValueError, match="cannot render a 'whole' edit"):
+        audio.edit_pipeline("whole")
+
+
+def test_img2img_equals_the_stock_pipeline(image_dec):
+    emb = image_dec.encode_text(["a red circle"])
+    src = picture(32, 32, 0)
+    opts = edit_options(image_dec, guidance_scale=3.0)
+    ours = image_dec.render(emb, [7], opts, sources=[EditSource(IMAGE, src)])[0]
+    stock = StableDiffusionImg2ImgPipeline(**{k: getattr(image_dec.pipeline, k) for k in (
+        *SHARED, "safety_checker", "feature_extractor")}, requires_safety_checker=False)
+    stock.set_progress_bar_config(disable=True)
+    from PIL import Image
+    out = stock(image=Image.fromarray(src), strength=0.5, num_inference_steps=4, guidance_scale=3.0,
+                prompt_embeds=emb, negative_prompt_embeds=image_dec.negative_prompt_embeds[None],
+                generator=torch.Generator("cpu").manual_seed(7), output_type="np").images[0]
+    assert isinstance(ours, Medium)
+    assert np.abs(ours.data.astype(int) - (np.clip(out, 0, 1) * 255).round().astype(int)).max() <= 1
+
+
+def test_edits_follow_their_sources_and_batch_items_equal_items_alone(image_dec):
+    emb = image_dec.encode_text(["a cat", "a cat"])
+    a, b = picture(32, 32, 1), picture(32, 32, 2)
+    opts = edit_options(image_dec)
+    both = image_dec.render(emb, [3, 3], opts, sources=[EditSource(IMAGE, a), EditSource(IMAGE, b)])
+    alone = image_dec.render(emb[:1], [3], opts, sources=[EditSource(IMAGE, a)])[0]
+    assert np.abs(both[0].data.astype(int) - alone.data.astype(int)).max() <= 1
+    assert np.abs(both[0].data.astype(int) - both[1].data.astype(int)).mean() > 1  # same seed, other source
+
+
+def test_edit_keeps_the_source_size(image_dec):
+    out = image_dec.render(image_dec.encode_text(["x"]), [0], edit_options(image_dec),
+                           sources=[EditSource(IMAGE, picture(40, 48, 0))])[0]
+    assert out.data.shape == (40, 48, 3)
+
+
+def test_inpainting_keeps_the_source_outside_the_mask(image_dec):
+    src = picture(32, 32, 3)
+    mask = np.zeros((32, 32), bool)
+    mask[8:24, 8:24] = True
+    out = image_dec.render(image_dec.encode_text(["green"]), [5], edit_options(image_dec, strength=1.0),
+                           sources=[EditSource(IMAGE, src, mask)])[0]
+    assert isinstance(out, Medium)
+    assert np.array_equal(out.data[~mask], src[~mask])
+    assert np.abs(out.data[mask].astype(int) - src[mask].astype(int)).mean() > 5
+
+
+def test_video_to_video_keeps_the_frames_and_follows_the_source(video_dec):
+    d = video_dec.defaults
+    emb = video_dec.encode_text(["a", "a"])
+    a = np.stack([picture(d.height_px, d.width_px, k) for k in range(d.num_frames)])
+    b = a[::-1].copy()
+    opts = edit_options(video_dec)
+    out = video_dec.render(emb, [1, 1], opts, sources=[EditSource(VIDEO, a), EditSource(VIDEO, b)])
+    alone = video_dec.render(emb[:1], [1], opts, sources=[EditSource(VIDEO, a)])[0]
+    assert out[0].data.shape == a.shape
+    assert np.abs(out[0].data.astype(int) - alone.data.astype(int)).max() <= 1
+    assert np.abs(out[0].data.astype(int) - out[1].data.astype(int)).mean() > 1
+
+
+def test_edit_refusals(image_dec, configs):
+    emb = image_dec.encode_text(["x", "y"])
+    src = picture(32, 32, 0)
+    opts = edit_options(image_dec)
+    with pytest.raises(ValueError, match="one source per item"):
+        image_dec.render(emb, [0, 1], opts, sources=[EditSource(IMAGE, src)])
+    with pytest.raises(ValueError, match="mask has shape"):
+        image_dec.render(emb[:1], [0], opts, sources=[EditSource(IMAGE, src, np.ones((8, 8), bool))])
+    with pytest.raises(ValueError, match="share the source's shape"):
+        image_dec.render(emb, [0, 1], opts, sources=[EditSource(IMAGE, src), EditSource(IMAGE, src, np.ones((32, 32), bool))])
+    with pytest.raises(ValueError, match="leaves no denoising step"):
+        image_dec.render(emb[:1], [0], edit_options(image_dec, strength=0.1), sources=[EditSource(IMAGE, src)])
+    with pytest.raises(ValueError, match="video source sent to the image decoder"):
+        image_dec.render(emb[:1], [0], opts, sources=[EditSource(VIDEO, src[None])])
+    audio = build_decoder(AUDIO, configs[AUDIO], seed=0)
+    with pytest.raises(ValueError, match="cannot render"):
+        audio.render(audio.encode_text(["x"]), [0], audio.defaults,
+                     sources=[EditSource(AUDIO, np.zeros(1600, np.float32))])
+
+
+def test_a_degenerate_edit_is_a_decode_error_not_a_black_file(image_dec):
+    black = np.zeros((32, 32, 3), np.uint8)
+    mask = np.zeros((32, 32), bool)  # nothing may change: the source (black) is the answer
+    out = image_dec.render(image_dec.encode_text(["x"]), [0], edit_options(image_dec),
+                           sources=[EditSource(IMAGE, black, mask)])[0]
+    assert isinstance(out, DecodeError)
