@@ -94,9 +94,14 @@ class _Steps(_Req):
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
 
 
+STRENGTH_DESCRIPTION = ("edits: how far the medium may go from its source, the fraction of the denoising schedule "
+                        "run (0 < strength <= 1; strength x num_inference_steps >= 1); default: the preset's")
+
+
 class ImageOptions(_Steps):
     height_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
     width_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
+    strength: float | None = Field(None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)
 
 
 class AudioOptions(_Steps):
@@ -115,6 +120,7 @@ class VideoOptions(_Steps):
     fps: int | None = Field(None, ge=1, le=MAX_FPS)
     crf: int | None = Field(None, ge=0, le=MAX_CRF, description="libx264 constant rate factor of the MP4 (lower: "
                             "closer to the generated frames, bigger file; default: the preset's)")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)
 
 
 class StreamOptions(_Req):
@@ -177,6 +183,29 @@ class ImageGenerationRequest(_Req):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    user: str | None = None
+
+
+class ImageEditRequest(_Req):
+    """``POST /v1/images/edits``: the form fields of OpenAI's multipart request (the files, ``image`` and ``mask``,
+    are read by the route).
+
+    ``size``: ``"WxH"`` or ``"auto"`` (the preset's image size): the source image (and mask) are resized to it and
+    the edit has that size. ``response_format``: ``b64_json`` (default) or ``url``. Extensions: ``seed`` (image k
+    gets ``seed + k``), ``num_inference_steps``, ``guidance_scale``, ``strength`` (how far the edit may go from
+    the source: the fraction of the denoising schedule run; ``strength x steps`` must be >= 1).
+    """
+
+    prompt: str = Field(min_length=1, max_length=32000)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=16)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png"] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    strength: float | None = Field(None, gt=0.0, le=1.0)
     user: str | None = None
 
 

@@ -148,3 +148,108 @@ def test_a_degenerate_edit_is_a_decode_error_not_a_black_file(image_dec):
     out = image_dec.render(image_dec.encode_text(["x"]), [0], edit_options(image_dec),
                            sources=[EditSource(IMAGE, black, mask)])[0]
     assert isinstance(out, DecodeError)
+
+
+# ---- POST /v1/images/edits through a real --no-ray host (the shared tiny_server), with the official client ----
+
+def png(image: np.ndarray, alpha: np.ndarray | None = None) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    img = Image.fromarray(image) if alpha is None else Image.fromarray(np.dstack([image, alpha]).astype(np.uint8),
+                                                                       "RGBA")
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_png(b64: str) -> np.ndarray:
+    import base64
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def client(tiny_server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=tiny_server + "/v1", api_key="none", max_retries=0)
+
+
+def test_openai_client_images_edit_returns_images_of_the_asked_size(client):
+    src = picture(64, 48, 0)
+    out = client.images.edit(image=("src.png", png(src), "image/png"), prompt="make it green", n=2, size="48x40",
+                             extra_body={"seed": 3, "num_inference_steps": 4, "strength": 0.5})
+    assert len(out.data) == 2
+    images = [decode_png(d.b64_json) for d in out.data]
+    assert all(im.shape == (40, 48, 3) for im in images)
+    assert [d.model_extra["seed"] for d in out.data] == [3, 4]
+    assert not np.array_equal(images[0], images[1])
+
+
+def test_an_edit_follows_its_source(client):
+    """Same prompt, seed and options, two sources: the outputs differ (rendered from the source, not from noise)."""
+    kw = dict(prompt="make it green", size="32x32", extra_body={"seed": 5, "num_inference_steps": 4, "strength": 0.5})
+    a = decode_png(client.images.edit(image=("a.png", png(picture(32, 32, 1)), "image/png"), **kw).data[0].b64_json)
+    a2 = decode_png(client.images.edit(image=("a.png", png(picture(32, 32, 1)), "image/png"), **kw).data[0].b64_json)
+    b = decode_png(client.images.edit(image=("b.png", png(picture(32, 32, 2)), "image/png"), **kw).data[0].b64_json)
+    assert np.array_equal(a, a2)  # deterministic for its seed
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 1
+
+
+def test_a_mask_keeps_the_rest_of_the_image(client):
+    src = picture(32, 32, 4)
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[8:24, 8:24] = 0  # transparent: may change (OpenAI's convention)
+    out = client.images.edit(image=("src.png", png(src), "image/png"), mask=("mask.png", png(src, alpha), "image/png"),
+                             prompt="a green square", size="32x32", response_format="url",
+                             extra_body={"seed": 1, "num_inference_steps": 2, "strength": 1.0})
+    import httpx
+
+    from PIL import Image
+    import io
+
+    got = np.asarray(Image.open(io.BytesIO(httpx.get(out.data[0].url, timeout=60).content)).convert("RGB"))
+    keep = alpha > 0
+    assert np.array_equal(got[keep], src[keep])
+    assert not np.array_equal(got[~keep], src[~keep])
+
+
+@pytest.mark.parametrize("files, data, param", [
+    ({}, {"prompt": "x"}, "image"),
+    ({"image": ("a.txt", b"not an image", "text/plain")}, {"prompt": "x"}, "image"),
+    ({"image": ("a.png", png(picture(32, 32, 0)), "image/png")}, {}, "prompt"),
+    ({"image": ("a.png", png(picture(32, 32, 0)), "image/png")}, {"prompt": "x", "n": "99"}, "n"),
+    ({"image": ("a.png", png(picture(32, 32, 0)), "image/png")}, {"prompt": "x", "size": "33x33"}, "size"),
+    ({"image": ("a.png", png(picture(32, 32, 0)), "image/png")}, {"prompt": "x", "strength": "0"}, "strength"),
+    ({"image": ("a.png", png(picture(32, 32, 0)), "image/png")},
+     {"prompt": "x", "strength": "0.1", "num_inference_steps": "2"}, "strength"),
+    ({"image": ("a.png", png(picture(32, 32, 0)), "image/png"),
+      "mask": ("m.png", png(picture(32, 32, 0)), "image/png")}, {"prompt": "x"}, "mask"),  # no alpha
+    ({"image": ("a.png", png(picture(32, 32, 0)), "image/png"),
+      "mask": ("m.png", png(picture(16, 16, 0), np.zeros((16, 16))), "image/png")}, {"prompt": "x"}, "mask"),
+    ({"image": ("a.png", png(picture(32, 32, 0)), "image/png")}, {"prompt": "x", "model": "gpt-image-1"}, "model"),
+])
+def test_bad_edit_requests_are_4xx_naming_the_field(tiny_server, files, data, param):
+    import httpx
+
+    r = httpx.post(tiny_server + "/v1/images/edits", files=files or {"dummy": ("d", b"", "text/plain")}, data=data,
+                   timeout=60)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param, r.json()
+
+
+def test_two_images_and_json_bodies_are_refused(tiny_server, client):
+    import httpx
+    import openai
+
+    one = ("a.png", png(picture(32, 32, 0)), "image/png")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.edit(image=[one, one], prompt="x")
+    assert e.value.body["param"] == "image"
+    r = httpx.post(tiny_server + "/v1/images/edits", json={"prompt": "x"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "image"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 
 from polymodal.config import DecoderDefaults, PresetConfig
 from polymodal.modality import Modality
-from polymodal.types import MediaPart, TextPart, Turn, input_images
+from polymodal.types import EditSource, MediaPart, TextPart, Turn, input_images
 
 from services.errors import APIError, bad_request
 from services.ingress.history import AssistantTurn
@@ -65,6 +65,7 @@ class ChatPlan:
     allowed: tuple[Modality, ...] = ()  # the ceiling: media the answer may contain (the LLM masks the others)
     deadline: float | None = None  # time.monotonic() by which the answer is due (retries stop before it)
     on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
+    edit_source: EditSource | None = None  # edits: the groups of its modality render from it (issue #27)
 
 
 class Planner:
@@ -303,14 +304,16 @@ class Planner:
                               param="task", code="invalid_value")
 
     def plan_prompt(self, prompt: str, modality: Modality, options: DecoderDefaults, seed: int | None, n: int,
-                    request_id: str, fmt: str) -> ChatPlan:
+                    request_id: str, fmt: str, *, media: tuple[MediaPart, ...] = (),
+                    edit_source: EditSource | None = None) -> ChatPlan:
         """A one-medium request (images / audio / videos endpoints): the prompt through the LLM with the
         modality's group required; the first group of that modality is rendered ``n`` times with seeds
-        ``seed + k``."""
+        ``seed + k``. ``media``: input media placed before the prompt in the user's turn (an edit's source
+        image, when the model reads images); ``edit_source``: every variant renders from it (``/v1/images/edits``)."""
         base_seed = self.seed(seed)
-        llm = LLMRequest(request_id, (Turn("user", (TextPart(prompt),)),), (modality,),
+        llm = LLMRequest(request_id, (Turn("user", (*media, TextPart(prompt))),), (modality,),
                          min(PROMPT_ENDPOINT_MAX_NEW_TOKENS, self.backend.preset.generation.prompt_lead_in_tokens,
                              self.limits.max_new_tokens), None, None, base_seed, allowed_modalities=(modality,))
         return ChatPlan(request_id, llm, {modality: options}, base_seed, (modality,), fmt,
                         variant_seeds=tuple(base_seed + k for k in range(n)), allowed=(modality,),
-                        deadline=time.monotonic() + self.settings.request_timeout_s)
+                        deadline=time.monotonic() + self.settings.request_timeout_s, edit_source=edit_source)
