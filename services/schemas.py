@@ -137,7 +137,8 @@ class ChatCompletionRequest(_Req):
     hold ``inline`` data URLs or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``,
     ``audio``, ``video``; each requested medium is produced or the request is refused with 400. With a grounding
     model: ``task`` (one of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also
-    return the image with the answer's boxes drawn). An assistant message may carry our answers' media arrays
+    return the image with the answer's boxes drawn). ``edit``: the answer's images are edits of an image of the
+    conversation (see :meth:`services.ingress.planning.Planner.edit_source`). An assistant message may carry our answers' media arrays
     (``images``, ``audios``, ``videos``) and ``audio`` ``{"id"}`` (kept as extra fields, see :class:`ChatMessage`).
     """
 
@@ -158,6 +159,10 @@ class ChatCompletionRequest(_Req):
     media_format: Literal["inline", "url"] | None = None
     task: str | None = Field(None, max_length=64, description="a grounding task (see /v1/models: grounding.tasks)")
     box_overlay: bool = Field(False, description="also return the input image with the answer's boxes drawn")
+    edit: bool | str | None = Field(
+        None, description="render the answer's images from an image of the conversation (issue #27): true = the "
+        "image the last user message holds, else the conversation's most recent image; a string = one of this "
+        "server's artifact ids or URLs (read from the store, never fetched). The answer then contains an image.")
     user: str | None = None
     # OpenAI fields this server cannot honour: refused (400) when set to anything but their neutral value.
     response_format: dict | None = None

@@ -253,3 +253,58 @@ def test_two_images_and_json_bodies_are_refused(tiny_server, client):
     assert e.value.body["param"] == "image"
     r = httpx.post(tiny_server + "/v1/images/edits", json={"prompt": "x"}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "image"
+
+
+# ---- chat edits: turn 2 edits turn 1's image by id (no re-upload), the rule for edit=true ----
+
+def _image_of(msg) -> np.ndarray:
+    import base64
+    import io
+
+    from PIL import Image
+
+    url = msg.model_extra["images"][0]["image_url"]["url"]
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+
+
+EDIT_OPTS = {"seed": 11, "image": {"strength": 0.5, "num_inference_steps": 4}}
+
+
+def test_two_turn_chat_edits_turn_ones_image_by_id(client):
+    import re
+
+    first = [{"role": "user", "content": "draw a red triangle"}]
+    one = client.chat.completions.create(model="tiny", messages=first, modalities=["text", "image"], max_tokens=4,
+                                         seed=1).choices[0].message
+    art = re.search(r"/v1/artifacts/(art_\w+)\.png", one.content).group(1)
+    history = [*first, {"role": "assistant", "content": one.content},
+               {"role": "user", "content": "make it green"}]
+    by_id = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "make it green"}],
+                                           max_tokens=4, extra_body={"edit": art, **EDIT_OPTS}).choices[0].message
+    latest = client.chat.completions.create(model="tiny", messages=history, max_tokens=4,
+                                            extra_body={"edit": True, **EDIT_OPTS}).choices[0].message
+    other = client.chat.completions.create(
+        model="tiny", max_tokens=4, extra_body={"edit": True, **EDIT_OPTS},
+        messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64," + __import__("base64").b64encode(
+                png(picture(32, 32, 9))).decode()}},
+            {"type": "text", "text": "make it green"}]}]).choices[0].message
+    a, b, c = _image_of(by_id), _image_of(latest), _image_of(other)
+    assert a.shape == b.shape == _image_of(one).shape
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 1  # the edit follows its source
+    # edit=true found turn 1's image in the history: the same source as by id (the prompts differ, so the LLM's
+    # signal states may too; the source is what both share: closer to each other than to the other source's edit)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < np.abs(b.astype(int) - c.astype(int)).mean()
+
+
+@pytest.mark.parametrize("edit, messages, code", [
+    ("art_unknownunknownunknown", [{"role": "user", "content": "make it green"}], "artifact_not_found"),
+    ("http://example.com/a.png", [{"role": "user", "content": "make it green"}], "invalid_history_reference"),
+    (True, [{"role": "user", "content": "make it green"}], "no_image_to_edit"),
+])
+def test_chat_edit_references_resolve_from_the_store_only(client, edit, messages, code):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, extra_body={"edit": edit})
+    assert e.value.body["param"] == "edit" and e.value.body["code"] == code, e.value.body
