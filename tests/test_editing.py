@@ -308,3 +308,47 @@ def test_chat_edit_references_resolve_from_the_store_only(client, edit, messages
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, extra_body={"edit": edit})
     assert e.value.body["param"] == "edit" and e.value.body["code"] == code, e.value.body
+
+
+# ---- artifacts belong to the key that made them (in process: the ingress over the fake stages) ----
+
+def test_with_api_keys_an_artifact_belongs_to_the_key_that_made_it():
+    import asyncio
+
+    import httpx
+
+    from services.ingress import build_app
+    from services.local import LocalBackend
+    from services.settings import ServerSettings
+    from tests.serve_fakes import fake_stages
+
+    preset, llm, decoders = fake_stages((IMAGE,))
+    app = build_app(LocalBackend(preset, llm, decoders), ServerSettings(api_keys=("alice", "bob")))
+    alice, bob = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            made = await c.post("/v1/images/generations", headers=alice,
+                                json={"prompt": "a red triangle", "response_format": "url"})
+            path = "/v1/artifacts/" + made.json()["data"][0]["url"].rsplit("/", 1)[1]
+            art = path.rsplit("/", 1)[1].split(".")[0]
+            gets = [(await c.get(path, headers=h)).status_code for h in (alice, bob, {})]
+
+            def edit_chat(headers, edit):
+                return c.post("/v1/chat/completions", headers=headers, json={
+                    "model": "tiny", "messages": [{"role": "user", "content": "make it green"}], "edit": edit})
+
+            mine, theirs = await edit_chat(alice, art), await edit_chat(bob, art)
+            history = await c.post("/v1/chat/completions", headers=bob, json={"model": "tiny", "messages": [
+                {"role": "user", "content": "draw"}, {"role": "assistant", "content": f"![image 1](http://t{path})"},
+                {"role": "user", "content": "again"}]})
+            return gets, mine, theirs, history
+
+    gets, mine, theirs, history = asyncio.run(go())
+    assert gets == [200, 404, 401]
+    assert mine.status_code == 200, mine.text
+    source = decoders[IMAGE].calls[-1]["sources"][0]  # alice's edit rendered from her image
+    assert source is not None and source.data.shape == (preset.decoders[IMAGE].defaults.height_px,
+                                                        preset.decoders[IMAGE].defaults.width_px, 3)
+    assert theirs.status_code == 400 and theirs.json()["error"]["code"] == "artifact_not_found"
+    assert history.status_code == 400 and history.json()["error"]["code"] == "artifact_not_found"
