@@ -352,3 +352,27 @@ def test_with_api_keys_an_artifact_belongs_to_the_key_that_made_it():
                                                         preset.decoders[IMAGE].defaults.width_px, 3)
     assert theirs.status_code == 400 and theirs.json()["error"]["code"] == "artifact_not_found"
     assert history.status_code == 400 and history.json()["error"]["code"] == "artifact_not_found"
+
+
+def test_the_decoder_worker_never_mixes_edits_and_generations_in_one_call():
+    import pickle
+
+    from services.protocol import RenderRequest
+    from services.workers import BatchItem, DecoderWorker
+    from tests.serve_fakes import D_LLM, fake_stages
+    from polymodal.types import SignalGroup
+
+    preset, _, decoders = fake_stages((IMAGE,))
+    stage = decoders[IMAGE]
+    opts = stage.defaults
+    g = SignalGroup(IMAGE, np.zeros((4, D_LLM), np.float32), np.zeros((4, D_LLM), np.float32), 0, 0)
+    src, other = EditSource(IMAGE, picture(32, 32, 0)), EditSource(IMAGE, picture(32, 32, 1), np.ones((32, 32), bool))
+    reqs = [RenderRequest("r", g, 0, opts), RenderRequest("r", g, 1, opts, src), RenderRequest("r", g, 2, opts),
+            RenderRequest("r", g, 3, opts, src), RenderRequest("r", g, 4, opts, other)]
+    back = pickle.loads(pickle.dumps(reqs[1]))  # what crosses Ray
+    assert np.array_equal(back.source.data, src.data) and back.source.mask is None
+    out = DecoderWorker(stage).run_batch([BatchItem(r) for r in reqs])
+    assert [o.seed for o in out] == [0, 1, 2, 3, 4]
+    calls = sorted((c["seeds"], None if c["sources"] is None else [s.signature for s in c["sources"]])
+                   for c in stage.calls)
+    assert calls == [([0, 2], None), ([1, 3], [src.signature] * 2), ([4], [other.signature])]
