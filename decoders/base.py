@@ -26,9 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
-import torch
-
 import numpy as np
+import torch
 
 from decoders.errors import DecodeError, DecoderLoadError
 from decoders.media import Medium, degenerate_reason, split_batch
