@@ -376,3 +376,23 @@ def test_the_decoder_worker_never_mixes_edits_and_generations_in_one_call():
     calls = sorted((c["seeds"], None if c["sources"] is None else [s.signature for s in c["sources"]])
                    for c in stage.calls)
     assert calls == [([0, 2], None), ([1, 3], [src.signature] * 2), ([4], [other.signature])]
+
+
+def test_a_streamed_chat_edit_sends_the_edited_image(client):
+    import base64
+
+    src = "data:image/png;base64," + base64.b64encode(png(picture(32, 32, 3))).decode()
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": src}},
+                                         {"type": "text", "text": "make it green"}]}]
+    whole = _image_of(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4,
+                                                     extra_body={"edit": True, **EDIT_OPTS}).choices[0].message)
+    images = [img for chunk in client.chat.completions.create(model="tiny", messages=msgs, max_tokens=4, stream=True,
+                                                              extra_body={"edit": True, **EDIT_OPTS})
+              for img in (chunk.choices[0].delta.model_extra or {}).get("images", []) if chunk.choices]
+    assert len(images) == 1
+    url = images[0]["image_url"]["url"]
+    from PIL import Image
+    import io
+
+    streamed = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+    assert np.array_equal(streamed, whole)  # the same edit, streamed or not
