@@ -107,16 +107,22 @@ class PocketsphinxASR(ASRBackend):
         path: ``None`` (the wheel's ``en-us`` model) or a folder holding an acoustic model directory (with
             ``mdef``), a language model (``*.lm.bin`` / ``*.lm``) and a dictionary (``*.dict``).
         pause_s: a pause this long ends a segment.
+        cmn_passes: 2 (estimate the cepstral mean, then decode with it) or 1 (decode from pocketsphinx's initial
+            mean; for comparison: ``bench/speech.py`` measures both).
 
     Raises:
         SkillLoadError: pocketsphinx is not installed, or the folder lacks one of the three parts.
+        ValueError: ``cmn_passes`` not 1 or 2.
     """
 
     name = "pocketsphinx"
     languages = ("en",)
     FRAMES_PER_S = 100  # pocketsphinx's default frame rate (-frate)
 
-    def __init__(self, path: str | None = None, *, pause_s: float = SEGMENT_PAUSE_S):
+    def __init__(self, path: str | None = None, *, pause_s: float = SEGMENT_PAUSE_S, cmn_passes: int = 2):
+        if cmn_passes not in (1, 2):
+            raise ValueError(f"cmn_passes must be 1 or 2, got {cmn_passes}")
+        self.cmn_passes = cmn_passes
         try:
             import pocketsphinx
         except ImportError as e:
@@ -179,8 +185,11 @@ class PocketsphinxASR(ASRBackend):
             if not len(samples):
                 words: list[TranscriptWord] = []
             else:
-                self._decode(decoder, pcm[:CMN_ESTIMATE_S * ASR_SAMPLE_RATE_HZ * 2], cmn0)  # pass 1: the mean
-                self._decode(decoder, pcm, decoder.get_cmn(False))  # pass 2: decode with it
+                cmn = cmn0
+                if self.cmn_passes == 2:  # pass 1: this recording's cepstral mean
+                    self._decode(decoder, pcm[:CMN_ESTIMATE_S * ASR_SAMPLE_RATE_HZ * 2], cmn0)
+                    cmn = decoder.get_cmn(False)
+                self._decode(decoder, pcm, cmn)
                 words = self._words(decoder)
         except RuntimeError as e:
             raise SkillError(f"pocketsphinx failed: {e}", "failed") from e
@@ -201,7 +210,8 @@ class PocketsphinxASR(ASRBackend):
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.model, "languages": list(self.languages)}
+        return {"backend": self.name, "model": self.model, "languages": list(self.languages),
+                "cmn_passes": self.cmn_passes}
 
 
 # config.json model_type -> (transformers model class, processor class)

@@ -140,9 +140,9 @@ class SpeechChunk:
 
 # ---- sentences -------------------------------------------------------------------------------------------------
 _ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "prof", "st", "sr", "jr", "vs", "etc", "e.g", "i.e", "no",
-                            "fig", "approx", "mt", "ave", "inc", "ltd", "co"})
+                            "fig", "approx", "mt", "ave", "inc", "ltd", "co", "a.m", "p.m", "u.s", "u.k"})
 # a sentence end: terminal punctuation (and closing quotes / brackets) followed by whitespace, or a line break
-_BOUNDARY = re.compile(r"(?<=[.!?\u2026])[\"'\u201d\u2019)\]]*\s+|\s*\n\s*")
+_BOUNDARY = re.compile(r"(?<=[.!?\u2026])([\"'\u201d\u2019)\]]*)\s+|\s*\n\s*")
 _SPEAKABLE = re.compile(r"\w")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -169,11 +169,13 @@ def _pieces(text: str) -> list[str]:
     """The text cut at every sentence boundary (abbreviations such as "Dr." are not boundaries)."""
     pieces, start = [], 0
     for m in _BOUNDARY.finditer(text):
+        closers = m.group(1) or ""  # closing quotes / brackets stay with their sentence
         piece = text[start:m.start()]
         last_word = piece.rsplit(None, 1)[-1].rstrip(".").lower() if piece.strip() else ""
-        if "\n" not in m.group(0) and piece.endswith(".") and last_word in _ABBREVIATIONS:
+        initial = len(last_word) == 1 and last_word.isalpha()  # "J. R. R. Tolkien"
+        if "\n" not in m.group(0) and piece.endswith(".") and (last_word in _ABBREVIATIONS or initial):
             continue
-        pieces.append(piece)
+        pieces.append(piece + closers)
         start = m.end()
     pieces.append(text[start:])
     return pieces
@@ -183,7 +185,7 @@ def split_sentences(text: str, max_chars: int = MAX_SENTENCE_CHARS) -> list[str]
     """The sentences of ``text``, in order, as they are spoken one by one.
 
     Boundaries: ``.`` ``!`` ``?`` ``…`` (with any closing quotes or brackets) followed by whitespace, except after a
-    common abbreviation (``Dr.``, ``e.g.``), and line breaks. A piece without a letter or digit ("...", "--") is
+    common abbreviation (``Dr.``, ``e.g.``, ``p.m.``) or an initial (``J.``), and line breaks. A piece without a letter or digit ("...", "--") is
     joined to the sentence before it (or after it, at the start); sentences over ``max_chars`` are cut (see
     :data:`MAX_SENTENCE_CHARS`). Control characters are dropped, runs of whitespace become one space.
 
