@@ -23,8 +23,8 @@ speech                named voices (OpenAI's names too), sentence by sentence
 Speech: :mod:`skills.asr` (recognisers, :data:`ASR_BACKENDS`) and :mod:`skills.tts` (voices, :data:`TTS_BACKENDS`,
 the sentence-by-sentence :class:`Synthesizer`) are also used directly by the speech server (``services.speech``).
 
-Importing this package imports neither torch nor OpenCV nor onnxruntime nor pocketsphinx (the HTTP ingress lists the skills'
-schemas): each skill imports its libraries when it first runs.
+Importing this package imports neither torch nor OpenCV nor onnxruntime nor pocketsphinx (the HTTP ingress lists
+the skills' schemas): each skill imports its libraries when it first runs.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any
 from skills.base import SkillLoadError
 
 
-def read_model_type(path: str, what: str, *, example: str) -> str:
+def read_model_type(path: str, what: str, *, example: str) -> str | None:
     """The ``model_type`` of the model at ``path`` (a folder's ``config.json``, or the hub's config).
 
     Args:
@@ -32,12 +32,12 @@ def read_model_type(path: str, what: str, *, example: str) -> str:
         cfg_file = folder / "config.json"
         if not cfg_file.is_file():
             raise SkillLoadError(f"{what}: {cfg_file} is missing; not a transformers model folder")
-        return str(json.loads(cfg_file.read_text()).get("model_type"))
+        return json.loads(cfg_file.read_text()).get("model_type")
     if path.startswith((".", "/", "~")) or path.count("/") != 1:  # not a hub id: never ask the hub
         raise SkillLoadError(f"{what}: folder {str(folder)!r} does not exist and {path!r} is not a local folder nor "
                              f"a hub id such as {example!r}")
     try:
-        return str(transformers.AutoConfig.from_pretrained(path).model_type)
+        return transformers.AutoConfig.from_pretrained(path).model_type
     except (OSError, ValueError) as e:
         raise SkillLoadError(f"{what}: {path!r} is not a local folder and could not be fetched from the hub "
                              f"({type(e).__name__}: {e}); download it where the hub is reachable and pass the "

@@ -185,9 +185,10 @@ def split_sentences(text: str, max_chars: int = MAX_SENTENCE_CHARS) -> list[str]
     """The sentences of ``text``, in order, as they are spoken one by one.
 
     Boundaries: ``.`` ``!`` ``?`` ``…`` (with any closing quotes or brackets) followed by whitespace, except after a
-    common abbreviation (``Dr.``, ``e.g.``, ``p.m.``) or an initial (``J.``), and line breaks. A piece without a letter or digit ("...", "--") is
-    joined to the sentence before it (or after it, at the start); sentences over ``max_chars`` are cut (see
-    :data:`MAX_SENTENCE_CHARS`). Control characters are dropped, runs of whitespace become one space.
+    common abbreviation (``Dr.``, ``e.g.``, ``p.m.``) or an initial (``J.``), and line breaks. A piece without a
+    letter or digit ("...", "--") is joined to the sentence before it (or after it, at the start); sentences over
+    ``max_chars`` are cut (see :data:`MAX_SENTENCE_CHARS`). Control characters are dropped, runs of whitespace
+    become one space.
 
     Returns:
         The sentences; empty when nothing in ``text`` can be spoken.

@@ -24,7 +24,7 @@ from services.ingress import build_app
 from services.local import LocalBackend
 from services.settings import Limits, ServerSettings
 from skills import SkillLoadError, build_skill
-from skills.asr import PocketsphinxASR, TranscribeSkill, WhisperASR, build_asr, save_tiny_whisper, to_rate
+from skills.asr import PocketsphinxASR, TranscribeSkill, WhisperASR, build_asr, save_tiny_whisper
 from skills.tts import (OPENAI_VOICE_NAMES, SentenceStream, Synthesizer, TransformersTTS, UnknownVoice,
                         build_synthesizer, save_tiny_vits, split_sentences)
 from tests.media_fixtures import audio_bytes, require_program
@@ -256,7 +256,7 @@ def test_tiny_vits_loads_strictly_and_streams_like_the_whole(tiny_vits, tiny_whi
         TransformersTTS(str(tiny_whisper))
 
 
-# ---- the HTTP API through the official client --------------------------------------------------------------------------
+# ---- the HTTP API through the official client ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def speech_app():
     require_program("flite")

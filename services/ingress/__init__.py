@@ -33,6 +33,17 @@ Endpoints
 - ``POST /v1/images/generations``: the prompt goes through the LLM with the image group required; the
   ``n`` images are rendered from that group with seeds ``seed + k`` (one decoder batch).
 - ``POST /v1/audio/generations``: the same for audio (WAV); ``data[k].b64_json`` or ``url``.
+- ``POST /v1/audio/speech`` (OpenAI's text-to-speech: ``model``, ``input`` up to 4096 characters, ``voice``,
+  ``response_format`` wav (default here) / pcm (16-bit LE mono, 24 kHz) / flac / mp3 / opus / aac, ``speed``
+  0.25-4.0, ``stream_format`` absent (the whole file) / ``audio`` (the file's bytes as each sentence is encoded) /
+  ``sse`` (``speech.audio.delta`` events, then ``speech.audio.done``)); ``GET /v1/audio/voices`` (ours: the
+  voices, OpenAI's names first). An unknown voice is a 400 listing the choices (``code: unknown_voice``); nothing
+  to speak, an over-long input, an unknown format or ``instructions``: 400. See :mod:`~services.ingress.routes.speech`.
+- ``POST /v1/audio/transcriptions`` (OpenAI's speech-to-text, multipart: ``file``, ``model``, ``language``,
+  ``prompt``, ``response_format`` json / text / verbose_json (segments and words with start / end seconds) / srt /
+  vtt, ``temperature``, ``timestamp_granularities[]``). A corrupt or unsupported upload: 400 on ``file``; too
+  large or too long (``limits.max_transcription_s``): 413. See :mod:`~services.ingress.routes.transcriptions`.
+  Both run in the speech stage (``Backend.synthesize`` / ``Backend.transcribe``; 503 where none is deployed).
 - ``POST /v1/videos`` (async job), ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/content`` (MP4).
 - ``GET /v1/artifacts/{id}.{ext}``: stored media (``url`` response format), until they expire.
 - ``GET /v1/models``, ``GET /health`` (process up), ``GET /ready`` (every stage loaded; 503 otherwise),
@@ -66,13 +77,15 @@ Modules (the contract above is kept here; each rule is implemented in one place)
 -------------------------------------------------------------------------------
 - :mod:`~services.ingress.app`: :func:`build_app` (the public entry): the app, its routers, handlers, middleware.
 - :mod:`~services.ingress.routes`: one router per resource (``chat``, ``generations`` for images and audio,
-  ``videos``, ``artifacts``, ``system`` for models / health / ready / metrics); routes are module-level functions
-  that get the :class:`~services.ingress.service.IngressService` through ``Depends(get_service)``.
+  ``speech`` and ``transcriptions``, ``videos``, ``artifacts``, ``system`` for models / health / ready / metrics);
+  routes are module-level functions that get the :class:`~services.ingress.service.IngressService` through
+  ``Depends(get_service)``.
 - :mod:`~services.ingress.planning`: request -> :class:`~services.ingress.planning.ChatPlan` (turns, options,
   seeds); :mod:`~services.ingress.media_input`: input media (URLs, base64, decoding under limits).
 - :mod:`~services.ingress.running`: a plan over the backend (renders as groups arrive, timeout, disconnect);
   :mod:`~services.ingress.streaming`: the SSE driver; :mod:`~services.ingress.video_jobs`: background video jobs.
 - :mod:`~services.ingress.responses`: the shape of every answer (completion body, chunks, media parts, audio).
+- :mod:`~services.ingress.audio_formats`: speech PCM -> wav / pcm / flac / mp3 / opus / aac, whole or streamed.
 - :mod:`~services.ingress.admission` (slots, 503), :mod:`~services.ingress.middleware` (body limit, request
   metrics), :mod:`~services.ingress.error_map` (exceptions and validation -> OpenAI error body).
 """
