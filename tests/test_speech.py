@@ -25,8 +25,8 @@ from services.local import LocalBackend
 from services.settings import Limits, ServerSettings
 from skills import SkillLoadError, build_skill
 from skills.asr import PocketsphinxASR, TranscribeSkill, WhisperASR, build_asr, save_tiny_whisper
-from skills.tts import (OPENAI_VOICE_NAMES, SentenceStream, Synthesizer, TransformersTTS, UnknownVoice,
-                        build_synthesizer, save_tiny_vits, split_sentences)
+from polymodal.sentences import SentenceStream, split_sentences
+from skills.tts import OPENAI_VOICE_NAMES, Synthesizer, TransformersTTS, UnknownVoice, build_synthesizer, save_tiny_vits
 from tests.media_fixtures import audio_bytes, require_program
 from tests.serve_fakes import fake_stages
 
@@ -105,6 +105,8 @@ def test_sentence_stream_gives_the_same_sentences_for_any_deltas():
                 pos += step
             got += s.flush()
             assert got == want, text
+        # a sentence is its own split: the speech stage, asked for one sentence, speaks exactly that one
+        assert all(split_sentences(x, max_chars=60) == [x] for x in want), text
     s = SentenceStream()
     assert s.feed("Hello there. How") == ["Hello there."]  # released as soon as the next sentence starts
     assert s.feed(" are you? ") == []  # the last sentence may still grow
@@ -477,6 +479,49 @@ def test_a_client_that_stops_reading_stops_the_synthesis(flite):
     worker.close()
     assert first.index == 0 and len(first.pcm16) > 0
     assert len(spoken) <= 3, spoken  # the first, the one ahead (and at most one started as the stream closed)
+
+
+def test_a_spoken_answer_fed_in_deltas_equals_the_whole_speech(speech_app):
+    """Chat's building block (services.ingress.spoken): text fed as an LLM writes it, spoken sentence by sentence
+    while it arrives; the chunks, in order, join to the PCM of /v1/audio/speech for the whole text."""
+    from services.ingress.spoken import SpokenAnswer
+
+    text = "Sure. A red circle is round! It has no corners, and it rolls. Anything else?"
+    backend = speech_app.state.service.backend
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=speech_app), base_url="http://test",
+                                     timeout=120) as h:
+            whole = await h.post("/v1/audio/speech", json={"model": "tts-1", "voice": "nova", "input": text,
+                                                           "response_format": "pcm"})
+        spoken = SpokenAnswer(backend, "chat-1", voice="nova")
+        got = []
+
+        async def read():
+            async for c in spoken.chunks():
+                got.append(c)
+
+        reader = asyncio.ensure_future(read())
+        rng = random.Random(1)
+        pos = 0
+        while pos < len(text):  # deltas of 1-6 characters, as a decode loop writes them
+            step = rng.randint(1, 6)
+            spoken.feed(text[pos:pos + step])
+            pos += step
+            await asyncio.sleep(0)
+        spoken.finish()
+        await reader
+        bad = SpokenAnswer(backend, "chat-2", voice="nope")
+        bad.feed("Hello there.")
+        bad.finish()
+        with pytest.raises(Exception) as e:
+            [c async for c in bad.chunks()]
+        return whole.content, got, e.value
+
+    whole, got, err = asyncio.run(go())
+    assert [c.index for c in got] == list(range(len(got))) and [c.text for c in got] == split_sentences(text)
+    assert b"".join(c.pcm16 for c in got) == whole
+    assert getattr(err, "status", None) == 400 and err.code == "unknown_voice"
 
 
 def test_app_args_speech_section_and_deploy_yaml():
