@@ -64,7 +64,8 @@ def word_errors(ref: str, hyp: str) -> tuple[int, int]:
     return row[len(h)], len(r)
 
 
-def intelligibility(voices: list[str], texts: list[str], ablation: bool) -> dict:
+def intelligibility(voices: list[str], texts: list[str], ablation: bool, on_voice=None) -> dict:
+    """WER of each voice (see (a)); ``on_voice(results so far)`` after each voice (long runs save as they go)."""
     from skills.asr import PocketsphinxASR, TranscribeSkill
     from skills.tts import build_synthesizer
 
@@ -100,6 +101,8 @@ def intelligibility(voices: list[str], texts: list[str], ablation: bool) -> dict
             rows.append([key, v.backend, v.native, v.f0_hz or "-", len(texts), total, errors, errors / max(1, total),
                          out[key]["tts_rtf"], out[key]["asr_rtf"]])
             print(f"  {key}: WER {errors / max(1, total):.3f}", flush=True)
+            if on_voice is not None:
+                on_voice(out)
     C.print_table("(a) intelligibility: TTS voice -> pocketsphinx (generic en-us model)",
                   ["voice", "backend", "native", "f0_hz", "sentences", "words", "errors", "WER", "tts_rtf", "asr_rtf"],
                   rows)
@@ -212,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
         n = 5 if args.quick else args.n
         voices = ["alloy", "espeak-ng:en-us"] if args.quick and args.voices == ",".join(DEFAULT_VOICES) else \
             [v for v in args.voices.split(",") if v]
-        results["intelligibility"] = intelligibility(voices, texts[:n], ablation=not args.no_ablation)
+        def save(partial: dict) -> None:
+            if args.out is not None:
+                C.finish({**results, "intelligibility": partial, "partial": True}, args.out)
+
+        results["intelligibility"] = intelligibility(voices, texts[:n], ablation=not args.no_ablation, on_voice=save)
     if "c" in parts:
         streams, rounds, serial = (4, 1, 2) if args.quick else (args.streams, args.rounds, args.serial_runs)
         paragraphs = [" ".join(texts[k:k + 5]) for k in range(0, 5 * max(4, streams), 5)][:max(4, streams)]

@@ -43,7 +43,7 @@ class SpeechConfig(BaseModel):
             OpenAI's voice names map onto the first one's voices. A program that is not installed is left out
             (reported by ``/ready`` and ``/v1/audio/voices``).
         tts_model: the ``transformers`` engine's model: a VITS / MMS-TTS hub id or folder.
-        default_voice: the voice of requests that name none (default ``alloy``).
+        default_voice: the voice of requests that name none (default ``echo``: the most intelligible measured).
         asr_backend: ``pocketsphinx`` (offline, English) or ``transformers`` (Whisper, ``asr_model``).
         asr_model: the recogniser's model (a Whisper hub id or folder; for pocketsphinx an optional model folder).
         device: torch device of the transformers engines (``None``: cuda if available, else cpu).
