@@ -64,8 +64,8 @@ def tiny_vits(tmp_path_factory) -> Path:
 # ---- sentences ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("text", "expected"), [
     ("Hello there. How are you?", ["Hello there.", "How are you?"]),
-    ("Dr. Smith met Mrs. Jones at 3.30 p.m. today! Really?", ["Dr. Smith met Mrs. Jones at 3.30 p.m. today!",
-                                                               "Really?"]),
+    ("Dr. Smith met Mrs. Jones at 3.30 p.m. today! Really?",
+     ["Dr. Smith met Mrs. Jones at 3.30 p.m. today!", "Really?"]),
     ("First line\nsecond line", ["First line", "second line"]),
     ('He said "stop." Then he left...', ['He said "stop."', "Then he left..."]),
     ("Wait... what?! -- ok", ["Wait...", "what?!", "-- ok"]),
@@ -208,8 +208,8 @@ def test_synthesize_speech_skill(flite):
     r = skill.run({"text": "Hello there. Goodbye.", "voice": "fable"})
     assert r.ok and r.data["sentences"] == ["Hello there.", "Goodbye."] and r.data["voice"] == "fable"
     (medium,) = r.media
-    assert medium.sample_rate_hz == 24000 and np.array_equal(medium.data, flite.synthesize("Hello there. Goodbye.",
-                                                                                            "fable"))
+    assert medium.sample_rate_hz == 24000
+    assert np.array_equal(medium.data, flite.synthesize("Hello there. Goodbye.", "fable"))
     assert skill.run({"text": "hi", "voice": "nope"}).error_code == "invalid_arguments"
     assert skill.run({"text": "..."}).error_code == "invalid_arguments"
     assert skill.run({"text": "hi", "speed": 9}).error_code == "invalid_arguments"
