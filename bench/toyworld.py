@@ -23,6 +23,10 @@ torch thread per replica) on our own local Ray cluster, and measures over HTTP:
   probability that a uniform guess hits every asked attribute (image 1/12; audio 1/3, 1/6 when the timbre is
   asked; video 1/4); "chance + 3 sigma" adds three standard deviations of the number of hits over the N items
   (a sum of independent Bernoullis), divided by N.
+- **Plain questions.** ``--n`` (at most 200) held-out plain questions
+  (:func:`training.toyworld.phrasings.plain_questions`: arithmetic, capitals, definitions, facts; none names a
+  toy attribute) to ``POST /v1/chat/completions`` *without* ``modalities`` (the preset's policy decides: the toy
+  model may draw unasked): the share answered without a medium (``--skip-plain`` leaves it out).
 - **Input side.** ``--n`` random-layout 64 px toy images (seed 10 000, disjoint from the build's data seeds),
   balanced over colour x shape, sent as ``image_url`` with a held-out question (checked against the questions of
   the toy MosIT writer and the encoding stage): the share of answers naming the right colour *and* shape
@@ -55,6 +59,7 @@ import _common as C
 
 MODALITIES = ("image", "audio", "video")
 TARGET_SHARE = 0.90
+PLAIN_TARGET = 0.95  # issue #21: plain questions without modalities answered without media
 # held-out questions about an input image (none is a question of the toy MosIT writer or the encode stage)
 INPUT_QUESTIONS = (
     "Name the shape and its colour.",
@@ -63,7 +68,6 @@ INPUT_QUESTIONS = (
     "What coloured shape does this image contain?",
 )
 INPUT_SEED = 10_000  # data seed of the input images (the build uses 0 and 1, bench/toyworld_encoder.py 1000)
-_PART_KEY = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
 
 
 # ---- requests and chance ---------------------------------------------------------------------------------
@@ -121,6 +125,12 @@ def chance(probabilities: Sequence[float]) -> dict[str, float]:
 
 
 # ---- reading media out of answers ------------------------------------------------------------------------
+def answer_media(message: dict) -> list[str]:
+    """The modalities of a chat answer's generated media, one entry per medium (the ``images`` / ``audios`` /
+    ``videos`` arrays; a grounding overlay is not a generated medium)."""
+    return [m for m, field in C.ANSWER_FIELD.items() for item in message.get(field) or [] if not item.get("overlay")]
+
+
 def data_url_bytes(url: str) -> bytes:
     if not url.startswith("data:") or "," not in url:
         raise ValueError(f"expected a base64 data URL, got {url[:40]!r}")
@@ -203,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--modalities", default=",".join(MODALITIES), help="comma-separated subset of image,audio,video")
     p.add_argument("--skip-input", action="store_true", help="skip the input side (image in, text out)")
     p.add_argument("--skip-control", action="store_true", help="skip the in-process shuffled-states control")
+    p.add_argument("--skip-plain", action="store_true", help="skip the plain questions without modalities")
     p.add_argument("--strict", action="store_true", help="exit 1 when a PASS/FAIL verdict fails")
     args = p.parse_args(argv)
     n = 12 if args.quick else args.n
@@ -271,10 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             err = f"HTTP {r.status_code}: {r.text[:200]}"
         if err is None:
             try:
-                content = r.json()["choices"][0]["message"]["content"]
-                part = next(x for x in content if x.get("type") == _PART_KEY[m])
-                text = " ".join(x.get("text", "") for x in content if x.get("type") == "text")
-                reading = check_bytes(m, data_url_bytes(part[_PART_KEY[m]]["url"]))
+                message = r.json()["choices"][0]["message"]
+                text = C.answer_text(message)
+                reading = check_bytes(m, data_url_bytes(C.answer_media(message, m)[0]))
             except Exception as e:  # noqa: BLE001 - an unreadable answer counts as a miss
                 err = f"{type(e).__name__}: {str(e)[:200]}"
         return {"reading": reading, "latency_s": dt, "error": err, "text": text}
@@ -316,10 +326,22 @@ def main(argv: list[str] | None = None) -> int:
         if err is None and r.status_code != 200:
             err = f"HTTP {r.status_code}: {r.text[:200]}"
         if err is None:
-            content = r.json()["choices"][0]["message"]["content"]
-            answer = content if isinstance(content, str) else " ".join(
-                x.get("text", "") for x in content if x.get("type") == "text")
+            answer = C.answer_text(r.json()["choices"][0]["message"])
         return {"answer": answer, "latency_s": dt, "error": err, **name_hits(answer, images[i][1])}
+
+    from training.toyworld.phrasings import plain_questions
+
+    plain_q = plain_questions(min(n, 200), seed=args.seed)
+
+    def plain_question(i: int) -> dict:
+        body = {"model": model, "seed": 1_000 * args.seed + i, "messages": [{"role": "user", "content": plain_q[i]}]}
+        r, dt, err = timed(lambda: client.post(url + "/v1/chat/completions", json=body))
+        media: list[str] = []
+        if err is None and r.status_code != 200:
+            err = f"HTTP {r.status_code}: {r.text[:200]}"
+        if err is None:
+            media = answer_media(r.json()["choices"][0]["message"])
+        return {"question": plain_q[i], "media": media, "latency_s": dt, "error": err}
 
     def summarize(m: str, rows: list[dict], wall: float) -> dict:
         asked = [a for _, _, a in reqs[m]]
@@ -360,6 +382,15 @@ def main(argv: list[str] | None = None) -> int:
             if m == "image":
                 rows, wall = run_all(images_endpoint, n, args.concurrency, "image: /v1/images/generations")
                 results["output"][m]["service_images_endpoint"] = summarize(m, rows, wall)
+        if not args.skip_plain:
+            p_rows, p_wall = run_all(plain_question, len(plain_q), args.concurrency, "plain questions, no modalities")
+            ok = [r for r in p_rows if not r["error"]]
+            results["plain"] = {
+                "questions": len(p_rows), "answered": len(ok), "without_media": sum(not r["media"] for r in ok),
+                "share_without_media": sum(not r["media"] for r in ok) / max(1, len(p_rows)),
+                "media_made": {k: sum(k in r["media"] for r in ok) for k in MODALITIES},
+                "errors": len(p_rows) - len(ok), "latency": C.stats_s([r["latency_s"] for r in p_rows]),
+                "wall_s": p_wall, "examples_with_media": [r for r in ok if r["media"]][:5]}
         if not args.skip_input:
             in_rows, in_wall = run_all(lambda i: image_question(i, i), n, args.concurrency, "image in: question")
             ctrl, wall_c = run_all(lambda i: image_question(i, perm[i]), n, args.concurrency,
@@ -457,6 +488,16 @@ def main(argv: list[str] | None = None) -> int:
         lim = inp["chance"]["both"]["chance_plus_3_sigma"]
         verdicts.append(["image in: swapped-image control <= chance + 3 sd", inp["swapped_image_control"]["both"],
                          lim, "PASS" if inp["swapped_image_control"]["both"] <= lim else "FAIL"])
+    if "plain" in results:
+        pl = results["plain"]
+        C.print_table(f"plain questions without modalities: answered without a medium? ({pl['questions']} held-out "
+                      "questions; the preset's policy decides)",
+                      ["path", "without media", "share", "images", "sounds", "videos", "errors", "p50 s"],
+                      [["service /v1/chat/completions", f"{pl['without_media']}/{pl['questions']}",
+                        pl["share_without_media"], *(pl["media_made"][k] for k in MODALITIES), pl["errors"],
+                        pl["latency"]["p50_s"]]])
+        verdicts.append([f"plain: answered without media >= {PLAIN_TARGET:.0%}", pl["share_without_media"],
+                         PLAIN_TARGET, "PASS" if pl["share_without_media"] >= PLAIN_TARGET else "FAIL"])
     C.print_table("verdicts", ["check", "value", "threshold", "verdict"], verdicts)
     results["verdicts"] = [{"check": c, "value": v, "threshold": t, "verdict": x} for c, v, t, x in verdicts]
     results["timings_s"]["total"] = time.perf_counter() - t_start

@@ -1,8 +1,9 @@
 """Diffusion decoders wrapping stock diffusers pipelines (compose, never fork).
 
-``DECODERS`` maps each :class:`polymodal.modality.Modality` to its decoder class: image =
-``StableDiffusionPipeline``, audio = ``AudioLDMPipeline``, video = ``TextToVideoSDPipeline``.
-``build_decoder(modality, config)`` builds one from a :class:`polymodal.config.DecoderConfig`.
+``DECODERS`` maps each :class:`polymodal.modality.Modality` to its decoder kind (a :class:`Decoder` subclass that
+names its own ``modality``): image = ``StableDiffusionPipeline``, audio = ``AudioLDMPipeline``, video =
+``TextToVideoSDPipeline``. :func:`register_decoder` adds a kind (a plug-in modality's); ``build_decoder(modality,
+config)`` builds one from a :class:`polymodal.config.DecoderConfig`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,25 @@ from decoders.video import VideoDecoder
 from polymodal.config import DecoderConfig, DecoderDefaults
 from polymodal.modality import Modality
 
-DECODERS: dict[Modality, type[Decoder]] = {
-    Modality.IMAGE: ImageDecoder,
-    Modality.AUDIO: AudioDecoder,
-    Modality.VIDEO: VideoDecoder,
-}
+DECODERS: dict[Modality, type[Decoder]] = {cls.modality: cls for cls in (ImageDecoder, AudioDecoder, VideoDecoder)}
+
+
+def register_decoder(cls: type[Decoder], *, replace: bool = False) -> type[Decoder]:
+    """Register ``cls`` as the decoder kind of ``cls.modality`` (a registered modality); returns ``cls``.
+
+    Raises:
+        ValueError: an unregistered modality, or one that already has another decoder kind (unless ``replace``).
+    """
+    m = Modality.parse(cls.modality)
+    if not replace and DECODERS.get(m, cls) is not cls:
+        raise ValueError(f"modality {m.value!r} already has the decoder {DECODERS[m].__name__}")
+    DECODERS[m] = cls
+    return cls
+
+
+def unregister_decoder(modality: Modality | str) -> None:
+    """Remove the decoder kind of ``modality`` (tests that register a plug-in kind); unknown: no-op."""
+    DECODERS.pop(modality if isinstance(modality, Modality) else Modality.parse(modality), None)
 
 
 def decoder_class(modality: Modality | str) -> type[Decoder]:
@@ -74,5 +89,7 @@ __all__ = [
     "VideoDecoder",
     "build_decoder",
     "decoder_class",
+    "register_decoder",
     "save_tiny_checkpoint",
+    "unregister_decoder",
 ]

@@ -122,4 +122,4 @@ class AudioDecoder(Decoder):
         return output.audios
 
     def _to_medium(self, raw: np.ndarray, seed: int, options: DecoderDefaults) -> Medium:
-        return Medium(Modality.AUDIO, audio_to_mono(raw), seed=seed, sample_rate_hz=self.sample_rate_hz)
+        return Medium(self.modality, audio_to_mono(raw), seed=seed, sample_rate_hz=self.sample_rate_hz)

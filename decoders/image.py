@@ -9,7 +9,7 @@ import numpy as np
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from decoders import tiny
-from decoders.base import Decoder, seeded
+from decoders.base import Decoder
 from decoders.media import Medium, image_to_uint8
 from polymodal.config import DecoderConfig, DecoderDefaults
 from polymodal.modality import Modality
@@ -23,18 +23,8 @@ class ImageDecoder(Decoder):
 
     @classmethod
     def tiny_pipeline(cls, config: DecoderConfig, *, seed: int = 0) -> StableDiffusionPipeline:
-        q, d = config.cond_tokens, config.cond_dim
-        tokenizer = tiny.text_tokenizer(model_max_length=q)
-        with seeded(seed):
-            text_encoder = tiny.clip_text_encoder(tokenizer, num_tokens=q, dim=d)
-            unet = UNet2DConditionModel(**tiny.unet_kwargs(d, "2D"))
-            vae = tiny.vae(3)
         return StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=tiny.scheduler(),
+            **tiny.clip_conditioned_parts(config, UNet2DConditionModel, "2D", seed=seed),
             safety_checker=None,
             feature_extractor=None,
             image_encoder=None,
@@ -54,4 +44,4 @@ class ImageDecoder(Decoder):
         return None
 
     def _to_medium(self, raw: np.ndarray, seed: int, options: DecoderDefaults) -> Medium:
-        return Medium(Modality.IMAGE, image_to_uint8(raw), seed=seed)
+        return Medium(self.modality, image_to_uint8(raw), seed=seed)

@@ -1,7 +1,8 @@
-"""Decoded media and their file encodings; normalisation of whatever arrays a diffusion pipeline returns.
+"""Rendered media; normalisation of whatever arrays a diffusion pipeline returns.
 
 - :class:`Medium`: one generated item, image uint8 (H, W, 3), audio float32 (S,) mono, video uint8 (F, H, W, 3).
-  ``encode()`` gives PNG (Pillow), WAV float32 (soundfile) or MP4 h264 yuv420p (PyAV).
+  ``encode()`` gives PNG (Pillow), WAV float32 (soundfile) or MP4 h264 yuv420p (PyAV): the modality's codec
+  (:mod:`polymodal.media`) validates, measures and encodes it.
 - :func:`image_to_uint8`, :func:`audio_to_mono`, :func:`video_to_uint8`, :func:`split_batch`: turn pipeline
   outputs of any usual layout and range into those arrays, and :func:`degenerate_reason` tells NaN or
   all-black / silent output apart from a usable one.
@@ -9,30 +10,28 @@
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
-from fractions import Fraction
+from typing import Any
 
 import numpy as np
 
 from polymodal.modality import Modality
 
-# A medium whose every value is at or below this (uint8 levels / absolute amplitude) is "all black" / silent.
-BLACK_LEVEL_U8 = 0
-SILENCE_AMPLITUDE = 1e-6
-
 
 @dataclass(frozen=True, eq=False)
 class Medium:
-    """One generated medium.
+    """One generated medium; its modality's codec (``modality.spec.codec``) validates, measures and encodes it.
 
     Attributes:
-        modality: image, audio or video.
-        data: image uint8 (H, W, 3); audio float32 (S,) mono in [-1, 1]; video uint8 (F, H, W, 3).
+        modality: a registered modality (image, audio, video, or a plug-in one).
+        data: the codec's array: image uint8 (H, W, 3); audio float32 (S,) mono in [-1, 1]; video uint8 (F, H, W, 3).
         seed: the seed of this item's generator (item k of a batch equals the same item generated alone).
         sample_rate_hz: audio only.
         fps: video only.
         crf: video only: the libx264 constant rate factor of :meth:`encode` (``None``: libx264's default, 23).
+
+    Raises:
+        ValueError: an unknown modality, or data / metadata the codec refuses (dtype, shape, missing rate or fps).
     """
 
     modality: Modality
@@ -43,88 +42,29 @@ class Medium:
     crf: int | None = None
 
     def __post_init__(self) -> None:
-        m, d = Modality.parse(self.modality), self.data
+        m = Modality.parse(self.modality)
         object.__setattr__(self, "modality", m)
-        if m is Modality.IMAGE and not (d.dtype == np.uint8 and d.ndim == 3 and d.shape[-1] == 3):
-            raise ValueError(f"image data must be uint8 (H, W, 3), got {d.dtype} {d.shape}")
-        if m is Modality.VIDEO and not (d.dtype == np.uint8 and d.ndim == 4 and d.shape[-1] == 3):
-            raise ValueError(f"video data must be uint8 (F, H, W, 3), got {d.dtype} {d.shape}")
-        if m is Modality.AUDIO and not (d.dtype == np.float32 and d.ndim == 1):
-            raise ValueError(f"audio data must be float32 (S,) mono, got {d.dtype} {d.shape}")
-        if m is Modality.AUDIO and not self.sample_rate_hz:
-            raise ValueError("audio needs sample_rate_hz")
-        if m is Modality.VIDEO and not self.fps:
-            raise ValueError("video needs fps")
+        m.spec.codec.validate(self.data, self.meta)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """The metadata the codec reads: ``sample_rate_hz``, ``fps``, ``crf`` (those set)."""
+        return {k: v for k, v in (("sample_rate_hz", self.sample_rate_hz), ("fps", self.fps), ("crf", self.crf))
+                if v is not None}
 
     @property
     def duration_s(self) -> float | None:
-        """Length of audio or video in seconds (``None`` for an image)."""
-        if self.modality is Modality.AUDIO:
-            return len(self.data) / float(self.sample_rate_hz)
-        if self.modality is Modality.VIDEO:
-            return len(self.data) / float(self.fps)
-        return None
+        """Length of a timed medium (audio, video) in seconds (``None`` for an image)."""
+        return self.modality.spec.codec.duration_s(self.data, self.meta)
 
     def encode(self) -> tuple[bytes, str, str]:
-        """Encode to a file: ``(bytes, mime type, extension)``.
+        """Encode to a file with the modality's codec: ``(bytes, mime type, extension)``.
 
         Image: PNG (Pillow). Audio: WAV, 32-bit float samples (soundfile) at ``sample_rate_hz``.
         Video: MP4, h264 in yuv420p (PyAV) at :attr:`crf`; odd sizes are padded by one edge pixel (yuv420p needs
         even sizes).
         """
-        if self.modality is Modality.IMAGE:
-            return encode_png(self.data), "image/png", "png"
-        if self.modality is Modality.AUDIO:
-            return encode_wav(self.data, self.sample_rate_hz), "audio/wav", "wav"
-        return encode_mp4(self.data, self.fps, crf=self.crf), "video/mp4", "mp4"
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """uint8 (H, W, 3) -> PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def encode_wav(audio: np.ndarray, sample_rate_hz: int) -> bytes:
-    """float32 (S,) -> WAV bytes with 32-bit float samples."""
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, np.asarray(audio, dtype=np.float32), int(sample_rate_hz), format="WAV", subtype="FLOAT")
-    return buf.getvalue()
-
-
-def encode_mp4(frames: np.ndarray, fps: float, *, crf: int | None = None) -> bytes:
-    """uint8 (F, H, W, 3) -> MP4 bytes (h264, yuv420p).
-
-    ``crf``: libx264's constant rate factor (0-51, lower is closer to ``frames``; ``None``: libx264's default,
-    23). Small frames need a low one: at 16 x 16 px the default blurs a 4 px shape enough to move it (see
-    :class:`polymodal.config.DecoderDefaults`). Ignored when PyAV has only another h264 encoder.
-    """
-    import av
-
-    num_frames, height_px, width_px, _ = frames.shape
-    pad_h, pad_w = height_px % 2, width_px % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    rate = Fraction(fps).limit_denominator(1001)
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        x264 = "libx264" in av.codecs_available
-        stream = container.add_stream("libx264" if x264 else "h264", rate=rate)
-        if x264 and crf is not None:
-            stream.options = {"crf": str(int(crf))}
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+        return self.modality.spec.codec.encode(self.data, self.meta)
 
 
 # ---------------------------------------------------------------- normalisation of pipeline outputs
@@ -244,16 +184,13 @@ def degenerate_reason(modality: Modality, raw, converted: np.ndarray | None = No
     """Why an output is unusable, or ``None``.
 
     ``raw``: the pipeline's array for one item (before conversion); ``converted``: the array that would
-    go into the :class:`Medium`. NaN / inf anywhere, an all-black image or video, or silent audio.
+    go into the :class:`Medium`. NaN / inf anywhere, or what the modality's codec calls degenerate (an all-black
+    image or video, silent audio).
     """
     x = _to_numpy(raw) if not isinstance(raw, (list, tuple)) else np.stack([_to_numpy(f) for f in raw])
     if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
         return "degenerate output: NaN or inf values"
     if converted is None:
         return None
-    if modality is Modality.AUDIO:
-        if float(np.max(np.abs(converted), initial=0.0)) <= SILENCE_AMPLITUDE:
-            return "degenerate output: silent audio"
-    elif int(converted.max(initial=0)) <= BLACK_LEVEL_U8:
-        return "degenerate output: all black"
-    return None
+    reason = Modality.parse(modality).spec.codec.degenerate(converted)
+    return f"degenerate output: {reason}" if reason else None

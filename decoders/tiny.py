@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from diffusers import AutoencoderKL, DDIMScheduler
 
+from decoders.base import seeded
 from polymodal.offline_tokenizer import tiny_tokenizer
 
 TINY_VOCAB_SIZE = 512
@@ -91,3 +92,17 @@ def unet_kwargs(cross_attention_dim: int, dims: str) -> dict:
         attention_head_dim=8,
         norm_num_groups=TINY_GROUPS,
     )
+
+
+def clip_conditioned_parts(config, unet_class, dims: str, *, seed: int = 0) -> dict:
+    """The tiny random parts of a CLIP-conditioned pipeline (Stable Diffusion, text-to-video): ``tokenizer`` padding
+    to Q = ``config.cond_tokens``, a one-layer CLIP ``text_encoder`` of width D_cond = ``config.cond_dim``, a 2-level
+    ``unet`` of ``unet_class`` (``dims``: ``"2D"`` or ``"3D"``) cross-attending to (Q, D_cond), an RGB ``vae`` and
+    the DDIM ``scheduler``; built under torch's RNG seeded with ``seed``."""
+    q, d = config.cond_tokens, config.cond_dim
+    tokenizer = text_tokenizer(model_max_length=q)
+    with seeded(seed):
+        text_encoder = clip_text_encoder(tokenizer, num_tokens=q, dim=d)
+        unet = unet_class(**unet_kwargs(d, dims))
+        rgb_vae = vae(3)
+    return dict(vae=rgb_vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler())

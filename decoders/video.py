@@ -14,7 +14,7 @@ from __future__ import annotations
 from diffusers import AnimateDiffPipeline, TextToVideoSDPipeline, UNet3DConditionModel
 
 from decoders import tiny
-from decoders.base import Decoder, seeded
+from decoders.base import Decoder
 from decoders.media import Medium, video_to_uint8
 from polymodal.config import DecoderConfig, DecoderDefaults
 from polymodal.modality import Modality
@@ -29,15 +29,7 @@ class VideoDecoder(Decoder):
 
     @classmethod
     def tiny_pipeline(cls, config: DecoderConfig, *, seed: int = 0) -> TextToVideoSDPipeline:
-        q, d = config.cond_tokens, config.cond_dim
-        tokenizer = tiny.text_tokenizer(model_max_length=q)
-        with seeded(seed):
-            text_encoder = tiny.clip_text_encoder(tokenizer, num_tokens=q, dim=d)
-            unet = UNet3DConditionModel(**tiny.unet_kwargs(d, "3D"))
-            vae = tiny.vae(3)
-        return TextToVideoSDPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=tiny.scheduler()
-        )
+        return TextToVideoSDPipeline(**tiny.clip_conditioned_parts(config, UNet3DConditionModel, "3D", seed=seed))
 
     def _call_options(self, options: DecoderDefaults) -> dict:
         return {"height": options.height_px, "width": options.width_px, "num_frames": options.num_frames}
@@ -46,4 +38,4 @@ class VideoDecoder(Decoder):
         return output.frames
 
     def _to_medium(self, raw, seed: int, options: DecoderDefaults) -> Medium:
-        return Medium(Modality.VIDEO, video_to_uint8(raw), seed=seed, fps=float(options.fps), crf=options.crf)
+        return Medium(self.modality, video_to_uint8(raw), seed=seed, fps=float(options.fps), crf=options.crf)

@@ -18,11 +18,11 @@ import numpy as np
 
 from polymodal.modality import Modality
 
-EXTENSIONS: dict[Modality, tuple[str, ...]] = {
-    Modality.IMAGE: (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"),
-    Modality.AUDIO: (".wav", ".flac", ".ogg", ".mp3"),
-    Modality.VIDEO: (".mp4", ".webm", ".mov", ".mkv", ".avi"),
-}
+
+
+def extensions(modality: Modality) -> tuple[str, ...]:
+    """File extensions of ``modality`` (its spec's ``file_extensions``, lower-case with the dot)."""
+    return modality.spec.file_extensions
 
 
 @dataclass(frozen=True)
@@ -45,26 +45,40 @@ class CatalogReject:
     reason: str
 
 
+def _image_opens(path: Path) -> str | None:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    return None
+
+
+def _audio_opens(path: Path) -> str | None:
+    import soundfile as sf
+
+    return "audio file has no samples" if sf.info(str(path)).frames <= 0 else None
+
+
+def _video_opens(path: Path) -> str | None:
+    import av
+
+    with av.open(str(path)) as c:
+        return None if c.streams.video else "video file has no video stream"
+
+
+# Quick checks that open a file's header without decoding it all; a modality without one is decoded by its codec.
+_OPENS = {"image": _image_opens, "audio": _audio_opens, "video": _video_opens}
+
+
 def _check_readable(modality: Modality, path: Path) -> str | None:
     """None if the file opens as that medium, else the reason."""
     try:
-        if modality is Modality.IMAGE:
-            from PIL import Image
+        opens = _OPENS.get(modality.value)
+        if opens is not None:
+            return opens(path)
+        from polymodal.media_io import decode_media
 
-            with Image.open(path) as im:
-                im.verify()
-        elif modality is Modality.AUDIO:
-            import soundfile as sf
-
-            info = sf.info(str(path))
-            if info.frames <= 0:
-                return "audio file has no samples"
-        else:
-            import av
-
-            with av.open(str(path)) as c:
-                if not c.streams.video:
-                    return "video file has no video stream"
+        decode_media(modality, path.read_bytes())
     except Exception as e:  # noqa: BLE001 - any decoder failure means "unreadable"
         return f"unreadable {modality.value} file: {type(e).__name__}: {e}"
     return None
@@ -129,7 +143,7 @@ def load_catalog(path: str | Path, *, check_files: bool = True) -> tuple[list[Ca
             p = Path(raw_path).expanduser()
             p = p if p.is_absolute() else base / p
         else:
-            found = [base / f"{item_id}{ext}" for ext in EXTENSIONS[modality] if (base / f"{item_id}{ext}").is_file()]
+            found = [base / f"{item_id}{ext}" for ext in extensions(modality) if (base / f"{item_id}{ext}").is_file()]
             if not found:
                 rejects.append(CatalogReject(item_id, line, f"no path given and no {item_id}.<ext> next to the "
                                                             f"catalog for a {modality.value}"))
@@ -140,9 +154,9 @@ def load_catalog(path: str | Path, *, check_files: bool = True) -> tuple[list[Ca
                 rejects.append(CatalogReject(item_id, line, f"missing file: {raw_path or p.name} (relative to "
                                                             "the catalog's folder)"))
                 continue
-            if p.suffix.lower() not in EXTENSIONS[modality]:
+            if p.suffix.lower() not in extensions(modality):
                 rejects.append(CatalogReject(item_id, line, f"{p.name} is not a {modality.value} file "
-                                                            f"(expected {', '.join(EXTENSIONS[modality])})"))
+                                                            f"(expected {', '.join(extensions(modality))})"))
                 continue
             reason = _check_readable(modality, p)
             if reason:

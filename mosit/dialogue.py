@@ -16,16 +16,25 @@ from polymodal.modality import Modality
 
 HUMAN, GPT = "human", "gpt"
 SPEAKERS = (HUMAN, GPT)
-TAG_NAMES: dict[Modality, str] = {Modality.IMAGE: "Image", Modality.AUDIO: "Audio", Modality.VIDEO: "Video"}
-_BY_TAG = {name.lower(): m for m, name in TAG_NAMES.items()}
-_TAG_RE = re.compile(r"<\s*(/?)\s*(image|audio|video)\s*>", re.IGNORECASE)
+_ANY_TAG_RE = re.compile(r"<\s*(/?)\s*([A-Za-z]+)\s*>")
+
+
+def tag_name(modality: Modality) -> str:
+    """The placeholder tag of ``modality`` (its spec's ``tag``: ``Image``, ``Audio``, ``Video``)."""
+    return modality.spec.tag
+
+
+def _media_tags(text: str) -> list[tuple[re.Match, Modality]]:
+    """The tags of ``text`` that name a registered modality (any case), with that modality, in order."""
+    names = {m.value: m for m in Modality}
+    return [(t, names[t.group(2).lower()]) for t in _ANY_TAG_RE.finditer(text) if t.group(2).lower() in names]
 _SPEAKER_RE = re.compile(r"^\s*(human|user|gpt|assistant)\s*[:：]\s?(.*)$", re.IGNORECASE)
 _SPEAKER_ALIASES = {"human": HUMAN, "user": HUMAN, "gpt": GPT, "assistant": GPT}
 
 
 def placeholder(modality: Modality, caption: str) -> str:
     """``<Image> caption </Image>`` for ``modality``."""
-    tag = TAG_NAMES[modality]
+    tag = tag_name(modality)
     return f"<{tag}> {caption.strip()} </{tag}>"
 
 
@@ -86,13 +95,12 @@ def find_placeholders(text: str) -> tuple[Placeholder, ...]:
     """Well-formed placeholders in ``text`` (a canonical open tag, a non-empty caption, the matching close
     tag, nothing tag-like in between), in order. Malformed ones are left out: see :func:`placeholder_problems`."""
     out: list[Placeholder] = []
-    tags = list(_TAG_RE.finditer(text))
+    tags = _media_tags(text)
     i = 0
     while i < len(tags) - 1:
-        a, b = tags[i], tags[i + 1]
-        ma, mb = _BY_TAG[a.group(2).lower()], _BY_TAG[b.group(2).lower()]
-        if (not a.group(1) and b.group(1) and ma is mb and a.group(0) == f"<{TAG_NAMES[ma]}>"
-                and b.group(0) == f"</{TAG_NAMES[mb]}>" and text[a.end():b.start()].strip()):
+        (a, ma), (b, mb) = tags[i], tags[i + 1]
+        if (not a.group(1) and b.group(1) and ma is mb and a.group(0) == f"<{tag_name(ma)}>"
+                and b.group(0) == f"</{tag_name(mb)}>" and text[a.end():b.start()].strip()):
             out.append(Placeholder(ma, " ".join(text[a.end():b.start()].split()), a.start(), b.end()))
             i += 2
         else:
@@ -103,12 +111,11 @@ def find_placeholders(text: str) -> tuple[Placeholder, ...]:
 def placeholder_problems(text: str) -> list[str]:
     """Human-readable problems with the media tags of ``text`` (empty list: every tag is well formed)."""
     problems: list[str] = []
-    tags = list(_TAG_RE.finditer(text))
+    tags = _media_tags(text)
     i = 0
     while i < len(tags):
-        a = tags[i]
-        m = _BY_TAG[a.group(2).lower()]
-        canon_open, canon_close = f"<{TAG_NAMES[m]}>", f"</{TAG_NAMES[m]}>"
+        a, m = tags[i]
+        canon_open, canon_close = f"<{tag_name(m)}>", f"</{tag_name(m)}>"
         if a.group(1):
             problems.append(f"closing tag {a.group(0)!r} without an opening tag")
             i += 1
@@ -118,17 +125,17 @@ def placeholder_problems(text: str) -> list[str]:
         if i + 1 >= len(tags):
             problems.append(f"{a.group(0)!r} is never closed")
             break
-        b = tags[i + 1]
+        b, mb = tags[i + 1]
         if not b.group(1):
             problems.append(f"{a.group(0)!r} is not closed before {b.group(0)!r}")
             i += 1
             continue
-        if _BY_TAG[b.group(2).lower()] is not m:
+        if mb is not m:
             problems.append(f"{a.group(0)!r} is closed by {b.group(0)!r}")
         elif b.group(0) != canon_close:
             problems.append(f"tag {b.group(0)!r} should be written {canon_close!r}")
         if not text[a.end():b.start()].strip():
-            problems.append(f"empty {TAG_NAMES[m]} placeholder")
+            problems.append(f"empty {tag_name(m)} placeholder")
         i += 2
     return problems
 

@@ -28,18 +28,17 @@ import numpy as np
 from polymodal.modality import Modality
 from mosit.catalog import CatalogIndex, CatalogItem, CatalogReject, load_catalog
 from mosit.config import MositConfig
-from mosit.dialogue import GPT, HUMAN, TAG_NAMES, Dialogue, Message, find_placeholders, parse_dialogue
+from mosit.dialogue import GPT, HUMAN, Dialogue, Message, find_placeholders, parse_dialogue, tag_name
 from mosit.fsio import (atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_jsonl, read_jsonl,
                         remove_stale_tmp)
 from mosit.modes import Mode, get_mode
+from mosit.schema import MEDIA_LISTS
 from mosit.validate import validate_dialogue
 from mosit.writer import WriterSettings, derive_seed, plan_dialogue, write_per_turn, write_whole
 
 log = logging.getLogger(__name__)
 
 WORK = "work"
-LIST_KEY = {Modality.IMAGE: "image_list", Modality.AUDIO: "audio_list", Modality.VIDEO: "video_list"}
-MEDIA_DIR = {Modality.IMAGE: "images", Modality.AUDIO: "audios", Modality.VIDEO: "videos"}
 RECORDS_FILE = "mosit.json"
 REJECTS_FILE = "rejects.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -349,7 +348,7 @@ def _histogram(values: list[float], lo: float = -0.2, hi: float = 1.0, step: flo
 def _record(o: dict, names: dict[str, str]) -> tuple[dict, list[tuple[dict, str, str]]]:
     """A MosIT record and its media copies (entry, source path, output name)."""
     msgs = [dict(m) for m in o["dialogue"]["messages"]]
-    lists = {k: [] for k in LIST_KEY.values()}
+    lists = {k: [] for k in MEDIA_LISTS.values()}
     copies = []
     by_msg = defaultdict(list)
     for e in o["media"]:
@@ -362,15 +361,15 @@ def _record(o: dict, names: dict[str, str]) -> tuple[dict, list[tuple[dict, str,
             mod = Modality(e["modality"])
             name = names[e["catalog_id"]] if e["source"] == "catalog" else Path(e["path"]).name
             parts.append(value[cursor:p.start])
-            parts.append(f"<{TAG_NAMES[mod]}>{name}</{TAG_NAMES[mod]}>")
+            parts.append(f"<{tag_name(mod)}>{name}</{tag_name(mod)}>")
             cursor = p.end
             item = {"name": name, "data_source": e["data_source"], "caption": e["caption"], "from": m["from"],
                     "turn": mi, "source": e["source"], "catalog_id": e["catalog_id"], "query": e["query"],
                     "score": e["score"]}
             if m["from"] == GPT:
                 item["embedding"] = f"embeddings/{name}.npy"
-            lists[LIST_KEY[mod]].append(item)
-            copies.append((item, e["path"], f"{MEDIA_DIR[mod]}/{name}"))
+            lists[MEDIA_LISTS[mod]].append(item)
+            copies.append((item, e["path"], f"{mod.spec.answer_field}/{name}"))
         parts.append(value[cursor:])
         conversation.append({"from": m["from"], "value": "".join(parts)})
     rec = {"id": o["id"], "mode": o["mode"], "topic": o["topic"], "origin": o["origin"],
@@ -424,7 +423,7 @@ def finalize(cfg: MositConfig, out_dir: Path, ctx_total: int, num_shards: int, *
         emb_info["encoder"] = caption_encoder.describe()
         todo: dict[Modality, dict[str, str]] = defaultdict(dict)
         for rec in records:
-            for mod, key in LIST_KEY.items():
+            for mod, key in MEDIA_LISTS.items():
                 for item in rec[key]:
                     if "embedding" in item:
                         todo[mod][item["name"]] = item["caption"]
@@ -440,7 +439,7 @@ def finalize(cfg: MositConfig, out_dir: Path, ctx_total: int, num_shards: int, *
                     emb_info["files"] += 1
     else:
         for rec in records:
-            for key in LIST_KEY.values():
+            for key in MEDIA_LISTS.values():
                 for item in rec[key]:
                     item.pop("embedding", None)
 

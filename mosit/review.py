@@ -19,10 +19,12 @@ from collections import Counter
 from pathlib import Path
 
 from mosit.fsio import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from mosit.schema import MEDIA_LISTS
 
 RECORDS_FILE = "mosit.json"
 REVIEWED_FILE = "mosit.reviewed.json"
-_LISTS = (("image_list", "images", "img"), ("audio_list", "audios", "audio"), ("video_list", "videos", "video"))
+# The HTML element that shows a medium on the review page (any other modality: a plain link).
+_HTML_ELEMENT = {"image": "img", "audio": "audio", "video": "video"}
 CSV_FIELDS = ("id", "mode", "topic", "conversation", "media", "decision", "note")
 DECISIONS = ("accept", "reject", "")
 
@@ -40,7 +42,8 @@ def _records(dataset: Path) -> list[dict]:
 
 def _media(rec: dict) -> list[tuple[str, str, dict]]:
     """(relative link from review/, element kind, entry) per medium."""
-    return [(f"../{folder}/{e['name']}", tag, e) for key, folder, tag in _LISTS for e in rec.get(key, [])]
+    return [(f"../{m.spec.answer_field}/{e['name']}", _HTML_ELEMENT.get(m.value, "a"), e)
+            for m, key in MEDIA_LISTS.items() for e in rec.get(key, [])]
 
 
 def export_review(dataset: str | Path) -> tuple[Path, Path]:
@@ -61,6 +64,7 @@ def export_review(dataset: str | Path) -> tuple[Path, Path]:
         for link, tag, e in media:
             src = html.escape(link, quote=True)
             el = (f"<img src='{src}' alt='{html.escape(e['caption'], quote=True)}' width='240'>" if tag == "img"
+                  else f"<a href='{src}'>{html.escape(e['name'])}</a>" if tag == "a"
                   else f"<{tag} controls src='{src}'></{tag}>")
             score = "" if e.get("score") is None else f" &middot; score {e['score']:.3f}"
             figs.append(f"<figure>{el}<figcaption><a href='{src}'>{html.escape(e['name'])}</a> "

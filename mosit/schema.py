@@ -26,9 +26,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from polymodal.modality import Modality
 
-_TAG = re.compile(r"<(Image|Audio|Video)>([^<>]+)</\1>")
-_KEY = {"Image": "image_list", "Audio": "audio_list", "Video": "video_list"}
-_DIR = {"image_list": "images", "audio_list": "audios", "video_list": "videos"}
 
 
 class _Strict(BaseModel):
@@ -65,19 +62,27 @@ class MositRecord(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "MositRecord":
+        keys = {m.spec.tag: key for m, key in MEDIA_LISTS.items()}
         if self.conversation[0].from_ != "human" or self.conversation[-1].from_ != "gpt":
             raise ValueError("a conversation starts with the human and ends with gpt")
         refs: list[tuple[str, str, int]] = []
         for i, m in enumerate(self.conversation):
-            refs += [(_KEY[t], name, i) for t, name in _TAG.findall(m.value)]
-        listed = [(key, e.name, e.turn) for key in _KEY.values() for e in getattr(self, key)]
+            refs += [(keys[t], name, i) for t, name in _TAG.findall(m.value)]
+        listed = [(key, e.name, e.turn) for key in keys.values() for e in getattr(self, key)]
         if sorted(refs) != sorted(listed):
             raise ValueError(f"media referenced in the conversation {sorted(refs)} differ from the lists {sorted(listed)}")
-        for key in _KEY.values():
+        for key in keys.values():
             for e in getattr(self, key):
                 if e.from_ != self.conversation[e.turn].from_:
                     raise ValueError(f"{e.name}: 'from' {e.from_!r} but message {e.turn} is {self.conversation[e.turn].from_!r}")
         return self
+
+
+MEDIA_LISTS: dict[Modality, str] = {Modality(f.removesuffix("_list")): f for f in MositRecord.model_fields
+                                    if f.endswith("_list")}
+"""The record's media list per modality (NExT-GPT's MosIT format: ``image_list``, ``audio_list``, ``video_list``);
+the files of a list live in the modality's ``answer_field`` folder (``images/``, ``audios/``, ``videos/``)."""
+_TAG = re.compile(r"<({})>([^<>]+)</\1>".format("|".join(m.spec.tag for m in MEDIA_LISTS)))
 
 
 def missing_files(record: dict | MositRecord, root: str | Path) -> list[str]:
@@ -85,7 +90,8 @@ def missing_files(record: dict | MositRecord, root: str | Path) -> list[str]:
     rec = record if isinstance(record, MositRecord) else MositRecord.model_validate(record)
     root = Path(root)
     out = []
-    for key, folder in _DIR.items():
+    for m, key in MEDIA_LISTS.items():
+        folder = m.spec.answer_field
         for e in getattr(rec, key):
             if not (root / folder / e.name).is_file():
                 out.append(f"{folder}/{e.name}")
@@ -95,5 +101,5 @@ def missing_files(record: dict | MositRecord, root: str | Path) -> list[str]:
 
 
 def media_path(root: str | Path, modality: Modality, name: str) -> Path:
-    return Path(root) / _DIR[{Modality.IMAGE: "image_list", Modality.AUDIO: "audio_list",
-                              Modality.VIDEO: "video_list"}[modality]] / name
+    """Where a record's medium ``name`` of ``modality`` lives under ``root`` (``images/<name>``)."""
+    return Path(root) / modality.spec.answer_field / name

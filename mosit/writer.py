@@ -21,23 +21,40 @@ from polymodal.modality import Modality
 from mosit.dialogue import GPT, HUMAN, Dialogue, Message, find_placeholders, parse_dialogue, placeholder
 from mosit.modes import Mode
 
-NOUN = {Modality.IMAGE: "photo", Modality.AUDIO: "sound clip", Modality.VIDEO: "video clip"}
+# Fixed phrases per medium (by name); a modality without its own phrases gets the templates over its spec's noun.
 REQUEST = {
-    Modality.IMAGE: ("Can you show me a picture of it?", "Could you show me a photo?", "Show me an image, please."),
-    Modality.AUDIO: ("Can you play a sound of it?", "Could you let me hear what it sounds like?",
-                     "Play me a recording, please."),
-    Modality.VIDEO: ("Can you show me a video of it?", "Could you show me a short clip?", "Show me a video, please."),
+    "image": ("Can you show me a picture of it?", "Could you show me a photo?", "Show me an image, please."),
+    "audio": ("Can you play a sound of it?", "Could you let me hear what it sounds like?",
+              "Play me a recording, please."),
+    "video": ("Can you show me a video of it?", "Could you show me a short clip?", "Show me a video, please."),
 }
 SHARE_HUMAN = {
-    Modality.IMAGE: ("Look at this photo.", "I took this picture."),
-    Modality.AUDIO: ("Listen to this recording.", "I recorded this sound."),
-    Modality.VIDEO: ("Watch this clip.", "I filmed this video."),
+    "image": ("Look at this photo.", "I took this picture."),
+    "audio": ("Listen to this recording.", "I recorded this sound."),
+    "video": ("Watch this clip.", "I filmed this video."),
 }
 SHARE_GPT = {
-    Modality.IMAGE: ("Here is a picture.", "Here is a photo for you."),
-    Modality.AUDIO: ("Here is a recording.", "Listen to this."),
-    Modality.VIDEO: ("Here is a video.", "Here is a short clip."),
+    "image": ("Here is a picture.", "Here is a photo for you."),
+    "audio": ("Here is a recording.", "Listen to this."),
+    "video": ("Here is a video.", "Here is a short clip."),
 }
+_TEMPLATES = {
+    "request": ("Can you show me a {noun} of it?", "Could you show me a {noun}?"),
+    "share_human": ("Look at this {noun}.", "I made this {noun}."),
+    "share_gpt": ("Here is a {noun}.", "Here is a {noun} for you."),
+}
+_PHRASES = {"request": REQUEST, "share_human": SHARE_HUMAN, "share_gpt": SHARE_GPT}
+
+
+def noun(modality: Modality) -> str:
+    """The word for one medium in prose (its spec's ``noun``: photo, sound clip, video clip)."""
+    return modality.spec.noun
+
+
+def phrases(kind: str, modality: Modality) -> tuple[str, ...]:
+    """The fixed phrases of ``kind`` (``request``, ``share_human``, ``share_gpt``) for ``modality``."""
+    own = _PHRASES[kind].get(modality.value)
+    return own if own is not None else tuple(t.format(noun=noun(modality)) for t in _TEMPLATES[kind])
 SYSTEM = "You are a helpful assistant. Answer briefly and correctly."
 WHOLE_SYSTEM = ("You write example dialogues between a Human and an AI assistant called GPT. GPT can show images, "
                 "play audio and show videos; a medium is written as a short caption inside tags: "
@@ -133,7 +150,7 @@ def _flat(value: str) -> str:
     out, cursor = [], 0
     for p in find_placeholders(value):
         out.append(value[cursor:p.start])
-        out.append(f"(a {NOUN[p.modality]}: {p.caption})")
+        out.append(f"(a {noun(p.modality)}: {p.caption})")
         cursor = p.end
     out.append(value[cursor:])
     return " ".join("".join(out).split())
@@ -182,23 +199,23 @@ def write_per_turn(plan: DialoguePlan, llm, settings: WriterSettings) -> Dialogu
         parts: list[str] = []
         question = ""
         for m in plan.human_media[t]:
-            cap = clean_text(call.ask(P_CAPTION.format(noun=NOUN[m], topic=plan.topic)), max_words=25)
-            parts += [rng.choice(SHARE_HUMAN[m]), placeholder(m, cap)]
-            question = clean_text(call.ask(P_ABOUT_MEDIUM.format(noun=NOUN[m], caption=cap)))
+            cap = clean_text(call.ask(P_CAPTION.format(noun=noun(m), topic=plan.topic)), max_words=25)
+            parts += [rng.choice(phrases("share_human", m)), placeholder(m, cap)]
+            question = clean_text(call.ask(P_ABOUT_MEDIUM.format(noun=noun(m), caption=cap)))
         if not plan.human_media[t]:
             question = clean_text(call.ask(P_QUESTION.format(aspect=aspects[t % len(aspects)], topic=plan.topic)))
         parts.append(question)
         human_context = _flat(" ".join(p for p in parts if p))
         for m in plan.gpt_media[t]:
-            parts.append(rng.choice(REQUEST[m]))
+            parts.append(rng.choice(phrases("request", m)))
         messages.append(Message(HUMAN, " ".join(p for p in parts if p)))
         chat_history.append({"role": "user", "content": human_context})
         reply = clean_text(call(chat_history), max_sentences=2, max_words=45)
         gparts = [reply]
         for m in plan.gpt_media[t]:
-            cap = clean_text(call.ask(P_CAPTION.format(noun=NOUN[m], topic=plan.topic)), max_words=25)
+            cap = clean_text(call.ask(P_CAPTION.format(noun=noun(m), topic=plan.topic)), max_words=25)
             if not reply:
-                gparts.append(rng.choice(SHARE_GPT[m]))
+                gparts.append(rng.choice(phrases("share_gpt", m)))
             gparts.append(placeholder(m, cap))
         gpt_value = " ".join(p for p in gparts if p)
         messages.append(Message(GPT, gpt_value))

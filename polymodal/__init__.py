@@ -14,12 +14,16 @@ states them as contracts, tests/test_architecture.py checks them):
    :mod:`polymodal.encoders`, :mod:`polymodal.export`, :mod:`polymodal.presets`.
 5. The vocabulary every layer speaks: :mod:`polymodal.config`, :mod:`polymodal.signals`, :mod:`polymodal.types`,
    :mod:`polymodal.media_io`, :mod:`polymodal.grounding`, :mod:`polymodal.offline_tokenizer`,
-   :mod:`polymodal.devices`, and at the bottom :mod:`polymodal.modality`.
+   :mod:`polymodal.devices`, the built-in modalities' specs and codecs (:mod:`polymodal.media`), and at the bottom
+   :mod:`polymodal.modality` (the registry of :class:`~polymodal.modality.ModalitySpec`).
 
 So ``polymodal`` is two layers around ``decoders`` / ``projectors``: they import its vocabulary, its pipeline
-imports them, and no module-level loop exists. This package's ``__init__`` imports only the vocabulary.
+imports them, and no module-level loop exists. This package's ``__init__`` imports only the vocabulary: the
+modality registry and the built-in modalities (:mod:`polymodal.media` registers image, audio and video), so every
+``Modality`` lookup sees them. docs/architecture.md draws the whole plan.
 """
 
+import polymodal.media  # noqa: F401 - registers the built-in modalities (image, audio, video), in this order
 from polymodal.modality import Modality
 
 __all__ = ["Modality", "__version__"]

@@ -47,6 +47,12 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+def _use_cache(cache: Path | None) -> None:
+    """``--cache``: the cache folder for this process and what it starts (``POLYMODAL_CACHE``)."""
+    if cache is not None:
+        os.environ["POLYMODAL_CACHE"] = str(cache.expanduser())
+
+
 # ------------------------------------------------------------------------------------------------
 # conversation files
 
@@ -92,10 +98,11 @@ def load_history(path: Path) -> list:
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
                 parts.append(TextPart(str(part.get("text", ""))))
-            elif kind in ("image", "audio", "video"):
+            elif isinstance(kind, str) and kind in Modality:
                 parts.append(_load_media_file(Modality(kind), (path.parent / part["path"]).resolve()))
             else:
-                raise ValueError(f"message {i} of {path}: unknown part type {kind!r} (text, image, audio, video)")
+                choices = ", ".join(["text", *(m.value for m in Modality)])
+                raise ValueError(f"message {i} of {path}: unknown part type {kind!r} ({choices})")
         turns.append(Turn(msg["role"], tuple(parts)))
     return turns
 
@@ -127,6 +134,8 @@ def generate(
     box_overlay: Annotated[bool, typer.Option("--box-overlay", help="also write overlay.png: the answer's boxes "
                                                                     "drawn on the input image they refer to")] = False,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 (default: cuda if available)")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="cache folder (converted GGUF models, ...); default "
+                                                       "$POLYMODAL_CACHE or ~/.cache/polymodal")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Answer one message (with optional media and history); write the text, each medium and a manifest.
@@ -134,12 +143,16 @@ def generate(
     Files in OUT: answer.txt, NN_<modality>.<png|wav|mp4>, manifest.json (parts in output order, seeds,
     shapes, init state of each part, timings; with a grounding preset the boxes, in pixels of the input
     image) and conversation.json (pass it to --history to continue); overlay.png with --box-overlay.
+
+    --modalities is the floor and the ceiling of the answer's media ("text" alone: none); without it the
+    model decides (the preset's policy).
     """
     _setup_logging(verbose)
+    _use_cache(cache)
     from polymodal.config import DecoderDefaults
     from polymodal.llm import LLMLoadError
     from polymodal.modality import Modality
-    from polymodal.types import TextPart, Turn
+    from polymodal.types import TextPart, Turn, input_images
 
     try:
         wanted = Modality.parse_list([m for m in modalities.split(",") if m.strip().lower() != "text"])
@@ -149,14 +162,18 @@ def generate(
             parts.extend(_load_media_file(mod, f) for f in files or [])
         parts.append(TextPart(prompt))
         turns.append(Turn("user", tuple(parts)))
-        if box_overlay and not any(getattr(p, "modality", None) is Modality.IMAGE
-                                                 for t in turns for p in t.parts):
+        if box_overlay and not input_images(turns):
             raise ValueError("--box-overlay: there is no input image to draw the boxes on (pass --image)")
     except ValueError as e:
         _fail(str(e))
 
     from polymodal.pipeline import AnyToAnyPipeline
+    from polymodal.preflight import check_start
 
+    try:
+        check_start(preset, export_dir=projectors)
+    except ValueError as e:
+        _fail(str(e))
     try:
         typer.echo(f"loading preset {preset} ...", err=True)
         pipe = AnyToAnyPipeline.from_preset(preset, device=device, export_dir=str(projectors) if projectors else None)
@@ -167,11 +184,12 @@ def generate(
     options = {}
     for m, stage in pipe.decoder_stages.items():
         upd = {k: v for k, v in (("num_inference_steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
-        if m is Modality.VIDEO and crf is not None:
+        if crf is not None and "crf" in m.spec.option_fields:
             upd["crf"] = crf
         options[m] = DecoderDefaults(**{**stage.defaults.model_dump(), **upd})
     try:
-        answer = pipe.generate(turns, modalities=wanted, seed=seed, options=options,
+        ceiling = wanted if modalities.strip() else None  # --modalities: floor and ceiling
+        answer = pipe.generate(turns, modalities=wanted, seed=seed, options=options, allowed_modalities=ceiling,
                                max_new_tokens=max_new_tokens, temperature=temperature, task=task)
     except ValueError as e:
         _fail(str(e))
@@ -195,8 +213,7 @@ def write_answer(answer, out: Path, turns: list, preset_name: str, *, box_overla
     Writing into a folder of an earlier answer: the files its manifest named (media, overlay) that this answer
     does not write again are removed once the new manifest is in place; nothing else in the folder is touched.
     """
-    from polymodal.modality import Modality
-    from polymodal.types import MediaPart, TextPart
+    from polymodal.types import MediaPart, TextPart, input_images
 
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -240,7 +257,7 @@ def write_answer(answer, out: Path, turns: list, preset_name: str, *, box_overla
         history.append({"role": t.role, "content": items})
     history.append({"role": "assistant", "content": convo_parts})
     atomic_write(out / "conversation.json", json.dumps(history, indent=2).encode())
-    images = [p for t in turns for p in t.parts if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+    images = input_images(turns)
     boxes = [{"phrase": b.phrase, "box_px": [round(v, 2) for v in b.box_px], "image_index": b.image_index}
              for b in answer.boxes]
     overlay = None
@@ -310,10 +327,20 @@ def serve(
     api_key: Annotated[Optional[list[str]], typer.Option(help="accepted API key (repeatable; env POLYMODAL_API_KEYS)")] = None,
     projectors: Annotated[Optional[Path], typer.Option(help="export folder of trained parts (projectors, token rows, LoRA)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if available)")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="cache folder (converted GGUF models, ...); default "
+                                                       "$POLYMODAL_CACHE or ~/.cache/polymodal")] = None,
+    request_timeout_s: Annotated[Optional[float], typer.Option(
+        "--request-timeout-s", min=1, max=3600,
+        help="a request still running after this is cancelled (504); requests that would not finish in it are "
+             "refused up front (503 + Retry-After). Default: 120, as in deploy/*.yaml")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
-    """Serve the model behind OpenAI-compatible REST endpoints (Ray Serve graph, or one process with --no-ray)."""
+    """Serve the model behind OpenAI-compatible REST endpoints (Ray Serve graph, or one process with --no-ray).
+
+    Every path given (preset file, --projectors, --cache, the preset's weights) is checked before anything starts.
+    """
     _setup_logging(verbose)
+    _use_cache(cache)
     from services.run import serve_main
 
     try:
@@ -325,7 +352,8 @@ def serve(
     keys = list(api_key or []) + [k for k in os.environ.get("POLYMODAL_API_KEYS", "").split(",") if k]
     try:
         serve_main(preset, host=host, port=port, address=address, no_ray=no_ray, api_keys=keys or None,
-                   export_dir=str(projectors) if projectors else None, device=device)
+                   export_dir=str(projectors) if projectors else None, device=device,
+                   request_timeout_s=request_timeout_s)
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
 

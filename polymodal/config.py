@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from polymodal.grounding.config import GroundingConfig
 from polymodal.modality import Modality
-from polymodal.signals import ChatFormat, SignalSpec
+from polymodal.signals import ChatFormat, SignalSpec, default_counts
 
 Dtype = Literal["auto", "float32", "float16", "bfloat16"]
 WeightSource = Literal["tiny", "pretrained"]
@@ -35,6 +35,10 @@ MAX_FPS = 60
 """Frame rate of a generated video."""
 MAX_DURATION_S = 30.0
 """Length of a generated audio / video, seconds."""
+MIN_DURATION_S = 0.02
+"""Shortest generated audio, seconds: AudioLDM needs at least two mel frames of its vocoder (hop 160 samples at
+16 kHz: 0.01 s each; diffusers' ``AudioLDMPipeline`` refuses less), checked for the tiny, toy and AudioLDM
+vocoders."""
 MAX_CRF = 51
 """libx264 constant rate factor (its own maximum)."""
 MAX_NEW_TOKENS = 4096
@@ -76,6 +80,10 @@ class LLMConfig(_Model):
         (), description="tokens added to the tokenizer first, in this order (a released checkpoint's vocabulary "
         "layout: token i gets id base_vocab + i); signal and marker tokens not listed follow"
     )
+    missing_hint: str | None = Field(
+        None, description="what to do when `path` is missing (named in the start-up error), e.g. the variable "
+        "that sets it"
+    )
 
 
 class EncoderConfig(_Model):
@@ -115,7 +123,7 @@ class DecoderDefaults(_Model):
     width_px: int = Field(32, ge=8, le=MAX_SIZE_PX)
     num_frames: int = Field(4, ge=1, le=MAX_NUM_FRAMES)
     fps: int = Field(8, ge=1, le=MAX_FPS)
-    duration_s: float = Field(1.0, gt=0.0, le=MAX_DURATION_S)
+    duration_s: float = Field(1.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
     crf: int = Field(
         18, ge=0, le=MAX_CRF,
         description="video: libx264 constant rate factor of the MP4 the frames are encoded to (lower: closer to the "
@@ -136,7 +144,14 @@ class DecoderConfig(_Model):
 
 
 class SignalConfig(_Model):
-    counts: dict[Modality, int] = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}
+    """Signal tokens of a preset (see :class:`polymodal.signals.SignalSpec`).
+
+    ``counts``: tokens per group, per modality (default: every registered modality's spec default; a modality the
+    preset decodes but does not list here gets its spec's default, see :class:`PresetConfig`). ``input_markers``:
+    ``None`` = the specs' markers.
+    """
+
+    counts: dict[Modality, int] = Field(default_factory=default_counts)
     token_format: str = "<{prefix}{i}>"
     input_markers: dict[Modality, tuple[str, str]] | None = None
 
@@ -156,6 +171,11 @@ class GenerationConfig(_Model):
         32, ge=0, le=MAX_NEW_TOKENS,
         description="images / audio / videos endpoints: at most this many answer tokens before the requested group "
         "is forced (0: the group opens the answer, as the decode stage trains it)")
+    media_without_modalities: Literal["model_decides", "none"] = Field(
+        "model_decides",
+        description="a chat request without `modalities`: model_decides = the answer may hold any medium the "
+        "server has a decoder for, as the model emits signal tokens (nothing is forced); none = text only (the "
+        "signal tokens are masked). With `modalities` the request decides: floor and ceiling")
 
 
 class PresetConfig(_Model):
@@ -183,6 +203,16 @@ class PresetConfig(_Model):
         None, description="an export of trained parts (polymodal.export) this preset always loads; an export "
         "given at load time (--projectors) replaces it"
     )
+
+    @model_validator(mode="after")
+    def _count_every_decoded_modality(self) -> "PresetConfig":
+        """A modality the preset decodes but ``signals.counts`` does not list gets its spec's default count
+        (appended, so the listed modalities keep their token order)."""
+        missing = [m for m in self.decoders if m not in self.signals.counts]
+        if missing:
+            counts = {**self.signals.counts, **{m: m.spec.default_signal_count for m in missing}}
+            self.__dict__["signals"] = self.signals.model_copy(update={"counts": counts})
+        return self
 
     def to_yaml(self) -> str:
         import yaml

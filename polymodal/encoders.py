@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -49,7 +50,6 @@ from polymodal.devices import DTYPES
 from polymodal.modality import Modality
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
-
 
 
 class EncoderUnavailableError(RuntimeError):
@@ -133,7 +133,8 @@ class Encoder:
         self.init_state = init_state
         self.device = torch.device(device)
         self.dtype = dtype
-        self.sample_rate_hz = sample_rate_hz if modality is AUDIO else None
+        path = INPUT_PATHS.get(modality)
+        self.sample_rate_hz = sample_rate_hz if path is not None and path.waveform else None
         self.max_frames = max_frames
         self.batch_size = batch_size
         self.path = path
@@ -186,25 +187,12 @@ class Encoder:
         if not items:
             return torch.zeros(0, self.num_tokens, self.dim, device=self.device)
         name = f"{self.modality.value} encoder"
+        path = INPUT_PATHS.get(self.modality)
+        if path is None:
+            readable = ", ".join(m.value for m in INPUT_PATHS)
+            raise ValueError(f"{name}: encoders read {readable}, not {self.modality.value}")
         with torch.no_grad():
-            if self.modality is IMAGE:
-                out = self._encode_images([_as_image(x, f"{name}, item {i}") for i, x in enumerate(items)])
-            elif self.modality is AUDIO:
-                rate = self.sample_rate_hz if sample_rate_hz is None else int(sample_rate_hz)
-                if rate <= 0:
-                    raise ValueError(f"{name}: sample_rate_hz must be positive, got {rate}")
-                clips = [_resample(_as_audio(x, f"{name}, item {i}"), rate, self.sample_rate_hz)
-                         for i, x in enumerate(items)]
-                out = self._encode_audio(clips)
-            else:
-                videos = [_as_video(x, f"{name}, item {i}") for i, x in enumerate(items)]
-                frames, counts = [], []
-                for i, v in enumerate(videos):
-                    keep = subsample_frames(v.shape[0], self.max_frames)
-                    frames.extend(_as_image(v[k], f"{name}, item {i} frame {k}") for k in keep)
-                    counts.append(len(keep))
-                per_frame = self._encode_images(frames)
-                out = torch.stack([chunk.mean(dim=0) for chunk in torch.split(per_frame, counts)])
+            out = path.encode(self, items, name, sample_rate_hz)
         if out.dim() == 2:  # the kind's hook gives one embedding per item: (n, D_enc)
             out = out[:, None]
         want = (len(items), self.num_tokens, self.dim)
@@ -239,6 +227,53 @@ class Encoder:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(modality={self.modality.value}, dim={self.dim}, init_state={self.init_state})"
+
+
+def _image_items(enc: Encoder, items: Sequence[np.ndarray], name: str, sample_rate_hz: int | None) -> torch.Tensor:
+    return enc._encode_images([_as_image(x, f"{name}, item {i}") for i, x in enumerate(items)])
+
+
+def _audio_items(enc: Encoder, items: Sequence[np.ndarray], name: str, sample_rate_hz: int | None) -> torch.Tensor:
+    rate = enc.sample_rate_hz if sample_rate_hz is None else int(sample_rate_hz)
+    if rate <= 0:
+        raise ValueError(f"{name}: sample_rate_hz must be positive, got {rate}")
+    clips = [_resample(_as_audio(x, f"{name}, item {i}"), rate, enc.sample_rate_hz) for i, x in enumerate(items)]
+    return enc._encode_audio(clips)
+
+
+def _video_items(enc: Encoder, items: Sequence[np.ndarray], name: str, sample_rate_hz: int | None) -> torch.Tensor:
+    videos = [_as_video(x, f"{name}, item {i}") for i, x in enumerate(items)]
+    frames, counts = [], []
+    for i, v in enumerate(videos):
+        keep = subsample_frames(v.shape[0], enc.max_frames)
+        frames.extend(_as_image(v[k], f"{name}, item {i} frame {k}") for k in keep)
+        counts.append(len(keep))
+    per_frame = enc._encode_images(frames)
+    return torch.stack([chunk.mean(dim=0) for chunk in torch.split(per_frame, counts)])
+
+
+@dataclass(frozen=True)
+class InputPath:
+    """How one modality's items reach an encoder.
+
+    Attributes:
+        encode: ``(encoder, items, name, sample_rate_hz)`` -> (B, D_enc) or (B, N, D_enc) through the kind's hooks.
+        network: the name of the network the items go through (``"image"``: :meth:`Encoder._encode_images`, video
+            frames too; ``"audio"``: :meth:`Encoder._encode_audio`); the tiny kind seeds its weights with it.
+        waveform: items are waveforms, resampled to the encoder's ``sample_rate_hz``.
+    """
+
+    encode: Callable[[Encoder, Sequence[np.ndarray], str, int | None], torch.Tensor]
+    network: str
+    waveform: bool = False
+
+
+# The input paths of the modalities encoders read (video: each frame through the image path, averaged per item).
+INPUT_PATHS: dict[Modality, InputPath] = {
+    IMAGE: InputPath(_image_items, "image"),
+    AUDIO: InputPath(_audio_items, "audio", waveform=True),
+    VIDEO: InputPath(_video_items, "image"),
+}
 
 
 # ------------------------------------------------------------------------------------------------------------ tiny
@@ -283,7 +318,7 @@ class TinyEncoder(Encoder):
     """
 
     kind = "tiny"
-    modalities = frozenset(Modality)
+    modalities = frozenset(INPUT_PATHS)
     FREQ_BINS, TIME_BINS, N_FFT, HOP = 32, 16, 400, 160
 
     @classmethod
@@ -298,8 +333,9 @@ class TinyEncoder(Encoder):
             raise ValueError(f"tiny encoder image_size_px must be >= 4, got {image_size_px}")
         with torch.random.fork_rng(devices=[]):
             # video frames go through the image network: same weights as the image encoder of this seed
-            torch.manual_seed(_sub_seed(seed, "tiny-encoder", AUDIO.value if modality is AUDIO else IMAGE.value))
-            module = (_TinyAudioNet(config.dim, cls.FREQ_BINS, cls.TIME_BINS) if modality is AUDIO
+            path = INPUT_PATHS[modality]  # video frames: the image network (same seed, same weights)
+            torch.manual_seed(_sub_seed(seed, "tiny-encoder", path.network))
+            module = (_TinyAudioNet(config.dim, cls.FREQ_BINS, cls.TIME_BINS) if path.waveform
                       else _TinyImageNet(config.dim, image_size_px))
         enc = cls(modality, config.dim, "random", module, device=device, sample_rate_hz=16000, **common)
         enc.image_size_px = image_size_px
@@ -525,7 +561,7 @@ class ImageBindEncoder(Encoder):
     """
 
     kind = "imagebind"
-    modalities = frozenset(Modality)
+    modalities = frozenset(INPUT_PATHS)
     DIM = 1024
 
     @classmethod

@@ -10,8 +10,10 @@ Layout of an export folder::
                                      the token strings, row order
     lora/                            a peft LoRA adapter folder (adapter_config.json, adapter_model.safetensors)
 
-Every part is optional; what is present is loaded strictly (a token the tokenizer lacks, a row of the wrong
-width, a LoRA for other modules: an error naming it).
+Every part is optional, but a folder given as an export must hold at least one, and every part its
+``export.json`` lists must be there (:func:`export_problems`, checked at start-up and before a stage loads);
+what is present is loaded strictly (a token the tokenizer lacks, a row of the wrong width, a LoRA for other
+modules: an error naming it).
 """
 
 from __future__ import annotations
@@ -86,6 +88,90 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise ExportError(f"{p}: format {body.get('format')!r} v{body.get('version')!r}, "
                           f"expected {EXPORT_FORMAT!r} v{EXPORT_VERSION}")
     return body
+
+
+PROJECTOR_ROLES = ("input", "output")
+
+
+def part_files(part: str) -> tuple[str, ...]:
+    """The files (relative to the export folder) of a part named in ``export.json``: ``input_image`` ->
+    ``input_image.safetensors``, ``token_rows`` -> ``token_rows.safetensors``, ``lora`` -> the adapter's config
+    and weights.
+
+    Raises:
+        ExportError: a part name of no known kind.
+    """
+    if part == "lora":
+        return ("lora/adapter_config.json", "lora/adapter_model.safetensors")
+    if part == "token_rows" or part.split("_", 1)[0] in PROJECTOR_ROLES:
+        return (f"{part}.safetensors",)
+    raise ExportError(f"unknown export part {part!r}; parts are input_<modality>, output_<modality>, "
+                      "token_rows, lora")
+
+
+def _present_parts(d: Path) -> list[str]:
+    found = sorted(p.stem for p in d.glob("*.safetensors")
+                   if p.stem == "token_rows" or p.stem.split("_", 1)[0] in PROJECTOR_ROLES)
+    if (d / "lora" / "adapter_config.json").is_file():
+        found.append("lora")
+    return found
+
+
+def export_problems(directory: str | Path) -> list[str]:
+    """What keeps ``directory`` from loading as an export (empty: nothing); file checks only, no tensors read.
+
+    - the folder exists, is a folder and can be read;
+    - it holds at least one part (``input_*`` / ``output_*`` / ``token_rows`` ``.safetensors``, ``lora/``);
+    - with an ``export.json``: it is ours (format, version) and every part it lists is there;
+    - every ``.safetensors`` part has a readable header (a truncated or foreign file is named here, not when a
+      replica loads it).
+    """
+    d = Path(directory).expanduser()
+    if not d.exists():
+        return [f"projectors folder {d}: no such folder"]
+    if not d.is_dir():
+        return [f"projectors folder {d}: not a folder"]
+    if not os.access(d, os.R_OK | os.X_OK):
+        return [f"projectors folder {d}: cannot be read (permissions)"]
+    problems: list[str] = []
+    present = _present_parts(d)
+    listed: list[str] = []
+    if (d / "export.json").exists():
+        try:
+            listed = list(read_manifest(d).get("parts", []))
+        except (ExportError, OSError, ValueError) as e:
+            problems.append(f"projectors folder {d}: {e}")
+        for part in listed:
+            try:
+                files = part_files(part)
+            except ExportError as e:
+                problems.append(f"{d / 'export.json'}: {e}")
+                continue
+            missing = [f for f in files if not (d / f).is_file()]
+            if missing:
+                problems.append(f"projectors folder {d}: export.json lists {part!r} but {', '.join(missing)} "
+                                "is missing")
+    elif not present:
+        problems.append(f"projectors folder {d} holds none of the parts of an export (export.json, "
+                        "input_<modality>.safetensors, output_<modality>.safetensors, token_rows.safetensors, "
+                        "lora/); point --projectors at the folder `polymodal train` or `polymodal convert` wrote")
+    for part in present:
+        for f in part_files(part):
+            if f.endswith(".safetensors") and (d / f).is_file():
+                try:
+                    with safe_open(str(d / f), "np"):
+                        pass
+                except Exception as e:  # noqa: BLE001 - any unreadable header is named
+                    problems.append(f"{d / f}: not a readable safetensors file ({type(e).__name__}: {e})")
+    return problems
+
+
+def check_export(directory: str | Path) -> None:
+    """Raises:
+        ExportError: :func:`export_problems` found any (all of them in the message)."""
+    problems = export_problems(directory)
+    if problems:
+        raise ExportError("; ".join(problems))
 
 
 @torch.no_grad()

@@ -37,17 +37,18 @@ from polymodal.devices import resolve_device
 from polymodal.llm import LLMEngine, PromptSegment, load_llm
 from polymodal.modality import Modality
 from polymodal.presets import get_preset
-from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn, interleave
+from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn, input_images, interleave
 
 log = logging.getLogger(__name__)
 
 # Offsets added to the preset seed so every random part gets its own, reproducible initialisation.
 _SEED_OFFSETS = {"llm": 0, "encoder": 100, "input_projector": 200, "output_projector": 300, "decoder": 400}
-_MOD_INDEX = {m: i for i, m in enumerate(Modality)}
 
 
 def _part_seed(preset: PresetConfig, part: str, modality: Modality | None = None) -> int:
-    return preset.seed + _SEED_OFFSETS[part] + (_MOD_INDEX[modality] if modality else 0)
+    """The seed of a random part: the preset's, plus the part's offset, plus the modality's place in the registration
+    order (image 0, audio 1, video 2, then plug-ins; asked at call time, so a modality registered later counts)."""
+    return preset.seed + _SEED_OFFSETS[part] + (list(Modality).index(modality) if modality else 0)
 
 
 def _projector_file(directory: str | Path | None, role: str, modality: Modality) -> str | None:
@@ -182,27 +183,29 @@ class LLMStage:
         system: str | None = None,
         propose: Callable[[int, torch.Tensor], int | None] | None = None,
         task: str | None = None,
+        allowed_modalities: Sequence[Modality] | None = None,
     ) -> Iterator[TextDelta | SignalGroup | LLMResult]:
         """Stream text deltas and signal groups; the last item is the :class:`LLMResult`.
 
         ``modalities``: media the answer must contain (missing groups are appended, see
-        :mod:`polymodal.llm`). ``None`` options take the preset's defaults. ``task``: a grounding task (see
-        :meth:`segments`).
+        :mod:`polymodal.llm`). ``allowed_modalities``: the media it may contain (``None``: any; ``()``: none):
+        the signal tokens of the others are masked at every decode step, so no group of theirs is made.
+        ``None`` options take the preset's defaults. ``task``: a grounding task (see :meth:`segments`).
 
         With a grounding preset the result's ``text`` has the grounding markup removed and ``boxes`` holds
         the boxes, in pixels of the last image of the conversation (:mod:`polymodal.grounding`); our own
         tokens are special tokens, so the streamed text never shows them.
 
         Raises:
-            ValueError: a requested modality this model cannot produce; an empty conversation; an unknown task.
+            ValueError: a requested modality this model cannot produce, or one outside ``allowed_modalities``; an
+            empty conversation; an unknown task.
         """
         gen = self.preset.generation
         for m in modalities:
             if m not in self.engine.signal_ids:
                 raise ValueError(f"this model cannot produce {m.value}")
         segs = self.segments(turns, system=system, task=task)
-        sizes = [(p.data.shape[1], p.data.shape[0]) for t in turns for p in t.parts
-                 if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+        sizes = [(p.data.shape[1], p.data.shape[0]) for p in input_images(turns)]
         streamed = ""
         index = 0
         for ev in self.engine.stream(
@@ -216,6 +219,7 @@ class LLMStage:
             max_signal_run=gen.max_signal_run,
             should_cancel=should_cancel,
             propose=propose,
+            allowed_modalities=None if allowed_modalities is None else list(allowed_modalities),
         ):
             if ev.text:
                 streamed += ev.text
@@ -344,16 +348,22 @@ def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, ex
     """Load the LLM, encoders and input projectors of a preset.
 
     ``export_dir``: an export of trained parts (:mod:`polymodal.export`): input projectors, new token
-    rows and a LoRA adapter, each loaded strictly when present (default: the preset's own ``export_dir``).
+    rows and a LoRA adapter, each loaded strictly when present (default: the preset's own ``export_dir``); the
+    folder must hold parts, and every part its ``export.json`` lists.
 
     Raises:
-        polymodal.llm.LLMLoadError, ProjectorLoadError, and the encoders' load errors.
+        polymodal.export.ExportError (the folder), polymodal.llm.LLMLoadError, ProjectorLoadError, and the
+        encoders' load errors.
     """
     from polymodal.encoders import build_encoder
     from projectors import build_input_projector
 
     preset = get_preset(preset)
     export_dir = export_dir or preset.export_dir
+    if export_dir:
+        from polymodal.export import check_export
+
+        check_export(export_dir)
     dev = resolve_device(device)
     g = preset.grounding
     engine = load_llm(preset.llm, preset.signals.spec(), preset.chat, device=dev,
@@ -396,7 +406,12 @@ def build_decoder_stage(
     from projectors import build_output_projector
 
     preset = get_preset(preset)
+    modality = Modality.parse(modality)
     export_dir = export_dir or preset.export_dir
+    if export_dir:
+        from polymodal.export import check_export
+
+        check_export(export_dir)
     if modality not in preset.decoders or modality not in preset.output_projectors:
         raise ValueError(f"preset {preset.name!r} has no {modality.value} decoder")
     dev = resolve_device(device)
@@ -411,7 +426,7 @@ def build_decoder_stage(
         d_llm=d_llm or llm_hidden_size(preset),
         num_signal_tokens=spec.count(modality),
         cond_shape=tuple(decoder.cond_shape),
-        normalize=bool(getattr(decoder, "normalized_cond", modality is Modality.AUDIO)),
+        normalize=bool(getattr(decoder, "normalized_cond", modality.spec.normalize_cond)),
         seed=_part_seed(preset, "output_projector", modality),
     )
     return DecoderStage(modality, proj.to(dev).eval(), decoder, "pretrained" if pcfg.checkpoint else "random")

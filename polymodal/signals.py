@@ -14,13 +14,16 @@ from dataclasses import dataclass, field
 
 from polymodal.modality import Modality
 
-DEFAULT_COUNTS: dict[Modality, int] = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}
-_DEFAULT_PREFIX = {Modality.IMAGE: "IMG", Modality.AUDIO: "AUD", Modality.VIDEO: "VID"}
-_DEFAULT_MARKERS = {
-    Modality.IMAGE: ("<Image>", "</Image>"),
-    Modality.AUDIO: ("<Audio>", "</Audio>"),
-    Modality.VIDEO: ("<Video>", "</Video>"),
-}
+
+
+def default_counts() -> dict[Modality, int]:
+    """Tokens per group of every registered modality, from its spec (NExT-GPT: image 4, audio 8, video 24)."""
+    return {m: m.spec.default_signal_count for m in Modality}
+
+
+def default_markers() -> dict[Modality, tuple[str, str]]:
+    """The (begin, end) input markers of every registered modality, from its spec (``<Image>``, ``</Image>``)."""
+    return {m: m.spec.input_markers for m in Modality}
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class SignalSpec:
     """
 
     tokens: dict[Modality, tuple[str, ...]]
-    input_markers: dict[Modality, tuple[str, str]] = field(default_factory=lambda: dict(_DEFAULT_MARKERS))
+    input_markers: dict[Modality, tuple[str, str]] = field(default_factory=default_markers)
 
     @classmethod
     def build(
@@ -43,20 +46,21 @@ class SignalSpec:
         fmt: str = "<{prefix}{i}>",
         input_markers: dict[Modality, tuple[str, str]] | None = None,
     ) -> "SignalSpec":
-        """Make the usual spec: ``fmt.format(prefix="IMG", i=0)`` etc.
+        """Make the usual spec: ``fmt.format(prefix=spec.signal_prefix, i=i)`` (``<IMG0>`` etc.).
 
         Args:
-            counts: tokens per group (defaults 4 / 8 / 24, as NExT-GPT).
+            counts: tokens per group (default: every registered modality's ``default_signal_count``).
             fmt: token format, ``"<{prefix}{i}>"`` (ours) or ``"[{prefix}{i}]"`` (the released checkpoint).
+            input_markers: (begin, end) per modality (default: the specs' ``input_markers``).
         Raises:
-            ValueError: a count below 1.
+            ValueError: a count below 1; an unregistered modality.
         """
-        counts = dict(DEFAULT_COUNTS if counts is None else counts)
+        counts = default_counts() if counts is None else {Modality.parse(m): n for m, n in counts.items()}
         for m, n in counts.items():
             if n < 1:
                 raise ValueError(f"signal token count for {m.value} must be >= 1, got {n}")
-        tokens = {m: tuple(fmt.format(prefix=_DEFAULT_PREFIX[m], i=i) for i in range(n)) for m, n in counts.items()}
-        return cls(tokens=tokens, input_markers=dict(input_markers or _DEFAULT_MARKERS))
+        tokens = {m: tuple(fmt.format(prefix=m.spec.signal_prefix, i=i) for i in range(n)) for m, n in counts.items()}
+        return cls(tokens=tokens, input_markers=dict(input_markers or default_markers()))
 
     @property
     def modalities(self) -> list[Modality]:

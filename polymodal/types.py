@@ -44,6 +44,12 @@ class Turn:
     parts: tuple[TextPart | MediaPart, ...]
 
 
+def input_images(turns: Sequence[Turn]) -> list[MediaPart]:
+    """The input images of a conversation, in message order: what grounding's ``image_index`` counts and what its
+    boxes are in pixels of (the pipeline, the ingress's ``box_overlay`` and the CLI's ``--box-overlay`` ask this)."""
+    return [p for t in turns for p in t.parts if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+
+
 @dataclass(frozen=True)
 class SignalGroup:
     """One complete group of signal tokens the LLM produced (or that was completed / forced).

@@ -157,13 +157,17 @@ def app_builder(args: AppArgs):
     """Build the Ray Serve application (a bound ingress deployment).
 
     Raises:
+        polymodal.preflight.StartupError: a path that is missing or unusable.
         ValueError: unknown preset, or a requested modality the preset has no decoder for.
     """
     from services.deployments import DecoderServer, IngressServer, LLMServer, SpeechServer, StatsServer
 
+    from polymodal.preflight import check_start
+
     if isinstance(args, dict):
         args = AppArgs.model_validate(args)
-    preset = args.resolved_preset()
+    # every path (preset file, weights, export, cache) before anything is deployed
+    preset = check_start(args.preset, export_dir=args.export_dir, modalities=args.modalities)
     available = [m for m in preset.decoders if m in preset.output_projectors]
     chosen = available if args.modalities is None else list(args.modalities)
     for m in chosen:

@@ -10,7 +10,8 @@ by the stats deployment) and are exposed with the same text format:
 - ``polymodal_media_total{modality}`` media returned
 - ``polymodal_decoder_steps_total{modality}`` denoising steps run (stops growing when a request is
   cancelled), ``polymodal_decoder_batches_total``, ``polymodal_decoder_batch_items_total``,
-  ``polymodal_decoder_max_batch_size``, ``polymodal_decoder_cancelled_total``, ``polymodal_decoder_failed_total``
+  ``polymodal_decoder_max_batch_size``, ``polymodal_decoder_cancelled_total``, ``polymodal_decoder_failed_total``,
+  ``polymodal_decoder_retried_total`` (renders sent again after their replica died)
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ _COUNTERS = {
     "batch_items": "Items rendered in decoder pipeline calls",
     "cancelled": "Decoder items cancelled",
     "failed": "Decoder items that could not be rendered",
+    "retried": "Renders sent again because their decoder replica died (Ray host; counted by the ingress)",
 }
 
 

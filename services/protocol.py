@@ -21,6 +21,7 @@ no torch.
 from __future__ import annotations
 
 import abc
+import contextvars
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -39,8 +40,10 @@ class LLMRequest:
     """One generation request to the LLM stage.
 
     ``None`` options take the preset's defaults. ``modalities``: media the answer must contain (the LLM
-    appends a forced signal group for any it did not emit). ``task``: a grounding task of the preset
-    (``grounding``, ``refer``, ...), whose identifier goes before the last user text.
+    appends a forced signal group for any it did not emit). ``allowed_modalities``: the media it may contain
+    (the signal tokens of the others are masked in the decode loop; ``()``: text only; ``None``: no ceiling);
+    it holds ``modalities``. ``task``: a grounding task of the preset (``grounding``, ``refer``, ...), whose
+    identifier goes before the last user text.
     """
 
     request_id: str
@@ -52,6 +55,7 @@ class LLMRequest:
     seed: int | None = None
     system: str | None = None
     task: str | None = None
+    allowed_modalities: tuple[Modality, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,12 @@ class EncodedMedium:
 
 
 LLMEvent = TextDelta | SignalGroup | LLMResult
+
+REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("polymodal_request_deadline",
+                                                                              default=None)
+"""When the request being served must be answered (``time.monotonic()`` seconds; ``None``: unknown). The
+ingress sets it while it runs a plan; a backend that retries (a decoder replica that died) stops retrying in
+time to answer 503 before the request's 504."""
 
 
 @dataclass(frozen=True)
@@ -165,9 +175,11 @@ class LLMStageLike(Protocol):
         should_cancel: Callable[[], bool] | None = None,
         system: str | None = None,
         task: str | None = None,
+        allowed_modalities: Sequence[Modality] | None = None,
     ) -> Iterator[LLMEvent]:
         """Yield ``TextDelta`` and ``SignalGroup`` items, the ``LLMResult`` last; check ``should_cancel`` after
-        every token (``system`` / ``task`` are passed only when the request sets them).
+        every token (``system`` / ``task`` / ``allowed_modalities`` are passed only when the request sets them;
+        ``allowed_modalities`` is the ceiling of the answer's media, masked in the decode loop).
 
         Raises:
             ValueError: a conversation or request the model refuses (the API answers 400).

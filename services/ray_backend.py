@@ -10,25 +10,34 @@ Cancelling the awaiting task (client disconnect, timeout) cancels the downstream
 propagates the cancellation into the replica, where it sets the work's cancel flag. Ray's
 ``BackPressureError`` (a deployment's ``max_queued_requests`` reached) becomes :class:`Overloaded` (503
 with ``Retry-After``); an exception raised in a replica is unwrapped to its original type.
+
+A replica that dies under a request (``RayActorError``: ``ActorDiedError``, ``ActorUnavailableError``; Serve's
+``ReplicaUnavailableError``): a render is sent again (rendering is deterministic for its seed, so the medium is
+the same) with a growing pause, to another replica when there is one, else to the one Serve restarts, until
+the request's deadline (:data:`services.protocol.REQUEST_DEADLINE`) is near; then :class:`StageUnavailable`
+(503 + ``Retry-After``). An LLM stream is sent again only if its replica died before anything was streamed
+(text already sent cannot be taken back); after that it is a 503 too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ray.exceptions import RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
-
-from services.errors import Overloaded, StageUnavailable
 from polymodal.types import Transcript
 
+from services.errors import Overloaded, StageUnavailable
 from services.protocol import (
+    REQUEST_DEADLINE,
     Backend,
     EncodedMedium,
     LLMEvent,
@@ -39,15 +48,55 @@ from services.protocol import (
     TranscriptionRequest,
 )
 
+log = logging.getLogger(__name__)
+
+RETRY_FIRST_PAUSE_S = 0.5
+"""Pause before the first retry after a replica died; doubled each time, at most :data:`RETRY_MAX_PAUSE_S`."""
+RETRY_MAX_PAUSE_S = 5.0
+RETRY_WINDOW_S = 60.0
+"""How long retries go on when the request has no deadline (``REQUEST_DEADLINE`` unset)."""
+RETRY_MARGIN_S = 1.0
+"""Retries stop this long before the deadline, so the 503 comes before the request's 504."""
+
+
+def _replica_lost(e: BaseException) -> bool:
+    """The replica serving the call died or became unreachable (the call may be sent again)."""
+    if isinstance(e, RayTaskError) and isinstance(getattr(e, "cause", None), RayActorError):
+        return True
+    return isinstance(e, (RayActorError, ReplicaUnavailableError))
+
 
 def _unwrap(e: BaseException, stage: str, retry_after_s: int) -> BaseException:
     if isinstance(e, BackPressureError):
         return Overloaded(f"the {stage} stage's queue is full; retry later", retry_after_s)
     if isinstance(e, DeploymentUnavailableError):
         return StageUnavailable(f"the {stage} stage is not available")
+    if _replica_lost(e):
+        return StageUnavailable(f"the {stage} replica serving this request died; retry later",
+                                max(retry_after_s, 5))
     if isinstance(e, RayTaskError) and getattr(e, "cause", None) is not None:
         return e.cause
     return e
+
+
+class _Retries:
+    """Pauses between the tries of one call, until ``REQUEST_DEADLINE`` (less :data:`RETRY_MARGIN_S`) is near."""
+
+    def __init__(self) -> None:
+        deadline = REQUEST_DEADLINE.get()
+        self.deadline = deadline if deadline is not None else time.monotonic() + RETRY_WINDOW_S
+        self.pause_s = RETRY_FIRST_PAUSE_S
+        self.tries = 1
+
+    async def again(self) -> bool:
+        """Sleep before the next try and return True, or return False when it would not fit before the
+        deadline."""
+        if time.monotonic() + self.pause_s > self.deadline - RETRY_MARGIN_S:
+            return False
+        await asyncio.sleep(self.pause_s)
+        self.pause_s = min(RETRY_MAX_PAUSE_S, self.pause_s * 2)
+        self.tries += 1
+        return True
 
 
 def _cancel(response: DeploymentResponse | DeploymentResponseGenerator | None) -> None:
@@ -82,37 +131,54 @@ class RayBackend(Backend):
         self._stats = stats
         self._retry = retry_after_s
         self._speech = speech
+        self.retried: dict[str, int] = {}  # renders sent again after their replica died, per modality
 
     @property
     def output_modalities(self) -> tuple[Modality, ...]:
         return tuple(m for m in self._decoders if m in self.preset.output_projectors)
 
     async def generate(self, request: LLMRequest) -> AsyncIterator[LLMEvent]:
-        gen = None
-        try:
-            gen = self._llm.options(stream=True).generate.remote(request)
-            async for item in gen:
-                yield item
-        except (asyncio.CancelledError, GeneratorExit):
-            _cancel(gen)
-            raise
-        except Exception as e:  # noqa: BLE001 - translated
-            raise _unwrap(e, "LLM", self._retry) from None
+        retries = None
+        while True:
+            gen = None
+            streamed = False
+            try:
+                gen = self._llm.options(stream=True).generate.remote(request)
+                async for item in gen:
+                    streamed = True
+                    yield item
+                return
+            except (asyncio.CancelledError, GeneratorExit):
+                _cancel(gen)
+                raise
+            except Exception as e:  # noqa: BLE001 - retried or translated
+                retries = retries or _Retries()
+                if streamed or not _replica_lost(e) or not await retries.again():
+                    raise _unwrap(e, "LLM", self._retry) from None
+                log.warning("%s: the LLM replica died before streaming (%s); try %d", request.request_id,
+                            type(e).__name__, retries.tries)
 
     async def render(self, request: RenderRequest) -> EncodedMedium:
         m = request.group.modality
         handle = self._decoders.get(m)
         if handle is None:
             raise StageUnavailable(f"no {m.value} decoder is deployed")
-        resp = None
-        try:
-            resp = handle.render.remote(request)
-            return await resp
-        except asyncio.CancelledError:
-            _cancel(resp)
-            raise
-        except Exception as e:  # noqa: BLE001 - translated
-            raise _unwrap(e, f"{m.value} decoder", self._retry) from None
+        retries = None
+        while True:
+            resp = None
+            try:
+                resp = handle.render.remote(request)
+                return await resp
+            except asyncio.CancelledError:
+                _cancel(resp)
+                raise
+            except Exception as e:  # noqa: BLE001 - retried or translated
+                retries = retries or _Retries()
+                if not _replica_lost(e) or not await retries.again():
+                    raise _unwrap(e, f"{m.value} decoder", self._retry) from None
+                self.retried[m.value] = self.retried.get(m.value, 0) + 1
+                log.warning("%s: the %s decoder replica died under this render (%s); try %d (seed %d)",
+                            request.request_id, m.value, type(e).__name__, retries.tries, request.seed)
 
     def _speech_handle(self) -> DeploymentHandle:
         if self._speech is None:
@@ -176,6 +242,7 @@ class RayBackend(Backend):
         return parts
 
     async def stats(self) -> dict[str, dict[str, float]]:
-        if self._stats is None:
-            return {}
-        return await self._stats.snapshot.remote()
+        out = {} if self._stats is None else await self._stats.snapshot.remote()
+        for m, n in self.retried.items():
+            out.setdefault(m, {})["retried"] = n
+        return out

@@ -71,17 +71,15 @@ def serve_main(
         Process exit status (0).
 
     Raises:
+        polymodal.preflight.StartupError: a path that is missing or unusable (before anything starts).
         ValueError: unknown preset or modality. The stages' load errors.
     """
+    from polymodal.preflight import check_start
     from services.app import AppArgs
 
     out = out or sys.stdout
     args = AppArgs.model_validate(app_args or {}) if not isinstance(app_args, AppArgs) else app_args
-    own_store = store_dir is None and args.server.store_dir is None
-    store = store_dir or args.server.store_dir or tempfile.mkdtemp(prefix="polymodal-store-")
-    server = _settings(args.server, store_dir=store, request_timeout_s=request_timeout_s,
-                       api_keys=tuple(api_keys) if api_keys else None)
-    updates: dict[str, Any] = {"preset": preset, "server": server}
+    updates: dict[str, Any] = {"preset": preset}
     if device is not None:
         updates["device"] = device
     if export_dir is not None:
@@ -91,6 +89,13 @@ def serve_main(
 
         updates["modalities"] = Modality.parse_list(list(modalities))
     args = args.model_copy(update=updates)
+    # every path first: a wrong one stops here, within seconds, before a cluster starts or anything is deployed
+    check_start(args.preset, export_dir=args.export_dir, modalities=args.modalities)
+    own_store = store_dir is None and args.server.store_dir is None
+    store = store_dir or args.server.store_dir or tempfile.mkdtemp(prefix="polymodal-store-")
+    server = _settings(args.server, store_dir=store, request_timeout_s=request_timeout_s,
+                       api_keys=tuple(api_keys) if api_keys else None)
+    args = args.model_copy(update={"server": server})
     if address is None or no_ray:
         _check_port_free(host, port)
     stop = stop_event or threading.Event()

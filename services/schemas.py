@@ -22,6 +22,7 @@ from polymodal.config import (
     MAX_NEW_TOKENS,
     MAX_NUM_FRAMES,
     MAX_SIZE_PX,
+    MIN_DURATION_S,
 )
 
 
@@ -60,7 +61,7 @@ class AudioContent(_Req):
 
 
 class AudioURLContent(_Req):
-    """An audio as a data URL (what our own answers contain, so a client can send them back)."""
+    """An audio by URL: a data URL, or one of our artifact URLs (as our answers' ``audios`` hold them)."""
 
     type: Literal["audio_url"]
     audio_url: MediaURL
@@ -77,6 +78,11 @@ ContentPart = Annotated[
 
 
 class ChatMessage(_Req):
+    """A message. Other fields are kept (``model_extra``): an assistant message sent back may carry the media arrays
+    of our answers (``images``, ``audios``, ``videos``) and OpenAI's ``audio`` ``{"id"}``, read by the ingress."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -94,9 +100,10 @@ class ImageOptions(_Steps):
 
 
 class AudioOptions(_Steps):
-    """Also OpenAI's chat ``audio`` output parameter: ``format`` (only ``wav``) and ``voice`` (ignored)."""
+    """Also OpenAI's chat ``audio`` output parameter: ``format`` (only ``wav``) and ``voice`` (a spoken answer:
+    not available yet, refused with 400 naming ``audio.voice``)."""
 
-    duration_s: float | None = Field(None, gt=0.0, le=MAX_DURATION_S)
+    duration_s: float | None = Field(None, ge=MIN_DURATION_S, le=MAX_DURATION_S)
     format: Literal["wav"] | None = None
     voice: str | None = None
 
@@ -120,11 +127,12 @@ MAX_SEED = 2**31 - 1
 class ChatCompletionRequest(_Req):
     """``POST /v1/chat/completions``.
 
-    Extensions: ``image`` / ``audio`` / ``video`` generation options, ``media_format`` (``inline`` data URLs
-    or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``, ``audio``, ``video``; each
-    requested medium is produced or the request is refused with 400. With a grounding model: ``task`` (one
-    of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also return the image
-    with the answer's boxes drawn).
+    Extensions: ``image`` / ``audio`` / ``video`` generation options, ``media_format`` (the answer's media arrays
+    hold ``inline`` data URLs or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``,
+    ``audio``, ``video``; each requested medium is produced or the request is refused with 400. With a grounding
+    model: ``task`` (one of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also
+    return the image with the answer's boxes drawn). An assistant message may carry our answers' media arrays
+    (``images``, ``audios``, ``videos``) and ``audio`` ``{"id"}`` (kept as extra fields, see :class:`ChatMessage`).
     """
 
     model: str
@@ -181,7 +189,7 @@ class AudioGenerationRequest(_Req):
     prompt: str = Field(min_length=1, max_length=32000)
     model: str | None = None
     n: int = Field(1, ge=1, le=16)
-    duration_s: float | None = Field(None, gt=0.0, le=MAX_DURATION_S)
+    duration_s: float | None = Field(None, ge=MIN_DURATION_S, le=MAX_DURATION_S)
     response_format: Literal["b64_json", "url"] | None = None
     format: Literal["wav"] | None = None
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

@@ -23,6 +23,10 @@ from polymodal.config import (
 )
 
 
+REQUEST_TIMEOUT_S = 120.0
+"""The default request timeout (seconds): ``ServerSettings``, the CLI and every ``deploy/*.yaml`` use it."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,19 +75,26 @@ class ServerSettings(_Model):
     Attributes:
         model_name: the ``model`` id clients send (default: the preset's name); other ids get 400.
         limits: see :class:`Limits`.
-        request_timeout_s: a request still running after this is cancelled and answered 504.
+        request_timeout_s: a request still running after this is cancelled and answered 504. The one default
+            (:data:`REQUEST_TIMEOUT_S`) of the CLI, this class and ``deploy/*.yaml``.
         max_concurrent_requests: generation requests one ingress replica runs at once; more get 503 with
             ``Retry-After`` (bounded admission, never an unbounded queue).
-        retry_after_s: the ``Retry-After`` value sent with 503.
+        admission_target: a request is admitted only while its predicted latency (from the measured seconds per
+            queue place, :mod:`services.ingress.admission`) is at most this fraction of ``request_timeout_s``;
+            otherwise 503 with ``Retry-After`` up front instead of a 504 after the work was spent.
+        admission_cold_start: requests admitted at once before any has finished (nothing measured yet).
+        retry_after_s: the least ``Retry-After`` value sent with 503.
         api_keys: if non-empty, ``/v1/*`` requires ``Authorization: Bearer <key>`` (401 otherwise). Also read
             from the ``POLYMODAL_API_KEYS`` environment variable (comma-separated) when empty here.
         allowed_remote_hosts: hosts whose ``http(s)://`` media URLs may be fetched; empty = only data URLs.
         remote_fetch_timeout_s: timeout of such a fetch.
         store_dir: folder of the artifact and video-job store (shared by every ingress replica of a node;
             use a shared volume across nodes). ``None``: a folder under the system temp dir.
-        artifact_ttl_s: lifetime of stored artifacts (``url`` response format, video results).
+        artifact_ttl_s: lifetime of stored artifacts (every generated medium: the references in answers, ``url``
+            media, video results).
         public_base_url: base of artifact URLs (e.g. behind a proxy); ``None``: the request's own base URL.
-        default_media_format: ``inline`` (data URLs / base64) or ``url`` (artifact URLs) for chat answers.
+        default_media_format: ``inline`` (data URLs) or ``url`` (artifact URLs) in the media arrays of chat answers
+            (``images``, ``audios``, ``videos``; ``content`` always references the artifacts).
         max_video_jobs: video jobs one ingress replica runs at once (queued ones wait; beyond
             ``max_video_queue`` more get 503).
         max_video_queue: video jobs waiting per replica.
@@ -93,8 +104,10 @@ class ServerSettings(_Model):
 
     model_name: str | None = None
     limits: Limits = Limits()
-    request_timeout_s: float = Field(120.0, gt=0, le=3600)
+    request_timeout_s: float = Field(REQUEST_TIMEOUT_S, gt=0, le=3600)
     max_concurrent_requests: int = Field(64, ge=1, le=10_000)
+    admission_target: float = Field(0.8, gt=0, le=1)
+    admission_cold_start: int = Field(8, ge=1, le=10_000)
     retry_after_s: int = Field(1, ge=1, le=3600)
     api_keys: tuple[str, ...] = ()
     allowed_remote_hosts: tuple[str, ...] = ()

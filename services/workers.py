@@ -47,7 +47,7 @@ class LLMWorker:
 
     Args:
         stage: the LLM stage (:class:`~services.protocol.LLMStageLike`: ``stream(turns, *, modalities,
-            max_new_tokens, temperature, top_p, seed, should_cancel, system, task)`` yielding ``TextDelta |
+            max_new_tokens, temperature, top_p, seed, should_cancel, system, task, allowed_modalities)`` yielding ``TextDelta |
             SignalGroup`` and finally ``LLMResult``).
         max_concurrency: generations run at once (the model is shared; 1 keeps the KV cache loop simple).
     """
@@ -76,6 +76,8 @@ class LLMWorker:
                     kwargs["system"] = req.system
                 if req.task is not None:
                     kwargs["task"] = req.task
+                if req.allowed_modalities is not None:
+                    kwargs["allowed_modalities"] = list(req.allowed_modalities)
                 for item in self.stage.stream(list(req.turns), **kwargs):
                     put(item)
                     if cancel.is_set():

@@ -2,8 +2,9 @@
 ``polymodal.pipeline.LLMStage`` / ``DecoderStage``, deterministic, instrumented.
 
 - :class:`FakeLLMStage` answers with text derived from the conversation (so tests see what reached it),
-  emits one signal group per required modality (or none when ``force_groups=False``), honours
-  ``should_cancel`` between tokens, and records every call.
+  emits one signal group per required modality (or none when ``force_groups=False``) and, like a model that
+  draws unasked, one per ``volunteer`` modality its ceiling (``allowed_modalities``) allows (the real engine
+  masks the others' signal tokens), honours ``should_cancel`` between tokens, and records every call.
 - :class:`FakeDecoderStage` renders real files (PNG via Pillow, WAV via soundfile, bytes for video) whose
   content depends on the seed and the options, sleeping ``step_s`` per denoising step, calling ``on_step``
   and stopping when ``should_cancel()``; ``poison_seeds`` make a whole pipeline call raise.
@@ -27,8 +28,10 @@ D_LLM = 16
 
 
 class FakeLLMStage:
-    def __init__(self, force_groups: bool = True, token_s: float = 0.0, fail_with: Exception | None = None):
+    def __init__(self, force_groups: bool = True, token_s: float = 0.0, fail_with: Exception | None = None,
+                 volunteer: tuple[Modality, ...] = ()):
         self.force_groups = force_groups
+        self.volunteer = tuple(volunteer)
         self.token_s = token_s
         self.fail_with = fail_with
         self.calls: list[dict] = []
@@ -36,10 +39,11 @@ class FakeLLMStage:
         self._lock = threading.Lock()
 
     def stream(self, turns, *, modalities=(), max_new_tokens=None, temperature=None, top_p=None, seed=None,
-               should_cancel=None, system=None):
+               should_cancel=None, system=None, allowed_modalities=None):
         with self._lock:
             self.calls.append(dict(turns=list(turns), modalities=list(modalities), max_new_tokens=max_new_tokens,
-                                   temperature=temperature, top_p=top_p, seed=seed, system=system))
+                                   temperature=temperature, top_p=top_p, seed=seed, system=system,
+                                   allowed_modalities=None if allowed_modalities is None else list(allowed_modalities)))
         if self.fail_with is not None:
             raise self.fail_with
         last = turns[-1]
@@ -61,9 +65,15 @@ class FakeLLMStage:
                 self.cancelled += 1
                 raise
         index = 0
+        rng = np.random.default_rng(seed)
+        own = [m for m in self.volunteer if allowed_modalities is None or m in allowed_modalities]
+        for m in own:  # the model's own groups, within its ceiling (the engine masks the rest)
+            n = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}[m]
+            yield SignalGroup(m, rng.standard_normal((n, D_LLM)).astype(np.float32),
+                              np.zeros((n, D_LLM), np.float32), index=index, text_offset=len(text))
+            index += 1
         if self.force_groups:
-            rng = np.random.default_rng(seed)
-            for m in modalities:
+            for m in [m for m in modalities if m not in own]:
                 n = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}[m]
                 yield SignalGroup(m, rng.standard_normal((n, D_LLM)).astype(np.float32),
                                   np.zeros((n, D_LLM), np.float32), index=index, text_offset=len(text),

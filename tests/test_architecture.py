@@ -145,6 +145,8 @@ ALLOWED = {
     ("skills/ocr.py", "find_spec("):
         "locates rapidocr-onnxruntime's folder (its ONNX models and config) to check the --no-deps install; no "
         "module is loaded by it",
+    ("polymodal/preflight.py", "find_spec("):
+        "asks whether the ImageBind package is installed (a start-up check of nextgpt-7b); no module is loaded",
 }
 
 
@@ -177,3 +179,84 @@ def test_string_import_scan_sees_a_dodge(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     monkeypatch.setattr(sys.modules[__name__], "PACKAGES", ("services",))
     assert _dynamic_imports() == {("services/sneaky.py", "import_module(")}
+
+
+# ---- one spec per modality ----------------------------------------------------------------------------------
+# A branch on a particular modality: `is` / `==` / `!=` against Modality.X or an alias of it, membership in a tuple
+# of built-ins, or a comparison with a modality's name as a string. Per-modality facts belong in the modality's
+# ModalitySpec (polymodal.modality), per-modality parts in registries keyed by modality. Not scanned: the registry
+# (polymodal/modality.py), the built-in specs and codecs (polymodal/media/) and the decoder kinds, which name their
+# own modality.
+MODALITY_BRANCH = re.compile(
+    r"\b(?:is\s+not|is|==|!=)\s+(?:Modality\.)?(?:IMAGE|AUDIO|VIDEO)\b"
+    r"|\b(?:Modality\.)?(?:IMAGE|AUDIO|VIDEO)\s+(?:is|==|!=)\s"
+    r"|\bin\s+[(\[{]\s*(?:Modality\.)?(?:IMAGE|AUDIO|VIDEO)\b"
+    r"|(?:==|!=)\s*[\"'](?:image|audio|video)[\"']|[\"'](?:image|audio|video)[\"']\s*(?:==|!=)"
+)
+NOT_SCANNED = ("polymodal/modality.py", "polymodal/media/", "decoders/image.py", "decoders/audio.py",
+               "decoders/video.py")
+BRANCH_ALLOWED = {
+    "polymodal/types.py": (1, "input_images(): grounding's boxes are in pixels of the input *images* (image_index "
+                              "counts them); the pipeline, the ingress's box_overlay and the CLI ask this one function"),
+    "training/toyworld/grounding.py": (1, "the grounding data of the toy world are RefCOCO-style rows over the "
+                                          "catalog's images: a filter of a dataset format, not of the runtime"),
+    "skills/base.py": (1, "input_image(): the vision skills (detect, ocr, segment, detect_objects) declare images "
+                          "as their input; this picks the image_index-th image of what the call was given"),
+    "skills/asr.py": (1, "transcribe hears sounds: like input_image(), it picks the audio_index-th audio part of "
+                         "what the call was given (speech recognition is about waveforms, not any medium)"),
+}
+
+
+def _modality_branches(root: Path) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith(NOT_SCANNED):
+                continue
+            n = sum(len(MODALITY_BRANCH.findall(line.split("#", 1)[0])) for line in path.read_text().splitlines())
+            if n:
+                found[rel] = n
+    return found
+
+
+def test_no_branches_on_a_particular_modality():
+    """Issue #19: code asks a modality's spec instead of branching on ``Modality.X``; the few branches left are
+    listed with their reason (and their count, so a new one in the same file fails too)."""
+    found = _modality_branches(ROOT)
+    assert found == {f: n for f, (n, _) in BRANCH_ALLOWED.items()}, (
+        f"modality branches {found}; allowed {({f: n for f, (n, _) in BRANCH_ALLOWED.items()})}: ask the modality's "
+        "spec (m.spec.<fact>) or a registry keyed by modality instead, or explain the branch in BRANCH_ALLOWED")
+    assert all(len(reason) > 40 for _, reason in BRANCH_ALLOWED.values())
+
+
+def test_branch_scan_sees_branches(tmp_path, monkeypatch):
+    """The scan is not blind: each form of a branch planted in a copy is counted; a registry keyed by modality and
+    the decoder kinds' own ``modality = Modality.X`` are not branches."""
+    fake = tmp_path / "services"
+    fake.mkdir()
+    (fake / "branchy.py").write_text(
+        "if m is Modality.AUDIO: pass\n"
+        "if m is not VIDEO: pass\n"
+        "ok = Modality.IMAGE == m\n"
+        "if m in (Modality.IMAGE, Modality.VIDEO): pass\n"
+        "if m.value == 'audio': pass\n"
+        "TABLE = {Modality.IMAGE: 1}  # a registry: fine\n"
+        "modality = Modality.IMAGE\n"
+    )
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGES", ("services",))
+    assert _modality_branches(tmp_path) == {"services/branchy.py": 5}
+
+
+def test_the_architecture_page_lists_the_layers_as_the_contracts_do():
+    """docs/architecture.md draws the layers of the ``layers`` contract, in its order (module names shortened as
+    the page writes them: ``polymodal.signals`` is ``signals`` after the first ``polymodal.`` of its row)."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    block = page.split("## The layers", 1)[1].split("```")[1]
+    rows = [line.split("  ")[0].strip() for line in block.splitlines() if line and not line.startswith(" ")]
+    layers = next(c for c in _contracts() if c["id"] == "layers")["layers"]
+    assert len(rows) == len(layers), rows
+    for row, layer in zip(rows, layers):
+        want = [m.strip() for m in re.split(r"[|:]", layer)]
+        got = [m.strip() for m in re.split(r"[|:]", row)]
+        assert len(got) == len(want) and all(w == g or w.endswith("." + g) for w, g in zip(want, got)), (row, layer)

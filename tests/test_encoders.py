@@ -20,7 +20,8 @@ from polymodal.encoders import (
     build_encoder,
     subsample_frames,
 )
-from polymodal.media_io import decode_audio, decode_video
+from polymodal.media.audio import decode_audio
+from polymodal.media.video import decode_video
 from polymodal.modality import Modality
 from tests.media_fixtures import PHOTO_NAMES, index_frames, photo, photo_mp4, speech_samples, speech_wav
 

@@ -11,13 +11,13 @@ import pytest
 import soxr
 from PIL import Image
 
+from polymodal.media.audio import decode_audio
+from polymodal.media.image import decode_image
+from polymodal.media.video import decode_video
 from polymodal.media_io import (
     MediaError,
     MediaLimits,
-    decode_audio,
-    decode_image,
     decode_media,
-    decode_video,
     encode_data_url,
     parse_data_url,
     sniff_modality,

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import abc
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from polymodal.grounding.boxes import (
@@ -213,6 +213,19 @@ class Kosmos2Parser(GroundingParser):
 _QWEN_BOX = re.compile(r"^\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*,\s*\(\s*(\d+)\s*,\s*(\d+)\s*\)\s*$")
 
 
+def _phrase_box_spans(span: re.Pattern, box: re.Pattern, read: Callable[[re.Match], BoxPx | None],
+                      text: str) -> list[Span]:
+    """Spans of ``[phrase] box box ...`` (``span``'s groups ``phrase``, optional, and ``boxes``): each ``box`` match in
+    ``boxes`` read into pixels by ``read``; a span with a box ``read`` refuses (``None``) stays text, all or none."""
+    out = []
+    for m in span.finditer(text):
+        boxes = [read(b) for b in box.finditer(m.group("boxes"))]
+        if boxes and all(b is not None for b in boxes):
+            phrase = m.group("phrase")
+            out.append(_phrase_span(m.start(), m.end(), phrase or "", phrase, boxes))
+    return out
+
+
 class _QwenParser(GroundingParser):
     """``REF0 phrase REF1`` then one or more ``BOX0 (x1,y1),(x2,y2) BOX1``; integers in [0, 1000] of W, H."""
 
@@ -228,25 +241,14 @@ class _QwenParser(GroundingParser):
             re.DOTALL)
 
     def spans(self, text: str, width_px: int, height_px: int) -> list[Span]:
-        out = []
-        for m in self._span.finditer(text):
-            boxes = []
-            for b in self._box.finditer(m.group("boxes")):
-                c = _QWEN_BOX.match(b.group("c"))
-                vals = [int(v) for v in c.groups()] if c else []
-                if len(vals) != 4 or max(vals) > 1000:
-                    boxes = []
-                    break
-                x1, y1, x2, y2 = (v / 1000 for v in vals)
-                box = box_from_fractions(x1, y1, x2, y2, width_px, height_px)
-                if box is None:
-                    boxes = []
-                    break
-                boxes.append(box)
-            if boxes:
-                phrase = m.group("phrase")
-                out.append(_phrase_span(m.start(), m.end(), phrase or "", phrase, boxes))
-        return out
+        def read(b: re.Match) -> BoxPx | None:
+            c = _QWEN_BOX.match(b.group("c"))
+            vals = [int(v) for v in c.groups()] if c else []
+            if len(vals) != 4 or max(vals) > 1000:
+                return None
+            return box_from_fractions(*(v / 1000 for v in vals), width_px, height_px)
+
+        return _phrase_box_spans(self._span, self._box, read, text)
 
 
 class QwenVLParser(_QwenParser):
@@ -328,20 +330,11 @@ class MiniGPTv2Parser(GroundingParser):
     _box = re.compile(r"\{<(\d+)><(\d+)><(\d+)><(\d+)>\}")
 
     def spans(self, text: str, width_px: int, height_px: int) -> list[Span]:
-        out = []
-        for m in self._span.finditer(text):
-            boxes = []
-            for b in self._box.finditer(m.group("boxes")):
-                vals = [int(v) for v in b.groups()]
-                box = box_from_fractions(*(v / 100 for v in vals), width_px, height_px) if max(vals) <= 100 else None
-                if box is None:
-                    boxes = []
-                    break
-                boxes.append(box)
-            if boxes:
-                phrase = m.group("phrase")
-                out.append(_phrase_span(m.start(), m.end(), phrase or "", phrase, boxes))
-        return out
+        def read(b: re.Match) -> BoxPx | None:
+            vals = [int(v) for v in b.groups()]
+            return box_from_fractions(*(v / 100 for v in vals), width_px, height_px) if max(vals) <= 100 else None
+
+        return _phrase_box_spans(self._span, self._box, read, text)
 
 
 # ---- PaliGemma -------------------------------------------------------------------------------------

@@ -54,19 +54,28 @@ def get_preset(name_or_path: str | PresetConfig) -> PresetConfig:
     """Return a registered preset by name, or load one from a YAML file.
 
     Raises:
-        ValueError: unknown name (lists the choices) or invalid YAML config.
+        ValueError: unknown name (lists the choices); a preset file that does not exist ("no such file"), is not
+        a file or cannot be read; invalid YAML config.
     """
     if isinstance(name_or_path, PresetConfig):
         return name_or_path
     if name_or_path in PRESETS:
         return PRESETS[name_or_path]()
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml", ".json") or p.exists() or "/" in str(name_or_path):
+        if not p.exists():
+            raise ValueError(f"preset file {str(p)!r}: no such file")
+        if not p.is_file():
+            raise ValueError(f"preset file {str(p)!r}: not a file")
         import yaml
         from pydantic import ValidationError
 
         try:
-            return PresetConfig.from_yaml(p.read_text())
+            text = p.read_text()
+        except OSError as e:
+            raise ValueError(f"preset file {str(p)!r}: cannot be read ({e.strerror or e})") from e
+        try:
+            return PresetConfig.from_yaml(text)
         except (yaml.YAMLError, ValidationError) as e:
             raise ValueError(f"invalid preset file {p}: {e}") from e
     raise ValueError(f"unknown preset {name_or_path!r}; choose from: {', '.join(PRESETS)} or a .yaml file")

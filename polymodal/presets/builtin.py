@@ -19,6 +19,7 @@ from polymodal.modality import Modality
 from polymodal.signals import ChatFormat
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+BUILTIN = (IMAGE, AUDIO, VIDEO)
 
 # Plain: the untrained signal-token rows would only disturb a 135M model; media come by forced groups.
 SMOL_SYSTEM = "You are a helpful assistant. Answer briefly and correctly."
@@ -32,14 +33,15 @@ def _tiny_parts(d_enc: int = 32) -> dict:
             cond_tokens=8, cond_dim=32, defaults=DecoderDefaults(height_px=32, width_px=32, num_frames=4, fps=4)
         ),
     }
-    return dict(
-        encoders={m: EncoderConfig(kind="tiny", dim=d_enc) for m in Modality},
-        input_projectors={m: ProjectorConfig(kind="linear", num_queries=1) for m in Modality},
+    return dict(  # the built-in modalities (a plug-in modality registered later is not in these presets)
+        encoders={m: EncoderConfig(kind="tiny", dim=d_enc) for m in tiny_dec},
+        input_projectors={m: ProjectorConfig(kind="linear", num_queries=1) for m in tiny_dec},
         output_projectors={
             m: ProjectorConfig(kind="transformer", hidden_dim=32, options={"num_layers": 1, "num_heads": 2, "ff_dim": 64})
-            for m in Modality
+            for m in tiny_dec
         },
         decoders=tiny_dec,
+        signals=SignalConfig(counts={m: m.spec.default_signal_count for m in tiny_dec}),
     )
 
 
@@ -103,7 +105,7 @@ def nextgpt(random: bool) -> PresetConfig:
     counts = {IMAGE: 4, AUDIO: 8, VIDEO: 24}
     fmt = "[{prefix}{i}]"
     img_markers = ("<Img>", "</Img>")
-    spec = SignalConfig(counts=counts, token_format=fmt, input_markers={m: img_markers for m in Modality}).spec()
+    spec = SignalConfig(counts=counts, token_format=fmt, input_markers={m: img_markers for m in BUILTIN}).spec()
     added = (*img_markers, *spec.tokens[IMAGE], *spec.tokens[VIDEO], *spec.tokens[AUDIO])
     cache = Path(os.environ.get("POLYMODAL_CACHE", Path.home() / ".cache" / "polymodal"))
     vicuna = os.environ.get("POLYMODAL_VICUNA_V0") or str(cache / "models" / "vicuna-7b-v0")
@@ -123,12 +125,15 @@ def nextgpt(random: bool) -> PresetConfig:
             tiny=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
                       vocab_size=32000),
             added_tokens=added,
+            missing_hint=None if random else (
+                "set POLYMODAL_VICUNA_V0 to the merged Vicuna-7B v0 folder (LLaMA-7B + lmsys/vicuna-7b-delta-v0; "
+                "no hub id holds it), or put it at $POLYMODAL_CACHE/models/vicuna-7b-v0"),
         ),
         chat=ChatFormat.vicuna_v0(),
-        signals=SignalConfig(counts=counts, token_format=fmt, input_markers={m: img_markers for m in Modality}),
+        signals=SignalConfig(counts=counts, token_format=fmt, input_markers={m: img_markers for m in BUILTIN}),
         generation=GenerationConfig(max_new_tokens=256),
-        encoders={m: EncoderConfig(kind="tiny" if random else "imagebind", dim=1024) for m in Modality},
-        input_projectors={m: ProjectorConfig(kind="linear", num_queries=1) for m in Modality},
+        encoders={m: EncoderConfig(kind="tiny" if random else "imagebind", dim=1024) for m in BUILTIN},
+        input_projectors={m: ProjectorConfig(kind="linear", num_queries=1) for m in BUILTIN},
         output_projectors=out_proj,
         decoders={
             IMAGE: DecoderConfig(source=src, path=None if random else "stable-diffusion-v1-5/stable-diffusion-v1-5",

@@ -134,14 +134,14 @@ def toy_preset(root: str | Path | None = None, *, aligned: bool = True) -> Prese
         raise FileNotFoundError(
             f"no toy world build at {root} ({dec_dir / MANIFEST} missing); build one with "
             f"`polymodal toyworld build --out {root}` or point POLYMODAL_TOY_DIR at one")
-    decoders = {m: decoder_config(dec_dir, m) for m in (IMAGE, AUDIO, VIDEO)
+    decoders = {m: decoder_config(dec_dir, m) for m in SIGNAL_COUNTS
                 if (dec_dir / m.value / "model_index.json").is_file()}
     enc_dir = root / "encoders" / "image"
     if (enc_dir / "config.json").is_file():
         clip = EncoderConfig(kind="clip", path=str(enc_dir.resolve()), dim=_encoder_dim(enc_dir))
         encoders = {IMAGE: clip, VIDEO: clip, AUDIO: EncoderConfig(kind="tiny", dim=64)}
     else:
-        encoders = {m: EncoderConfig(kind="tiny", dim=64) for m in Modality}
+        encoders = {m: EncoderConfig(kind="tiny", dim=64) for m in SIGNAL_COUNTS}
     export = root / "export"
     return PresetConfig(
         name="toy",
@@ -153,7 +153,7 @@ def toy_preset(root: str | Path | None = None, *, aligned: bool = True) -> Prese
         generation=GenerationConfig(max_new_tokens=64, max_outputs=1, prompt_lead_in_tokens=0),
         encoders=encoders,
         # sized so that every shipped part together stays under 10 MB (fp32)
-        input_projectors={m: ProjectorConfig(kind="mlp", num_queries=1, hidden_dim=128) for m in Modality},
+        input_projectors={m: ProjectorConfig(kind="mlp", num_queries=1, hidden_dim=128) for m in SIGNAL_COUNTS},
         output_projectors={
             m: ProjectorConfig(kind="transformer", hidden_dim=64,
                                options={"num_layers": 1, "num_heads": 4, "ff_dim": 128})

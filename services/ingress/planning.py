@@ -1,6 +1,7 @@
 """Request planning: a validated request -> a :class:`ChatPlan` ready to run.
 
-Turns from messages (media decoded by :class:`services.ingress.media_input.MediaReader`), the system prompt,
+Turns from messages (media decoded by :class:`services.ingress.media_input.MediaReader`; an assistant message's
+references to our own artifacts resolved by :class:`services.ingress.history.AssistantTurn`), the system prompt,
 the requested modalities, decoder options merged over the preset's defaults and checked against the server's
 limits, grounding tasks, and seeds (medium k of an answer gets ``seed + k``; the one-medium endpoints render
 one group with seeds ``seed + k`` for k < n). Every refusal here is a 4xx naming the field.
@@ -10,17 +11,20 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from polymodal.config import DecoderDefaults
+from polymodal.config import DecoderDefaults, PresetConfig
 from polymodal.modality import Modality
-from polymodal.types import MediaPart, TextPart, Turn
+from polymodal.types import MediaPart, TextPart, Turn, input_images
 
 from services.errors import APIError, bad_request
+from services.ingress.history import AssistantTurn
 from services.ingress.media_input import MediaReader
 from services.protocol import Backend, LLMRequest
 from services.schemas import ChatCompletionRequest, TextContent
@@ -38,9 +42,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def input_images(turns) -> list[MediaPart]:
-    """The input images of a conversation, in message order (what ``image_index`` counts)."""
-    return [p for t in turns for p in t.parts if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+def request_kind(endpoint: str, modalities: list[str] | None = None) -> str:
+    """What admission estimates latency by: the endpoint and the media asked for (``chat``, ``chat:image``,
+    ``chat:audio,image``, ``img``, ``aud``)."""
+    media = sorted({str(m).lower() for m in modalities or () if str(m).lower() != "text"})
+    return f"{endpoint}:{','.join(media)}" if media else endpoint
 
 
 @dataclass
@@ -56,6 +62,9 @@ class ChatPlan:
     include_usage: bool = False
     variant_seeds: tuple[int, ...] = ()  # one-medium endpoints: render the first group once per seed
     box_overlay: bool = False
+    allowed: tuple[Modality, ...] = ()  # the ceiling: media the answer may contain (the LLM masks the others)
+    deadline: float | None = None  # time.monotonic() by which the answer is due (retries stop before it)
+    on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
 
 
 class Planner:
@@ -106,7 +115,8 @@ class Planner:
                 raise bad_request(f"{prefix}{k} must be <= {bounds[k]} on this server, got {v}",
                                   param=f"{prefix}{k}", code="invalid_value")
         defaults = self.backend.preset.decoders[modality].defaults
-        merged = {**defaults.model_dump(), **{k: v for k, v in overrides.items() if k in DecoderDefaults.model_fields}}
+        applies = modality.spec.option_fields  # the DecoderDefaults fields of this medium
+        merged = {**defaults.model_dump(), **{k: v for k, v in overrides.items() if k in applies}}
         try:
             return DecoderDefaults.model_validate(merged)
         except ValidationError as e:
@@ -158,7 +168,10 @@ class Planner:
                     system.append(content)
                 continue
             parts: list[TextPart | MediaPart] = []
-            if isinstance(content, str):
+            if msg.role == "assistant":
+                parts = await AssistantTurn(self.media, p, self.limits.max_media_inputs - n_media).read(msg)
+                n_media += sum(isinstance(x, MediaPart) for x in parts)
+            elif isinstance(content, str):
                 parts.append(TextPart(content))
             elif content:
                 for j, c in enumerate(content):
@@ -172,7 +185,7 @@ class Planner:
                                           param=pp, code="too_many_media")
                     parts.append(await self.media.read_part(c, pp))
             if not parts:
-                article = "an" if msg.role[0] in "aeiou" else "a"
+                article = "an" if msg.role == "assistant" else "a"
                 raise bad_request(f"{p}.content: {article} {msg.role} message needs content", param=f"{p}.content")
             turns.append(Turn(msg.role, tuple(parts)))
         if not turns or turns[-1].role != "user":
@@ -203,18 +216,7 @@ class Planner:
         if req.logprobs:
             raise bad_request("logprobs: not supported by this server", param="logprobs",
                               code="unsupported_parameter")
-        requested: list[Modality] = []
-        for k, name in enumerate(req.modalities or []):
-            if str(name).lower() == "text":
-                continue
-            try:
-                m = Modality.parse(name)
-            except ValueError:
-                raise bad_request(f"modalities[{k}]: unknown modality {name!r}; choose from text, "
-                                  + ", ".join(x.value for x in Modality), param="modalities") from None
-            self.require_output(m, "modalities")
-            if m not in requested:
-                requested.append(m)
+        requested, allowed = self.modalities(req)
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_new is not None and max_new > self.limits.max_new_tokens:
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -222,7 +224,9 @@ class Planner:
                               param=param, code="invalid_value")
         options = {}
         for m in self.backend.output_modalities:
-            given: BaseModel | None = getattr(req, m.value)
+            # the request's options field of this medium (``image``, ``audio``, ``video``; none for a modality
+            # the request schema has no field for: the preset's defaults)
+            given: BaseModel | None = getattr(req, m.value, None)
             overrides = given.model_dump(exclude_unset=True, exclude_none=True) if given is not None else {}
             options[m] = self.decoder_options(m, overrides, f"{m.value}.")
         self.check_grounding(req)
@@ -233,15 +237,55 @@ class Planner:
         base_seed = self.seed(req.seed)
         return ChatPlan(
             request_id=request_id,
-            llm=LLMRequest(request_id, tuple(turns), tuple(requested), max_new, req.temperature, req.top_p,
-                           base_seed, system, task=req.task),
+            llm=LLMRequest(request_id, tuple(turns), requested, max_new, req.temperature, req.top_p,
+                           base_seed, system, task=req.task, allowed_modalities=allowed),
             options=options,
             base_seed=base_seed,
-            requested=tuple(requested),
+            requested=requested,
             media_format=req.media_format or self.settings.default_media_format,
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             box_overlay=req.box_overlay,
+            allowed=allowed,
+            deadline=time.monotonic() + self.settings.request_timeout_s,
         )
+
+    def modalities(self, req: ChatCompletionRequest) -> tuple[tuple[Modality, ...], tuple[Modality, ...]]:
+        """``modalities`` and ``audio`` -> (the media the answer must contain, the media it may contain).
+
+        DESIGN.md's one rule: ``modalities``, when given, is the floor and the ceiling (``["text"]`` alone: no
+        media at all); absent, nothing is required and the preset's ``generation.media_without_modalities``
+        decides the ceiling (``model_decides``: every medium this server has a decoder for, as the model
+        chooses; ``none``: text only). ``audio.voice`` (a spoken answer) is not available yet.
+
+        Raises:
+            APIError: 400 naming ``modalities`` (an unknown medium, one this server cannot produce) or
+            ``audio.voice``.
+        """
+        if req.audio is not None and req.audio.voice is not None:
+            raise bad_request("audio.voice: a spoken answer (speech output) is not available yet on this server; "
+                              "leave out audio.voice (\"audio\" in modalities asks for a generated sound)",
+                              param="audio.voice", code="unsupported_parameter")
+        if req.modalities is None:
+            return (), self.unasked_ceiling(self.backend.preset)
+        requested: list[Modality] = []
+        for k, name in enumerate(req.modalities):
+            if str(name).lower() == "text":
+                continue
+            try:
+                m = Modality.parse(name)
+            except ValueError:
+                raise bad_request(f"modalities[{k}]: unknown modality {name!r}; choose from text, "
+                                  + ", ".join(x.value for x in Modality), param="modalities") from None
+            self.require_output(m, "modalities")
+            if m not in requested:
+                requested.append(m)
+        return tuple(requested), tuple(requested)
+
+    def unasked_ceiling(self, preset: PresetConfig) -> tuple[Modality, ...]:
+        """The media an answer may contain when the request sets no ``modalities`` (the preset's policy)."""
+        if preset.generation.media_without_modalities == "none":
+            return ()
+        return tuple(self.backend.output_modalities)
 
     def check_grounding(self, req: ChatCompletionRequest) -> None:
         """``task`` / ``box_overlay`` need a grounding model; ``task`` one of its tasks.
@@ -266,6 +310,7 @@ class Planner:
         base_seed = self.seed(seed)
         llm = LLMRequest(request_id, (Turn("user", (TextPart(prompt),)),), (modality,),
                          min(PROMPT_ENDPOINT_MAX_NEW_TOKENS, self.backend.preset.generation.prompt_lead_in_tokens,
-                             self.limits.max_new_tokens), None, None, base_seed)
+                             self.limits.max_new_tokens), None, None, base_seed, allowed_modalities=(modality,))
         return ChatPlan(request_id, llm, {modality: options}, base_seed, (modality,), fmt,
-                        variant_seeds=tuple(base_seed + k for k in range(n)))
+                        variant_seeds=tuple(base_seed + k for k in range(n)), allowed=(modality,),
+                        deadline=time.monotonic() + self.settings.request_timeout_s)

@@ -31,7 +31,7 @@ class IngressService:
     Attributes:
         backend, settings, limits, store, metrics: as given / derived.
         model_name: the ``model`` id clients send (``settings.model_name`` or the preset's name).
-        admission: generation slots (503 beyond). media: reads input media. planner: request -> plan.
+        admission: generation slots by predicted latency (503 beyond). media: reads input media. planner: request -> plan.
         runner: runs plans (timeout, disconnect). responses: answer bodies. videos: the video jobs.
     """
 
@@ -42,10 +42,12 @@ class IngressService:
         self.store = store
         self.metrics = APIMetrics()
         self.model_name = settings.model_name or backend.preset.name
-        self.admission = Admission(settings.max_concurrent_requests, settings.retry_after_s, self.metrics)
-        self.media = MediaReader(backend, settings, self.metrics)
+        self.admission = Admission(settings.max_concurrent_requests, settings.retry_after_s, self.metrics,
+                                   timeout_s=settings.request_timeout_s, target=settings.admission_target,
+                                   cold_start=settings.admission_cold_start)
+        self.media = MediaReader(backend, settings, self.metrics, store)
         self.planner = Planner(backend, settings, self.media, self.model_name)
-        self.runner = Runner(backend, settings, self.metrics)
+        self.runner = Runner(backend, settings, self.metrics, store)
         self.responses = Responses(backend.preset, settings, store, self.metrics, self.model_name)
         self.videos = VideoJobs(self.runner, store, settings, self.metrics)
         self._api_keys = settings.effective_api_keys()

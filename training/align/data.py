@@ -50,10 +50,15 @@ from pathlib import Path
 from polymodal.modality import Modality
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
-_FOLDERS = {IMAGE: "images", AUDIO: "audios", VIDEO: "videos"}
-_PLACEHOLDER = {IMAGE: "<image>", AUDIO: "<audio>", VIDEO: "<video>"}
-_PLACEHOLDER_RE = re.compile(r"<(image|audio|video)>", re.IGNORECASE)
-_TAGS = {IMAGE: "Image", AUDIO: "Audio", VIDEO: "Video"}
+# Media folders are the specs' answer_field (images/, audios/, videos/); <image> placeholders and <Image> tags name
+# a registered modality (any case).
+_PLACEHOLDER_RE = re.compile(r"<([A-Za-z]+)>")
+
+
+def _placeholders(text: str) -> list[tuple[re.Match, Modality]]:
+    """The ``<image>`` / ``<audio>`` / ``<video>`` placeholders of ``text`` (any registered modality, any case)."""
+    names = {m.value: m for m in Modality}
+    return [(x, names[x.group(1).lower()]) for x in _PLACEHOLDER_RE.finditer(text) if x.group(1).lower() in names]
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
@@ -197,7 +202,7 @@ def _roots(path: Path, spec: DataSpec, modality: Modality | None) -> list[Path]:
     out: list[Path] = []
     for b in base:
         if modality is not None:
-            out.append(b / _FOLDERS[modality])
+            out.append(b / modality.spec.answer_field)
         out.extend([b / "media", b])
     return out
 
@@ -223,7 +228,7 @@ def _emb(name: str | None, path: Path, spec: DataSpec, modality: Modality) -> Pa
     if p.is_absolute():
         return p
     base = path.parent
-    folders = ("", "embed", "embeddings", f"{_FOLDERS[modality][:-1]}_embeddings")
+    folders = ("", "embed", "embeddings", f"{modality.spec.answer_field[:-1]}_embeddings")
     for c in (base / f / p for f in folders):
         if c.exists():
             return c
@@ -235,8 +240,7 @@ def _split_placeholders(text: str, media: Sequence[MediaRef], where: str) -> tup
     queues = {m: [x for x in media if x.modality is m] for m in Modality}
     parts: list[str | MediaRef] = []
     cursor = 0
-    for match in _PLACEHOLDER_RE.finditer(text):
-        m = Modality(match.group(1).lower())
+    for match, m in _placeholders(text):
         if not queues[m]:
             raise DataFormatError(f"{where}: placeholder {match.group(0)} has no {m.value} in the record")
         if text[cursor:match.start()].strip():
@@ -338,8 +342,7 @@ def read_t2x(path: Path, spec: DataSpec) -> list[Record]:
         for role, msg in _messages(rec.get("conversations"), where):
             media: list[MediaRef] = []
             if role == "assistant":
-                for match in _PLACEHOLDER_RE.finditer(msg["value"]):
-                    m = Modality(match.group(1).lower())
+                for _match, m in _placeholders(msg["value"]):
                     if isinstance(msg.get("caption"), str) and str(msg.get("output_modality", m.value)) == m.value:
                         media.append(MediaRef(m, None, msg["caption"].strip(),
                                               pools[m][0].embedding_path if pools[m] else None))
@@ -385,7 +388,7 @@ def read_mosit(path: Path, spec: DataSpec) -> list[Record]:
             for start, end, name, m, it in hits:
                 if start < cursor:
                     continue
-                tag = _TAGS[m]
+                tag = m.spec.tag
                 before = text[cursor:start]
                 after_end = end
                 # drop <Image> ... </Image> tags around the name

@@ -187,31 +187,46 @@ def _load_input_medium(ref: MediaRef, encoder) -> torch.Tensor:
     return encoder.encode_tokens([part.data], sample_rate_hz=part.sample_rate_hz)[0].float().cpu()
 
 
+def _image_frames(data: bytes, d) -> list[np.ndarray]:
+    from polymodal.media.image import decode_image
+
+    return [decode_image(data)]
+
+
+def _video_frames(data: bytes, d) -> list[np.ndarray]:
+    from polymodal.media.video import decode_video
+
+    return list(decode_video(data, num_frames=d.num_frames)[0])
+
+
+# The modalities the noise-prediction loss supports (a VAE decoder over RGB frames): how a file becomes frames at
+# the decoder's defaults, and whether its latents keep a frame axis (video (4, F, h, w)) or not (image (4, h, w)).
+NOISE_FRAMES = {Modality.IMAGE: (_image_frames, False), Modality.VIDEO: (_video_frames, True)}
+
+
 def _encode_latents(ref: MediaRef, decoder) -> torch.Tensor:
     """An output medium file -> VAE latents of the decoder at its default size (noise loss).
 
     image: (4, h, w); video: (4, F, h, w) with the decoder's default frame count.
+
+    Raises:
+        ValueError: a modality the noise-prediction loss does not support (see :data:`NOISE_FRAMES`).
     """
     from PIL import Image
 
-    from polymodal import media_io
-
+    if ref.modality not in NOISE_FRAMES:
+        raise ValueError("the noise-prediction loss supports image and video decoders")
+    to_frames, has_frames = NOISE_FRAMES[ref.modality]
     pipe = decoder.pipeline
     d = decoder.defaults
-    data = ref.path.read_bytes()
-    if ref.modality is Modality.IMAGE:
-        frames = [media_io.decode_image(data)]
-    elif ref.modality is Modality.VIDEO:
-        frames = list(media_io.decode_video(data, num_frames=d.num_frames)[0])
-    else:
-        raise ValueError("the noise-prediction loss supports image and video decoders")
+    frames = to_frames(ref.path.read_bytes(), d)
     pix = np.stack([np.asarray(Image.fromarray(f).resize((d.width_px, d.height_px), Image.BICUBIC)) for f in frames])
     x = torch.from_numpy(pix).float().permute(0, 3, 1, 2) / 127.5 - 1.0
     vae = pipe.vae
     with torch.no_grad():
         lat = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
     lat = lat.float().cpu()
-    return lat[0] if ref.modality is Modality.IMAGE else lat.permute(1, 0, 2, 3)
+    return lat.permute(1, 0, 2, 3) if has_frames else lat[0]
 
 
 def _load_target(ref: MediaRef, shape: tuple[int, int]) -> torch.Tensor | None:
@@ -292,7 +307,7 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
                                                      if config.modalities else ""))
     out_mods = sorted({r.modality for d in dialogues for r in d.media("assistant")}, key=lambda m: m.value)
     in_mods = sorted({r.modality for d in dialogues for r in d.media("user")}, key=lambda m: m.value)
-    noise_mods = [m for m in out_mods if m in (Modality.IMAGE, Modality.VIDEO)] if config.noise_weight > 0 else []
+    noise_mods = [m for m in out_mods if m in NOISE_FRAMES] if config.noise_weight > 0 else []
     if config.noise_weight > 0 and not noise_mods:
         raise TrainError("noise_weight > 0 but no image or video outputs to render (the noise-prediction loss "
                          "supports image and video decoders)")

@@ -261,7 +261,7 @@ def _build_output_projector(preset: PresetConfig, m: Modality, d_llm: int):
         d_llm=d_llm,
         num_signal_tokens=preset.signals.spec().count(m),
         cond_shape=(dec.cond_tokens, dec.cond_dim),
-        normalize=m is Modality.AUDIO,  # as polymodal.pipeline.build_decoder_stage builds it
+        normalize=m.spec.normalize_cond,  # as polymodal.pipeline.build_decoder_stage builds it
         seed=0,
     )
 

@@ -20,9 +20,6 @@ import numpy as np
 from polymodal.modality import Modality
 from training.toyworld.phrasings import LEAD_INS, requests
 
-PLACEHOLDER = {m: f"<{m.value}>" for m in Modality}
-
-
 def request_records(modalities: Sequence[Modality | str], per_modality: int, *, seed: int = 0,
                     lead_ins: bool = False) -> list[dict]:
     """``per_modality`` t2x records per modality (training bank only), interleaved across modalities."""
@@ -32,7 +29,7 @@ def request_records(modalities: Sequence[Modality | str], per_modality: int, *, 
     for m in mods:
         rows = []
         for k, (request, caption, _) in enumerate(requests(m, per_modality, heldout=False, seed=seed)):
-            answer = PLACEHOLDER[m]
+            answer = f"<{m.value}>"  # the training data's placeholder of the medium
             if lead_ins and k % 2 == 1:
                 lead = LEAD_INS[m][rng.integers(len(LEAD_INS[m]))].format(caption=caption)
                 answer = f"{lead} {answer}"

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from polymodal.modality import Modality
+from training.toyworld.data import MAKERS
+
+TOY_MODALITIES = tuple(MAKERS)  # the modalities the toy world has a recipe for (image, audio, video)
 
 BUILD_MANIFEST = "toyworld-build.json"
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
@@ -202,7 +205,7 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     log = (lambda msg: print(f"[toyworld build] {msg}", flush=True)) if progress else (lambda msg: None)
 
     log("data")
-    canonical = _data(work / "data-canonical", count=s.canonical_count, seed=s.seed, modalities=list(Modality),
+    canonical = _data(work / "data-canonical", count=s.canonical_count, seed=s.seed, modalities=list(TOY_MODALITIES),
                       size_px=32, layout="canonical", progress=progress).parent
     random_images = _data(work / "data-random", count=s.random_count, seed=s.seed + 1, modalities=[IMAGE],
                           size_px=64, layout="random", progress=progress).parent
@@ -230,8 +233,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
                  "encoders": {m: e["config_hash"] for m, e in encoders["encoders"].items()}}
     parts_key = {**input_key, "preset": preset.to_yaml().replace(str(out), "OUT"),
                  "decoders": {m: e["config_hash"] for m, e in decoders["decoders"].items()}}
-    decode_data = write_requests(work / "requests-decode.json", list(Modality), s.decode_requests, seed=s.seed)
-    instruct_data = write_requests(work / "requests-instruct.json", list(Modality), s.instruct_requests,
+    decode_data = write_requests(work / "requests-decode.json", list(TOY_MODALITIES), s.decode_requests, seed=s.seed)
+    instruct_data = write_requests(work / "requests-instruct.json", list(TOY_MODALITIES), s.instruct_requests,
                                    seed=s.seed + 1, lead_ins=True)
     common = dict(seed=s.seed, lr=s.lr, device=device)
     instruct = dict(batch_size=s.batch_size, lora_r=s.lora_r, lora_alpha=float(2 * s.lora_r),

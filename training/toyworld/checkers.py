@@ -175,21 +175,35 @@ def check_video(frames) -> VideoReading:
     return VideoReading(direction, reading.shape, reading.colour)
 
 
-CHECKERS = {Modality.IMAGE: check_image, Modality.AUDIO: check_audio, Modality.VIDEO: check_video}
+def _check_audio(data, meta: dict) -> AudioReading:
+    if meta.get("sample_rate_hz") is None:
+        raise ValueError("audio needs sample_rate_hz")
+    return check_audio(data, meta["sample_rate_hz"])
+
+
+# The toy checker of each modality: (data, metadata) -> its reading.
+CHECKERS = {
+    Modality.IMAGE: lambda data, meta: check_image(data),
+    Modality.AUDIO: _check_audio,
+    Modality.VIDEO: lambda data, meta: check_video(data),
+}
+
+
+def _checked(modality: Modality | str) -> Modality:
+    modality = Modality.parse(modality)
+    if modality not in CHECKERS:
+        raise ValueError(f"the toy world has no {modality.value} checker; choose from: "
+                         f"{', '.join(m.value for m in CHECKERS)}")
+    return modality
 
 
 def check(modality: Modality | str, data, *, sample_rate_hz: int | None = None):
     """The reading of one medium of ``modality`` (audio needs ``sample_rate_hz``).
 
     Raises:
-        ValueError: unknown modality, or audio without ``sample_rate_hz``.
+        ValueError: unknown modality (or one without a toy checker), or audio without ``sample_rate_hz``.
     """
-    modality = Modality.parse(modality)
-    if modality is Modality.AUDIO:
-        if sample_rate_hz is None:
-            raise ValueError("audio needs sample_rate_hz")
-        return check_audio(data, sample_rate_hz)
-    return CHECKERS[modality](data)
+    return CHECKERS[_checked(modality)](data, {"sample_rate_hz": sample_rate_hz})
 
 
 def matches(reading, asked: dict) -> bool:
@@ -201,26 +215,43 @@ def matches(reading, asked: dict) -> bool:
     return all(getattr(reading, k) == asked[k] for k in keys)
 
 
+def _read_png(data: bytes):
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB")), {}
+
+
+def _read_wav(data: bytes):
+    import io
+
+    import soundfile as sf
+
+    audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
+    return audio, {"sample_rate_hz": int(sr)}
+
+
+def _read_mp4(data: bytes):
+    return decode_mp4(data), {}
+
+
+# How each modality's file (as decoders.Medium.encode writes it) is read back for its checker: every frame of a
+# video, the file's own sample rate.
+READERS = {Modality.IMAGE: _read_png, Modality.AUDIO: _read_wav, Modality.VIDEO: _read_mp4}
+
+
 def check_bytes(modality: Modality | str, data: bytes) -> object:
     """Read a medium's file bytes (PNG / WAV / MP4, as ``decoders.Medium.encode`` writes them) and check it.
 
     Raises:
-        ValueError: unknown modality; whatever Pillow / soundfile / PyAV raise for bytes they cannot read.
+        ValueError: unknown modality (or one without a toy checker); whatever Pillow / soundfile / PyAV raise for
+            bytes they cannot read.
     """
-    import io
-
-    modality = Modality.parse(modality)
-    if modality is Modality.IMAGE:
-        from PIL import Image
-
-        with Image.open(io.BytesIO(data)) as im:
-            return check_image(np.asarray(im.convert("RGB")))
-    if modality is Modality.AUDIO:
-        import soundfile as sf
-
-        audio, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=False)
-        return check_audio(audio, int(sr))
-    return check_video(decode_mp4(data))
+    modality = _checked(modality)
+    array, meta = READERS[modality](data)
+    return CHECKERS[modality](array, meta)
 
 
 def check_file(modality: Modality | str, path) -> object:

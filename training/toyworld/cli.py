@@ -23,9 +23,10 @@ def _fail(msg: str) -> None:
 
 def _modalities(value: Optional[str]):
     from polymodal.modality import Modality
+    from training.toyworld.data import MAKERS
 
     try:
-        return Modality.parse_list(value) if value else list(Modality)
+        return Modality.parse_list(value) if value else list(MAKERS)
     except ValueError as e:
         _fail(str(e))
 

@@ -48,7 +48,7 @@ COLOUR_JITTER = 15
 LAYOUTS: tuple[str, ...] = ("random", "canonical")
 CANONICAL_GREY = 128
 
-_EXT = {Modality.IMAGE: ".png", Modality.AUDIO: ".wav", Modality.VIDEO: ".mp4"}
+# Each toy modality's seed salt (item_rng); the recipes (MAKERS, TEMPLATES) are further down.
 _MODALITY_SALT = {Modality.IMAGE: 1, Modality.AUDIO: 2, Modality.VIDEO: 3}
 
 IMAGE_TEMPLATES = (
@@ -273,9 +273,42 @@ def render_video(rng: np.random.Generator, size_px: int = 64, num_frames: int = 
 def caption_for(modality: Modality, attributes: dict, rng: np.random.Generator,
                 templates: Sequence[str] | None = None) -> str:
     """One phrasing of ``attributes`` drawn from ``templates`` (default: the modality's)."""
-    templates = templates or {Modality.IMAGE: IMAGE_TEMPLATES, Modality.AUDIO: AUDIO_TEMPLATES,
-                              Modality.VIDEO: VIDEO_TEMPLATES}[modality]
+    templates = templates or TEMPLATES[modality]
     return templates[rng.integers(len(templates))].format(**attributes)
+
+
+def _make_image(rng: np.random.Generator, size_px: int, num_frames: int, duration_s: float, layout: str):
+    data, attrs = render_image(rng, size_px, layout=layout)
+    return data, attrs, {}
+
+
+def _make_audio(rng: np.random.Generator, size_px: int, num_frames: int, duration_s: float, layout: str):
+    data, attrs = render_audio(rng, duration_s)
+    return data, attrs, {"sample_rate_hz": SAMPLE_RATE_HZ}
+
+
+def _make_video(rng: np.random.Generator, size_px: int, num_frames: int, duration_s: float, layout: str):
+    data, attrs = render_video(rng, size_px, num_frames, layout=layout)
+    return data, attrs, {"fps": 8.0}
+
+
+# The toy world's recipe per modality: how an item is drawn (rng, size_px, num_frames, duration_s, layout ->
+# data, attributes, ToyItem metadata) and the phrasings of its captions.
+MAKERS = {Modality.IMAGE: _make_image, Modality.AUDIO: _make_audio, Modality.VIDEO: _make_video}
+TEMPLATES = {Modality.IMAGE: IMAGE_TEMPLATES, Modality.AUDIO: AUDIO_TEMPLATES, Modality.VIDEO: VIDEO_TEMPLATES}
+
+
+def toy_modality(modality: Modality | str) -> Modality:
+    """``modality`` parsed and checked to have a toy recipe.
+
+    Raises:
+        ValueError: unknown modality, or one the toy world has no recipe for (lists the choices).
+    """
+    modality = Modality.parse(modality)
+    if modality not in MAKERS:
+        raise ValueError(f"the toy world has no {modality.value} recipe; choose from: "
+                         f"{', '.join(m.value for m in MAKERS)}")
+    return modality
 
 
 def make_item(modality: Modality | str, index: int, seed: int = 0, *, size_px: int = 64, num_frames: int = 8,
@@ -283,10 +316,10 @@ def make_item(modality: Modality | str, index: int, seed: int = 0, *, size_px: i
     """Item ``index`` of ``modality`` (reproducible from ``seed`` and ``index`` alone).
 
     Raises:
-        ValueError: unknown modality or layout, ``size_px`` not in :data:`IMAGE_SIZES_PX`, ``num_frames``
-            outside 8..16.
+        ValueError: unknown modality (or one without a toy recipe) or layout, ``size_px`` not in
+            :data:`IMAGE_SIZES_PX`, ``num_frames`` outside 8..16.
     """
-    modality = Modality.parse(modality)
+    modality = toy_modality(modality)
     _check_layout(layout)
     if size_px not in IMAGE_SIZES_PX:
         raise ValueError(f"size_px must be one of {IMAGE_SIZES_PX}, got {size_px}")
@@ -294,14 +327,8 @@ def make_item(modality: Modality | str, index: int, seed: int = 0, *, size_px: i
         raise ValueError(f"num_frames must be in 8..16, got {num_frames}")
     rng = item_rng(seed, modality, index)
     item_id = f"{modality.value}-{index:05d}"
-    if modality is Modality.IMAGE:
-        data, attrs = render_image(rng, size_px, layout=layout)
-        return ToyItem(item_id, modality, data, caption_for(modality, attrs, rng), attrs)
-    if modality is Modality.AUDIO:
-        data, attrs = render_audio(rng, duration_s)
-        return ToyItem(item_id, modality, data, caption_for(modality, attrs, rng), attrs, sample_rate_hz=SAMPLE_RATE_HZ)
-    data, attrs = render_video(rng, size_px, num_frames, layout=layout)
-    return ToyItem(item_id, modality, data, caption_for(modality, attrs, rng), attrs, fps=8.0)
+    data, attrs, meta = MAKERS[modality](rng, size_px, num_frames, duration_s, layout)
+    return ToyItem(item_id, modality, data, caption_for(modality, attrs, rng), attrs, **meta)
 
 
 def iter_items(modality: Modality | str, count: int, seed: int = 0, **kwargs) -> Iterator[ToyItem]:
@@ -311,35 +338,14 @@ def iter_items(modality: Modality | str, count: int, seed: int = 0, **kwargs) ->
 
 
 def encode_item(item: ToyItem) -> bytes:
-    """PNG / WAV (float) / MP4 (h264) bytes of ``item``."""
-    import io
-
-    buf = io.BytesIO()
-    if item.modality is Modality.IMAGE:
-        from PIL import Image
-
-        Image.fromarray(item.data, mode="RGB").save(buf, format="PNG")
-        return buf.getvalue()
-    if item.modality is Modality.AUDIO:
-        import soundfile as sf
-
-        sf.write(buf, item.data, int(item.sample_rate_hz), format="WAV", subtype="FLOAT")
-        return buf.getvalue()
-    import av  # PyAV bundles ffmpeg; h264 / yuv420p (the toy sizes are even)
-
-    with av.open(buf, mode="w", format="mp4") as container:
-        # the decoded frames are reproducible; x264's bytes vary slightly from run to run
-        stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "h264", rate=int(item.fps))
-        stream.height, stream.width = item.data.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        for frame in item.data:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-        container.mux(stream.encode())
-    return buf.getvalue()
+    """PNG / WAV (float) / MP4 (h264) bytes of ``item``: its modality's codec (as ``decoders.Medium.encode``; the
+    decoded frames of an MP4 are reproducible, x264's bytes vary slightly from run to run)."""
+    meta = {k: v for k, v in (("sample_rate_hz", item.sample_rate_hz), ("fps", item.fps)) if v is not None}
+    return item.modality.spec.codec.encode(item.data, meta)[0]
 
 
 def write_dataset(out_dir: str | Path, *, count: int, seed: int = 0,
-                  modalities: Sequence[Modality | str] = tuple(Modality), size_px: int = 64, num_frames: int = 8,
+                  modalities: Sequence[Modality | str] = tuple(MAKERS), size_px: int = 64, num_frames: int = 8,
                   duration_s: float = 1.0, layout: str = "random", progress: bool = False) -> Path:
     """Write ``count`` items per modality under ``out_dir`` and ``out_dir/catalog.jsonl``; returns the catalog.
 
@@ -361,7 +367,7 @@ def write_dataset(out_dir: str | Path, *, count: int, seed: int = 0,
         (out / m.value).mkdir(parents=True, exist_ok=True)
         for item in iter_items(m, count, seed, size_px=size_px, num_frames=num_frames, duration_s=duration_s,
                                layout=layout):
-            rel = f"{m.value}/{item.id}{_EXT[m]}"
+            rel = f"{m.value}/{item.id}.{m.spec.codec.ext}"
             (out / rel).write_bytes(encode_item(item))
             rows.append({"id": item.id, "modality": m.value, "path": rel, "caption": item.caption,
                          "attributes": item.attributes, "source": "toyworld"})

@@ -5,22 +5,12 @@ The share of media whose reading (:mod:`training.toyworld.checkers`) shows every
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 from polymodal.modality import Modality
 from training.toyworld import checkers
-from training.toyworld.data import (
-    AUDIO_TEMPLATES,
-    COLOURS,
-    DIRECTIONS,
-    IMAGE_TEMPLATES,
-    PITCHES_HZ,
-    SHAPES,
-    TIMBRES,
-    VIDEO_TEMPLATES,
-    iter_items,
-)
+from training.toyworld.data import TEMPLATES, iter_items
+from training.toyworld.phrasings import ATTRIBUTE_COMBOS
 
 # The attributes each modality's media are scored on (video: direction; shape and colour are reported).
 SCORED: dict[Modality, tuple[str, ...]] = {
@@ -71,23 +61,18 @@ def score_procedural(modality: Modality | str, count: int = 300, seed: int = 0, 
 
 
 def toy_prompts(modality: Modality | str, n: int) -> list[tuple[str, dict]]:
-    """``n`` (caption, attributes) pairs cycling through every attribute combination and phrasing."""
+    """``n`` (caption, attributes) pairs cycling through every attribute combination and phrasing; a phrasing that
+    leaves out a scored attribute is replaced by the first one that asks every scored attribute."""
     modality = Modality.parse(modality)
-    if modality is Modality.IMAGE:
-        combos = [{"colour": c, "shape": s} for c, s in itertools.product(COLOURS, SHAPES)]
-        templates = IMAGE_TEMPLATES
-    elif modality is Modality.AUDIO:
-        combos = [{"pitch": p, "timbre": t} for p, t in itertools.product(PITCHES_HZ, TIMBRES)]
-        templates = AUDIO_TEMPLATES
-    else:
-        combos = [{"direction": d, "colour": c, "shape": s} for d, c, s in itertools.product(DIRECTIONS, COLOURS, SHAPES)]
-        templates = VIDEO_TEMPLATES
+    combos = ATTRIBUTE_COMBOS[modality]
+    templates = TEMPLATES[modality]
+    asks_all = next(t for t in templates if all(f"{{{k}}}" in t for k in SCORED[modality]))
     out = []
     for i in range(n):
         attrs = combos[i % len(combos)]
         template = templates[(i // len(combos)) % len(templates)]
-        if modality is Modality.AUDIO and "{timbre}" not in template:
-            template = AUDIO_TEMPLATES[1]  # every scored attribute must be asked
+        if not all(f"{{{k}}}" in template for k in SCORED[modality]):
+            template = asks_all  # every scored attribute must be asked
         out.append((template.format(**attrs), attrs))
     return out
 

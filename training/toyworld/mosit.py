@@ -49,7 +49,6 @@ from training.toyworld.phrasings import (
 )
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
-TAGS: dict[Modality, str] = {IMAGE: "Image", AUDIO: "Audio", VIDEO: "Video"}
 
 # comprehension: a question about a medium the human shares, and the answer's forms ({caption}: a phrasing of
 # exactly the attributes the shared medium's caption states)
@@ -195,7 +194,7 @@ def _cap(text: str) -> str:
 
 
 def _placeholder(modality: Modality, caption: str) -> str:
-    return f"<{TAGS[modality]}> {caption} </{TAGS[modality]}>"
+    return f"<{modality.spec.tag}> {caption} </{modality.spec.tag}>"
 
 
 def _spread(media: tuple[Modality, ...], start: int, n: int) -> list[list[Modality]]:

@@ -18,22 +18,11 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from polymodal.modality import Modality
-from training.toyworld.data import (
-    AUDIO_TEMPLATES,
-    COLOURS,
-    DIRECTIONS,
-    IMAGE_TEMPLATES,
-    PITCHES_HZ,
-    SHAPES,
-    TIMBRES,
-    VIDEO_TEMPLATES,
-)
+from training.toyworld.data import COLOURS, DIRECTIONS, PITCHES_HZ, SHAPES, TEMPLATES, TIMBRES
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 
-CAPTION_TEMPLATES: dict[Modality, tuple[str, ...]] = {
-    IMAGE: IMAGE_TEMPLATES, AUDIO: AUDIO_TEMPLATES, VIDEO: VIDEO_TEMPLATES,
-}
+CAPTION_TEMPLATES: dict[Modality, tuple[str, ...]] = TEMPLATES
 
 TRAIN_REQUESTS: dict[Modality, tuple[str, ...]] = {
     IMAGE: ("{caption}", "Draw {caption}.", "Show me {caption}.", "Please generate {caption}.",
@@ -114,3 +103,64 @@ def assert_disjoint(benchmark_prompts: Iterable[str], training_prompts: Sequence
     common = sorted(set(benchmark_prompts) & train)
     if common:
         raise AssertionError(f"{len(common)} benchmark prompts are training prompts, e.g. {common[:3]}")
+
+
+# ---- plain questions: held out, answered in words (no medium is asked for) ------------------------------
+# Sent without `modalities` to measure how often the model draws, plays or animates unasked (bench/toyworld.py,
+# bench/reliability.py). None states a toy attribute (colour, shape, pitch, timbre, direction; checked by
+# plain_questions). A training bank of plain questions, if the instruct stage gets one, must stay disjoint.
+_ARITHMETIC = ("What is {a} + {b}?", "What is {a} times {b}?", "How much is {a} minus {b}?",
+               "What do you get when you add {a} and {b}?")
+_CAPITALS = ("France", "Germany", "Italy", "Spain", "Portugal", "Japan", "China", "India", "Brazil", "Canada",
+             "Australia", "Egypt", "Kenya", "Mexico", "Argentina", "Norway", "Sweden", "Finland", "Poland",
+             "Greece", "Turkey", "Ireland", "Austria", "Hungary", "Chile", "Peru", "Thailand", "Vietnam",
+             "Nigeria", "Morocco", "Denmark", "Belgium", "Netherlands", "Switzerland", "Russia", "Iceland",
+             "Cuba", "Colombia", "Ukraine", "Indonesia")
+_WORDS = ("democracy", "photosynthesis", "gravity", "metaphor", "inflation", "algorithm", "ecosystem", "entropy",
+          "irony", "vaccine", "glacier", "harmony", "justice", "molecule", "nostalgia", "orbit", "paradox",
+          "recipe", "satire", "tariff", "umbrella", "volcano", "wisdom", "yeast", "zenith", "alliance", "ballot",
+          "census", "dialect", "empathy", "fossil", "grammar", "hypothesis", "island", "journal", "kindness",
+          "ledger", "mammal", "novel", "oxygen")
+_FACTS = ("How many days are in a week?", "How many hours are in a day?", "Who wrote Hamlet?",
+          "What is the boiling point of water in Celsius?", "How many legs does a spider have?",
+          "What is the largest planet in our solar system?", "How many continents are there?",
+          "What language is spoken in Brazil?", "Who painted the Mona Lisa?", "What is the chemical symbol for gold?",
+          "How many minutes are in an hour?", "What is the freezing point of water in Fahrenheit?",
+          "Which ocean is the largest?", "How many sides does a hexagon have?", "What gas do plants take in?",
+          "Who discovered penicillin?", "What is the tallest mountain on Earth?", "How many bones are in the human body?",
+          "What year did the Second World War end?", "Which number times itself gives 81?",
+          "What is the opposite of hot?", "What is the plural of mouse?", "How many letters are in the alphabet?",
+          "What do bees make?", "Which planet is closest to the sun?", "What is the main ingredient of bread?",
+          "How many players are on a football team?", "What is a baby cat called?", "What is ice made of?",
+          "Who was the first person to walk on the moon?", "How many weeks are in a year?",
+          "What is the longest river in Africa?", "What is the currency of Japan?", "How many strings does a violin have?",
+          "What is the hardest natural substance?", "What does a thermometer measure?",
+          "What is the largest mammal?", "How many zeros are in one million?", "What is H2O?",
+          "What is the capital letter after B?")
+
+
+def plain_questions(n: int = 200, seed: int = 0) -> list[str]:
+    """``n`` held-out plain questions (arithmetic, capitals, definitions, facts), a fixed mix for ``seed``.
+
+    Raises:
+        AssertionError: a question names a toy attribute (it would not be plain), or ``n`` is more than the bank.
+    """
+    rng = np.random.default_rng([seed, 7])
+    arithmetic = []
+    for k in range(80):
+        a, b = (int(x) for x in rng.integers(2, 60, size=2))
+        arithmetic.append(_ARITHMETIC[k % len(_ARITHMETIC)].format(a=max(a, b), b=min(a, b)))
+    bank = [*arithmetic, *(f"What is the capital of {c}?" for c in _CAPITALS),
+            *((f"What does the word '{w}' mean?" if k % 2 else f"Define {w} in one sentence.")
+              for k, w in enumerate(_WORDS)), *_FACTS]
+    bank = list(dict.fromkeys(bank))
+    if n > len(bank):
+        raise AssertionError(f"only {len(bank)} plain questions, {n} asked")
+    toy_words = {*SHAPES, *COLOURS, *PITCHES_HZ, *TIMBRES, *DIRECTIONS, "draw", "play", "sound", "picture",
+                 "image", "video", "tone"}
+    for q in bank:
+        words = {w.strip("?.,'").lower() for w in q.split()}
+        if words & toy_words:
+            raise AssertionError(f"plain question {q!r} names {sorted(words & toy_words)}")
+    order = rng.permutation(len(bank))[:n]
+    return [bank[i] for i in sorted(order)]

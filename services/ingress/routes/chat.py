@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
-from services.ingress.planning import new_id
+from services.ingress.planning import new_id, request_kind
 from services.ingress.running import ClientGone
 from services.ingress.service import IngressService, get_service, require_api_key
 from services.ingress.streaming import SSEResponse, sse
@@ -18,10 +18,11 @@ router = APIRouter(dependencies=[Depends(require_api_key)])
 async def chat_completions(body: ChatCompletionRequest, request: Request,
                            svc: IngressService = Depends(get_service)):
     request_id = new_id("chatcmpl")
-    slot = svc.admission.acquire()
+    slot = svc.admission.acquire(request_kind("chat", body.modalities))
     streaming = False
     try:
         plan = await svc.runner.guarded(request, svc.planner.plan_chat(body, request_id))
+        plan.on_complete = slot.completed
         base = svc.base_url(request)
         if body.stream:
             streaming = True

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, Response
 from polymodal.modality import Modality
 
 from services.errors import bad_request
-from services.ingress.planning import new_id
+from services.ingress.planning import new_id, request_kind
 from services.ingress.running import ClientGone
 from services.ingress.service import IngressService, get_service, require_api_key
 from services.schemas import AudioGenerationRequest, ImageGenerationRequest
@@ -34,9 +34,10 @@ async def one_medium(svc: IngressService, request: Request, body: ImageGeneratio
     options = svc.planner.decoder_options(modality, overrides, "")
     fmt = "url" if body.response_format == "url" else "inline"
     request_id = new_id(prefix_id)
-    slot = svc.admission.acquire()
+    slot = svc.admission.acquire(request_kind(prefix_id))
     try:
         plan = svc.planner.plan_prompt(body.prompt, modality, options, body.seed, body.n, request_id, fmt)
+        plan.on_complete = slot.completed
         text, media = await svc.runner.media_items(plan, request)
     except ClientGone:
         return Response(status_code=499)

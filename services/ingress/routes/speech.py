@@ -199,7 +199,7 @@ async def create_speech(body: SpeechCreateRequest, request: Request, svc: Ingres
             collected = await svc.runner.guarded(request, _collect(chunks))
             data = await asyncio.to_thread(encode_chunks, body.response_format, [c.pcm16 for c in collected], rate)
             return Response(data, media_type=encoder.mime_type, headers=headers)
-        if body.stream_format == "audio":
+        if body.stream_format != "sse":  # "audio": the file's bytes as they are encoded
             content = _closing(_encoded(encoder, chunks), stream, request_id, reraise=True)
             media_type = encoder.mime_type
         else:

@@ -4,7 +4,7 @@ Form fields (:class:`services.schemas.TranscriptionForm`): ``file`` (WAV, FLAC, 
 ``limits.max_media_bytes`` and ``limits.max_transcription_s`` long, else 413), ``model``, ``language``, ``prompt``,
 ``response_format`` (``json`` / ``text`` / ``verbose_json`` / ``srt`` / ``vtt``), ``temperature``,
 ``timestamp_granularities[]`` (``segment``, ``word``: ``verbose_json`` only). The upload is decoded here
-(:func:`polymodal.media_io.decode_audio`, in a thread, resampled to 16 kHz mono) so a corrupt or unsupported file
+(:func:`polymodal.media.audio.decode_audio`, in a thread, resampled to 16 kHz mono) so a corrupt or unsupported file
 is a 400 before any model work; the recogniser runs in the speech stage.
 
 ``verbose_json`` follows OpenAI's: ``task``, ``language`` (a name, ``english``), ``duration``, ``text``,
@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from polymodal import media_io
+from polymodal.media.audio import decode_audio
 from polymodal.types import Transcript
 
 from services.errors import APIError, bad_request
@@ -92,7 +93,7 @@ async def decode_upload(svc: IngressService, data: bytes):
     if not data:
         raise bad_request("file: the file is empty", param="file", code="media_corrupt")
     try:
-        return await asyncio.to_thread(media_io.decode_audio, data, target_sample_rate_hz=TRANSCRIPTION_SAMPLE_RATE_HZ,
+        return await asyncio.to_thread(decode_audio, data, target_sample_rate_hz=TRANSCRIPTION_SAMPLE_RATE_HZ,
                                        limits=limits)
     except media_io.MediaError as e:
         raise svc.media.media_error(e, "file") from None
