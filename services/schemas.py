@@ -100,11 +100,13 @@ class ImageOptions(_Steps):
 
 
 class AudioOptions(_Steps):
-    """Also OpenAI's chat ``audio`` output parameter: ``format`` (only ``wav``) and ``voice`` (a spoken answer:
-    not available yet, refused with 400 naming ``audio.voice``)."""
+    """Also OpenAI's chat ``audio`` output parameter: ``voice`` asks for the answer spoken (``message.audio``;
+    streamed: ``delta.audio`` PCM16 chunks), a name of ``GET /v1/audio/voices``; ``format`` ``wav`` (a whole
+    answer's default; a generated sound is always WAV) or ``pcm16`` (a spoken answer's raw samples; a streamed
+    one's only format)."""
 
     duration_s: float | None = Field(None, ge=MIN_DURATION_S, le=MAX_DURATION_S)
-    format: Literal["wav"] | None = None
+    format: Literal["wav", "pcm16"] | None = None
     voice: str | None = None
 
 

@@ -28,7 +28,7 @@ from skills.asr import PocketsphinxASR, TranscribeSkill, WhisperASR, build_asr, 
 from polymodal.sentences import SentenceStream, split_sentences
 from skills.tts import OPENAI_VOICE_NAMES, Synthesizer, TransformersTTS, UnknownVoice, build_synthesizer, save_tiny_vits
 from tests.media_fixtures import audio_bytes, require_program
-from tests.serve_fakes import fake_stages
+from tests.serve_fakes import FakeLLMStage, fake_stages
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from speech import word_errors  # noqa: E402  (bench/speech.py: the WER the bench reports)
@@ -524,6 +524,110 @@ def test_a_spoken_answer_fed_in_deltas_equals_the_whole_speech(speech_app):
     assert [c.index for c in got] == list(range(len(got))) and [c.text for c in got] == split_sentences(text)
     assert b"".join(c.pcm16 for c in got) == whole
     assert getattr(err, "status", None) == 400 and err.code == "unknown_voice"
+
+
+# ---- chat: the answer spoken (audio.voice) on a preset without an audio decoder -------------------------------
+CHAT_SAID = "I would like a cup of coffee. The dog runs in the park."
+
+
+@pytest.fixture(scope="module")
+def spoken_chat_app():
+    """A preset with an image decoder only (no audio decoder); the fake LLM writes one word per 0.15 s."""
+    require_program("flite")
+    from services.speech import SpeechWorker
+
+    preset, _, decoders = fake_stages((Modality.IMAGE,))
+    llm = FakeLLMStage(token_s=0.15)
+    worker = SpeechWorker.from_config({"tts_backends": ["flite"]})
+    app = build_app(LocalBackend(preset, llm, decoders, speech=worker), ServerSettings())
+    yield app, llm
+    worker.close()
+
+
+def test_chat_answer_spoken_whole_and_streamed(spoken_chat_app):
+    """The official client: modalities text+audio with audio.voice gives message.audio (a WAV of the answer's
+    text, its transcript the text); streamed with pcm16, delta.audio chunks join to that WAV's samples, the first
+    before the text is complete; the WAV reads back to the answer."""
+    app, _ = spoken_chat_app
+    messages = [{"role": "user", "content": CHAT_SAID}]
+
+    async def fn(c, h):
+        whole = await c.chat.completions.create(model="tiny", messages=messages, modalities=["text", "audio"],
+                                                audio={"voice": "echo", "format": "wav"}, seed=3)
+        stream = await c.chat.completions.create(model="tiny", messages=messages, modalities=["text", "audio"],
+                                                 audio={"voice": "echo", "format": "pcm16"}, seed=3, stream=True)
+        order = []
+        async for chunk in stream:
+            if not chunk.choices:
+                continue
+            d = chunk.choices[0].delta
+            audio = d.audio.to_dict() if d.audio is not None else None  # ChoiceDeltaAudio (openai 2.x)
+            if audio is not None:
+                order.append(("audio", audio))
+            if d.content:
+                order.append(("text", d.content))
+            if chunk.choices[0].finish_reason:
+                order.append(("finish", chunk.choices[0].finish_reason))
+        wav = base64.b64decode(whole.choices[0].message.audio.data)
+        heard = await c.audio.transcriptions.create(file=("a.wav", wav, "audio/wav"), model="whisper-1")
+        speech = await h.post("/v1/audio/speech", json={"model": "tts-1", "voice": "echo", "response_format": "pcm",
+                                                          "input": whole.choices[0].message.content})
+        stored = await h.get(f"/v1/artifacts/{whole.choices[0].message.audio.id}.wav")
+        return whole, order, heard, speech, stored
+
+    whole, order, heard, speech, stored = run(app, fn)
+    msg = whole.choices[0].message
+    text = msg.content
+    assert text.endswith("I WOULD LIKE A CUP OF COFFEE. THE DOG RUNS IN THE PARK.")
+    assert msg.audio.transcript == text and not getattr(msg, "audios", None)  # no generated sound
+    assert msg.audio.model_extra["format"] == "wav" and msg.audio.model_extra["sample_rate_hz"] == 24000
+    wav = base64.b64decode(msg.audio.data)
+    assert wav[:4] == b"RIFF" and stored.status_code == 200 and stored.content == wav
+    assert wav[44:] == speech.content  # the same samples as /v1/audio/speech for the answer's text
+    errors, n = word_errors(text, heard.text)
+    assert errors / n <= WER_BOUND, heard.text
+    audio = [a for k, a in order if k == "audio"]
+    assert [a["index"] for a in audio] == list(range(len(audio))) == list(range(len(split_sentences(text))))
+    assert b"".join(base64.b64decode(a["data"]) for a in audio) == wav[44:]
+    assert "".join(a["transcript"] for a in audio) == " ".join(split_sentences(text))
+    assert len({a["id"] for a in audio}) == 1 and audio[0]["sample_rate_hz"] == 24000 and "expires_at" in audio[0]
+    kinds = [k for k, _ in order]
+    assert kinds[-1] == "finish" and kinds.index("audio") < max(i for i, k in enumerate(kinds) if k == "text")
+
+
+def test_chat_spoken_answer_refusals(spoken_chat_app):
+    """Unknown voice, a voice without "audio" in modalities, wav when streaming, pcm16 without a voice, a sound
+    this preset cannot make: 400 naming the field, before the LLM runs; no speech stage: 503."""
+    app, llm = spoken_chat_app
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}]}
+    cases = [
+        ({"modalities": ["text", "audio"], "audio": {"voice": "nope"}}, "audio.voice", "unknown_voice"),
+        ({"modalities": ["text"], "audio": {"voice": "echo"}}, "modalities", "invalid_value"),
+        ({"modalities": ["text", "audio"], "audio": {"voice": "echo", "format": "wav"}, "stream": True},
+         "audio.format", "invalid_value"),
+        ({"audio": {"format": "pcm16"}}, "audio.format", "invalid_value"),
+        ({"modalities": ["text", "audio"]}, "modalities", None),
+        ({"modalities": ["text", "audio"], "audio": {"voice": "echo", "format": "mp3"}}, "audio.format", None),
+    ]
+
+    async def fn(c, h):
+        return [await h.post("/v1/chat/completions", json={**base, **extra}) for extra, _, _ in cases]
+
+    before = len(llm.calls)
+    for r, (extra, param, code) in zip(run(app, fn), cases):
+        body = r.json()["error"]
+        assert r.status_code == 400 and param in body["param"] and (code is None or body["code"] == code), r.text
+    assert "choose from" in run(app, fn)[0].json()["error"]["message"]
+    assert len(llm.calls) == before
+    preset, llm2, decoders = fake_stages()
+    bare = build_app(LocalBackend(preset, llm2, decoders))
+
+    async def no_stage(c, h):
+        return await h.post("/v1/chat/completions", json={**base, "modalities": ["text", "audio"],
+                                                          "audio": {"voice": "echo"}})
+
+    r = run(bare, no_stage)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "stage_unavailable" and llm2.calls == []
 
 
 def test_app_args_speech_section_and_deploy_yaml():

@@ -98,6 +98,10 @@ Streaming (``stream: true``) is Server-Sent Events of ``chat.completion.chunk`` 
 4. each medium as soon as its decoder finishes: ``delta: {"images": [item]}`` (``audios``, ``videos``; the item as
    in the message's array, ``index`` its place there); the first sound also ``delta.audio`` {id, data, format,
    expires_at, transcript (the text so far)}. These chunks have no ``content``, so text-only clients ignore them;
+   a spoken answer (``audio.voice``, ``format: pcm16``): ``delta: {"audio": {id, data (base64 PCM16 mono),
+   transcript (this sentence; the deltas join to the whole), sample_rate_hz (24000), index}}`` as each sentence of
+   the text is spoken, while the text still streams; they join to the non-streamed answer's samples, and the
+   closing chunk waits for the last of them;
 5. with ``box_overlay``, the overlay's reference (content) then its ``delta.images`` chunk; then ``delta: {}`` with
    ``finish_reason`` (a grounding model: ``delta: {"boxes": [...]}``, the boxes of the whole answer); with
    ``stream_options.include_usage`` a chunk with ``usage``;
@@ -110,8 +114,12 @@ the medium could not be rendered, never dropped), and no unlisted medium is made
 others are masked in the LLM's decode loop: ``LLMRequest.allowed_modalities``); ``["text"]`` alone: no media.
 Without ``modalities`` the preset's ``generation.media_without_modalities`` decides: ``model_decides`` (every
 shipped preset: ``tiny``, ``smol``, ``toy``, ``nextgpt-7b``; the model may add any medium this server has a
-decoder for, nothing is forced) or ``none`` (text only). ``audio.voice`` (a spoken answer) is refused with 400
-(speech output is not available yet). The images / audio / videos endpoints allow and require their one medium.
+decoder for, nothing is forced) or ``none`` (text only). ``audio`` with a ``voice`` (a name of
+``/v1/audio/voices``; unknown: 400 ``unknown_voice`` listing them) asks for the answer spoken: "audio" in
+``modalities`` (required then) is satisfied by speech, so no generated sound is made and no audio decoder is
+needed; ``message.audio`` = {id (the WAV's artifact), data (base64 WAV, or PCM16 with ``format: pcm16``), format,
+expires_at, transcript (the answer's text), sample_rate_hz}; streaming needs ``pcm16`` (400 otherwise); no speech
+stage: 503. The images / audio / videos endpoints allow and require their one medium.
 Unknown ``model``: 400. Out-of-range options: 400 naming the field (every option is bounded in its schema, e.g.
 ``duration_s`` >= 0.02 s, AudioLDM's two mel frames). Body over ``limits.max_body_bytes`` or a medium over
 ``limits.max_media_bytes``: 413. Admission (:mod:`~services.ingress.admission`): a request predicted not to

@@ -1,7 +1,8 @@
 """A spoken answer: text that arrives in pieces (an LLM's deltas) spoken sentence by sentence as it arrives.
 
 The building block of chat's spoken answers (``audio: {"voice", "format"}``: ``message.audio``, and streamed
-``delta.audio`` PCM16 chunks), kept apart from the chat modules until they are wired to it. :class:`SpokenAnswer`
+``delta.audio`` PCM16 chunks; :meth:`services.ingress.running.Runner.collect` and
+:func:`services.ingress.streaming.sse` feed it the LLM's text deltas). :class:`SpokenAnswer`
 cuts the text with :class:`polymodal.sentences.SentenceStream` (the same sentences
 :func:`polymodal.sentences.split_sentences` finds in the whole text), asks the speech stage for one sentence at a
 time (``Backend.synthesize`` with ``start_index`` numbering the chunks on) while more text still arrives, and hands
