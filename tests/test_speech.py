@@ -302,6 +302,7 @@ def test_openai_client_speech_then_transcription_round_trip(speech_app):
         return speech, heard, two, verbose, text
 
     speech, heard, two, verbose, text = run(speech_app, fn)
+    assert "transcription" in speech_app.state.service.admission.per_place_s
     assert speech.content[:4] == b"RIFF" and speech.response.headers["content-type"] == "audio/wav"
     info = sf.info(io.BytesIO(speech.content))
     assert (info.samplerate, info.channels, info.subtype) == (24000, 1, "PCM_16")
@@ -348,6 +349,8 @@ def test_streamed_speech_joins_to_the_whole_answer(speech_app, fmt):
 
     whole, streamed, sse = run(speech_app, fn)
     assert whole.status_code == streamed.status_code == sse.status_code == 200
+    # each finished request feeds admission's estimate of its own kind (else 8 at once at most: a cold start)
+    assert "speech" in speech_app.state.service.admission.per_place_s
     assert streamed.headers["x-sample-rate"] == "24000" and sse.headers["content-type"].startswith("text/event-stream")
     events = _sse_events(sse.text)
     assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)

@@ -35,6 +35,9 @@ _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 # the group it emits or that is then forced: more text would only delay the medium. At most this many
 # tokens, and at most the preset's generation.prompt_lead_in_tokens.
 PROMPT_ENDPOINT_MAX_NEW_TOKENS = 32
+SPOKEN_ANSWER_SLOT = "audio"
+"""OpenAI's message field a spoken answer fills (``message.audio``): the medium whose spec names this
+``message_slot`` is the one ``audio.voice`` satisfies with speech instead of a generated medium."""
 
 
 def new_id(prefix: str) -> str:
@@ -280,7 +283,7 @@ class Planner:
         spoken = req.audio is not None and req.audio.voice is not None
 
         def by_speech(m: Modality) -> bool:  # the medium whose answer slot (message.audio) a spoken answer fills
-            return spoken and m.spec.message_slot == "audio"
+            return spoken and m.spec.message_slot == SPOKEN_ANSWER_SLOT
 
         if req.modalities is None:
             return (), tuple(m for m in self.unasked_ceiling(self.backend.preset) if not by_speech(m))

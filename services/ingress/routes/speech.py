@@ -32,7 +32,7 @@ from services.errors import APIError, bad_request
 from services.ingress.admission import Slot
 from services.ingress.audio_formats import SpeechEncoder, encode_chunks
 from services.ingress.error_map import stage_error
-from services.ingress.planning import new_id
+from services.ingress.planning import new_id, request_kind
 from services.ingress.running import ClientGone
 from services.ingress.service import IngressService, get_service, require_api_key
 from services.protocol import SpeechAudioChunk, SpeechRequest
@@ -148,13 +148,17 @@ async def _counting(chunks: AsyncIterator[SpeechAudioChunk], counted: dict[str, 
         yield c
 
 
-async def _closing(body: AsyncIterator[bytes], stream, request_id: str, *, reraise: bool) -> AsyncIterator[bytes]:
+async def _closing(body: AsyncIterator[bytes], stream, request_id: str, *, reraise: bool,
+                   on_complete=None) -> AsyncIterator[bytes]:
     """``body``, then the speech stream closed at once however the response ends (a disconnect stops the synthesis
     before its next sentence). A streamed file cannot change its status once sent: with ``reraise`` a failure is
-    logged and the connection dropped, so the client sees an incomplete transfer, never a silently short file."""
+    logged and the connection dropped, so the client sees an incomplete transfer, never a silently short file.
+    ``on_complete()`` once the body ran to its end (admission's estimate)."""
     try:
         async for data in body:
             yield data
+        if on_complete is not None:
+            on_complete()
     except asyncio.CancelledError:
         raise
     except Exception as e:
@@ -178,7 +182,7 @@ async def create_speech(body: SpeechCreateRequest, request: Request, svc: Ingres
     loop = asyncio.get_running_loop()
     deadline = loop.time() + svc.settings.request_timeout_s
     stream = svc.backend.synthesize(SpeechRequest(request_id, body.input, body.voice_name(), body.speed))
-    slot = svc.admission.acquire()
+    slot = svc.admission.acquire(request_kind("speech"))
     handed_over = False
     try:
         try:
@@ -197,15 +201,17 @@ async def create_speech(body: SpeechCreateRequest, request: Request, svc: Ingres
         encoder = SpeechEncoder(body.response_format, rate)
         if body.stream_format is None:
             collected = await svc.runner.guarded(request, _collect(chunks))
+            slot.completed()
             data = await asyncio.to_thread(encode_chunks, body.response_format, [c.pcm16 for c in collected], rate)
             return Response(data, media_type=encoder.mime_type, headers=headers)
         if body.stream_format != "sse":  # "audio": the file's bytes as they are encoded
-            content = _closing(_encoded(encoder, chunks), stream, request_id, reraise=True)
+            content = _closing(_encoded(encoder, chunks), stream, request_id, reraise=True,
+                               on_complete=slot.completed)
             media_type = encoder.mime_type
         else:
             counted = {"samples": 0, "rate": rate}
             content = _closing(_sse(_encoded(encoder, _counting(chunks, counted)), counted, body.input), stream,
-                               request_id, reraise=False)
+                               request_id, reraise=False, on_complete=slot.completed)
             media_type = "text/event-stream"
         handed_over = True
         return SpeechStreamResponse(content, slot, media_type, headers)

@@ -32,7 +32,7 @@ from polymodal.types import Transcript
 
 from services.errors import APIError, bad_request
 from services.ingress.error_map import stage_error, validation_error
-from services.ingress.planning import new_id
+from services.ingress.planning import new_id, request_kind
 from services.ingress.routes.speech import check_speech_model
 from services.ingress.running import ClientGone
 from services.ingress.service import IngressService, get_service, require_api_key
@@ -148,7 +148,7 @@ async def create_transcription(request: Request, svc: IngressService = Depends(g
         raise bad_request("timestamp_granularities needs response_format 'verbose_json'",
                           param="timestamp_granularities", code="invalid_value")
     request_id = new_id("transcription")
-    slot = svc.admission.acquire()
+    slot = svc.admission.acquire(request_kind("transcription"))
     try:
         samples = await decode_upload(svc, data)
         req = TranscriptionRequest(request_id, samples, TRANSCRIPTION_SAMPLE_RATE_HZ,
@@ -156,6 +156,7 @@ async def create_transcription(request: Request, svc: IngressService = Depends(g
                                    form.temperature)
         try:
             t: Transcript = await svc.runner.guarded(request, svc.backend.transcribe(req))
+            slot.completed()
         except (APIError, ClientGone):
             raise
         except Exception as e:  # noqa: BLE001 - a stage's error as the API's
