@@ -172,3 +172,62 @@ def interleave(text: str, placed: Sequence[Placed], items: Sequence[_T],
     if text[cursor:].strip():
         parts.append(text_part(text[cursor:].strip()))
     return parts
+
+
+# ---- speech recognition (skills.asr produces these; the speech stage hands them to the ingress) ----------
+@dataclass(frozen=True)
+class TranscriptWord:
+    """One recognised word and where it is (seconds from the start of the audio)."""
+
+    word: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class TranscriptSegment:
+    """A stretch of speech between pauses (pocketsphinx) or between timestamps (Whisper).
+
+    Attributes:
+        id: 0-based position. start_s / end_s: seconds from the start of the audio. text: its words.
+        words: its words with times (empty when the backend gives none).
+    """
+
+    id: int
+    start_s: float
+    end_s: float
+    text: str
+    words: tuple[TranscriptWord, ...] = ()
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What a backend heard.
+
+    Attributes:
+        text: the whole transcript (segments joined by spaces).
+        language: ISO 639-1 code of the language decoded (``en``).
+        duration_s: length of the audio.
+        segments: in time order.
+        backend: the :data:`ASR_BACKENDS` key. model: the model's name or folder.
+        elapsed_s: decoding time.
+    """
+
+    text: str
+    language: str
+    duration_s: float
+    segments: tuple[TranscriptSegment, ...]
+    backend: str
+    model: str
+    elapsed_s: float = 0.0
+
+    @property
+    def words(self) -> tuple[TranscriptWord, ...]:
+        return tuple(w for s in self.segments for w in s.words)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "language": self.language, "duration_s": round(self.duration_s, 3),
+                "backend": self.backend, "model": self.model,
+                "segments": [{"id": s.id, "start_s": round(s.start_s, 3), "end_s": round(s.end_s, 3), "text": s.text,
+                              "words": [{"word": w.word, "start_s": round(w.start_s, 3), "end_s": round(w.end_s, 3)}
+                                        for w in s.words]} for s in self.segments]}

@@ -4,6 +4,7 @@ Graph::
 
     IngressServer (FastAPI, no torch) --stream--> LLMServer
                                       --render--> DecoderServer[image] / [audio] / [video]  (@serve.batch)
+                                      --speech--> SpeechServer (transcribe, synthesize: pocketsphinx, flite)
                                       --stats---> StatsServer  <--report-- DecoderServer replicas
 
 Every deployment's resources, replica counts / autoscaling and queue bounds are typed fields of
@@ -24,6 +25,7 @@ from polymodal.modality import Modality
 from polymodal.presets import get_preset
 
 from services.settings import ServerSettings
+from services.speech import SpeechConfig
 
 
 class _Args(BaseModel):
@@ -107,6 +109,22 @@ class IngressDeploymentArgs(DeploymentArgs):
     max_ongoing_requests: int = Field(128, ge=1)
 
 
+class SpeechDeploymentArgs(DeploymentArgs, SpeechConfig):
+    """The speech deployment: resources plus :class:`services.speech.SpeechConfig` (engines, voices, models).
+
+    ``enabled: false`` deploys none (the speech endpoints then answer 503). Its work is subprocesses (flite) and
+    a CPU decoder (pocketsphinx): a small CPU share by default; give it ``num_gpus`` with transformers engines.
+    """
+
+    enabled: bool = True
+    num_cpus: float = Field(0.2, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+
+    def speech_config(self) -> dict[str, Any]:
+        """The :class:`~services.speech.SpeechConfig` part (what the deployment's constructor takes)."""
+        return SpeechConfig.model_validate(self.model_dump(include=set(SpeechConfig.model_fields))).model_dump()
+
+
 class AppArgs(_Args):
     """Arguments of :func:`app_builder` (the ``args`` of an application in ``deploy/serve.yaml``).
 
@@ -116,6 +134,7 @@ class AppArgs(_Args):
         export_dir: an export of trained parts (:mod:`polymodal.export`: projectors, token rows, LoRA).
         modalities: output modalities to deploy decoders for (default: every decoder of the preset).
         ingress / llm / stats: deployment settings. decoders: per modality (missing ones use defaults).
+        speech: the speech deployment (recognition and synthesis) and its engines.
         server: the HTTP API's settings (limits, timeouts, keys, store).
     """
 
@@ -127,6 +146,7 @@ class AppArgs(_Args):
     llm: LLMDeploymentArgs = LLMDeploymentArgs()
     decoders: dict[Modality, DecoderDeploymentArgs] = {}
     stats: DeploymentArgs = DeploymentArgs(num_cpus=0.0, max_ongoing_requests=256)
+    speech: SpeechDeploymentArgs = SpeechDeploymentArgs()
     server: ServerSettings = ServerSettings()
 
     def resolved_preset(self) -> PresetConfig:
@@ -140,7 +160,7 @@ def app_builder(args: AppArgs):
         polymodal.preflight.StartupError: a path that is missing or unusable.
         ValueError: unknown preset, or a requested modality the preset has no decoder for.
     """
-    from services.deployments import DecoderServer, IngressServer, LLMServer, StatsServer
+    from services.deployments import DecoderServer, IngressServer, LLMServer, SpeechServer, StatsServer
 
     from polymodal.preflight import check_start
 
@@ -166,5 +186,9 @@ def app_builder(args: AppArgs):
         d = args.decoders.get(m, DecoderDeploymentArgs())
         decoders[m.value] = serve.deployment(DecoderServer).options(**d.options(f"decoder-{m.value}")).bind(
             preset, m.value, args.device, args.export_dir, d.max_batch_size, d.batch_wait_timeout_s, stats)
+    speech = None
+    if args.speech.enabled:
+        speech = serve.deployment(SpeechServer).options(**args.speech.options("speech")).bind(
+            args.speech.speech_config())
     return serve.deployment(IngressServer).options(**args.ingress.options("ingress")).bind(
-        served, llm, decoders, stats, server)
+        served, llm, decoders, stats, server, speech)

@@ -6,6 +6,8 @@
   ``render`` calls are batched with ``@serve.batch``; the pipeline runs in a worker thread (never on the
   replica's event loop, so batches form and health checks answer), see :class:`services.workers.DecoderWorker`
   for grouping, seeds, failure isolation and cancellation.
+- :class:`SpeechServer`: speech recognition and synthesis (:class:`services.speech.SpeechWorker`): ``transcribe``
+  and ``synthesize`` (streams one PCM16 chunk per sentence), both in the replica's thread pool.
 - :class:`StatsServer`: sums the decoder replicas' counters for ``/metrics``.
 - :class:`IngressServer`: the FastAPI app of :mod:`services.ingress` over a
   :class:`services.ray_backend.RayBackend`.
@@ -30,8 +32,17 @@ from polymodal.config import PresetConfig
 from polymodal.modality import Modality
 
 from services.errors import Cancelled
-from services.protocol import DecoderStageLike, EncodedMedium, LLMRequest, LLMStageLike, RenderRequest
+from services.protocol import (
+    DecoderStageLike,
+    EncodedMedium,
+    LLMRequest,
+    LLMStageLike,
+    RenderRequest,
+    SpeechRequest,
+    TranscriptionRequest,
+)
 from services.settings import ServerSettings
+from services.speech import SpeechConfig, SpeechWorker
 from services.workers import BatchItem, DecoderWorker, LLMWorker
 
 log = logging.getLogger("ray.serve")
@@ -167,6 +178,37 @@ class DecoderServer:
             raise RuntimeError(f"the {self.modality.value} decoder is unusable: {self._worker.last_error}")
 
 
+class SpeechServer:
+    """Speech recognition and synthesis as a deployment (the skills ``transcribe`` and ``synthesize_speech``).
+
+    Args:
+        config: :class:`services.speech.SpeechConfig` (or its dict): engines, voices, models, threads.
+        worker: a ready :class:`services.speech.SpeechWorker` (tests); skips loading.
+    """
+
+    def __init__(self, config: SpeechConfig | dict | None = None, worker: SpeechWorker | None = None):
+        self._worker = worker if worker is not None else SpeechWorker.from_config(config)
+
+    async def transcribe(self, request: TranscriptionRequest):
+        """The :class:`polymodal.types.Transcript` of the request's audio."""
+        return await self._worker.transcribe(request)
+
+    async def synthesize(self, request: SpeechRequest):
+        """Async generator of :class:`services.protocol.SpeechAudioChunk`, one per sentence; cancellation stops it."""
+        async for chunk in self._worker.synthesize(request):
+            yield chunk
+
+    def info(self) -> dict[str, Any]:
+        return self._worker.info()
+
+    def describe(self) -> dict[str, Any]:
+        return self._worker.describe()
+
+    def check_health(self) -> None:
+        if not self._worker.healthy:
+            raise RuntimeError(f"the speech stage is unusable: {self._worker.last_error}")
+
+
 class StatsServer:
     """Latest counters of every decoder replica; ``snapshot`` sums them per modality."""
 
@@ -193,15 +235,17 @@ class IngressServer:
         preset: the served preset.
         llm: :class:`LLMServer` handle. decoders: ``{modality value: DecoderServer handle}``.
         stats: :class:`StatsServer` handle. settings: :class:`services.settings.ServerSettings` (or a dict).
+        speech: :class:`SpeechServer` handle (``None``: the speech endpoints answer 503).
     """
 
     def __init__(self, preset: PresetConfig, llm: DeploymentHandle, decoders: dict[str, DeploymentHandle],
                  stats: DeploymentHandle | None = None,
-                 settings: ServerSettings | dict | None = None):
+                 settings: ServerSettings | dict | None = None, speech: DeploymentHandle | None = None):
         from services.ray_backend import RayBackend
 
         self._settings = ServerSettings.model_validate(settings or {})
-        self._backend = RayBackend(preset, llm, decoders, stats, retry_after_s=self._settings.retry_after_s)
+        self._backend = RayBackend(preset, llm, decoders, stats, retry_after_s=self._settings.retry_after_s,
+                                   speech=speech)
 
     def __serve_build_asgi_app__(self):
         from services.ingress import build_app

@@ -3,7 +3,8 @@
 One process, instant start, for laptops and API tests. The LLM runs one generation at a time in a worker
 thread; each decoder renders in its own thread (one pipeline call at a time, items are not batched
 across requests here: that is the Ray host's job). Cancellation, seeds, failure isolation and the step
-counters are those of :mod:`services.workers`, so the API behaves as on Ray.
+counters are those of :mod:`services.workers`, so the API behaves as on Ray. Speech runs in a
+:class:`services.speech.SpeechWorker` (its own thread pool), as in the Ray host's ``SpeechServer``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
 
+from polymodal.types import Transcript
+
 from services.errors import Cancelled, StageUnavailable
 from services.protocol import (
     Backend,
@@ -25,7 +28,11 @@ from services.protocol import (
     LLMRequest,
     LLMStageLike,
     RenderRequest,
+    SpeechAudioChunk,
+    SpeechRequest,
+    TranscriptionRequest,
 )
+from services.speech import SpeechConfig, SpeechWorker
 from services.workers import BatchItem, DecoderWorker, LLMWorker
 
 
@@ -37,11 +44,13 @@ class LocalBackend(Backend):
         llm_stage: a ``polymodal.pipeline.LLMStage`` (or any :class:`~services.protocol.LLMStageLike`).
         decoder_stages: per modality, a ``polymodal.pipeline.DecoderStage`` (or any
             :class:`~services.protocol.DecoderStageLike`).
+        speech: the speech stage (``None``: the speech endpoints answer 503).
     """
 
     def __init__(self, preset: PresetConfig, llm_stage: LLMStageLike,
-                 decoder_stages: dict[Modality, DecoderStageLike]):
+                 decoder_stages: dict[Modality, DecoderStageLike], speech: SpeechWorker | None = None):
         self.preset = preset
+        self.speech = speech
         self._llm_stage = llm_stage
         self._llm = LLMWorker(llm_stage)
         self._decoders = {Modality.parse(m): DecoderWorker(s) for m, s in decoder_stages.items()}
@@ -52,9 +61,10 @@ class LocalBackend(Backend):
 
     @classmethod
     def from_preset(cls, preset: PresetConfig | str, *, device: str | None = None,
-                    export_dir: str | None = None, modalities: list[Modality] | None = None) -> "LocalBackend":
+                    export_dir: str | None = None, modalities: list[Modality] | None = None,
+                    speech: SpeechConfig | dict | None = None) -> "LocalBackend":
         """Build the stages of ``preset`` in this process (imports torch); decoders for ``modalities``
-        (default: every decoder of the preset).
+        (default: every decoder of the preset); the speech stage from ``speech`` (``None``: none).
 
         Raises:
             ValueError: a modality the preset has no decoder for. The stages' load errors (a part that fails
@@ -72,7 +82,8 @@ class LocalBackend(Backend):
         llm = build_llm_stage(preset, device=device, export_dir=export_dir)
         stages = {m: build_decoder_stage(preset, m, device=device, export_dir=export_dir,
                                          d_llm=llm.engine.d_llm) for m in chosen}
-        return cls(preset, llm, stages)
+        worker = SpeechWorker.from_config(speech) if speech is not None else None
+        return cls(preset, llm, stages, speech=worker)
 
     @property
     def output_modalities(self) -> tuple[Modality, ...]:
@@ -101,6 +112,21 @@ class LocalBackend(Backend):
             raise result
         return result
 
+    def _speech_worker(self) -> SpeechWorker:
+        if self.speech is None:
+            raise StageUnavailable("speech is not deployed on this server")
+        return self.speech
+
+    async def transcribe(self, request: TranscriptionRequest) -> Transcript:
+        return await self._speech_worker().transcribe(request)
+
+    async def synthesize(self, request: SpeechRequest) -> AsyncIterator[SpeechAudioChunk]:
+        async for chunk in self._speech_worker().synthesize(request):
+            yield chunk
+
+    async def speech_info(self) -> dict[str, Any]:
+        return self._speech_worker().info()
+
     async def describe(self) -> dict[str, Any]:
         parts: dict[str, Any] = {}
         try:
@@ -112,7 +138,10 @@ class LocalBackend(Backend):
             d = w.stage.describe() if hasattr(w.stage, "describe") else {"init_state": w.stage.init_state}
             d["healthy"] = w.healthy
             parts["decoders"][m.value] = d
-        parts["ready"] = self._llm.healthy and all(w.healthy for w in self._decoders.values())
+        if self.speech is not None:
+            parts["speech"] = self.speech.describe()
+        parts["ready"] = (self._llm.healthy and all(w.healthy for w in self._decoders.values())
+                          and (self.speech is None or self.speech.healthy))
         return parts
 
     async def stats(self) -> dict[str, dict[str, float]]:
@@ -120,5 +149,7 @@ class LocalBackend(Backend):
 
     async def close(self) -> None:
         self._llm.close()
+        if self.speech is not None:
+            self.speech.close()
         for ex in self._executors.values():
             ex.shutdown(wait=False, cancel_futures=True)

@@ -10,6 +10,10 @@ The stage seams are typed here too: :class:`LLMStageLike` and :class:`DecoderSta
 :class:`RenderedMedium` what a decoder stage returns per item. They are structural (``typing.Protocol``): a stage
 needs no base class.
 
+Speech (:class:`SpeechRequest` -> :class:`SpeechAudioChunk` stream, :class:`TranscriptionRequest` ->
+:class:`polymodal.types.Transcript`) is served by a speech stage (:class:`services.speech.SpeechWorker`, on Ray the
+``SpeechServer`` deployment); a backend without one answers 503.
+
 Everything that crosses the seams is a frozen dataclass of numpy arrays / bytes (it crosses Ray by pickling);
 no torch.
 """
@@ -22,9 +26,13 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from polymodal.config import DecoderDefaults, PresetConfig
 from polymodal.modality import Modality
-from polymodal.types import EditSource, LLMResult, SignalGroup, TextDelta, Turn
+from polymodal.types import EditSource, LLMResult, SignalGroup, TextDelta, Transcript, Turn
+
+from services.errors import StageUnavailable
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,57 @@ REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
 """When the request being served must be answered (``time.monotonic()`` seconds; ``None``: unknown). The
 ingress sets it while it runs a plan; a backend that retries (a decoder replica that died) stops retrying in
 time to answer 503 before the request's 504."""
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    """A text to speak, sentence by sentence (``/v1/audio/speech``; a spoken chat answer speaks each sentence as
+    the LLM completes it, numbering chunks on with ``start_index``).
+
+    Attributes:
+        text: at most 4096 characters. voice: a voice name (``None``: the server's default).
+        speed: 0.25-4.0. start_index: index of the first chunk.
+    """
+
+    request_id: str
+    text: str
+    voice: str | None = None
+    speed: float = 1.0
+    start_index: int = 0
+
+
+@dataclass(frozen=True)
+class SpeechAudioChunk:
+    """One sentence of speech as it crosses the seam.
+
+    Attributes:
+        index: position in the stream. text: the sentence. voice: the voice's name.
+        pcm16: 16-bit signed little-endian mono samples at ``sample_rate_hz`` (24 kHz: OpenAI's ``pcm``). The
+            chunks of a stream, in order, join to exactly the whole answer's samples.
+    """
+
+    index: int
+    text: str
+    pcm16: bytes
+    sample_rate_hz: int
+    voice: str
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.pcm16) // 2
+
+
+@dataclass(frozen=True, eq=False)
+class TranscriptionRequest:
+    """Audio to transcribe: float32 (S,) mono ``samples`` at ``sample_rate_hz`` (the stage resamples to its
+    recogniser's rate); ``language`` an ISO 639-1 code or ``None``; ``prompt`` / ``temperature`` for Whisper."""
+
+    request_id: str
+    samples: np.ndarray
+    sample_rate_hz: int
+    language: str | None = None
+    prompt: str | None = None
+    temperature: float = 0.0
 
 
 # ---- stage seams ---------------------------------------------------------------------------------------
@@ -233,6 +292,35 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     async def describe(self) -> dict[str, Any]:
         """Each part's init state (``random`` / ``pretrained``) and whether it is loaded; ``ready`` key."""
+
+    async def transcribe(self, request: TranscriptionRequest) -> Transcript:
+        """Speech -> text with segment and word times (:mod:`skills.asr`).
+
+        Raises:
+            APIError: 400 for a language the recogniser lacks or unusable audio; 503 ``StageUnavailable`` when no
+            speech stage is deployed (this default).
+        """
+        raise StageUnavailable("speech recognition is not deployed on this server")
+
+    async def synthesize(self, request: SpeechRequest) -> AsyncIterator[SpeechAudioChunk]:
+        """Text -> speech, one :class:`SpeechAudioChunk` per sentence as each is ready (:mod:`skills.tts`). The
+        request is validated before the first chunk; cancelling the consumer stops the synthesis.
+
+        Raises:
+            APIError: 400 (unknown voice listing the choices, nothing to speak, speed or length out of range);
+            503 ``StageUnavailable`` when no speech stage is deployed (this default) or no TTS program is installed.
+        """
+        raise StageUnavailable("speech synthesis is not deployed on this server")
+        yield  # pragma: no cover - makes this an async generator
+
+    async def speech_info(self) -> dict[str, Any]:
+        """The speech stage's voices (``voices``: list of :meth:`skills.tts.Voice.to_dict`), ``default_voice``,
+        ``sample_rate_hz``, ``asr`` and ``tts`` descriptions.
+
+        Raises:
+            StageUnavailable: no speech stage (this default).
+        """
+        raise StageUnavailable("speech is not deployed on this server")
 
     async def stats(self) -> dict[str, dict[str, float]]:
         """Decoder counters per modality: ``steps``, ``batches``, ``batch_items``, ``max_batch_size``,

@@ -3,6 +3,8 @@
 - LLM: ``handle.options(stream=True).generate.remote(req)`` streams text deltas and signal groups.
 - Decoders: one handle per modality; ``render.remote(req)`` (the replica batches with ``@serve.batch``).
 - Stats: the stats deployment sums the decoder replicas' counters (for ``/metrics``).
+- Speech: ``handle.options(stream=True).synthesize.remote(req)`` streams one chunk per sentence;
+  ``transcribe.remote(req)``; ``info.remote()`` (voices).
 
 Cancelling the awaiting task (client disconnect, timeout) cancels the downstream request: Ray Serve
 propagates the cancellation into the replica, where it sets the work's cancel flag. Ray's
@@ -31,9 +33,20 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
+from polymodal.types import Transcript
 
 from services.errors import Overloaded, StageUnavailable
-from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, LLMEvent, LLMRequest, RenderRequest
+from services.protocol import (
+    REQUEST_DEADLINE,
+    Backend,
+    EncodedMedium,
+    LLMEvent,
+    LLMRequest,
+    RenderRequest,
+    SpeechAudioChunk,
+    SpeechRequest,
+    TranscriptionRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +119,18 @@ class RayBackend(Backend):
         decoders: per modality (enum or its value), handle of :class:`services.deployments.DecoderServer`.
         stats: handle of :class:`services.deployments.StatsServer` (optional).
         retry_after_s: ``Retry-After`` for 503.
+        speech: handle of :class:`services.deployments.SpeechServer` (optional).
     """
 
     def __init__(self, preset: PresetConfig, llm: DeploymentHandle, decoders: dict[Modality | str, DeploymentHandle],
-                 stats: DeploymentHandle | None = None, retry_after_s: int = 1):
+                 stats: DeploymentHandle | None = None, retry_after_s: int = 1,
+                 speech: DeploymentHandle | None = None):
         self.preset = preset
         self._llm = llm
         self._decoders = {Modality.parse(m): h for m, h in decoders.items()}
         self._stats = stats
         self._retry = retry_after_s
+        self._speech = speech
         self.retried: dict[str, int] = {}  # renders sent again after their replica died, per modality
 
     @property
@@ -164,6 +180,43 @@ class RayBackend(Backend):
                 log.warning("%s: the %s decoder replica died under this render (%s); try %d (seed %d)",
                             request.request_id, m.value, type(e).__name__, retries.tries, request.seed)
 
+    def _speech_handle(self) -> DeploymentHandle:
+        if self._speech is None:
+            raise StageUnavailable("speech is not deployed on this server")
+        return self._speech
+
+    async def transcribe(self, request: TranscriptionRequest) -> Transcript:
+        handle = self._speech_handle()
+        resp = None
+        try:
+            resp = handle.transcribe.remote(request)
+            return await resp
+        except asyncio.CancelledError:
+            _cancel(resp)
+            raise
+        except Exception as e:  # noqa: BLE001 - translated
+            raise _unwrap(e, "speech", self._retry) from None
+
+    async def synthesize(self, request: SpeechRequest) -> AsyncIterator[SpeechAudioChunk]:
+        handle = self._speech_handle()
+        gen = None
+        try:
+            gen = handle.options(stream=True).synthesize.remote(request)
+            async for chunk in gen:
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            _cancel(gen)
+            raise
+        except Exception as e:  # noqa: BLE001 - translated
+            raise _unwrap(e, "speech", self._retry) from None
+
+    async def speech_info(self) -> dict[str, Any]:
+        handle = self._speech_handle()
+        try:
+            return await handle.info.remote()
+        except Exception as e:  # noqa: BLE001 - translated
+            raise _unwrap(e, "speech", self._retry) from None
+
     async def describe(self) -> dict[str, Any]:
         parts: dict[str, Any] = {"decoders": {}}
         ready = True
@@ -178,7 +231,14 @@ class RayBackend(Backend):
             except Exception as e:  # noqa: BLE001 - reported
                 parts["decoders"][m.value] = {"error": str(_unwrap(e, m.value, self._retry)).splitlines()[0]}
                 ready = False
-        parts["ready"] = ready and all(d.get("healthy", True) for d in parts["decoders"].values())
+        if self._speech is not None:
+            try:
+                parts["speech"] = await self._speech.describe.remote()
+            except Exception as e:  # noqa: BLE001 - reported
+                parts["speech"] = {"error": str(_unwrap(e, "speech", self._retry)).splitlines()[0]}
+                ready = False
+        parts["ready"] = (ready and all(d.get("healthy", True) for d in parts["decoders"].values())
+                          and parts.get("speech", {}).get("healthy", True))
         return parts
 
     async def stats(self) -> dict[str, dict[str, float]]:

@@ -153,7 +153,8 @@ def _serve_local(args, host: str, port: int, stop: threading.Event, out) -> int:
     from services.local import LocalBackend
 
     backend = LocalBackend.from_preset(args.preset, device=args.device, export_dir=args.export_dir,
-                                       modalities=args.modalities)
+                                       modalities=args.modalities,
+                                       speech=args.speech.speech_config() if args.speech.enabled else None)
     app = build_app(backend, args.server)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on")
     server = uvicorn.Server(config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from polymodal.config import (
     MAX_CRF,
@@ -108,11 +108,13 @@ class ImageOptions(_Steps):
 
 
 class AudioOptions(_Steps):
-    """Also OpenAI's chat ``audio`` output parameter: ``format`` (only ``wav``) and ``voice`` (a spoken answer:
-    not available yet, refused with 400 naming ``audio.voice``)."""
+    """Also OpenAI's chat ``audio`` output parameter: ``voice`` asks for the answer spoken (``message.audio``;
+    streamed: ``delta.audio`` PCM16 chunks), a name of ``GET /v1/audio/voices``; ``format`` ``wav`` (a whole
+    answer's default; a generated sound is always WAV) or ``pcm16`` (a spoken answer's raw samples; a streamed
+    one's only format)."""
 
     duration_s: float | None = Field(None, ge=MIN_DURATION_S, le=MAX_DURATION_S)
-    format: Literal["wav"] | None = None
+    format: Literal["wav", "pcm16"] | None = None
     voice: str | None = None
 
 
@@ -252,3 +254,67 @@ class VideoCreateRequest(_Req):
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
     crf: int | None = Field(None, ge=0, le=MAX_CRF)
+
+
+# ---- speech ----------------------------------------------------------------------------------------------------
+SPEECH_MAX_INPUT_CHARS = 4096  # OpenAI's limit (skills.tts.MAX_INPUT_CHARS)
+SpeechFormat = Literal["wav", "pcm", "flac", "mp3", "opus", "aac"]
+TranscriptionFormat = Literal["json", "text", "verbose_json", "srt", "vtt"]
+
+
+class VoiceRef(_Req):
+    """OpenAI's custom-voice reference ``{"id": ...}``: here any voice name (see ``GET /v1/audio/voices``)."""
+
+    id: str = Field(min_length=1, max_length=64)
+
+
+class SpeechCreateRequest(_Req):
+    """``POST /v1/audio/speech`` (OpenAI's schema): text -> spoken audio.
+
+    ``model``: this server's model id or one of OpenAI's TTS model names (``tts-1``, ``tts-1-hd``,
+    ``gpt-4o-mini-tts``...); it does not choose an engine, the voice does. ``voice``: a name of
+    ``GET /v1/audio/voices`` (OpenAI's names ``alloy``, ``echo``... are among them) or ``{"id": name}``; absent:
+    the server's default. ``response_format``: ``wav`` (the default here; OpenAI's is ``mp3``), ``pcm`` (raw 16-bit
+    signed little-endian mono at 24 kHz), ``flac``, ``mp3``, ``opus`` (Ogg), ``aac`` (ADTS). ``speed``: 0.25-4.0.
+    ``stream_format``: absent (one whole file), ``audio`` (the file's bytes sent as they are made, chunked) or
+    ``sse`` (``speech.audio.delta`` events with base64 audio, then ``speech.audio.done``). ``instructions``
+    (steering gpt-4o-mini-tts's delivery) cannot be honoured by these voices: refused when not empty.
+    """
+
+    model: str = Field(min_length=1, max_length=256)
+    input: str = Field(min_length=1, max_length=SPEECH_MAX_INPUT_CHARS)
+    voice: str | VoiceRef | None = None
+    response_format: SpeechFormat = "wav"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] | None = None
+    instructions: str | None = Field(None, max_length=SPEECH_MAX_INPUT_CHARS)
+
+    @field_validator("voice")
+    @classmethod
+    def _voice_name(cls, v):
+        if isinstance(v, str) and not 1 <= len(v) <= 64:
+            raise ValueError("a voice name has 1 to 64 characters")
+        return v
+
+    def voice_name(self) -> str | None:
+        return self.voice.id if isinstance(self.voice, VoiceRef) else self.voice
+
+
+class TranscriptionForm(_Req):
+    """``POST /v1/audio/transcriptions`` (OpenAI's multipart form, the fields besides ``file``).
+
+    ``model``: this server's model id or one of OpenAI's transcription model names (``whisper-1``,
+    ``gpt-4o-transcribe``, ``gpt-4o-mini-transcribe``). ``language``: ISO 639-1 code. ``prompt``: text to steer
+    Whisper (pocketsphinx ignores it). ``response_format``: ``json`` (``{"text"}``), ``text`` (plain text),
+    ``verbose_json`` (``task``, ``language``, ``duration``, ``text``, ``segments`` with ``start`` / ``end``
+    seconds, and ``words`` when asked with ``timestamp_granularities``), ``srt``, ``vtt``.
+    ``timestamp_granularities``: ``segment`` and / or ``word`` (``verbose_json`` only). ``stream``: refused.
+    """
+
+    model: str = Field(min_length=1, max_length=256)
+    language: str | None = Field(None, min_length=2, max_length=8, pattern="^[A-Za-z]{2,3}(-[A-Za-z]{2,4})?$")
+    prompt: str | None = Field(None, max_length=4000)
+    response_format: TranscriptionFormat = "json"
+    temperature: float = Field(0.0, ge=0.0, le=1.0)
+    timestamp_granularities: list[Literal["segment", "word"]] = Field(default_factory=list, max_length=2)
+    stream: bool = False

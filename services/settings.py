@@ -48,6 +48,8 @@ class Limits(_Model):
         max_duration_s: audio / video duration.
         max_n: ``n`` of the images and audio endpoints.
         max_input_video_frames: frames sampled from an input video.
+        max_speech_input_chars: characters of ``/v1/audio/speech``'s ``input`` (OpenAI's 4096 at most).
+        max_transcription_s: length of an audio sent to ``/v1/audio/transcriptions`` (413 above).
     """
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
@@ -63,6 +65,8 @@ class Limits(_Model):
     max_duration_s: float = Field(MAX_DURATION_S, gt=0, le=MAX_DURATION_S)
     max_n: int = Field(4, ge=1, le=16)
     max_input_video_frames: int = Field(MAX_INPUT_VIDEO_FRAMES, ge=1, le=MAX_INPUT_VIDEO_FRAMES)
+    max_speech_input_chars: int = Field(4096, ge=1, le=4096)
+    max_transcription_s: float = Field(600.0, gt=0, le=3600)
 
 
 class ServerSettings(_Model):

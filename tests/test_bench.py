@@ -101,6 +101,32 @@ def test_skills_quick(tmp_path):
     assert data["skills"]["ocr"]["note"] == "line read back 3/3"
 
 
+def test_speech_word_error_rate():
+    from speech import sentences, word_errors
+
+    assert word_errors("The cat sat.", "the cat sat") == (0, 3)
+    assert word_errors("the cat sat on the mat", "the bat sat the mat too") == (3, 6)  # sub, del, ins
+    assert word_errors("It's half-past two", "it's half past two") == (0, 4)
+    assert word_errors("a b", "") == (2, 2)
+    texts = sentences()
+    assert len(texts) == 100 and len(set(texts)) == 100 and all(t[-1] in ".?!" for t in texts)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_speech_quick(tmp_path):
+    """Intelligibility of two voices on 5 sentences, and 1 / 4 streams against a --no-ray server."""
+    stdout, data = _run("speech.py", "--quick", tmp_path=tmp_path)
+    assert "(a) intelligibility" in stdout and "(c) /v1/audio/speech streams" in stdout
+    a = data["intelligibility"]
+    assert set(a) == {"echo", "echo (1 pass)", "espeak-ng:en-us"}
+    assert all(r["sentences"] == 5 and r["words"] > 0 and 0 <= r["wer"] for r in a.values())
+    assert a["echo"]["wer"] <= 0.2  # flite's default voice is intelligible to pocketsphinx
+    for level, r in data["streaming"].items():
+        assert r["joined_equal_whole"] == f"{r['requests']}/{r['requests']}", (level, r)
+        assert r["first_chunk"]["p50_s"] <= r["last_chunk"]["p50_s"]
+
+
 @pytest.mark.slow
 def test_gpu_script_at_toy_size_on_cpu(tmp_path):
     stdout, data = _run("gpu.py", "--cpu-smoke", tmp_path=tmp_path, timeout=600)

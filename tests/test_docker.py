@@ -168,6 +168,22 @@ def test_chat_with_a_photo_returns_a_png(container):
     assert im.format == "PNG" and im.width > 0 and im.height > 0
 
 
+def test_the_image_speaks_and_hears(container):
+    """/v1/audio/speech (flite in the image, through the Ray graph's speech deployment) -> a WAV that
+    /v1/audio/transcriptions (pocketsphinx) reads back."""
+    import httpx
+
+    _, url = container
+    said = "I would like a cup of coffee please"
+    r = httpx.post(f"{url}/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", "input": said + "."},
+                   timeout=120)
+    assert r.status_code == 200 and r.content[:4] == b"RIFF", r.text[:500]
+    t = httpx.post(f"{url}/v1/audio/transcriptions", data={"model": "whisper-1"},
+                   files={"file": ("speech.wav", r.content, "audio/wav")}, timeout=120)
+    assert t.status_code == 200, t.text[:500]
+    assert len(set(t.json()["text"].split()) & set(said.lower().split())) >= 6, t.json()
+
+
 def test_runs_as_non_root(container):
     name, _ = container
     assert docker("exec", name, "id", "-u").stdout.strip() != "0"

@@ -262,6 +262,33 @@ def test_rules_over_ray(service):
     assert r.status_code == 400
 
 
+def test_speech_over_ray(service):
+    """The speech deployment (flite + pocketsphinx) behind the ingress's handles: the official client's speech ->
+    transcription round trip, a streamed answer that joins to the whole one, an unknown voice as a 400 from the
+    replica, and /ready listing the stage."""
+    import openai
+
+    from tests.media_fixtures import require_program
+
+    require_program("flite")
+    said = "I would like a cup of coffee please"
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    speech = client.audio.speech.create(model="tts-1", voice="alloy", input=said + ".")
+    assert speech.content[:4] == b"RIFF"
+    heard = client.audio.transcriptions.create(file=("s.wav", speech.content, "audio/wav"), model="whisper-1")
+    assert len(set(heard.text.split()) & set(said.lower().split())) >= 6, heard.text
+    body = {"model": "tts-1", "voice": "echo", "input": "Hello there. How are you today?", "response_format": "pcm"}
+    whole = httpx.post(service.url + "/v1/audio/speech", json=body, timeout=120)
+    with httpx.stream("POST", service.url + "/v1/audio/speech", json={**body, "stream_format": "audio"},
+                      timeout=120) as r:
+        streamed = b"".join(r.iter_bytes())
+    assert whole.status_code == 200 and len(whole.content) > 24000 and streamed == whole.content
+    bad = httpx.post(service.url + "/v1/audio/speech", json={**body, "voice": "nope"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "unknown_voice", bad.text
+    parts = httpx.get(service.url + "/ready", timeout=30).json()["parts"]
+    assert parts["speech"]["healthy"] and parts["speech"]["asr"]["backend"] == "pocketsphinx"
+
+
 def test_sigterm_shuts_down_cleanly(service):
     service.proc.send_signal(signal.SIGTERM)
     rc = service.proc.wait(90)

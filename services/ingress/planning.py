@@ -37,6 +37,9 @@ _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 # the group it emits or that is then forced: more text would only delay the medium. At most this many
 # tokens, and at most the preset's generation.prompt_lead_in_tokens.
 PROMPT_ENDPOINT_MAX_NEW_TOKENS = 32
+SPOKEN_ANSWER_SLOT = "audio"
+"""OpenAI's message field a spoken answer fills (``message.audio``): the medium whose spec names this
+``message_slot`` is the one ``audio.voice`` satisfies with speech instead of a generated medium."""
 
 
 def new_id(prefix: str) -> str:
@@ -49,6 +52,17 @@ def request_kind(endpoint: str, modalities: list[str] | None = None) -> str:
     ``chat:audio,image``, ``img``, ``aud``)."""
     media = sorted({str(m).lower() for m in modalities or () if str(m).lower() != "text"})
     return f"{endpoint}:{','.join(media)}" if media else endpoint
+
+
+@dataclass(frozen=True)
+class SpeechPlan:
+    """A spoken answer (``audio: {"voice", "format"}``): the answer's text spoken in ``voice`` (a name of
+    ``GET /v1/audio/voices``); ``format`` ``wav`` (``message.audio.data``: a base64 WAV) or ``pcm16`` (base64 16-bit
+    little-endian mono PCM at ``sample_rate_hz``; the only format of streamed ``delta.audio``)."""
+
+    voice: str
+    format: str
+    sample_rate_hz: int
 
 
 @dataclass
@@ -68,6 +82,7 @@ class ChatPlan:
     deadline: float | None = None  # time.monotonic() by which the answer is due (retries stop before it)
     on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
     edit_source: EditSource | None = None  # edits: the groups of its modality render from it (issue #27)
+    speech: SpeechPlan | None = None  # the answer spoken (``audio.voice``), or not
 
 
 class Planner:
@@ -228,6 +243,7 @@ class Planner:
                                   code="invalid_value")
             requested = tuple(dict.fromkeys((*requested, Modality.IMAGE)))
             allowed = tuple(dict.fromkeys((*allowed, Modality.IMAGE)))
+        speech = await self.speech(req)
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_new is not None and max_new > self.limits.max_new_tokens:
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -239,6 +255,7 @@ class Planner:
             # the request schema has no field for: the preset's defaults)
             given: BaseModel | None = getattr(req, m.value, None)
             overrides = given.model_dump(exclude_unset=True, exclude_none=True) if given is not None else {}
+            overrides = {k: v for k, v in overrides.items() if k not in ("voice", "format")}  # not decoder options
             options[m] = self.decoder_options(m, overrides, f"{m.value}.")
         self.check_grounding(req)
         turns, system = await self.build_turns(req)
@@ -260,6 +277,7 @@ class Planner:
             allowed=allowed,
             deadline=time.monotonic() + self.settings.request_timeout_s,
             edit_source=edit_source,
+            speech=speech,
         )
 
     async def edit_source(self, edit: bool | str, turns: list[Turn], options: DecoderDefaults) -> EditSource:
@@ -312,19 +330,22 @@ class Planner:
         DESIGN.md's one rule: ``modalities``, when given, is the floor and the ceiling (``["text"]`` alone: no
         media at all); absent, nothing is required and the preset's ``generation.media_without_modalities``
         decides the ceiling (``model_decides``: every medium this server has a decoder for, as the model
-        chooses; ``none``: text only). ``audio.voice`` (a spoken answer) is not available yet.
+        chooses; ``none``: text only). ``audio`` with a ``voice`` asks for the answer spoken: then "audio" in
+        ``modalities`` is satisfied by speech (see :meth:`speech`), and no generated sound is asked for or allowed.
 
         Raises:
-            APIError: 400 naming ``modalities`` (an unknown medium, one this server cannot produce) or
-            ``audio.voice``.
+            APIError: 400 naming ``modalities`` (an unknown medium, one this server cannot produce; ``audio.voice``
+            without "audio" in ``modalities``).
         """
-        if req.audio is not None and req.audio.voice is not None:
-            raise bad_request("audio.voice: a spoken answer (speech output) is not available yet on this server; "
-                              "leave out audio.voice (\"audio\" in modalities asks for a generated sound)",
-                              param="audio.voice", code="unsupported_parameter")
+        spoken = req.audio is not None and req.audio.voice is not None
+
+        def by_speech(m: Modality) -> bool:  # the medium whose answer slot (message.audio) a spoken answer fills
+            return spoken and m.spec.message_slot == SPOKEN_ANSWER_SLOT
+
         if req.modalities is None:
-            return (), self.unasked_ceiling(self.backend.preset)
+            return (), tuple(m for m in self.unasked_ceiling(self.backend.preset) if not by_speech(m))
         requested: list[Modality] = []
+        satisfied = False
         for k, name in enumerate(req.modalities):
             if str(name).lower() == "text":
                 continue
@@ -333,10 +354,44 @@ class Planner:
             except ValueError:
                 raise bad_request(f"modalities[{k}]: unknown modality {name!r}; choose from text, "
                                   + ", ".join(x.value for x in Modality), param="modalities") from None
+            if by_speech(m):
+                satisfied = True
+                continue
             self.require_output(m, "modalities")
             if m not in requested:
                 requested.append(m)
+        if spoken and not satisfied:
+            raise bad_request("modalities: audio.voice asks for the answer spoken; add \"audio\" to modalities "
+                              "(or leave out audio.voice)", param="modalities", code="invalid_value")
         return tuple(requested), tuple(requested)
+
+    async def speech(self, req: ChatCompletionRequest) -> SpeechPlan | None:
+        """``audio: {"voice", "format"}`` -> the spoken answer's plan (``None`` without a voice).
+
+        ``format``: ``wav`` (the default of a whole answer) or ``pcm16`` (the default, and the only format, of a
+        streamed one). The voice is checked against the speech stage's voices before any generation.
+
+        Raises:
+            APIError: 400 naming ``audio.format`` (``pcm16`` without a voice, ``wav`` with ``stream``) or
+            ``audio.voice`` (unknown: the choices listed, ``code: unknown_voice``); 503 without a speech stage.
+        """
+        audio = req.audio
+        if audio is None or audio.voice is None:
+            if audio is not None and audio.format == "pcm16":
+                raise bad_request("audio.format: pcm16 is for a spoken answer (give audio.voice); a generated sound "
+                                  "is a WAV", param="audio.format", code="invalid_value")
+            return None
+        fmt = audio.format or ("pcm16" if req.stream else "wav")
+        if req.stream and fmt != "pcm16":
+            raise bad_request(f"audio.format: a streamed spoken answer is pcm16 (delta.audio chunks), got {fmt}",
+                              param="audio.format", code="invalid_value")
+        info = await self.backend.speech_info()  # StageUnavailable (503) where no speech stage is deployed
+        names = [v["name"] for v in info.get("voices", ())]
+        if audio.voice not in names:
+            raise bad_request(f"audio.voice: unknown voice {audio.voice!r}; choose from: "
+                              f"{', '.join(names) or 'none (no TTS backend)'}", param="audio.voice",
+                              code="unknown_voice")
+        return SpeechPlan(audio.voice, fmt, int(info["sample_rate_hz"]))
 
     def unasked_ceiling(self, preset: PresetConfig) -> tuple[Modality, ...]:
         """The media an answer may contain when the request sets no ``modalities`` (the preset's policy)."""

@@ -31,8 +31,10 @@ from services.errors import APIError
 from services.ingress.content import ContentStream, compose
 from services.ingress.media_refs import artifact_url, markdown_ref
 from services.ingress.planning import ChatPlan
-from services.ingress.running import ChatOutcome, Reserved, Stored
+from services.ingress.audio_formats import encode_chunks
+from services.ingress.running import ChatOutcome, Reserved, SpokenAudio, Stored
 from services.metrics import APIMetrics
+from services.protocol import SpeechAudioChunk
 from services.settings import ServerSettings
 from services.store import Artifact, FileStore
 
@@ -106,6 +108,15 @@ class Responses:
                 "expires_at": s.artifact.expires_at, "transcript": transcript}
 
     @staticmethod
+    def spoken_message(spoken: SpokenAudio, fmt: str) -> dict[str, Any]:
+        """``message.audio`` of a spoken answer: {id (its WAV's artifact id), data (base64 WAV, or base64 PCM16 for
+        ``pcm16``), format, expires_at, transcript (the text spoken), sample_rate_hz}."""
+        data = spoken.pcm16 if fmt == "pcm16" else encode_chunks("wav", [spoken.pcm16], spoken.sample_rate_hz)
+        return {"id": spoken.artifact.id, "data": base64.b64encode(data).decode("ascii"), "format": fmt,
+                "expires_at": spoken.artifact.expires_at, "transcript": spoken.transcript,
+                "sample_rate_hz": spoken.sample_rate_hz}
+
+    @staticmethod
     def boxes_json(result: LLMResult) -> list[dict[str, Any]]:
         """``message.boxes``: phrase, box (pixels of the sent image, 2 decimals), image_index, text_span."""
         return [{"phrase": b.phrase, "box": [round(float(v), 2) for v in b.box_px], "image_index": b.image_index,
@@ -153,6 +164,8 @@ class Responses:
         for modality in Modality:  # registration order: images, audios, videos, then any plug-in
             if modality in arrays:
                 message[modality.spec.answer_field] = arrays[modality]
+        if out.spoken is not None:  # the answer spoken (audio.voice) takes OpenAI's slot
+            message["audio"] = self.spoken_message(out.spoken, plan.speech.format)
         for s in media:  # OpenAI's slot (message.audio): the first medium of a modality that has one
             slot = s.medium.modality.spec.message_slot
             if slot is not None and slot not in message:
@@ -263,6 +276,18 @@ class StreamChunks:
             self._slots_filled.add(slot)
             delta[slot] = self.r.audio_message(s, "".join(self._text))
         return [self.r.chunk(self.plan, self.created, delta)]
+
+    def speech(self, chunk: SpeechAudioChunk, art: Artifact) -> list[bytes]:
+        """A spoken answer's chunk (``audio.voice``, ``format: pcm16``): ``delta.audio`` {id (the WAV's artifact,
+        the same in every chunk), data (base64 PCM16 mono at ``sample_rate_hz``), transcript (this chunk's
+        sentence; the deltas join to the whole transcript), sample_rate_hz, index}; the first also
+        ``expires_at``."""
+        audio: dict[str, Any] = {"id": art.id, "data": base64.b64encode(chunk.pcm16).decode("ascii"),
+                                 "transcript": (" " if chunk.index else "") + chunk.text,
+                                 "sample_rate_hz": chunk.sample_rate_hz, "index": chunk.index}
+        if chunk.index == 0:
+            audio["expires_at"] = art.expires_at
+        return [self.r.chunk(self.plan, self.created, {"audio": audio})]
 
     def overlay(self, overlay: tuple[Stored, int], result: LLMResult) -> list[bytes]:
         """The ``box_overlay`` image: its reference at the end of the text, then ``delta.images``."""

@@ -22,9 +22,11 @@ from polymodal.types import LLMResult, SignalGroup, TextDelta
 
 from services.errors import APIError
 from services.ingress.error_map import stage_error
+from services.ingress.audio_formats import encode_chunks
 from services.ingress.planning import ChatPlan, input_images
+from services.ingress.spoken import SpokenAnswer
 from services.metrics import APIMetrics
-from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest
+from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest, SpeechAudioChunk
 from services.settings import ServerSettings
 from services.store import Artifact, FileStore
 
@@ -61,6 +63,19 @@ class ChatOutcome:
     result: LLMResult
     groups: list[SignalGroup]
     overlay: tuple[Stored, int] | None = None  # (PNG, index of the image it was drawn on)
+    spoken: SpokenAudio | None = None  # the answer spoken (``audio.voice``)
+
+
+@dataclass(frozen=True)
+class SpokenAudio:
+    """A spoken answer: its WAV stored as ``artifact``; ``pcm16`` the samples (16-bit LE mono at
+    ``sample_rate_hz``), ``transcript`` the text spoken, ``chunks`` how many sentences' chunks made it."""
+
+    artifact: Artifact
+    pcm16: bytes
+    sample_rate_hz: int
+    transcript: str
+    chunks: int
 
 
 class Runner:
@@ -197,21 +212,69 @@ class Runner:
                 if t.cancelled() and (now := self.store.lookup(art.id)) is not None and now.state == "pending":
                     self.store.fail(art, "the request was cancelled before this medium was ready")
 
+    def spoken_answer(self, plan: ChatPlan) -> SpokenAnswer | None:
+        """The plan's spoken answer (``audio.voice``), fed the text as it arrives; ``None`` when not asked."""
+        if plan.speech is None:
+            return None
+        return SpokenAnswer(self.backend, plan.request_id, voice=plan.speech.voice)
+
+    def reserve_speech(self) -> Artifact:
+        """The artifact a spoken answer's WAV goes into (its id is ``message.audio.id`` / ``delta.audio.id``)."""
+        return self.store.reserve("audio/wav", "wav", self.settings.artifact_ttl_s,
+                                  ready_within_s=self.settings.request_timeout_s)
+
+    def store_speech(self, art: Artifact, chunks: list[SpeechAudioChunk], transcript: str,
+                     sample_rate_hz: int) -> SpokenAudio:
+        """The spoken answer's chunks joined, stored as a WAV in ``art``."""
+        pcm = b"".join(c.pcm16 for c in chunks)
+        rate = chunks[0].sample_rate_hz if chunks else sample_rate_hz
+        ready = self.store.fulfil(art, encode_chunks("wav", [pcm], rate), "audio/wav", "wav")
+        return SpokenAudio(ready, pcm, rate, transcript, len(chunks))
+
     async def collect(self, plan: ChatPlan) -> ChatOutcome:
-        """Run a plan to the end (and draw its overlay when asked)."""
+        """Run a plan to the end (and draw its overlay when asked; speak it when asked, sentence by sentence as
+        the text arrives)."""
         text: list[str] = []
         media: list[Stored] = []
         result, groups = None, []
-        async for kind, value in self.events(plan):
-            if kind == "text":
-                text.append(value)
-            elif kind == "medium":
-                media.append(value)
-            elif kind == "done":
-                result, groups = value
-        overlay = await self.overlay(plan, result) if plan.box_overlay else None
+        spoken = self.spoken_answer(plan)
+        speech_art = self.reserve_speech() if spoken is not None else None
+        heard: list[SpeechAudioChunk] = []
+
+        async def read() -> None:
+            async for c in spoken.chunks():
+                heard.append(c)
+
+        reader = asyncio.ensure_future(read()) if spoken is not None else None
+        try:
+            async for kind, value in self.events(plan):
+                if kind == "text":
+                    text.append(value)
+                    if spoken is not None:
+                        spoken.feed(value)
+                elif kind == "medium":
+                    media.append(value)
+                elif kind == "done":
+                    result, groups = value
+            overlay = await self.overlay(plan, result) if plan.box_overlay else None
+            said = None
+            if spoken is not None:
+                spoken.finish()
+                await reader
+                said = self.store_speech(speech_art, heard, spoken.text, plan.speech.sample_rate_hz)
+        except BaseException as e:
+            if speech_art is not None and (now := self.store.lookup(speech_art.id)) is not None \
+                    and now.state == "pending":
+                self.store.fail(speech_art, "the request was cancelled before the speech was ready"
+                                if isinstance(e, asyncio.CancelledError) else stage_error(e).message)
+            raise
+        finally:
+            if spoken is not None:
+                await spoken.aclose()
+            if reader is not None and not reader.done():
+                reader.cancel()
         return ChatOutcome(result.text if result is not None and result.text else "".join(text), media, result,
-                           groups, overlay)
+                           groups, overlay, said)
 
     async def media_items(self, plan: ChatPlan, request: Request) -> tuple[str, list[Stored]]:
         """A one-medium plan (images / audio endpoints), guarded: (the LLM's text, the media by seed)."""
