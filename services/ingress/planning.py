@@ -3,12 +3,15 @@
 Turns from messages (media decoded by :class:`services.ingress.media_input.MediaReader`; an assistant message's
 references to our own artifacts resolved by :class:`services.ingress.history.AssistantTurn`), the system prompt,
 the requested modalities, decoder options merged over the preset's defaults and checked against the server's
-limits, grounding tasks, and seeds (medium k of an answer gets ``seed + k``; the one-medium endpoints render
-one group with seeds ``seed + k`` for k < n). Every refusal here is a 4xx naming the field.
+limits, grounding tasks, seeds (medium k of an answer gets ``seed + k``; the one-medium endpoints render
+one group with seeds ``seed + k`` for k < n), and the output formats (``response_format``, ``tools``,
+``tool_choice``, ``logprobs``: their grammar is built and checked here, without a tokenizer, so a bad schema is a
+400 before any model work). Every refusal here is a 4xx naming the field.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -20,8 +23,13 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from polymodal.config import DecoderDefaults, PresetConfig
+from polymodal.constrained.errors import ConstraintError
+from polymodal.constrained.grammars import ToolChoice, check as check_grammar, response_schema
+from polymodal.constrained.grammars import response_format as response_format_grammar
+from polymodal.constrained.grammars import tool_calls as tool_calls_grammar
+from polymodal.constrained.tools import TOOL_NAME_RE, Tool, tool_call_format, tools_from_openai
 from polymodal.modality import Modality
-from polymodal.types import MediaPart, TextPart, Turn, input_images
+from polymodal.types import MediaPart, TextPart, ToolCall, Turn, input_images
 
 from services.errors import APIError, bad_request
 from services.ingress.history import AssistantTurn
@@ -63,6 +71,7 @@ class ChatPlan:
     variant_seeds: tuple[int, ...] = ()  # one-medium endpoints: render the first group once per seed
     box_overlay: bool = False
     allowed: tuple[Modality, ...] = ()  # the ceiling: media the answer may contain (the LLM masks the others)
+    json_content: bool = False  # response_format JSON: content is the JSON alone (media only in the arrays)
     deadline: float | None = None  # time.monotonic() by which the answer is due (retries stop before it)
     on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
 
@@ -156,9 +165,19 @@ class Planner:
         system: list[str] = []
         turns: list[Turn] = []
         n_media = 0
+        call_ids: set[str] = set()  # the tool_calls ids of the assistant messages so far
         for i, msg in enumerate(req.messages):
             p = f"messages[{i}]"
             content = msg.content
+            if msg.tool_calls and msg.role != "assistant":
+                raise bad_request(f"{p}.tool_calls: only an assistant message carries tool calls",
+                                  param=f"{p}.tool_calls")
+            if msg.tool_call_id is not None and msg.role != "tool":
+                raise bad_request(f"{p}.tool_call_id: only a tool message answers a tool call",
+                                  param=f"{p}.tool_call_id")
+            if msg.role == "tool":
+                turns.append(self.tool_turn(msg, p, call_ids))
+                continue
             if msg.role in ("system", "developer"):
                 if isinstance(content, list):
                     if any(not isinstance(c, TextContent) for c in content):
@@ -168,9 +187,11 @@ class Planner:
                     system.append(content)
                 continue
             parts: list[TextPart | MediaPart] = []
+            calls: tuple[ToolCall, ...] = ()
             if msg.role == "assistant":
                 parts = await AssistantTurn(self.media, p, self.limits.max_media_inputs - n_media).read(msg)
                 n_media += sum(isinstance(x, MediaPart) for x in parts)
+                calls = self.history_calls(msg, p, call_ids)
             elif isinstance(content, str):
                 parts.append(TextPart(content))
             elif content:
@@ -184,13 +205,63 @@ class Planner:
                         raise bad_request(f"at most {self.limits.max_media_inputs} media inputs per request",
                                           param=pp, code="too_many_media")
                     parts.append(await self.media.read_part(c, pp))
-            if not parts:
+            if not parts and not calls:
                 article = "an" if msg.role == "assistant" else "a"
                 raise bad_request(f"{p}.content: {article} {msg.role} message needs content", param=f"{p}.content")
-            turns.append(Turn(msg.role, tuple(parts)))
-        if not turns or turns[-1].role != "user":
-            raise bad_request("the last message must be the user's (system messages aside)", param="messages")
+            turns.append(Turn(msg.role, tuple(parts), tool_calls=calls))
+        if not turns or turns[-1].role not in ("user", "tool"):
+            raise bad_request("the last message must be the user's or a tool result (system messages aside)",
+                              param="messages")
         return turns, ("\n".join(system) if system else None)
+
+    @staticmethod
+    def history_calls(msg, p: str, call_ids: set[str]) -> tuple[ToolCall, ...]:
+        """An assistant message's ``tool_calls`` -> :class:`ToolCall` s (their ids added to ``call_ids``).
+
+        Raises:
+            APIError: 400 naming ``messages[i].tool_calls[j]...``: a duplicate id, a bad function name, arguments
+            that are not a JSON object.
+        """
+        out: list[ToolCall] = []
+        for j, c in enumerate(msg.tool_calls or ()):
+            pj = f"{p}.tool_calls[{j}]"
+            if c.id in call_ids:
+                raise bad_request(f"{pj}.id: {c.id!r} is already the id of an earlier tool call", param=f"{pj}.id",
+                                  code="invalid_value")
+            if not TOOL_NAME_RE.match(c.function.name):
+                raise bad_request(f"{pj}.function.name: must match {TOOL_NAME_RE.pattern}",
+                                  param=f"{pj}.function.name", code="invalid_value")
+            try:
+                args = json.loads(c.function.arguments or "{}")
+            except ValueError:
+                args = None
+            if not isinstance(args, dict):
+                raise bad_request(f"{pj}.function.arguments: must be a JSON object (as a string)",
+                                  param=f"{pj}.function.arguments", code="invalid_value")
+            call_ids.add(c.id)
+            out.append(ToolCall(c.id, c.function.name, json.dumps(args, ensure_ascii=False)))
+        return tuple(out)
+
+    @staticmethod
+    def tool_turn(msg, p: str, call_ids: set[str]) -> Turn:
+        """A ``tool`` message -> a ``tool`` turn (its text content, the call it answers).
+
+        Raises:
+            APIError: 400 naming ``messages[i].tool_call_id`` (missing, or no earlier assistant message made that
+            call) or ``messages[i].content`` (not text).
+        """
+        if not msg.tool_call_id:
+            raise bad_request(f"{p}.tool_call_id: a tool message needs the id of the call it answers",
+                              param=f"{p}.tool_call_id")
+        if msg.tool_call_id not in call_ids:
+            raise bad_request(f"{p}.tool_call_id: {msg.tool_call_id!r} is not the id of a tool call of an earlier "
+                              "assistant message", param=f"{p}.tool_call_id", code="invalid_tool_call_id")
+        content = msg.content
+        if isinstance(content, list):
+            if any(not isinstance(c, TextContent) for c in content):
+                raise bad_request(f"{p}.content: a tool message may only hold text", param=f"{p}.content")
+            content = "".join(c.text for c in content)
+        return Turn("tool", (TextPart(content or ""),), tool_call_id=msg.tool_call_id)
 
     # ---- plans -----------------------------------------------------------------------------------
     @staticmethod
@@ -206,17 +277,12 @@ class Planner:
             bad conversation or medium), 413 (medium too large).
         """
         self.check_model(req.model)
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request("response_format: only {'type': 'text'} is supported", param="response_format",
-                              code="unsupported_parameter")
-        for name in ("tools", "functions"):
+        for name in ("functions", "function_call"):
             if getattr(req, name):
-                raise bad_request(f"{name}: tool calling is not supported by this model", param=name,
-                                  code="unsupported_parameter")
-        if req.logprobs:
-            raise bad_request("logprobs: not supported by this server", param="logprobs",
-                              code="unsupported_parameter")
+                raise bad_request(f"{name}: the legacy function-calling fields are not supported; use tools and "
+                                  "tool_choice", param=name, code="unsupported_parameter")
         requested, allowed = self.modalities(req)
+        formats = self.output_format(req, requested)
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_new is not None and max_new > self.limits.max_new_tokens:
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -238,7 +304,7 @@ class Planner:
         return ChatPlan(
             request_id=request_id,
             llm=LLMRequest(request_id, tuple(turns), requested, max_new, req.temperature, req.top_p,
-                           base_seed, system, task=req.task, allowed_modalities=allowed),
+                           base_seed, system, task=req.task, allowed_modalities=allowed, **formats),
             options=options,
             base_seed=base_seed,
             requested=requested,
@@ -246,8 +312,76 @@ class Planner:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             box_overlay=req.box_overlay,
             allowed=allowed,
+            json_content=formats.get("response_format") is not None,
             deadline=time.monotonic() + self.settings.request_timeout_s,
         )
+
+    # ---- output formats (issue #22) ----------------------------------------------------------------
+    def server_skill_names(self) -> tuple[str, ...]:
+        """Server-side skills a named ``tool_choice`` may also name (the skills issue, #23, fills this hook; none
+        are callable through ``tool_choice`` yet)."""
+        return ()
+
+    def output_format(self, req: ChatCompletionRequest, requested: tuple[Modality, ...]) -> dict[str, Any]:
+        """``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``logprobs`` /
+        ``top_logprobs`` -> the :class:`LLMRequest` fields (only those the request sets).
+
+        The answer's grammar is built as the LLM stage will build it (without the signal token ids, which need
+        the tokenizer: same structure) and checked by the grammar engine here, so a schema it cannot compile is a
+        400 before any model work.
+
+        Raises:
+            APIError: 400 naming the field: a malformed ``response_format`` or schema, one over
+            ``limits.max_schema_bytes``; a bad tool list (type, name, duplicate names, parameters), more than
+            ``limits.max_tools``; ``tool_choice`` without tools or naming a function not in ``tools``; a forced
+            call (``required`` / named) with ``modalities`` that require media; ``top_logprobs`` without
+            ``logprobs``.
+        """
+        out: dict[str, Any] = {}
+        if req.top_logprobs is not None and not req.logprobs:
+            raise bad_request("top_logprobs: needs logprobs: true", param="top_logprobs", code="invalid_value")
+        if req.logprobs:
+            out["logprobs"] = int(req.top_logprobs or 0)
+        limits = self.limits.constraint_limits()
+        try:
+            answer = response_schema(req.response_format, limits=limits)
+            tools: list[Tool] = []
+            if req.tools:
+                if len(req.tools) > self.limits.max_tools:
+                    raise bad_request(f"tools: at most {self.limits.max_tools} tools on this server", param="tools",
+                                      code="invalid_value")
+                tools = tools_from_openai(req.tools)
+            choice: ToolChoice | None = None
+            if req.tool_choice is not None:
+                if not tools and req.tool_choice != "none":
+                    raise bad_request("tool_choice: only allowed when tools are given", param="tool_choice",
+                                      code="invalid_value")
+                choice = ToolChoice.from_openai(req.tool_choice, [t.name for t in tools])
+            grammar = None
+            if tools and (choice is None or choice.mode != "none"):
+                if choice is not None and choice.mode in ("required", "function") and requested:
+                    raise bad_request(
+                        f"tool_choice: a forced tool call ({req.tool_choice!r}) cannot carry the media modalities "
+                        f"requires ({', '.join(m.value for m in requested)}): the answer would be a call; ask for "
+                        "the media in a later turn, or use tool_choice 'auto'", param="tool_choice",
+                        code="invalid_value")
+                fmt = tool_call_format(self.backend.preset.chat.tool_format)
+                grammar = tool_calls_grammar(tools, choice or ToolChoice("auto"), fmt,
+                                             parallel=req.parallel_tool_calls is not False, answer=answer,
+                                             limits=limits)
+            elif answer is not None:
+                grammar = response_format_grammar(req.response_format, limits=limits)
+            if grammar is not None:
+                check_grammar(grammar)
+        except ConstraintError as e:
+            raise bad_request(str(e).splitlines()[0], param=e.param, code="invalid_schema") from None
+        if answer is not None:
+            out["response_format"] = dict(req.response_format)
+        if tools:
+            out.update(tools=tuple(tools), tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls is not False)
+        if out:
+            out["constraint_limits"] = limits
+        return out
 
     def modalities(self, req: ChatCompletionRequest) -> tuple[tuple[Modality, ...], tuple[Modality, ...]]:
         """``modalities`` and ``audio`` -> (the media the answer must contain, the media it may contain).
