@@ -149,6 +149,44 @@ def test_named_tool_choice_and_none(client):
     assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
 
 
+# ---- the SDK's structured-output helpers (pydantic models -> strict schemas with $defs, anyOf, enums) -----------
+def test_sdk_parse_helpers_with_pydantic_models(client):
+    from typing import Literal, Optional
+
+    import openai
+    import pydantic
+
+    class Address(pydantic.BaseModel):
+        city: str = pydantic.Field(max_length=8)
+        zip: int = pydantic.Field(ge=0, le=99999)
+
+    class Person(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=8)
+        role: Literal["admin", "user"]
+        nick: Optional[str] = pydantic.Field(default=None, max_length=4)
+        addresses: list[Address] = pydantic.Field(max_length=2)
+
+    class GetWeather(pydantic.BaseModel):
+        city: Literal["Paris", "Rome"]
+        days: int = pydantic.Field(ge=1, le=7)
+
+    r = client.beta.chat.completions.parse(model="tiny", messages=ASK, response_format=Person, max_tokens=300, seed=1)
+    assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Person)
+    with client.chat.completions.stream(model="tiny", messages=ASK, response_format=Person, max_tokens=300,
+                                        seed=1) as s:
+        assert s.get_final_completion().choices[0].message.parsed == r.choices[0].message.parsed
+    tools = [openai.pydantic_function_tool(GetWeather)]
+    r = client.chat.completions.parse(model="tiny", messages=ASK, tools=tools, tool_choice="required",
+                                      max_tokens=200, seed=1)
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert all(isinstance(tc.function.parsed_arguments, GetWeather) for tc in r.choices[0].message.tool_calls)
+    with client.chat.completions.stream(model="tiny", messages=ASK, tools=tools, tool_choice="required",
+                                        max_tokens=200, seed=1) as s:
+        final = s.get_final_completion().choices[0].message
+    assert [tc.function.parsed_arguments for tc in final.tool_calls] == [
+        tc.function.parsed_arguments for tc in r.choices[0].message.tool_calls]
+
+
 # ---- logprobs -------------------------------------------------------------------------------------
 def test_logprobs_plain_and_streamed(client):
     kw = dict(model="tiny", messages=ASK, max_tokens=12, seed=6, logprobs=True, top_logprobs=3,
