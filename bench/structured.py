@@ -14,7 +14,9 @@ request by request, the only difference being the mask:
   with ``response_format`` ``json_schema`` (strict). *unconstrained*: no ``response_format``; the answer is
   read as clients read it (a fenced ```` ```json ```` block is unwrapped, nothing else is forgiven).
 - **Tool calls** (``--tool-requests``): three tools listed in the system text of the preset's tool-call
-  format; a question whose call is known. *constrained*: ``tools`` with ``tool_choice="required"``.
+  format; a question whose one call is known. *constrained*: ``tools`` with ``tool_choice="required"`` and
+  ``parallel_tool_calls=False`` (one call, so ``max_tokens`` fits it; with parallel calls SmolLM2 goes on
+  calling other tools until ``max_tokens``).
   *unconstrained*: the same system text and question, no ``tools``; the answer's call blocks are parsed
   with the same parser (:func:`polymodal.constrained.parse_tool_calls`).
 
@@ -282,7 +284,7 @@ def bench_preset(name: str, n_json: int, n_tools: int, max_tokens_json: int, max
         for side in ("constrained", "unconstrained"):
             if side == "constrained":
                 r, tokens, dt = _run(stage, turns, max_new_tokens=max_tokens_tools, tools=tools,
-                                     tool_choice=ToolChoice("required"))
+                                     tool_choice=ToolChoice("required"), parallel_tool_calls=False)
                 calls, ended = r.tool_calls, r.finish_reason == "tool_calls"
             else:
                 r, tokens, dt = _run(stage, turns, max_new_tokens=max_tokens_tools, system=system)
