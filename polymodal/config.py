@@ -45,6 +45,12 @@ MAX_NEW_TOKENS = 4096
 """Answer tokens of one generation."""
 MAX_INPUT_VIDEO_FRAMES = 8
 """Frames sampled from an input video for the encoders."""
+MAX_SCHEMA_BYTES = 1024 * 1024
+"""A request's JSON schema (``response_format``) or all its tools' parameter schemas, as compact JSON."""
+MAX_TOOLS = 128
+"""Tools (functions) in one request."""
+MAX_TOP_LOGPROBS = 20
+"""``top_logprobs``: alternatives per token (OpenAI's bound)."""
 
 
 class _Model(BaseModel):

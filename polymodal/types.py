@@ -37,11 +37,33 @@ class MediaPart:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant made (OpenAI's ``tool_calls[i]``): ``arguments_json`` is a JSON object as
+    a string, as OpenAI's ``function.arguments`` is."""
+
+    id: str
+    name: str
+    arguments_json: str
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        import json
+
+        return json.loads(self.arguments_json)
+
+
+@dataclass(frozen=True)
 class Turn:
-    """One message: ``role`` is ``"user"`` or ``"assistant"``; parts keep their order."""
+    """One message: ``role`` is ``"user"``, ``"assistant"`` or ``"tool"``; parts keep their order.
+
+    ``tool_calls``: the calls an assistant turn made (its parts may then be empty). ``tool_call_id``: for a
+    ``tool`` turn, the call whose result its text is (one of an earlier assistant turn's ``tool_calls``).
+    """
 
     role: str
     parts: tuple[TextPart | MediaPart, ...]
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 def input_images(turns: Sequence[Turn]) -> list[MediaPart]:
@@ -107,10 +129,34 @@ class SignalGroup:
 
 
 @dataclass(frozen=True)
+class LogprobEntry:
+    """One answer token's log-probability (OpenAI's ``logprobs.content[i]``).
+
+    Under the distribution the token was actually drawn from: the logits after every mask (grammar, banned and
+    signal tokens of unallowed modalities), then temperature / top-p, renormalised (``log_softmax``); greedy
+    decoding reports the masked logits' own softmax.
+
+    Attributes:
+        token: the token's text (its bytes decoded as UTF-8, a partial character replaced by U+FFFD).
+        logprob: <= 0.
+        bytes: the token's UTF-8 bytes (a character split over tokens: each token has its own bytes).
+        top: the likeliest alternatives of the same distribution, best first (entries without ``top``).
+    """
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple["LogprobEntry", ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """Streamed text (already cleaned of signal tokens)."""
+    """Streamed text (already cleaned of signal tokens). ``logprobs``: entries of the tokens decoded since the
+    last delta, when the request asked for them (a delta may then carry entries and no text: text held back,
+    e.g. inside a tool call)."""
 
     text: str
+    logprobs: tuple[LogprobEntry, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,16 +164,20 @@ class LLMResult:
     """What the LLM stage returns for one request.
 
     ``boxes``: with a grounding preset, the boxes of the answer (pixels of the image the user sent; the
-    grounding markup is removed from ``text``).
+    grounding markup is removed from ``text``). ``tool_calls``: the calls the answer made (their blocks are
+    removed from ``text``; ``finish_reason`` is then ``"tool_calls"``). ``logprobs``: one entry per answer-text
+    token (tool-call blocks included) when the request asked for them, else ``None``.
     """
 
     text: str
     groups: tuple[SignalGroup, ...]
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" | "length" | "signal_loop"
+    finish_reason: str  # "stop" | "length" | "tool_calls" | "signal_loop" | "cancelled"
     notes: tuple[str, ...] = field(default_factory=tuple)
     boxes: tuple[GroundedPhrase, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[LogprobEntry, ...] | None = None
 
 
 class Placed(Protocol):

@@ -29,8 +29,10 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from polymodal.config import DecoderDefaults, PresetConfig
+from polymodal.constrained.grammars import ConstraintLimits, ToolChoice
+from polymodal.constrained.tools import Tool
 from polymodal.modality import Modality
-from polymodal.types import EditSource, LLMResult, SignalGroup, TextDelta, Transcript, Turn
+from polymodal.types import EditSource, LLMResult, SignalGroup, TextDelta, ToolCall, Transcript, Turn
 
 from services.errors import StageUnavailable
 
@@ -44,6 +46,13 @@ class LLMRequest:
     (the signal tokens of the others are masked in the decode loop; ``()``: text only; ``None``: no ceiling);
     it holds ``modalities``. ``task``: a grounding task of the preset (``grounding``, ``refer``, ...), whose
     identifier goes before the last user text.
+
+    Output formats (issue #22), checked by the ingress, enforced by the LLM stage's grammar:
+    ``response_format`` (OpenAI's dict: ``json_object`` / ``json_schema``; ``None``: free text), ``tools`` with
+    ``tool_choice`` (``None``: ``auto`` when there are tools) and ``parallel_tool_calls``; ``constraint_limits``:
+    the server's bounds on schemas (size, compile time, cache). ``logprobs``: the top-k alternatives per text
+    token (``None``: no log-probabilities). ``turns`` may hold ``tool`` turns and assistant turns with
+    ``tool_calls``; the last turn is the user's or a tool result.
     """
 
     request_id: str
@@ -56,6 +65,27 @@ class LLMRequest:
     system: str | None = None
     task: str | None = None
     allowed_modalities: tuple[Modality, ...] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    logprobs: int | None = None
+    constraint_limits: ConstraintLimits | None = None
+
+    def format_kwargs(self) -> dict[str, Any]:
+        """The output-format keyword arguments of ``LLMStageLike.stream`` this request sets (none when it sets
+        none, so a stage without output formats keeps working for plain requests)."""
+        kw: dict[str, Any] = {}
+        if self.response_format is not None:
+            kw["response_format"] = self.response_format
+        if self.tools:
+            kw.update(tools=list(self.tools), tool_choice=self.tool_choice,
+                      parallel_tool_calls=self.parallel_tool_calls)
+        if self.logprobs is not None:
+            kw["logprobs"] = self.logprobs
+        if kw and self.constraint_limits is not None:
+            kw["constraint_limits"] = self.constraint_limits
+        return kw
 
 
 @dataclass(frozen=True)
@@ -97,7 +127,7 @@ class EncodedMedium:
     duration_s: float | None = None
 
 
-LLMEvent = TextDelta | SignalGroup | LLMResult
+LLMEvent = TextDelta | SignalGroup | ToolCall | LLMResult
 
 REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("polymodal_request_deadline",
                                                                               default=None)
@@ -178,13 +208,22 @@ class LLMStageLike(Protocol):
         system: str | None = None,
         task: str | None = None,
         allowed_modalities: Sequence[Modality] | None = None,
+        response_format: dict[str, Any] | None = None,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | None = None,
+        parallel_tool_calls: bool = True,
+        logprobs: int | None = None,
+        constraint_limits: ConstraintLimits | None = None,
     ) -> Iterator[LLMEvent]:
-        """Yield ``TextDelta`` and ``SignalGroup`` items, the ``LLMResult`` last; check ``should_cancel`` after
-        every token (``system`` / ``task`` / ``allowed_modalities`` are passed only when the request sets them;
-        ``allowed_modalities`` is the ceiling of the answer's media, masked in the decode loop).
+        """Yield ``TextDelta``, ``SignalGroup`` and ``ToolCall`` items, the ``LLMResult`` last; check
+        ``should_cancel`` after every token (``system`` / ``task`` / ``allowed_modalities`` are passed only when the
+        request sets them; ``allowed_modalities`` is the ceiling of the answer's media, masked in the decode loop).
+        The output formats (``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``logprobs``,
+        ``constraint_limits``: :meth:`LLMRequest.format_kwargs`) are passed only when the request sets them.
 
         Raises:
-            ValueError: a conversation or request the model refuses (the API answers 400).
+            ValueError: a conversation or request the model refuses (the API answers 400; a
+            ``polymodal.constrained.ConstraintError`` names the field in its ``param``).
         """
         ...
 

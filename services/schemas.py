@@ -1,6 +1,6 @@
 """Request schemas of the HTTP API (pydantic, with bounds). OpenAI-compatible first; extensions are extra
-fields. Unknown fields are ignored (clients send many); fields we cannot honour (``n > 1`` in chat, a
-``response_format`` we do not produce) are refused with 400 naming the field.
+fields. Unknown fields are ignored (clients send many); fields we cannot honour (``n > 1`` in chat, the legacy
+``functions``) are refused with 400 naming the field.
 
 Absolute bounds (the runtime's ``polymodal.config.MAX_*``) are on the fields; the server's (tighter,
 configurable) limits are in :class:`services.settings.Limits` and checked by the ingress. Size fields are
@@ -22,6 +22,7 @@ from polymodal.config import (
     MAX_NEW_TOKENS,
     MAX_NUM_FRAMES,
     MAX_SIZE_PX,
+    MAX_TOP_LOGPROBS,
     MIN_DURATION_S,
 )
 
@@ -77,15 +78,33 @@ ContentPart = Annotated[
 ]
 
 
+class FunctionCallIn(_Req):
+    name: str = Field(min_length=1, max_length=64)
+    arguments: str = Field("{}", max_length=1024 * 1024, description="a JSON object, as a string")
+
+
+class ToolCallIn(_Req):
+    """An assistant message's ``tool_calls[i]`` sent back in a history (OpenAI's shape)."""
+
+    id: str = Field(min_length=1, max_length=128)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Req):
     """A message. Other fields are kept (``model_extra``): an assistant message sent back may carry the media arrays
-    of our answers (``images``, ``audios``, ``videos``) and OpenAI's ``audio`` ``{"id"}``, read by the ingress."""
+    of our answers (``images``, ``audios``, ``videos``) and OpenAI's ``audio`` ``{"id"}``, read by the ingress.
+
+    Tool calling: an assistant message may carry ``tool_calls`` (its ``content`` may then be null); a ``tool``
+    message carries the result of one of them (``tool_call_id``) as its text ``content``."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = Field(None, max_length=128)
 
 
 # ---- per-medium generation options (override the preset's decoder defaults) -------------------------
@@ -169,11 +188,19 @@ class ChatCompletionRequest(_Req):
         "image the last user message holds, else the conversation's most recent image; a string = one of this "
         "server's artifact ids or URLs (read from the store, never fetched). The answer then contains an image.")
     user: str | None = None
-    # OpenAI fields this server cannot honour: refused (400) when set to anything but their neutral value.
-    response_format: dict | None = None
-    tools: list | None = None
-    functions: list | None = None
+    # Output formats (issue #22), checked by the ingress (400 naming the field), enforced by grammar in the LLM.
+    response_format: dict | None = Field(None, description='{"type": "text" | "json_object" | "json_schema", '
+                                         '"json_schema": {"name", "schema", "strict"}} (OpenAI\'s shape)')
+    tools: list | None = Field(None, description='[{"type": "function", "function": {"name", "description", '
+                               '"parameters", "strict"}}]')
+    tool_choice: str | dict | None = Field(None, description='"auto" | "none" | "required" | {"type": "function", '
+                                           '"function": {"name"}}')
+    parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # OpenAI's legacy function calling: refused (400) with a pointer to ``tools``.
+    functions: list | None = None
+    function_call: str | dict | None = None
 
 
 class ImageGenerationRequest(_Req):

@@ -12,8 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from polymodal.constrained.grammars import ConstraintLimits
+
 from polymodal.config import (
     MAX_DURATION_S,
+    MAX_SCHEMA_BYTES,
+    MAX_TOOLS,
     MAX_FPS,
     MAX_INFERENCE_STEPS,
     MAX_INPUT_VIDEO_FRAMES,
@@ -50,6 +54,12 @@ class Limits(_Model):
         max_input_video_frames: frames sampled from an input video.
         max_speech_input_chars: characters of ``/v1/audio/speech``'s ``input`` (OpenAI's 4096 at most).
         max_transcription_s: length of an audio sent to ``/v1/audio/transcriptions`` (413 above).
+        max_schema_bytes: a ``response_format`` JSON schema, or all ``tools``' parameter schemas together, as
+            compact JSON (400 naming the field above).
+        max_tools: functions in ``tools``.
+        max_parallel_tool_calls: calls in one answer with ``parallel_tool_calls`` (the grammar's bound).
+        grammar_compile_timeout_s: compiling one request's grammar (400 naming the field above).
+        grammar_cache_entries: compiled grammars kept (LRU) by the LLM stage.
     """
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
@@ -67,6 +77,17 @@ class Limits(_Model):
     max_input_video_frames: int = Field(MAX_INPUT_VIDEO_FRAMES, ge=1, le=MAX_INPUT_VIDEO_FRAMES)
     max_speech_input_chars: int = Field(4096, ge=1, le=4096)
     max_transcription_s: float = Field(600.0, gt=0, le=3600)
+    max_schema_bytes: int = Field(64 * 1024, ge=2, le=MAX_SCHEMA_BYTES)
+    max_tools: int = Field(64, ge=1, le=MAX_TOOLS)
+    max_parallel_tool_calls: int = Field(8, ge=1, le=64)
+    grammar_compile_timeout_s: float = Field(5.0, gt=0, le=120)
+    grammar_cache_entries: int = Field(256, ge=1, le=100_000)
+
+    def constraint_limits(self) -> ConstraintLimits:
+        """The bounds the LLM stage's grammar compiler works under (sent with each request that has a format)."""
+        return ConstraintLimits(max_entries=self.grammar_cache_entries, max_schema_bytes=self.max_schema_bytes,
+                                compile_timeout_s=self.grammar_compile_timeout_s,
+                                max_parallel_calls=self.max_parallel_tool_calls)
 
 
 class ServerSettings(_Model):

@@ -46,8 +46,9 @@ class LLMWorker:
 
     Args:
         stage: the LLM stage (:class:`~services.protocol.LLMStageLike`: ``stream(turns, *, modalities,
-            max_new_tokens, temperature, top_p, seed, should_cancel, system, task, allowed_modalities)`` yielding ``TextDelta |
-            SignalGroup`` and finally ``LLMResult``).
+            max_new_tokens, temperature, top_p, seed, should_cancel, system, task, allowed_modalities, and the output
+            formats of ``LLMRequest.format_kwargs``)`` yielding ``TextDelta | SignalGroup | ToolCall`` and finally
+            ``LLMResult``).
         max_concurrency: generations run at once (the model is shared; 1 keeps the KV cache loop simple).
     """
 
@@ -77,6 +78,7 @@ class LLMWorker:
                     kwargs["task"] = req.task
                 if req.allowed_modalities is not None:
                     kwargs["allowed_modalities"] = list(req.allowed_modalities)
+                kwargs.update(req.format_kwargs())
                 for item in self.stage.stream(list(req.turns), **kwargs):
                     put(item)
                     if cancel.is_set():

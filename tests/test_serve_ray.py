@@ -289,6 +289,40 @@ def test_speech_over_ray(service):
     assert parts["speech"]["healthy"] and parts["speech"]["asr"]["backend"] == "pocketsphinx"
 
 
+def test_structured_outputs_over_ray(service):
+    """Issue #22 through the graph: the grammar is compiled in the LLM replica, its errors cross Ray as 400s."""
+    import jsonschema
+
+    client = _openai(service)
+    ask = [{"role": "user", "content": "weather in Paris?"}]
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = client.chat.completions.create(model="tiny", messages=ask, max_tokens=100, seed=1, logprobs=True,
+                                       top_logprobs=2, response_format={"type": "json_schema", "json_schema": {
+                                           "name": "person", "schema": person, "strict": True}})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].logprobs.content
+    jsonschema.validate(json.loads(r.choices[0].message.content), person)
+    params = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+              "required": ["city"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    chunks = list(client.chat.completions.create(model="tiny", messages=ask, tools=tools, tool_choice="required",
+                                                 parallel_tool_calls=False, max_tokens=100, seed=2, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert deltas[0].function.name == "get_weather" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    jsonschema.validate(json.loads(arguments), params)
+    history = [*ask, {"role": "assistant", "content": None, "tool_calls": [{"id": deltas[0].id, "type": "function",
+               "function": {"name": "get_weather", "arguments": arguments}}]},
+               {"role": "tool", "tool_call_id": deltas[0].id, "content": "21 C"}]
+    second = client.chat.completions.create(model="tiny", messages=history, tools=tools, max_tokens=8, seed=3)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    bad = httpx.post(service.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": ask, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format.json_schema.schema"
+
+
 def test_sigterm_shuts_down_cleanly(service):
     service.proc.send_signal(signal.SIGTERM)
     rc = service.proc.wait(90)

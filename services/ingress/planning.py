@@ -3,12 +3,15 @@
 Turns from messages (media decoded by :class:`services.ingress.media_input.MediaReader`; an assistant message's
 references to our own artifacts resolved by :class:`services.ingress.history.AssistantTurn`), the system prompt,
 the requested modalities, decoder options merged over the preset's defaults and checked against the server's
-limits, grounding tasks, and seeds (medium k of an answer gets ``seed + k``; the one-medium endpoints render
-one group with seeds ``seed + k`` for k < n). Every refusal here is a 4xx naming the field.
+limits, grounding tasks, seeds (medium k of an answer gets ``seed + k``; the one-medium endpoints render
+one group with seeds ``seed + k`` for k < n), and the output formats (``response_format``, ``tools``,
+``tool_choice``, ``logprobs``: :mod:`services.ingress.formats` builds and checks their grammar without a
+tokenizer, so a bad schema is a 400 before any model work). Every refusal here is a 4xx naming the field.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -20,10 +23,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from polymodal.config import DecoderDefaults, PresetConfig
+from polymodal.constrained.tools import TOOL_NAME_RE
 from polymodal.modality import Modality
-from polymodal.types import EditSource, MediaPart, TextPart, Turn, input_images
+from polymodal.types import EditSource, MediaPart, TextPart, ToolCall, Turn, input_images
 
 from services.errors import APIError, bad_request
+from services.ingress.formats import output_format
 from services.ingress.history import AssistantTurn
 from services.ingress.media_refs import artifact_id_of
 from services.ingress.media_input import MediaReader
@@ -79,6 +84,7 @@ class ChatPlan:
     variant_seeds: tuple[int, ...] = ()  # one-medium endpoints: render the first group once per seed
     box_overlay: bool = False
     allowed: tuple[Modality, ...] = ()  # the ceiling: media the answer may contain (the LLM masks the others)
+    json_content: bool = False  # response_format JSON: content is the JSON alone (media only in the arrays)
     deadline: float | None = None  # time.monotonic() by which the answer is due (retries stop before it)
     on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
     edit_source: EditSource | None = None  # edits: the groups of its modality render from it (issue #27)
@@ -174,9 +180,19 @@ class Planner:
         system: list[str] = []
         turns: list[Turn] = []
         n_media = 0
+        call_ids: set[str] = set()  # the tool_calls ids of the assistant messages so far
         for i, msg in enumerate(req.messages):
             p = f"messages[{i}]"
             content = msg.content
+            if msg.tool_calls and msg.role != "assistant":
+                raise bad_request(f"{p}.tool_calls: only an assistant message carries tool calls",
+                                  param=f"{p}.tool_calls")
+            if msg.tool_call_id is not None and msg.role != "tool":
+                raise bad_request(f"{p}.tool_call_id: only a tool message answers a tool call",
+                                  param=f"{p}.tool_call_id")
+            if msg.role == "tool":
+                turns.append(self.tool_turn(msg, p, call_ids))
+                continue
             if msg.role in ("system", "developer"):
                 if isinstance(content, list):
                     if any(not isinstance(c, TextContent) for c in content):
@@ -186,9 +202,11 @@ class Planner:
                     system.append(content)
                 continue
             parts: list[TextPart | MediaPart] = []
+            calls: tuple[ToolCall, ...] = ()
             if msg.role == "assistant":
                 parts = await AssistantTurn(self.media, p, self.limits.max_media_inputs - n_media).read(msg)
                 n_media += sum(isinstance(x, MediaPart) for x in parts)
+                calls = self.history_calls(msg, p, call_ids)
             elif isinstance(content, str):
                 parts.append(TextPart(content))
             elif content:
@@ -202,13 +220,63 @@ class Planner:
                         raise bad_request(f"at most {self.limits.max_media_inputs} media inputs per request",
                                           param=pp, code="too_many_media")
                     parts.append(await self.media.read_part(c, pp))
-            if not parts:
+            if not parts and not calls:
                 article = "an" if msg.role == "assistant" else "a"
                 raise bad_request(f"{p}.content: {article} {msg.role} message needs content", param=f"{p}.content")
-            turns.append(Turn(msg.role, tuple(parts)))
-        if not turns or turns[-1].role != "user":
-            raise bad_request("the last message must be the user's (system messages aside)", param="messages")
+            turns.append(Turn(msg.role, tuple(parts), tool_calls=calls))
+        if not turns or turns[-1].role not in ("user", "tool"):
+            raise bad_request("the last message must be the user's or a tool result (system messages aside)",
+                              param="messages")
         return turns, ("\n".join(system) if system else None)
+
+    @staticmethod
+    def history_calls(msg, p: str, call_ids: set[str]) -> tuple[ToolCall, ...]:
+        """An assistant message's ``tool_calls`` -> :class:`ToolCall` s (their ids added to ``call_ids``).
+
+        Raises:
+            APIError: 400 naming ``messages[i].tool_calls[j]...``: a duplicate id, a bad function name, arguments
+            that are not a JSON object.
+        """
+        out: list[ToolCall] = []
+        for j, c in enumerate(msg.tool_calls or ()):
+            pj = f"{p}.tool_calls[{j}]"
+            if c.id in call_ids:
+                raise bad_request(f"{pj}.id: {c.id!r} is already the id of an earlier tool call", param=f"{pj}.id",
+                                  code="invalid_value")
+            if not TOOL_NAME_RE.match(c.function.name):
+                raise bad_request(f"{pj}.function.name: must match {TOOL_NAME_RE.pattern}",
+                                  param=f"{pj}.function.name", code="invalid_value")
+            try:
+                args = json.loads(c.function.arguments or "{}")
+            except ValueError:
+                args = None
+            if not isinstance(args, dict):
+                raise bad_request(f"{pj}.function.arguments: must be a JSON object (as a string)",
+                                  param=f"{pj}.function.arguments", code="invalid_value")
+            call_ids.add(c.id)
+            out.append(ToolCall(c.id, c.function.name, json.dumps(args, ensure_ascii=False)))
+        return tuple(out)
+
+    @staticmethod
+    def tool_turn(msg, p: str, call_ids: set[str]) -> Turn:
+        """A ``tool`` message -> a ``tool`` turn (its text content, the call it answers).
+
+        Raises:
+            APIError: 400 naming ``messages[i].tool_call_id`` (missing, or no earlier assistant message made that
+            call) or ``messages[i].content`` (not text).
+        """
+        if not msg.tool_call_id:
+            raise bad_request(f"{p}.tool_call_id: a tool message needs the id of the call it answers",
+                              param=f"{p}.tool_call_id")
+        if msg.tool_call_id not in call_ids:
+            raise bad_request(f"{p}.tool_call_id: {msg.tool_call_id!r} is not the id of a tool call of an earlier "
+                              "assistant message", param=f"{p}.tool_call_id", code="invalid_tool_call_id")
+        content = msg.content
+        if isinstance(content, list):
+            if any(not isinstance(c, TextContent) for c in content):
+                raise bad_request(f"{p}.content: a tool message may only hold text", param=f"{p}.content")
+            content = "".join(c.text for c in content)
+        return Turn("tool", (TextPart(content or ""),), tool_call_id=msg.tool_call_id)
 
     # ---- plans -----------------------------------------------------------------------------------
     @staticmethod
@@ -224,16 +292,10 @@ class Planner:
             bad conversation or medium), 413 (medium too large).
         """
         self.check_model(req.model)
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request("response_format: only {'type': 'text'} is supported", param="response_format",
-                              code="unsupported_parameter")
-        for name in ("tools", "functions"):
+        for name in ("functions", "function_call"):
             if getattr(req, name):
-                raise bad_request(f"{name}: tool calling is not supported by this model", param=name,
-                                  code="unsupported_parameter")
-        if req.logprobs:
-            raise bad_request("logprobs: not supported by this server", param="logprobs",
-                              code="unsupported_parameter")
+                raise bad_request(f"{name}: the legacy function-calling fields are not supported; use tools and "
+                                  "tool_choice", param=name, code="unsupported_parameter")
         requested, allowed = self.modalities(req)
         editing = req.edit is not None and req.edit is not False
         if editing:  # an edit answers with an image: the floor and the ceiling hold it
@@ -244,6 +306,7 @@ class Planner:
             requested = tuple(dict.fromkeys((*requested, Modality.IMAGE)))
             allowed = tuple(dict.fromkeys((*allowed, Modality.IMAGE)))
         speech = await self.speech(req)
+        formats = output_format(req, requested, self.limits, self.backend.preset.chat.tool_format)
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_new is not None and max_new > self.limits.max_new_tokens:
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -267,7 +330,7 @@ class Planner:
         return ChatPlan(
             request_id=request_id,
             llm=LLMRequest(request_id, tuple(turns), requested, max_new, req.temperature, req.top_p,
-                           base_seed, system, task=req.task, allowed_modalities=allowed),
+                           base_seed, system, task=req.task, allowed_modalities=allowed, **formats),
             options=options,
             base_seed=base_seed,
             requested=requested,
@@ -275,6 +338,7 @@ class Planner:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             box_overlay=req.box_overlay,
             allowed=allowed,
+            json_content=formats.get("response_format") is not None,
             deadline=time.monotonic() + self.settings.request_timeout_s,
             edit_source=edit_source,
             speech=speech,
@@ -323,6 +387,12 @@ class Planner:
             except media_io.MediaError as e:
                 raise self.media.media_error(e, "edit") from None
         return EditSource(Modality.IMAGE, resize_image(image, options.height_px, options.width_px))
+
+    # ---- output formats (issue #22) ----------------------------------------------------------------
+    def server_skill_names(self) -> tuple[str, ...]:
+        """Server-side skills a named ``tool_choice`` may also name (the skills issue, #23, fills this hook; none
+        are callable through ``tool_choice`` yet)."""
+        return ()
 
     def modalities(self, req: ChatCompletionRequest) -> tuple[tuple[Modality, ...], tuple[Modality, ...]]:
         """``modalities`` and ``audio`` -> (the media the answer must contain, the media it may contain).

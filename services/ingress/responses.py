@@ -8,6 +8,8 @@
 - :meth:`Responses.array_item` / :meth:`~Responses.media_part` / :meth:`~Responses.audio_message`: how one stored
   medium appears (data URL or artifact URL).
 - :meth:`Responses.generation_body`: the images / audio endpoints' ``data`` list.
+- Output formats (issue #22): with a JSON ``response_format`` ``content`` is the JSON alone (media only in the
+  arrays and ``parts``); ``message.tool_calls`` / streamed ``delta.tool_calls``; ``choices[].logprobs``.
 
 What the answer looks like is decided here and nowhere else (the routes and the SSE driver only pass what was
 produced; the per-modality names are each modality's spec), so a change of the
@@ -25,7 +27,7 @@ from typing import Any
 from polymodal import media_io
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
-from polymodal.types import LLMResult, interleave
+from polymodal.types import LLMResult, LogprobEntry, ToolCall, interleave
 
 from services.errors import APIError
 from services.ingress.content import ContentStream, compose
@@ -38,7 +40,7 @@ from services.protocol import SpeechAudioChunk
 from services.settings import ServerSettings
 from services.store import Artifact, FileStore
 
-FINISH = {"stop": "stop", "length": "length"}
+FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 """The LLM's finish reasons OpenAI knows; any other (``signal_loop``) is reported as ``stop``."""
 DONE = b"data: [DONE]\n\n"
 
@@ -123,6 +125,22 @@ class Responses:
                  "text_span": list(b.text_span) if b.text_span is not None else None} for b in result.boxes]
 
     @staticmethod
+    def tool_call_json(call: ToolCall) -> dict[str, Any]:
+        """OpenAI's ``tool_calls[i]``: ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
+        return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
+
+    @staticmethod
+    def logprob_json(e: LogprobEntry) -> dict[str, Any]:
+        """OpenAI's ``logprobs.content[i]``: ``{"token", "logprob", "bytes", "top_logprobs": [...]}``."""
+        return {"token": e.token, "logprob": e.logprob, "bytes": list(e.bytes),
+                "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in e.top]}
+
+    @classmethod
+    def logprobs_json(cls, entries) -> dict[str, Any]:
+        """``choices[].logprobs``: ``{"content": [...], "refusal": None}``."""
+        return {"content": [cls.logprob_json(e) for e in entries or ()], "refusal": None}
+
+    @staticmethod
     def usage(r: LLMResult) -> dict[str, int]:
         return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                 "total_tokens": r.prompt_tokens + r.completion_tokens}
@@ -160,7 +178,14 @@ class Responses:
                     "image_index": k}
             part.pop("seed")
             media_parts.append(part)
-        message: dict[str, Any] = {"role": "assistant", "content": compose(text, refs)}
+        if plan.json_content:  # the JSON alone: its media only in the arrays and parts
+            refs = []
+        content: str | None = compose(text, refs)
+        if r.tool_calls and not content:
+            content = None  # OpenAI: an answer that is only calls has no content
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if r.tool_calls:
+            message["tool_calls"] = [self.tool_call_json(c) for c in r.tool_calls]
         for modality in Modality:  # registration order: images, audios, videos, then any plug-in
             if modality in arrays:
                 message[modality.spec.answer_field] = arrays[modality]
@@ -181,17 +206,17 @@ class Responses:
             "system_fingerprint": self.fingerprint,
             "seed": plan.base_seed,
             "choices": [{"index": 0, "message": message, "finish_reason": FINISH.get(r.finish_reason, "stop"),
-                         "logprobs": None}],
+                         "logprobs": self.logprobs_json(r.logprobs) if plan.llm.logprobs is not None else None}],
             "usage": self.usage(r),
         }
 
     def chunk(self, plan: ChatPlan, created: int, delta: dict | None, finish: str | None = None,
-              usage: dict | None = None) -> bytes:
+              usage: dict | None = None, logprobs: dict | None = None) -> bytes:
         """One ``chat.completion.chunk`` SSE frame (``delta=None``: no choices, e.g. the usage chunk)."""
         body: dict[str, Any] = {"id": plan.request_id, "object": "chat.completion.chunk", "created": created,
                                 "model": self.model_name, "system_fingerprint": self.fingerprint,
                                 "choices": [] if delta is None else
-                                [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                                [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
         if usage is not None:
             body["usage"] = usage
         return sse_event(body)
@@ -238,9 +263,30 @@ class StreamChunks:
         self._slots_filled: set[str] = set()
         self._counts: dict[Modality, int] = {}
         self._numbers: dict[str, int] = {}
+        self._logprobs: list[LogprobEntry] = []  # entries not yet sent (their text is held back)
+        self._calls = 0
 
     def _content(self, piece: str) -> list[bytes]:
-        return [self.r.chunk(self.plan, self.created, {"content": piece})] if piece else []
+        if not piece:
+            return []
+        lp = None
+        if self._logprobs:
+            lp, self._logprobs = self.r.logprobs_json(self._logprobs), []
+        return [self.r.chunk(self.plan, self.created, {"content": piece}, logprobs=lp)]
+
+    def logprobs(self, entries) -> list[bytes]:
+        """Entries of the text that follows: sent with the next content chunk."""
+        self._logprobs.extend(entries)
+        return []
+
+    def tool_call(self, call: ToolCall) -> list[bytes]:
+        """A call, as OpenAI streams one: ``delta.tool_calls`` ``[{"index", "id", "type", "function": {"name",
+        "arguments": ""}}]``, then ``[{"index", "function": {"arguments": "<JSON>"}}]``."""
+        k, self._calls = self._calls, self._calls + 1
+        head = {"index": k, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        return [self.r.chunk(self.plan, self.created, {"tool_calls": [head]}),
+                self.r.chunk(self.plan, self.created,
+                             {"tool_calls": [{"index": k, "function": {"arguments": call.arguments_json}}]})]
 
     def opening(self) -> bytes:
         """``delta: {"role": "assistant", "content": ""}``."""
@@ -256,10 +302,13 @@ class StreamChunks:
         return n
 
     def reserved(self, r: Reserved) -> list[bytes]:
-        """A signal group closed: its reference (pending artifact URL) goes into the content where it belongs."""
+        """A signal group closed: its reference (pending artifact URL) goes into the content where it belongs
+        (never into a JSON answer's content)."""
         frames = []
         for art in r.artifacts:
             n = self._number(r.group.modality, art)
+            if self.plan.json_content:
+                continue
             md = self.r.reference(r.group.modality, n, art, self.base_url)
             frames += self._content(self.content.reference(r.group.text_offset, md))
         return frames
@@ -293,8 +342,8 @@ class StreamChunks:
         """The ``box_overlay`` image: its reference at the end of the text, then ``delta.images``."""
         s, _ = overlay
         n = self._number(Modality.IMAGE, s.artifact)
-        frames = self._content(self.content.reference(len(result.text), self.r.reference(Modality.IMAGE, n, s.artifact,
-                                                                                          self.base_url)))
+        frames = [] if self.plan.json_content else self._content(self.content.reference(
+            len(result.text), self.r.reference(Modality.IMAGE, n, s.artifact, self.base_url)))
         item = self.r.array_item(Modality.IMAGE, self.r.url(s, self.plan.media_format, self.base_url), n)
         return [*frames, self.r.chunk(self.plan, self.created,
                                         {Modality.IMAGE.spec.answer_field: [{**item, "overlay": True}]})]
@@ -303,6 +352,10 @@ class StreamChunks:
         """References still waiting, the closing ``delta`` with ``finish_reason`` (``boxes`` for a grounding model),
         then the usage chunk when the request asked for it."""
         out = self._content(self.content.finish())
+        if self._logprobs:  # entries whose text never came (held-back whitespace)
+            out.append(self.r.chunk(self.plan, self.created, {"content": ""},
+                                    logprobs=self.r.logprobs_json(self._logprobs)))
+            self._logprobs = []
         last = {"boxes": self.r.boxes_json(result)} if self.r.preset.grounding is not None else {}
         out.append(self.r.chunk(self.plan, self.created, last, FINISH.get(result.finish_reason, "stop")))
         if self.plan.include_usage:

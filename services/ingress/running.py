@@ -18,7 +18,7 @@ from fastapi import Request
 
 from polymodal.grounding.overlay import overlay_png
 from polymodal.modality import Modality
-from polymodal.types import LLMResult, SignalGroup, TextDelta
+from polymodal.types import LLMResult, SignalGroup, TextDelta, ToolCall
 
 from services.errors import APIError
 from services.ingress.error_map import stage_error
@@ -117,9 +117,11 @@ class Runner:
         return Stored(m, self.store.fulfil(art, m.data, m.mime_type, m.ext))
 
     async def events(self, plan: ChatPlan) -> AsyncIterator[tuple[str, Any]]:
-        """Run a plan: yields ``("text", str)``; ``("reserved", Reserved)`` when a signal group closes (its
-        render started, its artifacts reserved); ``("medium", Stored)`` as each medium is ready; and finally
-        ``("done", (LLMResult, groups))``. Closing / cancelling it cancels the LLM and every render.
+        """Run a plan: yields ``("text", str)``; ``("logprobs", entries)`` (the log-probabilities of the text that
+        follows, when asked for); ``("tool_call", ToolCall)`` as each call's block closes; ``("reserved",
+        Reserved)`` when a signal group closes (its render started, its artifacts reserved); ``("medium",
+        Stored)`` as each medium is ready; and finally ``("done", (LLMResult, groups))``. Closing / cancelling it
+        cancels the LLM and every render.
 
         Raises:
             APIError (RenderFailed, Overloaded, StageUnavailable, 400 for a conversation the model refuses).
@@ -145,7 +147,12 @@ class Runner:
             try:
                 async for item in self.backend.generate(plan.llm):
                     if isinstance(item, TextDelta):
-                        queue.put_nowait(("text", item.text))
+                        if item.logprobs:
+                            queue.put_nowait(("logprobs", item.logprobs))
+                        if item.text:
+                            queue.put_nowait(("text", item.text))
+                    elif isinstance(item, ToolCall):
+                        queue.put_nowait(("tool_call", item))
                     elif isinstance(item, SignalGroup):
                         if item.modality not in self.backend.output_modalities or (
                                 plan.llm.allowed_modalities is not None and item.modality not in plan.allowed):
@@ -175,7 +182,7 @@ class Runner:
         try:
             while not (llm_done and delivered == len(renders)):
                 kind, value = await queue.get()
-                if kind in ("text", "reserved"):
+                if kind in ("text", "reserved", "logprobs", "tool_call"):
                     yield kind, value
                 elif kind == "error":
                     raise stage_error(value)

@@ -127,6 +127,10 @@ async def sse(runner: Runner, responses: Responses, metrics: APIMetrics, timeout
                 kind, value = payload
                 if kind == "text":
                     frames = chunks.text(value)
+                elif kind == "logprobs":
+                    frames = chunks.logprobs(value)
+                elif kind == "tool_call":
+                    frames = chunks.tool_call(value)
                 elif kind == "reserved":
                     frames = chunks.reserved(value)
                 elif kind == "medium":
