@@ -8,17 +8,19 @@ before any model work. No torch.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from polymodal.constrained.errors import ConstraintError
 from polymodal.constrained.grammars import ToolChoice, check as check_grammar, response_schema
 from polymodal.constrained.grammars import response_format as response_format_grammar
 from polymodal.constrained.grammars import tool_calls as tool_calls_grammar
-from polymodal.constrained.tools import Tool, tool_call_format, tools_from_openai
+from polymodal.constrained.tools import TOOL_NAME_RE, Tool, tool_call_format, tools_from_openai
 from polymodal.modality import Modality
+from polymodal.types import TextPart, ToolCall, Turn
 
 from services.errors import bad_request
-from services.schemas import ChatCompletionRequest
+from services.schemas import ChatCompletionRequest, TextContent
 from services.settings import Limits
 
 
@@ -83,3 +85,52 @@ def output_format(req: ChatCompletionRequest, requested: tuple[Modality, ...], l
     if out:
         out["constraint_limits"] = constraint_limits
     return out
+
+
+# ---- tool turns of the history ---------------------------------------------------------------------
+def history_tool_calls(msg, p: str, call_ids: set[str]) -> tuple[ToolCall, ...]:
+    """An assistant message's ``tool_calls`` -> :class:`ToolCall` s (their ids added to ``call_ids``).
+
+    Raises:
+        APIError: 400 naming ``messages[i].tool_calls[j]...``: a duplicate id, a bad function name, arguments
+        that are not a JSON object.
+    """
+    out: list[ToolCall] = []
+    for j, c in enumerate(msg.tool_calls or ()):
+        pj = f"{p}.tool_calls[{j}]"
+        if c.id in call_ids:
+            raise bad_request(f"{pj}.id: {c.id!r} is already the id of an earlier tool call", param=f"{pj}.id",
+                              code="invalid_value")
+        if not TOOL_NAME_RE.match(c.function.name):
+            raise bad_request(f"{pj}.function.name: must match {TOOL_NAME_RE.pattern}",
+                              param=f"{pj}.function.name", code="invalid_value")
+        try:
+            args = json.loads(c.function.arguments or "{}")
+        except ValueError:
+            args = None
+        if not isinstance(args, dict):
+            raise bad_request(f"{pj}.function.arguments: must be a JSON object (as a string)",
+                              param=f"{pj}.function.arguments", code="invalid_value")
+        call_ids.add(c.id)
+        out.append(ToolCall(c.id, c.function.name, json.dumps(args, ensure_ascii=False)))
+    return tuple(out)
+
+def tool_turn(msg, p: str, call_ids: set[str]) -> Turn:
+    """A ``tool`` message -> a ``tool`` turn (its text content, the call it answers).
+
+    Raises:
+        APIError: 400 naming ``messages[i].tool_call_id`` (missing, or no earlier assistant message made that
+        call) or ``messages[i].content`` (not text).
+    """
+    if not msg.tool_call_id:
+        raise bad_request(f"{p}.tool_call_id: a tool message needs the id of the call it answers",
+                          param=f"{p}.tool_call_id")
+    if msg.tool_call_id not in call_ids:
+        raise bad_request(f"{p}.tool_call_id: {msg.tool_call_id!r} is not the id of a tool call of an earlier "
+                          "assistant message", param=f"{p}.tool_call_id", code="invalid_tool_call_id")
+    content = msg.content
+    if isinstance(content, list):
+        if any(not isinstance(c, TextContent) for c in content):
+            raise bad_request(f"{p}.content: a tool message may only hold text", param=f"{p}.content")
+        content = "".join(c.text for c in content)
+    return Turn("tool", (TextPart(content or ""),), tool_call_id=msg.tool_call_id)

@@ -11,7 +11,6 @@ tokenizer, so a bad schema is a 400 before any model work). Every refusal here i
 
 from __future__ import annotations
 
-import json
 import re
 import secrets
 import time
@@ -23,12 +22,11 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from polymodal.config import DecoderDefaults, PresetConfig
-from polymodal.constrained.tools import TOOL_NAME_RE
 from polymodal.modality import Modality
 from polymodal.types import EditSource, MediaPart, TextPart, ToolCall, Turn, input_images
 
 from services.errors import APIError, bad_request
-from services.ingress.formats import output_format
+from services.ingress.formats import history_tool_calls, output_format, tool_turn
 from services.ingress.history import AssistantTurn
 from services.ingress.media_refs import artifact_id_of
 from services.ingress.media_input import MediaReader
@@ -191,7 +189,7 @@ class Planner:
                 raise bad_request(f"{p}.tool_call_id: only a tool message answers a tool call",
                                   param=f"{p}.tool_call_id")
             if msg.role == "tool":
-                turns.append(self.tool_turn(msg, p, call_ids))
+                turns.append(tool_turn(msg, p, call_ids))
                 continue
             if msg.role in ("system", "developer"):
                 if isinstance(content, list):
@@ -206,7 +204,7 @@ class Planner:
             if msg.role == "assistant":
                 parts = await AssistantTurn(self.media, p, self.limits.max_media_inputs - n_media).read(msg)
                 n_media += sum(isinstance(x, MediaPart) for x in parts)
-                calls = self.history_calls(msg, p, call_ids)
+                calls = history_tool_calls(msg, p, call_ids)
             elif isinstance(content, str):
                 parts.append(TextPart(content))
             elif content:
@@ -228,55 +226,6 @@ class Planner:
             raise bad_request("the last message must be the user's or a tool result (system messages aside)",
                               param="messages")
         return turns, ("\n".join(system) if system else None)
-
-    @staticmethod
-    def history_calls(msg, p: str, call_ids: set[str]) -> tuple[ToolCall, ...]:
-        """An assistant message's ``tool_calls`` -> :class:`ToolCall` s (their ids added to ``call_ids``).
-
-        Raises:
-            APIError: 400 naming ``messages[i].tool_calls[j]...``: a duplicate id, a bad function name, arguments
-            that are not a JSON object.
-        """
-        out: list[ToolCall] = []
-        for j, c in enumerate(msg.tool_calls or ()):
-            pj = f"{p}.tool_calls[{j}]"
-            if c.id in call_ids:
-                raise bad_request(f"{pj}.id: {c.id!r} is already the id of an earlier tool call", param=f"{pj}.id",
-                                  code="invalid_value")
-            if not TOOL_NAME_RE.match(c.function.name):
-                raise bad_request(f"{pj}.function.name: must match {TOOL_NAME_RE.pattern}",
-                                  param=f"{pj}.function.name", code="invalid_value")
-            try:
-                args = json.loads(c.function.arguments or "{}")
-            except ValueError:
-                args = None
-            if not isinstance(args, dict):
-                raise bad_request(f"{pj}.function.arguments: must be a JSON object (as a string)",
-                                  param=f"{pj}.function.arguments", code="invalid_value")
-            call_ids.add(c.id)
-            out.append(ToolCall(c.id, c.function.name, json.dumps(args, ensure_ascii=False)))
-        return tuple(out)
-
-    @staticmethod
-    def tool_turn(msg, p: str, call_ids: set[str]) -> Turn:
-        """A ``tool`` message -> a ``tool`` turn (its text content, the call it answers).
-
-        Raises:
-            APIError: 400 naming ``messages[i].tool_call_id`` (missing, or no earlier assistant message made that
-            call) or ``messages[i].content`` (not text).
-        """
-        if not msg.tool_call_id:
-            raise bad_request(f"{p}.tool_call_id: a tool message needs the id of the call it answers",
-                              param=f"{p}.tool_call_id")
-        if msg.tool_call_id not in call_ids:
-            raise bad_request(f"{p}.tool_call_id: {msg.tool_call_id!r} is not the id of a tool call of an earlier "
-                              "assistant message", param=f"{p}.tool_call_id", code="invalid_tool_call_id")
-        content = msg.content
-        if isinstance(content, list):
-            if any(not isinstance(c, TextContent) for c in content):
-                raise bad_request(f"{p}.content: a tool message may only hold text", param=f"{p}.content")
-            content = "".join(c.text for c in content)
-        return Turn("tool", (TextPart(content or ""),), tool_call_id=msg.tool_call_id)
 
     # ---- plans -----------------------------------------------------------------------------------
     @staticmethod
