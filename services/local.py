@@ -2,7 +2,9 @@
 
 One process, instant start, for laptops and API tests. The LLM runs one generation at a time in a worker
 thread; each decoder renders in its own thread (one pipeline call at a time, items are not batched
-across requests here: that is the Ray host's job). Cancellation, seeds, failure isolation and the step
+across requests here: that is the Ray host's job). Skills (issue #23) run in process too
+(:class:`services.skill_host.SkillHost`): the light ones in a skills thread, a ``generate_*`` skill on its
+decoder's own thread (it uses that stage's decoder, so one pipeline call at a time still holds). Cancellation, seeds, failure isolation and the step
 counters are those of :mod:`services.workers`, so the API behaves as on Ray.
 """
 
@@ -25,6 +27,8 @@ from services.protocol import (
     LLMRequest,
     LLMStageLike,
     RenderRequest,
+    SkillOutput,
+    SkillRequest,
 )
 from services.workers import BatchItem, DecoderWorker, LLMWorker
 
@@ -37,10 +41,11 @@ class LocalBackend(Backend):
         llm_stage: a ``polymodal.pipeline.LLMStage`` (or any :class:`~services.protocol.LLMStageLike`).
         decoder_stages: per modality, a ``polymodal.pipeline.DecoderStage`` (or any
             :class:`~services.protocol.DecoderStageLike`).
+        skill_host: the skills served (:class:`services.skill_host.SkillHost`), optional.
     """
 
     def __init__(self, preset: PresetConfig, llm_stage: LLMStageLike,
-                 decoder_stages: dict[Modality, DecoderStageLike]):
+                 decoder_stages: dict[Modality, DecoderStageLike], skill_host: Any = None):
         self.preset = preset
         self._llm_stage = llm_stage
         self._llm = LLMWorker(llm_stage)
@@ -49,12 +54,16 @@ class LocalBackend(Backend):
             m: concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"decoder-{m.value}")
             for m in self._decoders
         }
+        self._skill_host = skill_host
+        self._skill_executor = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="skills")
 
     @classmethod
     def from_preset(cls, preset: PresetConfig | str, *, device: str | None = None,
-                    export_dir: str | None = None, modalities: list[Modality] | None = None) -> "LocalBackend":
+                    export_dir: str | None = None, modalities: list[Modality] | None = None,
+                    skills: list[str] | None = None, object_detector_path: str | None = None) -> "LocalBackend":
         """Build the stages of ``preset`` in this process (imports torch); decoders for ``modalities``
-        (default: every decoder of the preset).
+        (default: every decoder of the preset); the skills named in ``skills`` that this preset can serve
+        (:func:`services.skill_host.servable_skills`; ``generate_*`` use the decoder stages' own decoders).
 
         Raises:
             ValueError: a modality the preset has no decoder for. The stages' load errors (a part that fails
@@ -72,7 +81,14 @@ class LocalBackend(Backend):
         llm = build_llm_stage(preset, device=device, export_dir=export_dir)
         stages = {m: build_decoder_stage(preset, m, device=device, export_dir=export_dir,
                                          d_llm=llm.engine.d_llm) for m in chosen}
-        return cls(preset, llm, stages)
+        host = None
+        if skills:
+            from services.skill_host import SkillHost, servable_skills
+
+            names = servable_skills(preset, skills, object_detector_path=object_detector_path, modalities=chosen)
+            host = SkillHost.build(names, preset, device=device, object_detector_path=object_detector_path,
+                                   decoders={m: s.decoder for m, s in stages.items()})
+        return cls(preset, llm, stages, host)
 
     @property
     def output_modalities(self) -> tuple[Modality, ...]:
@@ -101,6 +117,22 @@ class LocalBackend(Backend):
             raise result
         return result
 
+    @property
+    def skills(self) -> tuple[str, ...]:
+        return () if self._skill_host is None else self._skill_host.names
+
+    def skill_host(self, name: str) -> str | None:
+        return "in-process" if name in self.skills else None
+
+    async def run_skill(self, request: SkillRequest) -> SkillOutput:
+        if request.name not in self.skills:
+            raise StageUnavailable(f"skill {request.name!r} is not served here; served: "
+                                   f"{', '.join(self.skills) or 'none'}")
+        modality = getattr(self._skill_host.skills[request.name], "modality", None)
+        executor = self._executors.get(Modality.parse(modality)) if modality is not None else None
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor or self._skill_executor, self._skill_host.run, request)
+
     async def describe(self) -> dict[str, Any]:
         parts: dict[str, Any] = {}
         try:
@@ -112,6 +144,8 @@ class LocalBackend(Backend):
             d = w.stage.describe() if hasattr(w.stage, "describe") else {"init_state": w.stage.init_state}
             d["healthy"] = w.healthy
             parts["decoders"][m.value] = d
+        if self._skill_host is not None:
+            parts["skills"] = {"in-process": self._skill_host.describe()}
         parts["ready"] = self._llm.healthy and all(w.healthy for w in self._decoders.values())
         return parts
 
@@ -122,3 +156,4 @@ class LocalBackend(Backend):
         self._llm.close()
         for ex in self._executors.values():
             ex.shutdown(wait=False, cancel_futures=True)
+        self._skill_executor.shutdown(wait=False, cancel_futures=True)

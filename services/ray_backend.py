@@ -2,6 +2,9 @@
 
 - LLM: ``handle.options(stream=True).generate.remote(req)`` streams text deltas and signal groups.
 - Decoders: one handle per modality; ``render.remote(req)`` (the replica batches with ``@serve.batch``).
+- Skills: one handle per skill deployment (``placement`` says which hosts which skill); ``run.remote(req)``.
+  A skill call is not retried when its replica dies (it answers a 503 the ingress turns into the call's error
+  result for the model).
 - Stats: the stats deployment sums the decoder replicas' counters (for ``/metrics``).
 
 Cancelling the awaiting task (client disconnect, timeout) cancels the downstream request: Ray Serve
@@ -33,7 +36,16 @@ from polymodal.config import PresetConfig
 from polymodal.modality import Modality
 
 from services.errors import Overloaded, StageUnavailable
-from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, LLMEvent, LLMRequest, RenderRequest
+from services.protocol import (
+    REQUEST_DEADLINE,
+    Backend,
+    EncodedMedium,
+    LLMEvent,
+    LLMRequest,
+    RenderRequest,
+    SkillOutput,
+    SkillRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +118,19 @@ class RayBackend(Backend):
         decoders: per modality (enum or its value), handle of :class:`services.deployments.DecoderServer`.
         stats: handle of :class:`services.deployments.StatsServer` (optional).
         retry_after_s: ``Retry-After`` for 503.
+        skill_servers: ``{deployment name: SkillServer handle}``; placement: ``{skill name: deployment name}``.
     """
 
     def __init__(self, preset: PresetConfig, llm: DeploymentHandle, decoders: dict[Modality | str, DeploymentHandle],
-                 stats: DeploymentHandle | None = None, retry_after_s: int = 1):
+                 stats: DeploymentHandle | None = None, retry_after_s: int = 1,
+                 skill_servers: dict[str, DeploymentHandle] | None = None, placement: dict[str, str] | None = None):
         self.preset = preset
         self._llm = llm
         self._decoders = {Modality.parse(m): h for m, h in decoders.items()}
         self._stats = stats
         self._retry = retry_after_s
+        self._skill_servers = dict(skill_servers or {})
+        self._placement = {n: d for n, d in (placement or {}).items() if d in self._skill_servers}
         self.retried: dict[str, int] = {}  # renders sent again after their replica died, per modality
 
     @property
@@ -164,6 +180,28 @@ class RayBackend(Backend):
                 log.warning("%s: the %s decoder replica died under this render (%s); try %d (seed %d)",
                             request.request_id, m.value, type(e).__name__, retries.tries, request.seed)
 
+    @property
+    def skills(self) -> tuple[str, ...]:
+        return tuple(self._placement)
+
+    def skill_host(self, name: str) -> str | None:
+        return self._placement.get(name)
+
+    async def run_skill(self, request: SkillRequest) -> SkillOutput:
+        dep = self._placement.get(request.name)
+        if dep is None:
+            raise StageUnavailable(f"skill {request.name!r} is not deployed; deployed: "
+                                   f"{', '.join(self._placement) or 'none'}")
+        resp = None
+        try:
+            resp = self._skill_servers[dep].run.remote(request)
+            return await resp
+        except asyncio.CancelledError:
+            _cancel(resp)
+            raise
+        except Exception as e:  # noqa: BLE001 - translated
+            raise _unwrap(e, f"{dep} skill", self._retry) from None
+
     async def describe(self) -> dict[str, Any]:
         parts: dict[str, Any] = {"decoders": {}}
         ready = True
@@ -178,6 +216,14 @@ class RayBackend(Backend):
             except Exception as e:  # noqa: BLE001 - reported
                 parts["decoders"][m.value] = {"error": str(_unwrap(e, m.value, self._retry)).splitlines()[0]}
                 ready = False
+        if self._skill_servers:
+            parts["skills"] = {}
+            for dep, h in self._skill_servers.items():
+                try:
+                    parts["skills"][dep] = await h.describe.remote()
+                except Exception as e:  # noqa: BLE001 - reported
+                    parts["skills"][dep] = {"error": str(_unwrap(e, dep, self._retry)).splitlines()[0]}
+                    ready = False
         parts["ready"] = ready and all(d.get("healthy", True) for d in parts["decoders"].values())
         return parts
 

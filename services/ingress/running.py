@@ -4,27 +4,39 @@ and the request's guards (timeout, client disconnect). Cancelling a run cancels 
 
 Every medium is stored: when its group closes an artifact is reserved in the store (its id can go into the answer
 at once), fulfilled with the file when the render finishes, or failed with the reason (render error, cancelled).
+
+The skill loop (issue #23; a plan with ``skills``): generate until the model calls a skill, run the call(s) on the
+skill's deployment (each within ``skill_timeout_s`` and what is left of the request's time), append the assistant's
+call turn and a ``tool`` turn with each result, generate again; at most ``plan.max_skill_rounds`` rounds offer the
+skills, the next generation has only the client's tools (the model must answer). A skill that fails, times out or
+whose deployment is down gives the model an error result; the request still answers. Calls of client-defined tools
+end the loop and go back to the client. The rounds' texts join into one answer; media indices and text offsets of
+later rounds are shifted so the answer reads as one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
 
+from polymodal.constrained.grammars import ToolChoice
 from polymodal.grounding.overlay import overlay_png
 from polymodal.modality import Modality
-from polymodal.types import LLMResult, SignalGroup, TextDelta, ToolCall
+from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, ToolCall, Turn
 
 from services.errors import APIError
 from services.ingress.error_map import stage_error
 from services.ingress.planning import ChatPlan, input_images
 from services.metrics import APIMetrics
-from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest
+from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest, SkillOutput, SkillRequest
 from services.settings import ServerSettings
 from services.store import Artifact, FileStore
 
@@ -52,6 +64,18 @@ class Stored:
     artifact: Artifact
 
 
+@dataclass(frozen=True)
+class SkillCall:
+    """One skill call the loop ran: the model's call, the skill's output, its media (stored; ``index`` among the
+    answer's media, ``text_offset`` where the call was made), the round (0-based), the deployment that ran it."""
+
+    call: ToolCall
+    output: SkillOutput
+    media: tuple[Stored, ...]
+    round: int
+    deployment: str | None
+
+
 @dataclass
 class ChatOutcome:
     """A whole (non-streamed) answer: its text, rendered media (stored), the LLM's result and groups."""
@@ -61,6 +85,83 @@ class ChatOutcome:
     result: LLMResult
     groups: list[SignalGroup]
     overlay: tuple[Stored, int] | None = None  # (PNG, index of the image it was drawn on)
+    skill_calls: list[SkillCall] = field(default_factory=list)
+
+
+SKILL_TIME_MARGIN_S = 1.0
+"""A skill call ends this long before the request's deadline at the latest (the model still answers)."""
+
+
+def skill_failure(name: str, message: str, code: str = "failed") -> SkillOutput:
+    """An error :class:`SkillOutput` made in the ingress (timeout, deployment down)."""
+    from skills.base import SkillResult
+
+    r = SkillResult.failure(name, message, code)
+    return SkillOutput(r, r.to_dict())
+
+
+def skill_result_text(call: SkillCall) -> str:
+    """The ``tool`` turn the model reads after a call: a compact JSON object (the result's text, boxes, masks'
+    boxes, media made, or the error)."""
+    out = call.output
+    d: dict[str, Any] = {"skill": call.call.name}
+    if out.ok:
+        d["result"] = out.result.text
+        if out.result.boxes:
+            d["boxes"] = [{"label": b.phrase, "box": [round(float(v), 1) for v in b.box_px]}
+                          for b in out.result.boxes[:20]]
+        if out.result.masks:
+            d["masks"] = [{"label": m.label, "bbox": [round(float(v), 1) for v in m.bbox_px], "area_px": m.area_px}
+                          for m in out.result.masks[:20]]
+        if out.media:
+            d["media"] = [f"{m.modality.value} {k + 1}" for k, m in enumerate(out.media)]
+    else:
+        d["error"] = out.result.error
+        d["error_code"] = out.result.error_code
+    return json.dumps(d, ensure_ascii=False)
+
+
+class _Shift:
+    """Where a round's output goes in the whole answer: media indices after ``index_base``, text offsets after
+    ``text_offset`` (both 0 in the first round, so a plan without skills is unchanged)."""
+
+    def __init__(self) -> None:
+        self.index_base = 0
+        self.text_offset = 0
+
+    def group(self, g: SignalGroup) -> SignalGroup:
+        if not (self.index_base or self.text_offset):
+            return g
+        return dataclasses.replace(g, index=g.index + self.index_base, text_offset=g.text_offset + self.text_offset)
+
+    def result(self, r: LLMResult) -> LLMResult:
+        if not self.text_offset:
+            return r
+        boxes = tuple(dataclasses.replace(b, text_span=(b.text_span[0] + self.text_offset,
+                                                        b.text_span[1] + self.text_offset))
+                      if b.text_span is not None else b for b in r.boxes)
+        return dataclasses.replace(r, boxes=boxes)
+
+
+def _merge(results: list[LLMResult], logprobs: bool, skills: tuple[str, ...]) -> LLMResult:
+    """The rounds' results as one: texts joined, tokens summed, the last round's finish reason and its calls of
+    client tools (the skills' calls are the loop's: ``message.skill_calls``)."""
+    last = results[-1]
+    theirs = tuple(c for c in last.tool_calls if c.name not in skills)
+    finish = last.finish_reason if theirs or last.finish_reason != "tool_calls" else "stop"
+    if len(results) == 1:
+        return dataclasses.replace(last, tool_calls=theirs, finish_reason=finish)
+    return LLMResult(
+        text="".join(r.text for r in results),
+        groups=tuple(g for r in results for g in r.groups),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        completion_tokens=sum(r.completion_tokens for r in results),
+        finish_reason=finish,
+        notes=tuple(n for r in results for n in r.notes),
+        boxes=tuple(b for r in results for b in r.boxes),
+        tool_calls=theirs,
+        logprobs=tuple(e for r in results for e in (r.logprobs or ())) if logprobs else None,
+    )
 
 
 class Runner:
@@ -99,9 +200,43 @@ class Runner:
             raise
         return Stored(m, self.store.fulfil(art, m.data, m.mime_type, m.ext))
 
+    async def _run_skill(self, plan: ChatPlan, call: ToolCall, round_: int, shift: _Shift) -> SkillCall:
+        """Run one call of the loop: never raises for the skill's sake (a failure, a timeout, a deployment that is
+        down: an error result); its media are stored and placed at the current end of the answer's text."""
+        media = tuple(p for t in plan.llm.turns for p in t.parts if isinstance(p, MediaPart))
+        timeout_s = self.settings.skill_timeout_s
+        if plan.deadline is not None:
+            timeout_s = min(timeout_s, plan.deadline - time.monotonic() - SKILL_TIME_MARGIN_S)
+        req = SkillRequest(plan.request_id, call.name, call.arguments_json, media)
+        if timeout_s <= 0:
+            out = skill_failure(call.name, "no time was left in this request to run the skill")
+        else:
+            try:
+                out = await asyncio.wait_for(self.backend.run_skill(req), timeout_s)
+            except asyncio.TimeoutError:
+                out = skill_failure(call.name, f"the skill did not finish within {timeout_s:.1f} s")
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the model reads it as the call's result
+                out = skill_failure(call.name, stage_error(e).message)
+        stored = []
+        for m in out.media:
+            if plan.llm.allowed_modalities is not None and m.modality not in plan.allowed:
+                log.warning("%s: skill %s made %s, outside the answer's media; dropped", plan.request_id,
+                            call.name, m.modality.value)
+                continue
+            placed = dataclasses.replace(m, index=shift.index_base, text_offset=shift.text_offset)
+            shift.index_base += 1
+            stored.append(Stored(placed, self.store.put(m.data, m.mime_type, m.ext, self.settings.artifact_ttl_s)))
+        if not out.ok:
+            log.info("%s: skill %s failed (%s): %s", plan.request_id, call.name, out.result.error_code,
+                     out.result.error)
+        return SkillCall(call, out, tuple(stored), round_, self.backend.skill_host(call.name))
+
     async def events(self, plan: ChatPlan) -> AsyncIterator[tuple[str, Any]]:
         """Run a plan: yields ``("text", str)``; ``("logprobs", entries)`` (the log-probabilities of the text that
-        follows, when asked for); ``("tool_call", ToolCall)`` as each call's block closes; ``("reserved",
+        follows, when asked for); ``("tool_call", ToolCall)`` as each call's block closes (client tools only);
+        ``("skill_call", SkillCall)`` as each skill call of the loop finishes; ``("reserved",
         Reserved)`` when a signal group closes (its render started, its artifacts reserved); ``("medium",
         Stored)`` as each medium is ready; and finally ``("done", (LLMResult, groups))``. Closing / cancelling it
         cancels the LLM and every render.
@@ -125,34 +260,74 @@ class Runner:
             reserved.append(art)
             return art
 
-        async def produce() -> None:
+        skill_modalities: set[Modality] = set()  # media the skills made (they count towards ``requested``)
+
+        def take_group(item: SignalGroup) -> None:
+            if item.modality not in self.backend.output_modalities or (
+                    plan.llm.allowed_modalities is not None and item.modality not in plan.allowed):
+                # never with our LLM stage (it masks what the request does not allow): a stage
+                # that ignores its ceiling must not cost a render
+                log.warning("%s: %s group %d is outside the answer's media (%s); not rendered",
+                            plan.request_id, item.modality.value, item.index,
+                            ", ".join(m.value for m in plan.allowed) or "text only")
+                return
+            if only_first and (groups or item.modality not in plan.requested):
+                return
+            groups.append(item)
+            seeds = plan.variant_seeds if only_first else (plan.base_seed + item.index,)
+            queue.put_nowait(("reserved", Reserved(item, tuple(start(item, s) for s in seeds))))
+
+        async def one_round(llm) -> LLMResult | None:
+            """One generation; skill calls are kept for the loop, client calls go to the client."""
             result = None
-            try:
-                async for item in self.backend.generate(plan.llm):
-                    if isinstance(item, TextDelta):
-                        if item.logprobs:
-                            queue.put_nowait(("logprobs", item.logprobs))
-                        if item.text:
-                            queue.put_nowait(("text", item.text))
-                    elif isinstance(item, ToolCall):
+            async for item in self.backend.generate(llm):
+                if isinstance(item, TextDelta):
+                    if item.logprobs:
+                        queue.put_nowait(("logprobs", item.logprobs))
+                    if item.text:
+                        queue.put_nowait(("text", item.text))
+                elif isinstance(item, ToolCall):
+                    if item.name not in plan.skills:
                         queue.put_nowait(("tool_call", item))
-                    elif isinstance(item, SignalGroup):
-                        if item.modality not in self.backend.output_modalities or (
-                                plan.llm.allowed_modalities is not None and item.modality not in plan.allowed):
-                            # never with our LLM stage (it masks what the request does not allow): a stage
-                            # that ignores its ceiling must not cost a render
-                            log.warning("%s: %s group %d is outside the answer's media (%s); not rendered",
-                                        plan.request_id, item.modality.value, item.index,
-                                        ", ".join(m.value for m in plan.allowed) or "text only")
-                            continue
-                        if only_first and (groups or item.modality not in plan.requested):
-                            continue
-                        groups.append(item)
-                        seeds = plan.variant_seeds if only_first else (plan.base_seed + item.index,)
-                        queue.put_nowait(("reserved", Reserved(item, tuple(start(item, s) for s in seeds))))
-                    elif isinstance(item, LLMResult):
-                        result = item
-                queue.put_nowait(("llm", result))
+                elif isinstance(item, SignalGroup):
+                    take_group(shift.group(item))
+                elif isinstance(item, LLMResult):
+                    result = item
+            return result
+
+        shift = _Shift()
+
+        async def produce() -> None:
+            try:
+                if not plan.skills:
+                    queue.put_nowait(("llm", await one_round(plan.llm)))
+                    return
+                llm, turns, rounds, results = plan.llm, list(plan.llm.turns), 0, []
+                while True:
+                    result = await one_round(llm)
+                    if result is None:
+                        queue.put_nowait(("llm", None))
+                        return
+                    results.append(shift.result(result))
+                    shift.text_offset += len(result.text)
+                    shift.index_base = max([g.index + 1 for g in groups] + [shift.index_base])
+                    mine = [c for c in result.tool_calls if c.name in plan.skills]
+                    theirs = [c for c in result.tool_calls if c.name not in plan.skills]
+                    if not mine or rounds >= plan.max_skill_rounds:  # (a stage that ignores its tools: no more)
+                        break
+                    calls = await asyncio.gather(*(self._run_skill(plan, c, rounds, shift) for c in mine))
+                    for c in calls:
+                        skill_modalities.update(m.medium.modality for m in c.media)
+                        queue.put_nowait(("skill_call", c))
+                    rounds += 1
+                    if theirs:  # the client's own calls end the loop: they go back to the client
+                        break
+                    turns.append(Turn("assistant", (TextPart(result.text),) if result.text else (),
+                                      tool_calls=tuple(mine)))
+                    turns.extend(Turn("tool", (TextPart(skill_result_text(c)),), tool_call_id=c.call.id)
+                                 for c in calls)
+                    llm = plan.next_round(tuple(turns), offer_skills=rounds < plan.max_skill_rounds)
+                queue.put_nowait(("llm", _merge(results, plan.llm.logprobs is not None, plan.skills)))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - re-raised by the consumer
@@ -165,7 +340,7 @@ class Runner:
         try:
             while not (llm_done and delivered == len(renders)):
                 kind, value = await queue.get()
-                if kind in ("text", "reserved", "logprobs", "tool_call"):
+                if kind in ("text", "reserved", "logprobs", "tool_call", "skill_call"):
                     yield kind, value
                 elif kind == "error":
                     raise stage_error(value)
@@ -173,7 +348,7 @@ class Runner:
                     llm_done, result = True, value
                     if result is None:
                         raise APIError(500, "the LLM stage ended without a result", type="server_error")
-                    produced = {g.modality for g in groups}
+                    produced = {g.modality for g in groups} | skill_modalities
                     missing = [m.value for m in plan.requested if m not in produced]
                     if missing:
                         raise APIError(500, f"the model did not produce the requested {', '.join(missing)}",
@@ -206,30 +381,48 @@ class Runner:
         """Run a plan to the end (and draw its overlay when asked)."""
         text: list[str] = []
         media: list[Stored] = []
+        calls: list[SkillCall] = []
         result, groups = None, []
         async for kind, value in self.events(plan):
             if kind == "text":
                 text.append(value)
             elif kind == "medium":
                 media.append(value)
+            elif kind == "skill_call":
+                calls.append(value)
+                media.extend(value.media)
             elif kind == "done":
                 result, groups = value
-        overlay = await self.overlay(plan, result) if plan.box_overlay else None
+        overlay = await self.overlay(plan, result, calls) if plan.box_overlay else None
         return ChatOutcome(result.text if result is not None and result.text else "".join(text), media, result,
-                           groups, overlay)
+                           groups, overlay, calls)
 
     async def media_items(self, plan: ChatPlan, request: Request) -> tuple[str, list[Stored]]:
         """A one-medium plan (images / audio endpoints), guarded: (the LLM's text, the media by seed)."""
         out: ChatOutcome = await self.guarded(request, self.collect(plan))
         return out.text, sorted(out.media, key=lambda s: s.medium.seed)
 
-    async def overlay(self, plan: ChatPlan, result: LLMResult) -> tuple[Stored, int]:
-        """The answer's boxes drawn on the image they refer to (the last image when there are none), as a stored
-        PNG placed at the end of the text."""
+    async def overlay(self, plan: ChatPlan, result: LLMResult, calls=()) -> tuple[Stored, int]:
+        """The answer's boxes (the model's, then the skills') and the skills' masks drawn on the image they refer
+        to (the first one's image; the last image when there are none), as a stored PNG placed at the end of the
+        text."""
         images = input_images(plan.llm.turns)
-        k = result.boxes[0].image_index if result.boxes else len(images) - 1
-        mine = [b for b in result.boxes if b.image_index == k]
-        png = await asyncio.to_thread(overlay_png, images[k].data, mine)
+        boxes = [*result.boxes, *(b for c in calls for b in c.output.result.boxes)]
+        masks = [m for c in calls for m in c.output.result.masks]
+        first = boxes[0].image_index if boxes else (masks[0].image_index if masks else len(images) - 1)
+        k = first if 0 <= first < len(images) else len(images) - 1
+        mine = [b for b in boxes if b.image_index == k]
+        shown = [m for m in masks if m.image_index == k and tuple(m.size_hw) == images[k].data.shape[:2]]
+
+        def draw() -> bytes:
+            base = images[k].data
+            if shown:
+                from skills.masks import draw_masks
+
+                base = draw_masks(base, shown)
+            return overlay_png(base, mine)
+
+        png = await asyncio.to_thread(draw)
         m = EncodedMedium(Modality.IMAGE, png, "image/png", "png", seed=0, index=0, text_offset=len(result.text))
         return Stored(m, self.store.put(png, m.mime_type, m.ext, self.settings.artifact_ttl_s)), k
 

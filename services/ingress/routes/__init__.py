@@ -5,9 +5,10 @@ from __future__ import annotations
 from services.ingress.routes.artifacts import router as artifacts
 from services.ingress.routes.chat import router as chat
 from services.ingress.routes.generations import router as generations
+from services.ingress.routes.skills import router as skills
 from services.ingress.routes.system import router as system
 from services.ingress.routes.videos import router as videos
 
-ROUTERS = (chat, generations, videos, artifacts, system)
+ROUTERS = (chat, generations, videos, skills, artifacts, system)
 
 __all__ = ["ROUTERS"]
