@@ -124,6 +124,9 @@ class LocalBackend(Backend):
     def skill_host(self, name: str) -> str | None:
         return "in-process" if name in self.skills else None
 
+    def skill_specs(self) -> dict[str, Any]:
+        return {} if self._skill_host is None else {n: type(s).spec() for n, s in self._skill_host.skills.items()}
+
     async def run_skill(self, request: SkillRequest) -> SkillOutput:
         if request.name not in self.skills:
             raise StageUnavailable(f"skill {request.name!r} is not served here; served: "

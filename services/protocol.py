@@ -31,7 +31,7 @@ from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, ToolCa
 from services.errors import StageUnavailable
 
 if TYPE_CHECKING:  # skills.base imports numpy / pydantic only, but the seam names it for types alone
-    from skills.base import SkillResult
+    from skills.base import SkillResult, SkillSpec
 
 
 @dataclass(frozen=True)
@@ -312,6 +312,11 @@ class Backend(abc.ABC):
     def skill_host(self, name: str) -> str | None:
         """The deployment (or ``"in-process"``) that hosts skill ``name``, ``None`` when not served."""
         return None
+
+    def skill_specs(self) -> dict[str, "SkillSpec"]:
+        """Name -> :class:`skills.SkillSpec` (description, JSON schema, accepts / returns) of every served skill,
+        in :attr:`skills` order (the ingress reads them without importing the skills' libraries)."""
+        return {}
 
     async def run_skill(self, request: SkillRequest) -> SkillOutput:
         """Run one skill call. A bad call or a failing model is an error result (``SkillOutput.ok`` false).

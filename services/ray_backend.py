@@ -131,6 +131,7 @@ class RayBackend(Backend):
         self._retry = retry_after_s
         self._skill_servers = dict(skill_servers or {})
         self._placement = {n: d for n, d in (placement or {}).items() if d in self._skill_servers}
+        self._specs: dict[str, Any] | None = None
         self.retried: dict[str, int] = {}  # renders sent again after their replica died, per modality
 
     @property
@@ -186,6 +187,13 @@ class RayBackend(Backend):
 
     def skill_host(self, name: str) -> str | None:
         return self._placement.get(name)
+
+    def skill_specs(self) -> dict[str, Any]:
+        if self._specs is None:
+            from skills import skill_specs
+
+            self._specs = {s.name: s for s in skill_specs(list(self._placement))}
+        return self._specs
 
     async def run_skill(self, request: SkillRequest) -> SkillOutput:
         dep = self._placement.get(request.name)

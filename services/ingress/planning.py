@@ -11,7 +11,6 @@ one group with seeds ``seed + k`` for k < n), and the output formats (``response
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import secrets
@@ -35,6 +34,7 @@ from polymodal.types import MediaPart, TextPart, ToolCall, Turn, input_images
 from services.errors import APIError, bad_request
 from services.ingress.history import AssistantTurn
 from services.ingress.media_input import MediaReader
+from services.ingress.skill_loop import SkillPlan, plan_skills
 from services.protocol import Backend, LLMRequest
 from services.schemas import ChatCompletionRequest, TextContent
 from services.settings import ServerSettings
@@ -75,19 +75,7 @@ class ChatPlan:
     json_content: bool = False  # response_format JSON: content is the JSON alone (media only in the arrays)
     deadline: float | None = None  # time.monotonic() by which the answer is due (retries stop before it)
     on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
-    skills: tuple[str, ...] = ()  # server-side skills enabled (their calls run in the loop, issue #23)
-    max_skill_rounds: int = 0  # rounds that offer the skills; the generation after the last has only client tools
-    requested_media: tuple[Modality, ...] = ()  # the floor, for the rounds after a forced skill call
-
-    def next_round(self, turns: tuple[Turn, ...], *, offer_skills: bool) -> LLMRequest:
-        """The LLM request of the loop's next generation: the conversation so far; the skills still offered
-        (``tool_choice`` auto) or only the client's tools (the model answers); the media floor back in force."""
-        tools = self.llm.tools if offer_skills else tuple(t for t in self.llm.tools if t.name not in self.skills)
-        choice = self.llm.tool_choice
-        if tools and choice is not None and choice.mode in ("required", "function"):
-            choice = ToolChoice("auto")  # the forced call was made
-        kw: dict[str, Any] = {"tools": tools, "tool_choice": choice if tools else None}
-        return dataclasses.replace(self.llm, turns=turns, modalities=self.requested_media, **kw)
+    skills: SkillPlan = SkillPlan()  # server-side skills enabled (issue #23: the loop, services.ingress.skill_loop)
 
 
 class Planner:
@@ -296,12 +284,8 @@ class Planner:
                 raise bad_request(f"{name}: the legacy function-calling fields are not supported; use tools and "
                                   "tool_choice", param=name, code="unsupported_parameter")
         requested, allowed = self.modalities(req)
-        ceiling_set = req.modalities is not None or self.backend.preset.generation.media_without_modalities == "none"
-        skills, skill_tools = self.enabled_skills(req, allowed, ceiling_set)
-        formats = self.output_format(req, requested, skill_tools)
-        choice = formats.get("tool_choice")
-        forced_first = bool(skills) and choice is not None and (
-            choice.name in skills or (choice.mode == "required"))  # the floor applies after the forced call
+        sp, req = plan_skills(self.backend, req, allowed, self.settings.max_skill_rounds)  # + the skills' tools
+        formats = self.output_format(req, () if sp.forced else requested)  # a forced skill call: the floor after it
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_new is not None and max_new > self.limits.max_new_tokens:
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -320,10 +304,9 @@ class Planner:
             raise bad_request("box_overlay: the messages hold no image to draw the boxes on", param="box_overlay",
                               code="invalid_value")
         base_seed = self.seed(req.seed)
-        rounds = min(req.max_skill_rounds or self.settings.max_skill_rounds, self.settings.max_skill_rounds)
         return ChatPlan(
             request_id=request_id,
-            llm=LLMRequest(request_id, tuple(turns), () if forced_first else requested, max_new, req.temperature,
+            llm=LLMRequest(request_id, tuple(turns), () if sp.forced else requested, max_new, req.temperature,
                            req.top_p, base_seed, system, task=req.task, allowed_modalities=allowed, **formats),
             options=options,
             base_seed=base_seed,
@@ -333,59 +316,11 @@ class Planner:
             box_overlay=req.box_overlay,
             allowed=allowed,
             json_content=formats.get("response_format") is not None,
-            deadline=time.monotonic() + self.settings.request_timeout_s,
-            skills=skills,
-            max_skill_rounds=rounds if skills else 0,
-            requested_media=requested,
+            deadline=time.monotonic() + self.settings.request_timeout_s, skills=sp,
         )
 
     # ---- output formats (issue #22) ----------------------------------------------------------------
-    def server_skill_names(self) -> tuple[str, ...]:
-        """Server-side skills this backend runs (a request's ``skills`` and a named ``tool_choice`` may name them)."""
-        return tuple(self.backend.skills)
-
-    def enabled_skills(self, req: ChatCompletionRequest, allowed: tuple[Modality, ...],
-                       ceiling_set: bool) -> tuple[tuple[str, ...], list[Tool]]:
-        """The request's ``skills`` -> their names (deduplicated, in order) and their tools (each skill's JSON
-        schema as the function's parameters).
-
-        Raises:
-            APIError: 400 naming ``skills[k]``: a skill this server does not run (lists the ones it does), a skill
-            that makes a medium outside the answer's media (``modalities`` / the preset's policy); or
-            ``tools[i].function.name`` equal to an enabled skill's name.
-        """
-        if not req.skills:
-            return (), []
-        from skills import get_skill
-
-        served = self.server_skill_names()
-        names: list[str] = []
-        for k, n in enumerate(req.skills):
-            if n not in served:
-                raise bad_request(f"skills[{k}]: unknown skill {n!r}; this server runs: {', '.join(served) or 'none'} "
-                                  "(see GET /v1/skills)", param=f"skills[{k}]", code="unknown_skill")
-            cls = get_skill(n)
-            m = getattr(cls, "modality", None)
-            if m is not None and ceiling_set and Modality.parse(m) not in allowed:
-                raise bad_request(f"skills[{k}]: {n!r} makes {Modality.parse(m).value}, which this answer may not "
-                                  f"contain (its media: {', '.join(x.value for x in allowed) or 'text only'})",
-                                  param=f"skills[{k}]", code="unsupported_modality")
-            if n not in names:
-                names.append(n)
-        for i, t in enumerate(req.tools or ()):
-            fn = t.get("function") if isinstance(t, dict) else None
-            if isinstance(fn, dict) and fn.get("name") in names:
-                raise bad_request(f"tools[{i}].function.name: {fn.get('name')!r} is also an enabled skill; rename the "
-                                  "function or leave the skill out", param=f"tools[{i}].function.name",
-                                  code="invalid_value")
-        tools = []
-        for n in names:
-            spec = get_skill(n).spec()
-            tools.append(Tool(n, spec.parameters, spec.description))
-        return tuple(names), tools
-
-    def output_format(self, req: ChatCompletionRequest, requested: tuple[Modality, ...],
-                      skill_tools: list[Tool] | None = None) -> dict[str, Any]:
+    def output_format(self, req: ChatCompletionRequest, requested: tuple[Modality, ...]) -> dict[str, Any]:
         """``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``logprobs`` /
         ``top_logprobs`` -> the :class:`LLMRequest` fields (only those the request sets).
 
@@ -414,8 +349,6 @@ class Planner:
                     raise bad_request(f"tools: at most {self.limits.max_tools} tools on this server", param="tools",
                                       code="invalid_value")
                 tools = tools_from_openai(req.tools)
-            tools = tools + list(skill_tools or ())  # the enabled skills, after the client's own tools
-            skill_names = {t.name for t in skill_tools or ()}
             choice: ToolChoice | None = None
             if req.tool_choice is not None:
                 if not tools and req.tool_choice != "none":
@@ -424,9 +357,7 @@ class Planner:
                 choice = ToolChoice.from_openai(req.tool_choice, [t.name for t in tools])
             grammar = None
             if tools and (choice is None or choice.mode != "none"):
-                forced_skill = choice is not None and (choice.name in skill_names or (
-                    choice.mode == "required" and skill_names))  # the loop goes on after the call
-                if choice is not None and choice.mode in ("required", "function") and requested and not forced_skill:
+                if choice is not None and choice.mode in ("required", "function") and requested:
                     raise bad_request(
                         f"tool_choice: a forced tool call ({req.tool_choice!r}) cannot carry the media modalities "
                         f"requires ({', '.join(m.value for m in requested)}): the answer would be a call; ask for "
@@ -489,8 +420,7 @@ class Planner:
         return tuple(self.backend.output_modalities)
 
     def check_grounding(self, req: ChatCompletionRequest) -> None:
-        """``task`` / ``box_overlay`` need a grounding model (``box_overlay`` also works with ``skills``: it draws the
-        skills' boxes and masks); ``task`` one of its tasks.
+        """``task`` / ``box_overlay`` need a grounding model (or ``skills``: the overlay of their boxes and masks).
 
         Raises:
             APIError: 400 naming the field (and the tasks to choose from).

@@ -40,7 +40,8 @@ from services.errors import APIError
 from services.ingress.content import ContentStream, compose
 from services.ingress.media_refs import artifact_url, markdown_ref
 from services.ingress.planning import ChatPlan
-from services.ingress.running import ChatOutcome, Reserved, SkillCall, Stored
+from services.ingress.running import ChatOutcome, Reserved, Stored
+from services.ingress.skill_loop import SkillCall
 from services.metrics import APIMetrics
 from services.settings import ServerSettings
 from services.store import Artifact, FileStore
@@ -216,9 +217,9 @@ class Responses:
             if slot is not None and slot not in message:
                 message[slot] = self.audio_message(s, text)
         message["parts"] = interleave(text, placed, media_parts, text_part=lambda t: {"type": "text", "text": t})
-        if self.preset.grounding is not None or plan.skills:
+        if self.preset.grounding is not None or plan.skills.names:
             message["boxes"] = self.boxes_json(r) + self.skill_boxes_json(out.skill_calls)
-        if plan.skills:
+        if plan.skills.names:
             message["masks"] = self.masks_json(out.skill_calls)
             message["skill_calls"] = [self.skill_call_json(c, plan.media_format, base_url) for c in out.skill_calls]
         return {
@@ -383,7 +384,7 @@ class StreamChunks:
                                     logprobs=self.r.logprobs_json(self._logprobs)))
             self._logprobs = []
         last = {"boxes": self.r.boxes_json(result)} if self.r.preset.grounding is not None else {}
-        if self.plan.skills:
+        if self.plan.skills.names:
             last = {"boxes": self.r.boxes_json(result) + self.r.skill_boxes_json(self.skill_calls),
                     "masks": self.r.masks_json(self.skill_calls)}
         out.append(self.r.chunk(self.plan, self.created, last, FINISH.get(result.finish_reason, "stop")))

@@ -7,7 +7,7 @@ at once), fulfilled with the file when the render finishes, or failed with the r
 
 The skill loop (issue #23; a plan with ``skills``): generate until the model calls a skill, run the call(s) on the
 skill's deployment (each within ``skill_timeout_s`` and what is left of the request's time), append the assistant's
-call turn and a ``tool`` turn with each result, generate again; at most ``plan.max_skill_rounds`` rounds offer the
+call turn and a ``tool`` turn with each result, generate again; at most ````max_skill_rounds`` rounds offer the
 skills, the next generation has only the client's tools (the model must answer). A skill that fails, times out or
 whose deployment is down gives the model an error result; the request still answers. Calls of client-defined tools
 end the loop and go back to the client. The rounds' texts join into one answer; media indices and text offsets of
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -27,7 +26,6 @@ from typing import Any
 
 from fastapi import Request
 
-from polymodal.constrained.grammars import ToolChoice
 from polymodal.grounding.overlay import overlay_png
 from polymodal.modality import Modality
 from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, ToolCall, Turn
@@ -35,8 +33,9 @@ from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPa
 from services.errors import APIError
 from services.ingress.error_map import stage_error
 from services.ingress.planning import ChatPlan, input_images
+from services.ingress.skill_loop import Shift, SkillCall, merge, next_round, result_text, skill_failure
 from services.metrics import APIMetrics
-from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest, SkillOutput, SkillRequest
+from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest, SkillRequest
 from services.settings import ServerSettings
 from services.store import Artifact, FileStore
 
@@ -64,18 +63,6 @@ class Stored:
     artifact: Artifact
 
 
-@dataclass(frozen=True)
-class SkillCall:
-    """One skill call the loop ran: the model's call, the skill's output, its media (stored; ``index`` among the
-    answer's media, ``text_offset`` where the call was made), the round (0-based), the deployment that ran it."""
-
-    call: ToolCall
-    output: SkillOutput
-    media: tuple[Stored, ...]
-    round: int
-    deployment: str | None
-
-
 @dataclass
 class ChatOutcome:
     """A whole (non-streamed) answer: its text, rendered media (stored), the LLM's result and groups."""
@@ -90,78 +77,6 @@ class ChatOutcome:
 
 SKILL_TIME_MARGIN_S = 1.0
 """A skill call ends this long before the request's deadline at the latest (the model still answers)."""
-
-
-def skill_failure(name: str, message: str, code: str = "failed") -> SkillOutput:
-    """An error :class:`SkillOutput` made in the ingress (timeout, deployment down)."""
-    from skills.base import SkillResult
-
-    r = SkillResult.failure(name, message, code)
-    return SkillOutput(r, r.to_dict())
-
-
-def skill_result_text(call: SkillCall) -> str:
-    """The ``tool`` turn the model reads after a call: a compact JSON object (the result's text, boxes, masks'
-    boxes, media made, or the error)."""
-    out = call.output
-    d: dict[str, Any] = {"skill": call.call.name}
-    if out.ok:
-        d["result"] = out.result.text
-        if out.result.boxes:
-            d["boxes"] = [{"label": b.phrase, "box": [round(float(v), 1) for v in b.box_px]}
-                          for b in out.result.boxes[:20]]
-        if out.result.masks:
-            d["masks"] = [{"label": m.label, "bbox": [round(float(v), 1) for v in m.bbox_px], "area_px": m.area_px}
-                          for m in out.result.masks[:20]]
-        if out.media:
-            d["media"] = [f"{m.modality.value} {k + 1}" for k, m in enumerate(out.media)]
-    else:
-        d["error"] = out.result.error
-        d["error_code"] = out.result.error_code
-    return json.dumps(d, ensure_ascii=False)
-
-
-class _Shift:
-    """Where a round's output goes in the whole answer: media indices after ``index_base``, text offsets after
-    ``text_offset`` (both 0 in the first round, so a plan without skills is unchanged)."""
-
-    def __init__(self) -> None:
-        self.index_base = 0
-        self.text_offset = 0
-
-    def group(self, g: SignalGroup) -> SignalGroup:
-        if not (self.index_base or self.text_offset):
-            return g
-        return dataclasses.replace(g, index=g.index + self.index_base, text_offset=g.text_offset + self.text_offset)
-
-    def result(self, r: LLMResult) -> LLMResult:
-        if not self.text_offset:
-            return r
-        boxes = tuple(dataclasses.replace(b, text_span=(b.text_span[0] + self.text_offset,
-                                                        b.text_span[1] + self.text_offset))
-                      if b.text_span is not None else b for b in r.boxes)
-        return dataclasses.replace(r, boxes=boxes)
-
-
-def _merge(results: list[LLMResult], logprobs: bool, skills: tuple[str, ...]) -> LLMResult:
-    """The rounds' results as one: texts joined, tokens summed, the last round's finish reason and its calls of
-    client tools (the skills' calls are the loop's: ``message.skill_calls``)."""
-    last = results[-1]
-    theirs = tuple(c for c in last.tool_calls if c.name not in skills)
-    finish = last.finish_reason if theirs or last.finish_reason != "tool_calls" else "stop"
-    if len(results) == 1:
-        return dataclasses.replace(last, tool_calls=theirs, finish_reason=finish)
-    return LLMResult(
-        text="".join(r.text for r in results),
-        groups=tuple(g for r in results for g in r.groups),
-        prompt_tokens=sum(r.prompt_tokens for r in results),
-        completion_tokens=sum(r.completion_tokens for r in results),
-        finish_reason=finish,
-        notes=tuple(n for r in results for n in r.notes),
-        boxes=tuple(b for r in results for b in r.boxes),
-        tool_calls=theirs,
-        logprobs=tuple(e for r in results for e in (r.logprobs or ())) if logprobs else None,
-    )
 
 
 class Runner:
@@ -200,7 +115,7 @@ class Runner:
             raise
         return Stored(m, self.store.fulfil(art, m.data, m.mime_type, m.ext))
 
-    async def _run_skill(self, plan: ChatPlan, call: ToolCall, round_: int, shift: _Shift) -> SkillCall:
+    async def _run_skill(self, plan: ChatPlan, call: ToolCall, round_: int, shift: Shift) -> SkillCall:
         """Run one call of the loop: never raises for the skill's sake (a failure, a timeout, a deployment that is
         down: an error result); its media are stored and placed at the current end of the answer's text."""
         media = tuple(p for t in plan.llm.turns for p in t.parts if isinstance(p, MediaPart))
@@ -287,7 +202,7 @@ class Runner:
                     if item.text:
                         queue.put_nowait(("text", item.text))
                 elif isinstance(item, ToolCall):
-                    if item.name not in plan.skills:
+                    if item.name not in plan.skills.names:
                         queue.put_nowait(("tool_call", item))
                 elif isinstance(item, SignalGroup):
                     take_group(shift.group(item))
@@ -295,11 +210,11 @@ class Runner:
                     result = item
             return result
 
-        shift = _Shift()
+        shift = Shift()
 
         async def produce() -> None:
             try:
-                if not plan.skills:
+                if not plan.skills.names:
                     queue.put_nowait(("llm", await one_round(plan.llm)))
                     return
                 llm, turns, rounds, results = plan.llm, list(plan.llm.turns), 0, []
@@ -311,9 +226,9 @@ class Runner:
                     results.append(shift.result(result))
                     shift.text_offset += len(result.text)
                     shift.index_base = max([g.index + 1 for g in groups] + [shift.index_base])
-                    mine = [c for c in result.tool_calls if c.name in plan.skills]
-                    theirs = [c for c in result.tool_calls if c.name not in plan.skills]
-                    if not mine or rounds >= plan.max_skill_rounds:  # (a stage that ignores its tools: no more)
+                    mine = [c for c in result.tool_calls if c.name in plan.skills.names]
+                    theirs = [c for c in result.tool_calls if c.name not in plan.skills.names]
+                    if not mine or rounds >= plan.skills.max_rounds:  # (a stage that ignores its tools: no more)
                         break
                     calls = await asyncio.gather(*(self._run_skill(plan, c, rounds, shift) for c in mine))
                     for c in calls:
@@ -324,10 +239,11 @@ class Runner:
                         break
                     turns.append(Turn("assistant", (TextPart(result.text),) if result.text else (),
                                       tool_calls=tuple(mine)))
-                    turns.extend(Turn("tool", (TextPart(skill_result_text(c)),), tool_call_id=c.call.id)
+                    turns.extend(Turn("tool", (TextPart(result_text(c)),), tool_call_id=c.call.id)
                                  for c in calls)
-                    llm = plan.next_round(tuple(turns), offer_skills=rounds < plan.max_skill_rounds)
-                queue.put_nowait(("llm", _merge(results, plan.llm.logprobs is not None, plan.skills)))
+                    llm = next_round(plan.llm, plan.skills.names, tuple(turns), plan.requested,
+                                     offer_skills=rounds < plan.skills.max_rounds)
+                queue.put_nowait(("llm", merge(results, plan.llm.logprobs is not None, plan.skills.names)))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - re-raised by the consumer

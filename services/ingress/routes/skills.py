@@ -11,13 +11,17 @@ on a valid input is 422 (``skill_failed``); a skill deployment that is down 503.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 
+from polymodal.types import ToolCall
+
 from services.errors import APIError, bad_request
 from services.ingress.planning import new_id
-from services.ingress.running import SkillCall, Stored
+from services.ingress.running import Stored
+from services.ingress.skill_loop import SkillCall
 from services.ingress.service import IngressService, get_service, require_api_key
 from services.protocol import SkillRequest
 from services.schemas import SkillCallRequest, TextContent
@@ -29,9 +33,9 @@ ERROR_STATUS = {"invalid_arguments": 400, "invalid_input": 400, "failed": 422}
 
 
 def skill_card(svc: IngressService, name: str) -> dict[str, Any]:
-    from skills import get_skill
-
-    return {"object": "skill", **get_skill(name).spec().to_dict(), "deployment": svc.backend.skill_host(name)}
+    """``{"object": "skill", "name", "description", "parameters" (JSON schema), "accepts", "returns", "weight",
+    "deployment"}``."""
+    return {"object": "skill", **svc.backend.skill_specs()[name].to_dict(), "deployment": svc.backend.skill_host(name)}
 
 
 @router.get("/v1/skills")
@@ -53,17 +57,15 @@ def _check_name(svc: IngressService, name: str) -> None:
 
 @router.post("/v1/skills/{name}")
 async def call_skill(name: str, body: SkillCallRequest, request: Request, svc: IngressService = Depends(get_service)):
-    import json
-
-    from skills import get_skill
-    from polymodal.types import ToolCall
-
     _check_name(svc, name)
-    cls = get_skill(name)
-    try:  # checked here too: a 400 before any media is decoded or the skill's deployment is called
-        params = cls.parse(body.arguments)
-    except ValueError as e:
-        raise bad_request(str(e), param="arguments", code="invalid_arguments") from None
+    args = body.arguments
+    try:  # the skill validates them against its schema (invalid_arguments); here only that they are an object
+        args_json = args if isinstance(args, str) else json.dumps(args or {})
+        if not isinstance(json.loads(args_json or "{}"), dict):
+            raise ValueError
+    except ValueError:
+        raise bad_request(f"arguments: {name}'s arguments must be a JSON object", param="arguments",
+                          code="invalid_arguments") from None
     if len(body.input) > svc.limits.max_media_inputs:
         raise bad_request(f"input: at most {svc.limits.max_media_inputs} media inputs per request", param="input",
                           code="too_many_media")
@@ -73,7 +75,6 @@ async def call_skill(name: str, body: SkillCallRequest, request: Request, svc: I
             continue
         media.append(await svc.media.read_part(c, f"input[{j}]"))
     request_id = new_id("skill")
-    args_json = params.model_dump_json()
     req = SkillRequest(request_id, name, args_json, tuple(media))
     out = await svc.runner.guarded(request, svc.backend.run_skill(req))
     r = out.result
@@ -83,7 +84,7 @@ async def call_skill(name: str, body: SkillCallRequest, request: Request, svc: I
                        ("input" if r.error_code == "invalid_input" else None),
                        code=r.error_code if status == 400 else "skill_failed")
     stored = tuple(Stored(m, svc.store.put(m.data, m.mime_type, m.ext, svc.settings.artifact_ttl_s)) for m in out.media)
-    call = SkillCall(ToolCall(request_id, name, json.dumps(json.loads(args_json))), out, stored, 0,
+    call = SkillCall(ToolCall(request_id, name, args_json), out, stored, 0,
                      svc.backend.skill_host(name))
     fmt = body.media_format or svc.settings.default_media_format
     shown = svc.responses.skill_call_json(call, fmt, svc.base_url(request))
