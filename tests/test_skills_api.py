@@ -186,3 +186,17 @@ def test_cli_skill_command(tmp_path):
     ]:
         r = runner.invoke(app, argv)
         assert r.exit_code == code and needle in r.output, (argv, r.exit_code, r.output)
+
+
+def test_streamed_skill_loop(scripted, astronaut_url):
+    url, _ = scripted
+    chunks = list(_chat(_client(url), astronaut_url, stream=True, tool_choice="required",
+                        extra_body={"skills": ["segment"]}))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    calls = [sc for d in deltas for sc in (d.model_extra or {}).get("skill_calls", ())]
+    assert [c["name"] for c in calls] == ["segment"] and calls[0]["result"]["error"] is None
+    assert calls[0]["result"]["masks"][0]["rle"]["size"] == [512, 512]
+    content = "".join(d.content or "" for d in deltas)
+    assert content.startswith("I read: ") and '"masks"' in content and not any(d.tool_calls for d in deltas)
+    last = chunks[-1].choices[0]
+    assert last.finish_reason == "stop" and last.delta.model_extra["masks"][0]["skill"] == "segment"
