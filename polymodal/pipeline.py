@@ -60,6 +60,7 @@ from polymodal.llm import LLMEngine, PromptSegment, TokenLogprob, load_llm
 from polymodal.modality import Modality
 from polymodal.presets import get_preset
 from polymodal.types import (
+    EditSource,
     LLMResult,
     LogprobEntry,
     MediaPart,
@@ -516,19 +517,24 @@ class DecoderStage:
         options: DecoderDefaults | None = None,
         should_cancel: Callable[[], bool] | None = None,
         on_step: Callable[[int], None] | None = None,
+        sources: Sequence[EditSource] | None = None,
     ) -> list:
         """Render B groups with one seed each -> B items, each a ``decoders.Medium`` or ``decoders.DecodeError``.
 
+        ``sources``: B :class:`polymodal.types.EditSource` to edit (issue #27; the decoder's ``render(...,
+        sources=)``): item k renders from source k, conditioned on group k; ``None``: from noise.
+
         Raises:
-            ValueError: ``len(seeds) != len(groups)``.
+            ValueError: ``len(seeds) != len(groups)``; sources the decoder cannot edit.
         """
         if len(seeds) != len(groups):
             raise ValueError(f"{len(groups)} groups but {len(seeds)} seeds")
         if not groups:
             return []
         prompt_embeds = self.project(groups)
+        extra = {} if sources is None else {"sources": list(sources)}
         return self.decoder.render(prompt_embeds, list(seeds), options or self.defaults,
-                                     should_cancel=should_cancel, on_step=on_step)
+                                     should_cancel=should_cancel, on_step=on_step, **extra)
 
     def describe(self) -> dict[str, Any]:
         return {"init_state": self.init_state, "decoder": self.decoder.init_state, "projector": self.projector_state,

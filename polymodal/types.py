@@ -73,6 +73,32 @@ def input_images(turns: Sequence[Turn]) -> list[MediaPart]:
 
 
 @dataclass(frozen=True)
+class EditSource:
+    """What an edit renders from (issue #27): the medium to change and, for an image, where to change it.
+
+    The decoder starts from this medium's latents, noised to ``strength`` of the schedule
+    (:attr:`polymodal.config.DecoderDefaults.strength`), instead of from pure noise, and is conditioned on the
+    edit instruction's signal states as a generation is: what the noise level leaves (position, size, layout)
+    comes from the source, what the instruction asks from the conditioning.
+
+    Attributes:
+        modality: the medium's modality (its decoder must be able to edit: image and video; audio cannot).
+        data: image uint8 (H, W, 3) or video uint8 (F, H, W, 3), already at the output size (the edit keeps it).
+        mask: image only, bool (H, W): True where the image may change (diffusers' white; OpenAI's transparent),
+            ``None``: the whole image.
+    """
+
+    modality: Modality
+    data: np.ndarray
+    mask: np.ndarray | None = None
+
+    @property
+    def signature(self) -> tuple:
+        """What a batch of edits must share: modality, the source's shape, whether it has a mask."""
+        return (Modality.parse(self.modality).value, tuple(self.data.shape), self.mask is not None)
+
+
+@dataclass(frozen=True)
 class SignalGroup:
     """One complete group of signal tokens the LLM produced (or that was completed / forced).
 

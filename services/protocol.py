@@ -26,7 +26,7 @@ from polymodal.config import DecoderDefaults, PresetConfig
 from polymodal.constrained.grammars import ConstraintLimits, ToolChoice
 from polymodal.constrained.tools import Tool
 from polymodal.modality import Modality
-from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, ToolCall, Turn
+from polymodal.types import EditSource, LLMResult, MediaPart, SignalGroup, TextDelta, ToolCall, Turn
 
 from services.errors import StageUnavailable
 
@@ -87,12 +87,14 @@ class LLMRequest:
 
 @dataclass(frozen=True)
 class RenderRequest:
-    """One medium to render: a signal group ((N, D_llm) states), its seed and the merged options."""
+    """One medium to render: a signal group ((N, D_llm) states), its seed and the merged options; ``source``: the
+    medium to edit (issue #27: rendered from it, ``options.strength``), ``None``: from noise."""
 
     request_id: str
     group: SignalGroup
     seed: int
     options: DecoderDefaults
+    source: EditSource | None = None
 
 
 @dataclass(frozen=True)
@@ -243,10 +245,13 @@ class DecoderStageLike(Protocol):
         options: DecoderDefaults | None = None,
         should_cancel: Callable[[], bool] | None = None,
         on_step: Callable[[int], None] | None = None,
+        sources: Sequence[EditSource] | None = None,
     ) -> list[RenderedMedium | Exception]:
         """B groups ((N, D_llm) states each) with one seed each -> B items, in order: a :class:`RenderedMedium`,
         or an exception for an item that could not be rendered (``decoders.DecodeError``: ``reason``, and
         ``cancelled`` once ``should_cancel()`` returned True). ``on_step(i)`` after every denoising step.
+        ``sources``: one :class:`~polymodal.types.EditSource` per item (edits; passed only for edits, all of one
+        shape and mask-ness), item k rendered from source k.
 
         Raises:
             Exception: the whole call failed (the worker retries its items one by one).

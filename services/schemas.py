@@ -109,13 +109,21 @@ class ChatMessage(_Req):
 
 # ---- per-medium generation options (override the preset's decoder defaults) -------------------------
 class _Steps(_Req):
+    """Per-medium options are polymodal's own extension: an unknown key is a typo, refused with 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+
+
+STRENGTH_DESCRIPTION = ("edits: how far the medium may go from its source, the fraction of the denoising schedule "
+                        "run (0 < strength <= 1; strength x num_inference_steps >= 1); default: the preset's")
 
 
 class ImageOptions(_Steps):
     height_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
     width_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
+    strength: float | None = Field(None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)
 
 
 class AudioOptions(_Steps):
@@ -134,6 +142,7 @@ class VideoOptions(_Steps):
     fps: int | None = Field(None, ge=1, le=MAX_FPS)
     crf: int | None = Field(None, ge=0, le=MAX_CRF, description="libx264 constant rate factor of the MP4 (lower: "
                             "closer to the generated frames, bigger file; default: the preset's)")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)
 
 
 class StreamOptions(_Req):
@@ -150,7 +159,8 @@ class ChatCompletionRequest(_Req):
     hold ``inline`` data URLs or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``,
     ``audio``, ``video``; each requested medium is produced or the request is refused with 400. With a grounding
     model: ``task`` (one of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also
-    return the image with the answer's boxes drawn). An assistant message may carry our answers' media arrays
+    return the image with the answer's boxes drawn). ``edit``: the answer's images are edits of an image of the
+    conversation (see :meth:`services.ingress.planning.Planner.edit_source`). An assistant message may carry our answers' media arrays
     (``images``, ``audios``, ``videos``) and ``audio`` ``{"id"}`` (kept as extra fields, see :class:`ChatMessage`).
     """
 
@@ -171,6 +181,10 @@ class ChatCompletionRequest(_Req):
     media_format: Literal["inline", "url"] | None = None
     task: str | None = Field(None, max_length=64, description="a grounding task (see /v1/models: grounding.tasks)")
     box_overlay: bool = Field(False, description="also return the input image with the answer's boxes drawn")
+    edit: bool | str | None = Field(
+        None, description="render the answer's images from an image of the conversation (issue #27): true = the "
+        "image the last user message holds, else the conversation's most recent image; a string = one of this "
+        "server's artifact ids or URLs (read from the store, never fetched). The answer then contains an image.")
     user: str | None = None
     # Output formats (issue #22), checked by the ingress (400 naming the field), enforced by grammar in the LLM.
     response_format: dict | None = Field(None, description='{"type": "text" | "json_object" | "json_schema", '
@@ -225,6 +239,29 @@ class ImageGenerationRequest(_Req):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
     guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    user: str | None = None
+
+
+class ImageEditRequest(_Req):
+    """``POST /v1/images/edits``: the form fields of OpenAI's multipart request (the files, ``image`` and ``mask``,
+    are read by the route).
+
+    ``size``: ``"WxH"`` or ``"auto"`` (the preset's image size): the source image (and mask) are resized to it and
+    the edit has that size. ``response_format``: ``b64_json`` (default) or ``url``. Extensions: ``seed`` (image k
+    gets ``seed + k``), ``num_inference_steps``, ``guidance_scale``, ``strength`` (how far the edit may go from
+    the source: the fraction of the denoising schedule run; ``strength x steps`` must be >= 1).
+    """
+
+    prompt: str = Field(min_length=1, max_length=32000)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=16)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] | None = None
+    output_format: Literal["png"] | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
+    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
+    strength: float | None = Field(None, gt=0.0, le=1.0)
     user: str | None = None
 
 

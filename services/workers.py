@@ -4,7 +4,7 @@
   consumer sets a flag the LLM checks after every token.
 - :class:`DecoderWorker` renders a batch of :class:`~services.protocol.RenderRequest` items: grouped by
   compatible settings (the whole :class:`~polymodal.config.DecoderDefaults`: size, steps, guidance,
-  frames, fps, duration), one seed per item, encoded to files. A pipeline call that raises is retried item
+  frames, fps, duration, strength; and for edits the source's shape and whether it has a mask), one seed per item, encoded to files. A pipeline call that raises is retried item
   by item, so only the bad item fails. A group stops at the next denoising step once every item in it is
   cancelled (an item cancelled while others of its group still want their result simply has its output
   dropped).
@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from polymodal.config import DecoderDefaults
 from polymodal.modality import Modality
 from polymodal.types import LLMResult
 
@@ -163,8 +162,11 @@ class BatchItem:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
-def _options_key(options: DecoderDefaults) -> tuple:
-    return tuple(sorted(options.model_dump().items()))
+def _batch_key(request: RenderRequest) -> tuple:
+    """What the items of one pipeline call share: every option, and the edit source's shape and mask-ness (edits
+    and generations never share a call)."""
+    source = None if request.source is None else request.source.signature
+    return tuple(sorted(request.options.model_dump().items())), source
 
 
 class DecoderWorker:
@@ -191,7 +193,7 @@ class DecoderWorker:
         results: list[EncodedMedium | Exception | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
-            groups.setdefault(_options_key(it.request.options), []).append(i)
+            groups.setdefault(_batch_key(it.request), []).append(i)
         for idx in groups.values():
             live = [i for i in idx if not items[i].cancel.is_set()]
             for i in idx:
@@ -215,6 +217,7 @@ class DecoderWorker:
         """One pipeline call; ``None`` if it raised (the error is kept in ``last_error``)."""
         reqs = [b.request for b in batch]
         self.counters.add(batches=1, batch_items=len(batch), max_batch_size=len(batch))
+        edits = {} if reqs[0].source is None else {"sources": [r.source for r in reqs]}
         try:
             raw = self.stage.render(
                 [r.group for r in reqs],
@@ -222,6 +225,7 @@ class DecoderWorker:
                 reqs[0].options,
                 should_cancel=lambda: all(b.cancel.is_set() for b in batch),
                 on_step=lambda i: self.counters.add(steps=1),
+                **edits,
             )
             if len(raw) != len(batch):
                 raise RuntimeError(f"decoder returned {len(raw)} results for {len(batch)} items")

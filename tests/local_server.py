@@ -22,8 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(preset: str, start_timeout_s: float = 240.0) -> Iterator[str]:
-    """Start ``preset`` in this process; yields its base URL (``http://127.0.0.1:PORT``); stops it after."""
+def serve(preset: str, start_timeout_s: float = 240.0, api_keys: tuple[str, ...] = ()) -> Iterator[str]:
+    """Start ``preset`` in this process (``api_keys``: the keys it requires, none by default); yields its base URL
+    (``http://127.0.0.1:PORT``); stops it after."""
     from services.run import serve_main
 
     port = free_port()
@@ -33,7 +34,8 @@ def serve(preset: str, start_timeout_s: float = 240.0) -> Iterator[str]:
 
     def run() -> None:
         try:
-            result["rc"] = serve_main(preset, host="127.0.0.1", port=port, no_ray=True, stop_event=stop, out=out)
+            result["rc"] = serve_main(preset, host="127.0.0.1", port=port, no_ray=True, api_keys=api_keys,
+                                      stop_event=stop, out=out)
         except BaseException as e:  # noqa: BLE001 - reported by the fixture
             result["error"] = e
 

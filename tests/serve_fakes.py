@@ -7,7 +7,8 @@
   masks the others' signal tokens), honours ``should_cancel`` between tokens, and records every call.
 - :class:`FakeDecoderStage` renders real files (PNG via Pillow, WAV via soundfile, bytes for video) whose
   content depends on the seed and the options, sleeping ``step_s`` per denoising step, calling ``on_step``
-  and stopping when ``should_cancel()``; ``poison_seeds`` make a whole pipeline call raise.
+  and stopping when ``should_cancel()``; ``poison_seeds`` make a whole pipeline call raise; edits' ``sources`` are
+  recorded in ``calls`` (the rendered content does not read them).
 """
 
 from __future__ import annotations
@@ -143,10 +144,10 @@ class FakeDecoderStage:
     def describe(self):
         return {"init_state": self.init_state, "fake": True}
 
-    def render(self, groups, seeds, options=None, should_cancel=None, on_step=None):
+    def render(self, groups, seeds, options=None, should_cancel=None, on_step=None, sources=None):
         options = options or self.defaults
         with self._lock:
-            self.calls.append(dict(seeds=list(seeds), options=options, n=len(groups)))
+            self.calls.append(dict(seeds=list(seeds), options=options, n=len(groups), sources=sources))
         for g in groups:
             if g.modality is not self.modality:
                 raise ValueError(f"{g.modality.value} group sent to the {self.modality.value} decoder")

@@ -81,6 +81,21 @@ def test_constrained_mask_quick(tmp_path):
     assert _positive(data["decode"]["no_mask_tokens_per_s"]) and _positive(data["decode"]["mask_tokens_per_s"])
 
 
+def test_structured_quick(tmp_path):
+    """Tiny (random): without the grammar nothing is valid; with it, every call validates and every JSON answer
+    that ended by itself validates (a ``length`` ending is counted as a failure, never as valid)."""
+    stdout, data = _run("structured.py", "--quick", tmp_path=tmp_path, timeout=600)
+    assert "with vs without the grammar" in stdout and "slowdown x" in stdout
+    r = data["presets"]["tiny"]
+    js, tools = r["json"], r["tools"]
+    assert js["constrained"]["valid"] == js["constrained"]["finish_reasons"].get("stop", 0) >= 3
+    assert tools["constrained"]["valid_share"] == 1.0 and tools["constrained"]["finish_reasons"] == {"tool_calls": 3}
+    assert js["unconstrained"]["valid"] == 0 and tools["unconstrained"]["valid"] == 0
+    for side in (js["constrained"], tools["constrained"], js["unconstrained"]):
+        assert _positive(side["tokens_per_s"]) and 0 <= side["field_accuracy"] <= 1
+    assert _positive(js["slowdown_x"]) and _positive(tools["slowdown_x"])
+
+
 def test_reference_baseline_quick(tmp_path):
     stdout, data = _run("reference_baseline.py", "--quick", "--steps", "2", "--concurrent", "4",
                         tmp_path=tmp_path, timeout=600)

@@ -192,6 +192,8 @@ def test_unknown_model_is_400(app_llm_dec):
     ({"audio": {"duration_s": 0}}, "audio.duration_s"),
     ({"video": {"fps": 100}}, "video.fps"),
     ({"video": {"crf": 52}}, "video.crf"),
+    ({"image": {"bogus": 1}}, "image.bogus"),                # our own option objects refuse unknown keys
+    ({"audio": {"num_steps": 4}}, "audio.num_steps"),
     ({"modalities": ["smell"]}, "modalities"),
     ({"messages": []}, "messages"),
 ])

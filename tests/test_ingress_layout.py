@@ -21,6 +21,7 @@ ENDPOINTS = {
     ("POST", "/v1/chat/completions", "chat"),
     ("POST", "/v1/images/generations", "generations"),
     ("POST", "/v1/audio/generations", "generations"),
+    ("POST", "/v1/images/edits", "edits"),
     ("POST", "/v1/videos", "videos"),
     ("GET", "/v1/videos/{video_id}", "videos"),
     ("GET", "/v1/videos/{video_id}/content", "videos"),
@@ -33,6 +34,8 @@ ENDPOINTS = {
     ("GET", "/health", "system"),
     ("GET", "/ready", "system"),
     ("GET", "/metrics", "system"),
+    ("GET", "/", "page"),
+    ("GET", "/page/{name}", "page"),
 }
 
 

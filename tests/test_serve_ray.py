@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -150,6 +151,25 @@ def test_images_endpoint(service):
     out = client.images.generate(model="tiny", prompt="a red fox", n=2, size="32x32", response_format="b64_json")
     ims = [Image.open(io.BytesIO(base64.b64decode(d.b64_json))) for d in out.data]
     assert [im.size for im in ims] == [(32, 32), (32, 32)] and ims[0].tobytes() != ims[1].tobytes()
+
+
+def test_images_edits_over_ray(service):
+    """/v1/images/edits over the Ray graph: the source and its mask cross to the image decoder replica (issue #27)."""
+    client = _openai(service)
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[:16] = 0  # the top half may change
+    bufs = []
+    for im in (Image.fromarray(src), Image.fromarray(np.dstack([src, alpha]), "RGBA")):
+        bufs.append(io.BytesIO())
+        im.save(bufs[-1], format="PNG")
+    out = client.images.edit(image=("src.png", bufs[0].getvalue(), "image/png"),
+                             mask=("mask.png", bufs[1].getvalue(), "image/png"), prompt="a red fox", n=2,
+                             size="32x32", extra_body={"seed": 3, "num_inference_steps": 2, "strength": 1.0})
+    ims = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d.b64_json))).convert("RGB")) for d in out.data]
+    assert all(np.array_equal(im[16:], src[16:]) for im in ims)  # kept outside the mask, exactly
+    assert not np.array_equal(ims[0][:16], ims[1][:16])
 
 
 def test_sse_streaming(service):

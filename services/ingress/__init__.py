@@ -40,6 +40,19 @@ Endpoints
   ``n`` images are rendered from that group with seeds ``seed + k`` (one decoder batch); ``data[k].b64_json``
   (default) or ``url`` (+ ``expires_at``).
 - ``POST /v1/audio/generations``: the same for audio (WAV); ``data[k].b64_json`` or ``url``.
+- ``POST /v1/images/edits`` (issue #27; OpenAI's multipart shape, see :mod:`~services.ingress.routes.edits`): one
+  ``image`` file, optional ``mask`` (PNG with alpha; transparent = may change), ``prompt``, ``n``, ``size``,
+  ``response_format`` (+ ``seed``, ``num_inference_steps``, ``guidance_scale``, ``strength``): the prompt through
+  the LLM with the image group required (the source image before it when the model reads images), that group
+  rendered ``n`` times from the source (img2img; inpainting with a mask, the source's pixels kept outside it),
+  the answer as ``/v1/images/generations``'. Bad input: 400 naming the field (``image``, ``mask``, ``strength``, ...).
+- Chat edits: ``edit`` in a chat request renders the answer's images from an image of the conversation instead of
+  from noise, and puts ``image`` into the answer's floor. The rule: ``edit: true`` takes the last image of the last
+  user message (uploaded, or one of our artifact URLs as an ``image_url`` part), else the conversation's most recent
+  image (an earlier answer's image sent back in the history counts); ``edit: "<artifact id or URL>"`` takes that
+  artifact. References resolve from the store only, never fetched: unknown or expired is a 400
+  (``artifact_not_found``, param ``edit``); none in the conversation: 400 ``no_image_to_edit``. The source is
+  resized to the answer's image size; ``image.strength`` says how far the edit may go (default: the preset's).
 - ``POST /v1/videos`` (async job), ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/content`` (MP4).
 - ``GET /v1/skills`` (the served skills: name, description, JSON schema, the deployment hosting each) and
   ``POST /v1/skills/{name}`` (one call on ``{"arguments", "input": [content parts]}``; 404 unknown skill, 400

@@ -29,16 +29,18 @@ from polymodal.constrained.grammars import response_format as response_format_gr
 from polymodal.constrained.grammars import tool_calls as tool_calls_grammar
 from polymodal.constrained.tools import TOOL_NAME_RE, Tool, tool_call_format, tools_from_openai
 from polymodal.modality import Modality
-from polymodal.types import MediaPart, TextPart, ToolCall, Turn, input_images
+from polymodal.types import EditSource, MediaPart, TextPart, ToolCall, Turn, input_images
 
 from services.errors import APIError, bad_request
 from services.ingress.history import AssistantTurn
+from services.ingress.media_refs import artifact_id_of
 from services.ingress.media_input import MediaReader
 from services.ingress.skill_loop import SkillPlan, plan_skills
 from services.protocol import Backend, LLMRequest
 from services.schemas import ChatCompletionRequest, TextContent
 from services.settings import ServerSettings
 
+_ARTIFACT_ID = re.compile(r"^art_[A-Za-z0-9_-]{8,60}$")
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 # The images / audio / videos endpoints only need the LLM's short lead-in (returned as revised_prompt) and
 # the group it emits or that is then forced: more text would only delay the medium. At most this many
@@ -75,6 +77,7 @@ class ChatPlan:
     json_content: bool = False  # response_format JSON: content is the JSON alone (media only in the arrays)
     deadline: float | None = None  # time.monotonic() by which the answer is due (retries stop before it)
     on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
+    edit_source: EditSource | None = None  # edits: the groups of its modality render from it (issue #27)
     skills: SkillPlan = SkillPlan()  # server-side skills enabled (issue #23: the loop, services.ingress.skill_loop)
 
 
@@ -284,6 +287,14 @@ class Planner:
                 raise bad_request(f"{name}: the legacy function-calling fields are not supported; use tools and "
                                   "tool_choice", param=name, code="unsupported_parameter")
         requested, allowed = self.modalities(req)
+        editing = req.edit is not None and req.edit is not False
+        if editing:  # an edit answers with an image: the floor and the ceiling hold it
+            self.require_output(Modality.IMAGE, "edit")
+            if req.modalities is not None and Modality.IMAGE not in requested:
+                raise bad_request("edit: an edit answers with an image; add \"image\" to modalities", param="edit",
+                                  code="invalid_value")
+            requested = tuple(dict.fromkeys((*requested, Modality.IMAGE)))
+            allowed = tuple(dict.fromkeys((*allowed, Modality.IMAGE)))
         sp, req = plan_skills(self.backend, req, allowed, self.settings.max_skill_rounds)  # + the skills' tools
         formats = self.output_format(req, () if sp.forced else requested)  # a forced skill call: the floor after it
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -303,6 +314,7 @@ class Planner:
         if req.box_overlay and not input_images(turns):
             raise bad_request("box_overlay: the messages hold no image to draw the boxes on", param="box_overlay",
                               code="invalid_value")
+        edit_source = await self.edit_source(req.edit, turns, options[Modality.IMAGE]) if editing else None
         base_seed = self.seed(req.seed)
         return ChatPlan(
             request_id=request_id,
@@ -316,8 +328,53 @@ class Planner:
             box_overlay=req.box_overlay,
             allowed=allowed,
             json_content=formats.get("response_format") is not None,
-            deadline=time.monotonic() + self.settings.request_timeout_s, skills=sp,
+            deadline=time.monotonic() + self.settings.request_timeout_s,
+            edit_source=edit_source, skills=sp,
         )
+
+    async def edit_source(self, edit: bool | str, turns: list[Turn], options: DecoderDefaults) -> EditSource:
+        """The image a chat edit renders from (the rule, documented in :mod:`services.ingress`):
+
+        - ``edit: true``: the last image the last user message holds (uploaded, or one of our artifact URLs as an
+          ``image_url`` part), else the conversation's most recent image (an assistant's generated image sent back in
+          the history counts: it resolves from the store);
+        - ``edit: "<artifact id or artifact URL>"``: that artifact, read from the store only (never fetched).
+
+        The source is resized to the answer's image size (``image.height_px`` / ``width_px``, else the preset's) and
+        the whole image may change (no mask in chat).
+
+        Raises:
+            APIError: 400 ``edit``: no image in the conversation, an unknown / expired / failed artifact
+            (``artifact_not_found`` / ``artifact_failed``), a string that is not our artifact, not an image, or
+            ``image.strength x image.num_inference_steps < 1``.
+        """
+        from polymodal import media_io
+        from polymodal.media.image import resize_image
+
+        if options.num_inference_steps * options.strength < 1:
+            raise bad_request(f"image.strength {options.strength} x image.num_inference_steps "
+                              f"{options.num_inference_steps} leaves no denoising step (the product must be >= 1)",
+                              param="image.strength", code="invalid_value")
+        if edit is True:
+            images = input_images(turns[-1:]) or input_images(turns)
+            if not images:
+                raise bad_request("edit: the conversation holds no image to edit (send one, refer to one of this "
+                                  "server's artifact URLs, or give its id as edit)", param="edit",
+                                  code="no_image_to_edit")
+            image = images[-1].data
+        else:
+            ref = str(edit).strip()
+            artifact_id = artifact_id_of(ref) or (ref if _ARTIFACT_ID.match(ref) else None)
+            if artifact_id is None:
+                raise bad_request("edit: expected true or one of this server's artifact ids / URLs "
+                                  f"(/v1/artifacts/...); got {ref[:100]!r} (never fetched)", param="edit",
+                                  code="invalid_history_reference")
+            _, data = await self.media.stored(artifact_id, "edit")
+            try:  # another medium is a MediaError ("not an image")
+                image = media_io.decode_media(Modality.IMAGE, data, limits=self.media.media_limits).data
+            except media_io.MediaError as e:
+                raise self.media.media_error(e, "edit") from None
+        return EditSource(Modality.IMAGE, resize_image(image, options.height_px, options.width_px))
 
     # ---- output formats (issue #22) ----------------------------------------------------------------
     def output_format(self, req: ChatCompletionRequest, requested: tuple[Modality, ...]) -> dict[str, Any]:
@@ -435,14 +492,16 @@ class Planner:
                               param="task", code="invalid_value")
 
     def plan_prompt(self, prompt: str, modality: Modality, options: DecoderDefaults, seed: int | None, n: int,
-                    request_id: str, fmt: str) -> ChatPlan:
+                    request_id: str, fmt: str, *, media: tuple[MediaPart, ...] = (),
+                    edit_source: EditSource | None = None) -> ChatPlan:
         """A one-medium request (images / audio / videos endpoints): the prompt through the LLM with the
         modality's group required; the first group of that modality is rendered ``n`` times with seeds
-        ``seed + k``."""
+        ``seed + k``. ``media``: input media placed before the prompt in the user's turn (an edit's source
+        image, when the model reads images); ``edit_source``: every variant renders from it (``/v1/images/edits``)."""
         base_seed = self.seed(seed)
-        llm = LLMRequest(request_id, (Turn("user", (TextPart(prompt),)),), (modality,),
+        llm = LLMRequest(request_id, (Turn("user", (*media, TextPart(prompt))),), (modality,),
                          min(PROMPT_ENDPOINT_MAX_NEW_TOKENS, self.backend.preset.generation.prompt_lead_in_tokens,
                              self.limits.max_new_tokens), None, None, base_seed, allowed_modalities=(modality,))
         return ChatPlan(request_id, llm, {modality: options}, base_seed, (modality,), fmt,
                         variant_seeds=tuple(base_seed + k for k in range(n)), allowed=(modality,),
-                        deadline=time.monotonic() + self.settings.request_timeout_s)
+                        deadline=time.monotonic() + self.settings.request_timeout_s, edit_source=edit_source)

@@ -105,8 +105,10 @@ class Runner:
         """Render one medium into its reserved artifact (failed with the reason if the render fails or is
         cancelled)."""
         options = plan.options.get(group.modality) or self.backend.preset.decoders[group.modality].defaults
+        source = plan.edit_source if plan.edit_source is not None and plan.edit_source.modality is group.modality \
+            else None
         try:
-            m = await self.backend.render(RenderRequest(plan.request_id, group, seed, options))
+            m = await self.backend.render(RenderRequest(plan.request_id, group, seed, options, source))
         except asyncio.CancelledError:
             self.store.fail(art, "the request was cancelled before this medium was ready")
             raise
