@@ -200,3 +200,30 @@ def test_streamed_skill_loop(scripted, astronaut_url):
     assert content.startswith("I read: ") and '"masks"' in content and not any(d.tool_calls for d in deltas)
     last = chunks[-1].choices[0]
     assert last.finish_reason == "stop" and last.delta.model_extra["masks"][0]["skill"] == "segment"
+
+
+def test_a_skill_past_its_time_is_an_error_result(astronaut_url):
+    """A skill call over ``skill_timeout_s``: the model reads a timeout error, the request still answers (200)."""
+    import time
+
+    from polymodal.presets import get_preset
+    from services.ingress import build_app
+    from services.local import LocalBackend
+    from services.settings import ServerSettings
+    from services.skill_host import SkillHost
+    from skills import DetectSkill
+
+    class SlowDetect(DetectSkill):
+        def run(self, arguments=None, media=()):
+            time.sleep(3.0)
+            return super().run(arguments, media)
+
+    stage = ScriptedToolLLMStage({"detect": {"target": "face"}})
+    backend = LocalBackend(get_preset("tiny"), stage, {}, SkillHost({"detect": SlowDetect()}))
+    app = build_app(backend, ServerSettings(request_timeout_s=30, skill_timeout_s=0.5))
+    for url in serve_app(app):
+        r = _chat(_client(url), astronaut_url, tool_choice={"type": "function", "function": {"name": "detect"}},
+                  extra_body={"skills": ["detect"]})  # (the skill would have found the face: it finishes in 3 s)
+        res = r.choices[0].message.model_extra["skill_calls"][0]["result"]
+        assert res["error_code"] == "failed" and "did not finish within 0.5 s" in res["error"]
+        assert "did not finish" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
