@@ -5,8 +5,8 @@ references to our own artifacts resolved by :class:`services.ingress.history.Ass
 the requested modalities, decoder options merged over the preset's defaults and checked against the server's
 limits, grounding tasks, seeds (medium k of an answer gets ``seed + k``; the one-medium endpoints render
 one group with seeds ``seed + k`` for k < n), and the output formats (``response_format``, ``tools``,
-``tool_choice``, ``logprobs``: their grammar is built and checked here, without a tokenizer, so a bad schema is a
-400 before any model work). Every refusal here is a 4xx naming the field.
+``tool_choice``, ``logprobs``: :mod:`services.ingress.formats` builds and checks their grammar without a
+tokenizer, so a bad schema is a 400 before any model work). Every refusal here is a 4xx naming the field.
 """
 
 from __future__ import annotations
@@ -23,15 +23,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from polymodal.config import DecoderDefaults, PresetConfig
-from polymodal.constrained.errors import ConstraintError
-from polymodal.constrained.grammars import ToolChoice, check as check_grammar, response_schema
-from polymodal.constrained.grammars import response_format as response_format_grammar
-from polymodal.constrained.grammars import tool_calls as tool_calls_grammar
-from polymodal.constrained.tools import TOOL_NAME_RE, Tool, tool_call_format, tools_from_openai
+from polymodal.constrained.tools import TOOL_NAME_RE
 from polymodal.modality import Modality
 from polymodal.types import EditSource, MediaPart, TextPart, ToolCall, Turn, input_images
 
 from services.errors import APIError, bad_request
+from services.ingress.formats import output_format
 from services.ingress.history import AssistantTurn
 from services.ingress.media_refs import artifact_id_of
 from services.ingress.media_input import MediaReader
@@ -296,7 +293,8 @@ class Planner:
             requested = tuple(dict.fromkeys((*requested, Modality.IMAGE)))
             allowed = tuple(dict.fromkeys((*allowed, Modality.IMAGE)))
         sp, req = plan_skills(self.backend, req, allowed, self.settings.max_skill_rounds)  # + the skills' tools
-        formats = self.output_format(req, () if sp.forced else requested)  # a forced skill call: the floor after it
+        formats = output_format(req, () if sp.forced else requested, self.limits,  # a forced skill call:
+                                self.backend.preset.chat.tool_format)  # the floor applies after it
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_new is not None and max_new > self.limits.max_new_tokens:
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -377,66 +375,10 @@ class Planner:
         return EditSource(Modality.IMAGE, resize_image(image, options.height_px, options.width_px))
 
     # ---- output formats (issue #22) ----------------------------------------------------------------
-    def output_format(self, req: ChatCompletionRequest, requested: tuple[Modality, ...]) -> dict[str, Any]:
-        """``response_format``, ``tools``, ``tool_choice``, ``parallel_tool_calls``, ``logprobs`` /
-        ``top_logprobs`` -> the :class:`LLMRequest` fields (only those the request sets).
-
-        The answer's grammar is built as the LLM stage will build it (without the signal token ids, which need
-        the tokenizer: same structure) and checked by the grammar engine here, so a schema it cannot compile is a
-        400 before any model work.
-
-        Raises:
-            APIError: 400 naming the field: a malformed ``response_format`` or schema, one over
-            ``limits.max_schema_bytes``; a bad tool list (type, name, duplicate names, parameters), more than
-            ``limits.max_tools``; ``tool_choice`` without tools or naming a function not in ``tools``; a forced
-            call (``required`` / named) with ``modalities`` that require media; ``top_logprobs`` without
-            ``logprobs``.
-        """
-        out: dict[str, Any] = {}
-        if req.top_logprobs is not None and not req.logprobs:
-            raise bad_request("top_logprobs: needs logprobs: true", param="top_logprobs", code="invalid_value")
-        if req.logprobs:
-            out["logprobs"] = int(req.top_logprobs or 0)
-        limits = self.limits.constraint_limits()
-        try:
-            answer = response_schema(req.response_format, limits=limits)
-            tools: list[Tool] = []
-            if req.tools:
-                if len(req.tools) > self.limits.max_tools:
-                    raise bad_request(f"tools: at most {self.limits.max_tools} tools on this server", param="tools",
-                                      code="invalid_value")
-                tools = tools_from_openai(req.tools)
-            choice: ToolChoice | None = None
-            if req.tool_choice is not None:
-                if not tools and req.tool_choice != "none":
-                    raise bad_request("tool_choice: only allowed when tools are given", param="tool_choice",
-                                      code="invalid_value")
-                choice = ToolChoice.from_openai(req.tool_choice, [t.name for t in tools])
-            grammar = None
-            if tools and (choice is None or choice.mode != "none"):
-                if choice is not None and choice.mode in ("required", "function") and requested:
-                    raise bad_request(
-                        f"tool_choice: a forced tool call ({req.tool_choice!r}) cannot carry the media modalities "
-                        f"requires ({', '.join(m.value for m in requested)}): the answer would be a call; ask for "
-                        "the media in a later turn, or use tool_choice 'auto'", param="tool_choice",
-                        code="invalid_value")
-                fmt = tool_call_format(self.backend.preset.chat.tool_format)
-                grammar = tool_calls_grammar(tools, choice or ToolChoice("auto"), fmt,
-                                             parallel=req.parallel_tool_calls is not False, answer=answer,
-                                             limits=limits)
-            elif answer is not None:
-                grammar = response_format_grammar(req.response_format, limits=limits)
-            if grammar is not None:
-                check_grammar(grammar)
-        except ConstraintError as e:
-            raise bad_request(str(e).splitlines()[0], param=e.param, code="invalid_schema") from None
-        if answer is not None:
-            out["response_format"] = dict(req.response_format)
-        if tools:
-            out.update(tools=tuple(tools), tool_choice=choice, parallel_tool_calls=req.parallel_tool_calls is not False)
-        if out:
-            out["constraint_limits"] = limits
-        return out
+    def server_skill_names(self) -> tuple[str, ...]:
+        """Server-side skills a named ``tool_choice`` may also name (the skills issue, #23, fills this hook; none
+        are callable through ``tool_choice`` yet)."""
+        return ()
 
     def modalities(self, req: ChatCompletionRequest) -> tuple[tuple[Modality, ...], tuple[Modality, ...]]:
         """``modalities`` and ``audio`` -> (the media the answer must contain, the media it may contain).
