@@ -6,6 +6,14 @@ Graph::
                                       --render--> DecoderServer[image] / [audio] / [video]  (@serve.batch)
                                       --speech--> SpeechServer (transcribe, synthesize: pocketsphinx, flite)
                                       --stats---> StatsServer  <--report-- DecoderServer replicas
+                                      --run-----> SkillServer["skills-cpu"]       detect, segment, ocr
+                                                  SkillServer["skills-generate"]  generate_image / _audio / _video
+                                                  SkillServer["skills-objects"]   detect_objects (with a path)
+
+Which deployment hosts which skill is ``AppArgs.skills`` (the placement of
+:data:`services.skill_host.SKILL_DEPLOYMENTS`; by default only ``skills-cpu``, ``deploy/serve.yaml`` adds
+``skills-generate`` and ``skills-objects``); a deployment whose skills the preset cannot serve (no decoder of that
+modality, no object-detector path) is not deployed; ``skills: {}`` deploys none.
 
 Every deployment's resources, replica counts / autoscaling and queue bounds are typed fields of
 :class:`AppArgs` (pydantic, validated by Ray from the YAML ``args``). On a small CPU machine keep every
@@ -104,6 +112,22 @@ class LLMDeploymentArgs(DeploymentArgs):
     max_concurrency: int = Field(1, ge=1, le=64, description="generations at once per replica")
 
 
+class SkillDeploymentArgs(DeploymentArgs):
+    """A skill deployment: resources plus the skills it hosts (:data:`services.skill_host.SKILL_DEPLOYMENTS`)."""
+
+    num_cpus: float = Field(0.2, ge=0)
+    skills: list[str] = Field(min_length=1)
+    ocr_threads: int | None = Field(None, ge=1, le=64, description="ONNX Runtime threads of ocr (None: its own)")
+
+
+def _default_skill_deployments() -> dict[str, SkillDeploymentArgs]:
+    """Only ``skills-cpu`` (light, 0.1 CPU): the generators and OWL-ViT build models of their own, so their
+    deployments are opt-in (``deploy/serve.yaml`` lists them)."""
+    from services.skill_host import SKILL_DEPLOYMENTS
+
+    return {"skills-cpu": SkillDeploymentArgs(skills=list(SKILL_DEPLOYMENTS["skills-cpu"]), num_cpus=0.1)}
+
+
 class IngressDeploymentArgs(DeploymentArgs):
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(128, ge=1)
@@ -135,6 +159,8 @@ class AppArgs(_Args):
         modalities: output modalities to deploy decoders for (default: every decoder of the preset).
         ingress / llm / stats: deployment settings. decoders: per modality (missing ones use defaults).
         speech: the speech deployment (recognition and synthesis) and its engines.
+        skills: skill deployments by name, each with the skills it hosts (``{}``: no skills).
+        object_detector_path: OWL-ViT folder or hub id of the ``detect_objects`` skill (``None``: not served).
         server: the HTTP API's settings (limits, timeouts, keys, store).
     """
 
@@ -147,10 +173,33 @@ class AppArgs(_Args):
     decoders: dict[Modality, DecoderDeploymentArgs] = {}
     stats: DeploymentArgs = DeploymentArgs(num_cpus=0.0, max_ongoing_requests=256)
     speech: SpeechDeploymentArgs = SpeechDeploymentArgs()
+    skills: dict[str, SkillDeploymentArgs] = Field(default_factory=_default_skill_deployments)
+    object_detector_path: str | None = None
     server: ServerSettings = ServerSettings()
 
     def resolved_preset(self) -> PresetConfig:
         return get_preset(self.preset)
+
+    def skill_placement(self, preset: PresetConfig, modalities: list[Modality] | None = None) -> dict[str, list[str]]:
+        """Deployment name -> the skills it will host for ``preset`` (deployments left empty are dropped).
+
+        Raises:
+            ValueError: an unknown skill name, or a skill listed in two deployments.
+        """
+        from services.skill_host import servable_skills
+
+        seen: dict[str, str] = {}
+        out: dict[str, list[str]] = {}
+        for dep, d in self.skills.items():
+            for n in d.skills:
+                if n in seen:
+                    raise ValueError(f"skill {n!r} is listed in two skill deployments: {seen[n]!r} and {dep!r}")
+                seen[n] = dep
+            names = servable_skills(preset, d.skills, object_detector_path=self.object_detector_path,
+                                    modalities=modalities)
+            if names:
+                out[dep] = list(names)
+        return out
 
 
 def app_builder(args: AppArgs):
@@ -160,7 +209,7 @@ def app_builder(args: AppArgs):
         polymodal.preflight.StartupError: a path that is missing or unusable.
         ValueError: unknown preset, or a requested modality the preset has no decoder for.
     """
-    from services.deployments import DecoderServer, IngressServer, LLMServer, SpeechServer, StatsServer
+    from services.deployments import DecoderServer, IngressServer, LLMServer, SkillServer, SpeechServer, StatsServer
 
     from polymodal.preflight import check_start
 
@@ -190,5 +239,11 @@ def app_builder(args: AppArgs):
     if args.speech.enabled:
         speech = serve.deployment(SpeechServer).options(**args.speech.options("speech")).bind(
             args.speech.speech_config())
+    skill_handles: dict[str, Any] = {}
+    for dep, names in args.skill_placement(preset, chosen).items():
+        d = args.skills[dep]
+        skill_handles[dep] = serve.deployment(SkillServer).options(**d.options(dep)).bind(
+            preset, names, args.device, args.object_detector_path, d.ocr_threads)
+    placement = {n: dep for dep, names in args.skill_placement(preset, chosen).items() for n in names}
     return serve.deployment(IngressServer).options(**args.ingress.options("ingress")).bind(
-        served, llm, decoders, stats, server, speech)
+        served, llm, decoders, stats, server, speech, skill_handles, placement)

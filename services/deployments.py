@@ -8,6 +8,9 @@
   for grouping, seeds, failure isolation and cancellation.
 - :class:`SpeechServer`: speech recognition and synthesis (:class:`services.speech.SpeechWorker`): ``transcribe``
   and ``synthesize`` (streams one PCM16 chunk per sentence), both in the replica's thread pool.
+- :class:`SkillServer`: the skills of one skill deployment (:mod:`services.skill_host`: ``skills-cpu`` hosts
+  detect / segment / ocr, ``skills-generate`` the preset's decoders as generators, ``skills-objects`` OWL-ViT);
+  ``run`` executes one call in a worker thread (``max_ongoing_requests`` bounds the calls at once).
 - :class:`StatsServer`: sums the decoder replicas' counters for ``/metrics``.
 - :class:`IngressServer`: the FastAPI app of :mod:`services.ingress` over a
   :class:`services.ray_backend.RayBackend`.
@@ -40,6 +43,8 @@ from services.protocol import (
     RenderRequest,
     SpeechRequest,
     TranscriptionRequest,
+    SkillOutput,
+    SkillRequest,
 )
 from services.settings import ServerSettings
 from services.speech import SpeechConfig, SpeechWorker
@@ -209,6 +214,42 @@ class SpeechServer:
             raise RuntimeError(f"the speech stage is unusable: {self._worker.last_error}")
 
 
+class SkillServer:
+    """The skills of one skill deployment.
+
+    Args:
+        preset: the preset (its decoders serve the ``generate_*`` skills).
+        names: the skills hosted here.
+        device: torch device of the models (generators, OWL-ViT).
+        object_detector_path: OWL-ViT folder or hub id (``detect_objects``).
+        ocr_threads: ONNX Runtime threads of ``ocr``.
+        host: a ready :class:`services.skill_host.SkillHost` (tests); skips building.
+    """
+
+    def __init__(self, preset: PresetConfig | str, names: list[str], device: str | None = None,
+                 object_detector_path: str | None = None, ocr_threads: int | None = None, host=None):
+        if host is None:
+            from services.skill_host import SkillHost
+
+            host = SkillHost.build(names, preset, device=device, object_detector_path=object_detector_path,
+                                   ocr_threads=ocr_threads)
+        self._host = host
+        # one thread per skill at most: each skill serialises its own calls (a Haar classifier, an ONNX session)
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(host.names)),
+                                                               thread_name_prefix="skill")
+
+    async def run(self, request: SkillRequest) -> SkillOutput:
+        """One call, off the event loop. Raises: ValueError for a skill not hosted here."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._host.run, request)
+
+    def names(self) -> list[str]:
+        return list(self._host.names)
+
+    def describe(self) -> dict[str, Any]:
+        return self._host.describe()
+
+
 class StatsServer:
     """Latest counters of every decoder replica; ``snapshot`` sums them per modality."""
 
@@ -236,16 +277,19 @@ class IngressServer:
         llm: :class:`LLMServer` handle. decoders: ``{modality value: DecoderServer handle}``.
         stats: :class:`StatsServer` handle. settings: :class:`services.settings.ServerSettings` (or a dict).
         speech: :class:`SpeechServer` handle (``None``: the speech endpoints answer 503).
+        skill_servers: ``{deployment name: SkillServer handle}``; placement: ``{skill name: deployment name}``.
     """
 
     def __init__(self, preset: PresetConfig, llm: DeploymentHandle, decoders: dict[str, DeploymentHandle],
                  stats: DeploymentHandle | None = None,
-                 settings: ServerSettings | dict | None = None, speech: DeploymentHandle | None = None):
+                 settings: ServerSettings | dict | None = None, speech: DeploymentHandle | None = None,
+                 skill_servers: dict[str, DeploymentHandle] | None = None,
+                 placement: dict[str, str] | None = None):
         from services.ray_backend import RayBackend
 
         self._settings = ServerSettings.model_validate(settings or {})
         self._backend = RayBackend(preset, llm, decoders, stats, retry_after_s=self._settings.retry_after_s,
-                                   speech=speech)
+                                   speech=speech, skill_servers=skill_servers, placement=placement)
 
     def __serve_build_asgi_app__(self):
         from services.ingress import build_app

@@ -24,7 +24,7 @@ import abc
 import contextvars
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -32,9 +32,12 @@ from polymodal.config import DecoderDefaults, PresetConfig
 from polymodal.constrained.grammars import ConstraintLimits, ToolChoice
 from polymodal.constrained.tools import Tool
 from polymodal.modality import Modality
-from polymodal.types import EditSource, LLMResult, SignalGroup, TextDelta, ToolCall, Transcript, Turn
+from polymodal.types import EditSource, LLMResult, MediaPart, SignalGroup, TextDelta, ToolCall, Transcript, Turn
 
 from services.errors import StageUnavailable
+
+if TYPE_CHECKING:  # skills.base imports numpy / pydantic only, but the seam names it for types alone
+    from skills.base import SkillResult, SkillSpec
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,37 @@ class EncodedMedium:
     text_offset: int
     batch_size: int = 1
     duration_s: float | None = None
+
+
+@dataclass(frozen=True)
+class SkillRequest:
+    """One skill call (issue #23): the skill's name, its arguments (a JSON object as a string, as a tool call's
+    ``arguments``) and the request's media the skill may read (images uint8 (H, W, 3), in message order:
+    ``image_index`` counts among them)."""
+
+    request_id: str
+    name: str
+    arguments_json: str = "{}"
+    media: tuple[MediaPart, ...] = ()
+
+
+@dataclass(frozen=True)
+class SkillOutput:
+    """What a skill call returns across the seam.
+
+    Attributes:
+        result: the :class:`skills.SkillResult` without its media (text, boxes, masks, data, error).
+        summary: ``result.to_dict()`` taken before the media were encoded (JSON-able; describes the media).
+        media: the generated media encoded to files (``index``: place among this call's media; ``text_offset`` 0).
+    """
+
+    result: "SkillResult"
+    summary: dict[str, Any]
+    media: tuple[EncodedMedium, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.result.error is None
 
 
 LLMEvent = TextDelta | SignalGroup | ToolCall | LLMResult
@@ -360,6 +394,29 @@ class Backend(abc.ABC):
             StageUnavailable: no speech stage (this default).
         """
         raise StageUnavailable("speech is not deployed on this server")
+
+
+    @property
+    def skills(self) -> tuple[str, ...]:
+        """Server-side skills this backend can run (``GET /v1/skills``, the request's ``skills``); none by default."""
+        return ()
+
+    def skill_host(self, name: str) -> str | None:
+        """The deployment (or ``"in-process"``) that hosts skill ``name``, ``None`` when not served."""
+        return None
+
+    def skill_specs(self) -> dict[str, "SkillSpec"]:
+        """Name -> :class:`skills.SkillSpec` (description, JSON schema, accepts / returns) of every served skill,
+        in :attr:`skills` order (the ingress reads them without importing the skills' libraries)."""
+        return {}
+
+    async def run_skill(self, request: SkillRequest) -> SkillOutput:
+        """Run one skill call. A bad call or a failing model is an error result (``SkillOutput.ok`` false).
+
+        Raises:
+            StageUnavailable: the skill is not served here, or its deployment is down. Overloaded.
+        """
+        raise StageUnavailable(f"skill {request.name!r} is not served by this backend")
 
     async def stats(self) -> dict[str, dict[str, float]]:
         """Decoder counters per modality: ``steps``, ``batches``, ``batch_items``, ``max_batch_size``,

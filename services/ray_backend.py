@@ -2,6 +2,9 @@
 
 - LLM: ``handle.options(stream=True).generate.remote(req)`` streams text deltas and signal groups.
 - Decoders: one handle per modality; ``render.remote(req)`` (the replica batches with ``@serve.batch``).
+- Skills: one handle per skill deployment (``placement`` says which hosts which skill); ``run.remote(req)``.
+  A skill call is not retried when its replica dies (it answers a 503 the ingress turns into the call's error
+  result for the model).
 - Stats: the stats deployment sums the decoder replicas' counters (for ``/metrics``).
 - Speech: ``handle.options(stream=True).synthesize.remote(req)`` streams one chunk per sentence;
   ``transcribe.remote(req)``; ``info.remote()`` (voices).
@@ -46,6 +49,8 @@ from services.protocol import (
     SpeechAudioChunk,
     SpeechRequest,
     TranscriptionRequest,
+    SkillOutput,
+    SkillRequest,
 )
 
 log = logging.getLogger(__name__)
@@ -120,17 +125,22 @@ class RayBackend(Backend):
         stats: handle of :class:`services.deployments.StatsServer` (optional).
         retry_after_s: ``Retry-After`` for 503.
         speech: handle of :class:`services.deployments.SpeechServer` (optional).
+        skill_servers: ``{deployment name: SkillServer handle}``; placement: ``{skill name: deployment name}``.
     """
 
     def __init__(self, preset: PresetConfig, llm: DeploymentHandle, decoders: dict[Modality | str, DeploymentHandle],
                  stats: DeploymentHandle | None = None, retry_after_s: int = 1,
-                 speech: DeploymentHandle | None = None):
+                 speech: DeploymentHandle | None = None,
+                 skill_servers: dict[str, DeploymentHandle] | None = None, placement: dict[str, str] | None = None):
         self.preset = preset
         self._llm = llm
         self._decoders = {Modality.parse(m): h for m, h in decoders.items()}
         self._stats = stats
         self._retry = retry_after_s
         self._speech = speech
+        self._skill_servers = dict(skill_servers or {})
+        self._placement = {n: d for n, d in (placement or {}).items() if d in self._skill_servers}
+        self._specs: dict[str, Any] | None = None
         self.retried: dict[str, int] = {}  # renders sent again after their replica died, per modality
 
     @property
@@ -217,6 +227,35 @@ class RayBackend(Backend):
         except Exception as e:  # noqa: BLE001 - translated
             raise _unwrap(e, "speech", self._retry) from None
 
+    @property
+    def skills(self) -> tuple[str, ...]:
+        return tuple(self._placement)
+
+    def skill_host(self, name: str) -> str | None:
+        return self._placement.get(name)
+
+    def skill_specs(self) -> dict[str, Any]:
+        if self._specs is None:
+            from skills import skill_specs
+
+            self._specs = {s.name: s for s in skill_specs(list(self._placement))}
+        return self._specs
+
+    async def run_skill(self, request: SkillRequest) -> SkillOutput:
+        dep = self._placement.get(request.name)
+        if dep is None:
+            raise StageUnavailable(f"skill {request.name!r} is not deployed; deployed: "
+                                   f"{', '.join(self._placement) or 'none'}")
+        resp = None
+        try:
+            resp = self._skill_servers[dep].run.remote(request)
+            return await resp
+        except asyncio.CancelledError:
+            _cancel(resp)
+            raise
+        except Exception as e:  # noqa: BLE001 - translated
+            raise _unwrap(e, f"{dep} skill", self._retry) from None
+
     async def describe(self) -> dict[str, Any]:
         parts: dict[str, Any] = {"decoders": {}}
         ready = True
@@ -237,6 +276,14 @@ class RayBackend(Backend):
             except Exception as e:  # noqa: BLE001 - reported
                 parts["speech"] = {"error": str(_unwrap(e, "speech", self._retry)).splitlines()[0]}
                 ready = False
+        if self._skill_servers:
+            parts["skills"] = {}
+            for dep, h in self._skill_servers.items():
+                try:
+                    parts["skills"][dep] = await h.describe.remote()
+                except Exception as e:  # noqa: BLE001 - reported
+                    parts["skills"][dep] = {"error": str(_unwrap(e, dep, self._retry)).splitlines()[0]}
+                    ready = False
         parts["ready"] = (ready and all(d.get("healthy", True) for d in parts["decoders"].values())
                           and parts.get("speech", {}).get("healthy", True))
         return parts

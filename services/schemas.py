@@ -198,9 +198,30 @@ class ChatCompletionRequest(_Req):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # Skills (issue #23): server-side tools by name (GET /v1/skills), added to the tools the model sees; the
+    # ingress runs their calls and continues, at most max_skill_rounds rounds (the server's setting bounds it).
+    skills: list[str] | None = Field(None, max_length=32, description='server-side skills to enable, e.g. '
+                                     '["detect", "ocr"] (see GET /v1/skills)')
+    max_skill_rounds: int | None = Field(None, ge=1, le=32, description="skill rounds at most (the server's "
+                                         "max_skill_rounds bounds it)")
     # OpenAI's legacy function calling: refused (400) with a pointer to ``tools``.
     functions: list | None = None
     function_call: str | dict | None = None
+
+
+class SkillCallRequest(_Req):
+    """``POST /v1/skills/{name}`` (issue #23): one skill on the given input.
+
+    ``arguments``: the skill's parameters (an object, or a JSON object as a string, as a tool call's
+    ``arguments``; see its schema in ``GET /v1/skills``). ``input``: content parts as in a chat message (``text``
+    is ignored; ``image_url`` / ``input_audio`` / ``video_url`` are decoded under the same limits); images are
+    counted by ``image_index`` in this order. ``media_format``: generated media inline (data URL) or as
+    artifact URLs.
+    """
+
+    arguments: dict | str | None = None
+    input: list[ContentPart] = Field(default_factory=list)
+    media_format: Literal["inline", "url"] | None = None
 
 
 class ImageGenerationRequest(_Req):

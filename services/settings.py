@@ -121,6 +121,11 @@ class ServerSettings(_Model):
         max_video_queue: video jobs waiting per replica.
         video_job_timeout_s: a video job still unfinished after this is failed.
         input_audio_sample_rate_hz: sample rate input audio is resampled to for the encoders.
+        max_skill_rounds: skill rounds of one chat request at most (generate until a skill call, run it, append its
+            result, continue); a request's own ``max_skill_rounds`` may only lower it. After the last round the
+            model answers without skills.
+        skill_timeout_s: one skill call's time at most (also bounded by what is left of ``request_timeout_s``);
+            past it the model reads an error result.
     """
 
     model_name: str | None = None
@@ -141,6 +146,8 @@ class ServerSettings(_Model):
     max_video_queue: int = Field(8, ge=0, le=1000)
     video_job_timeout_s: float = Field(1800.0, gt=0, le=24 * 3600)
     input_audio_sample_rate_hz: int = Field(16000, ge=8000, le=48000)
+    max_skill_rounds: int = Field(4, ge=1, le=32)
+    skill_timeout_s: float = Field(30.0, gt=0, le=3600)
 
     def effective_api_keys(self) -> tuple[str, ...]:
         if self.api_keys:

@@ -51,3 +51,25 @@ def serve(preset: str, start_timeout_s: float = 240.0, api_keys: tuple[str, ...]
     yield f"http://127.0.0.1:{port}"
     stop.set()
     t.join(60)
+
+
+def serve_app(app, start_timeout_s: float = 60.0) -> Iterator[str]:
+    """Serve a built FastAPI ``app`` (e.g. ``build_app`` over a ``LocalBackend`` with stand-in stages) under uvicorn
+    in a thread on a free loopback port; yields its base URL; stops it after."""
+    import asyncio
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    server.install_signal_handlers = lambda: None
+    t = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True, name="serve-app")
+    t.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if not t.is_alive() or time.monotonic() > deadline:
+            pytest.fail("the app did not start under uvicorn")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    t.join(30)

@@ -185,3 +185,41 @@ def fake_stages(modalities=(Modality.IMAGE, Modality.AUDIO, Modality.VIDEO), ste
     preset = preset.model_copy(update={"decoders": {m: preset.decoders[m] for m in modalities}})
     decoders = {m: FakeDecoderStage(m, preset.decoders[m].defaults, step_s=step_s, **decoder_kw) for m in modalities}
     return preset, FakeLLMStage(), decoders
+
+
+class ScriptedToolLLMStage:
+    """A stand-in LLM that uses tools as a trained one would (the tiny preset's random LLM writes valid but random
+    arguments): when the request offers tools and the last turn is the user's, it calls ``tool_choice``'s function
+    (or the first tool) with ``script[name]`` as arguments; after ``tool`` turns it answers in text quoting the
+    results it read. Records every call (tools offered, tool_choice, turns)."""
+
+    def __init__(self, script: dict[str, dict]):
+        self.script = dict(script)
+        self.calls: list[dict] = []
+        self._lock = threading.Lock()
+
+    def stream(self, turns, *, modalities=(), max_new_tokens=None, temperature=None, top_p=None, seed=None,
+               should_cancel=None, system=None, allowed_modalities=None, tools=(), tool_choice=None,
+               parallel_tool_calls=True, response_format=None, logprobs=None, constraint_limits=None, task=None):
+        import json
+
+        from polymodal.types import ToolCall
+
+        with self._lock:
+            self.calls.append(dict(turns=list(turns), tools=[t.name for t in tools], tool_choice=tool_choice,
+                                   modalities=list(modalities)))
+            k = len(self.calls)
+        last = turns[-1]
+        if tools and last.role == "user" and (tool_choice is None or tool_choice.mode != "none"):
+            name = tool_choice.name if tool_choice is not None and tool_choice.mode == "function" else tools[0].name
+            call = ToolCall(f"call_{k}", name, json.dumps(self.script.get(name, {})))
+            yield call
+            yield LLMResult("", (), 10, 5, "tool_calls", tool_calls=(call,))
+            return
+        read = [p.text for t in turns if t.role == "tool" for p in t.parts if isinstance(p, TextPart)]
+        text = "I read: " + " | ".join(read) if read else "No tool was used."
+        yield TextDelta(text)
+        yield LLMResult(text, (), 10, len(text.split()), "stop")
+
+    def describe(self):
+        return {"init_state": "scripted"}

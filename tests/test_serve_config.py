@@ -46,8 +46,15 @@ def test_serve_yaml_is_a_valid_serve_config_and_builds_the_graph():
     AppArgs.model_validate(app_cfg.args)  # every field known and in bounds
     app = call_user_app_builder_with_args_if_necessary(app_builder, app_cfg.args)  # Ray's own builder path
     g = _graph(app)
-    assert set(g) == {"ingress", "llm", "stats", "decoder-image", "decoder-audio", "decoder-video", "speech"}
+    # the skill deployments the toy preset can serve (skills-objects needs object_detector_path: not deployed)
+    assert set(g) == {"ingress", "llm", "stats", "decoder-image", "decoder-audio", "decoder-video", "speech",
+                      "skills-cpu", "skills-generate"}
     assert g["ingress"].func_or_class.__name__ == IngressServer.__name__
+    assert g["skills-cpu"].init_args[1] == ["detect", "segment", "ocr"]
+    assert g["skills-generate"].init_args[1] == ["generate_image", "generate_audio", "generate_video"]
+    assert g["ingress"].init_args[6] == {"detect": "skills-cpu", "segment": "skills-cpu", "ocr": "skills-cpu",
+                                         "generate_image": "skills-generate", "generate_audio": "skills-generate",
+                                         "generate_video": "skills-generate"}
     for name, d in g.items():
         assert 0 <= d.ray_actor_options["num_cpus"] < 1, name  # schedulable on a 2-core machine
     img = g["decoder-image"]
@@ -77,7 +84,7 @@ def test_builder_options_and_modalities():
     app = app_builder(AppArgs(preset="tiny", modalities=["image"],
                               decoders={"image": {"num_gpus": 0.25, "num_cpus": 0.5, "max_batch_size": 6}}))
     g = _graph(app)
-    assert set(g) == {"ingress", "llm", "stats", "decoder-image", "speech"}
+    assert set(g) == {"ingress", "llm", "stats", "decoder-image", "speech", "skills-cpu"}  # skills-cpu: the default
     d = g["decoder-image"]
     assert d.ray_actor_options["num_gpus"] == 0.25 and d.num_replicas == 1 and d.init_args[4] == 6
     served = g["ingress"].init_args[0]

@@ -323,6 +323,40 @@ def test_structured_outputs_over_ray(service):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format.json_schema.schema"
 
 
+def test_skills_through_the_graph(service):
+    """Issue #23 through the graph: detect runs in the skills-cpu deployment (real Haar cascade on the astronaut,
+    directly and in the skill loop of a chat with the tiny LLM's forced call); a bad call is an error result."""
+    from skimage import data as skimage_data
+
+    from polymodal.grounding.boxes import box_iou
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage_data.astronaut()).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    listed = httpx.get(service.url + "/v1/skills", timeout=30).json()["data"]
+    assert {s["name"]: s["deployment"] for s in listed} == {"detect": "skills-cpu", "segment": "skills-cpu",
+                                                            "ocr": "skills-cpu"}
+    direct = httpx.post(service.url + "/v1/skills/detect", timeout=120, json={
+        "arguments": {"target": "face"}, "input": [{"type": "image_url", "image_url": {"url": url}}]})
+    assert direct.status_code == 200, direct.text
+    assert box_iou(tuple(direct.json()["boxes"][0]["box_px"]), (180.0, 75.0, 268.0, 165.0)) >= 0.5
+    r = _openai(service).chat.completions.create(
+        model="tiny", max_tokens=64, seed=4, tool_choice={"type": "function", "function": {"name": "detect"}},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "find the face"},
+                                               {"type": "image_url", "image_url": {"url": url}}]}],
+        extra_body={"skills": ["detect"], "max_skill_rounds": 1, "modalities": ["text"]})
+    call = r.choices[0].message.model_extra["skill_calls"][0]
+    assert call["name"] == "detect" and call["deployment"] == "skills-cpu"
+    assert call["result"]["error"] is None or call["result"]["error_code"] == "invalid_input"
+    no_image = _openai(service).chat.completions.create(
+        model="tiny", max_tokens=64, seed=5, tool_choice={"type": "function", "function": {"name": "detect"}},
+        messages=[{"role": "user", "content": "find the face"}], extra_body={"skills": ["detect"],
+                                                                           "max_skill_rounds": 1,
+                                                                           "modalities": ["text"]})
+    res = no_image.choices[0].message.model_extra["skill_calls"][0]["result"]
+    assert res["error_code"] == "invalid_input" and "needs an image" in res["error"]
+
+
 def test_sigterm_shuts_down_cleanly(service):
     service.proc.send_signal(signal.SIGTERM)
     rc = service.proc.wait(90)

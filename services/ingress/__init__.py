@@ -65,6 +65,11 @@ Endpoints
   large or too long (``limits.max_transcription_s``): 413. See :mod:`~services.ingress.routes.transcriptions`.
   Both run in the speech stage (``Backend.synthesize`` / ``Backend.transcribe``; 503 where none is deployed).
 - ``POST /v1/videos`` (async job), ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/content`` (MP4).
+- ``GET /v1/skills`` (the served skills: name, description, JSON schema, the deployment hosting each) and
+  ``POST /v1/skills/{name}`` (one call on ``{"arguments", "input": [content parts]}``; 404 unknown skill, 400
+  ``invalid_arguments`` / ``invalid_input``, 422 ``skill_failed``): :mod:`~services.ingress.routes.skills`. In chat,
+  ``skills: [...]`` enables server-side skills for the model (the loop: :mod:`~services.ingress.skill_loop`; the
+  answer's ``message.skill_calls``, ``message.masks``, skills' boxes in ``message.boxes``).
 - ``GET /v1/artifacts/{id}.{ext}``: every generated medium, until it expires (``artifact_ttl_s``). One still being
   rendered (its reference already streamed) is waited for, at most ``request_timeout_s`` (then 504); one whose
   render failed: 500 ``generation_failed`` saying why; unknown or expired: 404.
@@ -154,6 +159,8 @@ Modules (the contract above is kept here; each rule is implemented in one place)
 - :mod:`~services.ingress.planning`: request -> :class:`~services.ingress.planning.ChatPlan` (turns, options,
   seeds); :mod:`~services.ingress.media_input`: input media (URLs, our artifacts, base64, decoding under limits);
   :mod:`~services.ingress.history`: an assistant message sent back -> its parts (our references resolved).
+- :mod:`~services.ingress.skill_loop`: the skills a request enables, the next round, the result turn, the rounds'
+  outputs as one answer (the loop itself runs in :mod:`~services.ingress.running`).
 - :mod:`~services.ingress.running`: a plan over the backend (renders as groups arrive, timeout, disconnect);
   :mod:`~services.ingress.streaming`: the SSE driver; :mod:`~services.ingress.video_jobs`: background video jobs.
 - :mod:`~services.ingress.responses`: the shape of every answer (completion body, chunks, arrays, parts, audio);

@@ -30,6 +30,8 @@ from services.ingress.formats import history_tool_calls, output_format, tool_tur
 from services.ingress.history import AssistantTurn
 from services.ingress.media_refs import artifact_id_of
 from services.ingress.media_input import MediaReader
+from services.ingress.spoken import SpeechPlan, plan_speech
+from services.ingress.skill_loop import SkillPlan, plan_skills
 from services.protocol import Backend, LLMRequest
 from services.schemas import ChatCompletionRequest, TextContent
 from services.settings import ServerSettings
@@ -57,17 +59,6 @@ def request_kind(endpoint: str, modalities: list[str] | None = None) -> str:
     return f"{endpoint}:{','.join(media)}" if media else endpoint
 
 
-@dataclass(frozen=True)
-class SpeechPlan:
-    """A spoken answer (``audio: {"voice", "format"}``): the answer's text spoken in ``voice`` (a name of
-    ``GET /v1/audio/voices``); ``format`` ``wav`` (``message.audio.data``: a base64 WAV) or ``pcm16`` (base64 16-bit
-    little-endian mono PCM at ``sample_rate_hz``; the only format of streamed ``delta.audio``)."""
-
-    voice: str
-    format: str
-    sample_rate_hz: int
-
-
 @dataclass
 class ChatPlan:
     """A validated chat request, ready to run."""
@@ -87,6 +78,7 @@ class ChatPlan:
     on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
     edit_source: EditSource | None = None  # edits: the groups of its modality render from it (issue #27)
     speech: SpeechPlan | None = None  # the answer spoken (``audio.voice``), or not
+    skills: SkillPlan = SkillPlan()  # server-side skills enabled (issue #23: the loop, services.ingress.skill_loop)
 
 
 class Planner:
@@ -254,8 +246,10 @@ class Planner:
                                   code="invalid_value")
             requested = tuple(dict.fromkeys((*requested, Modality.IMAGE)))
             allowed = tuple(dict.fromkeys((*allowed, Modality.IMAGE)))
-        speech = await self.speech(req)
-        formats = output_format(req, requested, self.limits, self.backend.preset.chat.tool_format)
+        speech = await plan_speech(self.backend, req)
+        sp, req = plan_skills(self.backend, req, allowed, self.settings.max_skill_rounds)  # + the skills' tools
+        formats = output_format(req, () if sp.forced else requested, self.limits,  # a forced skill call:
+                                self.backend.preset.chat.tool_format)  # the floor applies after it
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_new is not None and max_new > self.limits.max_new_tokens:
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -278,8 +272,8 @@ class Planner:
         base_seed = self.seed(req.seed)
         return ChatPlan(
             request_id=request_id,
-            llm=LLMRequest(request_id, tuple(turns), requested, max_new, req.temperature, req.top_p,
-                           base_seed, system, task=req.task, allowed_modalities=allowed, **formats),
+            llm=LLMRequest(request_id, tuple(turns), () if sp.forced else requested, max_new, req.temperature,
+                           req.top_p, base_seed, system, task=req.task, allowed_modalities=allowed, **formats),
             options=options,
             base_seed=base_seed,
             requested=requested,
@@ -289,7 +283,7 @@ class Planner:
             allowed=allowed,
             json_content=formats.get("response_format") is not None,
             deadline=time.monotonic() + self.settings.request_timeout_s,
-            edit_source=edit_source,
+            edit_source=edit_source, skills=sp,
             speech=speech,
         )
 
@@ -384,34 +378,6 @@ class Planner:
                               "(or leave out audio.voice)", param="modalities", code="invalid_value")
         return tuple(requested), tuple(requested)
 
-    async def speech(self, req: ChatCompletionRequest) -> SpeechPlan | None:
-        """``audio: {"voice", "format"}`` -> the spoken answer's plan (``None`` without a voice).
-
-        ``format``: ``wav`` (the default of a whole answer) or ``pcm16`` (the default, and the only format, of a
-        streamed one). The voice is checked against the speech stage's voices before any generation.
-
-        Raises:
-            APIError: 400 naming ``audio.format`` (``pcm16`` without a voice, ``wav`` with ``stream``) or
-            ``audio.voice`` (unknown: the choices listed, ``code: unknown_voice``); 503 without a speech stage.
-        """
-        audio = req.audio
-        if audio is None or audio.voice is None:
-            if audio is not None and audio.format == "pcm16":
-                raise bad_request("audio.format: pcm16 is for a spoken answer (give audio.voice); a generated sound "
-                                  "is a WAV", param="audio.format", code="invalid_value")
-            return None
-        fmt = audio.format or ("pcm16" if req.stream else "wav")
-        if req.stream and fmt != "pcm16":
-            raise bad_request(f"audio.format: a streamed spoken answer is pcm16 (delta.audio chunks), got {fmt}",
-                              param="audio.format", code="invalid_value")
-        info = await self.backend.speech_info()  # StageUnavailable (503) where no speech stage is deployed
-        names = [v["name"] for v in info.get("voices", ())]
-        if audio.voice not in names:
-            raise bad_request(f"audio.voice: unknown voice {audio.voice!r}; choose from: "
-                              f"{', '.join(names) or 'none (no TTS backend)'}", param="audio.voice",
-                              code="unknown_voice")
-        return SpeechPlan(audio.voice, fmt, int(info["sample_rate_hz"]))
-
     def unasked_ceiling(self, preset: PresetConfig) -> tuple[Modality, ...]:
         """The media an answer may contain when the request sets no ``modalities`` (the preset's policy)."""
         if preset.generation.media_without_modalities == "none":
@@ -419,13 +385,13 @@ class Planner:
         return tuple(self.backend.output_modalities)
 
     def check_grounding(self, req: ChatCompletionRequest) -> None:
-        """``task`` / ``box_overlay`` need a grounding model; ``task`` one of its tasks.
+        """``task`` / ``box_overlay`` need a grounding model (or ``skills``: the overlay of their boxes and masks).
 
         Raises:
             APIError: 400 naming the field (and the tasks to choose from).
         """
         grounding = self.backend.preset.grounding
-        for param, asked in (("task", req.task is not None), ("box_overlay", req.box_overlay)):
+        for param, asked in (("task", req.task is not None), ("box_overlay", req.box_overlay and not req.skills)):
             if asked and grounding is None:
                 raise bad_request(f"{param}: this model has no grounding (its preset has no grounding tokens)",
                                   param=param, code="unsupported_parameter")

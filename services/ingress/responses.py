@@ -10,6 +10,13 @@
 - :meth:`Responses.generation_body`: the images / audio endpoints' ``data`` list.
 - Output formats (issue #22): with a JSON ``response_format`` ``content`` is the JSON alone (media only in the
   arrays and ``parts``); ``message.tool_calls`` / streamed ``delta.tool_calls``; ``choices[].logprobs``.
+- Skills (issue #23; a request with ``skills``): ``message.skill_calls`` ``[{"id", "type": "skill", "name",
+  "arguments", "round", "deployment", "result": {"text", "boxes", "masks", "media", "data", "error", "error_code",
+  "elapsed_s"}}]`` (streamed as ``delta.skill_calls``, one chunk per call as it finishes); the skills' boxes join
+  ``message.boxes`` (``{"phrase", "box", "image_index", "text_span": null, "skill"}``), their masks are
+  ``message.masks`` (``{"label", "image_index", "bbox_px", "area_px", "score", "rle": {"size", "counts"}, "skill"}``,
+  COCO uncompressed RLE), their media are media of the answer (referenced in ``content`` where the call was made,
+  in the arrays and ``parts``).
 
 What the answer looks like is decided here and nowhere else (the routes and the SSE driver only pass what was
 produced; the per-modality names are each modality's spec), so a change of the
@@ -35,6 +42,7 @@ from services.ingress.media_refs import artifact_url, markdown_ref
 from services.ingress.planning import ChatPlan
 from services.ingress.audio_formats import encode_chunks
 from services.ingress.running import ChatOutcome, Reserved, SpokenAudio, Stored
+from services.ingress.skill_loop import SkillCall
 from services.metrics import APIMetrics
 from services.protocol import SpeechAudioChunk
 from services.settings import ServerSettings
@@ -125,6 +133,32 @@ class Responses:
                  "text_span": list(b.text_span) if b.text_span is not None else None} for b in result.boxes]
 
     @staticmethod
+    def skill_boxes_json(calls) -> list[dict[str, Any]]:
+        """The skills' boxes as ``message.boxes`` entries (``text_span`` null, ``skill`` its name)."""
+        return [{"phrase": b.phrase, "box": [round(float(v), 2) for v in b.box_px], "image_index": b.image_index,
+                 "text_span": None, "skill": c.call.name} for c in calls for b in c.output.result.boxes]
+
+    @staticmethod
+    def masks_json(calls) -> list[dict[str, Any]]:
+        """``message.masks``: every skill's masks (COCO uncompressed RLE), with the skill's name."""
+        return [{**m.to_dict(), "skill": c.call.name} for c in calls for m in c.output.result.masks]
+
+    def skill_call_json(self, c: SkillCall, fmt: str, base_url: str) -> dict[str, Any]:
+        """``message.skill_calls[i]``: the call and its result (media as ``{"type": "image_url", "image_url":
+        {"url"}, "artifact_id", "mime_type"}``, ``url`` by ``fmt``)."""
+        r, summary = c.output.result, c.output.summary
+        media = []
+        for st in c.media:
+            key = st.medium.modality.spec.content_part
+            media.append({"type": key, key: {"url": self.url(st, fmt, base_url)}, "artifact_id": st.artifact.id,
+                          "mime_type": st.medium.mime_type})
+        return {"id": c.call.id, "type": "skill", "name": c.call.name, "arguments": c.call.arguments_json,
+                "round": c.round, "deployment": c.deployment,
+                "result": {"text": r.text, "boxes": summary.get("boxes", []), "masks": summary.get("masks", []),
+                           "media": media, "data": summary.get("data", {}), "error": r.error,
+                           "error_code": r.error_code, "elapsed_s": summary.get("elapsed_s", 0.0)}}
+
+    @staticmethod
     def tool_call_json(call: ToolCall) -> dict[str, Any]:
         """OpenAI's ``tool_calls[i]``: ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
         return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
@@ -196,8 +230,11 @@ class Responses:
             if slot is not None and slot not in message:
                 message[slot] = self.audio_message(s, text)
         message["parts"] = interleave(text, placed, media_parts, text_part=lambda t: {"type": "text", "text": t})
-        if self.preset.grounding is not None:
-            message["boxes"] = self.boxes_json(r)
+        if self.preset.grounding is not None or plan.skills.names:
+            message["boxes"] = self.boxes_json(r) + self.skill_boxes_json(out.skill_calls)
+        if plan.skills.names:
+            message["masks"] = self.masks_json(out.skill_calls)
+            message["skill_calls"] = [self.skill_call_json(c, plan.media_format, base_url) for c in out.skill_calls]
         return {
             "id": plan.request_id,
             "object": "chat.completion",
@@ -265,6 +302,7 @@ class StreamChunks:
         self._numbers: dict[str, int] = {}
         self._logprobs: list[LogprobEntry] = []  # entries not yet sent (their text is held back)
         self._calls = 0
+        self.skill_calls: list[SkillCall] = []
 
     def _content(self, piece: str) -> list[bytes]:
         if not piece:
@@ -287,6 +325,20 @@ class StreamChunks:
         return [self.r.chunk(self.plan, self.created, {"tool_calls": [head]}),
                 self.r.chunk(self.plan, self.created,
                              {"tool_calls": [{"index": k, "function": {"arguments": call.arguments_json}}]})]
+
+    def skill_call(self, c: SkillCall) -> list[bytes]:
+        """A skill call of the loop finished: ``delta.skill_calls`` ``[call]``, then each medium it made (its
+        reference in the content where the call was made, then its array chunk)."""
+        self.skill_calls.append(c)
+        frames = [self.r.chunk(self.plan, self.created,
+                               {"skill_calls": [self.r.skill_call_json(c, self.plan.media_format, self.base_url)]})]
+        for st in c.media:
+            n = self._number(st.medium.modality, st.artifact)
+            if not self.plan.json_content:
+                md = self.r.reference(st.medium.modality, n, st.artifact, self.base_url)
+                frames += self._content(self.content.reference(st.medium.text_offset, md))
+            frames += self.medium(st)
+        return frames
 
     def opening(self) -> bytes:
         """``delta: {"role": "assistant", "content": ""}``."""
@@ -357,6 +409,9 @@ class StreamChunks:
                                     logprobs=self.r.logprobs_json(self._logprobs)))
             self._logprobs = []
         last = {"boxes": self.r.boxes_json(result)} if self.r.preset.grounding is not None else {}
+        if self.plan.skills.names:
+            last = {"boxes": self.r.boxes_json(result) + self.r.skill_boxes_json(self.skill_calls),
+                    "masks": self.r.masks_json(self.skill_calls)}
         out.append(self.r.chunk(self.plan, self.created, last, FINISH.get(result.finish_reason, "stop")))
         if self.plan.include_usage:
             out.append(self.r.chunk(self.plan, self.created, None, usage=self.r.usage(result)))

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from polymodal.sentences import SentenceStream
 
+from services.errors import bad_request
 from services.protocol import Backend, SpeechAudioChunk, SpeechRequest
+from services.schemas import ChatCompletionRequest
 
 _END = object()
 
@@ -101,3 +104,43 @@ class SpokenAnswer:
         if self._task is not None and not self._task.done():
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=10)
+
+
+@dataclass(frozen=True)
+class SpeechPlan:
+    """A spoken answer (``audio: {"voice", "format"}``): the answer's text spoken in ``voice`` (a name of
+    ``GET /v1/audio/voices``); ``format`` ``wav`` (``message.audio.data``: a base64 WAV) or ``pcm16`` (base64 16-bit
+    little-endian mono PCM at ``sample_rate_hz``; the only format of streamed ``delta.audio``)."""
+
+    voice: str
+    format: str
+    sample_rate_hz: int
+
+
+async def plan_speech(backend: Backend, req: ChatCompletionRequest) -> SpeechPlan | None:
+    """``audio: {"voice", "format"}`` -> the spoken answer's plan (``None`` without a voice).
+
+    ``format``: ``wav`` (the default of a whole answer) or ``pcm16`` (the default, and the only format, of a
+    streamed one). The voice is checked against the speech stage's voices before any generation.
+
+    Raises:
+        APIError: 400 naming ``audio.format`` (``pcm16`` without a voice, ``wav`` with ``stream``) or
+        ``audio.voice`` (unknown: the choices listed, ``code: unknown_voice``); 503 without a speech stage.
+    """
+    audio = req.audio
+    if audio is None or audio.voice is None:
+        if audio is not None and audio.format == "pcm16":
+            raise bad_request("audio.format: pcm16 is for a spoken answer (give audio.voice); a generated sound "
+                              "is a WAV", param="audio.format", code="invalid_value")
+        return None
+    fmt = audio.format or ("pcm16" if req.stream else "wav")
+    if req.stream and fmt != "pcm16":
+        raise bad_request(f"audio.format: a streamed spoken answer is pcm16 (delta.audio chunks), got {fmt}",
+                          param="audio.format", code="invalid_value")
+    info = await backend.speech_info()  # StageUnavailable (503) where no speech stage is deployed
+    names = [v["name"] for v in info.get("voices", ())]
+    if audio.voice not in names:
+        raise bad_request(f"audio.voice: unknown voice {audio.voice!r}; choose from: "
+                          f"{', '.join(names) or 'none (no TTS backend)'}", param="audio.voice",
+                          code="unknown_voice")
+    return SpeechPlan(audio.voice, fmt, int(info["sample_rate_hz"]))

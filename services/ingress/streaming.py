@@ -135,9 +135,12 @@ async def sse(runner: Runner, responses: Responses, metrics: APIMetrics, timeout
                     frames = chunks.reserved(value)
                 elif kind == "medium":
                     frames = chunks.medium(value)
+                elif kind == "skill_call":
+                    frames = chunks.skill_call(value)
                 else:
                     result, _ = value
-                    frames = chunks.overlay(await runner.overlay(plan, result), result) if plan.box_overlay else []
+                    frames = (chunks.overlay(await runner.overlay(plan, result, chunks.skill_calls), result)
+                              if plan.box_overlay else [])
                     frames += chunks.finish(result)
                     if spoken is not None:
                         spoken.finish()
