@@ -52,7 +52,7 @@ def test_serve_yaml_is_a_valid_serve_config_and_builds_the_graph():
     assert g["ingress"].func_or_class.__name__ == IngressServer.__name__
     assert g["skills-cpu"].init_args[1] == ["detect", "segment", "ocr"]
     assert g["skills-generate"].init_args[1] == ["generate_image", "generate_audio", "generate_video"]
-    assert g["ingress"].init_args[6] == {"detect": "skills-cpu", "segment": "skills-cpu", "ocr": "skills-cpu",
+    assert g["ingress"].init_args[7] == {"detect": "skills-cpu", "segment": "skills-cpu", "ocr": "skills-cpu",
                                          "generate_image": "skills-generate", "generate_audio": "skills-generate",
                                          "generate_video": "skills-generate"}
     for name, d in g.items():
