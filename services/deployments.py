@@ -3,7 +3,8 @@
 - :class:`LLMServer`: encoders + input projectors + LLM (``polymodal.pipeline.LLMStage``); streams text
   deltas and signal groups (``generate``).
 - :class:`DecoderServer`: one modality's output projector + diffusion decoder (``DecoderStage``).
-  ``render`` calls are batched with ``@serve.batch``; the pipeline runs in a worker thread (never on the
+  ``render`` calls are batched (by default with no timer: :class:`services.workers.AdaptiveBatcher`; or Ray's
+  ``@serve.batch`` with a wait); the pipeline runs in a worker thread (never on the
   replica's event loop, so batches form and health checks answer), see :class:`services.workers.DecoderWorker`
   for grouping, seeds, failure isolation and cancellation.
 - :class:`StatsServer`: sums the decoder replicas' counters for ``/metrics``.
@@ -32,9 +33,12 @@ from polymodal.modality import Modality
 from services.errors import Cancelled
 from services.protocol import DecoderStageLike, EncodedMedium, LLMRequest, LLMStageLike, RenderRequest
 from services.settings import ServerSettings
-from services.workers import BatchItem, DecoderWorker, LLMWorker
+from services.workers import AdaptiveBatcher, BatchItem, DecoderWorker, LLMWorker, check_batch_policy
 
 log = logging.getLogger("ray.serve")
+
+STATS_PERIOD_S = 1.0
+"""A decoder replica sends its counters to the stats deployment at most this often (when they changed)."""
 
 
 class LLMServer:
@@ -80,16 +84,26 @@ class DecoderServer:
         modality: ``image`` / ``audio`` / ``video``.
         device: torch device.
         export_dir: an export of trained parts (:mod:`polymodal.export`).
-        max_batch_size: items per pipeline call (``@serve.batch``).
-        batch_wait_timeout_s: how long a batch waits to fill.
+        max_batch_size: items per pipeline call.
+        batch_wait_timeout_s: with ``batch_policy="timeout"``, how long a batch waits to fill (a request that
+            arrives alone waits all of it).
         stats: handle of :class:`StatsServer` (counters for ``/metrics``), optional.
         stage: a ready ``DecoderStage`` (tests); skips loading.
+        batch_policy: ``adaptive`` (default: no timer; requests that arrive while a batch runs share the next
+            call, see :class:`services.workers.AdaptiveBatcher`) or ``timeout`` (Ray's ``@serve.batch`` with
+            ``batch_wait_timeout_s``); :data:`services.workers.BATCH_POLICIES`.
+        stats_period_s: the counters go to ``stats`` at most this often (only when they changed).
+
+    Raises:
+        ValueError: an unknown ``batch_policy``.
     """
 
     def __init__(self, preset: PresetConfig | str, modality: str, device: str | None = None,
-                 export_dir: str | None = None, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05,
-                 stats: DeploymentHandle | None = None, stage: DecoderStageLike | None = None):
+                 export_dir: str | None = None, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.0,
+                 stats: DeploymentHandle | None = None, stage: DecoderStageLike | None = None,
+                 batch_policy: str = "adaptive", stats_period_s: float = STATS_PERIOD_S):
         self.modality = Modality.parse(modality)
+        self.batch_policy = check_batch_policy(batch_policy)
         if stage is None:
             from polymodal.pipeline import build_decoder_stage, llm_hidden_size
             from polymodal.presets import get_preset
@@ -101,7 +115,9 @@ class DecoderServer:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
         self.render_batch.set_max_batch_size(int(max_batch_size))
         self.render_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self._batcher = AdaptiveBatcher(self._run_batch, int(max_batch_size)) if batch_policy == "adaptive" else None
         self._stats = stats
+        self._stats_period_s = float(stats_period_s)
         self._replica = uuid.uuid4().hex
         self._flusher: asyncio.Task | None = None
         self._reported: dict[str, int] | None = None
@@ -115,7 +131,7 @@ class DecoderServer:
         self._ensure_flusher()
         item = BatchItem(request)
         try:
-            result = await self.render_batch(item)
+            result = await (self._batcher.submit(item) if self._batcher is not None else self.render_batch(item))
         except asyncio.CancelledError:
             item.cancel.set()  # the step callback sees it; the batch stops once all its items are cancelled
             raise
@@ -125,14 +141,13 @@ class DecoderServer:
             raise result
         return result
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
     async def render_batch(self, items: list[BatchItem]) -> list[EncodedMedium | Exception]:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self._worker.run_batch, items)
-        finally:
-            if self._stats is not None:
-                loop.create_task(self._report())
+        """``batch_policy="timeout"``: Ray forms the batch."""
+        return await self._run_batch(items)
+
+    async def _run_batch(self, items: list[BatchItem]) -> list[EncodedMedium | Exception]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._worker.run_batch, items)
 
     async def _report(self) -> None:
         snap = self._worker.counters.snapshot()
@@ -148,10 +163,11 @@ class DecoderServer:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
-        """Report this replica's counters to the stats deployment whenever they change (every 0.2 s)."""
+        """Report this replica's counters to the stats deployment every ``stats_period_s`` when they changed (a
+        fixed low rate: not per denoising step, not per batch)."""
         while True:
+            await asyncio.sleep(self._stats_period_s)
             await self._report()
-            await asyncio.sleep(0.2)
 
     def stats(self) -> dict[str, int]:
         return self._worker.counters.snapshot()
