@@ -120,3 +120,152 @@ def test_decoder_counters_go_to_the_stats_deployment_at_a_low_fixed_rate_not_per
     assert stats.reports and stats.reports[-1]["steps"] == 40 and stats.reports[-1]["batches"] == 1
     assert len(stats.reports) <= (render_s + 0.6) / 0.25 + 1
     assert len({r["steps"] for r in stats.reports}) == len(stats.reports)  # only sent when something changed
+
+
+# ---- the ingress's event loop while answers carrying a 20 MB medium are built --------------------------------
+
+async def _asgi_post(app, path: str, body: dict) -> tuple[int, int, float]:
+    """Drive the ASGI app as a server would (no socket, nothing kept): -> (status, body bytes, seconds)."""
+    import json
+
+    data = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("test", 80),
+             "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                         (b"content-length", str(len(data)).encode())]}
+    state = {"status": 0, "bytes": 0, "sent": False}
+
+    async def receive():
+        if not state["sent"]:
+            state["sent"] = True
+            return {"type": "http.request", "body": data, "more_body": False}
+        await asyncio.Event().wait()  # the client never disconnects
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            state["status"] = message["status"]
+        elif message["type"] == "http.response.body":
+            state["bytes"] += len(message.get("body", b""))
+
+    t = time.perf_counter()
+    await app(scope, receive, send)
+    return state["status"], state["bytes"], time.perf_counter() - t
+
+
+def _big_answer_app(tmp_path):
+    from services.ingress import build_app
+    from services.local import LocalBackend
+    from services.settings import ServerSettings
+    from services.store import FileStore
+    from tests.serve_fakes import FakeLLMStage, LargeMediumStage
+
+    preset, _, _ = fake_stages((Modality.VIDEO,))
+    stage = LargeMediumStage(Modality.VIDEO, preset.decoders[Modality.VIDEO].defaults)
+    backend = LocalBackend(preset, FakeLLMStage(), {Modality.VIDEO: stage})
+    return build_app(backend, ServerSettings(), store=FileStore(tmp_path / "store")), stage
+
+
+async def _probe_p50(app, n: int) -> float:
+    import statistics
+
+    text = {"model": "tiny", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
+    lat = []
+    for _ in range(n):
+        status, _, s = await _asgi_post(app, "/v1/chat/completions", text)
+        assert status == 200
+        lat.append(s)
+        await asyncio.sleep(0.01)
+    return statistics.median(lat)
+
+
+def _loaded_vs_alone(app, n_probes: int = 40, background: int = 2) -> tuple[float, float, int, int]:
+    """p50 of a text request alone, then while ``background`` loops keep building answers that carry the 20 MB
+    medium (one run, same app) -> (p50 alone s, p50 loaded s, big answers built meanwhile, body bytes of one)."""
+    big = {"model": "tiny", "messages": [{"role": "user", "content": "a film"}], "modalities": ["video"],
+           "max_tokens": 2}
+
+    async def go():
+        status, size, _ = await _asgi_post(app, "/v1/chat/completions", big)  # warm-up (and the body's size)
+        assert status == 200
+        await _probe_p50(app, 3)
+        alone = await _probe_p50(app, n_probes)
+        stop = asyncio.Event()
+        done = [0]
+
+        async def loop():
+            while not stop.is_set():
+                st, nbytes, _ = await _asgi_post(app, "/v1/chat/completions", big)
+                assert st == 200 and abs(nbytes - size) < 64  # ids and seeds vary in length
+                done[0] += 1
+
+        tasks = [asyncio.ensure_future(loop()) for _ in range(background)]
+        await asyncio.sleep(0.05)
+        loaded = await _probe_p50(app, n_probes)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return alone, loaded, done[0], size
+
+    return asyncio.run(go())
+
+
+def test_answers_with_a_20_mb_medium_leave_the_event_loop_free(tmp_path, capsys):
+    """Issue #30: while answers carrying a 20 MB medium are built (stored, base64, JSON, sent), a concurrent text
+    request's p50 latency grows by less than 10 ms against the same request alone, measured in one run. The
+    same run with the large-payload path switched off (everything encoded at once on the loop, as before) is
+    printed beside it."""
+    import services.ingress.payloads as payloads
+    import services.ingress.running as running
+
+    app, stage = _big_answer_app(tmp_path)
+    alone, loaded, built, size = _loaded_vs_alone(app)
+    assert size > 20 * 1024 * 1024 * 4 // 3  # the medium is in the body (inline base64)
+    assert built >= 2, built  # two loops kept building big answers all through the probes
+    growth_ms = 1000 * (loaded - alone)
+
+    old = (payloads.LARGE_PAYLOAD_BYTES, running.LARGE_PAYLOAD_BYTES)
+    payloads.LARGE_PAYLOAD_BYTES = running.LARGE_PAYLOAD_BYTES = 1 << 62  # the old path: all on the loop
+    try:
+        c_alone, c_loaded, c_built, _ = _loaded_vs_alone(app, n_probes=5)
+    finally:
+        payloads.LARGE_PAYLOAD_BYTES, running.LARGE_PAYLOAD_BYTES = old
+    with capsys.disabled():
+        print(f"\n  text p50 alone {1000 * alone:.1f} ms, beside 20 MB answers {1000 * loaded:.1f} ms "
+              f"(+{growth_ms:.1f} ms, {built} built); all on the loop (old path): {1000 * c_alone:.1f} -> "
+              f"{1000 * c_loaded:.1f} ms (+{1000 * (c_loaded - c_alone):.1f} ms, {c_built} built)")
+    assert growth_ms < 10.0, growth_ms
+
+
+def test_streaming_latencies_in_metrics_in_the_fields_names():
+    """A streamed answer with an image and a whole answer with audio: /metrics has time to first token, time per
+    output token, time to first medium per modality and end to end, and they are consistent."""
+    import httpx
+
+    from services.ingress import build_app
+    from services.local import LocalBackend
+    from services.metrics import histogram_means
+
+    preset, llm, decoders = fake_stages((IMAGE, Modality.AUDIO), step_s=0.01)
+    llm.token_s = 0.01
+    app = build_app(LocalBackend(preset, llm, decoders))
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=30) as c:
+            r1 = await c.post("/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "draw a red fox"}], "modalities": ["image"],
+                "stream": True})
+            r2 = await c.post("/v1/chat/completions", json={
+                "model": "tiny", "messages": [{"role": "user", "content": "a sound"}], "modalities": ["audio"]})
+            return r1, r2, (await c.get("/metrics")).text
+
+    r1, r2, text = asyncio.run(go())
+    assert r1.status_code == r2.status_code == 200 and "data: [DONE]" in r1.text
+    for name in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"):
+        assert f"polymodal_{name}_seconds_count 2.0" in text, name
+    assert 'polymodal_time_to_first_medium_seconds_count{modality="image"} 1.0' in text
+    assert 'polymodal_time_to_first_medium_seconds_count{modality="audio"} 1.0' in text
+    means = histogram_means(text)
+    ttft, tpot, e2e = (means[k][""] for k in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"))
+    assert 0.01 <= ttft < e2e and 0.005 <= tpot < e2e  # the fake LLM sleeps 10 ms per token
+    ttfm = means["time_to_first_medium"]
+    assert ttft < ttfm["modality=image"] < 2 * e2e and 0 < ttfm["modality=audio"] < 2 * e2e  # e2e: mean of the two

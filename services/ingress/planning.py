@@ -13,7 +13,7 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
@@ -64,6 +64,7 @@ class ChatPlan:
     box_overlay: bool = False
     allowed: tuple[Modality, ...] = ()  # the ceiling: media the answer may contain (the LLM masks the others)
     deadline: float | None = None  # time.monotonic() by which the answer is due (retries stop before it)
+    started_s: float = field(default_factory=time.monotonic)  # time.monotonic() when it was planned (metrics)
     on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
 
 
