@@ -1,7 +1,8 @@
 """Ray Serve deployments: plain classes wrapped by the app builder (:mod:`services.app`).
 
 - :class:`LLMServer`: encoders + input projectors + LLM (``polymodal.pipeline.LLMStage``); streams text
-  deltas and signal groups (``generate``).
+  deltas and signal groups (``generate``; ``generate_chunks``, what the ingress calls: the same items in lists,
+  text gathered for up to :data:`STREAM_WINDOW_S`, signal groups at once).
 - :class:`DecoderServer`: one modality's output projector + diffusion decoder (``DecoderStage``).
   ``render`` calls are batched (by default with no timer: :class:`services.workers.AdaptiveBatcher`; or Ray's
   ``@serve.batch`` with a wait); the pipeline runs in a worker thread (never on the
@@ -29,6 +30,7 @@ from ray.serve.handle import DeploymentHandle
 
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
+from polymodal.types import TextDelta
 
 from services.errors import Cancelled
 from services.protocol import DecoderStageLike, EncodedMedium, LLMRequest, LLMStageLike, RenderRequest
@@ -37,6 +39,8 @@ from services.workers import AdaptiveBatcher, BatchItem, DecoderWorker, LLMWorke
 
 log = logging.getLogger("ray.serve")
 
+STREAM_WINDOW_S = 0.03
+"""The LLM deployment sends text to the ingress at most this long after it was generated, in one stream item."""
 STATS_PERIOD_S = 1.0
 """A decoder replica sends its counters to the stats deployment at most this often (when they changed)."""
 
@@ -65,6 +69,24 @@ class LLMServer:
         """Async generator of ``TextDelta | SignalGroup`` then the ``LLMResult``; cancellation stops the LLM."""
         async for item in self._worker.stream(request):
             yield item
+
+    async def generate_chunks(self, request: LLMRequest, window_s: float = STREAM_WINDOW_S):
+        """The items of :meth:`generate` in lists, one stream item per list (each item crossing Ray costs about as
+        much as a token on a small model): text deltas gather for up to ``window_s`` (a list goes out with the
+        first delta after its window closed); any other item (a signal group, the result) sends its list at once,
+        so decoders start while the text still streams."""
+        loop = asyncio.get_running_loop()
+        chunk: list[Any] = []
+        opened = 0.0
+        async for item in self._worker.stream(request):
+            if not chunk:
+                opened = loop.time()
+            chunk.append(item)
+            if not isinstance(item, TextDelta) or loop.time() - opened >= window_s:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     def describe(self) -> dict[str, Any]:
         d = dict(self._stage.describe())

@@ -1,6 +1,7 @@
 """The Ray Serve backend: the ingress's stages are DeploymentHandles.
 
-- LLM: ``handle.options(stream=True).generate.remote(req)`` streams text deltas and signal groups.
+- LLM: ``handle.options(stream=True).generate_chunks.remote(req)`` streams text deltas and signal groups, in lists
+  (a few per answer, not one Ray stream item per token).
 - Decoders: one handle per modality; ``render.remote(req)`` (the replica batches with ``@serve.batch``).
 - Stats: the stats deployment sums the decoder replicas' counters (for ``/metrics``).
 
@@ -127,10 +128,11 @@ class RayBackend(Backend):
             gen = None
             streamed = False
             try:
-                gen = self._llm.options(stream=True).generate.remote(request)
-                async for item in gen:
+                gen = self._llm.options(stream=True).generate_chunks.remote(request)
+                async for chunk in gen:  # lists of items: text gathered over a short window, groups at once
                     streamed = True
-                    yield item
+                    for item in chunk:
+                        yield item
                 return
             except (asyncio.CancelledError, GeneratorExit):
                 _cancel(gen)

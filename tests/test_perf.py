@@ -269,3 +269,35 @@ def test_streaming_latencies_in_metrics_in_the_fields_names():
     assert 0.01 <= ttft < e2e and 0.005 <= tpot < e2e  # the fake LLM sleeps 10 ms per token
     ttfm = means["time_to_first_medium"]
     assert ttft < ttfm["modality=image"] < 2 * e2e and 0 < ttfm["modality=audio"] < 2 * e2e  # e2e: mean of the two
+
+
+def test_llm_deployment_sends_text_in_few_chunks_and_signal_groups_at_once():
+    """LLMServer.generate_chunks (what the Ray backend calls): the same items as generate, in order, in far fewer
+    stream items than tokens; a signal group closes its chunk at once."""
+    from polymodal.types import LLMResult, SignalGroup, TextDelta, TextPart, Turn
+    from services.deployments import LLMServer
+    from services.protocol import LLMRequest
+
+    preset, llm, _ = fake_stages((IMAGE,))
+    llm.token_s = 0.005
+    server = LLMServer(preset, stage=llm)
+    words = " ".join(f"w{i}" for i in range(30))
+    req = LLMRequest(request_id="r", turns=(Turn("user", (TextPart(words),)),), modalities=(IMAGE,),
+                     max_new_tokens=40, seed=1)
+
+    async def go():
+        flat = [x async for x in server.generate(req)]
+        chunks = [c async for c in server.generate_chunks(req, window_s=0.05)]
+        return flat, chunks
+
+    flat, chunks = asyncio.run(go())
+    items = [x for c in chunks for x in c]
+    assert [type(x) for x in items] == [type(x) for x in flat]
+    assert "".join(x.text for x in items if isinstance(x, TextDelta)) == "".join(
+        x.text for x in flat if isinstance(x, TextDelta))
+    n_text = sum(isinstance(x, TextDelta) for x in flat)
+    assert n_text >= 30 and len(chunks) <= n_text // 4  # ~10 tokens per 50 ms window
+    assert all(isinstance(c[-1], (TextDelta, SignalGroup, LLMResult)) for c in chunks)
+    group_chunk = next(c for c in chunks if any(isinstance(x, SignalGroup) for x in c))
+    assert isinstance(group_chunk[-1], SignalGroup)  # the group went out the moment it closed
+    assert isinstance(chunks[-1][-1], LLMResult)
