@@ -72,19 +72,21 @@ class LLMServer:
 
     async def generate_chunks(self, request: LLMRequest, window_s: float = STREAM_WINDOW_S):
         """The items of :meth:`generate` in lists, one stream item per list (each item crossing Ray costs about as
-        much as a token on a small model): text deltas gather for up to ``window_s`` (a list goes out with the
-        first delta after its window closed); any other item (a signal group, the result) sends its list at once,
-        so decoders start while the text still streams."""
+        much as a token on a small model): the first text delta goes out alone at once (time to first token), later
+        ones gather for up to ``window_s`` (a list goes out with the first delta after its window closed); any other
+        item (a signal group, the result) sends its list at once, so decoders start while the text still streams."""
         loop = asyncio.get_running_loop()
         chunk: list[Any] = []
         opened = 0.0
+        first = True
         async for item in self._worker.stream(request):
             if not chunk:
                 opened = loop.time()
             chunk.append(item)
-            if not isinstance(item, TextDelta) or loop.time() - opened >= window_s:
+            if first or not isinstance(item, TextDelta) or loop.time() - opened >= window_s:
                 yield chunk
                 chunk = []
+                first = False
         if chunk:
             yield chunk
 

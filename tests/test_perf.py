@@ -301,3 +301,4 @@ def test_llm_deployment_sends_text_in_few_chunks_and_signal_groups_at_once():
     group_chunk = next(c for c in chunks if any(isinstance(x, SignalGroup) for x in c))
     assert isinstance(group_chunk[-1], SignalGroup)  # the group went out the moment it closed
     assert isinstance(chunks[-1][-1], LLMResult)
+    assert len(chunks[0]) == 1 and isinstance(chunks[0][0], TextDelta)  # the first token is not held back
