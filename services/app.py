@@ -3,7 +3,7 @@
 Graph::
 
     IngressServer (FastAPI, no torch) --stream--> LLMServer
-                                      --render--> DecoderServer[image] / [audio] / [video]  (@serve.batch)
+                                      --render--> DecoderServer[image] / [audio] / [video]  (batched)
                                       --speech--> SpeechServer (transcribe, synthesize: pocketsphinx, flite)
                                       --stats---> StatsServer  <--report-- DecoderServer replicas
                                       --run-----> SkillServer["skills-cpu"]       detect, segment, ocr
@@ -23,7 +23,7 @@ the GPU (``num_gpus: 0.3``).
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -99,11 +99,17 @@ class DeploymentArgs(_Args):
 
 
 class DecoderDeploymentArgs(DeploymentArgs):
-    """A decoder deployment: resources plus ``@serve.batch`` settings."""
+    """A decoder deployment: resources plus batching settings.
+
+    ``batch_policy``: ``adaptive`` (default; no timer: a lone request starts at once, requests arriving while a
+    batch runs share the next pipeline call) or ``timeout`` (Ray's ``@serve.batch``: a batch waits up to
+    ``batch_wait_timeout_s`` to fill, which a request arriving alone always pays). Figures: ``bench/README.md``.
+    """
 
     num_cpus: float = Field(0.2, ge=0)
     max_batch_size: int = Field(4, ge=1, le=64)
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
+    batch_policy: Literal["adaptive", "timeout"] = "adaptive"
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
     max_ongoing_requests: int = Field(16, ge=1)
 
 
@@ -234,7 +240,8 @@ def app_builder(args: AppArgs):
     for m in chosen:
         d = args.decoders.get(m, DecoderDeploymentArgs())
         decoders[m.value] = serve.deployment(DecoderServer).options(**d.options(f"decoder-{m.value}")).bind(
-            preset, m.value, args.device, args.export_dir, d.max_batch_size, d.batch_wait_timeout_s, stats)
+            preset, m.value, args.device, args.export_dir, d.max_batch_size, d.batch_wait_timeout_s, stats,
+            batch_policy=d.batch_policy)
     speech = None
     if args.speech.enabled:
         speech = serve.deployment(SpeechServer).options(**args.speech.options("speech")).bind(

@@ -1,9 +1,11 @@
 """Ray Serve deployments: plain classes wrapped by the app builder (:mod:`services.app`).
 
 - :class:`LLMServer`: encoders + input projectors + LLM (``polymodal.pipeline.LLMStage``); streams text
-  deltas and signal groups (``generate``).
+  deltas and signal groups (``generate``; ``generate_chunks``, what the ingress calls: the same items in lists,
+  text gathered for up to :data:`STREAM_WINDOW_S`, signal groups at once).
 - :class:`DecoderServer`: one modality's output projector + diffusion decoder (``DecoderStage``).
-  ``render`` calls are batched with ``@serve.batch``; the pipeline runs in a worker thread (never on the
+  ``render`` calls are batched (by default with no timer: :class:`services.workers.AdaptiveBatcher`; or Ray's
+  ``@serve.batch`` with a wait); the pipeline runs in a worker thread (never on the
   replica's event loop, so batches form and health checks answer), see :class:`services.workers.DecoderWorker`
   for grouping, seeds, failure isolation and cancellation.
 - :class:`SpeechServer`: speech recognition and synthesis (:class:`services.speech.SpeechWorker`): ``transcribe``
@@ -33,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
+from polymodal.types import TextDelta
 
 from services.errors import Cancelled
 from services.protocol import (
@@ -48,9 +51,14 @@ from services.protocol import (
 )
 from services.settings import ServerSettings
 from services.speech import SpeechConfig, SpeechWorker
-from services.workers import BatchItem, DecoderWorker, LLMWorker
+from services.workers import AdaptiveBatcher, BatchItem, DecoderWorker, LLMWorker, check_batch_policy
 
 log = logging.getLogger("ray.serve")
+
+STREAM_WINDOW_S = 0.03
+"""The LLM deployment sends text to the ingress at most this long after it was generated, in one stream item."""
+STATS_PERIOD_S = 1.0
+"""A decoder replica sends its counters to the stats deployment at most this often (when they changed)."""
 
 
 class LLMServer:
@@ -78,6 +86,26 @@ class LLMServer:
         async for item in self._worker.stream(request):
             yield item
 
+    async def generate_chunks(self, request: LLMRequest, window_s: float = STREAM_WINDOW_S):
+        """The items of :meth:`generate` in lists, one stream item per list (each item crossing Ray costs about as
+        much as a token on a small model): the first text delta goes out alone at once (time to first token), later
+        ones gather for up to ``window_s`` (a list goes out with the first delta after its window closed); any other
+        item (a signal group, the result) sends its list at once, so decoders start while the text still streams."""
+        loop = asyncio.get_running_loop()
+        chunk: list[Any] = []
+        opened = 0.0
+        first = True
+        async for item in self._worker.stream(request):
+            if not chunk:
+                opened = loop.time()
+            chunk.append(item)
+            if first or not isinstance(item, TextDelta) or loop.time() - opened >= window_s:
+                yield chunk
+                chunk = []
+                first = False
+        if chunk:
+            yield chunk
+
     def describe(self) -> dict[str, Any]:
         d = dict(self._stage.describe())
         d["healthy"] = self._worker.healthy
@@ -96,16 +124,26 @@ class DecoderServer:
         modality: ``image`` / ``audio`` / ``video``.
         device: torch device.
         export_dir: an export of trained parts (:mod:`polymodal.export`).
-        max_batch_size: items per pipeline call (``@serve.batch``).
-        batch_wait_timeout_s: how long a batch waits to fill.
+        max_batch_size: items per pipeline call.
+        batch_wait_timeout_s: with ``batch_policy="timeout"``, how long a batch waits to fill (a request that
+            arrives alone waits all of it).
         stats: handle of :class:`StatsServer` (counters for ``/metrics``), optional.
         stage: a ready ``DecoderStage`` (tests); skips loading.
+        batch_policy: ``adaptive`` (default: no timer; requests that arrive while a batch runs share the next
+            call, see :class:`services.workers.AdaptiveBatcher`) or ``timeout`` (Ray's ``@serve.batch`` with
+            ``batch_wait_timeout_s``); :data:`services.workers.BATCH_POLICIES`.
+        stats_period_s: the counters go to ``stats`` at most this often (only when they changed).
+
+    Raises:
+        ValueError: an unknown ``batch_policy``.
     """
 
     def __init__(self, preset: PresetConfig | str, modality: str, device: str | None = None,
-                 export_dir: str | None = None, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.05,
-                 stats: DeploymentHandle | None = None, stage: DecoderStageLike | None = None):
+                 export_dir: str | None = None, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.0,
+                 stats: DeploymentHandle | None = None, stage: DecoderStageLike | None = None,
+                 batch_policy: str = "adaptive", stats_period_s: float = STATS_PERIOD_S):
         self.modality = Modality.parse(modality)
+        self.batch_policy = check_batch_policy(batch_policy)
         if stage is None:
             from polymodal.pipeline import build_decoder_stage, llm_hidden_size
             from polymodal.presets import get_preset
@@ -117,7 +155,9 @@ class DecoderServer:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
         self.render_batch.set_max_batch_size(int(max_batch_size))
         self.render_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
+        self._batcher = AdaptiveBatcher(self._run_batch, int(max_batch_size)) if batch_policy == "adaptive" else None
         self._stats = stats
+        self._stats_period_s = float(stats_period_s)
         self._replica = uuid.uuid4().hex
         self._flusher: asyncio.Task | None = None
         self._reported: dict[str, int] | None = None
@@ -131,7 +171,7 @@ class DecoderServer:
         self._ensure_flusher()
         item = BatchItem(request)
         try:
-            result = await self.render_batch(item)
+            result = await (self._batcher.submit(item) if self._batcher is not None else self.render_batch(item))
         except asyncio.CancelledError:
             item.cancel.set()  # the step callback sees it; the batch stops once all its items are cancelled
             raise
@@ -141,14 +181,13 @@ class DecoderServer:
             raise result
         return result
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.05)
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
     async def render_batch(self, items: list[BatchItem]) -> list[EncodedMedium | Exception]:
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, self._worker.run_batch, items)
-        finally:
-            if self._stats is not None:
-                loop.create_task(self._report())
+        """``batch_policy="timeout"``: Ray forms the batch."""
+        return await self._run_batch(items)
+
+    async def _run_batch(self, items: list[BatchItem]) -> list[EncodedMedium | Exception]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._worker.run_batch, items)
 
     async def _report(self) -> None:
         snap = self._worker.counters.snapshot()
@@ -164,10 +203,11 @@ class DecoderServer:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
-        """Report this replica's counters to the stats deployment whenever they change (every 0.2 s)."""
+        """Report this replica's counters to the stats deployment every ``stats_period_s`` when they changed (a
+        fixed low rate: not per denoising step, not per batch)."""
         while True:
+            await asyncio.sleep(self._stats_period_s)
             await self._report()
-            await asyncio.sleep(0.2)
 
     def stats(self) -> dict[str, int]:
         return self._worker.counters.snapshot()

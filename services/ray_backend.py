@@ -1,6 +1,7 @@
 """The Ray Serve backend: the ingress's stages are DeploymentHandles.
 
-- LLM: ``handle.options(stream=True).generate.remote(req)`` streams text deltas and signal groups.
+- LLM: ``handle.options(stream=True).generate_chunks.remote(req)`` streams text deltas and signal groups, in lists
+  (a few per answer, not one Ray stream item per token).
 - Decoders: one handle per modality; ``render.remote(req)`` (the replica batches with ``@serve.batch``).
 - Skills: one handle per skill deployment (``placement`` says which hosts which skill); ``run.remote(req)``.
   A skill call is not retried when its replica dies (it answers a 503 the ingress turns into the call's error
@@ -153,10 +154,11 @@ class RayBackend(Backend):
             gen = None
             streamed = False
             try:
-                gen = self._llm.options(stream=True).generate.remote(request)
-                async for item in gen:
+                gen = self._llm.options(stream=True).generate_chunks.remote(request)
+                async for chunk in gen:  # lists of items: text gathered over a short window, groups at once
                     streamed = True
-                    yield item
+                    for item in chunk:
+                        yield item
                 return
             except (asyncio.CancelledError, GeneratorExit):
                 _cancel(gen)

@@ -2,6 +2,8 @@
 
 - :class:`LLMWorker` runs ``LLMStage.stream`` in a thread and hands its items to asyncio; cancelling the
   consumer sets a flag the LLM checks after every token.
+- :class:`AdaptiveBatcher` forms decoder batches without a timer: a call that finds the decoder idle starts at
+  once; calls that arrive while a batch runs go together into the next one (the wait is the busy time only).
 - :class:`DecoderWorker` renders a batch of :class:`~services.protocol.RenderRequest` items: grouped by
   compatible settings (the whole :class:`~polymodal.config.DecoderDefaults`: size, steps, guidance,
   frames, fps, duration, strength; and for edits the source's shape and whether it has a mask), one seed per item, encoded to files. A pipeline call that raises is retried item
@@ -19,7 +21,8 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -268,3 +271,86 @@ def is_fatal(e: BaseException) -> bool:
     fails so Ray Serve replaces it. A CUDA out-of-memory error is not fatal (the next, smaller batch may fit)."""
     text = str(e).lower()
     return "cuda error" in text or "device-side assert" in text
+
+
+BATCH_POLICIES = ("adaptive", "timeout")
+"""How a decoder deployment forms batches: ``adaptive`` (:class:`AdaptiveBatcher`: no timer, a lone request
+starts at once, requests arriving while the decoder is busy share the next call) or ``timeout`` (Ray's
+``@serve.batch``: a batch waits up to ``batch_wait_timeout_s`` after its first item to fill)."""
+
+
+def check_batch_policy(name: str) -> str:
+    """``name`` if it is one of :data:`BATCH_POLICIES`.
+
+    Raises:
+        ValueError: another name (the message lists the choices).
+    """
+    if name not in BATCH_POLICIES:
+        raise ValueError(f"unknown batch policy {name!r}; choices: {', '.join(BATCH_POLICIES)}")
+    return name
+
+
+class AdaptiveBatcher:
+    """Batches concurrent calls with no timer: the wait for a batch is the time the decoder is busy.
+
+    A call that finds the runner idle starts at once, alone (a lone request pays no batch wait); calls that arrive
+    while a batch runs queue up and go together, up to ``max_batch_size``, as soon as it ends. A caller cancelled
+    while queued is dropped before its batch starts; one cancelled while its batch runs has its result dropped
+    (set ``BatchItem.cancel`` so the step callback can stop the work).
+
+    Args:
+        run: ``async run(items) -> one result per item`` (e.g. a :class:`DecoderWorker` batch in a thread); one
+            call at a time.
+        max_batch_size: most items per call.
+
+    Raises:
+        ValueError: ``max_batch_size`` < 1.
+    """
+
+    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._run = run
+        self.max_batch_size = int(max_batch_size)
+        self._queue: deque[tuple[Any, asyncio.Future]] = deque()
+        self._wake = asyncio.Event()  # bound to a loop at first use (Python >= 3.10)
+        self._task: asyncio.Task | None = None
+        self.batch_sizes: list[int] = []  # sizes of the calls made so far (tests, benches)
+
+    async def submit(self, item: Any) -> Any:
+        """Queue ``item`` -> its result (raises what ``run`` raised for its batch)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._loop())
+        fut = loop.create_future()
+        self._queue.append((item, fut))
+        self._wake.set()
+        return await fut
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            batch: list[tuple[Any, asyncio.Future]] = []
+            while self._queue and len(batch) < self.max_batch_size:
+                item, fut = self._queue.popleft()
+                if not fut.done():  # a cancelled caller's item is dropped here
+                    batch.append((item, fut))
+            if not batch:
+                continue
+            self.batch_sizes.append(len(batch))
+            try:
+                results = await self._run([item for item, _ in batch])
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    fut.cancel()
+                raise
+            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), r in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(r)

@@ -223,3 +223,27 @@ class ScriptedToolLLMStage:
 
     def describe(self):
         return {"init_state": "scripted"}
+
+
+class LargeMedium:
+    """A rendered medium whose file is ``data`` as given (no encoding work): stands for real-size video or audio."""
+
+    def __init__(self, data: bytes, seed: int):
+        self.data, self.seed, self.duration_s = data, seed, None
+
+    def encode(self):
+        return self.data, "video/mp4", "mp4"
+
+
+class LargeMediumStage(FakeDecoderStage):
+    """A decoder stage whose every medium is the same ``size_bytes`` of random bytes (built once), so the ingress's
+    own handling of a large answer (storing it, base64, JSON, sending) is all the work a request makes."""
+
+    def __init__(self, modality: Modality, defaults: DecoderDefaults, size_bytes: int = 20 * 1024 * 1024):
+        super().__init__(modality, defaults)
+        self.payload = np.random.default_rng(0).integers(0, 256, size_bytes, dtype=np.uint8).tobytes()
+
+    def render(self, groups, seeds, options=None, should_cancel=None, on_step=None):
+        with self._lock:
+            self.calls.append(dict(seeds=list(seeds), options=options, n=len(groups)))
+        return [LargeMedium(self.payload, s) for s in seeds]

@@ -197,6 +197,8 @@ def test_sse_streaming(service):
 
 
 def test_16_concurrent_requests_distinct_ids_and_decoder_batches(service):
+    items0 = service.metric("polymodal_decoder_batch_items_total")
+
     async def go():
         async with httpx.AsyncClient(timeout=300) as c:
             return await asyncio.gather(*[c.post(service.url + "/v1/chat/completions", json={
@@ -206,7 +208,9 @@ def test_16_concurrent_requests_distinct_ids_and_decoder_batches(service):
     rs = asyncio.run(go())
     assert [r.status_code for r in rs] == [200] * 16, [r.text for r in rs if r.status_code != 200][:1]
     assert len({r.json()["id"] for r in rs}) == 16
-    time.sleep(0.5)  # counters reach the stats deployment
+    deadline = time.monotonic() + 10  # counters reach the stats deployment within a period (1 s) of changing
+    while service.metric("polymodal_decoder_batch_items_total") < items0 + 16 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert service.metric("polymodal_decoder_max_batch_size") > 1
     assert service.metric("polymodal_decoder_batch_items_total") > service.metric("polymodal_decoder_batches_total")
 

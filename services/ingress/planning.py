@@ -15,7 +15,7 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
@@ -75,6 +75,7 @@ class ChatPlan:
     allowed: tuple[Modality, ...] = ()  # the ceiling: media the answer may contain (the LLM masks the others)
     json_content: bool = False  # response_format JSON: content is the JSON alone (media only in the arrays)
     deadline: float | None = None  # time.monotonic() by which the answer is due (retries stop before it)
+    started_s: float = field(default_factory=time.monotonic)  # time.monotonic() when it was planned (metrics)
     on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
     edit_source: EditSource | None = None  # edits: the groups of its modality render from it (issue #27)
     speech: SpeechPlan | None = None  # the answer spoken (``audio.voice``), or not

@@ -39,6 +39,7 @@ from polymodal.types import LLMResult, LogprobEntry, ToolCall, interleave
 from services.errors import APIError
 from services.ingress.content import ContentStream, compose
 from services.ingress.media_refs import artifact_url, markdown_ref
+from services.ingress.payloads import Piece, Splicer
 from services.ingress.planning import ChatPlan
 from services.ingress.audio_formats import encode_chunks
 from services.ingress.running import ChatOutcome, Reserved, SpokenAudio, Stored
@@ -80,10 +81,14 @@ class Responses:
 
     # ---- one medium ------------------------------------------------------------------------------
     @staticmethod
-    def url(s: Stored, fmt: str, base_url: str) -> str:
-        """The medium as a data URL (``inline``) or its artifact URL (``url``)."""
+    def url(s: Stored, fmt: str, base_url: str, splicer: Splicer | None = None) -> str:
+        """The medium as a data URL (``inline``; a placeholder of ``splicer`` when large) or its artifact URL
+        (``url``)."""
         if fmt == "url":
             return artifact_url(base_url, s.artifact.id, s.artifact.ext)
+        if splicer is not None:
+            media_io.encode_data_url(b"", s.medium.mime_type)  # the same check of the MIME type
+            return splicer.inline(s.medium.data, f"data:{s.medium.mime_type};base64,")
         return media_io.encode_data_url(s.medium.data, s.medium.mime_type)
 
     @staticmethod
@@ -111,10 +116,11 @@ class Responses:
         return part
 
     @staticmethod
-    def audio_message(s: Stored, transcript: str) -> dict[str, Any]:
-        """OpenAI's ``message.audio`` / ``delta.audio``: {id (the artifact id), data (base64), format, expires_at,
-        transcript}."""
-        return {"id": s.artifact.id, "data": base64.b64encode(s.medium.data).decode("ascii"), "format": s.medium.ext,
+    def audio_message(s: Stored, transcript: str, splicer: Splicer | None = None) -> dict[str, Any]:
+        """OpenAI's ``message.audio`` / ``delta.audio``: {id (the artifact id), data (base64; a placeholder of
+        ``splicer`` when large), format, expires_at, transcript}."""
+        data = splicer.inline(s.medium.data) if splicer is not None else base64.b64encode(s.medium.data).decode("ascii")
+        return {"id": s.artifact.id, "data": data, "format": s.medium.ext,
                 "expires_at": s.artifact.expires_at, "transcript": transcript}
 
     @staticmethod
@@ -184,8 +190,10 @@ class Responses:
         return f"polymodal-{self.preset.name}"
 
     # ---- chat ------------------------------------------------------------------------------------
-    def completion_body(self, plan: ChatPlan, out: ChatOutcome, base_url: str) -> dict[str, Any]:
-        """The ``chat.completion`` object of a whole answer (see the contract, "The answer's shape")."""
+    def completion_body(self, plan: ChatPlan, out: ChatOutcome, base_url: str,
+                        splicer: Splicer | None = None) -> dict[str, Any]:
+        """The ``chat.completion`` object of a whole answer (see the contract, "The answer's shape"); with
+        ``splicer``, large inline media are its placeholders (send the body with ``splicer.response``)."""
         r, text = out.result, out.text
         media = sorted(out.media, key=lambda s: s.medium.index)
         counts: dict[Modality, int] = {}
@@ -198,7 +206,7 @@ class Responses:
         arrays: dict[Modality, list[dict[str, Any]]] = {}
         for s, n in numbered:
             arrays.setdefault(s.medium.modality, []).append(
-                self.array_item(s.medium.modality, self.url(s, plan.media_format, base_url), n))
+                self.array_item(s.medium.modality, self.url(s, plan.media_format, base_url, splicer), n))
         placed = [s.medium for s in media]
         media_parts = [self.media_part(s, base_url) for s in media]
         if out.overlay is not None:
@@ -228,7 +236,7 @@ class Responses:
         for s in media:  # OpenAI's slot (message.audio): the first medium of a modality that has one
             slot = s.medium.modality.spec.message_slot
             if slot is not None and slot not in message:
-                message[slot] = self.audio_message(s, text)
+                message[slot] = self.audio_message(s, text, splicer)
         message["parts"] = interleave(text, placed, media_parts, text_part=lambda t: {"type": "text", "text": t})
         if self.preset.grounding is not None or plan.skills.names:
             message["boxes"] = self.boxes_json(r) + self.skill_boxes_json(out.skill_calls)
@@ -260,7 +268,7 @@ class Responses:
 
     # ---- one-medium endpoints --------------------------------------------------------------------
     def generation_body(self, request_id: str, modality: Modality, revised_prompt: str, media: list[Stored],
-                        fmt: str, base_url: str) -> dict[str, Any]:
+                        fmt: str, base_url: str, splicer: Splicer | None = None) -> dict[str, Any]:
         """The images / audio endpoints' answer: ``{"created", "id", "model", "data": [...]}``, one item per
         medium (``b64_json``, or ``url`` and ``expires_at``; with ``revised_prompt``, ``seed``, ``mime_type``[,
         ``duration_s``])."""
@@ -271,7 +279,8 @@ class Responses:
             if fmt == "url":
                 item.update(url=self.url(s, "url", base_url), expires_at=s.artifact.expires_at)
             else:
-                item["b64_json"] = base64.b64encode(m.data).decode("ascii")
+                item["b64_json"] = (splicer.inline(m.data) if splicer is not None
+                                    else base64.b64encode(m.data).decode("ascii"))
             if m.duration_s is not None:
                 item["duration_s"] = m.duration_s
             self.metrics.media.labels(modality.value).inc()
@@ -303,6 +312,7 @@ class StreamChunks:
         self._logprobs: list[LogprobEntry] = []  # entries not yet sent (their text is held back)
         self._calls = 0
         self.skill_calls: list[SkillCall] = []
+        self.splicer = Splicer()
 
     def _content(self, piece: str) -> list[bytes]:
         if not piece:
@@ -365,18 +375,20 @@ class StreamChunks:
             frames += self._content(self.content.reference(r.group.text_offset, md))
         return frames
 
-    def medium(self, s: Stored) -> list[bytes]:
-        """``delta: {"images": [item]}`` (``audios``, ``videos``; the first audio also ``delta.audio``)."""
+    def medium(self, s: Stored) -> list[Piece]:
+        """``delta: {"images": [item]}`` (``audios``, ``videos``; the first audio also ``delta.audio``); a large
+        medium's base64 is a :class:`~services.ingress.payloads.Payload` piece (send with
+        :func:`~services.ingress.payloads.stream_pieces`)."""
         m = s.medium
         self.r.metrics.media.labels(m.modality.value).inc()
-        item = self.r.array_item(m.modality, self.r.url(s, self.plan.media_format, self.base_url),
+        item = self.r.array_item(m.modality, self.r.url(s, self.plan.media_format, self.base_url, self.splicer),
                                  self._numbers[s.artifact.id])
         delta: dict[str, Any] = {m.modality.spec.answer_field: [item]}
         slot = m.modality.spec.message_slot
         if slot is not None and slot not in self._slots_filled:  # OpenAI's slot: the first audio, delta.audio
             self._slots_filled.add(slot)
-            delta[slot] = self.r.audio_message(s, "".join(self._text))
-        return [self.r.chunk(self.plan, self.created, delta)]
+            delta[slot] = self.r.audio_message(s, "".join(self._text), self.splicer)
+        return self.splicer.pieces(self.r.chunk(self.plan, self.created, delta))
 
     def speech(self, chunk: SpeechAudioChunk, art: Artifact) -> list[bytes]:
         """A spoken answer's chunk (``audio.voice``, ``format: pcm16``): ``delta.audio`` {id (the WAV's artifact,

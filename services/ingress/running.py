@@ -33,6 +33,7 @@ from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPa
 from services.errors import APIError
 from services.ingress.error_map import stage_error
 from services.ingress.audio_formats import encode_chunks
+from services.ingress.payloads import LARGE_PAYLOAD_BYTES
 from services.ingress.planning import ChatPlan, input_images
 from services.ingress.skill_loop import Shift, SkillCall, merge, next_round, result_text, skill_failure
 from services.ingress.spoken import SpokenAnswer
@@ -94,6 +95,40 @@ SKILL_TIME_MARGIN_S = 1.0
 """A skill call ends this long before the request's deadline at the latest (the model still answers)."""
 
 
+class _Latencies:
+    """The streaming latencies of one run (:mod:`services.metrics`: time to first token, time per output token,
+    time to first medium per modality, end to end), from ``started_s`` (``time.monotonic()``)."""
+
+    def __init__(self, started_s: float):
+        self.started_s = started_s
+        self.first_token_s: float | None = None
+        self.last_token_s: float | None = None
+        self.first_medium_s: dict[Modality, float] = {}
+
+    def token(self) -> None:
+        now = time.monotonic()
+        if self.first_token_s is None:
+            self.first_token_s = now
+        self.last_token_s = now
+
+    def llm_done(self) -> None:
+        if self.first_token_s is not None:
+            self.last_token_s = time.monotonic()
+
+    def medium(self, modality: Modality) -> None:
+        self.first_medium_s.setdefault(modality, time.monotonic())
+
+    def observe(self, metrics: APIMetrics, completion_tokens: int) -> None:
+        now = time.monotonic()
+        metrics.e2e.observe(now - self.started_s)
+        if self.first_token_s is not None:
+            metrics.ttft.observe(self.first_token_s - self.started_s)
+            if completion_tokens > 1 and self.last_token_s is not None:
+                metrics.tpot.observe((self.last_token_s - self.first_token_s) / (completion_tokens - 1))
+        for m, t in self.first_medium_s.items():
+            metrics.ttfm.labels(m.value).observe(t - self.started_s)
+
+
 class Runner:
     """Runs plans over ``backend``.
 
@@ -130,6 +165,8 @@ class Runner:
         except Exception as e:
             self.store.fail(art, stage_error(e).message)
             raise
+        if len(m.data) >= LARGE_PAYLOAD_BYTES:  # a large file is written off the event loop (the write drops the GIL)
+            return Stored(m, await asyncio.to_thread(self.store.fulfil, art, m.data, m.mime_type, m.ext))
         return Stored(m, self.store.fulfil(art, m.data, m.mime_type, m.ext))
 
     async def _run_skill(self, plan: ChatPlan, call: ToolCall, round_: int, shift: Shift) -> SkillCall:
@@ -270,15 +307,19 @@ class Runner:
         result: LLMResult | None = None
         llm_done = False
         delivered = 0
+        clock = _Latencies(plan.started_s)
         try:
             while not (llm_done and delivered == len(renders)):
                 kind, value = await queue.get()
+                if kind == "text":
+                    clock.token()
                 if kind in ("text", "reserved", "logprobs", "tool_call", "skill_call"):
                     yield kind, value
                 elif kind == "error":
                     raise stage_error(value)
                 elif kind == "llm":
                     llm_done, result = True, value
+                    clock.llm_done()
                     if result is None:
                         raise APIError(500, "the LLM stage ended without a result", type="server_error")
                     produced = {g.modality for g in groups} | skill_modalities
@@ -293,9 +334,11 @@ class Runner:
                     exc = value.exception()
                     if exc is not None:
                         raise stage_error(exc)
+                    clock.medium(value.result().medium.modality)
                     yield "medium", value.result()
             if plan.on_complete is not None:
                 plan.on_complete()
+            clock.observe(self.metrics, result.completion_tokens if result is not None else 0)
             yield "done", (result, groups)
         finally:
             pending = [t for t in (producer, *renders) if not t.done()]

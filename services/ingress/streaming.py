@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from services.errors import APIError
 from services.ingress.admission import Slot
 from services.ingress.error_map import stage_error
+from services.ingress.payloads import Payload, stream_pieces
 from services.ingress.planning import ChatPlan
 from services.ingress.responses import Responses, StreamChunks
 from services.ingress.running import Runner
@@ -147,7 +148,11 @@ async def sse(runner: Runner, responses: Responses, metrics: APIMetrics, timeout
                         if not spoken_all:
                             held, frames = frames, []
             for frame in frames:
-                yield frame
+                if isinstance(frame, Payload):  # a large medium's base64, encoded in pieces
+                    async for piece in stream_pieces([frame]):
+                        yield piece
+                else:
+                    yield frame
         yield chunks.done()
     finally:
         timer.cancel()

@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from polymodal.config import DecoderDefaults
 from polymodal.modality import Modality
 
 from services.errors import bad_request
+from services.ingress.payloads import Splicer
 from services.ingress.planning import new_id, request_kind
 from services.ingress.running import ClientGone
 from services.ingress.service import IngressService, get_service, require_api_key
@@ -54,8 +55,9 @@ async def run_one_medium(svc: IngressService, request: Request, body, modality: 
         return Response(status_code=499)
     finally:
         slot.release()
-    answer = svc.responses.generation_body(request_id, modality, text, media, fmt, svc.base_url(request))
-    return JSONResponse(answer, headers={"X-Request-Id": request_id})
+    splicer = Splicer()  # large media are base64-encoded piece by piece while the body is sent
+    answer = svc.responses.generation_body(request_id, modality, text, media, fmt, svc.base_url(request), splicer)
+    return splicer.response(answer, headers={"X-Request-Id": request_id})
 
 
 async def one_medium(svc: IngressService, request: Request, body: ImageGenerationRequest | AudioGenerationRequest,
