@@ -22,6 +22,9 @@ by the stats deployment) and are exposed with the same text format:
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -111,3 +114,38 @@ class _DecoderCollector:
         for modality, values in sorted(self.stats.items()):
             g.add_metric([modality], float(values.get("max_batch_size", 0)))
         yield g
+
+
+class StreamLatencies:
+    """The streaming latencies of one run (:mod:`services.metrics`: time to first token, time per output token,
+    time to first medium per modality, end to end), from ``started_s`` (``time.monotonic()``); ``medium`` takes
+    a :class:`polymodal.modality.Modality`."""
+
+    def __init__(self, started_s: float):
+        self.started_s = started_s
+        self.first_token_s: float | None = None
+        self.last_token_s: float | None = None
+        self.first_medium_s: dict[Any, float] = {}
+
+    def token(self) -> None:
+        now = time.monotonic()
+        if self.first_token_s is None:
+            self.first_token_s = now
+        self.last_token_s = now
+
+    def llm_done(self) -> None:
+        if self.first_token_s is not None:
+            self.last_token_s = time.monotonic()
+
+    def medium(self, modality: Any) -> None:
+        self.first_medium_s.setdefault(modality, time.monotonic())
+
+    def observe(self, metrics: APIMetrics, completion_tokens: int) -> None:
+        now = time.monotonic()
+        metrics.e2e.observe(now - self.started_s)
+        if self.first_token_s is not None:
+            metrics.ttft.observe(self.first_token_s - self.started_s)
+            if completion_tokens > 1 and self.last_token_s is not None:
+                metrics.tpot.observe((self.last_token_s - self.first_token_s) / (completion_tokens - 1))
+        for m, t in self.first_medium_s.items():
+            metrics.ttfm.labels(m.value).observe(t - self.started_s)

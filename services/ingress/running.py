@@ -37,7 +37,7 @@ from services.ingress.payloads import LARGE_PAYLOAD_BYTES
 from services.ingress.planning import ChatPlan, input_images
 from services.ingress.skill_loop import Shift, SkillCall, merge, next_round, result_text, skill_failure
 from services.ingress.spoken import SpokenAnswer
-from services.metrics import APIMetrics
+from services.metrics import APIMetrics, StreamLatencies
 from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest, SkillRequest, SpeechAudioChunk
 from services.settings import ServerSettings
 from services.store import Artifact, FileStore
@@ -93,40 +93,6 @@ class SpokenAudio:
 
 SKILL_TIME_MARGIN_S = 1.0
 """A skill call ends this long before the request's deadline at the latest (the model still answers)."""
-
-
-class _Latencies:
-    """The streaming latencies of one run (:mod:`services.metrics`: time to first token, time per output token,
-    time to first medium per modality, end to end), from ``started_s`` (``time.monotonic()``)."""
-
-    def __init__(self, started_s: float):
-        self.started_s = started_s
-        self.first_token_s: float | None = None
-        self.last_token_s: float | None = None
-        self.first_medium_s: dict[Modality, float] = {}
-
-    def token(self) -> None:
-        now = time.monotonic()
-        if self.first_token_s is None:
-            self.first_token_s = now
-        self.last_token_s = now
-
-    def llm_done(self) -> None:
-        if self.first_token_s is not None:
-            self.last_token_s = time.monotonic()
-
-    def medium(self, modality: Modality) -> None:
-        self.first_medium_s.setdefault(modality, time.monotonic())
-
-    def observe(self, metrics: APIMetrics, completion_tokens: int) -> None:
-        now = time.monotonic()
-        metrics.e2e.observe(now - self.started_s)
-        if self.first_token_s is not None:
-            metrics.ttft.observe(self.first_token_s - self.started_s)
-            if completion_tokens > 1 and self.last_token_s is not None:
-                metrics.tpot.observe((self.last_token_s - self.first_token_s) / (completion_tokens - 1))
-        for m, t in self.first_medium_s.items():
-            metrics.ttfm.labels(m.value).observe(t - self.started_s)
 
 
 class Runner:
@@ -307,7 +273,7 @@ class Runner:
         result: LLMResult | None = None
         llm_done = False
         delivered = 0
-        clock = _Latencies(plan.started_s)
+        clock = StreamLatencies(plan.started_s)
         try:
             while not (llm_done and delivered == len(renders)):
                 kind, value = await queue.get()
