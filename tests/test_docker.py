@@ -155,10 +155,11 @@ def test_chat_with_a_photo_returns_a_png(container):
     }
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text[:2000]
-    content = r.json()["choices"][0]["message"]["content"]
-    assert isinstance(content, list), "an answer with media is a list of parts"
-    images = [p for p in content if p.get("type") == "image_url"]
-    assert len(images) >= 1
+    message = r.json()["choices"][0]["message"]
+    # the answer's shape (issue #20): content is text with a reference; the media in message.images
+    assert isinstance(message["content"], str) and "![image 1](" in message["content"], message["content"]
+    images = message["images"]
+    assert len(images) >= 1 and images[0]["type"] == "image_url"
     head, _, b64 = images[0]["image_url"]["url"].partition(",")
     assert head == "data:image/png;base64"
     png = base64.b64decode(b64)
