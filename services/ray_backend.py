@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -197,17 +197,22 @@ class RayBackend(Backend):
             raise StageUnavailable("speech is not deployed on this server")
         return self._speech
 
-    async def transcribe(self, request: TranscriptionRequest) -> Transcript:
-        handle = self._speech_handle()
+    async def _unary(self, call: Callable[[], DeploymentResponse], stage: str) -> Any:
+        """One call to a replica (``call`` sends it): cancelled with the caller, its errors translated
+        (:func:`_unwrap`). Not retried: only renders are (deterministic for their seed)."""
         resp = None
         try:
-            resp = handle.transcribe.remote(request)
+            resp = call()
             return await resp
         except asyncio.CancelledError:
             _cancel(resp)
             raise
         except Exception as e:  # noqa: BLE001 - translated
-            raise _unwrap(e, "speech", self._retry) from None
+            raise _unwrap(e, stage, self._retry) from None
+
+    async def transcribe(self, request: TranscriptionRequest) -> Transcript:
+        handle = self._speech_handle()
+        return await self._unary(lambda: handle.transcribe.remote(request), "speech")
 
     async def synthesize(self, request: SpeechRequest) -> AsyncIterator[SpeechAudioChunk]:
         handle = self._speech_handle()
@@ -224,10 +229,7 @@ class RayBackend(Backend):
 
     async def speech_info(self) -> dict[str, Any]:
         handle = self._speech_handle()
-        try:
-            return await handle.info.remote()
-        except Exception as e:  # noqa: BLE001 - translated
-            raise _unwrap(e, "speech", self._retry) from None
+        return await self._unary(handle.info.remote, "speech")
 
     @property
     def skills(self) -> tuple[str, ...]:
@@ -248,15 +250,8 @@ class RayBackend(Backend):
         if dep is None:
             raise StageUnavailable(f"skill {request.name!r} is not deployed; deployed: "
                                    f"{', '.join(self._placement) or 'none'}")
-        resp = None
-        try:
-            resp = self._skill_servers[dep].run.remote(request)
-            return await resp
-        except asyncio.CancelledError:
-            _cancel(resp)
-            raise
-        except Exception as e:  # noqa: BLE001 - translated
-            raise _unwrap(e, f"{dep} skill", self._retry) from None
+        handle = self._skill_servers[dep]
+        return await self._unary(lambda: handle.run.remote(request), f"{dep} skill")
 
     async def describe(self) -> dict[str, Any]:
         parts: dict[str, Any] = {"decoders": {}}

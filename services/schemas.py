@@ -244,27 +244,18 @@ class ImageGenerationRequest(_Req):
     user: str | None = None
 
 
-class ImageEditRequest(_Req):
+class ImageEditRequest(ImageGenerationRequest):
     """``POST /v1/images/edits``: the form fields of OpenAI's multipart request (the files, ``image`` and ``mask``,
     are read by the route).
 
     ``size``: ``"WxH"`` or ``"auto"`` (the preset's image size): the source image (and mask) are resized to it and
     the edit has that size. ``response_format``: ``b64_json`` (default) or ``url``. Extensions: ``seed`` (image k
     gets ``seed + k``), ``num_inference_steps``, ``guidance_scale``, ``strength`` (how far the edit may go from
-    the source: the fraction of the denoising schedule run; ``strength x steps`` must be >= 1).
+    the source: the fraction of the denoising schedule run; ``strength x steps`` must be >= 1). The fields of
+    :class:`ImageGenerationRequest`, plus ``strength``.
     """
 
-    prompt: str = Field(min_length=1, max_length=32000)
-    model: str | None = None
-    n: int = Field(1, ge=1, le=16)
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] | None = None
-    output_format: Literal["png"] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
-    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
     strength: float | None = Field(None, gt=0.0, le=1.0)
-    user: str | None = None
 
 
 class AudioGenerationRequest(_Req):
