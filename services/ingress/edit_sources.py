@@ -31,8 +31,6 @@ from services.errors import bad_request
 from services.ingress.media_input import MediaReader
 from services.ingress.media_refs import artifact_id_of
 
-EDITABLE = (Modality.IMAGE, Modality.VIDEO)
-"""The modalities a chat edit can change (audio cannot: diffusers has no AudioLDM audio-to-audio)."""
 _ARTIFACT_ID = re.compile(r"^art_[A-Za-z0-9_-]{8,60}$")
 
 
@@ -57,9 +55,9 @@ async def resolve_edit(media: MediaReader, edit: bool | str, modalities: list[st
         an unknown / expired / failed artifact (``artifact_not_found`` / ``artifact_failed``), an artifact that is
         neither an image nor a video (``invalid_value``).
     """
-    if edit is True:
+    if edit is True:  # the first editable medium the request asks for (image before video), else an image
         asked = {str(m).lower() for m in modalities or ()}
-        return EditRef(Modality.VIDEO if "video" in asked and "image" not in asked else Modality.IMAGE)
+        return EditRef(next((m for m in EDITABLE if m.value in asked), EDITABLE[0]))
     ref = str(edit).strip()
     artifact_id = artifact_id_of(ref) or (ref if _ARTIFACT_ID.match(ref) else None)
     if artifact_id is None:
@@ -96,21 +94,22 @@ async def edit_source(media: MediaReader, ref: EditRef, turns: Sequence[Turn], o
                               "server's artifact URLs, or give its id as edit)", param="edit",
                               code=f"no_{m.value}_to_edit")
         data = found[-1].data
-    else:
-        limits = media.media_limits
-        frames = options.num_frames if m is Modality.VIDEO else 1
-        if m is Modality.VIDEO:  # our own MP4: sample the answer's frame count (the server's limit bounds it)
-            limits = dataclasses.replace(limits, max_video_frames_sampled=max(limits.max_video_frames_sampled,
-                                                                              frames))
+    else:  # our own file: a video is sampled at the answer's frame count (the server's limit bounds it)
+        frames = options.num_frames
+        limits = dataclasses.replace(media.media_limits, max_video_frames_sampled=max(
+            media.media_limits.max_video_frames_sampled, frames))
         try:  # a file that does not decode as its kind is a MediaError
             data = media_io.decode_media(m, ref.data, limits=limits, num_frames=frames).data
         except media_io.MediaError as e:
             raise media.media_error(e, "edit") from None
-    if m is Modality.VIDEO:
-        return EditSource(m, fit_video(data, options.num_frames, options.height_px, options.width_px))
+    return EditSource(m, FIT[m](data, options))
+
+
+def fit_image(image: np.ndarray, options: DecoderDefaults) -> np.ndarray:
+    """uint8 (H', W', 3) -> uint8 (height_px, width_px, 3) of ``options``."""
     from polymodal.media.image import resize_image
 
-    return EditSource(m, resize_image(data, options.height_px, options.width_px))
+    return resize_image(image, options.height_px, options.width_px)
 
 
 def fit_video(frames: np.ndarray, num_frames: int, height_px: int, width_px: int) -> np.ndarray:
@@ -120,3 +119,11 @@ def fit_video(frames: np.ndarray, num_frames: int, height_px: int, width_px: int
 
     pick = np.minimum(((np.arange(num_frames) + 0.5) * len(frames) / num_frames).astype(int), len(frames) - 1)
     return np.stack([resize_image(frames[i], height_px, width_px) for i in pick])
+
+
+FIT = {Modality.IMAGE: fit_image,
+       Modality.VIDEO: lambda frames, o: fit_video(frames, o.num_frames, o.height_px, o.width_px)}
+"""How a source of each editable modality is brought to the answer's size (its decoder options); the registry of
+what a chat edit can change (audio cannot: diffusers has no AudioLDM audio-to-audio)."""
+EDITABLE: tuple[Modality, ...] = tuple(FIT)
+"""The modalities a chat edit can change, in the order ``edit: true`` picks them."""

@@ -244,8 +244,8 @@ class Planner:
             m = edit.modality
             self.require_output(m, "edit")
             if req.modalities is not None and m not in requested:
-                raise bad_request(f"edit: this edit answers with {'an' if m is Modality.IMAGE else 'a'} {m.value}; add "
-                                  f"\"{m.value}\" to modalities", param="edit", code="invalid_value")
+                raise bad_request(f"edit: this edit answers with the edited {m.value}; add \"{m.value}\" to "
+                                  "modalities", param="edit", code="invalid_value")
             requested = tuple(dict.fromkeys((*requested, m)))
             allowed = tuple(dict.fromkeys((*allowed, m)))
         speech = await plan_speech(self.backend, req)
