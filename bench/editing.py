@@ -23,9 +23,13 @@ what one more copy of the weights would add.
 ``POST /v1/images/edits`` with the official ``openai`` client). ``--n`` held-out sources (seed 20 000; random layout:
 the shape's position and size vary) at the preset's image size, each edited once per kind:
 
-- ``recolour``: "make the {shape} {colour}" (a colour other than the source's): the edit must read as the asked
-  colour *and* keep the source's shape;
-- ``reshape``: "make it a {shape}" (another shape): the asked shape, the source's colour kept.
+- ``recolour``: e.g. "make the {shape} {colour}" (a colour other than the source's): the edit must read as the
+  asked colour *and* keep the source's shape;
+- ``reshape``: e.g. "make it a {shape}" (another shape): the asked shape, the source's colour kept.
+
+Instructions come from the held-out bank (:data:`training.toyworld.phrasings.HELDOUT_EDITS`, phrasing drawn per
+request with its own seed, so the sources are those of earlier runs); the toy MosIT edit dialogues use only
+``TRAIN_EDITS`` (no string in both).
 
 Both must also keep the shape's place: the foreground's bounding-box centre within ``POSITION_TOL`` of the image
 size of the source's, its side within ``SIZE_TOL`` (relative) of the source's (a regeneration from scratch moves
@@ -155,17 +159,21 @@ def edit_requests(n: int, size_px: int) -> list[dict]:
     import numpy as np
 
     from training.toyworld.data import COLOURS, SHAPES, render_image
+    from training.toyworld.phrasings import edit_instruction
 
     rng = np.random.default_rng(QUALITY_SEED)
+    wording = np.random.default_rng([QUALITY_SEED, 1])  # its own stream: the sources stay those of earlier runs
     out = []
     for i in range(n):
         image, attrs = render_image(rng, size_px=size_px, shape=SHAPES[i % 3], colour=list(COLOURS)[(i // 3) % 4])
         colour = [c for c in COLOURS if c != attrs["colour"]][int(rng.integers(3))]
         shape = [x for x in SHAPES if x != attrs["shape"]][int(rng.integers(2))]
-        out.append({"image": image, "attrs": attrs, "kinds": {
-            "recolour": (f"make the {attrs['shape']} {colour}", {"colour": colour, "shape": attrs["shape"]}),
-            "reshape": (f"make it a {shape}", {"colour": attrs["colour"], "shape": shape}),
-        }})
+        src = {"colour": attrs["colour"], "shape": attrs["shape"]}
+        kinds = {}
+        for kind, target in (("recolour", {**src, "colour": colour}), ("reshape", {**src, "shape": shape})):
+            kinds[kind] = (edit_instruction(kind, src, target, heldout=True, choice=int(wording.integers(1 << 16))),
+                           target)
+        out.append({"image": image, "attrs": attrs, "kinds": kinds})
     return out
 
 

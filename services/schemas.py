@@ -161,9 +161,10 @@ class ChatCompletionRequest(_Req):
     hold ``inline`` data URLs or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``,
     ``audio``, ``video``; each requested medium is produced or the request is refused with 400. With a grounding
     model: ``task`` (one of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also
-    return the image with the answer's boxes drawn). ``edit``: the answer's images are edits of an image of the
-    conversation (see :meth:`services.ingress.planning.Planner.edit_source`). An assistant message may carry our answers' media arrays
-    (``images``, ``audios``, ``videos``) and ``audio`` ``{"id"}`` (kept as extra fields, see :class:`ChatMessage`).
+    return the image with the answer's boxes drawn). ``edit``: the answer's image (or video) is an edit of one of
+    the conversation (the rule: :mod:`services.ingress.edit_sources`). An assistant message may carry our answers'
+    media arrays (``images``, ``audios``, ``videos``) and ``audio`` ``{"id"}`` (kept as extra fields, see
+    :class:`ChatMessage`).
     """
 
     model: str
@@ -184,9 +185,10 @@ class ChatCompletionRequest(_Req):
     task: str | None = Field(None, max_length=64, description="a grounding task (see /v1/models: grounding.tasks)")
     box_overlay: bool = Field(False, description="also return the input image with the answer's boxes drawn")
     edit: bool | str | None = Field(
-        None, description="render the answer's images from an image of the conversation (issue #27): true = the "
-        "image the last user message holds, else the conversation's most recent image; a string = one of this "
-        "server's artifact ids or URLs (read from the store, never fetched). The answer then contains an image.")
+        None, description="render the answer's image from an image of the conversation (issue #27): true = the "
+        "image the last user message holds, else the conversation's most recent image (its video when modalities "
+        "ask for video and not image: video-to-video); a string = one of this server's artifact ids or URLs, an "
+        "image or a video (read from the store, never fetched). The answer then contains the edited medium.")
     user: str | None = None
     # Output formats (issue #22), checked by the ingress (400 naming the field), enforced by grammar in the LLM.
     response_format: dict | None = Field(None, description='{"type": "text" | "json_object" | "json_schema", '

@@ -15,7 +15,8 @@ reads as failed.
 Ownership (issue #27): with API keys configured, an artifact belongs to the key whose request made it. The ingress
 sets :data:`ARTIFACT_OWNER` (a digest of the request's key, never the key) for the request; :meth:`FileStore.reserve`
 / :meth:`~FileStore.put` record it and :meth:`~FileStore.lookup` / :meth:`~FileStore.get` / :meth:`~FileStore.wait`
-answer ``None`` (unknown) for another owner's artifact. Without keys the owner is ``None`` and every artifact is
+answer ``None`` (unknown) for another owner's artifact; video job records likewise (:meth:`~FileStore.load_job`).
+Without keys the owner is ``None`` and every artifact is
 everyone's, as before.
 
 Layout::
@@ -93,7 +94,9 @@ class VideoJob:
     """An asynchronous video generation (OpenAI ``video`` object, plus our fields).
 
     ``status``: ``queued`` -> ``in_progress`` -> ``completed`` | ``failed``. ``deadline_at``: a job not
-    finished by then (e.g. its replica died) reads as failed.
+    finished by then (e.g. its replica died) reads as failed. ``owner``: who made it, as for an artifact
+    (:data:`ARTIFACT_OWNER` when the record is created; never in :meth:`public`): another owner's job reads as
+    unknown.
     """
 
     id: str
@@ -113,6 +116,7 @@ class VideoJob:
     artifact_id: str | None = None
     text: str = ""
     error: dict[str, Any] | None = None
+    owner: str | None = field(default_factory=lambda: ARTIFACT_OWNER.get())
 
     def public(self) -> dict[str, Any]:
         return {
@@ -247,12 +251,15 @@ class FileStore:
         _atomic_write(self.root / "videos" / f"{job.id}.json", json.dumps(asdict(job)).encode())
 
     def load_job(self, job_id: str) -> VideoJob | None:
-        """The job, or ``None`` if unknown. A job past its deadline and not finished reads as failed."""
+        """The job, or ``None`` if unknown or another owner's (:data:`ARTIFACT_OWNER`; a job made without keys is
+        everyone's). A job past its deadline and not finished reads as failed."""
         if not _ID.match(job_id):
             return None
         try:
             job = VideoJob(**json.loads((self.root / "videos" / f"{job_id}.json").read_text()))
         except (OSError, ValueError, TypeError):
+            return None
+        if job.owner is not None and job.owner != ARTIFACT_OWNER.get():
             return None
         if job.status in ("queued", "in_progress") and job.deadline_at and job.deadline_at < time.time():
             job.status = "failed"

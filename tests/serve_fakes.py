@@ -141,8 +141,9 @@ class FakeDecoderStage:
         self.steps = 0
         self._lock = threading.Lock()
 
-    def describe(self):
-        return {"init_state": self.init_state, "fake": True}
+    def describe(self):  # the edit kinds of the real decoders of each modality (tests/test_editing.py checks them)
+        kinds = {Modality.IMAGE: ["whole", "masked"], Modality.VIDEO: ["whole"]}.get(self.modality, [])
+        return {"init_state": self.init_state, "fake": True, "edit_kinds": kinds}
 
     def render(self, groups, seeds, options=None, should_cancel=None, on_step=None, sources=None):
         options = options or self.defaults

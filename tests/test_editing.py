@@ -396,3 +396,170 @@ def test_a_streamed_chat_edit_sends_the_edited_image(client):
 
     streamed = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
     assert np.array_equal(streamed, whole)  # the same edit, streamed or not
+
+
+# ---- GET /v1/models says what each decoder can edit (a field OpenAI clients ignore) ----
+
+def test_models_advertise_the_edit_kinds_of_each_decoder(tiny_server, client):
+    import httpx
+
+    card = httpx.get(tiny_server + "/v1/models", timeout=60).json()["data"][0]
+    assert card["edits"] == {"image": ["whole", "masked"], "video": ["whole"]}  # audio cannot edit: left out
+    assert card["parts"]["decoders"]["audio"]["edit_kinds"] == []
+    assert [m.id for m in client.models.list()] == ["tiny"]  # the official client reads the card regardless
+    assert client.models.retrieve("tiny").model_extra["edits"] == card["edits"]
+
+
+def test_edit_kinds_are_unknown_while_a_decoder_cannot_be_described():
+    from services.ingress.routes.system import edit_kinds
+
+    assert edit_kinds(None) is None
+    assert edit_kinds({"decoders": {"image": {"edit_kinds": ["whole"]}, "video": {"error": "unreachable"}}}) is None
+    assert edit_kinds({"decoders": {"image": {"edit_kinds": ["whole"]}, "audio": {"edit_kinds": []}}}) == {
+        "image": ["whole"]}
+
+
+# ---- video job records belong to the key that made them, as artifacts do ----
+
+def test_with_api_keys_a_video_job_belongs_to_the_key_that_made_it():
+    import asyncio
+
+    import httpx
+
+    from services.ingress import build_app
+    from services.local import LocalBackend
+    from services.settings import ServerSettings
+    from tests.serve_fakes import fake_stages
+
+    preset, llm, decoders = fake_stages((VIDEO,))
+    app = build_app(LocalBackend(preset, llm, decoders), ServerSettings(api_keys=("alice", "bob")))
+    alice, bob = {"Authorization": "Bearer alice"}, {"Authorization": "Bearer bob"}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            made = await c.post("/v1/videos", headers=alice, json={"prompt": "a square moving right"})
+            assert made.status_code == 200, made.text
+            path = f"/v1/videos/{made.json()['id']}"
+            for _ in range(600):
+                job = (await c.get(path, headers=alice)).json()
+                if job["status"] in ("completed", "failed"):
+                    break
+                await asyncio.sleep(0.05)
+            assert job["status"] == "completed", job
+            assert "owner" not in job  # who made it is never shown
+            jobs = [(await c.get(path, headers=h)).status_code for h in (alice, bob, {})]
+            contents = [(await c.get(path + "/content", headers=h)).status_code for h in (alice, bob, {})]
+            return jobs, contents, (await c.get(path, headers=bob)).json()
+
+    jobs, contents, theirs = asyncio.run(go())
+    assert jobs == [200, 404, 401] and contents == [200, 404, 401]
+    assert theirs["error"]["code"] == "not_found"  # the same answer as an unknown job
+
+
+# ---- video edits from chat (video-to-video through the video decoder's edit path) ----
+
+def _mp4_url(frames: np.ndarray, fps: int = 4) -> str:
+    import base64
+
+    from polymodal.media.video import encode_mp4
+
+    return "data:video/mp4;base64," + base64.b64encode(encode_mp4(frames, fps)).decode()
+
+
+def _clip(num_frames: int, h: int, w: int, seed: int) -> np.ndarray:
+    """A bright square moving right over a dark background in ``num_frames`` frames, uint8 (F, H, W, 3)."""
+    frames = np.full((num_frames, h, w, 3), 20 + 10 * seed, np.uint8)
+    for i in range(num_frames):
+        x = i * (w // 2) // max(1, num_frames - 1)
+        frames[i, h // 4:h // 4 + h // 3, x:x + w // 3] = (250, 250, 40)
+    return frames
+
+
+def test_a_chat_video_edit_renders_from_the_conversations_video():
+    """In process (the ingress over the fake stages): ``edit: true`` with ``modalities`` asking for video sends the
+    message's video, resized and sampled to the answer's size and frame count, to the video decoder; the refusals
+    are 400s naming the field."""
+    import asyncio
+
+    import httpx
+
+    from services.ingress import build_app
+    from services.local import LocalBackend
+    from services.settings import ServerSettings
+    from tests.serve_fakes import fake_stages
+
+    preset, llm, decoders = fake_stages((IMAGE, AUDIO, VIDEO))
+    app = build_app(LocalBackend(preset, llm, decoders), ServerSettings())
+    clip = _clip(6, 32, 48, 0)
+    with_video = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": _mp4_url(clip)}},
+                                                {"type": "text", "text": "make the square green"}]}]
+    video = {"num_frames": 3, "height_px": 16, "width_px": 24, "num_inference_steps": 4, "strength": 0.5}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=60) as c:
+            async def chat(**body):
+                return await c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 4, **body})
+
+            ok = await chat(messages=with_video, edit=True, modalities=["text", "video"], video=video)
+            audio = await c.post("/v1/audio/generations", json={"prompt": "a tone", "response_format": "url"})
+            audio_id = audio.json()["data"][0]["url"].rsplit("/", 1)[1].split(".")[0]
+            refusals = [await chat(messages=[{"role": "user", "content": "make it green"}], edit=True,
+                                   modalities=["text", "video"]),  # no video in the conversation
+                        await chat(messages=with_video, edit=True),  # no modalities: an image edit, and no image
+                        await chat(messages=with_video, edit=audio_id),  # audio cannot be edited
+                        await chat(messages=with_video, edit=True, modalities=["text", "video"],
+                                   video={"num_inference_steps": 2, "strength": 0.25})]
+            return ok, refusals
+
+    ok, refusals = asyncio.run(go())
+    assert ok.status_code == 200, ok.text
+    assert ok.json()["choices"][0]["message"]["videos"]
+    call = decoders[VIDEO].calls[-1]
+    (source,) = call["sources"]
+    assert source.modality is VIDEO and source.data.shape == (3, 16, 24, 3) and source.mask is None
+    # the frames sampled are the clip's segment centres (frames 1, 3, 5), resized: the square moved right
+    xs = [np.argwhere(f.mean(axis=-1) > 120)[:, 1].mean() for f in source.data]
+    assert xs[0] < xs[1] < xs[2], xs
+    assert all(c["sources"] is None for c in decoders[IMAGE].calls)
+    got = [(r.status_code, r.json()["error"]["param"], r.json()["error"]["code"]) for r in refusals]
+    assert got == [(400, "edit", "no_video_to_edit"), (400, "edit", "no_image_to_edit"),
+                   (400, "edit", "invalid_value"), (400, "video.strength", "invalid_value")], got
+
+
+def test_chat_edits_a_stored_video_by_id_video_to_video(client):
+    """Through a real ``--no-ray`` host (tiny, random weights): turn 1 makes a video, turn 2 edits it by id; the edit
+    keeps the asked frame count and size, and follows its source (same seed and prompt, another source: another
+    video)."""
+    import base64
+    import re
+
+    import openai
+
+    from polymodal.media.video import decode_video
+
+    opts = {"num_frames": 4, "height_px": 32, "width_px": 32, "num_inference_steps": 4}
+
+    def make(seed):
+        msg = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "a square moving right"}], max_tokens=4, seed=seed,
+            modalities=["text", "video"], extra_body={"video": opts}).choices[0].message
+        return re.search(r"/v1/artifacts/(art_\w+)\.mp4", msg.content).group(1)
+
+    def edit(art):
+        msg = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "make it green"}], max_tokens=4, seed=7,
+            modalities=["text", "video"], extra_body={"edit": art, "video": {**opts, "strength": 0.5}}
+        ).choices[0].message
+        url = msg.model_extra["videos"][0]["video_url"]["url"]
+        frames, _ = decode_video(base64.b64decode(url.split(",", 1)[1]), num_frames=4)
+        return frames
+
+    a, b = make(1), make(2)
+    ea, ea2, eb = edit(a), edit(a), edit(b)
+    assert ea.shape == (4, 32, 32, 3)
+    assert np.abs(ea.astype(int) - ea2.astype(int)).mean() < 2  # deterministic (up to the MP4 codec)
+    assert np.abs(ea.astype(int) - eb.astype(int)).mean() > 2 * np.abs(ea.astype(int) - ea2.astype(int)).mean() + 1
+    with pytest.raises(openai.BadRequestError) as e:  # a video edit answers with a video
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                       modalities=["text", "image"], extra_body={"edit": a})
+    assert e.value.body["param"] == "edit" and "add \"video\" to modalities" in e.value.body["message"]

@@ -325,6 +325,35 @@ def test_api_key_is_asked_for_and_kept_out_of_storage(page, keyed_server):
     page.wait("return !document.getElementById('key-panel').hidden", what="the key panel after a reload")
 
 
+def test_artifact_urls_are_fetched_with_the_key(page, keyed_server):
+    """With keys configured an ``<img src>`` of an artifact URL (no Authorization header) is a 401: the page fetches
+    media given by artifact URL (``media_format: url``) with its key into a blob: URL, and the image shows."""
+    page.open(keyed_server)
+    page.wait("return !document.getElementById('key-panel').hidden", what="the key panel")
+    page.js("const i = document.getElementById('key-input'); i.value = arguments[0];"
+            "document.getElementById('key-use').click()", KEY)
+    page.wait("return document.getElementById('model-name').textContent === 'tiny'", what="the model after the key")
+    page.record_requests()
+    page.js("document.querySelector('details.options').open = true; document.getElementById('extra').value = "
+            "'{\"max_tokens\": 8, \"modalities\": [\"text\", \"image\"], \"media_format\": \"url\"}'")
+    page.type_and_send("Draw something.")
+    assert page.wait_answer(1) == "done"
+    received = _sse_messages(page.wait("return window.__received[0]", what="the response copy"))
+    url = received["images"][0]["image_url"]["url"]
+    assert "/v1/artifacts/" in url  # the answer held the artifact URL, not a data URL
+    assert httpx.get(url).status_code == 401  # what a plain <img src> gets
+    shown = page.wait("""const img = document.querySelector('.msg.assistant figure.medium-image img');
+        return img && img.complete && img.naturalWidth > 0 && {src: img.src, w: img.naturalWidth,
+          failed: document.querySelector('.msg.assistant figure.failed') !== null,
+          download: document.querySelector('.msg.assistant figure.medium-image a.download').href};""",
+                      what="the image")
+    assert shown["src"].startswith("blob:") and shown["download"] == shown["src"] and not shown["failed"], shown
+    with_key = httpx.get(url, headers={"Authorization": f"Bearer {KEY}"})
+    assert with_key.status_code == 200
+    assert shown["w"] == Image.open(io.BytesIO(with_key.content)).width
+    page.shot("07b-artifact-with-key")
+
+
 # ---- toy-grounding: boxes over the sent image --------------------------------------------------------
 def test_box_drawn_over_the_sent_image(page, toy_grounding_server, tmp_path):
     page.open(toy_grounding_server)

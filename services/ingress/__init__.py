@@ -53,6 +53,11 @@ Endpoints
   artifact. References resolve from the store only, never fetched: unknown or expired is a 400
   (``artifact_not_found``, param ``edit``); none in the conversation: 400 ``no_image_to_edit``. The source is
   resized to the answer's image size; ``image.strength`` says how far the edit may go (default: the preset's).
+  Video edits (video-to-video): ``edit`` naming a video artifact, or ``edit: true`` when ``modalities`` ask for
+  video and not image (the conversation's most recent video; none: 400 ``no_video_to_edit``); the source's frames
+  are resized to the answer's video size and sampled to its ``video.num_frames``; ``video.strength`` as above.
+  The rule in full: :mod:`~services.ingress.edit_sources`. ``GET /v1/models``: ``edits`` says which media each
+  decoder can edit (``{"image": ["whole", "masked"], "video": ["whole"]}``).
 - ``POST /v1/audio/speech`` (OpenAI's text-to-speech: ``model``, ``input`` up to 4096 characters, ``voice``,
   ``response_format`` wav (default here) / pcm (16-bit LE mono, 24 kHz) / flac / mp3 / opus / aac, ``speed``
   0.25-4.0, ``stream_format`` absent (the whole file) / ``audio`` (the file's bytes as each sentence is encoded) /

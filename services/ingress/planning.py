@@ -26,9 +26,9 @@ from polymodal.modality import Modality
 from polymodal.types import EditSource, MediaPart, TextPart, ToolCall, Turn, input_images
 
 from services.errors import APIError, bad_request
+from services.ingress.edit_sources import edit_source as edit_source_of, resolve_edit
 from services.ingress.formats import history_tool_calls, output_format, tool_turn
 from services.ingress.history import AssistantTurn
-from services.ingress.media_refs import artifact_id_of
 from services.ingress.media_input import MediaReader
 from services.ingress.spoken import SpeechPlan, plan_speech
 from services.ingress.skill_loop import SkillPlan, plan_skills
@@ -36,7 +36,6 @@ from services.protocol import Backend, LLMRequest
 from services.schemas import ChatCompletionRequest, TextContent
 from services.settings import ServerSettings
 
-_ARTIFACT_ID = re.compile(r"^art_[A-Za-z0-9_-]{8,60}$")
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 # The images / audio / videos endpoints only need the LLM's short lead-in (returned as revised_prompt) and
 # the group it emits or that is then forced: more text would only delay the medium. At most this many
@@ -239,14 +238,16 @@ class Planner:
                 raise bad_request(f"{name}: the legacy function-calling fields are not supported; use tools and "
                                   "tool_choice", param=name, code="unsupported_parameter")
         requested, allowed = self.modalities(req)
-        editing = req.edit is not None and req.edit is not False
-        if editing:  # an edit answers with an image: the floor and the ceiling hold it
-            self.require_output(Modality.IMAGE, "edit")
-            if req.modalities is not None and Modality.IMAGE not in requested:
-                raise bad_request("edit: an edit answers with an image; add \"image\" to modalities", param="edit",
-                                  code="invalid_value")
-            requested = tuple(dict.fromkeys((*requested, Modality.IMAGE)))
-            allowed = tuple(dict.fromkeys((*allowed, Modality.IMAGE)))
+        edit = None
+        if req.edit is not None and req.edit is not False:  # the edited medium: in the answer's floor and ceiling
+            edit = await resolve_edit(self.media, req.edit, req.modalities)
+            m = edit.modality
+            self.require_output(m, "edit")
+            if req.modalities is not None and m not in requested:
+                raise bad_request(f"edit: this edit answers with the edited {m.value}; add \"{m.value}\" to "
+                                  "modalities", param="edit", code="invalid_value")
+            requested = tuple(dict.fromkeys((*requested, m)))
+            allowed = tuple(dict.fromkeys((*allowed, m)))
         speech = await plan_speech(self.backend, req)
         sp, req = plan_skills(self.backend, req, allowed, self.settings.max_skill_rounds)  # + the skills' tools
         formats = output_format(req, () if sp.forced else requested, self.limits,  # a forced skill call:
@@ -269,7 +270,7 @@ class Planner:
         if req.box_overlay and not input_images(turns):
             raise bad_request("box_overlay: the messages hold no image to draw the boxes on", param="box_overlay",
                               code="invalid_value")
-        edit_source = await self.edit_source(req.edit, turns, options[Modality.IMAGE]) if editing else None
+        edit_source = None if edit is None else await edit_source_of(self.media, edit, turns, options[edit.modality])
         base_seed = self.seed(req.seed)
         return ChatPlan(
             request_id=request_id,
@@ -287,50 +288,6 @@ class Planner:
             edit_source=edit_source, skills=sp,
             speech=speech,
         )
-
-    async def edit_source(self, edit: bool | str, turns: list[Turn], options: DecoderDefaults) -> EditSource:
-        """The image a chat edit renders from (the rule, documented in :mod:`services.ingress`):
-
-        - ``edit: true``: the last image the last user message holds (uploaded, or one of our artifact URLs as an
-          ``image_url`` part), else the conversation's most recent image (an assistant's generated image sent back in
-          the history counts: it resolves from the store);
-        - ``edit: "<artifact id or artifact URL>"``: that artifact, read from the store only (never fetched).
-
-        The source is resized to the answer's image size (``image.height_px`` / ``width_px``, else the preset's) and
-        the whole image may change (no mask in chat).
-
-        Raises:
-            APIError: 400 ``edit``: no image in the conversation, an unknown / expired / failed artifact
-            (``artifact_not_found`` / ``artifact_failed``), a string that is not our artifact, not an image, or
-            ``image.strength x image.num_inference_steps < 1``.
-        """
-        from polymodal import media_io
-        from polymodal.media.image import resize_image
-
-        if options.num_inference_steps * options.strength < 1:
-            raise bad_request(f"image.strength {options.strength} x image.num_inference_steps "
-                              f"{options.num_inference_steps} leaves no denoising step (the product must be >= 1)",
-                              param="image.strength", code="invalid_value")
-        if edit is True:
-            images = input_images(turns[-1:]) or input_images(turns)
-            if not images:
-                raise bad_request("edit: the conversation holds no image to edit (send one, refer to one of this "
-                                  "server's artifact URLs, or give its id as edit)", param="edit",
-                                  code="no_image_to_edit")
-            image = images[-1].data
-        else:
-            ref = str(edit).strip()
-            artifact_id = artifact_id_of(ref) or (ref if _ARTIFACT_ID.match(ref) else None)
-            if artifact_id is None:
-                raise bad_request("edit: expected true or one of this server's artifact ids / URLs "
-                                  f"(/v1/artifacts/...); got {ref[:100]!r} (never fetched)", param="edit",
-                                  code="invalid_history_reference")
-            _, data = await self.media.stored(artifact_id, "edit")
-            try:  # another medium is a MediaError ("not an image")
-                image = media_io.decode_media(Modality.IMAGE, data, limits=self.media.media_limits).data
-            except media_io.MediaError as e:
-                raise self.media.media_error(e, "edit") from None
-        return EditSource(Modality.IMAGE, resize_image(image, options.height_px, options.width_px))
 
     # ---- output formats (issue #22) ----------------------------------------------------------------
     def server_skill_names(self) -> tuple[str, ...]:

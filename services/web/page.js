@@ -346,7 +346,7 @@ async function send(event, overrides = {}) {
   showAttachments();
 
   const article = addMessage("assistant");
-  const view = new AnswerView(article, requestImages);
+  const view = new AnswerView(article, requestImages, () => headers());
   setStatus(article, "sending…", "sending");
   scrollDown(true);
   const controller = new AbortController();
@@ -376,6 +376,7 @@ async function send(event, overrides = {}) {
       view.applyMessage(whole.choices?.[0]?.message || {});
     }
     view.finish();
+    await view.settled(); // media given by artifact URL, fetched with the key
     setStatus(article, "", "done");
     state.history.push(userMessage, { role: "assistant", content: view.content });
     state.historyImages.push(...userImages, ...[...view.slots.values()]

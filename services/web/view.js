@@ -70,9 +70,30 @@ export function dataUrlToBlob(url) {
   return new Blob([bytes], { type: mime });
 }
 
-/** A URL the page can put in `src`: data URLs become blob: URLs (cheaper, seekable), others stay. */
+/** A URL the page can put in `src`: data URLs become blob: URLs (cheaper, seekable), others stay (an artifact URL
+ * needs the API key when the server has keys: see `artifactBlobUrl`). */
 export function displayUrl(url) {
   return url.startsWith("data:") ? URL.createObjectURL(dataUrlToBlob(url)) : url;
+}
+
+/** An artifact URL fetched with the page's headers (`Authorization` when the server wants a key: an `<img src>`
+ * cannot send it, and another key's or no key's request is a 404) -> {url: a blob: URL} on success, else
+ * {message: the API's error message or null}. */
+export async function artifactBlobUrl(url, headers = {}) {
+  let response;
+  try {
+    response = await fetch(url, { headers });
+  } catch {
+    return { message: null };
+  }
+  if (!response.ok) {
+    let message = null;
+    try {
+      message = (await response.json())?.error?.message || null;
+    } catch { /* not JSON */ }
+    return { message };
+  }
+  return { url: URL.createObjectURL(await response.blob()) };
 }
 
 function extensionOf(url) {
@@ -135,9 +156,13 @@ export class AnswerView {
    * @param {HTMLElement} root the assistant message's element (its .body, .skills, .overlays are filled here)
    * @param {string[]} requestImages display URLs of the request's images in message order (what `image_index`
    *   counts)
+   * @param {() => Object} headers the headers of a request to the API (the `Authorization` of its key, if any): media
+   *   given by artifact URL are fetched with them into blob: URLs
    */
-  constructor(root, requestImages) {
+  constructor(root, requestImages, headers = () => ({})) {
     this.root = root;
+    this.headers = headers;
+    this.pending = []; // artifact fetches in flight (see `settled`)
     this.requestImages = requestImages;
     this.body = root.querySelector(".body");
     this.content = "";
@@ -248,7 +273,23 @@ export class AnswerView {
   show(slot, url) {
     if (slot.filled) return;
     slot.filled = true;
-    const src = displayUrl(url);
+    if (url.startsWith("data:")) {
+      this.place(slot, url, displayUrl(url));
+      return;
+    }
+    this.pending.push(artifactBlobUrl(url, this.headers()).then((got) => {
+      if (got.url) this.place(slot, url, got.url);
+      else this.failed(slot, got.message);
+    }));
+  }
+
+  /** Resolves when every medium given by artifact URL has been fetched (or failed). */
+  async settled() {
+    while (this.pending.length) await Promise.all(this.pending.splice(0));
+  }
+
+  /** Puts the medium (`src`: a blob: URL of `url`'s bytes) in its reference's place. */
+  place(slot, url, src) {
     const tag = ELEMENT[slot.label];
     const name = `${slot.label} ${slot.number}`;
     let media;
@@ -279,13 +320,15 @@ export class AnswerView {
     slot.link.hidden = false;
   }
 
-  /** A medium that could not be shown: the artifact URL's error message (e.g. its generation failed). */
-  async failed(slot) {
-    let message = `${slot.label} ${slot.number} could not be loaded`;
-    try {
-      const r = await fetch(slot.artifactUrl);
-      if (!r.ok) message = (await r.json())?.error?.message || message;
-    } catch { /* keep the generic message */ }
+  /** A medium that could not be shown: `known` or the artifact URL's error message (e.g. its generation failed). */
+  async failed(slot, known = null) {
+    let message = known || `${slot.label} ${slot.number} could not be loaded`;
+    if (!known) {
+      try {
+        const r = await fetch(slot.artifactUrl, { headers: this.headers() });
+        if (!r.ok) message = (await r.json())?.error?.message || message;
+      } catch { /* keep the generic message */ }
+    }
     slot.figure.classList.add("failed");
     slot.frame.replaceChildren(el("div", { class: "placeholder error", role: "alert", text: message }));
     slot.link.hidden = true;

@@ -8,7 +8,7 @@ Steps (each skipped when its inputs and settings are unchanged; one torch thread
 2. Toy decoders (:mod:`training.toyworld.train`) -> ``OUT/decoders``; toy image encoder
    (:mod:`training.toyworld.encoder`) -> ``OUT/encoders``.
 3. MosIT dialogues from the toy catalog (``polymodal mosit build`` with ``training/toyworld/mosit.yaml`` and
-   its toy writer) -> ``work/mosit``.
+   its toy writer) -> ``work/mosit``; with ``mosit_edit_weight`` > 0 also edit dialogues (:func:`with_edits`).
 4. Alignment of ``smol`` with the three NExT-GPT stages (:mod:`training.align`), each starting from the
    previous stage's export: ``encode`` (input projectors on toy images and captions), ``decode`` (output
    projectors on training-bank requests, LLM frozen, states cached, groups open the answer), ``instruct``
@@ -77,6 +77,11 @@ class BuildSettings:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # 0.9 MB: the shipped build stays under 10 MB
     lr: float = 1e-3
     step_scale: float = 1.0  # multiplies every training step count (tests, quick trials)
+    # MosIT edit dialogues (issue #27; mode EDIT_MODE: a shared toy image and a recolour / reshape instruction ->
+    # the edited image, see with_edits): their weight beside the other modes' (T_I, T_A, T_V 1.0, I_T 0.5) among
+    # the mosit_dialogues. 0 (default): none, and the MosIT step's cache key is the one it always had (the shipped
+    # build is unchanged). Not yet trained or measured: the toy rebuild that learns edits is still to run.
+    mosit_edit_weight: float = 0.0
 
     def steps(self, n: int) -> int:
         return max(1, int(round(n * self.step_scale)))
@@ -110,14 +115,39 @@ def _data(out: Path, *, count: int, seed: int, modalities, size_px: int, layout:
     return out / "catalog.jsonl"
 
 
+EDIT_MODE = "I_E"
+"""The MosIT mode of the toy edit dialogues (a custom mode: the human shares an image, the assistant shows one)."""
+
+
+def with_edits(cfg, weight: float):
+    """The toy MosIT config ``cfg`` (a :class:`mosit.config.MositConfig`) with edit dialogues: mode
+    :data:`EDIT_MODE` (``inputs: [image]``, ``outputs: [image]``) at ``weight``, and the toy writer's ``edits``
+    option on (:class:`training.toyworld.mosit.ToyDialogueWriter`: such an exchange is a recolour or a reshape of
+    the shared image, in the training bank's phrasings). ``weight`` 0: ``cfg`` unchanged.
+
+    Raises:
+        ValueError: a negative weight.
+    """
+    from mosit.config import ModeConfig
+
+    if weight < 0:
+        raise ValueError(f"mosit_edit_weight must be >= 0, got {weight}")
+    if weight == 0:
+        return cfg
+    mode = ModeConfig(inputs=[IMAGE], outputs=[IMAGE], weight=weight)
+    return cfg.model_copy(update={"modes": {**cfg.modes, EDIT_MODE: mode},
+                                  "llm": cfg.llm.model_copy(update={"options": {**cfg.llm.options, "edits": True}})})
+
+
 def _mosit(work: Path, data_dir: Path, s: BuildSettings, progress: bool) -> Path:
     from mosit.config import load_config
     from mosit.job import build as mosit_build
 
     out = work / "mosit"
     config = Path(__file__).resolve().parent / "mosit.yaml"
+    edits = {"edit_weight": s.mosit_edit_weight} if s.mosit_edit_weight else {}  # off: the key it always had
     key = _key({"config": config.read_text(), "data": (data_dir / ".build-key").read_text(),
-                "n": s.mosit_dialogues, "seed": s.seed})
+                "n": s.mosit_dialogues, "seed": s.seed, **edits})
     if _done(out, key):
         return out / "mosit.json"
     if out.exists():
@@ -126,6 +156,7 @@ def _mosit(work: Path, data_dir: Path, s: BuildSettings, progress: bool) -> Path
     os.environ["TOYWORLD_DATA"] = str(data_dir.resolve())
     try:
         cfg = load_config(config, seed=s.seed).model_copy(update={"num_dialogues": s.mosit_dialogues})
+        cfg = with_edits(cfg, s.mosit_edit_weight)
         mosit_build(cfg, out, progress=progress)
     finally:
         if old is None:

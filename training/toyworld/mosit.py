@@ -15,7 +15,11 @@ answers that prompt with:
   ``Here is a drawing of a blue triangle. <Image> a drawing of a blue triangle </Image>``;
 - per input medium, ``<Image> one red circle </Image> What is in this picture?`` -> ``It is a red circle.``;
 - other exchanges: an opener before the media ("Hi!") or a question about an attribute the last medium's
-  caption states ("What colour is it?" -> "It is blue.").
+  caption states ("What colour is it?" -> "It is blue.");
+- with ``edits=True`` (issue #27), an exchange where the human shares an image and the assistant shows one is an
+  edit: ``<Image> a red triangle </Image> Colour the triangle green.`` -> ``Here it is: a green triangle. <Image>
+  a green triangle </Image>`` (a recolour or a reshape, instruction from :data:`phrasings.TRAIN_EDITS`; the
+  edited caption a catalog caption, so the answer's image target is the edited image's caption).
 
 Placeholder captions are captions of ``catalog`` (the ``catalog.jsonl`` the build reads), drawn item by item,
 so the build's retrieval finds an item with exactly that caption. With ``retrieval.threshold: 0.999`` nothing
@@ -43,9 +47,13 @@ from polymodal.modality import Modality
 from training.toyworld.phrasings import (
     ATTRIBUTE_COMBOS,
     CAPTION_TEMPLATES,
+    EDIT_ATTRIBUTE,
+    EDIT_KINDS,
+    EDIT_LEAD_INS,
     LEAD_INS,
     TRAIN_REQUESTS,
     caption_attributes,
+    edit_instruction,
 )
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
@@ -213,15 +221,21 @@ class ToyDialogueWriter:
         catalog: the toy ``catalog.jsonl`` the build retrieves from (``$VARS`` and ``~`` expanded; a relative
             path is relative to the working directory). Placeholder captions are drawn from its lines.
         max_concurrency: dialogues a shard writes at once (the writer is thread-safe; 1 is fastest on one core).
+        edits: an exchange where the human shares one image and the assistant shows one (a mode with ``inputs:
+            [image]``, ``outputs: [image]``) is an *edit* (issue #27): ``<Image> {source caption} </Image> {a
+            training-bank edit instruction}`` -> ``{edit lead-in} <Image> {edited caption} </Image>``, the edited
+            caption a catalog caption that differs from the source's in the asked attribute alone (recolour:
+            the colour; reshape: the shape). Off (default): such an exchange is a request beside a shared image.
 
     Raises:
         FileNotFoundError / ValueError: see :func:`load_toy_captions`; ValueError when a modality the build
-            asks for has no catalog item (raised by ``chat``).
+            asks for has no catalog item, or (edits) no two catalog images one edit apart (raised by ``chat``).
     """
 
-    def __init__(self, catalog: str | Path, max_concurrency: int = 1):
+    def __init__(self, catalog: str | Path, max_concurrency: int = 1, edits: bool = False):
         self.captions = load_toy_captions(catalog)
         self.max_concurrency = int(max_concurrency)
+        self.edits = bool(edits)
 
     def chat(self, messages: list[dict[str, str]], *, max_new_tokens: int = 128, temperature: float = 0.7,
              top_p: float = 0.9, seed: int | None = None) -> str:
@@ -265,6 +279,11 @@ class ToyDialogueWriter:
                     human, gpt = self._follow_up(rng, last, asked)
                 messages += [human, gpt]
                 continue
+            if self.edits and human_media[t] == [IMAGE] and gpt_media[t] == [IMAGE]:
+                human, gpt, last = self._edit(rng)
+                asked = set()
+                messages += [human, gpt]
+                continue
             human_parts, gpt_parts = [], []
             for m in human_media[t]:
                 c = self._draw(rng, m)
@@ -280,6 +299,30 @@ class ToyDialogueWriter:
                 last, asked = c, set()
             messages += [" ".join(human_parts), _cap(" ".join(gpt_parts))]
         return messages
+
+    def _edit(self, rng: random.Random) -> tuple[str, str, ToyCaption]:
+        """One edit exchange (human message, assistant message, the edited image's caption): a source drawn from
+        the catalog, an edit kind for which the catalog holds a caption one attribute away, that caption.
+
+        Raises:
+            ValueError: no catalog image has another one edit away (after 64 draws).
+        """
+        pool = self.captions[IMAGE]
+        for _ in range(64):
+            src = self._draw(rng, IMAGE)
+            s = src.attributes
+            for kind in rng.sample(EDIT_KINDS, k=len(EDIT_KINDS)):
+                attr = EDIT_ATTRIBUTE[kind]
+                targets = [c for c in pool if set(c.attributes) == set(s) and c.attributes[attr] != s[attr]
+                           and all(c.attributes[k] == v for k, v in s.items() if k != attr)]
+                if not targets:
+                    continue
+                tgt = targets[rng.randrange(len(targets))]
+                instruction = edit_instruction(kind, s, tgt.attributes, heldout=False, choice=rng.randrange(1 << 16))
+                lead_in = _cap(rng.choice(EDIT_LEAD_INS).format(caption=tgt.caption))
+                return f"{_placeholder(IMAGE, src.caption)} {instruction}", \
+                    f"{lead_in} {_placeholder(IMAGE, tgt.caption)}", tgt
+        raise ValueError("edits: the toy catalog has no two images that differ in one attribute (colour or shape)")
 
     @staticmethod
     def _follow_up(rng: random.Random, c: ToyCaption, asked: set[str]) -> tuple[str, str]:

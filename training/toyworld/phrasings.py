@@ -105,6 +105,63 @@ def assert_disjoint(benchmark_prompts: Iterable[str], training_prompts: Sequence
         raise AssertionError(f"{len(common)} benchmark prompts are training prompts, e.g. {common[:3]}")
 
 
+# ---- edits (issue #27): change one attribute of a shared image ------------------------------------------
+# An edit instruction changes one attribute of the image the human shares: ``recolour`` its colour (the shape
+# kept), ``reshape`` its shape (the colour kept). ``{shape}`` / ``{colour}`` are the *target* values; ``{old_shape}``
+# / ``{old_colour}`` the source's. The toy MosIT writer (``edits=True``) uses only TRAIN_EDITS; bench/editing.py's
+# quality mode only HELDOUT_EDITS (the issue's own phrasings "make the triangle green" / "make it a circle" are
+# held out); no instruction string is in both (:func:`all_edit_prompts`, :func:`assert_disjoint`).
+EDIT_KINDS: tuple[str, ...] = ("recolour", "reshape")
+EDIT_ATTRIBUTE: dict[str, str] = {"recolour": "colour", "reshape": "shape"}
+TRAIN_EDITS: dict[str, tuple[str, ...]] = {
+    "recolour": ("Colour the {shape} {colour}.", "Turn the {shape} {colour}.", "Change its colour to {colour}.",
+                 "Paint the {shape} {colour}.", "Recolour it {colour}.", "Now in {colour}, please.",
+                 "Can you make it {colour} instead of {old_colour}?"),
+    "reshape": ("Turn it into a {shape}.", "Change it to a {shape}.", "Change its shape to a {shape}.",
+                "Now as a {shape}, please.", "Reshape it into a {shape}.", "Replace the {old_shape} with a {shape}.",
+                "Can you make it a {shape} instead of a {old_shape}?"),
+}
+HELDOUT_EDITS: dict[str, tuple[str, ...]] = {
+    "recolour": ("make the {shape} {colour}", "Could you give the {shape} a {colour} colour?",
+                 "I would like the {shape} to be {colour}."),
+    "reshape": ("make it a {shape}", "Could you swap the {old_shape} for a {shape}?",
+                "I would like a {shape} there instead."),
+}
+# the assistant's answer before the edited image (then the image; its caption states the edited attributes)
+EDIT_LEAD_INS: tuple[str, ...] = ("Here it is: {caption}.", "Done, here is {caption}.", "Sure, now it is {caption}.")
+
+
+def edit_instruction(kind: str, source: dict[str, str], target: dict[str, str], *, heldout: bool, choice: int) -> str:
+    """An instruction of ``kind`` turning ``source`` attributes (``{"colour", "shape"}``) into ``target``, from the
+    training or the held-out bank (phrasing ``choice`` modulo the bank's size: the caller's random draw).
+
+    Raises:
+        ValueError: an unknown kind (lists them), or a target that does not change exactly the kind's attribute.
+    """
+    if kind not in EDIT_KINDS:
+        raise ValueError(f"unknown edit kind {kind!r}; choose from: {', '.join(EDIT_KINDS)}")
+    changed = {k for k in ("colour", "shape") if source[k] != target[k]}
+    if changed != {EDIT_ATTRIBUTE[kind]}:
+        raise ValueError(f"a {kind} edit changes the {EDIT_ATTRIBUTE[kind]} alone; {source} -> {target} changes "
+                         f"{sorted(changed) or 'nothing'}")
+    bank = (HELDOUT_EDITS if heldout else TRAIN_EDITS)[kind]
+    return bank[int(choice) % len(bank)].format(old_colour=source["colour"], old_shape=source["shape"],
+                                                     **target)
+
+
+def all_edit_prompts(*, heldout: bool) -> set[str]:
+    """Every instruction a bank can produce (every phrasing x source x one-attribute target)."""
+    out = set()
+    for kind in EDIT_KINDS:
+        attr = EDIT_ATTRIBUTE[kind]
+        for src in ATTRIBUTE_COMBOS[IMAGE]:
+            for tgt in ATTRIBUTE_COMBOS[IMAGE]:
+                if tgt[attr] != src[attr] and all(tgt[k] == src[k] for k in src if k != attr):
+                    out |= {p.format(old_colour=src["colour"], old_shape=src["shape"], **tgt)
+                            for p in (HELDOUT_EDITS if heldout else TRAIN_EDITS)[kind]}
+    return out
+
+
 # ---- plain questions: held out, answered in words (no medium is asked for) ------------------------------
 # Sent without `modalities` to measure how often the model draws, plays or animates unasked (bench/toyworld.py,
 # bench/reliability.py). None states a toy attribute (colour, shape, pitch, timbre, direction; checked by

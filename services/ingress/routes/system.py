@@ -25,7 +25,12 @@ async def describe(svc: IngressService, timeout_s: float = 10.0) -> dict[str, An
 
 def model_card(svc: IngressService, parts: dict[str, Any] | None) -> dict[str, Any]:
     """The ``model`` object: preset, modalities (also as OpenRouter's ``architecture``), decoder defaults, the
-    server's limits, grounding, parts."""
+    server's limits, grounding, ``edits``, parts.
+
+    ``edits`` (an extension OpenAI clients ignore): ``{modality: [edit kinds]}`` for each output modality whose
+    decoder can edit, as its deployment describes it: ``"whole"`` renders from a source medium (image-to-image,
+    video-to-video; ``POST /v1/images/edits`` and chat ``edit``), ``"masked"`` only where a mask allows
+    (inpainting; ``/v1/images/edits`` with ``mask``); ``null`` while the decoders cannot be described."""
     backend = svc.backend
     inputs = ["text", *(m.value for m in backend.input_modalities)]
     outputs = ["text", *(m.value for m in backend.output_modalities)]
@@ -41,8 +46,18 @@ def model_card(svc: IngressService, parts: dict[str, Any] | None) -> dict[str, A
         "limits": svc.settings.limits.model_dump(),
         "grounding": None if backend.preset.grounding is None else {
             "format": backend.preset.grounding.format, "tasks": list(backend.preset.grounding.tasks)},
+        "edits": edit_kinds(parts),
         "parts": parts,
     }
+
+
+def edit_kinds(parts: dict[str, Any] | None) -> dict[str, list[str]] | None:
+    """``{modality: edit kinds}`` from the described decoders (modalities that cannot edit left out); ``None`` when
+    a decoder could not be described (its kinds are unknown)."""
+    decoders = (parts or {}).get("decoders")
+    if not isinstance(decoders, dict) or any("edit_kinds" not in d for d in decoders.values()):
+        return None
+    return {m: list(d["edit_kinds"]) for m, d in decoders.items() if d["edit_kinds"]}
 
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])

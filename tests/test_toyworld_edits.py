@@ -1,0 +1,197 @@
+"""Toy-world edit dialogues (issue #27), prepared for the instruct stage (no training here): the edit phrasing banks
+(training and held-out disjoint), the toy MosIT writer's edit exchanges, the rows a MosIT build with edits yields as
+the instruct stage reads them, and the build knob (off by default: the shipped build unchanged)."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from polymodal.modality import Modality
+from training.toyworld import phrasings
+from training.toyworld.build import EDIT_MODE, BuildSettings, with_edits
+from training.toyworld.data import COLOURS, SHAPES, write_dataset
+from training.toyworld.mosit import ToyDialogueWriter, WholePrompt, parse_caption
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "training" / "toyworld" / "mosit.yaml"
+IMAGE = Modality.IMAGE
+_TAG = re.compile(r"<Image> (.*?) </Image>")
+
+
+def edit_of(instruction: str, source: dict[str, str]) -> tuple[str, dict[str, str]] | None:
+    """(kind, target attributes) of a training-bank instruction applied to ``source``: the phrasing that renders to
+    it, found by trying every one-attribute target; ``None`` if no phrasing does."""
+    found = []
+    for kind in phrasings.EDIT_KINDS:
+        attr = phrasings.EDIT_ATTRIBUTE[kind]
+        values = COLOURS if attr == "colour" else SHAPES
+        for v in values:
+            if v == source[attr]:
+                continue
+            target = {**source, attr: v}
+            for phrase in phrasings.TRAIN_EDITS[kind]:
+                if phrase.format(old_colour=source["colour"], old_shape=source["shape"], **target) == instruction:
+                    found.append((kind, target))
+    return found[0] if len(set(map(repr, found))) == 1 else None
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("toydata-edits")
+    write_dataset(out, count=24, seed=0, size_px=32, layout="canonical")
+    return out
+
+
+# ---- the phrasing banks -----------------------------------------------------------------------------------
+def test_edit_banks_are_disjoint_and_hold_the_issues_phrasings_out():
+    train, held = phrasings.all_edit_prompts(heldout=False), phrasings.all_edit_prompts(heldout=True)
+    assert train and held and not train & held
+    phrasings.assert_disjoint(held, train)
+    assert {"make the triangle green", "make it a circle"} <= held  # the issue's own examples are held out
+    # no training instruction is a held-out one up to case and punctuation either
+    norm = lambda t: re.sub(r"[^a-z ]", "", t.lower()).strip()  # noqa: E731
+    assert not {norm(t) for t in train} & {norm(t) for t in held}
+    # and each names what it asks (the target value) and nothing of the other attribute's new value
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        src = {"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES))}
+        colour = next(c for c in COLOURS if c != src["colour"])
+        text = phrasings.edit_instruction("recolour", src, {**src, "colour": colour}, heldout=False,
+                                          choice=int(rng.integers(100)))
+        assert colour in text.split(" ") or f"{colour}." in text or f"{colour}," in text, text
+
+
+def test_edit_instruction_refuses_what_is_not_one_edit():
+    src = {"colour": "red", "shape": "triangle"}
+    with pytest.raises(ValueError, match="recolour, reshape"):
+        phrasings.edit_instruction("rotate", src, src, heldout=False, choice=0)
+    with pytest.raises(ValueError, match="changes the colour alone"):
+        phrasings.edit_instruction("recolour", src, {"colour": "blue", "shape": "circle"}, heldout=False, choice=0)
+    with pytest.raises(ValueError, match="changes nothing"):
+        phrasings.edit_instruction("reshape", src, src, heldout=True, choice=0)
+
+
+# ---- the writer -------------------------------------------------------------------------------------------
+def test_writer_edit_exchanges_change_the_asked_attribute_alone(toy_data):
+    writer = ToyDialogueWriter(toy_data / "catalog.jsonl", edits=True)
+    captions = {c.caption for c in writer.captions[IMAGE]}
+    kinds = []
+    for seed in range(60):
+        messages = writer.write(WholePrompt(2, (IMAGE,), (IMAGE,)), random.Random(seed))
+        at = next(k for k in range(0, len(messages), 2) if "<Image>" in messages[k])  # an opener may come first
+        human, gpt, rest = messages[at], messages[at + 1], messages[at + 2:]
+        (src_caption,), (tgt_caption,) = _TAG.findall(human), _TAG.findall(gpt)
+        assert src_caption in captions and tgt_caption in captions  # both retrievable from the catalog
+        instruction = _TAG.sub("", human).strip()
+        src, tgt = parse_caption(IMAGE, src_caption), parse_caption(IMAGE, tgt_caption)
+        kind, want = edit_of(instruction, src)
+        assert tgt == want, (human, gpt)
+        assert instruction in phrasings.all_edit_prompts(heldout=False)
+        assert instruction not in phrasings.all_edit_prompts(heldout=True)
+        assert gpt.index(tgt_caption) < gpt.index("<Image>")  # the lead-in names the edited image first
+        kinds.append(kind)
+        # a follow-up after the edit asks about the edited image
+        if rest:
+            assert rest[0].endswith("?") or rest[0].startswith(("Thank", "Nice"))
+    assert set(kinds) == {"recolour", "reshape"} and min(kinds.count(k) for k in set(kinds)) >= 15
+
+
+def test_without_edits_the_writer_is_unchanged(toy_data):
+    """Off (the default): an image-in, image-out exchange is a request beside the shared image, as before."""
+    plain = ToyDialogueWriter(toy_data / "catalog.jsonl")
+    human, _ = plain.write(WholePrompt(1, (IMAGE,), (IMAGE,)), random.Random(3))
+    assert _TAG.sub("", human).strip() in phrasings.all_prompts(IMAGE, heldout=False)
+
+
+# ---- the MosIT build with edits, read back as the instruct stage reads it --------------------------------
+@pytest.fixture(scope="module")
+def built(toy_data, tmp_path_factory):
+    from mosit.config import parse_config
+    from mosit.embed import TextEmbedder
+    from mosit.job import build
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setenv("TOYWORLD_DATA", str(toy_data))
+        raw = yaml.safe_load(CONFIG.read_text())
+        cfg = parse_config({**raw, "num_dialogues": 16, "shard_size": 8, "modes": {"T_I": {"weight": 1.0}}},
+                           CONFIG.parent)
+    finally:
+        mp.undo()
+    cfg = with_edits(cfg, 3.0)
+    out = tmp_path_factory.mktemp("toymosit-edits") / "ds"
+    summary = build(cfg, out, progress=False, embedder=TextEmbedder(), caption_encoder=None)
+    return out, summary
+
+
+def test_built_edit_rows_pair_a_source_image_with_its_edited_caption(built, toy_data):
+    from training.align.data import DataSpec, MediaRef, read_records
+
+    out, summary = built
+    records = json.loads((out / "mosit.json").read_text())
+    dialogues = read_records(DataSpec(str(out / "mosit.json"), "mosit"))
+    assert len(dialogues) == len(records) == summary["dialogues"]["accepted"] >= 12, summary["reject_rules"]
+    rows = {r["id"]: r for r in map(json.loads, (toy_data / "catalog.jsonl").read_text().splitlines())}
+    edits = 0
+    for rec, d in zip(records, dialogues):
+        if rec["mode"] != EDIT_MODE:
+            continue
+        edits += 1
+        (source,), (edited,) = d.media("user"), d.media("assistant")
+        assert source.modality is edited.modality is IMAGE and source.path.is_file() and edited.path.is_file()
+        (src_item,) = [it for it in rec["image_list"] if it["from"] == "human"]
+        (tgt_item,) = [it for it in rec["image_list"] if it["from"] == "gpt"]
+        src_attrs = {k: rows[src_item["catalog_id"]]["attributes"][k] for k in ("colour", "shape")}
+        tgt_attrs = {k: rows[tgt_item["catalog_id"]]["attributes"][k] for k in ("colour", "shape")}
+        # the user turn: the source image, then the instruction; the answer's image target: the edited caption
+        user = next(m for m in d.messages if m.role == "user" and any(isinstance(p, MediaRef) for p in m.parts))
+        assert isinstance(user.parts[0], MediaRef) and user.parts[0].path == source.path
+        instruction = " ".join(p for p in user.parts if isinstance(p, str)).strip()
+        kind, want = edit_of(instruction, src_attrs)
+        assert tgt_attrs == want, (instruction, src_attrs, tgt_attrs)
+        assert edited.caption == tgt_item["caption"] and parse_caption(IMAGE, edited.caption) == want
+        assert source.caption == src_item["caption"] and parse_caption(IMAGE, source.caption) == src_attrs
+    assert edits >= 6, [r["mode"] for r in records]  # weight 3 against T_I's 1
+
+
+def test_build_knob_is_off_by_default_and_leaves_the_config_alone(monkeypatch, toy_data):
+    from mosit.config import parse_config
+
+    assert BuildSettings().mosit_edit_weight == 0.0
+    monkeypatch.setenv("TOYWORLD_DATA", str(toy_data))
+    cfg = parse_config(yaml.safe_load(CONFIG.read_text()), CONFIG.parent)
+    assert with_edits(cfg, 0.0) is cfg
+    on = with_edits(cfg, 0.5)
+    assert set(on.modes) == set(cfg.modes) | {EDIT_MODE} and on.llm.options["edits"] is True
+    assert "edits" not in cfg.llm.options  # the original is not changed
+    mode = on.resolved_modes()[EDIT_MODE]
+    assert (mode.inputs, mode.outputs) == ((IMAGE,), (IMAGE,))
+    with pytest.raises(ValueError, match=">= 0"):
+        with_edits(cfg, -1.0)
+
+
+def test_the_quality_benchmark_asks_held_out_edits_only():
+    """bench/editing.py --quality: every instruction from the held-out bank, each target one edit of its source."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import editing
+
+    held, train = phrasings.all_edit_prompts(heldout=True), phrasings.all_edit_prompts(heldout=False)
+    requests = editing.edit_requests(24, 32)
+    used = set()
+    for r in requests:
+        src = {k: r["attrs"][k] for k in ("colour", "shape")}
+        for kind, (instruction, target) in r["kinds"].items():
+            assert instruction in held and instruction not in train, instruction
+            attr = phrasings.EDIT_ATTRIBUTE[kind]
+            assert target[attr] != src[attr] and all(target[k] == src[k] for k in src if k != attr)
+            used.add(instruction)
+    assert len(used) > 12  # phrasings vary, not one wording per kind
