@@ -120,6 +120,19 @@ def test_stdio_in_process_pipeline():
             assert not r.is_error, _text(r)
             audio = [c for c in r.content if c.type == "audio"]
             assert audio and audio[0].mime_type == "audio/wav" and base64.b64decode(audio[0].data)[:4] == b"RIFF"
+            r = await session.call_tool("generate_video", {"prompt": "a square moving", "seed": 4, "num_frames": 4})
+            assert not r.is_error, _text(r)
+            video = [c for c in r.content if c.type == "resource"]
+            assert len(video) == 1 and video[0].resource.mime_type == "video/mp4"
+            assert base64.b64decode(video[0].resource.blob)[4:8] == b"ftyp"  # an MP4
+            assert "/v1/artifacts/" in video[0].resource.uri
+            # chat, any-to-any: an image in, an image and a sound out
+            r = await session.call_tool("chat", {"prompt": "draw it and make it sound", "images": [astronaut_b64()],
+                                                 "modalities": ["image", "audio"], "seed": 1})
+            assert not r.is_error, _text(r)
+            assert [c.type for c in r.content] == ["text", "image", "audio"]
+            assert "![image 1](" in r.content[0].text
+            assert {m["type"] for m in r.structured_content["media"]} == {"image", "audio"}
 
     anyio.run(main)
 
@@ -164,12 +177,21 @@ def _run_over_http(url: str) -> dict:
     return anyio.run(main)
 
 
-def test_http_in_front_of_a_running_service(tiny_server):
-    """Streamable HTTP, in front of a running polymodal (`polymodal serve --preset tiny --no-ray`) by URL."""
+def test_http_in_front_of_a_running_service(tiny_server, tmp_path):
+    """Streamable HTTP, in front of a running polymodal (`polymodal serve --preset tiny --no-ray`) by URL; the
+    README's client example (examples/mcp_client.py) against it."""
     server = McpProcess("--url", tiny_server + "/v1")
     try:
         server.wait_ready()
         _run_over_http(server.url)
+        example = [sys.executable, "examples/mcp_client.py", "--url", server.url]
+        r = subprocess.run([*example, "generate_image", '{"prompt": "a red circle", "seed": 5}', "--out",
+                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "wrote" in r.stdout, r.stdout + r.stderr
+        assert Image.open(tmp_path / "01.png").format == "PNG"
+        r = subprocess.run([*example, "detect", '{"target": "unicorn"}'], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 1 and "detect reads images" in r.stdout, r.stdout + r.stderr
     finally:
         server.stop()
 
