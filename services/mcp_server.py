@@ -199,7 +199,20 @@ def mcp_main(*, url: str | None = None, preset: str | None = None,
         def make_target() -> Target:
             return in_process_target(preset, device=device, export_dir=export_dir)
 
-    if transport == "stdio":
-        anyio.run(run_stdio, make_target)
-    else:
-        anyio.run(run_http, make_target, host, port)
+    try:
+        if transport == "stdio":
+            anyio.run(run_stdio, make_target)
+        else:
+            anyio.run(run_http, make_target, host, port)
+    except Exception as e:
+        inner = single_error(e)
+        if inner is not e:  # raised inside the SDK's task groups: the error itself, not a group of one
+            raise inner from None
+        raise
+
+
+def single_error(e: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups of one error each; ``e`` itself otherwise."""
+    while isinstance(getattr(e, "exceptions", None), tuple) and len(e.exceptions) == 1:
+        e = e.exceptions[0]
+    return e

@@ -200,7 +200,8 @@ def test_unreachable_service_fails_at_start():
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "polymodal.cli", "mcp", "--url", f"http://127.0.0.1:{free_port()}"],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert r.returncode != 0 and "cannot reach polymodal at http://127.0.0.1" in r.stderr, r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("error: cannot reach polymodal at http://127.0.0.1"), r.stderr
+    assert "Traceback" not in r.stderr  # a clear error, not a stack
     assert time.monotonic() - t0 < 30
     r = subprocess.run([sys.executable, "-m", "polymodal.cli", "mcp", "--url", "http://x", "--preset", "tiny"],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
@@ -232,7 +233,7 @@ def test_api_key_from_the_environment():
         r = subprocess.run([sys.executable, "-m", "polymodal.cli", "mcp", "--url", url],
                            cwd=ROOT, env={**_env(), "POLYMODAL_API_KEY": "wrong"}, capture_output=True, text=True,
                            timeout=60, stdin=subprocess.DEVNULL)
-        assert r.returncode != 0 and "refused the API key" in r.stderr, r.stderr
+        assert r.returncode == 2 and "refused the API key" in r.stderr and "Traceback" not in r.stderr, r.stderr
         server = McpProcess("--url", url, env={"POLYMODAL_API_KEYS": "sekret,other"})
         try:
             server.wait_ready()
