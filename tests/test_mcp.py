@@ -100,6 +100,28 @@ async def exercise(session: ClientSession) -> dict:
     return {"tools": listed, "progress": seen}
 
 
+def test_tool_catalogue_and_content():
+    """Without a transport: which tools a service gets, a skill's schema, inputs and the MCP content of media."""
+    from polymodal.modality import Modality
+    from services.mcp_tools import PolymodalTools, ToolError, content_part, media_block
+
+    detect = {"name": "detect", "description": "find faces", "accepts": ["image"],
+              "parameters": {"type": "object", "properties": {"target": {"enum": ["face", "eye"]}}}}
+    generator_skill = {"name": "generate_image", "description": "the skill", "accepts": ["text"], "parameters": {}}
+    tools = PolymodalTools(None, {"id": "m", "output_modalities": ["text", "image"]}, [detect, generator_skill])
+    assert list(tools.defs) == ["generate_image", "chat", "detect"]  # no audio / video decoder: no such tools
+    assert tools.defs["generate_image"].kind == "generate"  # the tool, not the skill of the same name
+    props = tools.defs["detect"].input_schema["properties"]
+    assert set(props) == {"target", "image", "images"} and props["images"]["type"] == "array"
+    assert content_part(Modality.IMAGE, "aGVsbG8=", "image") == {
+        "type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}
+    with pytest.raises(ToolError, match="data URL"):
+        content_part(Modality.IMAGE, "/home/me/photo.png", "image")
+    video = media_block(Modality.VIDEO, "data:video/mp4;base64,AAAA", uri="http://h/v1/artifacts/a.mp4")
+    assert video.type == "resource" and video.resource.blob == "AAAA" and video.resource.mime_type == "video/mp4"
+    assert media_block(Modality.AUDIO, "data:audio/wav;base64,AAAA").type == "audio"
+
+
 def _env() -> dict[str, str]:
     keep = ("PATH", "HOME", "POLYMODAL_CACHE", "VIRTUAL_ENV", "TMPDIR")
     env = {k: os.environ[k] for k in keep if k in os.environ}
