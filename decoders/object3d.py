@@ -327,7 +327,7 @@ class PointSetDiffusionPipeline(DiffusionPipeline):
 
 
 def point_set_scheduler() -> DDIMScheduler:
-    """DDIM over a cosine-free linear-beta schedule of 1000 steps, epsilon prediction, samples clipped to [-1.5,
+    """DDIM over a linear beta schedule of 1000 steps (1e-4 .. 0.02), epsilon prediction, samples clipped to [-1.5,
     1.5] (points live in [-1, 1])."""
     return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                          clip_sample=True, clip_sample_range=1.5, prediction_type="epsilon")

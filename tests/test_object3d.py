@@ -178,7 +178,8 @@ def test_the_tiny_marching_cubes_table_closes_surfaces():
     assert int(md.masks.sum(1).max()) <= 5 and not md.masks[0].any() and not md.masks[255].any()
     g = torch.linspace(-1, 1, 20)
     x, y, z = torch.meshgrid(g, g, g, indexing="ij")
-    for field in (0.7 - (x**2 + y**2 + z**2).sqrt(), torch.randn(20, 20, 20, generator=torch.Generator().manual_seed(0))):
+    noise = torch.randn(20, 20, 20, generator=torch.Generator().manual_seed(0))
+    for field in (0.7 - (x**2 + y**2 + z**2).sqrt(), noise):
         padded = torch.full((22, 22, 22), -1.0)
         padded[1:-1, 1:-1, 1:-1] = field
         m = md(padded, torch.tensor([-1.0, -1, -1]), torch.tensor([2.0, 2, 2]))

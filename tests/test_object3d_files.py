@@ -2,8 +2,8 @@
 its preset, its toy recipe and checker, and their registrations, nothing else.
 
 Two views of "touched": (1) the product files that name the modality or its preset (``object3d``, ``toy-3d`` in any
-case) are exactly the declared ones; (2) on the unmerged branch, the product files changed since the merge base with ``main`` are among the
-declared ones (after the merge there is no branch to compare, and (1) keeps holding).
+case) are exactly the declared ones; (2) on the unmerged branch, the product files changed since the merge base
+with ``main`` are among the declared ones (after the merge there is no branch to compare, and (1) keeps holding).
 """
 
 from __future__ import annotations

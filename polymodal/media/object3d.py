@@ -88,11 +88,13 @@ def validate_points(points: Any) -> None:
         raise ValueError("object3d points must be finite")
     rgb = points[:, 3:]
     if float(rgb.min()) < 0.0 or float(rgb.max()) > 1.0:
-        raise ValueError(f"object3d point colours must be in [0, 1], got {float(rgb.min()):.3g}..{float(rgb.max()):.3g}")
+        raise ValueError(f"object3d point colours must be in [0, 1], got "
+                         f"{float(rgb.min()):.3g}..{float(rgb.max()):.3g}")
 
 
 def encode_ply(points: np.ndarray) -> bytes:
-    """float32 (P, 6) xyz + rgb in [0, 1] -> binary little-endian PLY bytes (x, y, z float32; red, green, blue uint8)."""
+    """float32 (P, 6) xyz + rgb in [0, 1] -> binary little-endian PLY bytes (x, y, z float32; red, green, blue
+    uint8)."""
     from plyfile import PlyData, PlyElement
 
     rows = np.empty(len(points), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
