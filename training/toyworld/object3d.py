@@ -259,9 +259,11 @@ class Object3DDecoderRecipe:
     width: int = 96  # 4 blocks of width 96: ~0.7 M parameters, 2.8 MB in fp32 (the shipped toy build stays small)
     num_layers: int = 4
     num_heads: int = 4
-    steps: int = 8000
+    # measured on the 2-core machine while shared (load ~18): 1.8 s per step of batch 8 (one torch thread); a step of
+    # batch 16 costs about twice that, so 6000 steps are hours there and well under an hour on an idle core pair
+    steps: int = 6000
     lr: float = 1e-3
-    batch_size: int = 32
+    batch_size: int = 16
     caption_dropout: float = 0.1
     ema_decay: float = 0.995
     seed: int = 0
