@@ -2,7 +2,8 @@
 
 ``DECODERS`` maps each :class:`polymodal.modality.Modality` to its decoder kind (a :class:`Decoder` subclass that
 names its own ``modality``): image = ``StableDiffusionPipeline``, audio = ``AudioLDMPipeline``, video =
-``TextToVideoSDPipeline``. :func:`register_decoder` adds a kind (a plug-in modality's); ``build_decoder(modality,
+``TextToVideoSDPipeline``, object3d (3D) = ``ShapEPipeline`` or our point-set pipeline (:mod:`decoders.object3d`).
+:func:`register_decoder` adds a kind (a plug-in modality's); ``build_decoder(modality,
 config)`` builds one from a :class:`polymodal.config.DecoderConfig`.
 """
 
@@ -17,11 +18,13 @@ from decoders.base import Decoder
 from decoders.errors import DecodeError, DecoderLoadError
 from decoders.image import ImageDecoder
 from decoders.media import Medium
+from decoders.object3d import Object3DDecoder
 from decoders.video import VideoDecoder
 from polymodal.config import DecoderConfig, DecoderDefaults
 from polymodal.modality import Modality
 
-DECODERS: dict[Modality, type[Decoder]] = {cls.modality: cls for cls in (ImageDecoder, AudioDecoder, VideoDecoder)}
+DECODERS: dict[Modality, type[Decoder]] = {
+    cls.modality: cls for cls in (ImageDecoder, AudioDecoder, VideoDecoder, Object3DDecoder)}
 
 
 def register_decoder(cls: type[Decoder], *, replace: bool = False) -> type[Decoder]:
@@ -86,6 +89,7 @@ __all__ = [
     "DecoderLoadError",
     "ImageDecoder",
     "Medium",
+    "Object3DDecoder",
     "VideoDecoder",
     "build_decoder",
     "decoder_class",

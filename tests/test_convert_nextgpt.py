@@ -26,6 +26,7 @@ from polymodal.modality import Modality
 from polymodal.offline_tokenizer import tiny_tokenizer
 from polymodal.pipeline import AnyToAnyPipeline
 from polymodal.presets import get_preset
+from polymodal.presets.builtin import BUILTIN  # NExT-GPT's three modalities
 from training.convert import (
     BaseModelInfo,
     ConversionError,
@@ -65,10 +66,10 @@ def _preset_yaml(root, vicuna, decoders) -> str:
         name="nextgpt-tiny-test",
         llm={**base["llm"], "path": str(vicuna), "dtype": "float32"},
         generation={**base["generation"], "max_new_tokens": 6},
-        encoders={m: EncoderConfig(kind="tiny", dim=D_ENC) for m in Modality},
+        encoders={m: EncoderConfig(kind="tiny", dim=D_ENC) for m in BUILTIN},
         output_projectors={m: ProjectorConfig(kind="transformer", num_queries=COND[m][0], hidden_dim=D_MODEL,
                                               options={"num_layers": 1, "num_heads": 2, "ff_dim": 64})
-                           for m in Modality},
+                           for m in BUILTIN},
         decoders=decoders,
     )
     path = root / "nextgpt-tiny.yaml"
@@ -90,7 +91,7 @@ def world(tmp_path_factory):
     vicuna_model.save_pretrained(vicuna)
     tok.save_pretrained(vicuna)
     decoders = {}
-    for m in Modality:
+    for m in BUILTIN:
         cfg = DecoderConfig(source="pretrained", cond_tokens=COND[m][0], cond_dim=COND[m][1],
                             defaults=DecoderDefaults(num_inference_steps=2, guidance_scale=7.5, height_px=32,
                                                      width_px=32, num_frames=3, fps=8, duration_s=0.2))
@@ -184,7 +185,7 @@ def test_every_key_is_mapped_and_parts_written(world, export):
     manifest = json.loads((out / "export.json").read_text())
     assert set(manifest["key_map"]) == set(world["state"])
     assert not any(v.startswith("dropped") for v in manifest["key_map"].values())
-    assert set(report.parts) == {"token_rows", "lora", *(f"{r}_{m.value}" for r in ("input", "output") for m in Modality)}
+    assert set(report.parts) == {"token_rows", "lora", *(f"{r}_{m.value}" for r in ("input", "output") for m in BUILTIN)}
     assert report.rows == "all" and report.rows_written == world["v0"] + 38
     cfg = json.loads((out / "lora" / "adapter_config.json").read_text())
     assert cfg["r"] == RANK and cfg["lora_alpha"] == 32 and sorted(cfg["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
@@ -213,7 +214,7 @@ def test_loaded_model_has_released_ids_rows_and_merged_lora(world, pipe):
 
 
 def test_projectors_match_the_released_layout(world, pipe):
-    for m in Modality:
+    for m in BUILTIN:
         proj = pipe.llm_stage.input_projectors[m]
         torch.testing.assert_close(proj.fc.weight, world["llama_proj"].weight.detach())
     n = {IMAGE: 4, AUDIO: 8, VIDEO: 24}

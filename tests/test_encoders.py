@@ -40,7 +40,7 @@ def _min_pairwise_distance(e: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def tiny():
-    return {m: build_encoder(m, EncoderConfig(kind="tiny", dim=D), seed=3) for m in Modality}
+    return {m: build_encoder(m, EncoderConfig(kind="tiny", dim=D), seed=3) for m in (IMAGE, AUDIO, VIDEO)}
 
 
 @pytest.fixture(scope="module")

@@ -24,12 +24,13 @@ from polymodal.modality import (
 )
 from polymodal.signals import SignalSpec
 
-BUILTIN = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO)
+BUILTIN = (Modality.IMAGE, Modality.AUDIO, Modality.VIDEO, Modality.OBJECT3D)  # polymodal.media's, in its order
+NEXTGPT = BUILTIN[:3]  # NExT-GPT's three (3D: tests/test_object3d.py)
 
 
 def test_builtins_are_interned_in_registration_order():
-    assert list(Modality) == list(BUILTIN) and len(Modality) == 3
-    assert [s.name for s in specs()] == ["image", "audio", "video"]
+    assert list(Modality) == list(BUILTIN) and len(Modality) == 4
+    assert [s.name for s in specs()] == ["image", "audio", "video", "object3d"]
     for m in BUILTIN:
         assert Modality(m.value) is m is Modality.parse(f" {m.value.upper()} ") is Modality(m)
         assert m == m.value and str(m) == m.value == f"{m}" and m.name == m.value.upper()
@@ -41,13 +42,13 @@ def test_builtins_are_interned_in_registration_order():
 
 def test_unknown_names_list_the_choices():
     for bad in ("hologram", "", "IMAGE"):  # the constructor is exact; parse() folds case
-        with pytest.raises(ValueError, match=r"unknown modality .*choose from: image, audio, video"):
+        with pytest.raises(ValueError, match=r"unknown modality .*choose from: image, audio, video, object3d"):
             Modality(bad)
-    with pytest.raises(ValueError, match="choose from: image, audio, video"):
+    with pytest.raises(ValueError, match="choose from: image, audio, video, object3d"):
         Modality.parse("hologram")
     with pytest.raises(AttributeError):
         Modality.HOLOGRAM  # noqa: B018
-    assert Modality.parse_list("image, Audio,image,,video") == list(BUILTIN)
+    assert Modality.parse_list("image, Audio,image,,video,OBJECT3D") == list(BUILTIN)
 
 
 def test_pickle_and_copy_give_the_interned_instance():
@@ -72,7 +73,8 @@ def test_pydantic_validates_from_and_serialises_to_strings():
     assert all(type(k) is str for k in dumped["many"]) and type(dumped["one"]) is str
     assert json.loads(got.model_dump_json()) == dumped
     schema = M.model_json_schema()
-    assert schema["properties"]["one"] == {"type": "string", "enum": ["image", "audio", "video"], "title": "One"}
+    assert schema["properties"]["one"] == {"type": "string", "enum": ["image", "audio", "video", "object3d"],
+                                           "title": "One"}
     with pytest.raises(ValueError, match="unknown modality 'hologram'"):
         M.model_validate({"one": "hologram"})
     with pytest.raises(ValueError, match="a modality is a string"):
@@ -92,7 +94,7 @@ def test_presets_yaml_keys_are_plain_names():
 def test_builtin_facts_feed_the_signal_tokens():
     spec = SignalSpec.build()
     assert {m: spec.count(m) for m in spec.modalities} == {m: m.spec.default_signal_count for m in BUILTIN} \
-        == {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}  # NExT-GPT's
+        == {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24, Modality.OBJECT3D: 4}  # NExT-GPT's + 3D
     assert spec.tokens[Modality.AUDIO][:2] == ("<AUD0>", "<AUD1>")
     assert spec.input_markers[Modality.VIDEO] == ("<Video>", "</Video>")
     assert SignalSpec.build({"image": 2}, "[{prefix}{i}]").tokens == {Modality.IMAGE: ("[IMG0]", "[IMG1]")}
@@ -122,19 +124,22 @@ def test_mime_types_content_parts_and_sniffing_come_from_the_specs():
 def test_answer_references_and_fields():
     assert Modality.IMAGE.spec.reference(1, "u") == "![image 1](u)"
     assert Modality.AUDIO.spec.reference(2, "u") == "[audio 2](u)"
-    assert [m.spec.answer_field for m in BUILTIN] == ["images", "audios", "videos"]
-    assert [m.spec.message_slot for m in BUILTIN] == [None, "audio", None]
-    assert [m.spec.normalize_cond for m in BUILTIN] == [False, True, False]
-    assert [m.spec.tag for m in BUILTIN] == ["Image", "Audio", "Video"]
+    assert [m.spec.answer_field for m in BUILTIN] == ["images", "audios", "videos", "objects3d"]
+    assert [m.spec.message_slot for m in BUILTIN] == [None, "audio", None, None]
+    assert [m.spec.normalize_cond for m in BUILTIN] == [False, True, False, False]
+    assert [m.spec.tag for m in BUILTIN] == ["Image", "Audio", "Video", "Object3d"]
     assert [(m.spec.codec.mime_type, m.spec.codec.ext) for m in BUILTIN] == [
-        ("image/png", "png"), ("audio/wav", "wav"), ("video/mp4", "mp4")]
+        ("image/png", "png"), ("audio/wav", "wav"), ("video/mp4", "mp4"), ("application/ply", "ply")]
 
 
 def test_option_fields_match_the_request_schemas():
     """A modality's ``option_fields`` are exactly the DecoderDefaults fields its chat-request options model has."""
     from services.schemas import ChatCompletionRequest
 
-    for m in BUILTIN:
+    # 3D has no options field in the chat request (the schema's fields are NExT-GPT's three): its media use the
+    # preset's decoder defaults
+    assert Modality.OBJECT3D.value not in ChatCompletionRequest.model_fields
+    for m in NEXTGPT:
         model = ChatCompletionRequest.model_fields[m.value].annotation.__args__[0]
         assert set(model.model_fields) & set(DecoderDefaults.model_fields) == set(m.spec.option_fields), m
 

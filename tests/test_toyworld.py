@@ -13,6 +13,7 @@ from polymodal.modality import Modality
 from training.toyworld import checkers
 from training.toyworld.data import (
     COLOURS,
+    MAKERS,
     PITCHES_HZ,
     SAMPLE_RATE_HZ,
     SHAPES,
@@ -37,7 +38,7 @@ def dataset(tmp_path_factory):
 
 
 def test_items_are_reproducible_and_seed_dependent():
-    for m in Modality:
+    for m in MAKERS:  # the toy world's recipes (3D: tests/test_toyworld_object3d.py)
         a, b, c = make_item(m, 3, seed=1), make_item(m, 3, seed=1), make_item(m, 3, seed=2)
         assert np.array_equal(a.data, b.data) and a.caption == b.caption and a.attributes == b.attributes
         if m is Modality.VIDEO:  # x264's bytes vary between runs (not its pictures): compare decoded frames
@@ -87,7 +88,7 @@ def test_catalog_is_read_by_mosit_and_training(dataset):
 
     records = read_records(DataSpec(str(catalog), format="jsonl"))
     assert len(records) == 72 and all(r.media.path.is_file() for r in records)
-    assert {r.modality for r in records} == set(Modality)
+    assert {r.modality for r in records} == set(MAKERS)
 
 
 # ----------------------------------------------------------------------------------------- checkers
@@ -109,7 +110,7 @@ def test_checkers_read_files_back(dataset):
 
     out, catalog = dataset
     rows = read_catalog(catalog)
-    for m in Modality:
+    for m in MAKERS:  # the toy world's recipes (3D: tests/test_toyworld_object3d.py)
         its = [r for r in rows if r["modality"] == m.value]
         score = score_readings(m, [checkers.check_file(m, r["path"]) for r in its], [r["attributes"] for r in its])
         assert score.accuracy >= 0.95, score.line()
@@ -186,10 +187,10 @@ def test_trained_toy_decoders_load_through_build_decoder(trained):
     from polymodal.presets.toy import decoder_config
 
     _, out, manifest = trained
-    assert set(manifest["decoders"]) == {m.value for m in Modality}
+    assert set(manifest["decoders"]) == {m.value for m in MAKERS}
     prompts = {Modality.IMAGE: ["a red circle", "a blue square"], Modality.AUDIO: ["a low tone", "a high square tone"],
                Modality.VIDEO: ["a red circle moving left", "a square moving up"]}
-    for m in Modality:
+    for m in MAKERS:  # the toy world's recipes (3D: tests/test_toyworld_object3d.py)
         cfg = decoder_config(out, m)
         dec = build_decoder(m, cfg)
         assert isinstance(dec, DECODERS[m]) and dec.init_state == "pretrained"

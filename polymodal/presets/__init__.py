@@ -10,6 +10,8 @@
   shipped in ``polymodal/assets/toy`` and read by :mod:`polymodal.presets.toy`); answers can be checked.
 - ``toy-grounding``: ``toy`` with boxes as an output over patch-token image inputs (``polymodal toyworld build
   --grounding``).
+- ``toy-3d``: ``toy`` with 3D outputs (coloured point clouds; ``<3D0>..<3D3>`` appended), its toy 3D decoder
+  trained by ``polymodal toyworld train-3d`` (not shipped yet: the preset says so when asked for).
 - ``nextgpt-7b``: NExT-GPT's composition (Vicuna-7B, ImageBind-huge, SD v1.5, AudioLDM-l-full,
   zeroscope_v2_576w) by hub id or local path, fp16 on GPU.
 - ``nextgpt-7b-random``: the same architectures at real size with random weights (GPU benchmarks).
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from polymodal.config import PresetConfig
 from polymodal.presets.builtin import SMOL_SYSTEM, nextgpt, smol, tiny, tiny_grounding
-from polymodal.presets.toy import toy_grounding_preset, toy_preset
+from polymodal.presets.toy import toy_3d_preset, toy_grounding_preset, toy_preset
 
 
 def toy() -> PresetConfig:
@@ -39,6 +41,11 @@ def toy_grounding() -> PresetConfig:
     return toy_grounding_preset()
 
 
+def toy_3d() -> PresetConfig:
+    """``toy`` with 3D outputs (see :func:`polymodal.presets.toy.toy_3d_preset`)."""
+    return toy_3d_preset()
+
+
 PRESETS: dict[str, Callable[[], PresetConfig]] = {
     "tiny": tiny,
     "smol": smol,
@@ -47,6 +54,7 @@ PRESETS: dict[str, Callable[[], PresetConfig]] = {
     "nextgpt-7b-random": lambda: nextgpt(True),
     "tiny-grounding": tiny_grounding,
     "toy-grounding": toy_grounding,
+    "toy-3d": toy_3d,
 }
 
 

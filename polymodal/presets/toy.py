@@ -10,6 +10,8 @@ A toy build folder (``ROOT``) holds what :func:`training.toyworld.build.build` t
 - ``ROOT/export-grounding/`` (``polymodal toyworld build --grounding``; shipped too): the ``toy-grounding``
   preset's parts: the same instruct stage with grounding rows added, on patch-token image inputs and our
   location tokens (:func:`toy_grounding_preset`).
+- ``ROOT/decoders/object3d/`` and ``ROOT/export-3d/`` (not shipped yet): the ``toy-3d`` preset's 3D decoder (``polymodal
+  toyworld train-3d``) and its aligned parts with the ``<3D0>..<3D3>`` rows (:func:`toy_3d_preset`).
 
 ``ROOT`` is ``$POLYMODAL_TOY_DIR`` when set, else the build shipped inside the package
 (``polymodal/assets/toy``, package data).
@@ -38,7 +40,7 @@ from polymodal.modality import Modality
 from polymodal.presets.builtin import SMOL_SYSTEM, smol
 from polymodal.signals import ChatFormat
 
-IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
+IMAGE, AUDIO, VIDEO, OBJECT3D = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO, Modality.OBJECT3D
 # the shipped toy build (package data: pyproject's [tool.setuptools.package-data])
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "toy"
 SIGNAL_COUNTS = {IMAGE: 4, AUDIO: 4, VIDEO: 8}
@@ -58,6 +60,8 @@ def _encoder_dim(folder: Path) -> int:
 
 
 GROUNDING_EXPORT = "export-grounding"
+EXPORT_3D = "export-3d"
+SIGNAL_COUNTS_3D = {**SIGNAL_COUNTS, OBJECT3D: 4}  # toy's rows and ids first, the 3D rows appended
 
 
 def manifest_entry(out_dir: str | Path, manifest: str, section: str, modality: Modality | str, command: str) -> dict:
@@ -162,3 +166,33 @@ def toy_preset(root: str | Path | None = None, *, aligned: bool = True) -> Prese
         decoders=decoders,
         export_dir=str(export.resolve()) if aligned and (export / "export.json").is_file() else None,
     )
+
+
+def toy_3d_preset(root: str | Path | None = None, *, aligned: bool = True) -> PresetConfig:
+    """``toy-3d``: ``toy`` plus 3D outputs (coloured point clouds: "make a large red torus"), issue #29.
+
+    ``toy``'s parts and signal rows (ids kept: ``<3D0>..<3D3>`` are appended after video's), the toy 3D decoder
+    (``ROOT/decoders/object3d``, :mod:`training.toyworld.object3d`) with an output projector like the others, and
+    its own export ``ROOT/export-3d`` (the alignment stages re-run with 3D requests). ``toy`` itself does not change.
+
+    Raises:
+        FileNotFoundError: no toy build, or no toy 3D decoder in it (names the commands that make them).
+    """
+    root = Path(root) if root is not None else toy_root()
+    base = toy_preset(root, aligned=False)
+    dec_dir = root / "decoders"
+    if not (dec_dir / OBJECT3D.value / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no toy 3D decoder at {dec_dir / OBJECT3D.value}; train it with "
+            f"`polymodal toyworld train-3d --out {dec_dir}` (see training/toyworld/object3d.py)")
+    export = root / EXPORT_3D
+    return base.model_copy(update={
+        "name": "toy-3d",
+        "description": "toy world with 3D outputs: coloured point clouds (sphere, cube, pyramid, cylinder, torus) "
+                       "from a point-set diffusion decoder trained from scratch (polymodal toyworld train-3d)",
+        "signals": SignalConfig(counts=SIGNAL_COUNTS_3D),
+        "output_projectors": {**base.output_projectors, OBJECT3D: ProjectorConfig(
+            kind="transformer", hidden_dim=64, options={"num_layers": 1, "num_heads": 4, "ff_dim": 128})},
+        "decoders": {**base.decoders, OBJECT3D: decoder_config(dec_dir, OBJECT3D)},
+        "export_dir": str(export.resolve()) if aligned and (export / "export.json").is_file() else None,
+    })

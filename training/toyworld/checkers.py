@@ -9,6 +9,8 @@
   square wave: 1/3), else sine.
 - :func:`check_video`: background = the per-pixel temporal median; the foreground centroid of every frame
   is fitted by a line in time; direction = the axis and sign of the larger slope.
+- 3D (``object3d``): :func:`training.toyworld.object3d.check_object3d` (the primitive whose fitted surface lies
+  nearest the points, the palette colour nearest their median colour).
 
 Each returns a frozen reading whose fields are ``None`` when nothing could be read (no foreground, silence);
 :func:`matches` compares a reading with asked attributes.
@@ -22,6 +24,7 @@ import numpy as np
 
 from polymodal.modality import Modality
 from training.toyworld.data import COLOURS, PITCHES_HZ
+from training.toyworld.object3d import check_object3d, read_ply_points
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as foreground
 _PALETTE = np.asarray(list(COLOURS.values()), dtype=np.float64)
@@ -186,6 +189,7 @@ CHECKERS = {
     Modality.IMAGE: lambda data, meta: check_image(data),
     Modality.AUDIO: _check_audio,
     Modality.VIDEO: lambda data, meta: check_video(data),
+    Modality.OBJECT3D: lambda data, meta: check_object3d(data),
 }
 
 
@@ -239,7 +243,8 @@ def _read_mp4(data: bytes):
 
 # How each modality's file (as decoders.Medium.encode writes it) is read back for its checker: every frame of a
 # video, the file's own sample rate.
-READERS = {Modality.IMAGE: _read_png, Modality.AUDIO: _read_wav, Modality.VIDEO: _read_mp4}
+READERS = {Modality.IMAGE: _read_png, Modality.AUDIO: _read_wav, Modality.VIDEO: _read_mp4,
+           Modality.OBJECT3D: read_ply_points}
 
 
 def check_bytes(modality: Modality | str, data: bytes) -> object:
