@@ -157,8 +157,9 @@ class DecoderConfig(_Model):
 class SignalConfig(_Model):
     """Signal tokens of a preset (see :class:`polymodal.signals.SignalSpec`).
 
-    ``counts``: tokens per group, per modality (default: every registered modality's spec default; a modality the
-    preset decodes but does not list here gets its spec's default, see :class:`PresetConfig`). ``input_markers``:
+    ``counts``: tokens per group, per modality (default: the spec default of every registered modality that is
+    ``in_default_signals``: image, audio, video; a modality the preset decodes but does not list here gets its
+    spec's default, see :class:`PresetConfig`). ``input_markers``:
     ``None`` = the specs' markers.
     """
 

@@ -53,6 +53,10 @@ class ModalitySpec:
             (the request's options of this medium, the one-medium endpoints). ``strength`` among them: its
             decoders can edit a medium (render from a source, issue #27): image and video, not audio.
         normalize_cond: the output projector L2-normalises its conditioning (AudioLDM's CLAP class labels).
+        in_default_signals: a preset whose ``signals.counts`` is not given gets this modality's signal tokens
+            (NExT-GPT's image, audio and video). ``False`` for a modality added later: a preset gets its tokens only
+            by listing it or decoding it, so presets written before it keep their token rows (and their trained
+            embedding rows and projectors).
         codec: the :class:`polymodal.media_io.MediaCodec` of this modality (decode input files, validate and encode
             rendered arrays). Torch-free: the HTTP ingress decodes inputs through it.
 
@@ -75,6 +79,7 @@ class ModalitySpec:
     file_extensions: tuple[str, ...] = ()
     option_fields: tuple[str, ...] = ("num_inference_steps", "guidance_scale")
     normalize_cond: bool = False
+    in_default_signals: bool = True
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.isidentifier() or self.name != self.name.lower() or self.name == "text":

@@ -17,8 +17,9 @@ from polymodal.modality import Modality
 
 
 def default_counts() -> dict[Modality, int]:
-    """Tokens per group of every registered modality, from its spec (NExT-GPT: image 4, audio 8, video 24)."""
-    return {m: m.spec.default_signal_count for m in Modality}
+    """Tokens per group of every registered modality whose spec is ``in_default_signals``, from its spec (NExT-GPT:
+    image 4, audio 8, video 24); a later modality (3D) joins a preset only by being listed or decoded."""
+    return {m: m.spec.default_signal_count for m in Modality if m.spec.in_default_signals}
 
 
 def default_markers() -> dict[Modality, tuple[str, str]]:

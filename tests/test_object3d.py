@@ -290,6 +290,20 @@ def test_presets_that_do_not_declare_3d_are_unchanged():
     assert list(tiny.signals.counts) == [Modality.IMAGE, Modality.AUDIO, Modality.VIDEO]
 
 
+def test_a_preset_without_signal_counts_gets_3d_tokens_only_when_it_decodes_3d(preset_3d):
+    from polymodal.config import PresetConfig, SignalConfig
+
+    # a user's YAML preset written before 3D existed (no signals.counts) keeps its token rows
+    assert list(SignalConfig().counts) == [Modality.IMAGE, Modality.AUDIO, Modality.VIDEO]
+    data = preset_3d.model_dump(mode="json")
+    data["signals"].pop("counts")
+    decoding = PresetConfig.model_validate(data)
+    assert decoding.signals.counts[OBJECT3D] == OBJECT3D.spec.default_signal_count
+    assert list(decoding.signals.counts)[-1] is OBJECT3D  # appended: the listed modalities keep their order
+    data["decoders"].pop("object3d")
+    assert OBJECT3D not in PresetConfig.model_validate(data).signals.counts
+
+
 def test_the_answer_carries_3d_in_its_arrays_parts_and_out_files(preset_3d, tmp_path):
     from fastapi.testclient import TestClient
 

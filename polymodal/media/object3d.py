@@ -218,6 +218,7 @@ OBJECT3D_SPEC = ModalitySpec(
     input_mime_types=(),  # an output only (see the module docstring)
     file_extensions=(".ply", ".glb"),
     option_fields=("num_inference_steps", "guidance_scale"),
+    in_default_signals=False,  # added after the presets were trained: only a preset that lists or decodes it
     codec=Object3DCodec(),
 )
 OBJECT3D = register_modality(OBJECT3D_SPEC)
