@@ -338,6 +338,8 @@ def serve(
              "calling this server's skills and decoders as tools")] = None,
     brain_model: Annotated[Optional[str], typer.Option(help="the model name sent to --brain-url")] = None,
     brain_key_env: Annotated[Optional[str], typer.Option(help="environment variable holding --brain-url's API key")] = None,
+    toy_skills: Annotated[bool, typer.Option("--toy-skills", help="also serve the toy world's locate / count "
+                                             "skills")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the model behind OpenAI-compatible REST endpoints (Ray Serve graph, or one process with --no-ray).
@@ -363,7 +365,7 @@ def serve(
     try:
         serve_main(preset, host=host, port=port, address=address, no_ray=no_ray, api_keys=keys or None,
                    export_dir=str(projectors) if projectors else None, device=device,
-                   request_timeout_s=request_timeout_s, brain=brain)
+                   request_timeout_s=request_timeout_s, brain=brain, toy_skills=toy_skills)
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
 

@@ -46,6 +46,7 @@ def serve_main(
     store_dir: str | None = None,
     request_timeout_s: float | None = None,
     brain: Any = None,
+    toy_skills: bool = False,
     app_args: Any = None,
     stop_event: threading.Event | None = None,
     out=None,
@@ -66,6 +67,7 @@ def serve_main(
         request_timeout_s: per-request timeout.
         brain: an external OpenAI-compatible brain (:class:`services.settings.BrainConfig` or its dict; zero-shot
             skill use, :mod:`services.brain`) that answers chats with the server's skills and decoders as tools.
+        toy_skills: also deploy the toy world's ``locate`` / ``count`` (``skills-toy``, :mod:`skills.toy`).
         app_args: a full :class:`services.app.AppArgs` (dict or model); the arguments above override it.
         stop_event: set it to stop (tests / embedding); signals are only handled in the main thread.
         out: stream for the URL line (default stdout).
@@ -91,6 +93,12 @@ def serve_main(
         from polymodal.modality import Modality
 
         updates["modalities"] = Modality.parse_list(list(modalities))
+    if toy_skills:
+        from services.app import SkillDeploymentArgs
+        from services.skill_host import SKILL_DEPLOYMENTS
+
+        updates["skills"] = {**args.skills, "skills-toy": SkillDeploymentArgs(
+            skills=list(SKILL_DEPLOYMENTS["skills-toy"]), num_cpus=0.05)}
     args = args.model_copy(update=updates)
     # every path first: a wrong one stops here, within seconds, before a cluster starts or anything is deployed
     check_start(args.preset, export_dir=args.export_dir, modalities=args.modalities)
