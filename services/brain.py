@@ -57,13 +57,13 @@ def media_placeholder(part: MediaPart, index: int) -> str:
     """``[image 0: 64x64 px]``, ``[audio 0: 2.0 s]``, ``[video 0: 8 frames, 64x64 px]``: a medium as the brain
     reads it (``index``: its place among the conversation's media of its modality)."""
     m = Modality.parse(part.modality)
-    shape = getattr(part.data, "shape", ())
-    if m is Modality.IMAGE and len(shape) == 3:
-        return f"[image {index}: {shape[1]}x{shape[0]} px]"
-    if m is Modality.AUDIO and part.sample_rate_hz:
-        return f"[audio {index}: {shape[0] / part.sample_rate_hz:.1f} s]" if shape else f"[audio {index}]"
-    if m is Modality.VIDEO and len(shape) == 4:
-        return f"[video {index}: {shape[0]} frames, {shape[2]}x{shape[1]} px]"
+    shape = tuple(getattr(part.data, "shape", ()))
+    if len(shape) == 1 and part.sample_rate_hz:  # a waveform (S,)
+        return f"[{m.value} {index}: {shape[0] / part.sample_rate_hz:.1f} s]"
+    if len(shape) == 4:  # frames (F, H, W, 3)
+        return f"[{m.value} {index}: {shape[0]} frames, {shape[2]}x{shape[1]} px]"
+    if len(shape) == 3:  # a picture (H, W, 3)
+        return f"[{m.value} {index}: {shape[1]}x{shape[0]} px]"
     return f"[{m.value} {index}]"
 
 
