@@ -246,3 +246,46 @@ def test_prompt_manager_renders_media_and_tool_turns():
     assert m[3] == {"role": "tool", "tool_call_id": "c1", "content": '{"skill": "detect"}'}
     assert body["tool_choice"] == {"type": "function", "function": {"name": "detect"}}
     assert body["temperature"] == 0.0 and "max_tokens" not in body
+
+
+def test_serve_takes_a_brain_on_the_command_line(monkeypatch):
+    from typer.testing import CliRunner
+
+    import services.run
+    from polymodal.cli import app
+
+    seen = {}
+    monkeypatch.setattr(services.run, "serve_main", lambda preset, **kw: seen.update(preset=preset, **kw) or 0)
+    r = CliRunner().invoke(app, ["serve", "--preset", "tiny", "--no-ray", "--toy-skills", "--brain-url",
+                                 "http://127.0.0.1:9/v1", "--brain-model", "smol", "--brain-key-env", "KEY"])
+    assert r.exit_code == 0, r.output
+    assert seen["brain"] == {"base_url": "http://127.0.0.1:9/v1", "model": "smol", "api_key_env": "KEY"}
+    assert seen["toy_skills"] is True
+    bad = CliRunner().invoke(app, ["serve", "--brain-url", "http://127.0.0.1:9/v1"])
+    assert bad.exit_code != 0 and "go together" in bad.output
+
+
+def test_the_brains_key_comes_from_the_environment(monkeypatch):
+    import asyncio
+    from types import SimpleNamespace
+
+    from polymodal.types import TextPart, Turn
+    from services.brain import BrainBackend
+    from services.protocol import LLMRequest
+    from services.settings import BrainConfig
+
+    cfg = BrainConfig(base_url="http://brain.test/v1", model="m", api_key_env="POLYMODAL_TEST_BRAIN_KEY")
+    inner = SimpleNamespace(preset=None)
+    monkeypatch.delenv("POLYMODAL_TEST_BRAIN_KEY", raising=False)
+    with pytest.raises(ValueError, match="POLYMODAL_TEST_BRAIN_KEY"):
+        BrainBackend(inner, cfg)
+    monkeypatch.setenv("POLYMODAL_TEST_BRAIN_KEY", "sk-test")
+    got = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        got["auth"], got["url"] = request.headers.get("authorization"), str(request.url)
+        return httpx.Response(200, json=ScriptedBrain.answer("hi"))
+
+    b = BrainBackend(inner, cfg, transport=httpx.MockTransport(handler))
+    r = asyncio.run(b.ask(LLMRequest("r", (Turn("user", (TextPart("hello"),)),))))
+    assert r.text == "hi" and got == {"auth": "Bearer sk-test", "url": "http://brain.test/v1/chat/completions"}
