@@ -50,6 +50,9 @@ def test_the_skill_answers_every_family_request_and_the_check_passes(family):
                        for t, o in zip(tasks, other)])
     assert swapped < 0.6
     assert not skilluse.answer_passes(tasks[0], "I cannot tell.")
+    # a media reference's digits (artifact URL, "image 1") are not an answer
+    assert not skilluse.answer_passes(tasks[0], f"![image {tasks[0].truth if family == 'count' else 1}]"
+                                                "(http://127.0.0.1:8000/v1/artifacts/art_1)")
     c = skilluse.chance(tasks)
     assert (0.2 < c < 0.35) if family == "locate" else (0.25 < c < 0.6)
 

@@ -141,8 +141,13 @@ def box_iou(a, b) -> float:
     return inter / union if union > 0 else 0.0
 
 
+MEDIA_LINK = re.compile(r"!?\[[^\]]*\]\([^)]*\)")
+"""A markdown media reference (``![image 1](URL)``): dropped before an answer is checked (its digits are no answer)."""
+
+
 def answer_passes(task: SkillTask, answer: str) -> bool:
-    """The family's check of a final answer (see the module)."""
+    """The family's check of a final answer (see the module); media references in it are ignored."""
+    answer = MEDIA_LINK.sub(" ", answer)
     if task.family == "locate":
         nums = [n for n in re.findall(r"-?\d+(?:\.\d+)?", answer)]
         if len(nums) < 4:
