@@ -333,11 +333,20 @@ def serve(
         "--request-timeout-s", min=1, max=3600,
         help="a request still running after this is cancelled (504); requests that would not finish in it are "
              "refused up front (503 + Retry-After). Default: 120, as in deploy/*.yaml")] = None,
+    brain_url: Annotated[Optional[str], typer.Option(
+        help="zero-shot skill use: an OpenAI-compatible chat endpoint (e.g. http://localhost:8001/v1) answers chats, "
+             "calling this server's skills and decoders as tools")] = None,
+    brain_model: Annotated[Optional[str], typer.Option(help="the model name sent to --brain-url")] = None,
+    brain_key_env: Annotated[Optional[str], typer.Option(help="environment variable holding --brain-url's API key")] = None,
+    toy_skills: Annotated[bool, typer.Option("--toy-skills", help="also serve the toy world's locate / count "
+                                             "skills")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Serve the model behind OpenAI-compatible REST endpoints (Ray Serve graph, or one process with --no-ray).
 
     Every path given (preset file, --projectors, --cache, the preset's weights) is checked before anything starts.
+    With --brain-url and --brain-model an external chat model answers (services.brain); the preset serves its
+    decoders and skills.
     """
     _setup_logging(verbose)
     _use_cache(cache)
@@ -350,10 +359,13 @@ def serve(
     except ValueError as e:
         _fail(str(e))
     keys = list(api_key or []) + [k for k in os.environ.get("POLYMODAL_API_KEYS", "").split(",") if k]
+    if bool(brain_url) != bool(brain_model):
+        _fail("--brain-url and --brain-model go together")
+    brain = {"base_url": brain_url, "model": brain_model, "api_key_env": brain_key_env} if brain_url else None
     try:
         serve_main(preset, host=host, port=port, address=address, no_ray=no_ray, api_keys=keys or None,
                    export_dir=str(projectors) if projectors else None, device=device,
-                   request_timeout_s=request_timeout_s)
+                   request_timeout_s=request_timeout_s, brain=brain, toy_skills=toy_skills)
     except (ValueError, RuntimeError) as e:
         _fail(str(e))
 

@@ -45,6 +45,8 @@ def serve_main(
     num_cpus: int | None = None,
     store_dir: str | None = None,
     request_timeout_s: float | None = None,
+    brain: Any = None,
+    toy_skills: bool = False,
     app_args: Any = None,
     stop_event: threading.Event | None = None,
     out=None,
@@ -63,6 +65,9 @@ def serve_main(
         num_cpus: CPUs of our own Ray cluster (default: all).
         store_dir: artifact / video-job store folder (default: a temp dir removed on exit).
         request_timeout_s: per-request timeout.
+        brain: an external OpenAI-compatible brain (:class:`services.settings.BrainConfig` or its dict; zero-shot
+            skill use, :mod:`services.brain`) that answers chats with the server's skills and decoders as tools.
+        toy_skills: also deploy the toy world's ``locate`` / ``count`` (``skills-toy``, :mod:`skills.toy`).
         app_args: a full :class:`services.app.AppArgs` (dict or model); the arguments above override it.
         stop_event: set it to stop (tests / embedding); signals are only handled in the main thread.
         out: stream for the URL line (default stdout).
@@ -88,13 +93,23 @@ def serve_main(
         from polymodal.modality import Modality
 
         updates["modalities"] = Modality.parse_list(list(modalities))
+    if toy_skills:
+        from services.app import SkillDeploymentArgs
+        from services.skill_host import SKILL_DEPLOYMENTS
+
+        updates["skills"] = {**args.skills, "skills-toy": SkillDeploymentArgs(
+            skills=list(SKILL_DEPLOYMENTS["skills-toy"]), num_cpus=0.05)}
     args = args.model_copy(update=updates)
     # every path first: a wrong one stops here, within seconds, before a cluster starts or anything is deployed
     check_start(args.preset, export_dir=args.export_dir, modalities=args.modalities)
     own_store = store_dir is None and args.server.store_dir is None
     store = store_dir or args.server.store_dir or tempfile.mkdtemp(prefix="polymodal-store-")
+    if brain is not None:
+        from services.settings import BrainConfig
+
+        brain = BrainConfig.model_validate(brain) if not isinstance(brain, BrainConfig) else brain
     server = _settings(args.server, store_dir=store, request_timeout_s=request_timeout_s,
-                       api_keys=tuple(api_keys) if api_keys else None)
+                       api_keys=tuple(api_keys) if api_keys else None, brain=brain)
     args = args.model_copy(update={"server": server})
     if address is None or no_ray:
         _check_port_free(host, port)

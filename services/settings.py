@@ -90,6 +90,36 @@ class Limits(_Model):
                                 max_parallel_calls=self.max_parallel_tool_calls)
 
 
+class BrainConfig(_Model):
+    """An external "brain" (zero-shot skill use, Visual ChatGPT; issue #25): any OpenAI-compatible chat endpoint
+    that answers chat requests in place of the preset's LLM, calling the server's skills and decoders as OpenAI
+    ``tools`` (:mod:`services.brain`). The shape of the MosIT job's ``llm`` config (``kind: openai``).
+
+    Attributes:
+        kind: ``openai`` (the only kind: ``POST {base_url}/chat/completions``).
+        base_url: e.g. ``http://localhost:8001/v1`` (a user's vLLM, OpenAI, or polymodal serving another preset).
+        model: the ``model`` sent to the brain.
+        api_key_env: environment variable holding the brain's API key (read when the ingress starts; on Ray
+            Serve give the ingress replica that variable), ``None``: no key.
+        skills: the skills a request without ``skills`` enables (``None``: every skill the server runs whose media
+            the answer may contain; ``[]``: none, the request names them). ``generate_image`` / ``_audio`` /
+            ``_video`` are the preset's decoders as tools.
+        system: the prompt manager's instructions (``None``: :data:`services.brain.BRAIN_SYSTEM`).
+        timeout_s: one brain call. max_retries: retries of a call that could not connect or timed out
+            (``backoff_s`` apart); a brain that answers with an error status is not retried.
+    """
+
+    kind: Literal["openai"] = "openai"
+    base_url: str = Field(..., min_length=1)
+    model: str = Field(..., min_length=1)
+    api_key_env: str | None = None
+    skills: tuple[str, ...] | None = None
+    system: str | None = None
+    timeout_s: float = Field(60.0, gt=0, le=3600)
+    max_retries: int = Field(1, ge=0, le=10)
+    backoff_s: float = Field(0.5, ge=0, le=60)
+
+
 class ServerSettings(_Model):
     """Behaviour of the HTTP API.
 
@@ -126,6 +156,8 @@ class ServerSettings(_Model):
             model answers without skills.
         skill_timeout_s: one skill call's time at most (also bounded by what is left of ``request_timeout_s``);
             past it the model reads an error result.
+        brain: an external OpenAI-compatible chat endpoint that answers chat requests with the server's skills and
+            decoders as its tools (:class:`BrainConfig`); ``None``: the preset's own LLM answers.
     """
 
     model_name: str | None = None
@@ -148,6 +180,7 @@ class ServerSettings(_Model):
     input_audio_sample_rate_hz: int = Field(16000, ge=8000, le=48000)
     max_skill_rounds: int = Field(4, ge=1, le=32)
     skill_timeout_s: float = Field(30.0, gt=0, le=3600)
+    brain: BrainConfig | None = None
 
     def effective_api_keys(self) -> tuple[str, ...]:
         if self.api_keys:

@@ -12,6 +12,9 @@ deployment         skills                                      why
                                                                only the modalities the preset decodes)
 ``skills-objects`` ``detect_objects``                          OWL-ViT over transformers: wants a GPU; only
                                                                deployed when ``object_detector_path`` is set
+``skills-toy``     ``locate``, ``count``                       toy-world readers (issue #25), milliseconds;
+                                                               opt-in (``AppArgs.skills``, ``serve
+                                                               --toy-skills``)
 ================== =========================================== ==========================================
 
 :class:`SkillHost` builds the skills of one deployment and runs one call (blocking; the deployment and the
@@ -35,6 +38,7 @@ SKILL_DEPLOYMENTS: dict[str, tuple[str, ...]] = {
     "skills-cpu": ("detect", "segment", "ocr"),
     "skills-generate": ("generate_image", "generate_audio", "generate_video"),
     "skills-objects": ("detect_objects",),
+    "skills-toy": ("locate", "count"),
 }
 """Deployment name -> the skills it hosts (the default placement)."""
 

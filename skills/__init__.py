@@ -18,6 +18,9 @@ detect_objects gpu    OWL-ViT (transformers) by hub id or folder, strict load   
 transcribe     heavy  pocketsphinx 5.1.1 (en-us model in the wheel) or Whisper  transcript, segment/word times
 synthesize_    light  flite / espeak-ng programs, or VITS (transformers);       audio (24 kHz mono speech)
 speech                named voices (OpenAI's names too), sentence by sentence
+locate         light  toy world: connected parts of a scene, palette colour,    boxes of a named shape
+                      shape from fill (:mod:`skills.toy`)
+count          light  toy world: the same reader                                the number of shapes
 ============== ====== ========================================================= =============================
 
 Speech: :mod:`skills.asr` (recognisers, :data:`ASR_BACKENDS`) and :mod:`skills.tts` (voices, :data:`TTS_BACKENDS`,
@@ -50,11 +53,12 @@ from skills.objects import OBJECT_DETECTORS, DetectObjectsParams, DetectObjectsS
 from skills.ocr import OcrParams, OcrSkill
 from skills.segment import SegmentParams, SegmentSkill
 from skills.tts import TTS_BACKENDS, SpeakParams, Synthesizer, SynthesizeSpeechSkill, Voice
+from skills.toy import CountParams, CountSkill, LocateParams, LocateSkill, SceneShape, read_scene
 
 SKILLS: dict[str, type[Skill]] = {
     cls.name: cls
     for cls in (DetectSkill, OcrSkill, SegmentSkill, GenerateImageSkill, GenerateAudioSkill, GenerateVideoSkill,
-                DetectObjectsSkill, TranscribeSkill, SynthesizeSpeechSkill)
+                DetectObjectsSkill, TranscribeSkill, SynthesizeSpeechSkill, LocateSkill, CountSkill)
 }
 
 
@@ -97,6 +101,12 @@ def skill_specs(names: list[str] | None = None) -> list[SkillSpec]:
 __all__ = [
     "ASR_BACKENDS",
     "CASCADES",
+    "CountParams",
+    "CountSkill",
+    "LocateParams",
+    "LocateSkill",
+    "SceneShape",
+    "read_scene",
     "MAX_IMAGE_PIXELS",
     "OBJECT_DETECTORS",
     "SKILLS",

@@ -78,7 +78,7 @@ class SkillResult:
         elapsed_s: wall time of the call.
     """
 
-    ERROR_CODES: ClassVar[tuple[str, ...]] = ("invalid_arguments", "invalid_input", "failed")
+    ERROR_CODES: ClassVar[tuple[str, ...]] = ("invalid_arguments", "invalid_input", "failed", "unknown_skill")
 
     skill: str
     text: str

@@ -117,6 +117,21 @@ def test_skills_quick(tmp_path):
     assert data["skills"]["ocr"]["note"] == "line read back 3/3"
 
 
+def test_skilluse_quick(tmp_path):
+    # the tiny random model through a --no-ray service with the toy skills: the plumbing of the three modes
+    stdout, data = _run("skilluse.py", "--serve", "tiny", "--quick", "--max-tokens", "8", tmp_path=tmp_path,
+                        timeout=900)
+    assert "skill use through the service" in stdout and data["n"] == 4
+    for fam in ("locate", "count"):
+        fr = data["families"][fam]
+        assert set(fr["modes"]) == {"skills", "disabled", "swapped"} and 0 < fr["chance"] < 1
+        for mode in fr["modes"].values():
+            assert mode["n"] == 4 and mode["errors"] == 0 and len(mode["items"]) == 4
+            assert all(0 <= mode[k] <= 1 for k in ("right_skill", "right_args", "answer_ok"))
+    assert set(data["verdicts"]) >= {"locate right_skill >= 0.95", "count swapped <= chance+3sd"}
+    assert ("PASS" in stdout or "FAIL" in stdout)
+
+
 def test_speech_word_error_rate():
     from speech import sentences, word_errors
 

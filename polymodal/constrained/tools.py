@@ -151,8 +151,10 @@ class ToolCallFormat:
         return f"{text.rstrip()}{self.text_call_separator}{blocks}" if text.strip() else blocks
 
     def results_text(self, results: Sequence[ToolResult]) -> str:
-        """Consecutive ``tool`` messages, as one turn of role :attr:`result_role`."""
-        return self.result_separator.join(self.result_open + r.content + self.result_close for r in results)
+        """Consecutive ``tool`` messages, as one turn of role :attr:`result_role` (``{name}`` in
+        :attr:`result_open` / :attr:`result_close` stands for the tool's name)."""
+        return self.result_separator.join(self.result_open.replace("{name}", r.name) + r.content
+                                          + self.result_close.replace("{name}", r.name) for r in results)
 
     # ---------------------------------------------------------------------------------------------
     # answer side
@@ -185,7 +187,64 @@ def vicuna_hermes() -> ToolCallFormat:
     )
 
 
-TOOL_CALL_FORMATS: dict[str, Callable[[], ToolCallFormat]] = {"hermes": hermes, "vicuna-hermes": vicuna_hermes}
+LLAVA_PLUS_THOUGHTS = '"thoughts🤔" '
+LLAVA_PLUS_ACTIONS = '"actions🚀" ['
+LLAVA_PLUS_VALUE = '"value👉"'
+
+
+def llava_plus() -> ToolCallFormat:
+    """LLaVA-Plus's rendering (Liu et al., 2023, arXiv 2311.05437) of its four turns: human (image, question) ->
+    assistant skill_use -> human skill_result -> assistant answer.
+
+    - skill_use: ``"thoughts🤔" <why>`` then ``"actions🚀" [{"API_name": <skill>, "API_params": <arguments>}]`` then
+      ``"value👉"`` (the call block is ``open_tag`` .. ``close_tag``; the thoughts are the turn's free text). Several
+      calls repeat the block on new lines (LLaVA-Plus lists them in one array; its data has one per turn).
+    - skill_result (a user turn): ``<skill> model outputs: <result JSON>`` then ``Please summarize the model outputs
+      and answer my first question.``
+    - answer: ``"thoughts🤔" <reading of the result>`` then ``"value👉" <answer>``. LLaVA-Plus writes an empty
+      ``"actions🚀" []`` there; ours leaves the line out, because ``"actions🚀" [`` is the trigger after which the
+      decode loop's grammar requires a complete call (a skill_use turn ends at its ``"value👉"``: the grammar ends the
+      turn with the call).
+
+    The call block's closing ``]\n"value👉"`` cannot occur inside the arguments (JSON laid out on one line), so a list
+    argument such as a box does not end the block.
+    """
+    return ToolCallFormat(
+        name="llava-plus",
+        open_tag="\n" + LLAVA_PLUS_ACTIONS,
+        close_tag="]\n" + LLAVA_PLUS_VALUE,
+        call_separator="\n",
+        name_key="API_name",
+        arguments_key="API_params",
+        system_template=(
+            "The assistant can use these skills (one JSON per line):\n{tools}\nTo use one it writes "
+            + LLAVA_PLUS_THOUGHTS + "and its reasoning, then on a new line " + LLAVA_PLUS_ACTIONS
+            + '{{"API_name": <skill>, "API_params": <arguments>}}]\n' + LLAVA_PLUS_VALUE
+            + "; the skill's output comes back as <skill> model outputs: <output>. Then it answers with "
+            + LLAVA_PLUS_THOUGHTS + "and its reading of the output, then on a new line " + LLAVA_PLUS_VALUE
+            + " and the answer."
+        ),
+        result_open="{name} model outputs: ",
+        result_close="\n\nPlease summarize the model outputs and answer my first question.",
+        result_separator="\n\n",
+        text_call_separator="",
+    )
+
+
+def llava_plus_answer(thoughts: str, answer: str) -> str:
+    """An answer turn in :func:`llava_plus`'s rendering: ``"thoughts🤔" <thoughts>\n"value👉" <answer>``."""
+    return f"{LLAVA_PLUS_THOUGHTS}{thoughts.strip()}\n{LLAVA_PLUS_VALUE} {answer.strip()}"
+
+
+def llava_plus_value(text: str) -> str:
+    """The answer of a turn in :func:`llava_plus`'s rendering: the text after its last ``"value👉"`` (stripped), or
+    the whole text without one."""
+    at = text.rfind(LLAVA_PLUS_VALUE)
+    return (text[at + len(LLAVA_PLUS_VALUE):] if at >= 0 else text).strip()
+
+
+TOOL_CALL_FORMATS: dict[str, Callable[[], ToolCallFormat]] = {"hermes": hermes, "vicuna-hermes": vicuna_hermes,
+                                                              "llava-plus": llava_plus}
 
 
 def tool_call_format(name: str) -> ToolCallFormat:

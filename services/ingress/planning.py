@@ -249,6 +249,8 @@ class Planner:
             requested = tuple(dict.fromkeys((*requested, m)))
             allowed = tuple(dict.fromkeys((*allowed, m)))
         speech = await plan_speech(self.backend, req)
+        if req.skills is None and self.settings.brain is not None:  # the brain's tools by default (services.brain)
+            req = req.model_copy(update={"skills": self.backend.default_skills(allowed)})
         sp, req = plan_skills(self.backend, req, allowed, self.settings.max_skill_rounds)  # + the skills' tools
         formats = output_format(req, () if sp.forced else requested, self.limits,  # a forced skill call:
                                 self.backend.preset.chat.tool_format)  # the floor applies after it

@@ -35,7 +35,7 @@ from services.ingress.error_map import stage_error
 from services.ingress.audio_formats import encode_chunks
 from services.ingress.payloads import LARGE_PAYLOAD_BYTES
 from services.ingress.planning import ChatPlan, input_images
-from services.ingress.skill_loop import Shift, SkillCall, merge, next_round, result_text, skill_failure
+from services.ingress.skill_loop import Shift, SkillCall, merge, next_round, result_text, skill_failure, unknown_call
 from services.ingress.spoken import SpokenAnswer
 from services.metrics import APIMetrics, StreamLatencies
 from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest, SkillRequest, SpeechAudioChunk
@@ -143,7 +143,9 @@ class Runner:
         if plan.deadline is not None:
             timeout_s = min(timeout_s, plan.deadline - time.monotonic() - SKILL_TIME_MARGIN_S)
         req = SkillRequest(plan.request_id, call.name, call.arguments_json, media)
-        if timeout_s <= 0:
+        if call.name not in plan.skills.names:
+            out = unknown_call(call, plan.skills)
+        elif timeout_s <= 0:
             out = skill_failure(call.name, "no time was left in this request to run the skill")
         else:
             try:
@@ -222,7 +224,7 @@ class Runner:
                     if item.text:
                         queue.put_nowait(("text", item.text))
                 elif isinstance(item, ToolCall):
-                    if item.name not in plan.skills.names:
+                    if not plan.skills.runs(item.name):
                         queue.put_nowait(("tool_call", item))
                 elif isinstance(item, SignalGroup):
                     take_group(shift.group(item))
@@ -246,8 +248,8 @@ class Runner:
                     results.append(shift.result(result))
                     shift.text_offset += len(result.text)
                     shift.index_base = max([g.index + 1 for g in groups] + [shift.index_base])
-                    mine = [c for c in result.tool_calls if c.name in plan.skills.names]
-                    theirs = [c for c in result.tool_calls if c.name not in plan.skills.names]
+                    mine = [c for c in result.tool_calls if plan.skills.runs(c.name)]
+                    theirs = [c for c in result.tool_calls if not plan.skills.runs(c.name)]
                     if not mine or rounds >= plan.skills.max_rounds:  # (a stage that ignores its tools: no more)
                         break
                     calls = await asyncio.gather(*(self._run_skill(plan, c, rounds, shift) for c in mine))
@@ -263,7 +265,7 @@ class Runner:
                                  for c in calls)
                     llm = next_round(plan.llm, plan.skills.names, tuple(turns), plan.requested,
                                      offer_skills=rounds < plan.skills.max_rounds)
-                queue.put_nowait(("llm", merge(results, plan.llm.logprobs is not None, plan.skills.names)))
+                queue.put_nowait(("llm", merge(results, plan.llm.logprobs is not None, plan.skills)))
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - re-raised by the consumer

@@ -36,6 +36,10 @@ class IngressService:
     """
 
     def __init__(self, backend: Backend, settings: ServerSettings, store: FileStore):
+        if settings.brain is not None:  # zero-shot skill use: the brain answers, the server's stages serve it
+            from services.brain import BrainBackend
+
+            backend = BrainBackend(backend, settings.brain)
         self.backend = backend
         self.settings = settings
         self.limits = settings.limits

@@ -38,12 +38,19 @@ class SkillPlan:
         tools: their tools (each skill's JSON schema as the function's parameters), added after the client's.
         max_rounds: rounds that offer the skills (the request's ``max_skill_rounds`` within the server's).
         forced: ``tool_choice`` forces a skill call in the first round (named, or ``required``).
+        client_tools: the names of the client's own ``tools`` (their calls go back to the client).
     """
 
     names: tuple[str, ...] = ()
     tools: tuple[Tool, ...] = ()
     max_rounds: int = 0
     forced: bool = False
+    client_tools: tuple[str, ...] = ()
+
+    def runs(self, name: str) -> bool:
+        """Whether the loop runs a call of ``name``: every call but the client's tools' once skills are enabled (a
+        name that is neither, which only an unconstrained brain writes, gets an ``unknown_skill`` error result)."""
+        return bool(self.names) and name not in self.client_tools
 
 
 def plan_skills(backend: Backend, req: ChatCompletionRequest, allowed: tuple[Modality, ...],
@@ -88,7 +95,9 @@ def plan_skills(backend: Backend, req: ChatCompletionRequest, allowed: tuple[Mod
     rounds = min(req.max_skill_rounds or server_max_rounds, server_max_rounds)
     tools = tuple(Tool(n, specs[n].parameters, specs[n].description) for n in names)
     with_skills = req.model_copy(update={"tools": [*(req.tools or ()), *(t.openai_dict() for t in tools)]})
-    return SkillPlan(tuple(names), tools, rounds, forced), with_skills
+    theirs = tuple(t["function"]["name"] for t in req.tools or () if isinstance(t, dict)
+                   and isinstance(t.get("function"), dict) and isinstance(t["function"].get("name"), str))
+    return SkillPlan(tuple(names), tools, rounds, forced, theirs), with_skills
 
 
 def next_round(llm: LLMRequest, skills: tuple[str, ...], turns: tuple[Turn, ...], requested: tuple[Modality, ...],
@@ -168,11 +177,17 @@ class Shift:
         return dataclasses.replace(r, boxes=boxes)
 
 
-def merge(results: list[LLMResult], logprobs: bool, skills: tuple[str, ...]) -> LLMResult:
+def unknown_call(call: ToolCall, plan: SkillPlan) -> SkillOutput:
+    """The error result of a call that names no enabled skill and no client tool (an unconstrained brain's)."""
+    return skill_failure(call.name, f"unknown tool {call.name!r}; the tools are: "
+                                    f"{', '.join((*plan.names, *plan.client_tools))}", "unknown_skill")
+
+
+def merge(results: list[LLMResult], logprobs: bool, plan: SkillPlan) -> LLMResult:
     """The rounds' results as one: texts joined, tokens summed, the last round's finish reason and its calls of
     client tools (the skills' calls are the loop's: ``message.skill_calls``)."""
     last = results[-1]
-    theirs = tuple(c for c in last.tool_calls if c.name not in skills)
+    theirs = tuple(c for c in last.tool_calls if not plan.runs(c.name))
     finish = last.finish_reason if theirs or last.finish_reason != "tool_calls" else "stop"
     if len(results) == 1:
         return dataclasses.replace(last, tool_calls=theirs, finish_reason=finish)
