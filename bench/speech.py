@@ -123,10 +123,11 @@ def intelligibility(voices: list[str], texts: list[str], ablation: bool, on_voic
     return out
 
 
-def _serve(port: int, preset: str = "tiny") -> subprocess.Popen:
+def _serve(port: int, preset: str = "tiny", request_timeout_s: float | None = None) -> subprocess.Popen:
     exe = Path(sys.executable).with_name("polymodal")
     cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "polymodal.cli"]),
-           "serve", "--preset", preset, "--no-ray", "--port", str(port)]
+           "serve", "--preset", preset, "--no-ray", "--port", str(port),
+           *([] if request_timeout_s is None else ["--request-timeout-s", str(request_timeout_s)])]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=C.ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -314,7 +315,9 @@ async def _chat_stream(client, base: str, question: str, seed: int) -> dict:
     first_text = first_audio = last_audio = None
     text, chunks = "", []
     async with client.stream("POST", f"{base}/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
+        if r.status_code != 200:  # counted, not fatal
+            return {"first_text_s": None, "first_audio_s": None, "last_audio_s": None, "chunks": 0, "ok": False,
+                    "samples": 0, "total_s": time.perf_counter() - t0, "error": f"HTTP {r.status_code}"}
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -334,7 +337,7 @@ async def _chat_stream(client, base: str, question: str, seed: int) -> dict:
     joined = "".join(c["transcript"] for c in chunks) == " ".join(split_sentences(text))
     return {"first_text_s": first_text, "first_audio_s": first_audio, "last_audio_s": last_audio,
             "total_s": time.perf_counter() - t0, "chunks": len(chunks), "ok": ordered and joined and bool(chunks),
-            "samples": sum(len(base64.b64decode(c["data"])) // 2 for c in chunks)}
+            "samples": sum(len(base64.b64decode(c["data"])) // 2 for c in chunks), "error": None}
 
 
 async def chat_streaming(client, base: str, levels: list[int], runs: int) -> dict:
@@ -353,9 +356,10 @@ async def chat_streaming(client, base: str, levels: list[int], runs: int) -> dic
         spoke = [g for g in got if g["first_audio_s"] is not None]
         out[f"{level} streams"] = {
             "requests": len(got), "with_audio": len(spoke), "chunks_ok": sum(g["ok"] for g in got),
-            "first_text": C.stats_s([g["first_text_s"] for g in got if g["first_text_s"] is not None]),
-            "first_audio": C.stats_s([g["first_audio_s"] for g in spoke]),
-            "last_audio": C.stats_s([g["last_audio_s"] for g in spoke]),
+            "errors": [g["error"] for g in got if g["error"]],
+            "first_text": C.stats_s([g["first_text_s"] for g in got if g["first_text_s"] is not None] or [float("nan")]),
+            "first_audio": C.stats_s([g["first_audio_s"] for g in spoke] or [float("nan")]),
+            "last_audio": C.stats_s([g["last_audio_s"] for g in spoke] or [float("nan")]),
             "chunks_mean": sum(g["chunks"] for g in got) / max(1, len(got)),
             "audio_s_mean": sum(g["samples"] for g in got) / 24000 / max(1, len(got))}
         o = out[f"{level} streams"]
@@ -369,12 +373,12 @@ async def chat_streaming(client, base: str, levels: list[int], runs: int) -> dic
 
 
 async def toy_server_parts(parts: set[str], n: int, modalities: list[str], concurrency: int, levels: list[int],
-                           runs: int) -> dict:
+                           runs: int, on_part=None) -> dict:
     import httpx
 
     port = C.free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = _serve(port, "toy")
+    proc = _serve(port, "toy", request_timeout_s=900)  # a loaded box: no 503 / 504 from admission
     out = {}
     try:
         t0 = time.perf_counter()
@@ -385,6 +389,8 @@ async def toy_server_parts(parts: set[str], n: int, modalities: list[str], concu
                 t0 = time.perf_counter()
                 out["spoken_requests"] = await spoken_requests(client, base, n, modalities, concurrency)
                 out["spoken_requests"]["wall_s"] = time.perf_counter() - t0
+                if on_part is not None:
+                    on_part(out)
             if "c-chat" in parts:
                 out["chat_streaming"] = await chat_streaming(client, base, levels, runs)
         return out
@@ -434,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
         levels = [int(x) for x in args.chat_streams.split(",") if x]
         results.update(asyncio.run(toy_server_parts(
             parts, 6 if args.quick else args.n_spoken, [m for m in args.spoken_modalities.split(",") if m],
-            args.concurrency, [1, 2] if args.quick else levels, 2 if args.quick else args.chat_runs)))
+            args.concurrency, [1, 2] if args.quick else levels, 2 if args.quick else args.chat_runs,
+            on_part=lambda part: C.finish({**results, **part, "partial": True}, args.out) if args.out else None)))
     C.finish(results, args.out)
     return 0
 
