@@ -406,9 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100, help="sentences per voice for (a) (--quick: 5)")
     p.add_argument("--voices", default=",".join(DEFAULT_VOICES), help="comma-separated voice names for (a)")
-    p.add_argument("--parts", default="a,b,c,c-chat",
+    p.add_argument("--parts", default="a,c",
                    help="which parts to run: a (intelligibility), b (spoken toy requests), c (speech streams), "
-                        "c-chat (streamed spoken chat answers)")
+                        "c-chat (streamed spoken chat answers); b and c-chat serve the toy preset (minutes to start)")
     p.add_argument("--n-spoken", type=int, default=60, help="held-out requests per modality for (b) (--quick: 6)")
     p.add_argument("--spoken-modalities", default="image,audio,video", help="modalities of (b)")
     p.add_argument("--concurrency", type=int, default=4, help="chat requests at once in (b)")
