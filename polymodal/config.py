@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from polymodal.grounding.config import GroundingConfig
 from polymodal.modality import Modality
@@ -215,6 +215,26 @@ class PresetConfig(_Model):
         None, description="an export of trained parts (polymodal.export) this preset always loads; an export "
         "given at load time (--projectors) replaces it"
     )
+    spoken_transcript: str | None = Field(
+        None, description="spoken input (an audio part of a user message, e.g. OpenAI's input_audio) is "
+        "transcribed by the speech stage and the text `spoken_transcript.format(transcript=...)` goes to the LLM "
+        "right after the audio's tokens (or, without an audio encoder, in their place); e.g. '[spoken] "
+        "{transcript}'. It changes the prompt the model was trained on, so it is opt-in per preset. None: spoken "
+        "input reaches the LLM only through the audio encoder and is not transcribed"
+    )
+
+    @field_validator("spoken_transcript")
+    @classmethod
+    def _one_transcript_field(cls, v: str | None) -> str | None:
+        """The format names ``{transcript}`` and no other field."""
+        if v is None:
+            return v
+        import string
+
+        fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        if fields != ["transcript"]:
+            raise ValueError(f"spoken_transcript must name {{transcript}} once and no other field, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _count_every_decoded_modality(self) -> "PresetConfig":

@@ -46,6 +46,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets" / "toy"
 SIGNAL_COUNTS = {IMAGE: 4, AUDIO: 4, VIDEO: 8}
 # ROOT/decoders/MANIFEST: one entry per trained toy decoder (path, conditioning shape, generation defaults)
 MANIFEST = "toyworld-decoders.json"
+TOY_SPOKEN_TRANSCRIPT = "{transcript}"
+"""The toy preset's :attr:`~polymodal.config.PresetConfig.spoken_transcript`: the transcript as plain user text."""
 
 
 def toy_root() -> Path:
@@ -165,6 +167,10 @@ def toy_preset(root: str | Path | None = None, *, aligned: bool = True) -> Prese
         },
         decoders=decoders,
         export_dir=str(export.resolve()) if aligned and (export / "export.json").is_file() else None,
+        # spoken input (issue #26): the transcript as the user's own text, unmarked, after the audio's tokens: the
+        # instruct stage trained on typed requests, and a typed-looking transcript needs no retraining
+        # (bench/speech.py (b): spoken held-out requests score near the typed ones)
+        spoken_transcript=TOY_SPOKEN_TRANSCRIPT,
     )
 
 

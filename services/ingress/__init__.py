@@ -108,6 +108,9 @@ The per-modality names come from each modality's registered spec (``label``, ``a
   "index" (among the answer's media), "text_offset" (where it belongs in the answer's text)[, "duration_s"]}``
   (``audio_url``, ``video_url`` alike).
 - ``message.boxes`` (grounding models). Medium k of an answer is rendered with seed ``seed + k``.
+- ``message.input_transcripts`` (a preset with ``spoken_transcript``; see :mod:`~services.ingress.spoken_input`):
+  what each audio part of the user's messages said, ``[{message_index, content_index, text, duration_s,
+  sent_to_llm}]``; the first streamed chunk carries it too (``delta.input_transcripts``).
 
 Streaming (``stream: true``) is Server-Sent Events of ``chat.completion.chunk`` objects:
 

@@ -31,6 +31,7 @@ from services.ingress.formats import history_tool_calls, output_format, tool_tur
 from services.ingress.history import AssistantTurn
 from services.ingress.media_input import MediaReader
 from services.ingress.spoken import SpeechPlan, plan_speech
+from services.ingress.spoken_input import InputTranscript, SpokenInput
 from services.ingress.skill_loop import SkillPlan, plan_skills
 from services.protocol import Backend, LLMRequest
 from services.schemas import ChatCompletionRequest, TextContent
@@ -79,6 +80,7 @@ class ChatPlan:
     edit_source: EditSource | None = None  # edits: the groups of its modality render from it (issue #27)
     speech: SpeechPlan | None = None  # the answer spoken (``audio.voice``), or not
     skills: SkillPlan = SkillPlan()  # server-side skills enabled (issue #23: the loop, services.ingress.skill_loop)
+    input_transcripts: tuple[InputTranscript, ...] = ()  # what was heard in the spoken input (spoken_input)
 
 
 class Planner:
@@ -159,8 +161,10 @@ class Planner:
         return {"width_px": w, "height_px": h}
 
     # ---- turns -----------------------------------------------------------------------------------
-    async def build_turns(self, req: ChatCompletionRequest) -> tuple[list[Turn], str | None]:
-        """Messages -> turns (media decoded) and the system prompt (system/developer messages joined).
+    async def build_turns(self, req: ChatCompletionRequest,
+                          spoken: SpokenInput | None = None) -> tuple[list[Turn], str | None]:
+        """Messages -> turns (media decoded) and the system prompt (system/developer messages joined); each
+        user medium is handed to ``spoken`` as soon as it is decoded (its transcription starts).
 
         Raises:
             APIError: 400 (bad conversation or medium), 413 (medium too large).
@@ -210,6 +214,8 @@ class Planner:
                         raise bad_request(f"at most {self.limits.max_media_inputs} media inputs per request",
                                           param=pp, code="too_many_media")
                     parts.append(await self.media.read_part(c, pp))
+                    if spoken is not None:
+                        spoken.heard(parts[-1], i, j)
             if not parts and not calls:
                 article = "an" if msg.role == "assistant" else "a"
                 raise bad_request(f"{p}.content: {article} {msg.role} message needs content", param=f"{p}.content")
@@ -268,11 +274,17 @@ class Planner:
             overrides = {k: v for k, v in overrides.items() if k not in ("voice", "format")}  # not decoder options
             options[m] = self.decoder_options(m, overrides, f"{m.value}.")
         self.check_grounding(req)
-        turns, system = await self.build_turns(req)
-        if req.box_overlay and not input_images(turns):
-            raise bad_request("box_overlay: the messages hold no image to draw the boxes on", param="box_overlay",
-                              code="invalid_value")
-        edit_source = None if edit is None else await edit_source_of(self.media, edit, turns, options[edit.modality])
+        spoken = SpokenInput(self.backend, request_id)  # spoken input: transcribed while the rest is planned
+        try:
+            turns, system = await self.build_turns(req, spoken)
+            if req.box_overlay and not input_images(turns):
+                raise bad_request("box_overlay: the messages hold no image to draw the boxes on",
+                                  param="box_overlay", code="invalid_value")
+            edit_source = None if edit is None else await edit_source_of(self.media, edit, turns,
+                                                                         options[edit.modality])
+            turns, heard = await spoken.apply(turns)
+        finally:
+            await spoken.aclose()
         base_seed = self.seed(req.seed)
         return ChatPlan(
             request_id=request_id,
@@ -288,7 +300,7 @@ class Planner:
             json_content=formats.get("response_format") is not None,
             deadline=time.monotonic() + self.settings.request_timeout_s,
             edit_source=edit_source, skills=sp,
-            speech=speech,
+            speech=speech, input_transcripts=heard,
         )
 
     # ---- output formats (issue #22) ----------------------------------------------------------------

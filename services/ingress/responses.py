@@ -44,6 +44,7 @@ from services.ingress.planning import ChatPlan
 from services.ingress.audio_formats import encode_chunks
 from services.ingress.running import ChatOutcome, Reserved, SpokenAudio, Stored
 from services.ingress.skill_loop import SkillCall
+from services.ingress.spoken_input import transcripts_json
 from services.metrics import APIMetrics
 from services.protocol import SpeechAudioChunk
 from services.settings import ServerSettings
@@ -237,6 +238,8 @@ class Responses:
             slot = s.medium.modality.spec.message_slot
             if slot is not None and slot not in message:
                 message[slot] = self.audio_message(s, text, splicer)
+        if plan.input_transcripts:  # what the spoken input said (services.ingress.spoken_input)
+            message["input_transcripts"] = transcripts_json(plan.input_transcripts)
         message["parts"] = interleave(text, placed, media_parts, text_part=lambda t: {"type": "text", "text": t})
         if self.preset.grounding is not None or plan.skills.names:
             message["boxes"] = self.boxes_json(r) + self.skill_boxes_json(out.skill_calls)
@@ -351,8 +354,10 @@ class StreamChunks:
         return frames
 
     def opening(self) -> bytes:
-        """``delta: {"role": "assistant", "content": ""}``."""
-        return self.r.chunk(self.plan, self.created, {"role": "assistant", "content": ""})
+        """``delta: {"role": "assistant", "content": ""}`` (and ``input_transcripts`` of spoken input)."""
+        heard = self.plan.input_transcripts
+        heard = {"input_transcripts": transcripts_json(heard)} if heard else {}
+        return self.r.chunk(self.plan, self.created, {"role": "assistant", "content": "", **heard})
 
     def text(self, value: str) -> list[bytes]:
         self._text.append(value)
