@@ -204,6 +204,9 @@ BRANCH_ALLOWED = {
                           "as their input; this picks the image_index-th image of what the call was given"),
     "skills/asr.py": (1, "transcribe hears sounds: like input_image(), it picks the audio_index-th audio part of "
                          "what the call was given (speech recognition is about waveforms, not any medium)"),
+    "services/ingress/spoken_input.py": (1, "is_speech(): spoken input in chat (issue #26) transcribes the audio "
+                                            "parts of a user's message; media_input and the transcript ask this one "
+                                            "function"),
 }
 
 

@@ -21,7 +21,7 @@ from polymodal.types import MediaPart
 
 from services.errors import APIError, bad_request
 from services.ingress.media_refs import artifact_id_of
-from services.ingress.spoken_input import reads_audio_as_text
+from services.ingress.spoken_input import is_speech, reads_audio_as_text
 from services.metrics import APIMetrics
 from services.protocol import Backend
 from services.schemas import AudioContent, AudioURLContent, ImageContent, VideoContent
@@ -152,7 +152,7 @@ class MediaReader:
 
     async def decode(self, modality: Modality, data: bytes, mime: str | None, param: str) -> MediaPart:
         if modality not in self.backend.input_modalities and not (
-                modality is Modality.AUDIO and reads_audio_as_text(self.backend.preset, self.backend.input_modalities)):
+                is_speech(modality) and reads_audio_as_text(self.backend.preset, self.backend.input_modalities)):
             accepted = ", ".join(m.value for m in self.backend.input_modalities) or "none"
             raise bad_request(f"{param}: this model does not read {modality.value} input (it reads: {accepted})",
                               param=param, code="unsupported_modality")

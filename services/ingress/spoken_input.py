@@ -40,10 +40,15 @@ def transcribes_speech(preset: PresetConfig) -> bool:
     return preset.spoken_transcript is not None
 
 
+def is_speech(modality: Modality) -> bool:
+    """Speech recognition hears waveforms: the one modality whose parts are transcribed (the audio one)."""
+    return modality is Modality.AUDIO
+
+
 def reads_audio_as_text(preset: PresetConfig, input_modalities: tuple[Modality, ...]) -> bool:
     """The transcript-only path: the preset opts in but reads no audio, so audio input is accepted for its
     transcript alone."""
-    return transcribes_speech(preset) and Modality.AUDIO not in input_modalities
+    return transcribes_speech(preset) and not any(is_speech(m) for m in input_modalities)
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class SpokenInput:
 
     def heard(self, part: MediaPart, message_index: int, content_index: int) -> None:
         """A user message's medium, decoded: an audio part starts its transcription (nothing else does)."""
-        if self.format is None or part.modality is not Modality.AUDIO:
+        if self.format is None or not is_speech(part.modality):
             return
         request = TranscriptionRequest(f"{self.request_id}-{message_index}-{content_index}", part.data,
                                        int(part.sample_rate_hz or 16000))
@@ -118,7 +123,7 @@ class SpokenInput:
             parts: list[TextPart | MediaPart] = []
             for part in turn.parts:
                 t = heard.get(id(part)) if isinstance(part, MediaPart) else None
-                audio = isinstance(part, MediaPart) and part.modality is Modality.AUDIO
+                audio = isinstance(part, MediaPart) and is_speech(part.modality)
                 if not (audio and self.in_place):  # transcript-only: no audio tokens (the model has no encoder)
                     parts.append(part)
                 if t is None:
