@@ -15,7 +15,7 @@ from training.toyworld.build import BUILD_MANIFEST, BuildSettings, build
 pytest.importorskip("gguf")
 
 QUICK = BuildSettings(canonical_count=48, random_count=48, mosit_dialogues=12, decode_requests=24,
-                      instruct_requests=6, grounding_batch_size=4, step_scale=0.002)
+                      instruct_requests=6, plain_bank=4, plain_dialogues=6, grounding_batch_size=4, step_scale=0.002)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,15 @@ def test_build_writes_every_part_and_a_loadable_preset(quick_build):
     assert sum(p.stat().st_size for p in (export / "lora").rglob("*")) < 5 * 2**20
     for stage in ("encode", "decode", "instruct"):
         assert manifest["figures"][stage]["steps"] >= 1
+    # plain questions answered in words join the instruct data (the base model's answers; none held out)
+    from training.toyworld.phrasings import assert_disjoint, plain_questions
+
+    plain = json.loads((out / "work" / "plain-dialogues.json").read_text())
+    assert len(plain) == QUICK.plain_dialogues
+    assert all(len(r["conversations"]) == 2 and r["conversations"][1]["value"] for r in plain)
+    assert not any(k.endswith("_captions") for r in plain for k in r)
+    assert_disjoint(plain_questions(200), {r["conversations"][0]["value"] for r in plain})
+    assert manifest["figures"]["instruct"]["num_examples"] >= 3 * QUICK.instruct_requests + QUICK.plain_dialogues
 
     preset = toy_preset(out)
     assert preset.export_dir == str(export.resolve())
@@ -93,6 +102,20 @@ def test_rebuild_is_served_from_the_caches(quick_build):
     assert second["build_s"] < first["build_s"]
     assert {p: p.stat().st_mtime_ns for p in (out / "work").rglob(".build-key")} == stamps  # nothing redone
     assert (out / "decoders" / "toyworld-decoders.json").read_text() == decoders
+
+
+def test_build_reuses_trained_parts_from_another_build(quick_build, tmp_path):
+    """--parts-from: the decoders and encoder are copied, not trained; with the same work folder every stage is
+    served from its cache (their keys hold the parts' config hashes, not the folder)."""
+    out, first = quick_build
+    second = build(tmp_path / "copy", QUICK, progress=False, work=out / "work", parts_from=out)
+    for part in ("decoders", "encoders"):
+        assert (tmp_path / "copy" / part / f"toyworld-{part}.json").read_text() == (
+            out / part / f"toyworld-{part}.json").read_text()
+    assert second["figures"]["instruct"] == first["figures"]["instruct"]
+    assert second["figures"]["decoders"] == first["figures"]["decoders"]
+    with pytest.raises(FileNotFoundError, match="--parts-from"):
+        build(tmp_path / "other", QUICK, progress=False, parts_from=tmp_path / "nothing")
 
 
 def test_build_refuses_a_device_it_cannot_use(tmp_path):

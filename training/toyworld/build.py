@@ -12,7 +12,8 @@ Steps (each skipped when its inputs and settings are unchanged; one torch thread
 4. Alignment of ``smol`` with the three NExT-GPT stages (:mod:`training.align`), each starting from the
    previous stage's export: ``encode`` (input projectors on toy images and captions), ``decode`` (output
    projectors on training-bank requests, LLM frozen, states cached, groups open the answer), ``instruct``
-   (LoRA + both projectors + signal rows on the MosIT dialogues and requests with lead-ins) -> ``OUT/export``.
+   (LoRA + both projectors + signal rows on the MosIT dialogues, requests with lead-ins and plain questions
+   answered in words: :mod:`training.toyworld.plain`, the base model's own answers, cached) -> ``OUT/export``.
 5. With ``grounding``: the ``toy-grounding`` preset's instruct stage (:func:`polymodal.presets.toy.
    toy_grounding_preset`: patch-token image inputs, location tokens), from the decode stage's export, on
    RefCOCO-style rows of every random-layout image ("where is the red circle?" -> its box,
@@ -54,6 +55,12 @@ class BuildSettings:
     mosit_dialogues: int = 600
     decode_requests: int = 1152  # per modality (training bank)
     instruct_requests: int = 192  # per modality, with lead-ins, besides the MosIT dialogues
+    # plain-question dialogues (training.toyworld.plain: the training bank of plain questions, the base model's own
+    # answers) in the instruct data besides the MosIT dialogues and requests: the mix ratio (0: none; more than the
+    # bank's answered questions cycles through them)
+    plain_dialogues: int = 0
+    plain_max_new_tokens: int = 96  # the base model's answers: longer ones are cut to whole sentences
+    plain_bank: int | None = None  # answer only the first this many questions of the bank (tests); None: all
     encode_steps: int = 300
     decode_steps: int = 6000  # cheap: the LLM states are cached (1500 steps ~ 36 s)
     instruct_steps: int = 300
@@ -172,8 +179,36 @@ def _size_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 3)
 
 
+def _reuse_parts(parts_from: Path, out: Path, log) -> tuple[dict, dict]:
+    """Copy the trained ``decoders/`` and ``encoders/`` of the build folder ``parts_from`` into ``out`` (unless they
+    are the same folders) -> their manifests (decoders, encoders), used as they are: their config hashes are not
+    checked against this build's data (file bytes of WAV / MP4 change with the codecs; what the parts learned does
+    not).
+
+    Raises:
+        FileNotFoundError: ``parts_from`` lacks a part's manifest (names it).
+    """
+    from polymodal.presets.toy import MANIFEST as DECODERS_MANIFEST
+    from training.toyworld.encoder import MANIFEST as ENCODERS_MANIFEST
+
+    manifests = []
+    for name, manifest in (("decoders", DECODERS_MANIFEST), ("encoders", ENCODERS_MANIFEST)):
+        src, dst = parts_from / name, out / name
+        if not (src / manifest).is_file():
+            raise FileNotFoundError(f"{src / manifest} not found: --parts-from needs a toy build folder with trained "
+                                    f"decoders/ and encoders/ (e.g. polymodal/assets/toy)")
+        if src.resolve() != dst.resolve():
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(src, dst)
+        log(f"{name}: reused from {src}")
+        manifests.append(json.loads((dst / manifest).read_text()))
+    return manifests[0], manifests[1]
+
+
 def build(out: str | Path, settings: BuildSettings | None = None, *, progress: bool = True,
-          work: str | Path | None = None, grounding: bool = False, device: str | None = None) -> dict:
+          work: str | Path | None = None, grounding: bool = False, device: str | None = None,
+          parts_from: str | Path | None = None) -> dict:
     """Build (or bring up to date) the toy world into ``out``; returns the build manifest.
 
     ``work``: intermediate files (default ``OUT/work``; not needed by the preset, safe to delete).
@@ -184,7 +219,7 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
 
     Raises:
         ValueError: ``device`` is neither ``cpu`` nor an available ``cuda`` device; bad settings (from the steps).
-        FileNotFoundError: from the steps (missing files).
+        FileNotFoundError: from the steps (missing files); ``parts_from`` without decoders or encoders.
     """
     import torch
 
@@ -192,6 +227,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     from training.toyworld.align import write_requests
     from training.toyworld.encoder import train_encoders
     from training.toyworld.grounding import write_grounding_rows
+    from training.toyworld.phrasings import plain_training_questions
+    from training.toyworld.plain import distill_answers, write_dialogues
     from training.toyworld.train import train_decoders
 
     s = settings or BuildSettings()
@@ -210,10 +247,13 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     random_images = _data(work / "data-random", count=s.random_count, seed=s.seed + 1, modalities=[IMAGE],
                           size_px=64, layout="random", progress=progress).parent
 
-    log("toy decoders")
-    decoders = train_decoders(canonical, out / "decoders", step_scale=s.step_scale, progress=progress)
-    log("toy image encoder")
-    encoders = train_encoders(random_images, out / "encoders", step_scale=s.step_scale, progress=progress)
+    if parts_from is not None:
+        decoders, encoders = _reuse_parts(Path(parts_from), out, log)
+    else:
+        log("toy decoders")
+        decoders = train_decoders(canonical, out / "decoders", step_scale=s.step_scale, progress=progress)
+        log("toy image encoder")
+        encoders = train_encoders(random_images, out / "encoders", step_scale=s.step_scale, progress=progress)
 
     log("MosIT dialogues from the toy catalog")
     mosit = _mosit(work, canonical, s, progress)
@@ -241,6 +281,14 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
                     lora_targets=list(s.lora_targets), mse_weight=s.instruct_mse_weight,
                     signal_ce=s.instruct_signal_ce, **common)  # the instruct stage's fields (toy and toy-grounding)
 
+    plain_data = []
+    if s.plain_dialogues:
+        log("plain questions: the base model's answers (cached)")
+        rows = distill_answers(plain_training_questions(s.seed)[:s.plain_bank], work / "plain-answers",
+                               max_new_tokens=s.plain_max_new_tokens, progress=progress)
+        plain_data = [{"path": str(write_dialogues(work / "plain-dialogues.json", rows, s.plain_dialogues)),
+                       "format": "t2x"}]
+
     log("alignment 1/3: encoding side")
     enc_export, enc_fig = _stage(
         "encode", work, preset_yaml, [{"path": str(random_images / "catalog.jsonl"), "format": "jsonl"}], None,
@@ -254,8 +302,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     log("alignment 3/3: instruction tuning (LoRA)")
     ins_export, ins_fig = _stage(
         "instruct", work, preset_yaml,
-        [{"path": str(mosit), "format": "mosit"}, {"path": str(instruct_data), "format": "t2x"}], dec_export,
-        parts_key, progress, max_steps=s.steps(s.instruct_steps), **instruct)
+        [{"path": str(mosit), "format": "mosit"}, {"path": str(instruct_data), "format": "t2x"}, *plain_data],
+        dec_export, parts_key, progress, max_steps=s.steps(s.instruct_steps), **instruct)
 
     exports = {"export": ins_export}
     figures = {"encode": enc_fig, "decode": dec_fig, "instruct": ins_fig}

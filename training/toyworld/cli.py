@@ -103,6 +103,9 @@ def build(
         "serve it with POLYMODAL_TOY_DIR=OUT polymodal serve --preset toy-grounding)")] = False,
     device: Annotated[str, typer.Option(help="where the alignment stages train: cpu (the shipped build) or cuda "
                                         "(float32; cached apart from CPU results)")] = "cpu",
+    parts_from: Annotated[Optional[Path], typer.Option(
+        "--parts-from", help="a toy build folder (e.g. polymodal/assets/toy) whose trained decoders/ and encoders/ "
+        "are copied into OUT and used as they are, instead of training them")] = None,
 ) -> None:
     """Build the whole toy world: data, toy decoders and encoder, MosIT dialogues, the three alignment stages.
 
@@ -116,7 +119,7 @@ def build(
 
     try:
         manifest = run(out, BuildSettings(step_scale=step_scale), work=work, progress=True, grounding=grounding,
-                       device=device)
+                       device=device, parts_from=parts_from)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")
