@@ -243,8 +243,40 @@ def chat_body(model: str, *, seed: int, modalities: Sequence[str] = ("image",), 
             "seed": seed, "max_tokens": max_tokens}
 
 
+# ---- reading answers (the shape of services/ingress/__init__.py: "The answer's shape") ----------------------
+ANSWER_FIELD = {"image": "images", "audio": "audios", "video": "videos"}
+"""The message array that holds each modality's media (``[{"type": "image_url", "image_url": {"url"}}]``)."""
+
+
+def as_dict(message: Any) -> dict[str, Any]:
+    """A chat answer's ``message`` as a dict: the JSON body's dict, or the OpenAI client's object (its extra fields
+    such as ``images``, ``parts`` and ``boxes`` kept: ``model_dump`` includes them)."""
+    if isinstance(message, dict):
+        return message
+    if hasattr(message, "model_dump"):
+        return message.model_dump(warnings=False)
+    raise TypeError(f"not a chat message: {type(message).__name__}")
+
+
+def answer_text(message: Any) -> str:
+    """The answer's words: the text parts of ``message.parts`` joined by spaces (``content`` without its media
+    references), or ``content`` when there are no parts."""
+    msg = as_dict(message)
+    parts = msg.get("parts")
+    if isinstance(parts, list):
+        return " ".join(p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text").strip()
+    return (msg.get("content") or "").strip()
+
+
+def answer_media(message: Any, modality: str) -> list[str]:
+    """The URLs (data URLs with the default ``media_format``) of the answer's media of one modality, in order."""
+    key = f"{modality}_url"
+    return [item[key]["url"] for item in as_dict(message).get(ANSWER_FIELD[modality]) or []]
+
+
 __all__ = [
-    "BENCH_PROMPT", "DecoderDefaults", "Modality", "ROOT", "base_parser", "bench_preset", "chat_body",
+    "ANSWER_FIELD", "BENCH_PROMPT", "DecoderDefaults", "Modality", "ROOT", "answer_media", "answer_text", "as_dict",
+    "base_parser", "bench_preset", "chat_body",
     "finish", "free_port", "machine", "one_thread", "print_table", "ratio", "ray_cluster", "serve_http",
     "stats_s", "wait_ready", "write_preset",
 ]

@@ -72,11 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             r = client.post(url + "/v1/chat/completions", json=C.chat_body(
                 preset.name, seed=seed, max_tokens=args.max_tokens, modalities=[m.value for m in out_modalities]))
             r.raise_for_status()
-            content = r.json()["choices"][0]["message"]["content"]
+            message = r.json()["choices"][0]["message"]
             if args.text_only:
-                return content.strip().encode()
-            part = next(x for x in r.json()["choices"][0]["message"]["content"] if x["type"] == "image_url")
-            return base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+                return C.answer_text(message).encode()
+            return base64.b64decode(C.answer_media(message, "image")[0].split(",", 1)[1])
 
         sides = {"in_process": in_process, "http_ray_serve": over_http}
         times: dict[str, list[float]] = {k: [] for k in sides}

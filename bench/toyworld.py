@@ -69,7 +69,6 @@ INPUT_QUESTIONS = (
     "What coloured shape does this image contain?",
 )
 INPUT_SEED = 10_000  # data seed of the input images (the build uses 0 and 1, bench/toyworld_encoder.py 1000)
-_PART_KEY = {"image": "image_url", "audio": "audio_url", "video": "video_url"}
 
 
 # ---- requests and chance ---------------------------------------------------------------------------------
@@ -128,17 +127,9 @@ def chance(probabilities: Sequence[float]) -> dict[str, float]:
 
 # ---- reading media out of answers ------------------------------------------------------------------------
 def answer_media(message: dict) -> list[str]:
-    """The media of a chat answer, by modality, whatever the answer's shape: a ``content`` list of parts, or
-    ``images`` / ``audio`` / ``videos`` fields beside a string ``content``."""
-    found: list[str] = []
-    content = message.get("content")
-    if isinstance(content, list):
-        found += [m for x in content for m, key in _PART_KEY.items() if x.get("type") == key and not x.get("overlay")]
-    if not found:
-        found += ["image"] * len(message.get("images") or []) + ["video"] * len(message.get("videos") or [])
-        if message.get("audio"):
-            found.append("audio")
-    return found
+    """The modalities of a chat answer's generated media, one entry per medium (the ``images`` / ``audios`` /
+    ``videos`` arrays; a grounding overlay is not a generated medium)."""
+    return [m for m, field in C.ANSWER_FIELD.items() for item in message.get(field) or [] if not item.get("overlay")]
 
 
 def data_url_bytes(url: str) -> bytes:
@@ -298,15 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         if err is None:
             try:
                 message = r.json()["choices"][0]["message"]
-                content = message["content"]
+                text = C.answer_text(message)
                 media = answer_media(message)
-                if isinstance(content, str) and words:  # no medium at all: a miss, not an error
-                    text = content
-                else:
-                    text = " ".join(x.get("text", "") for x in content if x.get("type") == "text")
-                    part = next((x for x in content if x.get("type") == _PART_KEY[m]), None)
-                    if part is not None or not words:
-                        reading = check_bytes(m, data_url_bytes(part[_PART_KEY[m]]["url"]))
+                if m in media or not words:  # asked in words, no medium at all: a miss, not an error
+                    reading = check_bytes(m, data_url_bytes(C.answer_media(message, m)[0]))
             except Exception as e:  # noqa: BLE001 - an unreadable answer counts as a miss
                 err = f"{type(e).__name__}: {str(e)[:200]}"
         return {"reading": reading, "latency_s": dt, "error": err, "text": text, "media": media}
@@ -348,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         if err is None and r.status_code != 200:
             err = f"HTTP {r.status_code}: {r.text[:200]}"
         if err is None:
-            content = r.json()["choices"][0]["message"]["content"]
-            answer = content if isinstance(content, str) else " ".join(
-                x.get("text", "") for x in content if x.get("type") == "text")
+            answer = C.answer_text(r.json()["choices"][0]["message"])
         return {"answer": answer, "latency_s": dt, "error": err, **name_hits(answer, images[i][1])}
 
     from training.toyworld.phrasings import plain_questions

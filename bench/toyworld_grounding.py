@@ -117,13 +117,8 @@ def chat_kwargs(model: str, png: bytes, question: str, *, seed: int, max_tokens:
 
 
 def message_dict(message: Any) -> dict[str, Any]:
-    """A chat answer's ``message`` as a dict: the OpenAI client's object (its extra fields such as ``boxes`` kept:
-    ``model_dump`` includes them) or the JSON body's dict."""
-    if isinstance(message, dict):
-        return message
-    if hasattr(message, "model_dump"):  # content may be a list of parts (the client's model types it str)
-        return message.model_dump(warnings=False)
-    raise TypeError(f"not a chat message: {type(message).__name__}")
+    """A chat answer's ``message`` as a dict (see ``_common.as_dict``)."""
+    return C.as_dict(message)
 
 
 def answer_boxes(message: Any) -> list[dict[str, Any]]:
@@ -146,20 +141,16 @@ def first_box(message: Any) -> list[float] | None:
 
 
 def answer_text(message: Any) -> str:
-    content = message_dict(message).get("content") or ""
-    if isinstance(content, str):
-        return content
-    return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    """The answer's words (``content`` without its media references; see ``_common.answer_text``)."""
+    return C.answer_text(message)
 
 
 def overlay_png(message: Any) -> bytes | None:
-    """The PNG of the answer's ``box_overlay`` part (an inline data URL), or None."""
-    content = message_dict(message).get("content")
-    if not isinstance(content, list):
-        return None
-    for part in content:
-        if isinstance(part, dict) and part.get("overlay") and part.get("type") == "image_url":
-            return TW.data_url_bytes(part["image_url"]["url"])
+    """The PNG of the answer's ``box_overlay`` image (the ``images`` item marked ``overlay``, an inline data URL),
+    or None."""
+    for item in message_dict(message).get("images") or []:
+        if isinstance(item, dict) and item.get("overlay") and item.get("type") == "image_url":
+            return TW.data_url_bytes(item["image_url"]["url"])
     return None
 
 

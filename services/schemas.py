@@ -61,7 +61,7 @@ class AudioContent(_Req):
 
 
 class AudioURLContent(_Req):
-    """An audio as a data URL (what our own answers contain, so a client can send them back)."""
+    """An audio by URL: a data URL, or one of our artifact URLs (as our answers' ``audios`` hold them)."""
 
     type: Literal["audio_url"]
     audio_url: MediaURL
@@ -78,6 +78,11 @@ ContentPart = Annotated[
 
 
 class ChatMessage(_Req):
+    """A message. Other fields are kept (``model_extra``): an assistant message sent back may carry the media arrays
+    of our answers (``images``, ``audios``, ``videos``) and OpenAI's ``audio`` ``{"id"}``, read by the ingress."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -122,11 +127,12 @@ MAX_SEED = 2**31 - 1
 class ChatCompletionRequest(_Req):
     """``POST /v1/chat/completions``.
 
-    Extensions: ``image`` / ``audio`` / ``video`` generation options, ``media_format`` (``inline`` data URLs
-    or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``, ``audio``, ``video``; each
-    requested medium is produced or the request is refused with 400. With a grounding model: ``task`` (one
-    of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also return the image
-    with the answer's boxes drawn).
+    Extensions: ``image`` / ``audio`` / ``video`` generation options, ``media_format`` (the answer's media arrays
+    hold ``inline`` data URLs or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``,
+    ``audio``, ``video``; each requested medium is produced or the request is refused with 400. With a grounding
+    model: ``task`` (one of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also
+    return the image with the answer's boxes drawn). An assistant message may carry our answers' media arrays
+    (``images``, ``audios``, ``videos``) and ``audio`` ``{"id"}`` (kept as extra fields, see :class:`ChatMessage`).
     """
 
     model: str

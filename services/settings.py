@@ -86,9 +86,11 @@ class ServerSettings(_Model):
         remote_fetch_timeout_s: timeout of such a fetch.
         store_dir: folder of the artifact and video-job store (shared by every ingress replica of a node;
             use a shared volume across nodes). ``None``: a folder under the system temp dir.
-        artifact_ttl_s: lifetime of stored artifacts (``url`` response format, video results).
+        artifact_ttl_s: lifetime of stored artifacts (every generated medium: the references in answers, ``url``
+            media, video results).
         public_base_url: base of artifact URLs (e.g. behind a proxy); ``None``: the request's own base URL.
-        default_media_format: ``inline`` (data URLs / base64) or ``url`` (artifact URLs) for chat answers.
+        default_media_format: ``inline`` (data URLs) or ``url`` (artifact URLs) in the media arrays of chat answers
+            (``images``, ``audios``, ``videos``; ``content`` always references the artifacts).
         max_video_jobs: video jobs one ingress replica runs at once (queued ones wait; beyond
             ``max_video_queue`` more get 503).
         max_video_queue: video jobs waiting per replica.

@@ -6,14 +6,22 @@ State that must survive several ingress replicas lives here, not in one replica'
 half a record. Artifact ids are 128-bit random tokens: an artifact URL is a capability (like a signed URL)
 and expires after ``artifact_ttl_s``.
 
+An artifact can be reserved before its bytes exist (:meth:`FileStore.reserve`: state ``pending``, its id already
+in an answer), then given its bytes (:meth:`~FileStore.fulfil`: ``ready``) or marked failed with the reason
+(:meth:`~FileStore.fail`: ``failed``); :meth:`~FileStore.wait` polls a pending one (any replica may be the one
+rendering it). A pending artifact not settled by its ``ready_by`` deadline (the replica rendering it stopped)
+reads as failed.
+
 Layout::
 
-    <dir>/artifacts/<id>.bin, <id>.json   {"mime_type", "ext", "created_at", "expires_at", "bytes"}
+    <dir>/artifacts/<id>.bin, <id>.json   {"mime_type", "ext", "created_at", "expires_at", "bytes", "state",
+                                           "error", "ready_by"} (.bin only once ready)
     <dir>/videos/<id>.json                the video job (see :class:`VideoJob`)
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -27,6 +35,8 @@ from typing import Any, Literal
 _ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 
 JobStatus = Literal["queued", "in_progress", "completed", "failed"]
+ArtifactState = Literal["pending", "ready", "failed"]
+WAIT_POLL_S = 0.05
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -45,12 +55,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 @dataclass(frozen=True)
 class Artifact:
+    """A stored medium's record. ``state``: ``pending`` (reserved, bytes not yet there; settled by ``ready_by``),
+    ``ready`` or ``failed`` (``error`` says why). ``bytes``: the file's size (0 until ready)."""
+
     id: str
     mime_type: str
     ext: str
     created_at: int
     expires_at: int
     bytes: int
+    state: ArtifactState = "ready"
+    error: str | None = None
+    ready_by: int | None = None
 
 
 @dataclass
@@ -103,28 +119,82 @@ class FileStore:
         return prefix + secrets.token_urlsafe(16).replace("-", "a").replace("_", "b")
 
     # ---- artifacts -------------------------------------------------------------------------------
+    def _write_meta(self, art: Artifact) -> None:
+        _atomic_write(self.root / "artifacts" / f"{art.id}.json", json.dumps(asdict(art)).encode())
+
     def put(self, data: bytes, mime_type: str, ext: str, ttl_s: int | None = None) -> Artifact:
+        """Store ``data`` now (state ``ready``)."""
+        return self.fulfil(self.reserve(mime_type, ext, ttl_s), data, mime_type, ext)
+
+    def reserve(self, mime_type: str, ext: str, ttl_s: int | None = None, ready_within_s: float = 3600) -> Artifact:
+        """A ``pending`` artifact: its id (and URL) exist before its bytes; :meth:`fulfil` or :meth:`fail` it.
+
+        Args:
+            ready_within_s: not settled within this (e.g. the replica rendering it stopped), it reads as failed.
+        """
         now = int(time.time())
-        art = Artifact(self.new_id("art_"), mime_type, ext, now, now + int(ttl_s or self.ttl_s), len(data))
-        d = self.root / "artifacts"
-        _atomic_write(d / f"{art.id}.bin", data)
-        _atomic_write(d / f"{art.id}.json", json.dumps(asdict(art)).encode())
+        art = Artifact(self.new_id("art_"), mime_type, ext, now, now + int(ttl_s or self.ttl_s), 0, "pending",
+                       None, now + int(max(1.0, ready_within_s)) + 1)
+        self._write_meta(art)
         self.sweep(limit=16)
         return art
 
-    def get(self, artifact_id: str) -> tuple[Artifact, bytes] | None:
-        """The artifact and its bytes, or ``None`` if unknown or expired (expired ones are removed)."""
+    def fulfil(self, art: Artifact, data: bytes, mime_type: str, ext: str) -> Artifact:
+        """A reserved artifact's bytes (state ``ready``; it expires its TTL after now)."""
+        now = int(time.time())
+        ready = Artifact(art.id, mime_type, ext, now, now + (art.expires_at - art.created_at), len(data))
+        _atomic_write(self.root / "artifacts" / f"{art.id}.bin", data)
+        self._write_meta(ready)
+        return ready
+
+    def fail(self, art: Artifact, error: str) -> Artifact:
+        """A reserved artifact that will never have bytes (state ``failed``, with the reason)."""
+        failed = Artifact(art.id, art.mime_type, art.ext, art.created_at, art.expires_at, 0, "failed", error)
+        self._write_meta(failed)
+        return failed
+
+    def lookup(self, artifact_id: str) -> Artifact | None:
+        """The record in any state, or ``None`` if unknown or expired (expired ones are removed). A pending one
+        past its ``ready_by`` reads as failed."""
         if not _ID.match(artifact_id):
             return None
-        d = self.root / "artifacts"
         try:
-            art = Artifact(**json.loads((d / f"{artifact_id}.json").read_text()))
-            if art.expires_at < time.time():
-                self._remove(artifact_id)
-                return None
-            return art, (d / f"{artifact_id}.bin").read_bytes()
+            art = Artifact(**json.loads((self.root / "artifacts" / f"{artifact_id}.json").read_text()))
         except (OSError, ValueError, TypeError):
             return None
+        if art.expires_at < time.time():
+            self._remove(artifact_id)
+            return None
+        if art.state == "pending" and art.ready_by is not None and art.ready_by < time.time():
+            return Artifact(art.id, art.mime_type, art.ext, art.created_at, art.expires_at, 0, "failed",
+                            "the medium was not ready in time (its request timed out or its replica stopped)")
+        return art
+
+    def get(self, artifact_id: str) -> tuple[Artifact, bytes] | None:
+        """A ready artifact and its bytes, or ``None`` if unknown, expired, pending or failed."""
+        art = self.lookup(artifact_id)
+        if art is None or art.state != "ready":
+            return None
+        try:
+            return art, (self.root / "artifacts" / f"{artifact_id}.bin").read_bytes()
+        except OSError:
+            return None
+
+    async def wait(self, artifact_id: str, timeout_s: float) -> tuple[Artifact | None, bytes | None]:
+        """The artifact once it is no longer pending (polling every ``WAIT_POLL_S``; at most ``timeout_s``):
+        ``(None, None)`` unknown or expired, ``(ready, bytes)``, ``(failed, None)``, or ``(pending, None)`` when
+        ``timeout_s`` ran out."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            art = self.lookup(artifact_id)
+            if art is None or art.state == "failed":
+                return art, None
+            if art.state == "ready":
+                got = self.get(artifact_id)
+                return (got[0], got[1]) if got is not None else (None, None)
+            if time.monotonic() >= deadline:
+                return art, None
+            await asyncio.sleep(min(WAIT_POLL_S, max(0.0, deadline - time.monotonic())))
 
     def _remove(self, artifact_id: str) -> None:
         for suffix in (".json", ".bin"):

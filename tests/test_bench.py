@@ -92,7 +92,7 @@ def test_reference_baseline_quick(tmp_path):
 
 
 def test_skills_quick(tmp_path):
-    stdout, data = _run("skills.py", "--quick", "--no-generate", tmp_path=tmp_path, timeout=600)
+    stdout, data = _run("skills_latency.py", "--quick", "--no-generate", tmp_path=tmp_path, timeout=600)
     assert "skill latency in process" in stdout
     assert set(data["skills"]) == {"detect (face)", "detect (cat_face)", "segment", "ocr", "detect_objects (tiny)"}
     for key, s in data["skills"].items():

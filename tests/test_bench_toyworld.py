@@ -99,10 +99,25 @@ def test_plain_questions_are_plain_heldout_and_distinct():
         plain_questions(201)
 
 
-def test_answer_media_reads_both_answer_shapes():
-    parts = {"content": [{"type": "text", "text": "Here"}, {"type": "image_url", "image_url": {"url": "u"}},
-                         {"type": "audio_url", "audio_url": {"url": "a"}}], "audio": {"data": "x"}}
-    assert TW.answer_media(parts) == ["image", "audio"]
-    fields = {"content": "Here ![image 1](u)", "images": [{"type": "image_url", "image_url": {"url": "u"}}]}
-    assert TW.answer_media(fields) == ["image"]
+def test_answer_media_counts_the_generated_media_of_an_answer():
+    message = {"content": "Here ![image 1](u) [audio 1](a) ![image 2](o)",
+               "images": [{"type": "image_url", "image_url": {"url": "u"}},
+                          {"type": "image_url", "image_url": {"url": "o"}, "overlay": True}],
+               "audios": [{"type": "audio_url", "audio_url": {"url": "a"}}], "audio": {"data": "x"}}
+    assert TW.answer_media(message) == ["image", "audio"]
     assert TW.answer_media({"content": "4"}) == [] and TW.answer_media({"content": "4", "audio": None}) == []
+
+
+def test_benches_read_media_and_text_from_a_real_answer():
+    """The benches' answer readers (``bench/_common.py``) against an answer of the ingress itself (fake stages):
+    the medium's bytes from ``images`` / ``audios``, the words without the media references."""
+    import _common as C
+
+    from tests.test_ingress import chat, data_of, make, user
+
+    app, _, _ = make()
+    message = chat(app, user("draw and sing"), modalities=["image", "audio"], seed=3).json()["choices"][0]["message"]
+    assert "![image 1](" in message["content"] and C.answer_text(message) == "Seen 0 media. DRAW AND SING"
+    png = data_of(C.answer_media(message, "image")[0])
+    assert Image.open(io.BytesIO(png)).format == "PNG"
+    assert data_of(C.answer_media(message, "audio")[0])[:4] == b"RIFF" and C.answer_media(message, "video") == []

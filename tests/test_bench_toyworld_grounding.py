@@ -97,11 +97,15 @@ def _body(message: dict) -> dict:
             "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
 
 
-OVERLAY_MESSAGE = {
+ARTIFACT = "http://bench.invalid/v1/artifacts/art_0123456789abcdef.png"
+OVERLAY_MESSAGE = {  # the answer's shape of services/ingress/__init__.py
     "role": "assistant",
-    "content": [{"type": "text", "text": "The red circle."},
-                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(_png()).decode()},
-                 "mime_type": "image/png", "index": 0, "overlay": True, "image_index": 0}],
+    "content": f"The red circle.\n\n![image 1]({ARTIFACT})",
+    "images": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(_png()).decode()},
+                "index": 0, "overlay": True}],
+    "parts": [{"type": "text", "text": "The red circle."},
+              {"type": "image_url", "image_url": {"url": ARTIFACT}, "artifact_id": "art_0123456789abcdef",
+               "mime_type": "image/png", "index": 0, "text_offset": 15, "overlay": True, "image_index": 0}],
     "boxes": [{"phrase": "red circle", "box": [12.5, 8.0, 40.0, 35.75], "image_index": 0, "text_span": [4, 14]},
               {"phrase": "red circle", "box": [0.0, 0.0, 5.0, 5.0], "image_index": 0, "text_span": None}],
 }

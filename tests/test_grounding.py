@@ -399,7 +399,7 @@ class FakeGroundingStage:
         self.calls = []
 
     def stream(self, turns, *, modalities=(), max_new_tokens=None, temperature=None, top_p=None, seed=None,
-               should_cancel=None, system=None, task=None):
+               should_cancel=None, system=None, task=None, allowed_modalities=None):
         self.calls.append({"task": task, "turns": turns})
         sizes = [(p.data.shape[1], p.data.shape[0]) for t in turns for p in t.parts
                  if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
@@ -483,22 +483,30 @@ def test_api_task_errors(api):
         "model": "tiny", "messages": [{"role": "user", "content": "hi"}]}).json()["choices"][0]["message"]
 
 
-def _overlay_pixels(part):
-    png = base64.b64decode(part["image_url"]["url"].split(",", 1)[1])
+def _overlay_pixels(item):
+    png = base64.b64decode(item["image_url"]["url"].split(",", 1)[1])
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 def test_api_overlay(api):
+    """The overlay is an image like the others: in ``images``, referenced at the end of ``content``, marked
+    ``overlay`` in ``parts``; its artifact serves the same PNG."""
     app, _ = api
     r = _chat(app, [{"type": "text", "text": "where?"}, _image_part()], task="refer", box_overlay=True)
     assert r.status_code == 200, r.text
-    content = r.json()["choices"][0]["message"]["content"]
-    assert [p["type"] for p in content] == ["text", "image_url"] and content[0]["text"] == "A cat sits."
-    part = content[1]
+    msg = r.json()["choices"][0]["message"]
+    parts = msg["parts"]
+    assert [p["type"] for p in parts] == ["text", "image_url"] and parts[0]["text"] == "A cat sits."
+    part = parts[1]
     assert part["overlay"] is True and part["image_index"] == 0 and part["mime_type"] == "image/png"
-    px = _overlay_pixels(part)
+    assert msg["content"] == f"A cat sits.\n\n![image 1]({part['image_url']['url']})"
+    assert msg["boxes"][0]["text_span"] == [2, 5] and msg["content"][2:5] == "cat"
+    px = _overlay_pixels(msg["images"][0])
     assert px.shape == (H, W, 3)
     assert (px[75, 40] != 200).any() and (px[75, 80] == 200).all() and (px[300, 300] == 200).all()
+    stored = _call(app, "GET", part["image_url"]["url"].replace("http://test", ""))
+    assert stored.status_code == 200 and stored.content == base64.b64decode(
+        msg["images"][0]["image_url"]["url"].split(",", 1)[1])
 
 
 def test_api_streaming_final_chunk_has_the_boxes(api):
@@ -507,8 +515,10 @@ def test_api_streaming_final_chunk_has_the_boxes(api):
               stream=True)
     chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     deltas = [c["choices"][0]["delta"] for c in chunks]
-    assert "".join(d.get("content", "") for d in deltas) == "A cat sits."
-    media = [d["media"] for d in deltas if "media" in d]
-    assert len(media) == 1 and media[0]["overlay"] is True and _overlay_pixels(media[0]).shape == (H, W, 3)
+    content = "".join(d.get("content", "") for d in deltas)
+    assert content.startswith("A cat sits.\n\n![image 1](http://") and content.endswith(".png)")
+    assert "/v1/artifacts/art_" in content
+    images = [d["images"][0] for d in deltas if "images" in d]
+    assert len(images) == 1 and _overlay_pixels(images[0]).shape == (H, W, 3)
     last = chunks[-1]["choices"][0]
     assert last["finish_reason"] == "stop" and last["delta"]["boxes"][0]["box"] == [40.0, 30.0, 120.0, 120.0]

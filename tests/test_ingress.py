@@ -1,5 +1,5 @@
-"""The HTTP API over fake stages (no Ray, no model): every rule of the API, both response shapes, SSE,
-cancellation on timeout and disconnect, admission, keys, the store shared by replicas."""
+"""The HTTP API over fake stages (no Ray, no model): every rule of the API, SSE, cancellation on timeout and
+disconnect, admission, keys, the store shared by replicas (the answer's shape itself: tests/test_answer_shape.py)."""
 
 from __future__ import annotations
 
@@ -63,6 +63,12 @@ def data_url(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
 
+def data_of(url: str) -> bytes:
+    """The bytes of a data URL."""
+    assert url.startswith("data:"), url[:40]
+    return base64.b64decode(url.split(",", 1)[1])
+
+
 def img_part(data: bytes | None = None):
     return {"type": "image_url", "image_url": {"url": data_url(data or photo_png(), "image/png")}}
 
@@ -96,7 +102,8 @@ def test_text_only_answer_keeps_content_a_string(app_llm_dec):
     assert isinstance(msg["content"], str) and "HELLO THERE" in msg["content"]
     assert body["id"].startswith("chatcmpl-") and r.headers["x-request-id"] == body["id"]
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
-    assert "audio" not in msg
+    assert "audio" not in msg and "images" not in msg
+    assert msg["parts"] == [{"type": "text", "text": msg["content"]}]
     call_ = llm.calls[-1]
     assert (call_["seed"], call_["max_new_tokens"], call_["temperature"], call_["top_p"]) == (3, 5, 0.5, None)
 
@@ -107,19 +114,20 @@ def test_image_input_and_image_audio_output(app_llm_dec):
              modalities=["text", "image", "audio"], seed=11)
     assert r.status_code == 200, r.text
     msg = r.json()["choices"][0]["message"]
-    parts = msg["content"]
+    assert isinstance(msg["content"], str) and msg["content"].startswith("Seen 1 media.")
+    parts = msg["parts"]
     assert [p["type"] for p in parts] == ["text", "image_url", "audio_url"]
     assert "Seen 1 media." in parts[0]["text"]
     # the LLM got the decoded photo as an array
     media = [p for p in llm.calls[-1]["turns"][-1].parts if hasattr(p, "modality")]
     assert media[0].modality is IMAGE and media[0].data.dtype == np.uint8 and media[0].data.shape[2] == 3
-    png = base64.b64decode(parts[1]["image_url"]["url"].split(",", 1)[1])
+    png = data_of(msg["images"][0]["image_url"]["url"])
     im = Image.open(io.BytesIO(png))
     d = decs[IMAGE].defaults
     assert im.format == "PNG" and im.size == (d.width_px, d.height_px)
     import soundfile as sf
 
-    wav = base64.b64decode(parts[2]["audio_url"]["url"].split(",", 1)[1])
+    wav = data_of(msg["audios"][0]["audio_url"]["url"])
     samples, sr = sf.read(io.BytesIO(wav))
     assert sr == 16000 and len(samples) == round(decs[AUDIO].defaults.duration_s * 16000)
     # first audio also as OpenAI's message.audio, same bytes
@@ -142,10 +150,9 @@ def test_defaults_kept_and_overrides_applied(app_llm_dec):
 
 def test_same_seed_same_media(app_llm_dec):
     app, _, _ = app_llm_dec
-    a = chat(app, user("x"), modalities=["image"], seed=5).json()["choices"][0]["message"]["content"]
-    b = chat(app, user("x"), modalities=["image"], seed=5).json()["choices"][0]["message"]["content"]
-    c = chat(app, user("x"), modalities=["image"], seed=6).json()["choices"][0]["message"]["content"]
-    assert a[1]["image_url"]["url"] == b[1]["image_url"]["url"] != c[1]["image_url"]["url"]
+    a, b, c = (chat(app, user("x"), modalities=["image"], seed=s).json()["choices"][0]["message"]["images"][0]
+               for s in (5, 5, 6))
+    assert a["image_url"]["url"] == b["image_url"]["url"] != c["image_url"]["url"]
 
 
 def test_system_message_and_input_audio(app_llm_dec):
@@ -472,16 +479,20 @@ def test_streaming_text_then_media(app_llm_dec):
     chunks = ev[:-1]
     assert all(c["id"] == chunks[0]["id"] and c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    media = [c["choices"][0]["delta"] for c in chunks if c["choices"] and "media" in c["choices"][0]["delta"]]
-    assert sorted(d["media"]["type"] for d in media) == ["audio_url", "image_url"]
-    audio = next(d for d in media if d["media"]["type"] == "audio_url")
-    assert audio["audio"]["data"] == audio["media"]["audio_url"]["url"].split(",", 1)[1]
-    assert all(d["media"]["text_offset"] == len(text) for d in media)
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    content = "".join(d.get("content") or "" for d in deltas)
+    images = [d for d in deltas if "images" in d]
+    audios = [d for d in deltas if "audios" in d]
+    assert len(images) == len(audios) == 1 and not any("media" in d for d in deltas)
+    assert audios[0]["audio"]["data"] == audios[0]["audios"][0]["audio_url"]["url"].split(",", 1)[1]
+    # each reference came in the content before its medium was sent
+    for d, label in ((images[0], "![image 1]("), (audios[0], "[audio 1](")):
+        before = "".join(x.get("content") or "" for x in deltas[:deltas.index(d)])
+        assert label in before, (label, before)
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "stop"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
     plain = chat(app, user("make noise please"), modalities=["audio", "image"], seed=21).json()
-    assert plain["choices"][0]["message"]["content"][0]["text"] == text.strip()
+    assert plain["choices"][0]["message"]["content"].split("\n\n")[0] == content.split("\n\n")[0]
 
 
 def test_streaming_error_is_an_error_event():
@@ -604,7 +615,8 @@ def test_openai_client_async(app_llm_dec):
 
     resp, imgs, bad, text = asyncio.run(go())
     content = resp.choices[0].message.content
-    assert isinstance(content, list) and content[1]["type"] == "image_url"
+    assert isinstance(content, str) and "![image 1](http://test/v1/artifacts/" in content
+    assert resp.choices[0].message.images[0]["image_url"]["url"].startswith("data:image/png;base64,")
     Image.open(io.BytesIO(base64.b64decode(imgs.data[0].b64_json))).verify()
     assert bad.status_code == 400 and bad.body["param"] == "model"
     assert text.strip().endswith("A B")

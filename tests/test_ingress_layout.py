@@ -85,7 +85,8 @@ def test_error_handlers_and_lifespan_are_module_level():
 
 def test_the_contract_is_the_package_docstring():
     doc = services.ingress.__doc__
-    for needle in ("POST /v1/chat/completions", "Streaming (``stream: true``)", "delta: {\"media\": <part>}",
+    for needle in ("POST /v1/chat/completions", "Streaming (``stream: true``)", "delta: {\"images\": [item]}",
+                   "The answer's shape", "message.images", "GET /v1/artifacts/{id}.{ext}", "architecture",
                    "data: [DONE]", "Retry-After", "message.boxes", "box_overlay", "crf",
                    "413", "504", "allowed_remote_hosts"):
         assert needle in doc, needle

@@ -58,7 +58,8 @@ def test_photo_in_text_and_playable_wav_out(local_service):
         ]}],
     )
     msg = resp.choices[0].message
-    assert isinstance(msg.content, list) and msg.content[-1]["type"] == "audio_url"
+    assert isinstance(msg.content, str) and msg.content.rstrip().endswith(".wav)") and "[audio 1](" in msg.content
+    assert msg.parts[-1]["type"] == "audio_url" and msg.audio.id == msg.parts[-1]["artifact_id"]
     samples, sr = sf.read(io.BytesIO(base64.b64decode(msg.audio.data)))
     assert sr > 0 and len(samples) > 0 and abs(samples).max() > 0
     assert resp.usage.prompt_tokens > 0

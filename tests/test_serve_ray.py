@@ -119,22 +119,24 @@ def test_openai_chat_image_in_image_and_audio_out(service):
         ]}],
     )
     msg = resp.choices[0].message
-    parts = msg.content
-    assert isinstance(parts, list)
-    kinds = [p["type"] for p in parts]
+    assert isinstance(msg.content, str) and "![image 1](" in msg.content and "[audio 1](" in msg.content
+    kinds = [p["type"] for p in msg.parts]
     assert "image_url" in kinds and "audio_url" in kinds
-    image = next(p for p in parts if p["type"] == "image_url")
-    audio = next(p for p in parts if p["type"] == "audio_url")
-    im = Image.open(io.BytesIO(base64.b64decode(image["image_url"]["url"].split(",", 1)[1])))
+    image = next(p for p in msg.parts if p["type"] == "image_url")
+    audio = next(p for p in msg.parts if p["type"] == "audio_url")
+    im = Image.open(io.BytesIO(base64.b64decode(msg.images[0]["image_url"]["url"].split(",", 1)[1])))
     d_img = PRESET.decoders[_m("image")].defaults
     assert im.format == "PNG" and im.size == (d_img.width_px, d_img.height_px)
     im.load()
-    wav = base64.b64decode(audio["audio_url"]["url"].split(",", 1)[1])
+    wav = base64.b64decode(msg.audios[0]["audio_url"]["url"].split(",", 1)[1])
     samples, sr = sf.read(io.BytesIO(wav))
     d_aud = PRESET.decoders[_m("audio")].defaults
     assert sr > 0 and abs(len(samples) / sr - d_aud.duration_s) < 0.1 and abs(samples).max() > 0
     assert base64.b64decode(msg.audio.data) == wav
     assert {image["seed"], audio["seed"]} == {3, 4}
+    # the reference in content is the stored artifact: the same PNG
+    assert httpx.get(image["image_url"]["url"], timeout=60).content == base64.b64decode(
+        msg.images[0]["image_url"]["url"].split(",", 1)[1])
 
 
 def _m(name):
@@ -163,9 +165,10 @@ def test_sse_streaming(service):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
-    media = [d for d in deltas if "media" in d]
-    assert len(media) == 1 and media[0]["media"]["type"] == "audio_url" and "audio" in media[0]
-    assert deltas.index(media[0]) > 0 and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    media = [d for d in deltas if "audios" in d]
+    assert len(media) == 1 and media[0]["audios"][0]["type"] == "audio_url" and "audio" in media[0]
+    content = "".join(d.get("content") or "" for d in deltas[:deltas.index(media[0])])
+    assert "[audio 1](" in content and chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
     # and through the openai client
     stream = _openai(service).chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "hello"}], stream=True, max_tokens=4)

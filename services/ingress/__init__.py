@@ -9,10 +9,14 @@ Endpoints
   {data, format}, ``audio_url`` / ``video_url`` (data URLs). Input media are decoded here with
   :mod:`polymodal.media_io` (numpy / Pillow / soundfile / PyAV, in a worker thread), so bad or oversized
   media are refused (400 / 413) before any model work, and the LLM stage receives arrays.
-  A text-only answer has ``message.content`` as a string. An answer with media has ``message.content`` as
-  the ordered list of parts (``text``, ``image_url``, ``audio_url``, ``video_url``; each medium part also
-  carries ``mime_type``, ``seed`` and ``index``) and the first audio also as OpenAI's ``message.audio``
-  {id, data (base64 WAV), format, expires_at, transcript}.
+  History: an assistant message sent back may carry our own media (see "The answer's shape": the references in
+  its ``content``, the ``images`` / ``audios`` / ``videos`` arrays, ``audio.id``); they resolve to the same media
+  from the store (:mod:`~services.ingress.history`). Only our own artifact URLs count there (any host or base,
+  the ``/v1/artifacts/{id}.{ext}`` path, the id in the store) besides data URLs (the medium itself, e.g. a
+  chat UI's inline ``![](data:...)``); an unknown or expired id
+  (``artifact_not_found``), a failed one (``artifact_failed``), or a media reference to anything else
+  (``invalid_history_reference``) is a 400 naming the field: never fetched, never dropped. A user's content part
+  may also name one of our artifact URLs (read from the store, no fetch); links in user text stay text.
 
   Grounding (a model whose preset has ``grounding``; ``/v1/models`` lists its ``grounding.tasks``): request
   field ``task`` (e.g. ``"grounding"``, ``"refer"``; its identifier goes before the last user text; an
@@ -21,9 +25,11 @@ Endpoints
   y2], "image_index", "text_span"}]`` with ``box`` in pixels of the image the user sent (after its EXIF
   orientation; 2 decimals, x right, y down), ``image_index`` the image among the request's images (in
   message order; boxes refer to the last one) and ``text_span`` [start, end) of the phrase in the answer
-  text (or null); the grounding markup is removed from the text. With ``box_overlay`` the content list
-  ends with ``{"type": "image_url", "image_url": {...}, "mime_type": "image/png", "index", "overlay": true,
-  "image_index"}``: that image with the boxes drawn (Pillow). ``message.boxes`` is present (maybe empty)
+  text (the answer's text without its media references, as ``parts``' ``text_offset``; a span before the first
+  reference is the same in ``content``), or null; the
+  grounding markup is removed from the text. With ``box_overlay`` the answer's last image is that image with
+  the boxes drawn (Pillow): referenced at the end of ``content``, last in ``images`` (``"overlay": true``),
+  and in ``parts`` as ``{..., "overlay": true, "image_index"}``. ``message.boxes`` is present (maybe empty)
   on every answer of a grounding model.
   Decoder options per output modality (all optional; defaults: the preset's): ``image`` / ``video``
   {num_inference_steps, guidance_scale, height_px, width_px}, ``audio`` {num_inference_steps, guidance_scale,
@@ -31,28 +37,61 @@ Endpoints
   MP4, 0-51, lower keeps the decoder's frames closer; presets default to 18, the toy preset to 12 for its
   16 px frames).
 - ``POST /v1/images/generations``: the prompt goes through the LLM with the image group required; the
-  ``n`` images are rendered from that group with seeds ``seed + k`` (one decoder batch).
+  ``n`` images are rendered from that group with seeds ``seed + k`` (one decoder batch); ``data[k].b64_json``
+  (default) or ``url`` (+ ``expires_at``).
 - ``POST /v1/audio/generations``: the same for audio (WAV); ``data[k].b64_json`` or ``url``.
 - ``POST /v1/videos`` (async job), ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/content`` (MP4).
-- ``GET /v1/artifacts/{id}.{ext}``: stored media (``url`` response format), until they expire.
-- ``GET /v1/models``, ``GET /health`` (process up), ``GET /ready`` (every stage loaded; 503 otherwise),
-  ``GET /metrics`` (Prometheus, see :mod:`services.metrics`).
+- ``GET /v1/artifacts/{id}.{ext}``: every generated medium, until it expires (``artifact_ttl_s``). One still being
+  rendered (its reference already streamed) is waited for, at most ``request_timeout_s`` (then 504); one whose
+  render failed: 500 ``generation_failed`` saying why; unknown or expired: 404.
+- ``GET /v1/models``: one entry per served model with ``architecture`` (OpenRouter's shape, which model pickers
+  read): ``{"modality": "text+image+audio+video->text+image+audio+video", "input_modalities": ["text", ...],
+  "output_modalities": ["text", ...]}`` ("text" always included; also as top-level ``input_modalities`` /
+  ``output_modalities``), decoder defaults, limits, grounding, parts. ``GET /health`` (process up), ``GET /ready``
+  (every stage loaded; 503 otherwise), ``GET /metrics`` (Prometheus, see :mod:`services.metrics`).
+
+The answer's shape (one rule for every client: litellm and the ``llm`` CLI read a string, LangChain keeps only
+``content``, streaming clients read ``delta.content``; :mod:`~services.ingress.responses` builds it)
+-----------------------------------------------------------------------------------------------------------------
+Every generated medium is stored as an artifact with an id (expiry ``artifact_ttl_s``) whatever the format asked.
+The per-modality names come from each modality's registered spec (``label``, ``answer_field``, ``inline_markdown``, ``content_part``, ``message_slot``).
+
+- ``message.content``: always a string: the answer's text with a markdown reference where each medium was
+  emitted, ``![image 1](URL)`` for images, ``[audio 1](URL)`` / ``[video 1](URL)`` for the others (numbered per
+  modality in output order), URL = ``{public_base_url or the request's base}/v1/artifacts/{id}.{ext}``. A
+  reference stands in a paragraph of its own (a blank line before and after; the whitespace around it dropped;
+  an answer's trailing whitespace too) (:mod:`~services.ingress.content`).
+- ``message.images`` ``[{"type": "image_url", "image_url": {"url"}, "index"}]`` (OpenRouter's and Vercel's
+  convention, which litellm reads as ``message.images``), ``message.audios`` (``audio_url``) and
+  ``message.videos`` (``video_url``) of the same form, present when not empty; ``index`` is the place in that
+  array (``image 1`` is index 0). ``url`` follows ``media_format``: ``inline`` (the default,
+  ``default_media_format``; a data URL, as OpenRouter sends) or ``url`` (the artifact URL).
+- ``message.audio``: OpenAI's slot ``{id, data (base64 WAV), format, expires_at, transcript}`` for the answer's
+  first sound (``id`` is its artifact id, ``transcript`` the answer's text).
+- ``message.parts`` (extension; every chat answer): text and media in output order, as the in-process pipeline
+  places them (:func:`polymodal.types.interleave`): ``{"type": "text", "text"}`` (stripped pieces of the answer's
+  text) and ``{"type": "image_url", "image_url": {"url": artifact URL}, "artifact_id", "mime_type", "seed",
+  "index" (among the answer's media), "text_offset" (where it belongs in the answer's text)[, "duration_s"]}``
+  (``audio_url``, ``video_url`` alike).
+- ``message.boxes`` (grounding models). Medium k of an answer is rendered with seed ``seed + k``.
 
 Streaming (``stream: true``) is Server-Sent Events of ``chat.completion.chunk`` objects:
 
 1. ``delta: {"role": "assistant", "content": ""}``
 2. text: ``delta: {"content": "<text>"}`` as the LLM writes it;
-3. each medium as soon as its decoder finishes (decoders start while the text still streams):
-   ``delta: {"media": <part>}`` where ``<part>`` is the same object as in the non-streaming content list
-   plus ``text_offset`` (where it belongs in the text); the first audio also ``delta.audio``
-   {id, data, format, expires_at, transcript}. Media chunks have no ``content`` so text-only clients
-   ignore them;
-4. with ``box_overlay``, the overlay as a ``delta: {"media": <part>}`` chunk; then ``delta: {}`` with
-   ``finish_reason`` (a grounding model: ``delta: {"boxes": [...]}``, the boxes of the whole answer; the
-   streamed text of our own format never shows grounding tokens, a format whose tags are plain text streams
-   them as written); with ``stream_options.include_usage`` a chunk with ``usage``;
-5. ``data: [DONE]``. A failure after the stream started is sent as ``data: {"error": {...}}`` (the OpenAI
-   client raises it) and the stream ends.
+3. when a signal group closes, its medium's artifact id is reserved (the store holds a pending entry) and its
+   reference goes into the content stream at that point: ``delta: {"content": "\\n\\n![image 1](URL)"}``; the
+   decoder starts while the text still streams. The concatenated ``delta.content`` equals the non-streamed
+   ``content`` (whenever the streamed text is the answer's text: a grounding format whose tags are plain text
+   streams them as written);
+4. each medium as soon as its decoder finishes: ``delta: {"images": [item]}`` (``audios``, ``videos``; the item as
+   in the message's array, ``index`` its place there); the first sound also ``delta.audio`` {id, data, format,
+   expires_at, transcript (the text so far)}. These chunks have no ``content``, so text-only clients ignore them;
+5. with ``box_overlay``, the overlay's reference (content) then its ``delta.images`` chunk; then ``delta: {}`` with
+   ``finish_reason`` (a grounding model: ``delta: {"boxes": [...]}``, the boxes of the whole answer); with
+   ``stream_options.include_usage`` a chunk with ``usage``;
+6. ``data: [DONE]``. A failure after the stream started is sent as ``data: {"error": {...}}`` (the OpenAI
+   client raises it) and the stream ends; a medium that failed has a failed artifact (its URL answers 500).
 
 Rules: ``modalities``, when given, is the floor and the ceiling of the answer (DESIGN.md's one rule): every
 listed medium is produced or the request is refused (400 upfront if no decoder; a 500 ``generation_failed`` if
@@ -80,10 +119,13 @@ Modules (the contract above is kept here; each rule is implemented in one place)
   ``videos``, ``artifacts``, ``system`` for models / health / ready / metrics); routes are module-level functions
   that get the :class:`~services.ingress.service.IngressService` through ``Depends(get_service)``.
 - :mod:`~services.ingress.planning`: request -> :class:`~services.ingress.planning.ChatPlan` (turns, options,
-  seeds); :mod:`~services.ingress.media_input`: input media (URLs, base64, decoding under limits).
+  seeds); :mod:`~services.ingress.media_input`: input media (URLs, our artifacts, base64, decoding under limits);
+  :mod:`~services.ingress.history`: an assistant message sent back -> its parts (our references resolved).
 - :mod:`~services.ingress.running`: a plan over the backend (renders as groups arrive, timeout, disconnect);
   :mod:`~services.ingress.streaming`: the SSE driver; :mod:`~services.ingress.video_jobs`: background video jobs.
-- :mod:`~services.ingress.responses`: the shape of every answer (completion body, chunks, media parts, audio).
+- :mod:`~services.ingress.responses`: the shape of every answer (completion body, chunks, arrays, parts, audio);
+  :mod:`~services.ingress.content`: ``content`` with its references (streamed and whole);
+  :mod:`~services.ingress.media_refs`: the per-modality table, artifact URLs, markdown references.
 - :mod:`~services.ingress.admission` (slots, 503), :mod:`~services.ingress.middleware` (body limit, request
   metrics), :mod:`~services.ingress.error_map` (exceptions and validation -> OpenAI error body).
 """

@@ -1,6 +1,8 @@
 """Input media of a chat request: URL or base64 -> bytes -> decoded arrays, under the server's limits.
 
-Data URLs are parsed strictly; ``http(s)://`` URLs are fetched only from ``allowed_remote_hosts``. Decoding uses
+Data URLs are parsed strictly; this server's own artifact URLs (any host, the ``/v1/artifacts/{id}.{ext}`` path,
+an id in the store) are read from the store, never fetched; other ``http(s)://`` URLs are fetched only from
+``allowed_remote_hosts`` and never in an assistant message (a 400 there). Decoding uses
 :mod:`polymodal.media_io` (numpy / Pillow / soundfile / PyAV, in a worker thread), so a bad or oversized medium
 is refused (400 / 413) before any model work and the LLM stage receives arrays.
 """
@@ -18,10 +20,12 @@ from polymodal.modality import Modality, modality_of_content_part
 from polymodal.types import MediaPart
 
 from services.errors import APIError, bad_request
+from services.ingress.media_refs import artifact_id_of
 from services.metrics import APIMetrics
 from services.protocol import Backend
 from services.schemas import AudioContent, AudioURLContent, ImageContent, VideoContent
 from services.settings import ServerSettings
+from services.store import FileStore
 
 
 class MediaReader:
@@ -29,12 +33,15 @@ class MediaReader:
 
     Args:
         backend: what the model reads (``input_modalities``).
-        settings: limits (``max_media_bytes``, ``max_input_video_frames``), remote hosts, input sample rate.
+        settings: limits (``max_media_bytes``, ``max_input_video_frames``), remote hosts, input sample rate,
+            ``request_timeout_s`` (the longest wait for an artifact still being generated).
         metrics: ``rejected{reason="too_large"}``.
+        store: the artifacts our own URLs name.
     """
 
-    def __init__(self, backend: Backend, settings: ServerSettings, metrics: APIMetrics):
+    def __init__(self, backend: Backend, settings: ServerSettings, metrics: APIMetrics, store: FileStore):
         self.backend = backend
+        self.store = store
         self.settings = settings
         self.limits = settings.limits
         self.metrics = metrics
@@ -43,31 +50,66 @@ class MediaReader:
             max_video_frames_sampled=self.limits.max_input_video_frames,
         )
 
-    async def read_part(self, c: ImageContent | AudioContent | AudioURLContent | VideoContent, pp: str) -> MediaPart:
+    async def read_part(self, c: ImageContent | AudioContent | AudioURLContent | VideoContent, pp: str, *,
+                        assistant: bool = False) -> MediaPart:
         """One content part (``pp``: its path in the request, e.g. ``messages[0].content[1]``) -> the decoded medium.
 
         Raises:
-            APIError: 400 (bad URL, wrong medium, corrupt, not read by this model), 413 (too large).
+            APIError: 400 (bad URL, wrong medium, corrupt, not read by this model, unknown artifact, a remote URL
+            in an assistant message), 413 (too large).
         """
+        return (await self.read_part_bytes(c, pp, assistant=assistant))[0]
+
+    async def read_part_bytes(self, c: ImageContent | AudioContent | AudioURLContent | VideoContent, pp: str, *,
+                              assistant: bool = False) -> tuple[MediaPart, bytes]:
+        """:meth:`read_part` and the file it was decoded from."""
         if isinstance(c, AudioContent):  # OpenAI's input_audio: base64 (not a URL) and a format, read as audio
             modality = modality_of_mime(f"audio/{c.input_audio.format}")
             data = self.b64(c.input_audio.data, f"{pp}.input_audio.data")
-            return await self.decode(modality, data, f"audio/{c.input_audio.format}", f"{pp}.input_audio.data")
+            return await self.decode(modality, data, f"audio/{c.input_audio.format}", f"{pp}.input_audio.data"), data
         # a URL part: its type is a modality's content_part (image_url, audio_url, video_url)
         modality = modality_of_content_part(c.type)
         if modality is None:
             raise bad_request(f"{pp}.type: {c.type!r} is not a media part", param=f"{pp}.type")
         param = f"{pp}.{c.type}.url"
-        mime, data = await self.media_bytes(getattr(c, c.type).url, param)
-        return await self.decode(modality, data, mime, param)
+        mime, data = await self.media_bytes(getattr(c, c.type).url, param, assistant=assistant)
+        return await self.decode(modality, data, mime, param), data
 
-    async def media_bytes(self, url: str, param: str) -> tuple[str | None, bytes]:
-        """(mime or None, bytes) of a data URL or an allow-listed remote URL."""
+    async def stored(self, artifact_id: str, param: str) -> tuple[str, bytes]:
+        """(mime, bytes) of one of our artifacts; one still being generated is waited for (``request_timeout_s``).
+
+        Raises:
+            APIError: 400 unknown / expired (``artifact_not_found``) or failed (``artifact_failed``); 504 still
+            pending after the wait.
+        """
+        art, data = await self.store.wait(artifact_id, self.settings.request_timeout_s)
+        if art is None:
+            raise bad_request(f"{param}: artifact {artifact_id} is unknown or has expired (artifacts are kept "
+                              f"{self.settings.artifact_ttl_s} s); send the medium itself as a data URL", param=param,
+                              code="artifact_not_found")
+        if art.state == "failed":
+            raise bad_request(f"{param}: artifact {artifact_id} holds no medium (its generation failed: {art.error})",
+                              param=param, code="artifact_failed")
+        if data is None:
+            raise APIError(504, f"{param}: artifact {artifact_id} was still being generated", param=param,
+                           type="server_error", code="timeout")
+        return art.mime_type, data
+
+    async def media_bytes(self, url: str, param: str, *, assistant: bool = False) -> tuple[str | None, bytes]:
+        """(mime or None, bytes) of a data URL, one of our artifact URLs, or (not in an assistant message) an
+        allow-listed remote URL."""
         if url.startswith("data:"):
             try:
                 return media_io.parse_data_url(url, limits=self.media_limits)
             except media_io.MediaError as e:
                 raise self.media_error(e, param) from None
+        artifact_id = artifact_id_of(url)
+        if artifact_id is not None and (assistant or self.store.lookup(artifact_id) is not None):
+            return await self.stored(artifact_id, param)
+        if assistant:
+            raise bad_request(f"{param}: an assistant message may hold only media this server generated (its "
+                              f"/v1/artifacts/ URLs) or data URLs; {url[:100]!r} is neither (it is never fetched)",
+                              param=param, code="invalid_history_reference")
         parsed = urlparse(url)
         if parsed.scheme not in ("http", "https"):
             raise bad_request(f"{param}: expected a data URL (data:<type>;base64,...)", param=param,

@@ -1,6 +1,7 @@
 """Request planning: a validated request -> a :class:`ChatPlan` ready to run.
 
-Turns from messages (media decoded by :class:`services.ingress.media_input.MediaReader`), the system prompt,
+Turns from messages (media decoded by :class:`services.ingress.media_input.MediaReader`; an assistant message's
+references to our own artifacts resolved by :class:`services.ingress.history.AssistantTurn`), the system prompt,
 the requested modalities, decoder options merged over the preset's defaults and checked against the server's
 limits, grounding tasks, and seeds (medium k of an answer gets ``seed + k``; the one-medium endpoints render
 one group with seeds ``seed + k`` for k < n). Every refusal here is a 4xx naming the field.
@@ -23,6 +24,7 @@ from polymodal.modality import Modality
 from polymodal.types import MediaPart, TextPart, Turn, input_images
 
 from services.errors import APIError, bad_request
+from services.ingress.history import AssistantTurn
 from services.ingress.media_input import MediaReader
 from services.protocol import Backend, LLMRequest
 from services.schemas import ChatCompletionRequest, TextContent
@@ -166,7 +168,10 @@ class Planner:
                     system.append(content)
                 continue
             parts: list[TextPart | MediaPart] = []
-            if isinstance(content, str):
+            if msg.role == "assistant":
+                parts = await AssistantTurn(self.media, p, self.limits.max_media_inputs - n_media).read(msg)
+                n_media += sum(isinstance(x, MediaPart) for x in parts)
+            elif isinstance(content, str):
                 parts.append(TextPart(content))
             elif content:
                 for j, c in enumerate(content):

@@ -1,22 +1,25 @@
 """Response building: the shape of every answer, in one place.
 
-- :meth:`Responses.completion_body`: a ``chat.completion`` (text, media parts in output order, ``message.audio``,
-  the overlay, ``message.boxes``, usage).
+- :meth:`Responses.completion_body`: a ``chat.completion``: ``content`` (a string: the text with a markdown
+  reference per medium, see :mod:`~services.ingress.content`), the media arrays (``images``, ``audios``,
+  ``videos``), OpenAI's ``audio`` slot, the ordered ``parts`` (the one placement rule,
+  :func:`polymodal.types.interleave`), ``boxes``, usage.
 - :class:`StreamChunks`: the ``chat.completion.chunk`` SSE frames of a streamed answer, in order.
-- :meth:`Responses.medium_part` / :meth:`medium_ref` / :meth:`audio_message`: how one rendered medium appears
-  (data URL or stored artifact URL).
+- :meth:`Responses.array_item` / :meth:`~Responses.media_part` / :meth:`~Responses.audio_message`: how one stored
+  medium appears (data URL or artifact URL).
 - :meth:`Responses.generation_body`: the images / audio endpoints' ``data`` list.
 
 What the answer looks like is decided here and nowhere else (the routes and the SSE driver only pass what was
-produced), so a change of the answer's shape is a change of this module.
+produced; the per-modality names are each modality's spec), so a change of the
+answer's shape is a change of this module.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
-import uuid
 from typing import Any
 
 from polymodal import media_io
@@ -25,20 +28,17 @@ from polymodal.modality import Modality
 from polymodal.types import LLMResult, interleave
 
 from services.errors import APIError
+from services.ingress.content import ContentStream, compose
+from services.ingress.media_refs import artifact_url, markdown_ref
 from services.ingress.planning import ChatPlan
-from services.ingress.running import ChatOutcome
+from services.ingress.running import ChatOutcome, Reserved, Stored
 from services.metrics import APIMetrics
-from services.protocol import EncodedMedium
 from services.settings import ServerSettings
-from services.store import FileStore
+from services.store import Artifact, FileStore
 
 FINISH = {"stop": "stop", "length": "length"}
 """The LLM's finish reasons OpenAI knows; any other (``signal_loop``) is reported as ``stop``."""
 DONE = b"data: [DONE]\n\n"
-
-
-def _text_part(text: str) -> dict[str, str]:
-    return {"type": "text", "text": text}
 
 
 def sse_event(body: dict[str, Any], *, compact: bool = True) -> bytes:
@@ -53,8 +53,8 @@ class Responses:
     Args:
         preset: the served preset (its name in ``system_fingerprint``; ``grounding`` adds ``message.boxes``).
         settings: ``artifact_ttl_s``.
-        store: where ``url``-format media are stored.
-        metrics: ``media{modality}`` counts every medium returned.
+        store: the artifact store (media are stored by the runner; bodies only name them).
+        metrics: ``media{modality}`` counts every generated medium returned.
         model_name: the ``model`` of every body.
     """
 
@@ -67,34 +67,43 @@ class Responses:
         self.model_name = model_name
 
     # ---- one medium ------------------------------------------------------------------------------
-    def medium_ref(self, m: EncodedMedium, fmt: str, base_url: str) -> dict[str, Any]:
-        """``{"url": data URL or artifact URL, ["expires_at"]}``."""
+    @staticmethod
+    def url(s: Stored, fmt: str, base_url: str) -> str:
+        """The medium as a data URL (``inline``) or its artifact URL (``url``)."""
         if fmt == "url":
-            art = self.store.put(m.data, m.mime_type, m.ext, self.settings.artifact_ttl_s)
-            return {"url": f"{base_url}/v1/artifacts/{art.id}.{m.ext}", "expires_at": art.expires_at}
-        return {"url": media_io.encode_data_url(m.data, m.mime_type)}
+            return artifact_url(base_url, s.artifact.id, s.artifact.ext)
+        return media_io.encode_data_url(s.medium.data, s.medium.mime_type)
 
-    def medium_part(self, m: EncodedMedium, fmt: str, base_url: str) -> dict[str, Any]:
-        """A content part ``{"type": "image_url", "image_url": {...}, "mime_type", "seed", "index"[,
-        "duration_s"]}``."""
-        key = m.modality.spec.content_part
-        self.metrics.media.labels(m.modality.value).inc()
-        part = {"type": key, key: self.medium_ref(m, fmt, base_url), "mime_type": m.mime_type, "seed": m.seed,
-                "index": m.index}
+    @staticmethod
+    def reference(modality: Modality, number: int, art: Artifact, base_url: str) -> str:
+        """Its markdown reference in ``content`` (always the artifact URL)."""
+        return markdown_ref(modality, number, artifact_url(base_url, art.id, art.ext))
+
+    @staticmethod
+    def array_item(modality: Modality, url: str, number: int) -> dict[str, Any]:
+        """An item of ``images`` / ``audios`` / ``videos``: ``{"type": "image_url", "image_url": {"url"},
+        "index"}`` (``index``: its place in that array, ``number - 1``)."""
+        key = modality.spec.content_part
+        return {"type": key, key: {"url": url}, "index": number - 1}
+
+    @staticmethod
+    def media_part(s: Stored, base_url: str) -> dict[str, Any]:
+        """A medium of ``parts``: ``{"type": "image_url", "image_url": {"url": artifact URL}, "artifact_id",
+        "mime_type", "seed", "index", "text_offset"[, "duration_s"]}``."""
+        m, key = s.medium, s.medium.modality.spec.content_part
+        part = {"type": key, key: {"url": artifact_url(base_url, s.artifact.id, s.artifact.ext)},
+                "artifact_id": s.artifact.id, "mime_type": m.mime_type, "seed": m.seed, "index": m.index,
+                "text_offset": m.text_offset}
         if m.duration_s is not None:
             part["duration_s"] = m.duration_s
         return part
 
-    def audio_message(self, m: EncodedMedium, transcript: str) -> dict[str, Any]:
-        """OpenAI's ``message.audio`` / ``delta.audio``: {id, data (base64), format, expires_at, transcript}."""
-        return {"id": f"audio_{uuid.uuid4().hex}", "data": base64.b64encode(m.data).decode("ascii"),
-                "format": m.ext, "expires_at": int(time.time()) + self.settings.artifact_ttl_s,
-                "transcript": transcript}
-
-    def overlay_part(self, overlay: tuple[EncodedMedium, int], index: int, fmt: str, base_url: str) -> dict[str, Any]:
-        m, k = overlay
-        return {"type": "image_url", "image_url": self.medium_ref(m, fmt, base_url), "mime_type": m.mime_type,
-                "index": index, "overlay": True, "image_index": k}
+    @staticmethod
+    def audio_message(s: Stored, transcript: str) -> dict[str, Any]:
+        """OpenAI's ``message.audio`` / ``delta.audio``: {id (the artifact id), data (base64), format, expires_at,
+        transcript}."""
+        return {"id": s.artifact.id, "data": base64.b64encode(s.medium.data).decode("ascii"), "format": s.medium.ext,
+                "expires_at": s.artifact.expires_at, "transcript": transcript}
 
     @staticmethod
     def boxes_json(result: LLMResult) -> list[dict[str, Any]]:
@@ -113,22 +122,42 @@ class Responses:
 
     # ---- chat ------------------------------------------------------------------------------------
     def completion_body(self, plan: ChatPlan, out: ChatOutcome, base_url: str) -> dict[str, Any]:
-        """The ``chat.completion`` object of a whole answer."""
-        r = out.result
-        message: dict[str, Any] = {"role": "assistant", "content": out.text}
-        if out.media:
-            parts = [self.medium_part(m, plan.media_format, base_url) for m in out.media]
-            message["content"] = interleave(out.text, out.media, parts, text_part=_text_part)
-            for m in sorted(out.media, key=lambda m: m.index):  # OpenAI's message.audio: the first audio
-                slot = m.modality.spec.message_slot
-                if slot is not None and slot not in message:
-                    message[slot] = self.audio_message(m, out.text)
+        """The ``chat.completion`` object of a whole answer (see the contract, "The answer's shape")."""
+        r, text = out.result, out.text
+        media = sorted(out.media, key=lambda s: s.medium.index)
+        counts: dict[Modality, int] = {}
+        numbered: list[tuple[Stored, int]] = []
+        for s in media:
+            counts[s.medium.modality] = counts.get(s.medium.modality, 0) + 1
+            numbered.append((s, counts[s.medium.modality]))
+            self.metrics.media.labels(s.medium.modality.value).inc()
+        refs = [(s.medium.text_offset, self.reference(s.medium.modality, n, s.artifact, base_url)) for s, n in numbered]
+        arrays: dict[Modality, list[dict[str, Any]]] = {}
+        for s, n in numbered:
+            arrays.setdefault(s.medium.modality, []).append(
+                self.array_item(s.medium.modality, self.url(s, plan.media_format, base_url), n))
+        placed = [s.medium for s in media]
+        media_parts = [self.media_part(s, base_url) for s in media]
         if out.overlay is not None:
-            content = message["content"]
-            if isinstance(content, str):
-                content = [_text_part(content.strip())] if content.strip() else []
-            message["content"] = [*content, self.overlay_part(out.overlay, len(out.media), plan.media_format,
-                                                              base_url)]
+            ov, k = out.overlay
+            n = counts.get(Modality.IMAGE, 0) + 1
+            refs.append((len(text), self.reference(Modality.IMAGE, n, ov.artifact, base_url)))
+            arrays.setdefault(Modality.IMAGE, []).append(
+                {**self.array_item(Modality.IMAGE, self.url(ov, plan.media_format, base_url), n), "overlay": True})
+            placed.append(dataclasses.replace(ov.medium, index=len(media), text_offset=len(text)))
+            part = {**self.media_part(ov, base_url), "index": len(media), "text_offset": len(text), "overlay": True,
+                    "image_index": k}
+            part.pop("seed")
+            media_parts.append(part)
+        message: dict[str, Any] = {"role": "assistant", "content": compose(text, refs)}
+        for modality in Modality:  # registration order: images, audios, videos, then any plug-in
+            if modality in arrays:
+                message[modality.spec.answer_field] = arrays[modality]
+        for s in media:  # OpenAI's slot (message.audio): the first medium of a modality that has one
+            slot = s.medium.modality.spec.message_slot
+            if slot is not None and slot not in message:
+                message[slot] = self.audio_message(s, text)
+        message["parts"] = interleave(text, placed, media_parts, text_part=lambda t: {"type": "text", "text": t})
         if self.preset.grounding is not None:
             message["boxes"] = self.boxes_json(r)
         return {
@@ -155,15 +184,17 @@ class Responses:
         return sse_event(body)
 
     # ---- one-medium endpoints --------------------------------------------------------------------
-    def generation_body(self, request_id: str, modality: Modality, revised_prompt: str, media: list[EncodedMedium],
+    def generation_body(self, request_id: str, modality: Modality, revised_prompt: str, media: list[Stored],
                         fmt: str, base_url: str) -> dict[str, Any]:
         """The images / audio endpoints' answer: ``{"created", "id", "model", "data": [...]}``, one item per
-        medium (``b64_json`` or ``url``, with ``revised_prompt``, ``seed``, ``mime_type``[, ``duration_s``])."""
+        medium (``b64_json``, or ``url`` and ``expires_at``; with ``revised_prompt``, ``seed``, ``mime_type``[,
+        ``duration_s``])."""
         data = []
-        for m in media:
+        for s in media:
+            m = s.medium
             item: dict[str, Any] = {"revised_prompt": revised_prompt, "seed": m.seed, "mime_type": m.mime_type}
             if fmt == "url":
-                item.update(self.medium_ref(m, "url", base_url))
+                item.update(url=self.url(s, "url", base_url), expires_at=s.artifact.expires_at)
             else:
                 item["b64_json"] = base64.b64encode(m.data).decode("ascii")
             if m.duration_s is not None:
@@ -175,52 +206,80 @@ class Responses:
 
 class StreamChunks:
     """The SSE frames of one streamed answer, in the order of the contract ("Streaming"); keeps what later frames
-    need (the text so far for ``delta.audio``'s transcript, whether the first audio was sent, the media count).
+    need: the content written so far (:class:`~services.ingress.content.ContentStream`), each medium's number, the
+    text so far for ``delta.audio``'s transcript, whether the first audio was sent.
+
+    Each method returns the frames to send now (maybe none).
 
     Args:
         responses: the body builder.
-        plan: the running plan (id, media format, ``box_overlay``, ``include_usage``).
+        plan: the running plan (id, media format, ``include_usage``).
         base_url: base of artifact URLs.
     """
 
     def __init__(self, responses: Responses, plan: ChatPlan, base_url: str):
         self.r, self.plan, self.base_url = responses, plan, base_url
         self.created = int(time.time())
+        self.content = ContentStream()
         self._text: list[str] = []
         self._slots_filled: set[str] = set()
-        self._n_media = 0
+        self._counts: dict[Modality, int] = {}
+        self._numbers: dict[str, int] = {}
+
+    def _content(self, piece: str) -> list[bytes]:
+        return [self.r.chunk(self.plan, self.created, {"content": piece})] if piece else []
 
     def opening(self) -> bytes:
         """``delta: {"role": "assistant", "content": ""}``."""
         return self.r.chunk(self.plan, self.created, {"role": "assistant", "content": ""})
 
-    def text(self, value: str) -> bytes:
+    def text(self, value: str) -> list[bytes]:
         self._text.append(value)
-        return self.r.chunk(self.plan, self.created, {"content": value})
+        return self._content(self.content.text(value))
 
-    def medium(self, m: EncodedMedium) -> bytes:
-        """``delta: {"media": <part + text_offset>}`` (the first audio also ``delta.audio``)."""
-        self._n_media += 1
-        part = self.r.medium_part(m, self.plan.media_format, self.base_url)
-        part["text_offset"] = m.text_offset
-        delta: dict[str, Any] = {"media": part}
+    def _number(self, modality: Modality, art: Artifact) -> int:
+        self._counts[modality] = n = self._counts.get(modality, 0) + 1
+        self._numbers[art.id] = n
+        return n
+
+    def reserved(self, r: Reserved) -> list[bytes]:
+        """A signal group closed: its reference (pending artifact URL) goes into the content where it belongs."""
+        frames = []
+        for art in r.artifacts:
+            n = self._number(r.group.modality, art)
+            md = self.r.reference(r.group.modality, n, art, self.base_url)
+            frames += self._content(self.content.reference(r.group.text_offset, md))
+        return frames
+
+    def medium(self, s: Stored) -> list[bytes]:
+        """``delta: {"images": [item]}`` (``audios``, ``videos``; the first audio also ``delta.audio``)."""
+        m = s.medium
+        self.r.metrics.media.labels(m.modality.value).inc()
+        item = self.r.array_item(m.modality, self.r.url(s, self.plan.media_format, self.base_url),
+                                 self._numbers[s.artifact.id])
+        delta: dict[str, Any] = {m.modality.spec.answer_field: [item]}
         slot = m.modality.spec.message_slot
-        if slot is not None and slot not in self._slots_filled:  # the first audio also as delta.audio
+        if slot is not None and slot not in self._slots_filled:  # OpenAI's slot: the first audio, delta.audio
             self._slots_filled.add(slot)
-            delta[slot] = self.r.audio_message(m, "".join(self._text))
-        return self.r.chunk(self.plan, self.created, delta)
+            delta[slot] = self.r.audio_message(s, "".join(self._text))
+        return [self.r.chunk(self.plan, self.created, delta)]
 
-    def overlay(self, overlay: tuple[EncodedMedium, int], result: LLMResult) -> bytes:
-        """The ``box_overlay`` image as a ``delta.media`` frame, placed at the end of the text."""
-        part = self.r.overlay_part(overlay, self._n_media, self.plan.media_format, self.base_url)
-        part["text_offset"] = len(result.text)
-        return self.r.chunk(self.plan, self.created, {"media": part})
+    def overlay(self, overlay: tuple[Stored, int], result: LLMResult) -> list[bytes]:
+        """The ``box_overlay`` image: its reference at the end of the text, then ``delta.images``."""
+        s, _ = overlay
+        n = self._number(Modality.IMAGE, s.artifact)
+        frames = self._content(self.content.reference(len(result.text), self.r.reference(Modality.IMAGE, n, s.artifact,
+                                                                                          self.base_url)))
+        item = self.r.array_item(Modality.IMAGE, self.r.url(s, self.plan.media_format, self.base_url), n)
+        return [*frames, self.r.chunk(self.plan, self.created,
+                                        {Modality.IMAGE.spec.answer_field: [{**item, "overlay": True}]})]
 
     def finish(self, result: LLMResult) -> list[bytes]:
-        """The closing ``delta`` with ``finish_reason`` (``boxes`` for a grounding model), then the usage chunk
-        when the request asked for it."""
+        """References still waiting, the closing ``delta`` with ``finish_reason`` (``boxes`` for a grounding model),
+        then the usage chunk when the request asked for it."""
+        out = self._content(self.content.finish())
         last = {"boxes": self.r.boxes_json(result)} if self.r.preset.grounding is not None else {}
-        out = [self.r.chunk(self.plan, self.created, last, FINISH.get(result.finish_reason, "stop"))]
+        out.append(self.r.chunk(self.plan, self.created, last, FINISH.get(result.finish_reason, "stop")))
         if self.plan.include_usage:
             out.append(self.r.chunk(self.plan, self.created, None, usage=self.r.usage(result)))
         return out

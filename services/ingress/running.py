@@ -1,6 +1,9 @@
 """Running a :class:`~services.ingress.planning.ChatPlan` over the backend: the LLM stream, a render per signal
 group started as soon as the group arrives (decoders work while the text still streams), the grounding overlay,
 and the request's guards (timeout, client disconnect). Cancelling a run cancels the LLM and every render.
+
+Every medium is stored: when its group closes an artifact is reserved in the store (its id can go into the answer
+at once), fulfilled with the file when the render finishes, or failed with the reason (render error, cancelled).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from services.ingress.planning import ChatPlan, input_images
 from services.metrics import APIMetrics
 from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest
 from services.settings import ServerSettings
+from services.store import Artifact, FileStore
 
 log = logging.getLogger(__name__)
 
@@ -31,15 +35,32 @@ class ClientGone(Exception):
     """The client disconnected; its work was cancelled."""
 
 
+@dataclass(frozen=True)
+class Reserved:
+    """A signal group that closed: its render started, one artifact reserved per seed (one, but for the
+    one-medium endpoints' variants)."""
+
+    group: SignalGroup
+    artifacts: tuple[Artifact, ...]
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A rendered medium and its (ready) artifact."""
+
+    medium: EncodedMedium
+    artifact: Artifact
+
+
 @dataclass
 class ChatOutcome:
-    """A whole (non-streamed) answer: its text, rendered media, the LLM's result and groups."""
+    """A whole (non-streamed) answer: its text, rendered media (stored), the LLM's result and groups."""
 
     text: str
-    media: list[EncodedMedium]
+    media: list[Stored]
     result: LLMResult
     groups: list[SignalGroup]
-    overlay: tuple[EncodedMedium, int] | None = None  # (PNG, index of the image it was drawn on)
+    overlay: tuple[Stored, int] | None = None  # (PNG, index of the image it was drawn on)
 
 
 class Runner:
@@ -47,21 +68,40 @@ class Runner:
 
     Args:
         backend: the stages.
-        settings: ``request_timeout_s``.
+        settings: ``request_timeout_s``, ``artifact_ttl_s``.
         metrics: ``rejected{reason="timeout"|"disconnect"}``.
+        store: where every medium is stored.
     """
 
-    def __init__(self, backend: Backend, settings: ServerSettings, metrics: APIMetrics):
+    def __init__(self, backend: Backend, settings: ServerSettings, metrics: APIMetrics, store: FileStore):
         self.backend = backend
         self.settings = settings
         self.metrics = metrics
+        self.store = store
 
-    async def _render(self, plan: ChatPlan, group: SignalGroup, seed: int) -> EncodedMedium:
+    def reserve(self, modality: Modality) -> Artifact:
+        """A pending artifact for a medium about to be rendered (it must be ready within the request timeout)."""
+        ext = modality.spec.codec.ext
+        return self.store.reserve(f"{modality.value}/{ext}", ext, self.settings.artifact_ttl_s,
+                                  ready_within_s=self.settings.request_timeout_s)
+
+    async def _render(self, plan: ChatPlan, group: SignalGroup, seed: int, art: Artifact) -> Stored:
+        """Render one medium into its reserved artifact (failed with the reason if the render fails or is
+        cancelled)."""
         options = plan.options.get(group.modality) or self.backend.preset.decoders[group.modality].defaults
-        return await self.backend.render(RenderRequest(plan.request_id, group, seed, options))
+        try:
+            m = await self.backend.render(RenderRequest(plan.request_id, group, seed, options))
+        except asyncio.CancelledError:
+            self.store.fail(art, "the request was cancelled before this medium was ready")
+            raise
+        except Exception as e:
+            self.store.fail(art, stage_error(e).message)
+            raise
+        return Stored(m, self.store.fulfil(art, m.data, m.mime_type, m.ext))
 
     async def events(self, plan: ChatPlan) -> AsyncIterator[tuple[str, Any]]:
-        """Run a plan: yields ``("text", str)``, ``("medium", EncodedMedium)`` as each is ready, and finally
+        """Run a plan: yields ``("text", str)``; ``("reserved", Reserved)`` when a signal group closes (its
+        render started, its artifacts reserved); ``("medium", Stored)`` as each medium is ready; and finally
         ``("done", (LLMResult, groups))``. Closing / cancelling it cancels the LLM and every render.
 
         Raises:
@@ -71,13 +111,17 @@ class Runner:
             REQUEST_DEADLINE.set(plan.deadline)
         queue: asyncio.Queue = asyncio.Queue()
         renders: list[asyncio.Task] = []
+        reserved: list[Artifact] = []
         groups: list[SignalGroup] = []
         only_first = bool(plan.variant_seeds)
 
-        def start(group: SignalGroup, seed: int) -> None:
-            t = asyncio.ensure_future(self._render(plan, group, seed))
+        def start(group: SignalGroup, seed: int) -> Artifact:
+            art = self.reserve(group.modality)
+            t = asyncio.ensure_future(self._render(plan, group, seed, art))
             t.add_done_callback(lambda t: queue.put_nowait(("render", t)))
             renders.append(t)
+            reserved.append(art)
+            return art
 
         async def produce() -> None:
             result = None
@@ -98,8 +142,7 @@ class Runner:
                             continue
                         groups.append(item)
                         seeds = plan.variant_seeds if only_first else (plan.base_seed + item.index,)
-                        for s in seeds:
-                            start(item, s)
+                        queue.put_nowait(("reserved", Reserved(item, tuple(start(item, s) for s in seeds))))
                     elif isinstance(item, LLMResult):
                         result = item
                 queue.put_nowait(("llm", result))
@@ -115,8 +158,8 @@ class Runner:
         try:
             while not (llm_done and delivered == len(renders)):
                 kind, value = await queue.get()
-                if kind == "text":
-                    yield "text", value
+                if kind in ("text", "reserved"):
+                    yield kind, value
                 elif kind == "error":
                     raise stage_error(value)
                 elif kind == "llm":
@@ -148,36 +191,40 @@ class Runner:
             for t in renders:  # a failure beside the one raised: retrieved here, never left unread
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     log.debug("%s: render outcome: %r", plan.request_id, t.exception())
+            for t, art in zip(renders, reserved):  # cancelled before it ran: its artifact is failed here
+                if t.cancelled() and (now := self.store.lookup(art.id)) is not None and now.state == "pending":
+                    self.store.fail(art, "the request was cancelled before this medium was ready")
 
     async def collect(self, plan: ChatPlan) -> ChatOutcome:
         """Run a plan to the end (and draw its overlay when asked)."""
         text: list[str] = []
-        media: list[EncodedMedium] = []
+        media: list[Stored] = []
         result, groups = None, []
         async for kind, value in self.events(plan):
             if kind == "text":
                 text.append(value)
             elif kind == "medium":
                 media.append(value)
-            else:
+            elif kind == "done":
                 result, groups = value
         overlay = await self.overlay(plan, result) if plan.box_overlay else None
         return ChatOutcome(result.text if result is not None and result.text else "".join(text), media, result,
                            groups, overlay)
 
-    async def media_items(self, plan: ChatPlan, request: Request) -> tuple[str, list[EncodedMedium]]:
+    async def media_items(self, plan: ChatPlan, request: Request) -> tuple[str, list[Stored]]:
         """A one-medium plan (images / audio endpoints), guarded: (the LLM's text, the media by seed)."""
         out: ChatOutcome = await self.guarded(request, self.collect(plan))
-        return out.text, sorted(out.media, key=lambda m: m.seed)
+        return out.text, sorted(out.media, key=lambda s: s.medium.seed)
 
-    async def overlay(self, plan: ChatPlan, result: LLMResult) -> tuple[EncodedMedium, int]:
-        """The answer's boxes drawn on the image they refer to (the last image when there are none), as PNG."""
+    async def overlay(self, plan: ChatPlan, result: LLMResult) -> tuple[Stored, int]:
+        """The answer's boxes drawn on the image they refer to (the last image when there are none), as a stored
+        PNG placed at the end of the text."""
         images = input_images(plan.llm.turns)
         k = result.boxes[0].image_index if result.boxes else len(images) - 1
         mine = [b for b in result.boxes if b.image_index == k]
         png = await asyncio.to_thread(overlay_png, images[k].data, mine)
-        return EncodedMedium(Modality.IMAGE, png, "image/png", "png", seed=0, index=0,
-                             text_offset=len(result.text)), k
+        m = EncodedMedium(Modality.IMAGE, png, "image/png", "png", seed=0, index=0, text_offset=len(result.text))
+        return Stored(m, self.store.put(png, m.mime_type, m.ext, self.settings.artifact_ttl_s)), k
 
     async def guarded(self, request: Request, work: Awaitable[Any]) -> Any:
         """Run ``work`` under the request timeout, cancelling it if the client disconnects.

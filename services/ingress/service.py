@@ -45,9 +45,9 @@ class IngressService:
         self.admission = Admission(settings.max_concurrent_requests, settings.retry_after_s, self.metrics,
                                    timeout_s=settings.request_timeout_s, target=settings.admission_target,
                                    cold_start=settings.admission_cold_start)
-        self.media = MediaReader(backend, settings, self.metrics)
+        self.media = MediaReader(backend, settings, self.metrics, store)
         self.planner = Planner(backend, settings, self.media, self.model_name)
-        self.runner = Runner(backend, settings, self.metrics)
+        self.runner = Runner(backend, settings, self.metrics, store)
         self.responses = Responses(backend.preset, settings, store, self.metrics, self.model_name)
         self.videos = VideoJobs(self.runner, store, settings, self.metrics)
         self._api_keys = settings.effective_api_keys()

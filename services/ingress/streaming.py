@@ -97,15 +97,17 @@ async def sse(runner: Runner, responses: Responses, metrics: APIMetrics, timeout
                 return
             kind, value = payload
             if kind == "text":
-                yield chunks.text(value)
+                frames = chunks.text(value)
+            elif kind == "reserved":
+                frames = chunks.reserved(value)
             elif kind == "medium":
-                yield chunks.medium(value)
+                frames = chunks.medium(value)
             else:
                 result, _ = value
-                if plan.box_overlay:
-                    yield chunks.overlay(await runner.overlay(plan, result), result)
-                for frame in chunks.finish(result):
-                    yield frame
+                frames = chunks.overlay(await runner.overlay(plan, result), result) if plan.box_overlay else []
+                frames += chunks.finish(result)
+            for frame in frames:
+                yield frame
         yield chunks.done()
     finally:
         timer.cancel()

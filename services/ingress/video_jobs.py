@@ -63,8 +63,7 @@ class VideoJobs:
                 job.progress = 1
                 store.save_job(job)
                 out = await asyncio.wait_for(self.runner.collect(plan), timeout=settings.video_job_timeout_s)
-                video = out.media[0]
-                art = store.put(video.data, video.mime_type, video.ext, settings.artifact_ttl_s)
+                art = out.media[0].artifact  # stored by the runner
                 job.artifact_id, job.text = art.id, out.text
                 job.status, job.progress = "completed", 100
                 job.completed_at, job.expires_at = int(time.time()), art.expires_at

@@ -1,5 +1,10 @@
-"""``GET /v1/artifacts/{id}.{ext}``: stored media (``url`` response format, video results) until they expire.
-No API key: the unguessable id is the capability (clients hand these URLs to players and browsers)."""
+"""``GET /v1/artifacts/{id}.{ext}``: every generated medium (the references in answers, ``url`` media, video
+results) until it expires. No API key: the unguessable id is the capability (clients hand these URLs to players
+and browsers).
+
+A medium still being rendered (its reference is already in a streamed answer) is waited for, at most the request
+timeout (then 504); one whose render failed is a 500 ``generation_failed`` saying why; unknown or expired: 404.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +21,15 @@ router = APIRouter()
 
 @router.get("/v1/artifacts/{name}")
 async def get_artifact(name: str, svc: IngressService = Depends(get_service)):
-    got = svc.store.get(name.split(".", 1)[0])
-    if got is None:
+    artifact_id = name.split(".", 1)[0]
+    art, data = await svc.store.wait(artifact_id, svc.settings.request_timeout_s)
+    if art is None:
         raise APIError(404, "unknown or expired artifact", type="not_found_error", code="not_found")
-    art, data = got
+    if art.state == "failed":
+        raise APIError(500, f"artifact {artifact_id} has no medium: its generation failed ({art.error})",
+                       type="server_error", code="generation_failed")
+    if data is None:
+        raise APIError(504, f"artifact {artifact_id} was still being generated after "
+                            f"{svc.settings.request_timeout_s:g} s", type="server_error", code="timeout")
     return Response(data, media_type=art.mime_type,
                     headers={"Cache-Control": f"private, max-age={max(0, art.expires_at - int(time.time()))}"})

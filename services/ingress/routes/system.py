@@ -24,13 +24,18 @@ async def describe(svc: IngressService, timeout_s: float = 10.0) -> dict[str, An
 
 
 def model_card(svc: IngressService, parts: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``model`` object: preset, modalities, decoder defaults, the server's limits, grounding, parts."""
+    """The ``model`` object: preset, modalities (also as OpenRouter's ``architecture``), decoder defaults, the
+    server's limits, grounding, parts."""
     backend = svc.backend
+    inputs = ["text", *(m.value for m in backend.input_modalities)]
+    outputs = ["text", *(m.value for m in backend.output_modalities)]
     return {
         "id": svc.model_name, "object": "model", "created": 0, "owned_by": "polymodal",
         "preset": backend.preset.name, "description": backend.preset.description,
-        "input_modalities": ["text", *(m.value for m in backend.input_modalities)],
-        "output_modalities": ["text", *(m.value for m in backend.output_modalities)],
+        "architecture": {"modality": f"{'+'.join(inputs)}->{'+'.join(outputs)}", "input_modalities": inputs,
+                         "output_modalities": outputs},
+        "input_modalities": inputs,
+        "output_modalities": outputs,
         "decoder_defaults": {m.value: backend.preset.decoders[m].defaults.model_dump()
                              for m in backend.output_modalities},
         "limits": svc.settings.limits.model_dump(),

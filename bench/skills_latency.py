@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/skills.py [--quick] [--runs 24] [--gen-runs 6] [--threads 2] [--out skills.json]
+    .venv/bin/python bench/skills_latency.py [--quick] [--runs 24] [--gen-runs 6] [--threads 2] [--out skills.json]
 
 Each skill is called ``--runs`` times (after one untimed warm-up call that also loads its model) in turn over the
 photos ``astronaut()``, ``chelsea()``, ``coffee()`` and ``rocket()`` (as sent: 512x512 to 640x427 px):
