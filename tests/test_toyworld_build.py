@@ -122,3 +122,27 @@ def test_build_refuses_a_device_it_cannot_use(tmp_path):
     with pytest.raises(ValueError, match="device 'tpu'"):
         build(tmp_path, QUICK, progress=False, device="tpu")
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_instruct_continues_from_a_finished_export(quick_build, tmp_path):
+    """--instruct-from: the encode and decode stages are skipped; the instruct stage keeps training the export's
+    own LoRA (TrainConfig.continue_lora) and the manifest names where it started."""
+    from safetensors.torch import load_file
+
+    out, first = quick_build
+    cont = tmp_path / "cont"
+    manifest = build(cont, QUICK, progress=False, work=out / "work", parts_from=out, instruct_from=out / "export")
+    assert set(manifest["figures"]) == {"instruct_continued", "decoders", "encoders"}
+    assert manifest["figures"]["instruct_continued"]["steps"] == QUICK.steps(QUICK.continue_steps)
+    assert manifest["continued_from"]["export"] == str((out / "export").resolve())
+    assert manifest["continued_from"]["figures"]["instruct"] == first["figures"]["instruct"]
+    before = load_file(str(out / "export" / "lora" / "adapter_model.safetensors"))
+    after = load_file(str(cont / "export" / "lora" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()  # the same adapter (r, targets), trained further
+    assert any(not np.allclose(before[k].numpy(), after[k].numpy()) for k in before)
+    assert json.loads((cont / "export" / "lora" / "adapter_config.json").read_text())["r"] == QUICK.lora_r
+    with pytest.raises(ValueError, match="instruct_from"):
+        build(tmp_path / "g", QUICK, progress=False, work=out / "work", parts_from=out, instruct_from=out / "export",
+              grounding=True)
+    with pytest.raises(FileNotFoundError, match="--instruct-from"):
+        build(tmp_path / "n", QUICK, progress=False, work=out / "work", parts_from=out, instruct_from=tmp_path)

@@ -58,12 +58,15 @@ class BuildSettings:
     # plain-question dialogues (training.toyworld.plain: the training bank of plain questions, the base model's own
     # answers) in the instruct data besides the MosIT dialogues and requests: the mix ratio (0: none; more than the
     # bank's answered questions cycles through them)
-    plain_dialogues: int = 0
+    plain_dialogues: int = 400
     plain_max_new_tokens: int = 96  # the base model's answers: longer ones are cut to whole sentences
     plain_bank: int | None = None  # answer only the first this many questions of the bank (tests); None: all
     encode_steps: int = 300
     decode_steps: int = 6000  # cheap: the LLM states are cached (1500 steps ~ 36 s)
-    instruct_steps: int = 300
+    instruct_steps: int = 400  # 300 before plain_dialogues: the media rows seen stay about the same
+    # build(instruct_from=...): steps of the instruct stage continued from a build's export (its LoRA, projectors
+    # and token rows keep training on this build's instruct data; the encode and decode stages are skipped)
+    continue_steps: int = 100
     # the signal states' loss against the next-token loss in the instruct stage. Measured (in process, 24 held-out
     # requests, 32-token lead-in): 4.0 lifts video 25% -> 54% but drops image 98% -> 79% and raises the
     # instruct CE 0.44 -> 1.53; decode-stage requests with lead-ins changed nothing (video 25%)
@@ -151,8 +154,13 @@ def _stage(name: str, work: Path, preset_yaml: Path, data: list, init_from: Path
 
     out = work / f"align-{folder or name}"
     on = {} if device in (None, "cpu") else {"device": device}  # CPU builds keep the keys they always had
+    init_key = None
+    if init_from is not None:  # an earlier stage of this build (its stamp), or a finished export (its files)
+        stamp = init_from / ".build-key"
+        init_key = stamp.read_text() if stamp.is_file() else _key(
+            {str(f.relative_to(init_from)): _file_key(str(f)) for f in sorted(init_from.rglob("*")) if f.is_file()})
     key = _key({**key_parts, **on, "fields": fields, "data": [_file_key(d["path"]) for d in data],
-                "init": (init_from / ".build-key").read_text() if init_from else None})
+                "init": init_key})
     export = out / "export"
     if _done(export, key):
         return export, json.loads((out / "figures.json").read_text())
@@ -208,7 +216,7 @@ def _reuse_parts(parts_from: Path, out: Path, log) -> tuple[dict, dict]:
 
 def build(out: str | Path, settings: BuildSettings | None = None, *, progress: bool = True,
           work: str | Path | None = None, grounding: bool = False, device: str | None = None,
-          parts_from: str | Path | None = None) -> dict:
+          parts_from: str | Path | None = None, instruct_from: str | Path | None = None) -> dict:
     """Build (or bring up to date) the toy world into ``out``; returns the build manifest.
 
     ``work``: intermediate files (default ``OUT/work``; not needed by the preset, safe to delete).
@@ -216,10 +224,16 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     ``device``: where the alignment stages train (default ``cpu``: the shipped build; ``cuda``: the LLM in
     float32 there too, so its results match a CPU build up to kernel rounding, and stages trained on another
     device are cached apart). The toy decoders and encoder always train on the CPU.
+    ``instruct_from``: a finished toy export (e.g. ``polymodal/assets/toy/export``, with ``parts_from`` the build
+    it belongs to): skip the encode and decode stages and continue its instruct stage (its LoRA kept training,
+    ``TrainConfig.continue_lora``) for ``settings.continue_steps`` on this build's instruct data. The way to
+    add data (plain dialogues) to a shipped build without its 1.5 CPU hours; the manifest names the start.
 
     Raises:
-        ValueError: ``device`` is neither ``cpu`` nor an available ``cuda`` device; bad settings (from the steps).
-        FileNotFoundError: from the steps (missing files); ``parts_from`` without decoders or encoders.
+        ValueError: ``device`` is neither ``cpu`` nor an available ``cuda`` device; ``instruct_from`` with
+            ``grounding``; bad settings (from the steps).
+        FileNotFoundError: from the steps (missing files); ``parts_from`` without decoders or encoders;
+            ``instruct_from`` without ``export.json``.
     """
     import torch
 
@@ -282,12 +296,28 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
                     signal_ce=s.instruct_signal_ce, **common)  # the instruct stage's fields (toy and toy-grounding)
 
     plain_data = []
+    if instruct_from is not None and grounding:
+        raise ValueError("instruct_from continues the toy instruct stage only; build grounding without it")
+    if instruct_from is not None and not (Path(instruct_from) / "export.json").is_file():
+        raise FileNotFoundError(f"{Path(instruct_from) / 'export.json'} not found: --instruct-from needs a finished "
+                                f"toy export (e.g. polymodal/assets/toy/export)")
     if s.plain_dialogues:
         log("plain questions: the base model's answers (cached)")
         rows = distill_answers(plain_training_questions(s.seed)[:s.plain_bank], work / "plain-answers",
                                max_new_tokens=s.plain_max_new_tokens, progress=progress)
         plain_data = [{"path": str(write_dialogues(work / "plain-dialogues.json", rows, s.plain_dialogues)),
                        "format": "t2x"}]
+
+    instruct_data_all = [{"path": str(mosit), "format": "mosit"}, {"path": str(instruct_data), "format": "t2x"},
+                         *plain_data]
+    if instruct_from is not None:
+        start = Path(instruct_from).resolve()
+        log(f"alignment: instruction tuning continued from {start} (encode and decode stages skipped)")
+        ins_export, ins_fig = _stage(
+            "instruct", work, preset_yaml, instruct_data_all, start, parts_key, progress, folder="instruct-continued",
+            max_steps=s.steps(s.continue_steps), continue_lora=True, **instruct)
+        return _finish(out, {"export": ins_export}, {"instruct_continued": ins_fig}, s, decoders, encoders, t0, log,
+                       continued_from=_continued_from(start))
 
     log("alignment 1/3: encoding side")
     enc_export, enc_fig = _stage(
@@ -301,9 +331,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
         **common)
     log("alignment 3/3: instruction tuning (LoRA)")
     ins_export, ins_fig = _stage(
-        "instruct", work, preset_yaml,
-        [{"path": str(mosit), "format": "mosit"}, {"path": str(instruct_data), "format": "t2x"}, *plain_data],
-        dec_export, parts_key, progress, max_steps=s.steps(s.instruct_steps), **instruct)
+        "instruct", work, preset_yaml, instruct_data_all, dec_export, parts_key, progress,
+        max_steps=s.steps(s.instruct_steps), **instruct)
 
     exports = {"export": ins_export}
     figures = {"encode": enc_fig, "decode": dec_fig, "instruct": ins_fig}
@@ -318,6 +347,24 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
             {**parts_key, "preset": g_preset.to_yaml().replace(str(out), "OUT")}, progress, folder="grounding",
             max_steps=s.steps(s.grounding_steps), **{**instruct, "batch_size": s.grounding_batch_size})
 
+    return _finish(out, exports, figures, s, decoders, encoders, t0, log)
+
+
+def _continued_from(export: Path) -> dict:
+    """Where a continued instruct stage started: the export, its steps, and its build's settings and figures
+    (``../toyworld-build.json`` when there is one)."""
+    body = json.loads((export / "export.json").read_text())
+    out = {"export": str(export), "stage": body.get("stage"), "steps": body.get("steps")}
+    manifest = export.parent / BUILD_MANIFEST
+    if manifest.is_file():
+        prev = json.loads(manifest.read_text())
+        out.update(settings=prev.get("settings"), figures=prev.get("figures"), build_s=prev.get("build_s"))
+    return out
+
+
+def _finish(out: Path, exports: dict, figures: dict, s: BuildSettings, decoders: dict, encoders: dict, t0: float,
+            log, **extra) -> dict:
+    """Copy the exports into ``out`` and write the build manifest -> the manifest as read back."""
     for name, export in exports.items():
         final = out / name
         if final.exists():
@@ -329,7 +376,7 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
                     "decoders": {m: e["figures"] for m, e in decoders["decoders"].items()},
                     "encoders": {m: e["figures"] for m, e in encoders["encoders"].items()}},
         "sizes_mb": {p: _size_mb(out / p) for p in ("decoders", "encoders", *exports)},
-        "build_s": round(time.time() - t0, 1),
+        "build_s": round(time.time() - t0, 1), **extra,
     }
     manifest["sizes_mb"]["total"] = round(sum(manifest["sizes_mb"].values()), 3)
     text = json.dumps(manifest, indent=2, sort_keys=True)

@@ -106,6 +106,10 @@ def build(
     parts_from: Annotated[Optional[Path], typer.Option(
         "--parts-from", help="a toy build folder (e.g. polymodal/assets/toy) whose trained decoders/ and encoders/ "
         "are copied into OUT and used as they are, instead of training them")] = None,
+    instruct_from: Annotated[Optional[Path], typer.Option(
+        "--instruct-from", help="a finished toy export (e.g. polymodal/assets/toy/export, with --parts-from its "
+        "build): skip the encode and decode stages and continue its instruct stage (its LoRA kept training) on "
+        "this build's instruct data, plain dialogues included")] = None,
 ) -> None:
     """Build the whole toy world: data, toy decoders and encoder, MosIT dialogues, the three alignment stages.
 
@@ -119,7 +123,7 @@ def build(
 
     try:
         manifest = run(out, BuildSettings(step_scale=step_scale), work=work, progress=True, grounding=grounding,
-                       device=device, parts_from=parts_from)
+                       device=device, parts_from=parts_from, instruct_from=instruct_from)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")
