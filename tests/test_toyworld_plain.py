@@ -87,5 +87,10 @@ def test_distill_answers_are_served_from_the_cache(tmp_path, monkeypatch):
     assert [r["answer"] for r in rows] == ["Hello! yes.", "Who was Napoleon? yes."]
     assert len(calls) == 2 and json.loads((tmp_path / ANSWERS).read_text())["rows"] == rows
     assert distill_answers(qs, tmp_path, batch_size=1, progress=False) == rows and len(calls) == 2  # cached
+    # answers are kept per question: a smaller list is served, a larger one generates only what is new
+    assert distill_answers(qs[:1], tmp_path, batch_size=1, progress=False) == rows[:1] and len(calls) == 2
+    more = distill_answers([*qs, "Why is the sky blue?"], tmp_path, batch_size=1, progress=False)
+    assert more[:2] == rows and calls[2:] == [["Why is the sky blue?"]]
+    assert len(json.loads((tmp_path / ANSWERS).read_text())["rows"]) == 3
     distill_answers(qs, tmp_path, batch_size=1, max_new_tokens=8, progress=False)  # other settings: redone
-    assert len(calls) == 4
+    assert len(calls) == 5

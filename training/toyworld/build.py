@@ -60,7 +60,9 @@ class BuildSettings:
     # bank's answered questions cycles through them)
     plain_dialogues: int = 400
     plain_max_new_tokens: int = 96  # the base model's answers: longer ones are cut to whole sentences
-    plain_bank: int | None = None  # answer only the first this many questions of the bank (tests); None: all
+    # answer only this many questions of the bank, the shortest (the distillation answers shortest first, so the
+    # answers of a run stopped part-way serve it); None: all
+    plain_bank: int | None = None
     encode_steps: int = 300
     decode_steps: int = 6000  # cheap: the LLM states are cached (1500 steps ~ 36 s)
     instruct_steps: int = 400  # 300 before plain_dialogues: the media rows seen stay about the same
@@ -303,7 +305,9 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
                                 f"toy export (e.g. polymodal/assets/toy/export)")
     if s.plain_dialogues:
         log("plain questions: the base model's answers (cached)")
-        rows = distill_answers(plain_training_questions(s.seed)[:s.plain_bank], work / "plain-answers",
+        bank = plain_training_questions(s.seed)
+        rows = distill_answers(bank if s.plain_bank is None else sorted(bank, key=len)[:s.plain_bank],
+                               work / "plain-answers",
                                max_new_tokens=s.plain_max_new_tokens, progress=progress)
         plain_data = [{"path": str(write_dialogues(work / "plain-dialogues.json", rows, s.plain_dialogues)),
                        "format": "t2x"}]

@@ -81,7 +81,8 @@ def _greedy_batch(engine, questions: Sequence[str], max_new_tokens: int) -> list
 
 def distill_answers(questions: Sequence[str], cache_dir: str | Path, *, max_new_tokens: int = 96,
                     batch_size: int = 16, progress: bool = True) -> list[dict]:
-    """The base model's answer to each question, from the cache when the questions and settings match.
+    """The base model's answer to each question, from the cache where it holds that question with these settings
+    (answers are kept per question: a run stopped part-way, or a smaller or larger question list, reuses them).
 
     Returns one row per question, in order: ``{"question", "text"`` (as generated), ``"finish_reason",
     "completion_tokens", "answer"`` (:func:`trim_answer`; ``None``: left out)``}``. ``cache_dir`` gets
@@ -96,18 +97,20 @@ def distill_answers(questions: Sequence[str], cache_dir: str | Path, *, max_new_
     from polymodal.presets import smol
 
     preset = smol()
-    key = _key({"version": _VERSION, "questions": list(questions), "llm": preset.llm.model_dump(mode="json"),
-                "chat": dataclasses.asdict(preset.chat),
+    # the settings, not the questions: greedy answers do not depend on the batch (checked in _greedy_batch)
+    key = _key({"version": _VERSION, "llm": preset.llm.model_dump(mode="json"), "chat": dataclasses.asdict(preset.chat),
                 "max_new_tokens": max_new_tokens, "greedy": True, "signals": "suppressed", "batch_size": batch_size})
     cache_dir = Path(cache_dir)
     final = cache_dir / ANSWERS
+    done: dict[str, dict] = {}
     if final.is_file():
         body = json.loads(final.read_text())
         if body.get("key") == key:
-            return body["rows"]
+            done = {row["question"]: row for row in body["rows"]}
+            if all(q in done for q in questions):
+                return [done[q] for q in questions]
     cache_dir.mkdir(parents=True, exist_ok=True)
     partial = cache_dir / _PARTIAL
-    done: dict[str, dict] = {}
     if partial.is_file():
         lines = partial.read_text().splitlines()
         if lines and json.loads(lines[0]).get("key") == key:
@@ -136,12 +139,11 @@ def distill_answers(questions: Sequence[str], cache_dir: str | Path, *, max_new_
                 f.flush()
                 if progress:
                     print(f"  plain answers: {len(done)}/{len(questions)} ({time.time() - t0:.0f} s)", flush=True)
-    rows = [done[q] for q in questions]
     tmp = final.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"key": key, "rows": rows}, indent=1))
+    tmp.write_text(json.dumps({"key": key, "rows": list(done.values())}, indent=1))  # every answer known
     tmp.replace(final)
     partial.unlink(missing_ok=True)
-    return rows
+    return [done[q] for q in questions]
 
 
 def dialogue_records(rows: Sequence[dict], n: int) -> list[dict]:
