@@ -80,6 +80,13 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH
 SHELL ["/bin/sh", "-eu", "-c"]
+# The speech deployment's voices: flite (the default TTS engine, the most intelligible offline voices measured in
+# bench/speech.py) and espeak-ng, Debian's programs (docker/verify_image.py checks that the image speaks).
+# DL3008: the base image's Debian release pins them (its archive moves only with security fixes).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends flite espeak-ng \
+    && rm -rf /var/lib/apt/lists/*
 ARG APP_UID=1000
 RUN useradd --uid "$APP_UID" --user-group --create-home --shell /bin/sh polymodal \
     && mkdir -p /cache/polymodal /cache/huggingface \

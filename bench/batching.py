@@ -1,6 +1,6 @@
 """Batching: media/s of the image decoder deployment at 1, 4 and 16 concurrent requests with batching off
-(``max_batch_size`` 1) and on (``max_batch_size`` N); tokens/s of the LLM deployment at 1 and 4 concurrent
-requests.
+(``max_batch_size`` 1) and on (``max_batch_size`` N, per batch policy); the model's own batching ceiling in process;
+tokens/s of the LLM deployment at 1 and 4 concurrent requests.
 
 Run from the repository root::
 
@@ -10,7 +10,14 @@ The deployments are the real ``services.deployments`` classes with ``services.ap
 (``DecoderDeploymentArgs`` / ``LLMDeploymentArgs``), each in its own Serve application on our own local Ray
 cluster, called through DeploymentHandles from this process (no HTTP, no LLM in front of the decoder: the
 decoder gets ready signal groups of the preset's shape, so its own throughput is measured). Batching off
-and on are measured side by side, level by level. Each replica has fractional CPUs, hence one torch thread.
+and on are measured side by side, level by level; "on" once per ``--batch-policies`` entry (``adaptive``: no timer,
+requests that arrive while a batch runs share the next call; ``timeout``: Ray's ``@serve.batch`` waiting
+``--batch-wait-s``). Each replica has fractional CPUs, hence one torch thread.
+
+The ceiling: at each level the same decoder stage, built in this process on one torch thread, renders one batch of
+that many items (``DecoderWorker.run_batch``, PNG encoding included) against the same number of items one by one:
+model gain = (one by one) / (batched) wall time. The graph gain is the deployment's media/s batching on over off
+at that concurrency; serving efficiency = graph gain / model gain (1.0: the graph keeps all the model's gain).
 """
 
 from __future__ import annotations
@@ -52,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     p = C.base_parser(__doc__.splitlines()[0])
     p.add_argument("--concurrency", type=_ints, default=[1, 4, 16], help="decoder levels (comma separated)")
     p.add_argument("--max-batch-size", type=int, default=16, help="decoder max_batch_size with batching on")
-    p.add_argument("--batch-wait-s", type=float, default=0.05, help="decoder batch_wait_timeout_s")
+    p.add_argument("--batch-wait-s", type=float, default=0.0, help="decoder batch_wait_timeout_s (policy timeout)")
+    p.add_argument("--batch-policies", default="adaptive,timeout",
+                   help="batch policies measured with batching on (comma separated; services.workers.BATCH_POLICIES)")
     p.add_argument("--decoder-num-cpus", type=float, default=0.4, help="num_cpus of each decoder replica")
     p.add_argument("--requests-per-client", type=int, default=3,
                    help="decoder calls per concurrent client and level (at least 24 calls per level; --quick: 2, "
@@ -75,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     from polymodal.presets import get_preset
     from polymodal.types import SignalGroup, TextPart, Turn
     from services.app import DecoderDeploymentArgs, LLMDeploymentArgs
+    from polymodal.pipeline import build_decoder_stage
     from services.deployments import DecoderServer, LLMServer
     from services.protocol import LLMRequest, RenderRequest
+    from services.workers import BatchItem, DecoderWorker, check_batch_policy
+
+    policies = [check_batch_policy(x.strip()) for x in args.batch_policies.split(",") if x.strip()]
 
     preset = C.bench_preset(num_inference_steps=args.steps, size_px=args.size_px)
     llm_preset = preset if args.llm_preset is None else get_preset(args.llm_preset)
@@ -95,13 +108,40 @@ def main(argv: list[str] | None = None) -> int:
     with C.ray_cluster():
         C.serve_http(C.free_port())  # Serve's proxy on a free port (8000 may be taken); no HTTP is used here
         apps = {}
-        for label, mbs in (("off", 1), ("on", args.max_batch_size)):
-            d = DecoderDeploymentArgs(num_cpus=args.decoder_num_cpus, max_batch_size=mbs,
+        configs = [("off", 1, policies[0])] + [(f"on-{pol}", args.max_batch_size, pol) for pol in policies]
+        for label, mbs, pol in configs:
+            d = DecoderDeploymentArgs(num_cpus=args.decoder_num_cpus, max_batch_size=mbs, batch_policy=pol,
                                       batch_wait_timeout_s=args.batch_wait_s, max_ongoing_requests=max_ongoing)
             app = serve.deployment(DecoderServer).options(**d.options(f"decoder-image-{label}")).bind(
-                preset, image.value, None, None, mbs, args.batch_wait_s, None)
+                preset, image.value, None, None, mbs, args.batch_wait_s, None, batch_policy=pol)
             print(f"deploying the image decoder, batching {label} (max_batch_size {mbs}) ...", flush=True)
             apps[label] = serve.run(app, name=f"decoder-{label}", route_prefix=None, blocking=False)
+
+        C.one_thread()
+        local = DecoderWorker(build_decoder_stage(preset, image))
+
+        def in_process(batch: int) -> dict:
+            """One batch of ``batch`` items vs the same items one by one, interleaved -> wall times, model gain."""
+            def items(k: int):
+                return [BatchItem(RenderRequest(request_id=uuid.uuid4().hex, group=group, seed=k + i, options=options))
+                        for i in range(batch)]
+
+            one, together = [], []
+            for rep_ in range(2 if args.quick else 3):
+                for mode in (("one", "together") if rep_ % 2 == 0 else ("together", "one")):
+                    t = time.perf_counter()
+                    if mode == "one":
+                        for it in items(0):
+                            local.run_batch([it])
+                        one.append(time.perf_counter() - t)
+                    else:
+                        local.run_batch(items(0))
+                        together.append(time.perf_counter() - t)
+            a, b = float(np.median(one)), float(np.median(together))
+            return {"batch": batch, "one_by_one_s": a, "batched_s": b, "ms_per_item_one": 1000 * a / batch,
+                    "ms_per_item_batched": 1000 * b / batch, "model_gain": C.ratio(a, b)}
+
+        in_process(1)  # warm-up
 
         def render(handle):
             async def call(i: int):
@@ -116,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, conc in enumerate(args.concurrency):
                 total = max(min_calls, per_client * conc)
                 row = {"concurrency": conc, "requests": total}
-                for label in (("off", "on") if k % 2 == 0 else ("on", "off")):
+                for label in (list(apps) if k % 2 == 0 else list(apps)[::-1]):
                     r = await _load(render(apps[label]), conc, total)
                     sizes = [m.batch_size for m in r["results"]]
                     row[label] = {"media_per_s": total / r["wall_s"], "wall_s": r["wall_s"],
@@ -124,7 +164,14 @@ def main(argv: list[str] | None = None) -> int:
                                   "max_batch_size_seen": int(max(sizes))}
                     print(f"  decoder: concurrency {conc}, batching {label}: {total / r['wall_s']:.2f} media/s",
                           flush=True)
-                row["ratio_on_over_off"] = C.ratio(row["on"]["media_per_s"], row["off"]["media_per_s"])
+                row["in_process"] = ceiling = in_process(min(conc, args.max_batch_size))
+                for pol in policies:
+                    gain = C.ratio(row[f"on-{pol}"]["media_per_s"], row["off"]["media_per_s"])
+                    row[f"graph_gain_{pol}"] = gain
+                    row[f"serving_efficiency_{pol}"] = C.ratio(gain, ceiling["model_gain"])
+                print(f"  in process: batch {ceiling['batch']}: model gain {ceiling['model_gain']:.2f}x; serving "
+                      "efficiency " + ", ".join(f"{pol} {row[f'serving_efficiency_{pol}']:.2f}" for pol in policies),
+                      flush=True)
                 rows.append(row)
             return rows
 
@@ -171,13 +218,23 @@ def main(argv: list[str] | None = None) -> int:
         results["llm"] = {"preset": llm_preset.name, "num_cpus": args.llm_num_cpus,
                           "max_new_tokens": args.llm_max_new_tokens, "rows": asyncio.run(llm_levels())}
 
+    for pol in policies:
+        on = f"on-{pol}"
+        C.print_table(
+            f"Image decoder deployment, preset {preset.name!r} ({args.steps} steps, {args.size_px}px), "
+            f"max_batch_size 1 vs {args.max_batch_size}, batch policy {pol!r}"
+            + (f" (batch_wait_timeout_s {args.batch_wait_s})" if pol == "timeout" else ""),
+            ["concurrency", "off media/s", "on media/s", "graph gain on/off", "mean batch (on)", "p50 s off",
+             "p50 s on", "model gain (in process)", "serving efficiency"],
+            [[r["concurrency"], r["off"]["media_per_s"], r[on]["media_per_s"], r[f"graph_gain_{pol}"],
+              r[on]["mean_batch_size"], r["off"]["latency"]["p50_s"], r[on]["latency"]["p50_s"],
+              r["in_process"]["model_gain"], r[f"serving_efficiency_{pol}"]] for r in results["decoder"]],
+        )
     C.print_table(
-        f"Image decoder deployment, preset {preset.name!r} ({args.steps} steps, {args.size_px}px), "
-        f"max_batch_size 1 vs {args.max_batch_size}, batch_wait_timeout_s {args.batch_wait_s}",
-        ["concurrency", "off media/s", "on media/s", "ratio on/off", "mean batch (on)", "p50 s off", "p50 s on"],
-        [[r["concurrency"], r["off"]["media_per_s"], r["on"]["media_per_s"], r["ratio_on_over_off"],
-          r["on"]["mean_batch_size"], r["off"]["latency"]["p50_s"], r["on"]["latency"]["p50_s"]]
-         for r in results["decoder"]],
+        "The model's own batching ceiling, in process (one torch thread, the same stage and items)",
+        ["batch", "ms/item one by one", "ms/item batched", "model gain"],
+        [[r["in_process"]["batch"], r["in_process"]["ms_per_item_one"], r["in_process"]["ms_per_item_batched"],
+          r["in_process"]["model_gain"]] for r in results["decoder"]],
     )
     lc = args.llm_concurrency
     C.print_table(

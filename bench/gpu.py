@@ -13,7 +13,15 @@ toy sizes instead, for tests). Measured, side by side on one pipeline object:
 - end-to-end seconds per 512x512, 50-step image: ``AnyToAnyPipeline`` with the 7B-shaped LLM (random, so
   it never emits signal tokens or EOS on its own: after ``--text-tokens`` text tokens the image's signal
   tokens and then EOS are forced through the decode loop's ``propose`` hook), then the decoder;
-- LLM tokens/s at batch 1 (``--llm-tokens`` tokens, EOS and signal tokens suppressed).
+- LLM tokens/s at batch 1 (``--llm-tokens`` tokens, EOS and signal tokens suppressed);
+- through the Ray Serve deployment (part ``deployment``): the same SD v1.5-shaped decoder, saved in the diffusers
+  layout and loaded by the image decoder deployment of the whole graph (``services.app:app_builder``, our own
+  local Ray cluster), images/s at each batch size with that many closed-loop clients calling the decoder
+  deployment's handle with ready signal groups, beside the plain diffusers call in this process (the ratio is
+  the issue's ">= 0.95x" check); then one chat request over HTTP with ``modalities: ["image"]`` (the LLM's
+  image group is forced at its token limit), seconds end to end.
+
+``--parts`` picks what runs (``decoder,llm,e2e,deployment``; each re-runnable alone).
 
 The SD v1.5 UNet, VAE and CLIP ViT-L/14 text encoder are built from their published configs written out in
 code (no download), with a small-std initialisation (weights N(0, ``--init-std``)) so that float16 stays finite;
@@ -119,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per batch size and side (--quick: 1)")
     p.add_argument("--text-tokens", type=int, default=32, help="text tokens before the forced image group (e2e)")
     p.add_argument("--llm-tokens", type=int, default=128, help="tokens of the LLM tokens/s run (--quick: 16)")
+    p.add_argument("--parts", default="decoder,llm,e2e,deployment",
+                   help="what to run (comma separated): decoder, llm, e2e, deployment")
     args = p.parse_args(argv)
 
     import torch
@@ -173,15 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     decoder = ImageDecoder(pipe, dec_cfg, init_state="random", device=device)
 
     print("building the 7B-shaped LLM stage ...", flush=True)
-    t = time.perf_counter()
-    with torch.device(device):  # random init directly on the GPU (7B on the CPU takes minutes)
-        llm = build_llm_stage(preset, device=device)
-    results["llm_build_s"] = time.perf_counter() - t
-    engine = llm.engine
-    results["llm_params_b"] = sum(x.numel() for x in engine.model.parameters()) / 1e9
-    results["llm_shape"] = {k: getattr(engine.model.config, k) for k in (
-        "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")}
-    d_llm = engine.d_llm
+    parts = {x.strip() for x in args.parts.split(",") if x.strip()}
+    unknown = parts - {"decoder", "llm", "e2e", "deployment"}
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choices: decoder, llm, e2e, deployment")
+    llm = engine = None
+    d_llm = int(llm_cfg.tiny.hidden_size)
+    if parts & {"llm", "e2e"}:
+        t = time.perf_counter()
+        with torch.device(device):  # random init directly on the GPU (7B on the CPU takes minutes)
+            llm = build_llm_stage(preset, device=device)
+        results["llm_build_s"] = time.perf_counter() - t
+        engine = llm.engine
+        results["llm_params_b"] = sum(x.numel() for x in engine.model.parameters()) / 1e9
+        results["llm_shape"] = {k: getattr(engine.model.config, k) for k in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")}
+        d_llm = engine.d_llm
     pcfg = preset.output_projectors[image].model_copy(update={"num_queries": q})
     n_sig = preset.signals.spec().count(image)
     proj = build_output_projector(pcfg, d_llm=d_llm, num_signal_tokens=n_sig, cond_shape=(q, d_cond), seed=0)
@@ -212,11 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         _sync()
         return int(np.isfinite(out.images).all(axis=(1, 2, 3)).sum())
 
-    print("decoder: warm-up ...", flush=True)
-    ours(1)
-    plain(1)
     rows = []
-    for b in batch_sizes:
+    for b in (batch_sizes if "decoder" in parts else []):
+        if not rows:
+            print("decoder: warm-up ...", flush=True)
+            ours(1)
+            plain(1)
         row: dict = {"batch_size": b}
         for k in range(repeats):
             for name, fn in ((("ours", ours), ("plain", plain)) if k % 2 == 0 else (("plain", plain), ("ours", ours))):
@@ -233,6 +251,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['plain']['images_per_s']:.3f} images/s", flush=True)
         rows.append(row)
     results["decoder"] = rows
+    if "deployment" in parts:
+        results["deployment"] = through_deployment(args, preset, pipe, pcfg, dec_cfg, plain, group, batch_sizes,
+                                                   repeats, toy, size, steps)
+    if engine is None:
+        _tables(results, rows, None, [], args, size, steps)
+        C.finish(results, args.out)
+        return 0
 
     eos = sorted(engine.eos_ids)
     banned = torch.tensor(eos + [i for ids in engine.signal_ids.values() for i in ids], dtype=torch.long)
@@ -250,22 +275,24 @@ def main(argv: list[str] | None = None) -> int:
         ids = engine.signal_ids[image]
         return ids[k] if k < len(ids) else eos[0]
 
-    print("LLM: tokens/s at batch 1 ...", flush=True)
     turns = as_turns(C.BENCH_PROMPT)
-    llm.generate(turns, max_new_tokens=4, propose=lambda s, lg: text_choice(lg))  # warm-up
-    _sync()
-    t = time.perf_counter()
-    res = llm.generate(turns, max_new_tokens=llm_tokens, propose=lambda s, lg: text_choice(lg))
-    _sync()
-    wall = time.perf_counter() - t
-    results["llm"] = {"params_b": results["llm_params_b"], "prompt_tokens": res.prompt_tokens,
-                      "completion_tokens": res.completion_tokens, "wall_s": wall,
-                      "tokens_per_s": res.completion_tokens / wall}
+    if "llm" in parts:
+        print("LLM: tokens/s at batch 1 ...", flush=True)
+        llm.generate(turns, max_new_tokens=4, propose=lambda s, lg: text_choice(lg))  # warm-up
+        _sync()
+        t = time.perf_counter()
+        res = llm.generate(turns, max_new_tokens=llm_tokens, propose=lambda s, lg: text_choice(lg))
+        _sync()
+        wall = time.perf_counter() - t
+        results["llm"] = {"params_b": results["llm_params_b"], "prompt_tokens": res.prompt_tokens,
+                          "completion_tokens": res.completion_tokens, "wall_s": wall,
+                          "tokens_per_s": res.completion_tokens / wall}
 
-    print("end to end: one image request ...", flush=True)
     any2any = AnyToAnyPipeline(preset, llm, {image: stage})
     e2e = []
-    for k in range(repeats):
+    if "e2e" in parts:
+        print("end to end: one image request ...", flush=True)
+    for k in (range(repeats) if "e2e" in parts else []):
         t = time.perf_counter()
         answer = any2any.generate(C.BENCH_PROMPT, modalities=[image], seed=k,
                                   max_new_tokens=text_tokens + n_sig + 2, propose=forced)
@@ -275,28 +302,125 @@ def main(argv: list[str] | None = None) -> int:
                     "finish_reason": answer.llm.finish_reason, "images": len(encoded),
                     "forced_group": [g.forced for g in answer.llm.groups],
                     "hidden_states_finite": bool(all(np.isfinite(g.hidden_states).all() for g in answer.llm.groups))})
-    results["end_to_end"] = {"runs": e2e, "seconds_per_image": C.stats_s([r["wall_s"] for r in e2e])}
-
-    C.print_table(
-        f"Image decoder, SD v1.5 shape (random), {size}x{size}, {steps} steps, guidance {args.guidance_scale}, "
-        f"{results['dtype']}",
-        ["batch", "ours images/s", "plain diffusers images/s", "ratio ours/plain", "ok ours (not NaN/black)",
-         "finite plain"],
-        [[r["batch_size"], r["ours"]["images_per_s"], r["plain"]["images_per_s"], r["ratio_ours_over_plain"],
-          f"{r['ours']['ok_items']}/{r['ours']['items']}", f"{r['plain']['ok_items']}/{r['plain']['items']}"]
-         for r in rows],
-    )
-    C.print_table(
-        "7B-shaped LLM and end to end",
-        ["measure", "value"],
-        [["LLM params (M)", 1000 * results["llm_params_b"]],
-         [f"LLM tokens/s, batch 1 ({res.completion_tokens} tokens)", results["llm"]["tokens_per_s"]],
-         [f"end to end s per {size}x{size} {steps}-step image (p50)",
-          results["end_to_end"]["seconds_per_image"]["p50_s"]],
-         ["end to end: images returned", f"{sum(r['images'] for r in e2e)}/{len(e2e)}"]],
-    )
+    if e2e:
+        results["end_to_end"] = {"runs": e2e, "seconds_per_image": C.stats_s([r["wall_s"] for r in e2e])}
+    _tables(results, rows, results.get("llm"), e2e, args, size, steps)
     C.finish(results, args.out)
     return 0
+
+
+def _tables(results: dict, rows: list, llm: dict | None, e2e: list, args, size: int, steps: int) -> None:
+    if rows:
+        C.print_table(
+            f"Image decoder, SD v1.5 shape (random), {size}x{size}, {steps} steps, guidance {args.guidance_scale}, "
+            f"{results['dtype']}",
+            ["batch", "ours images/s", "plain diffusers images/s", "ratio ours/plain", "ok ours (not NaN/black)",
+             "finite plain"],
+            [[r["batch_size"], r["ours"]["images_per_s"], r["plain"]["images_per_s"], r["ratio_ours_over_plain"],
+              f"{r['ours']['ok_items']}/{r['ours']['items']}", f"{r['plain']['ok_items']}/{r['plain']['items']}"]
+             for r in rows],
+        )
+    dep = results.get("deployment")
+    if dep:
+        C.print_table(
+            f"Through the Ray Serve deployment: image decoder (handle, ready signal groups) vs plain diffusers in "
+            f"process, {size}x{size}, {steps} steps",
+            ["batch (clients)", "deployment images/s", "plain diffusers images/s", "ratio deployment/plain",
+             "mean batch formed"],
+            [[r["batch_size"], r["deployment_images_per_s"], r["plain_images_per_s"], r["ratio_deployment_over_plain"],
+              r["mean_batch_size"]] for r in dep["decoder"]],
+        )
+        h = dep["http"]
+        print(f"HTTP chat request with an image through the whole graph: {h['status']} in {h['wall_s']:.3f} s, "
+              f"{h['images']} image(s); streaming means (s): {h['streaming_means_s']}")
+    table = []
+    if "llm_params_b" in results:
+        table.append(["LLM params (M)", 1000 * results["llm_params_b"]])
+    if llm is not None:
+        table.append([f"LLM tokens/s, batch 1 ({llm['completion_tokens']} tokens)", llm["tokens_per_s"]])
+    if e2e:
+        table += [[f"end to end s per {size}x{size} {steps}-step image (p50)",
+                   results["end_to_end"]["seconds_per_image"]["p50_s"]],
+                  ["end to end: images returned", f"{sum(r['images'] for r in e2e)}/{len(e2e)}"]]
+    if table:
+        C.print_table("7B-shaped LLM and end to end", ["measure", "value"], table)
+
+
+def through_deployment(args, preset, pipe, pcfg, dec_cfg, plain, group, batch_sizes: list[int], repeats: int,
+                       toy: bool, size: int, steps: int) -> dict:
+    """The decoder inside the whole Ray Serve graph (loaded from the diffusers layout, as a served checkpoint is)
+    beside the plain diffusers call; one chat request over HTTP. -> figures (see the module docstring)."""
+    import asyncio
+    import tempfile
+
+    import httpx
+    from ray import serve
+
+    from services.app import AppArgs, DecoderDeploymentArgs, IngressDeploymentArgs, LLMDeploymentArgs
+    from services.metrics import histogram_means
+    from services.protocol import RenderRequest
+
+    image = C.Modality.IMAGE
+    tmp = Path(tempfile.mkdtemp(prefix="pm-bench-gpu-"))
+    print("deployment: saving the SD v1.5-shaped pipeline in the diffusers layout ...", flush=True)
+    pipe.save_pretrained(str(tmp / "sd15"), safe_serialization=True)
+    served = preset.model_copy(update={
+        "name": "gpu-bench",
+        "decoders": {image: dec_cfg.model_copy(update={"source": "pretrained", "path": str(tmp / "sd15")})},
+        "output_projectors": {image: pcfg},
+        "generation": preset.generation.model_copy(update={"max_new_tokens": 8}),
+    })
+    gpus = 0.0 if toy else 0.45
+    app_args = AppArgs(
+        preset=str(C.write_preset(served, tmp)), modalities=[image],
+        llm=LLMDeploymentArgs(num_cpus=0.3, num_gpus=gpus),
+        decoders={image: DecoderDeploymentArgs(num_cpus=0.3, num_gpus=gpus, max_batch_size=max(batch_sizes),
+                                               max_ongoing_requests=max(16, 2 * max(batch_sizes)))},
+        ingress=IngressDeploymentArgs(num_cpus=0.1),
+    )
+    out: dict = {"preset": served.name, "decoder": []}
+    with C.ray_cluster():
+        url, ready_s = C.deploy(app_args, "the GPU bench graph (7B-shaped LLM, SD v1.5-shaped image decoder)")
+        out["ready_s"] = ready_s
+        handle = serve.get_deployment_handle("decoder-image", app_name="polymodal")
+        options = dec_cfg.defaults
+
+        async def clients(b: int, calls_each: int) -> tuple[float, list[int]]:
+            sizes: list[int] = []
+
+            async def client(k: int) -> None:
+                for j in range(calls_each):
+                    m = await handle.render.remote(RenderRequest(request_id=uuid.uuid4().hex, group=group(k),
+                                                                 seed=1000 * k + j, options=options))
+                    sizes.append(m.batch_size)
+
+            t = time.perf_counter()
+            await asyncio.gather(*[client(k) for k in range(b)])
+            return time.perf_counter() - t, sizes
+
+        asyncio.run(clients(1, 1))  # warm-up
+        for b in batch_sizes:
+            calls_each = repeats + 1
+            wall, sizes = asyncio.run(clients(b, calls_each))
+            t = time.perf_counter()
+            for _ in range(calls_each):
+                plain(b)
+            plain_wall = time.perf_counter() - t
+            row = {"batch_size": b, "calls": b * calls_each, "deployment_images_per_s": b * calls_each / wall,
+                   "plain_images_per_s": b * calls_each / plain_wall, "mean_batch_size": sum(sizes) / len(sizes)}
+            row["ratio_deployment_over_plain"] = C.ratio(row["deployment_images_per_s"], row["plain_images_per_s"])
+            print(f"  deployment batch {b}: {row['deployment_images_per_s']:.3f} images/s vs plain "
+                  f"{row['plain_images_per_s']:.3f}", flush=True)
+            out["decoder"].append(row)
+
+        with httpx.Client(timeout=600) as client:
+            t = time.perf_counter()
+            r = client.post(url + "/v1/chat/completions", json=C.chat_body(served.name, seed=1, max_tokens=8))
+            wall = time.perf_counter() - t
+            images = len(C.answer_media(r.json()["choices"][0]["message"], "image")) if r.status_code == 200 else 0
+            out["http"] = {"status": r.status_code, "wall_s": wall, "images": images,
+                           "streaming_means_s": histogram_means(client.get(url + "/metrics").text)}
+    return out
 
 
 if __name__ == "__main__":

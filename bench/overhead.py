@@ -34,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of the request")
     p.add_argument("--text-only", action="store_true",
                    help="a text-only request instead (the LLM path alone: no decoder, no PNG)")
+    p.add_argument("--batch-policy", choices=["adaptive", "timeout"], default=None,
+                   help="image decoder batch_policy (default: DecoderDeploymentArgs' default)")
     p.add_argument("--batch-wait-s", type=float, default=None,
-                   help="image decoder batch_wait_timeout_s (default: AppArgs' default; a lone request waits it)")
+                   help="image decoder batch_wait_timeout_s (policy timeout; a lone request waits it)")
     args = p.parse_args(argv)
     n, warm = (4, 1) if args.quick else (args.requests, args.warmup)
 
@@ -43,13 +45,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from polymodal.pipeline import AnyToAnyPipeline
     from services.app import AppArgs, DecoderDeploymentArgs
+    from services.metrics import STREAMING_METRICS, histogram_means
 
     C.one_thread()
     preset = C.bench_preset(num_inference_steps=args.steps, size_px=args.size_px, max_new_tokens=args.max_tokens)
     tmp = Path(tempfile.mkdtemp(prefix="pm-bench-overhead-"))
     preset_path = C.write_preset(preset, tmp)
-    decoder = DecoderDeploymentArgs() if args.batch_wait_s is None else DecoderDeploymentArgs(
-        batch_wait_timeout_s=args.batch_wait_s)
+    decoder = DecoderDeploymentArgs(**{k: v for k, v in (("batch_policy", args.batch_policy),
+                                                          ("batch_wait_timeout_s", args.batch_wait_s)) if v is not None})
     app_args = AppArgs(preset=str(preset_path), modalities=[C.Modality.IMAGE], decoders={C.Modality.IMAGE: decoder})
 
     print(f"in-process pipeline: building {preset.name!r} ...", flush=True)
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[k].append(time.perf_counter() - t)
             same += outs["in_process"] == outs["http_ray_serve"]
             print(f"  request {i + 1}/{warm + n}", end="\r", flush=True)
+        streaming = histogram_means(client.get(url + "/metrics").text)
         client.close()
 
     st = {k: C.stats_s(v) for k, v in times.items()}
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "p95": C.ratio(b["p95_s"], a["p95_s"])},
         "overhead_ms": {"p50": 1000 * (b["p50_s"] - a["p50_s"]), "p95": 1000 * (b["p95_s"] - a["p95_s"])},
         "identical_outputs": f"{same}/{warm + n}",
+        "streaming_means_s": streaming,
     }
     C.print_table(
         f"Serving overhead: one {'text-only' if args.text_only else 'text+image'} request, preset {preset.name!r} "
@@ -119,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
           1000 * (b["mean_s"] - a["mean_s"])]],
     )
     print(f"identical {'texts' if args.text_only else 'images'} on both paths: {results['identical_outputs']}")
+    C.print_table(
+        f"Streaming latencies of the HTTP side (the ingress's /metrics, mean of {warm + n} answers, from the plan's start)",
+        ["metric", "label", "mean ms"],
+        [[STREAMING_METRICS[k], label or "-", 1000 * v] for k, by in streaming.items() for label, v in by.items()],
+    )
     C.finish(results, args.out)
     return 0
 

@@ -4,6 +4,10 @@ AudioLDM conditions its UNet on the L2-normalised CLAP text embedding (B, D_cond
 (AudioLDM-l-full: D_cond 512); a mel-spectrogram VAE and a HiFi-GAN vocoder turn latents into a waveform at
 the vocoder's ``sampling_rate``. Its negative embedding is CLAP(""), computed once at load with the
 decoder's own tokenizer.
+
+No edits: diffusers has no AudioLDM audio-to-audio pipeline (nothing to compose over these parts; AudioLDM's
+authors did style transfer with their own code, which the ``audioldm`` package ships and DESIGN.md rules out), so
+``edit_pipeline_classes`` is empty and a source medium is refused (``ValueError``).
 """
 
 from __future__ import annotations

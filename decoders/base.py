@@ -5,17 +5,28 @@ decoder's own text encoder's embedding of ``""``), one ``torch.Generator`` per i
 seed (item k of a batch equals item k rendered alone), ``output_type="np"``, and a step callback that
 reports progress and cancels. Subclasses (image, audio, video) say which pipeline, how to build its tiny
 random components, and how to turn its output into :class:`decoders.media.Medium`.
+
+Edits (issue #27): ``render(..., sources=[EditSource, ...])`` renders from source media instead of from noise,
+conditioned the same way (``prompt_embeds``). The edit pipelines are stock diffusers pipelines composed once over
+the loaded pipeline's own components (``from_pipe``: the same UNet, VAE, text encoder and scheduler objects, never
+a second copy of the weights): image ``StableDiffusionImg2ImgPipeline`` (the whole image) and
+``StableDiffusionInpaintPipeline`` (where a mask allows; a 4-channel UNet, diffusers' legacy inpainting, which
+blends the source's latents outside the mask at every step; the source's pixels are kept there exactly), video
+``VideoToVideoSDPipeline`` / ``AnimateDiffVideoToVideoPipeline``. Audio: diffusers has no AudioLDM audio-to-audio
+pipeline, so the audio decoder cannot edit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from decoders.errors import DecodeError, DecoderLoadError
@@ -23,6 +34,7 @@ from decoders.media import Medium, degenerate_reason, split_batch
 from polymodal.config import DecoderConfig, DecoderDefaults
 from polymodal.devices import resolve_dtype
 from polymodal.modality import Modality
+from polymodal.types import EditSource
 
 
 class _Cancelled(Exception):
@@ -45,6 +57,12 @@ class Decoder:
     pipeline_class: ClassVar[type]
     # Pipelines a pretrained folder may hold (its model_index.json names one); the first is ``pipeline_class``.
     pipeline_classes: ClassVar[tuple[type, ...]] = ()
+    # Edit pipelines by the loaded pipeline's class: {its class: {edit kind: the edit pipeline's class}}; kinds
+    # "whole" (a source without mask) and "masked" (a source with a mask). None for a class: it cannot edit.
+    edit_pipeline_classes: ClassVar[dict[type, dict[str, type]]] = {}
+    # Edit pipelines whose batched call is wrong (diffusers 0.42's VideoToVideoSDPipeline encodes only the first
+    # frame when given one generator per item): rendered one item per call, each with its own generator.
+    edit_one_item_classes: ClassVar[tuple[type, ...]] = ()
 
     def __init__(
         self,
@@ -71,8 +89,8 @@ class Decoder:
         self.pipeline.set_progress_bar_config(disable=True)
         self._check_cond_shape()
         self._lock = threading.Lock()
-        params = inspect.signature(self.pipeline.__call__).parameters
-        self._step_end_callback = "callback_on_step_end" in params
+        self._edit_lock = threading.Lock()
+        self._edit_pipelines: dict[str, object] = {}
         self.negative_prompt_embeds: torch.Tensor = self.encode_text([""])[0]
 
     # ------------------------------------------------------------------ construction
@@ -139,6 +157,67 @@ class Decoder:
             raise ValueError(f"{prompt_embeds.shape[0]} prompt_embeds but {num_seeds} seeds: one seed per item")
         return prompt_embeds.to(self.device, self.dtype)
 
+    # ------------------------------------------------------------------ editing
+
+    def _edit_classes(self) -> dict[str, type]:
+        for base, kinds in self.edit_pipeline_classes.items():
+            if isinstance(self.pipeline, base):
+                return kinds
+        return {}
+
+    @property
+    def edit_kinds(self) -> tuple[str, ...]:
+        """The edits this decoder can render: ``"whole"`` (a source medium) and ``"masked"`` (a source image and a
+        mask); ``()``: it cannot edit (audio)."""
+        return tuple(self._edit_classes())
+
+    def edit_pipeline(self, kind: str):
+        """The stock pipeline of edit ``kind`` over this decoder's own components, composed once (diffusers'
+        ``from_pipe``: the very UNet, VAE, text encoder, tokenizer and scheduler objects of :attr:`pipeline`).
+
+        Raises:
+            ValueError: a kind this decoder has no pipeline for (lists its kinds; an audio decoder has none).
+        """
+        classes = self._edit_classes()
+        if kind not in classes:
+            can = ", ".join(classes) or "none: diffusers has no edit pipeline over these parts"
+            raise ValueError(f"the {self.modality.value} decoder ({type(self.pipeline).__name__}) cannot render "
+                             f"a {kind!r} edit; its edits: {can}")
+        with self._edit_lock:
+            pipe = self._edit_pipelines.get(kind)
+            if pipe is None:
+                pipe = classes[kind].from_pipe(self.pipeline)
+                pipe.set_progress_bar_config(disable=True)
+                self._edit_pipelines[kind] = pipe
+        return pipe
+
+    def _check_sources(self, sources: list[EditSource], num_seeds: int, options: DecoderDefaults) -> str:
+        """The edit kind of a batch of sources.
+
+        Raises:
+            ValueError: not one source per seed, a source of another modality, sources that differ in shape or in
+            having a mask, a mask of the wrong shape, or a strength that leaves no denoising step.
+        """
+        if len(sources) != num_seeds:
+            raise ValueError(f"{len(sources)} edit sources but {num_seeds} seeds: one source per item")
+        for s in sources:
+            if Modality.parse(s.modality) is not self.modality:
+                raise ValueError(f"a {Modality.parse(s.modality).value} source sent to the {self.modality.value} "
+                                 "decoder")
+            if s.mask is not None and tuple(s.mask.shape) != tuple(s.data.shape[:2]):
+                raise ValueError(f"the edit mask has shape {tuple(s.mask.shape)}, its image {tuple(s.data.shape)}: "
+                                 "(H, W) of the image expected")
+        if len({s.signature for s in sources}) != 1:
+            raise ValueError("one batch of edits must share the source's shape and whether it has a mask")
+        if int(options.num_inference_steps * options.strength) < 1:
+            raise ValueError(f"strength {options.strength} x {options.num_inference_steps} steps leaves no denoising "
+                             "step: raise the strength or the steps (their product must be >= 1)")
+        return "masked" if sources[0].mask is not None else "whole"
+
+    def _edit_inputs(self, pipe, sources: list[EditSource], options: DecoderDefaults) -> dict:
+        """The edit pipeline's keyword arguments for ``sources`` (the source media, mask, ``strength``)."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ rendering
 
     def _call_options(self, options: DecoderDefaults) -> dict:
@@ -163,28 +242,38 @@ class Decoder:
         options: DecoderDefaults | None = None,
         should_cancel: Callable[[], bool] | None = None,
         on_step: Callable[[int], None] | None = None,
+        sources: list[EditSource] | None = None,
     ) -> list[Medium | DecodeError]:
-        """Render B media from conditioning.
+        """Render B media from conditioning (or, with ``sources``, B edits of source media).
 
         Args:
             prompt_embeds: (B, Q, D_cond) (audio also (B, D_cond)); e.g. an output projector's output or
                 :meth:`encode_text`.
             seeds: B seeds, one ``torch.Generator`` each: item k equals item k rendered alone.
-            options: steps, guidance, size, frames, duration; ``None`` = :attr:`defaults`.
+            options: steps, guidance, size, frames, duration, strength; ``None`` = :attr:`defaults`.
             should_cancel: polled at every denoising step; when it returns True the run stops and every
                 item is a ``DecodeError(reason="cancelled")``.
             on_step: called with the step index after every denoising step.
+            sources: B :class:`polymodal.types.EditSource` (one shape, all with or all without a mask): item k
+                starts from source k noised to ``options.strength`` (:meth:`edit_pipeline`); the output has the
+                source's size (and frames); with a mask the source's pixels are kept where the mask is False.
 
         Returns:
             One entry per item, in order: a :class:`Medium`, or a :class:`DecodeError` for an item whose
             output is NaN / all black / silent (never returned as a black file), or for cancellation.
 
         Raises:
-            ValueError: wrong ``prompt_embeds`` shape, seed count, or options the pipeline rejects.
+            ValueError: wrong ``prompt_embeds`` shape, seed count, or options the pipeline rejects; sources this
+            decoder cannot edit (see :meth:`edit_pipeline`, ``_check_sources``).
         """
         seeds = [int(s) for s in seeds]
         prompt_embeds = self._check_embeds(prompt_embeds, len(seeds))
         options = options or self.defaults
+        sources = list(sources) if sources is not None else None
+        if sources is not None:
+            pipe = self.edit_pipeline(self._check_sources(sources, len(seeds), options))
+        else:
+            pipe = self.pipeline
         if should_cancel is not None and should_cancel():
             return [DecodeError(s, DecodeError.CANCELLED) for s in seeds]
         positive, negative = self._pipeline_embeds(prompt_embeds)
@@ -195,7 +284,7 @@ class Decoder:
             if should_cancel is not None and should_cancel():
                 raise _Cancelled
 
-        if self._step_end_callback:
+        if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
             def callback_on_step_end(pipe, i, t, callback_kwargs):
                 step(i)
                 return callback_kwargs
@@ -204,31 +293,40 @@ class Decoder:
         else:
             callback_kwargs = {"callback": lambda i, t, latents: step(i), "callback_steps": 1}
 
-        kwargs = dict(
-            prompt_embeds=positive,
-            negative_prompt_embeds=negative,
-            generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-            num_inference_steps=options.num_inference_steps,
-            guidance_scale=options.guidance_scale,
-            output_type="np",
-            **self._call_options(options),
-            **callback_kwargs,
-        )
+        def call(ks: list[int]) -> list[tuple[object, str | None]]:
+            one = sources is not None and isinstance(pipe, self.edit_one_item_classes)
+            generators = [torch.Generator("cpu").manual_seed(seeds[k]) for k in ks]
+            inputs = (self._edit_inputs(pipe, [sources[k] for k in ks], options) if sources is not None
+                      else self._call_options(options))
+            output = pipe(
+                prompt_embeds=positive[ks],
+                negative_prompt_embeds=negative[ks],
+                generator=generators[0] if one else generators,
+                num_inference_steps=options.num_inference_steps,
+                guidance_scale=options.guidance_scale,
+                output_type="np",
+                **inputs,
+                **callback_kwargs,
+            )
+            items = split_batch(self._output_items(output), len(ks))
+            return [(raw, self._item_flag(output, j)) for j, raw in enumerate(items)]
+
+        batches = ([[k] for k in range(len(seeds))] if sources is not None and isinstance(pipe, self.edit_one_item_classes)
+                   else [list(range(len(seeds)))])
         with self._lock, torch.inference_mode():
             try:
-                output = self.pipeline(**kwargs)
+                outputs = [item for ks in batches for item in call(ks)]
             except _Cancelled:
                 return [DecodeError(s, DecodeError.CANCELLED) for s in seeds]
-        items = split_batch(self._output_items(output), len(seeds))
         results: list[Medium | DecodeError] = []
-        for k, (raw, seed) in enumerate(zip(items, seeds)):
-            reason = degenerate_reason(self.modality, raw)
-            if reason is None:
-                reason = self._item_flag(output, k)
+        for k, ((raw, flag), seed) in enumerate(zip(outputs, seeds)):
+            reason = degenerate_reason(self.modality, raw) or flag
             if reason is not None:
                 results.append(DecodeError(seed, reason))
                 continue
             medium = self._to_medium(raw, seed, options)
+            if sources is not None and sources[k].mask is not None:
+                medium = dataclasses.replace(medium, data=keep_outside_mask(medium.data, sources[k]))
             reason = degenerate_reason(self.modality, raw, medium.data)
             results.append(DecodeError(seed, reason) if reason else medium)
         return results
@@ -250,3 +348,15 @@ def seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+def keep_outside_mask(data: np.ndarray, source: EditSource) -> np.ndarray:
+    """The rendered image (H, W, 3) with the source's pixels wherever its mask is False (what may not change stays
+    exactly as it was; diffusers' legacy inpainting keeps only the VAE's reconstruction of it).
+
+    Raises:
+        ValueError: the render and the source differ in shape.
+    """
+    if data.shape != source.data.shape:
+        raise ValueError(f"the edit has shape {data.shape}, its source {source.data.shape}")
+    return np.where(np.asarray(source.mask, dtype=bool)[..., None], data, source.data).astype(data.dtype)

@@ -1,18 +1,27 @@
 """Image decoder: Stable Diffusion (``diffusers.StableDiffusionPipeline``), conditioning (B, Q, D_cond).
 
 SD v1.5 takes CLIP ViT-L/14 last hidden states (77, 768); the tiny config (8, 32).
+
+Edits (issue #27) compose ``StableDiffusionImg2ImgPipeline`` (the whole image) and ``StableDiffusionInpaintPipeline``
+(only where a mask allows) over the loaded components (see :mod:`decoders.base`).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 
 from decoders import tiny
 from decoders.base import Decoder
 from decoders.media import Medium, image_to_uint8
 from polymodal.config import DecoderConfig, DecoderDefaults
 from polymodal.modality import Modality
+from polymodal.types import EditSource
 
 
 class ImageDecoder(Decoder):
@@ -20,6 +29,9 @@ class ImageDecoder(Decoder):
 
     modality = Modality.IMAGE
     pipeline_class = StableDiffusionPipeline
+    edit_pipeline_classes = {
+        StableDiffusionPipeline: {"whole": StableDiffusionImg2ImgPipeline, "masked": StableDiffusionInpaintPipeline},
+    }
 
     @classmethod
     def tiny_pipeline(cls, config: DecoderConfig, *, seed: int = 0) -> StableDiffusionPipeline:
@@ -33,6 +45,17 @@ class ImageDecoder(Decoder):
 
     def _call_options(self, options: DecoderDefaults) -> dict:
         return {"height": options.height_px, "width": options.width_px}
+
+    def _edit_inputs(self, pipe, sources: list[EditSource], options: DecoderDefaults) -> dict:
+        from PIL import Image
+
+        inputs = {"image": [Image.fromarray(np.ascontiguousarray(s.data)) for s in sources],
+                  "strength": options.strength}
+        if sources[0].mask is not None:  # diffusers: white = repaint
+            inputs["mask_image"] = [Image.fromarray(np.where(s.mask, 255, 0).astype(np.uint8), mode="L")
+                                    for s in sources]
+            inputs["height"], inputs["width"] = sources[0].data.shape[:2]
+        return inputs
 
     def _output_items(self, output):
         return output.images

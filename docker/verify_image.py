@@ -5,6 +5,8 @@
   ``rapidocr-onnxruntime`` declares ``opencv-python``, which would replace the headless cv2).
 - skills: the installed ``skills`` package finds its packaged models: OpenCV below 5 with its Haar cascades (5.x
   ships none), no second ``cv2`` (opencv-python), rapidocr's PP-OCR ONNX files.
+- speech: the TTS programs (flite, espeak-ng) are installed and speak, pocketsphinx's model loads, and a spoken
+  sentence is heard back (the image speaks: ``/v1/audio/speech`` and ``/v1/audio/transcriptions`` work offline).
 - cpu: fails if torch is a CUDA build or any ``nvidia-*`` wheel is installed (a CPU image never carries the
   multi-GB CUDA runtime). cuda: fails if torch is a CPU build.
 """
@@ -59,10 +61,39 @@ def skill_problems() -> list[str]:
     return problems
 
 
+def speech_problems() -> list[str]:
+    """What keeps the speech deployment from speaking or hearing (empty when all is well)."""
+    import shutil
+
+    problems = [f"the {p!r} program is missing (apt-get install -y {p})" for p in ("flite", "espeak-ng")
+                if shutil.which(p) is None]
+    if problems:
+        return problems
+    try:
+        from skills.asr import PocketsphinxASR, TranscribeSkill
+        from skills.tts import build_synthesizer
+    except ImportError as e:
+        return [f"the speech skills do not import: {e}"]
+    sentence = "I would like a cup of coffee please"
+    try:
+        synth = build_synthesizer(("flite", "espeak-ng"), strict=True)
+        samples = synth.synthesize(sentence + ".")
+        espeak = synth.synthesize("Hello.", "espeak-ng:en-us")
+        heard = TranscribeSkill(PocketsphinxASR()).transcribe(samples, synth.sample_rate_hz).text
+    except Exception as e:  # noqa: BLE001 - reported
+        return [f"speech does not run: {type(e).__name__}: {e}"]
+    if len(samples) < synth.sample_rate_hz or float(abs(samples).max()) < 0.05 or float(abs(espeak).max()) < 0.05:
+        problems.append("the TTS programs produce silence")
+    if len(set(heard.split()) & set(sentence.lower().split())) < 4:
+        problems.append(f"pocketsphinx did not hear flite's speech back: {heard!r}")
+    print(f"speech: flite -> pocketsphinx heard {heard!r}")
+    return problems
+
+
 def main(variant: str) -> int:
     import torch
 
-    problems = pip_check() + skill_problems()
+    problems = pip_check() + skill_problems() + speech_problems()
     nvidia = sorted(d.metadata["Name"] for d in md.distributions()
                     if (d.metadata["Name"] or "").lower().startswith("nvidia-"))
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); variant {variant}; nvidia wheels: {len(nvidia)}")

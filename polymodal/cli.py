@@ -358,6 +358,69 @@ def serve(
         _fail(str(e))
 
 
+@app.command("skill")
+def skill_cmd(
+    name: Annotated[Optional[str], typer.Argument(help="the skill (detect, ocr, segment, generate_image, ...); "
+                                                     "none with --list")] = None,
+    image: Annotated[Optional[list[Path]], typer.Option("--image", "-i", help="an input image (repeatable; "
+                                                         "image_index counts them in order)")] = None,
+    args: Annotated[str, typer.Option("--args", "-a", help="the skill's arguments as a JSON object, e.g. "
+                                      "'{\"target\": \"face\"}'")] = "{}",
+    preset: PresetOpt = "tiny",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="folder for the media the skill makes "
+                                                "(and mask PNGs)")] = None,
+    object_detector: Annotated[Optional[str], typer.Option(help="OWL-ViT folder or hub id (detect_objects)")] = None,
+    list_: Annotated[bool, typer.Option("--list", help="list the skills with their JSON schemas")] = False,
+) -> None:
+    """Run one skill in this process on local files and print its result as JSON (``POST /v1/skills/NAME`` without
+    a server). Exit status: 0 on success, 1 when the skill returns an error result, 2 for a bad command line
+    (unknown skill, arguments that do not validate, an image that cannot be read)."""
+    from skills import get_skill, skill_specs
+
+    if list_:
+        typer.echo(json.dumps([s.to_dict() for s in skill_specs()], indent=2))
+        return
+    if name is None:
+        _fail("name a skill (or --list)")
+    try:
+        cls = get_skill(name)
+        cls.parse(args)
+    except ValueError as e:
+        _fail(str(e))
+    from polymodal.modality import Modality
+
+    media = []
+    for path in image or []:
+        try:
+            media.append(_load_media_file(Modality.IMAGE, path))
+        except ValueError as e:
+            _fail(f"--image {path}: {e}")
+    from services.skill_host import SkillHost
+
+    try:
+        host = SkillHost.build([name], preset, object_detector_path=object_detector)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        _fail(str(e))
+    result = host.skills[name].run(args, media)
+    summary = result.to_dict()
+    if out is not None:
+        files = []
+        for k, m in enumerate(result.media):
+            data, _, ext = m.encode()
+            path = out / f"{name}-{k}.{ext}"
+            atomic_write(path, data)
+            files.append(str(path))
+        for k, m in enumerate(result.masks):
+            path = out / f"{name}-mask-{k}.png"
+            atomic_write(path, m.png())
+            files.append(str(path))
+        summary["files"] = files
+    typer.echo(json.dumps(summary, indent=2))
+    if not result.ok:
+        typer.secho(f"error: {name}: {result.error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
 # ------------------------------------------------------------------------------------------------
 # sub-commands owned by other packages: each is imported inside its command (nothing else of polymodal reaches
 # mosit/ or training/), and gets the rest of the command line

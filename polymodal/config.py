@@ -45,6 +45,12 @@ MAX_NEW_TOKENS = 4096
 """Answer tokens of one generation."""
 MAX_INPUT_VIDEO_FRAMES = 8
 """Frames sampled from an input video for the encoders."""
+MAX_SCHEMA_BYTES = 1024 * 1024
+"""A request's JSON schema (``response_format``) or all its tools' parameter schemas, as compact JSON."""
+MAX_TOOLS = 128
+"""Tools (functions) in one request."""
+MAX_TOP_LOGPROBS = 20
+"""``top_logprobs``: alternatives per token (OpenAI's bound)."""
 
 
 class _Model(BaseModel):
@@ -124,6 +130,11 @@ class DecoderDefaults(_Model):
     num_frames: int = Field(4, ge=1, le=MAX_NUM_FRAMES)
     fps: int = Field(8, ge=1, le=MAX_FPS)
     duration_s: float = Field(1.0, ge=MIN_DURATION_S, le=MAX_DURATION_S)
+    strength: float = Field(
+        0.6, gt=0.0, le=1.0,
+        description="edits (image, video): how far the render may go from the source medium, the fraction of the "
+        "denoising schedule run from the noised source (1: from pure noise, nothing of the source kept; "
+        "num_inference_steps * strength must be >= 1)")
     crf: int = Field(
         18, ge=0, le=MAX_CRF,
         description="video: libx264 constant rate factor of the MP4 the frames are encoded to (lower: closer to the "

@@ -35,6 +35,10 @@ Token constraints (:class:`TokenConstraint`) and signal groups, the rule:
   model's own choice from the masked logits is taken instead (and noted).
 - A constraint whose ``is_done()`` turns True after a text token ends the answer (``finish_reason``
   ``"stop"``), as EOS does.
+- The chat template's stop strings (NExT-GPT's ``###``) end only the answer's *free* text: a constraint with
+  ``free_text_end(text) -> int`` (optional) says how much of the text so far is free (a JSON answer: none; an
+  ``auto`` tool-call answer: the text before its first call), and a stop string counts only there, so
+  structured output ends by its grammar (EOS or ``is_done``), never cut inside a JSON string.
 """
 
 from __future__ import annotations
@@ -785,14 +789,19 @@ class LLMEngine:
         new_text = self.tokenizer.decode(state.text_ids, skip_special_tokens=True)
         state.parser.note_text(new_text[len(state.text):])
         state.text = text = new_text
-        cut = min((text.find(s) for s in plan.stops if s in text), default=-1)
+        # stop strings end the free text only, never structured output (a JSON string may hold "###")
+        free = min((c.free_text_end(text) for c in plan.constraints if hasattr(c, "free_text_end")),
+                   default=len(text))
+        head = text[:free]
+        cut = min((head.find(s) for s in plan.stops if s in head), default=-1)
         if cut >= 0:
             state.text = text[:cut]
             state.finish_reason = "stop"
             if len(state.text) > state.emitted:
                 yield self._text_event(state, len(state.text))
             return True
-        hold = max((k for s in plan.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        hold = 0 if free < len(text) else max(
+            (k for s in plan.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         safe = len(text) - hold
         while safe > state.emitted and text[safe - 1] == "\ufffd":
             safe -= 1

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 # Every field of polymodal.config.DecoderDefaults that a modality may declare in ModalitySpec.option_fields.
 DECODER_OPTION_FIELDS = ("num_inference_steps", "guidance_scale", "height_px", "width_px", "num_frames", "fps",
-                         "duration_s", "crf")
+                         "duration_s", "crf", "strength")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,8 @@ class ModalitySpec:
         input_mime_types: MIME types read as this modality: ``"image/*"`` (a top-level type) or exact types.
         file_extensions: file extensions (lower-case, with the dot) of this modality's files (catalogs, inputs).
         option_fields: the fields of ``polymodal.config.DecoderDefaults`` that apply to this modality's decoder
-            (the request's options of this medium, the one-medium endpoints).
+            (the request's options of this medium, the one-medium endpoints). ``strength`` among them: its
+            decoders can edit a medium (render from a source, issue #27): image and video, not audio.
         normalize_cond: the output projector L2-normalises its conditioning (AudioLDM's CLAP class labels).
         codec: the :class:`polymodal.media_io.MediaCodec` of this modality (decode input files, validate and encode
             rendered arrays). Torch-free: the HTTP ingress decodes inputs through it.

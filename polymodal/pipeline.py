@@ -16,6 +16,13 @@ Media the model produced earlier in a conversation re-enter the prompt **through
 media the user sent: one path for every medium, no state to keep between requests or replicas, and the
 model reads what was actually rendered (not what it meant to render). Their signal states may ride along
 in :attr:`polymodal.types.MediaPart.signal_states` for reference.
+
+Output formats defined by the request (issue #22) are the LLM stage's: ``response_format`` (JSON, a JSON
+schema) and ``tools`` / ``tool_choice`` become one grammar (:mod:`polymodal.constrained`), compiled once per
+engine tokenizer (:func:`polymodal.constrained.compiler_for`) and enforced in the decode loop; tool calls are
+written in the preset's :class:`~polymodal.constrained.ToolCallFormat` (``preset.chat.tool_format``), parsed
+out of the text (streamed as :class:`polymodal.types.ToolCall` items), and earlier calls and their results are
+rendered back into the chat template.
 """
 
 from __future__ import annotations
@@ -33,11 +40,38 @@ import numpy as np
 import torch
 
 from polymodal.config import DecoderDefaults, PresetConfig
+from polymodal.constrained import (
+    ConstraintError,
+    ConstraintLimits,
+    Grammar,
+    InvalidSchema,
+    StreamingToolCallParser,
+    Tool,
+    ToolChoice,
+    ToolResult,
+    parse_tool_calls,
+    response_format as response_format_grammar,
+    response_schema,
+    tool_call_format,
+    tool_calls as tool_calls_grammar,
+)
 from polymodal.devices import resolve_device
-from polymodal.llm import LLMEngine, PromptSegment, load_llm
+from polymodal.llm import LLMEngine, PromptSegment, TokenLogprob, load_llm
 from polymodal.modality import Modality
 from polymodal.presets import get_preset
-from polymodal.types import LLMResult, MediaPart, SignalGroup, TextDelta, TextPart, Turn, input_images, interleave
+from polymodal.types import (
+    EditSource,
+    LLMResult,
+    LogprobEntry,
+    MediaPart,
+    SignalGroup,
+    TextDelta,
+    TextPart,
+    ToolCall,
+    Turn,
+    input_images,
+    interleave,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +109,11 @@ class LLMStage:
         self.encoders = encoders
         self.input_projectors = input_projectors
         self.grounding_parser = preset.grounding.parser() if preset.grounding is not None else None
+        fmt = tool_call_format(engine.chat_format.tool_format)  # ValueError listing the formats
+        if engine.chat_format.tools_system:
+            fmt = dataclasses.replace(fmt, system_template=engine.chat_format.tools_system)
+        self.tool_format = fmt
+        self._llg = None  # llguidance's view of the tokenizer (token bytes for logprobs), built on first use
 
     # ---- prompt ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -125,22 +164,67 @@ class LLMStage:
         flush()
         return segs
 
+    def chat_turns(self, turns: Sequence[Turn]) -> list[tuple[str, list[PromptSegment]]]:
+        """Turns -> ``(role, segments)`` in the chat template's roles (``user`` / ``assistant``).
+
+        An assistant turn's ``tool_calls`` follow its parts as the model writes calls (the preset's
+        :class:`~polymodal.constrained.ToolCallFormat`); consecutive ``tool`` turns become one turn of the
+        format's ``result_role`` holding their results. Call and result text is the client's: untrusted (a
+        typed special token stays text).
+
+        Raises:
+            ValueError: an unknown role; a ``tool`` turn whose ``tool_call_id`` no earlier assistant turn made.
+        """
+        fmt = self.tool_format
+        out: list[tuple[str, list[PromptSegment]]] = []
+        names: dict[str, str] = {}
+        results: list[ToolResult] = []
+
+        def flush() -> None:
+            if results:
+                out.append((fmt.result_role, [PromptSegment(fmt.results_text(results), trusted=False)]))
+                results.clear()
+
+        for t in turns:
+            if t.role == "tool":
+                if t.tool_call_id not in names:
+                    raise ValueError(f"a tool message answers tool_call_id {t.tool_call_id!r}, which no earlier "
+                                     "assistant message made")
+                text = "".join(p.text for p in t.parts if isinstance(p, TextPart))
+                results.append(ToolResult(t.tool_call_id, names[t.tool_call_id], text))
+                continue
+            flush()
+            if t.role not in ("user", "assistant"):
+                raise ValueError(f"unknown role {t.role!r}; choose from: user, assistant, tool")
+            segs = self.turn_segments(t)
+            if t.tool_calls:
+                names.update({c.id: c.name for c in t.tool_calls})
+                lead = fmt.text_call_separator if any(s.text and s.text.strip() or s.embeds is not None
+                                                      for s in segs) else ""
+                segs.append(PromptSegment(lead + fmt.assistant_text("", list(t.tool_calls)), trusted=False))
+            out.append((t.role, segs))
+        flush()
+        return out
+
     def segments(self, turns: Sequence[Turn], system: str | None = None,
                  task: str | None = None) -> list[PromptSegment]:
-        """Whole conversation -> prompt segments ending with the assistant prefix.
+        """Whole conversation -> prompt segments ending with the assistant prefix (see :meth:`chat_turns` for
+        tool calls and results).
 
         ``task``: a grounding task of the preset (``grounding``, ``refer``, ...); its identifier goes into
         the last user turn just before that turn's first text (after its media), as the instruct stage
         lays out grounding data (:func:`training.align.data.read_grounding`).
 
         Raises:
-            ValueError: no turns, the last turn is not the user's, an unknown task.
+            ValueError: no turns, the last turn is neither the user's nor a tool result, an unknown task.
         """
         if not turns:
             raise ValueError("the conversation is empty")
-        if turns[-1].role != "user":
-            raise ValueError("the last message must be the user's")
-        per_turn = [(t.role, self.turn_segments(t)) for t in turns]
+        if turns[-1].role not in ("user", "tool"):
+            raise ValueError("the last message must be the user's (or a tool result)")
+        per_turn = self.chat_turns(turns)
+        if per_turn[-1][0] != "user":
+            raise ValueError("the last message must be the user's (or a tool result)")
         if task is not None:
             ident = self.task_identifier(task)
             role, segs = per_turn[-1]
@@ -170,6 +254,62 @@ class LLMStage:
         return out.text, out.boxes
 
     # ---- generation ------------------------------------------------------------------------------
+    # ---- output formats (issue #22) ---------------------------------------------------------------
+    def grammar(
+        self,
+        *,
+        response_format: dict | None = None,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | None = None,
+        parallel_tool_calls: bool = True,
+        modalities: Sequence[Modality] = (),
+        allowed_modalities: Sequence[Modality] | None = None,
+        limits: ConstraintLimits = ConstraintLimits(),
+    ) -> Grammar | None:
+        """The grammar of the answer a request defines (``None``: free text).
+
+        ``response_format`` (OpenAI's dict): a JSON answer. ``tools`` with ``tool_choice`` (default ``auto``):
+        calls in the preset's tool-call format; under ``auto`` the free text may carry the signal tokens of
+        ``allowed_modalities`` (``None``: every modality of the model), or, with a JSON ``response_format``,
+        the answer is that JSON or calls. ``none`` (or no tools): ``response_format`` alone.
+
+        Raises:
+            ConstraintError (a ``ValueError`` naming the request field): a malformed or oversize schema, a named
+            choice not in ``tools``, a forced call (``required`` / named) with ``modalities`` that require media.
+        """
+        answer = response_schema(response_format, limits=limits)
+        choice = tool_choice or ToolChoice("auto")
+        if not tools or choice.mode == "none":
+            if tool_choice is not None and choice.mode != "none" and not tools:
+                raise InvalidSchema("tool_choice needs tools", param="tool_choice")
+            return response_format_grammar(response_format, limits=limits) if answer is not None else None
+        if choice.mode in ("required", "function") and modalities:
+            raise InvalidSchema(f"a forced tool call ({choice.mode}) cannot carry the media that modalities requires "
+                                f"({', '.join(m.value for m in modalities)}): the answer would be a call",
+                                param="tool_choice")
+        free_ids: list[int] = []
+        if choice.mode == "auto" and answer is None:
+            allowed = self.engine.signal_ids if allowed_modalities is None else allowed_modalities
+            free_ids = [i for m in allowed for i in self.engine.signal_ids.get(m, ())]
+        return tool_calls_grammar(list(tools), choice, self.tool_format, parallel=parallel_tool_calls,
+                                  free_special_ids=free_ids, answer=answer, limits=limits)
+
+    def _logprob_entry(self, tl: TokenLogprob) -> LogprobEntry:
+        """An engine :class:`~polymodal.llm.TokenLogprob` (ids) -> :class:`~polymodal.types.LogprobEntry` (text and
+        bytes of each token; a token the sampler could not have drawn (``-inf``) reports -9999.0, as OpenAI)."""
+        if self._llg is None:
+            from polymodal.constrained import tokenizer_adapter
+
+            self._llg = tokenizer_adapter(self.engine.tokenizer, self.engine.eos_ids).llg
+
+        def one(tid: int, lp: float, top=()) -> LogprobEntry:
+            raw = self._llg.decode_bytes([tid]) if tid < self._llg.vocab_size else b""
+            return LogprobEntry(raw.decode("utf-8", errors="replace"), max(float(lp), -9999.0), tuple(raw),
+                                tuple(top))
+
+        return one(tl.token_id, tl.logprob, [one(i, v) for i, v in tl.top])
+
+    # ---- generation ------------------------------------------------------------------------------
     def stream(
         self,
         turns: Sequence[Turn],
@@ -184,8 +324,14 @@ class LLMStage:
         propose: Callable[[int, torch.Tensor], int | None] | None = None,
         task: str | None = None,
         allowed_modalities: Sequence[Modality] | None = None,
-    ) -> Iterator[TextDelta | SignalGroup | LLMResult]:
-        """Stream text deltas and signal groups; the last item is the :class:`LLMResult`.
+        response_format: dict | None = None,
+        tools: Sequence[Tool] = (),
+        tool_choice: ToolChoice | None = None,
+        parallel_tool_calls: bool = True,
+        logprobs: int | None = None,
+        constraint_limits: ConstraintLimits | None = None,
+    ) -> Iterator[TextDelta | SignalGroup | ToolCall | LLMResult]:
+        """Stream text deltas, signal groups and tool calls; the last item is the :class:`LLMResult`.
 
         ``modalities``: media the answer must contain (missing groups are appended, see
         :mod:`polymodal.llm`). ``allowed_modalities``: the media it may contain (``None``: any; ``()``: none):
@@ -196,15 +342,40 @@ class LLMStage:
         the boxes, in pixels of the last image of the conversation (:mod:`polymodal.grounding`); our own
         tokens are special tokens, so the streamed text never shows them.
 
+        Output formats (issue #22; see :meth:`grammar`): ``response_format`` makes the answer's text JSON (a
+        forced media group comes after it, never inside); ``tools`` (listed in the system text after
+        ``system``, the preset's format) with ``tool_choice`` and ``parallel_tool_calls``: each call is
+        yielded as a :class:`~polymodal.types.ToolCall` when its block closes (its text is never streamed), the
+        result has them in ``tool_calls`` and ``finish_reason`` ``"tool_calls"``. The grammar is compiled by the
+        engine tokenizer's shared compiler under ``constraint_limits`` (its cache size and compile time).
+        ``logprobs`` (k >= 0): each text delta carries its tokens' :class:`~polymodal.types.LogprobEntry` with
+        k alternatives, from the distribution actually sampled from (after every mask, renormalised).
+
         Raises:
             ValueError: a requested modality this model cannot produce, or one outside ``allowed_modalities``; an
-            empty conversation; an unknown task.
+            empty conversation; an unknown task; an unknown ``tool_call_id``. ConstraintError (a ``ValueError``
+            with ``param``): see :meth:`grammar`.
         """
         gen = self.preset.generation
         for m in modalities:
             if m not in self.engine.signal_ids:
                 raise ValueError(f"this model cannot produce {m.value}")
+        limits = constraint_limits or ConstraintLimits()
+        grammar = self.grammar(response_format=response_format, tools=tools, tool_choice=tool_choice,
+                               parallel_tool_calls=parallel_tool_calls, modalities=modalities,
+                               allowed_modalities=allowed_modalities, limits=limits)
+        calling = grammar is not None and grammar.kind == "tool_calls"
+        if calling:
+            base = self.engine.chat_format.system if system is None else system
+            system = self.tool_format.system_text(list(tools), base=base)
         segs = self.segments(turns, system=system, task=task)
+        constraints = []
+        if grammar is not None:
+            from polymodal.constrained import compiler_for
+
+            compiler = compiler_for(self.engine.tokenizer, eos_ids=self.engine.eos_ids, limits=limits)
+            constraints.append(compiler.matcher(grammar))  # ConstraintError: the engine refuses the schema
+        parser = StreamingToolCallParser(self.tool_format) if calling else None
         sizes = [(p.data.shape[1], p.data.shape[0]) for p in input_images(turns)]
         streamed = ""
         index = 0
@@ -220,10 +391,19 @@ class LLMStage:
             should_cancel=should_cancel,
             propose=propose,
             allowed_modalities=None if allowed_modalities is None else list(allowed_modalities),
+            constraints=constraints,
+            logprobs=logprobs,
         ):
-            if ev.text:
-                streamed += ev.text
-                yield TextDelta(ev.text)
+            if ev.text is not None or ev.logprobs:
+                text = ev.text or ""
+                streamed += text
+                lp = tuple(self._logprob_entry(t) for t in ev.logprobs) if ev.logprobs is not None else None
+                calls: list[ToolCall] = []
+                if parser is not None:
+                    text, calls = parser.feed(text)
+                if text or lp:
+                    yield TextDelta(text, lp)
+                yield from calls
             elif ev.group is not None:
                 g = ev.group
                 offset = g.text_offset
@@ -243,14 +423,26 @@ class LLMStage:
             elif ev.output is not None:
                 o = ev.output
                 text, boxes = self._grounded(o, sizes) if self.grounding_parser is not None else (o.text, ())
+                finish = o.finish_reason
+                calls = ()
+                if parser is not None:
+                    rest, _ = parser.finish()
+                    if rest:
+                        yield TextDelta(rest)
+                    calls = tuple(parser.calls)
+                    text = parse_tool_calls(text, self.tool_format).text
+                    if calls and finish == "stop":
+                        finish = "tool_calls"
                 yield LLMResult(
                     text=text,
                     groups=(),  # already streamed; `generate` fills them
                     prompt_tokens=o.prompt_len,
                     completion_tokens=len(o.generated_ids),
-                    finish_reason=o.finish_reason,
+                    finish_reason=finish,
                     notes=tuple(o.notes),
                     boxes=boxes,
+                    tool_calls=calls,
+                    logprobs=None if o.logprobs is None else tuple(self._logprob_entry(t) for t in o.logprobs),
                 )
 
     def generate(self, turns: Sequence[Turn], **kwargs) -> LLMResult:
@@ -325,19 +517,24 @@ class DecoderStage:
         options: DecoderDefaults | None = None,
         should_cancel: Callable[[], bool] | None = None,
         on_step: Callable[[int], None] | None = None,
+        sources: Sequence[EditSource] | None = None,
     ) -> list:
         """Render B groups with one seed each -> B items, each a ``decoders.Medium`` or ``decoders.DecodeError``.
 
+        ``sources``: B :class:`polymodal.types.EditSource` to edit (issue #27; the decoder's ``render(...,
+        sources=)``): item k renders from source k, conditioned on group k; ``None``: from noise.
+
         Raises:
-            ValueError: ``len(seeds) != len(groups)``.
+            ValueError: ``len(seeds) != len(groups)``; sources the decoder cannot edit.
         """
         if len(seeds) != len(groups):
             raise ValueError(f"{len(groups)} groups but {len(seeds)} seeds")
         if not groups:
             return []
         prompt_embeds = self.project(groups)
+        extra = {} if sources is None else {"sources": list(sources)}
         return self.decoder.render(prompt_embeds, list(seeds), options or self.defaults,
-                                     should_cancel=should_cancel, on_step=on_step)
+                                     should_cancel=should_cancel, on_step=on_step, **extra)
 
     def describe(self) -> dict[str, Any]:
         return {"init_state": self.init_state, "decoder": self.decoder.init_state, "projector": self.projector_state,

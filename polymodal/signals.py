@@ -86,7 +86,14 @@ class ChatFormat:
 
     A prompt is ``system_prefix + system + system_suffix`` then, per turn,
     ``user_prefix + <user content> + user_suffix`` and ``assistant_prefix + <answer> + assistant_suffix``;
-    generation starts after the last ``assistant_prefix``. Generation stops at EOS or any ``stop`` string.
+    generation starts after the last ``assistant_prefix``. Generation stops at EOS or any ``stop`` string
+    (never inside grammar-constrained output: see :mod:`polymodal.llm`).
+
+    Tool calling (OpenAI's ``tools``; issue #22): ``tool_format`` names the preset's tool-call format in
+    :data:`polymodal.constrained.TOOL_CALL_FORMATS` (``hermes``: ``<tool_call>{...}</tool_call>`` blocks, results
+    in ``<tool_response>`` blocks of a user turn; ``vicuna-hermes``: the same for NExT-GPT's Vicuna template).
+    ``tools_system``: the system text that lists the tools, ``{tools}`` standing for one JSON line per tool
+    (``None``: the format's own); it follows the system text (the preset's or the request's).
     """
 
     system: str = ""
@@ -98,6 +105,8 @@ class ChatFormat:
     assistant_suffix: str = "\n"
     stop: tuple[str, ...] = ()
     add_bos: bool = False
+    tool_format: str = "hermes"
+    tools_system: str | None = None
 
     @classmethod
     def chatml(cls, system: str) -> "ChatFormat":
@@ -115,13 +124,16 @@ class ChatFormat:
 
     @classmethod
     def vicuna_v0(cls) -> "ChatFormat":
-        """NExT-GPT's ``### Human: ... ### Assistant:`` template; stops on ``###``."""
+        """NExT-GPT's ``### Human: ... ### Assistant:`` template; stops on ``###``. A system text (a request's, or
+        the tool listing) stands on its own line after BOS; tool calls in the ``vicuna-hermes`` format."""
         return cls(
             system="",
+            system_suffix="\n",
             user_prefix="### Human: ",
             user_suffix="\n",
             assistant_prefix="### Assistant:",
             assistant_suffix="\n###",
             stop=("###",),
             add_bos=True,
+            tool_format="vicuna-hermes",
         )

@@ -37,17 +37,65 @@ class MediaPart:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call an assistant made (OpenAI's ``tool_calls[i]``): ``arguments_json`` is a JSON object as
+    a string, as OpenAI's ``function.arguments`` is."""
+
+    id: str
+    name: str
+    arguments_json: str
+
+    @property
+    def arguments(self) -> dict[str, Any]:
+        import json
+
+        return json.loads(self.arguments_json)
+
+
+@dataclass(frozen=True)
 class Turn:
-    """One message: ``role`` is ``"user"`` or ``"assistant"``; parts keep their order."""
+    """One message: ``role`` is ``"user"``, ``"assistant"`` or ``"tool"``; parts keep their order.
+
+    ``tool_calls``: the calls an assistant turn made (its parts may then be empty). ``tool_call_id``: for a
+    ``tool`` turn, the call whose result its text is (one of an earlier assistant turn's ``tool_calls``).
+    """
 
     role: str
     parts: tuple[TextPart | MediaPart, ...]
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 def input_images(turns: Sequence[Turn]) -> list[MediaPart]:
     """The input images of a conversation, in message order: what grounding's ``image_index`` counts and what its
     boxes are in pixels of (the pipeline, the ingress's ``box_overlay`` and the CLI's ``--box-overlay`` ask this)."""
     return [p for t in turns for p in t.parts if isinstance(p, MediaPart) and p.modality is Modality.IMAGE]
+
+
+@dataclass(frozen=True)
+class EditSource:
+    """What an edit renders from (issue #27): the medium to change and, for an image, where to change it.
+
+    The decoder starts from this medium's latents, noised to ``strength`` of the schedule
+    (:attr:`polymodal.config.DecoderDefaults.strength`), instead of from pure noise, and is conditioned on the
+    edit instruction's signal states as a generation is: what the noise level leaves (position, size, layout)
+    comes from the source, what the instruction asks from the conditioning.
+
+    Attributes:
+        modality: the medium's modality (its decoder must be able to edit: image and video; audio cannot).
+        data: image uint8 (H, W, 3) or video uint8 (F, H, W, 3), already at the output size (the edit keeps it).
+        mask: image only, bool (H, W): True where the image may change (diffusers' white; OpenAI's transparent),
+            ``None``: the whole image.
+    """
+
+    modality: Modality
+    data: np.ndarray
+    mask: np.ndarray | None = None
+
+    @property
+    def signature(self) -> tuple:
+        """What a batch of edits must share: modality, the source's shape, whether it has a mask."""
+        return (Modality.parse(self.modality).value, tuple(self.data.shape), self.mask is not None)
 
 
 @dataclass(frozen=True)
@@ -81,10 +129,34 @@ class SignalGroup:
 
 
 @dataclass(frozen=True)
+class LogprobEntry:
+    """One answer token's log-probability (OpenAI's ``logprobs.content[i]``).
+
+    Under the distribution the token was actually drawn from: the logits after every mask (grammar, banned and
+    signal tokens of unallowed modalities), then temperature / top-p, renormalised (``log_softmax``); greedy
+    decoding reports the masked logits' own softmax.
+
+    Attributes:
+        token: the token's text (its bytes decoded as UTF-8, a partial character replaced by U+FFFD).
+        logprob: <= 0.
+        bytes: the token's UTF-8 bytes (a character split over tokens: each token has its own bytes).
+        top: the likeliest alternatives of the same distribution, best first (entries without ``top``).
+    """
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple["LogprobEntry", ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
-    """Streamed text (already cleaned of signal tokens)."""
+    """Streamed text (already cleaned of signal tokens). ``logprobs``: entries of the tokens decoded since the
+    last delta, when the request asked for them (a delta may then carry entries and no text: text held back,
+    e.g. inside a tool call)."""
 
     text: str
+    logprobs: tuple[LogprobEntry, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,16 +164,20 @@ class LLMResult:
     """What the LLM stage returns for one request.
 
     ``boxes``: with a grounding preset, the boxes of the answer (pixels of the image the user sent; the
-    grounding markup is removed from ``text``).
+    grounding markup is removed from ``text``). ``tool_calls``: the calls the answer made (their blocks are
+    removed from ``text``; ``finish_reason`` is then ``"tool_calls"``). ``logprobs``: one entry per answer-text
+    token (tool-call blocks included) when the request asked for them, else ``None``.
     """
 
     text: str
     groups: tuple[SignalGroup, ...]
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" | "length" | "signal_loop"
+    finish_reason: str  # "stop" | "length" | "tool_calls" | "signal_loop" | "cancelled"
     notes: tuple[str, ...] = field(default_factory=tuple)
     boxes: tuple[GroundedPhrase, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[LogprobEntry, ...] | None = None
 
 
 class Placed(Protocol):
@@ -146,3 +222,62 @@ def interleave(text: str, placed: Sequence[Placed], items: Sequence[_T],
     if text[cursor:].strip():
         parts.append(text_part(text[cursor:].strip()))
     return parts
+
+
+# ---- speech recognition (skills.asr produces these; the speech stage hands them to the ingress) ----------
+@dataclass(frozen=True)
+class TranscriptWord:
+    """One recognised word and where it is (seconds from the start of the audio)."""
+
+    word: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class TranscriptSegment:
+    """A stretch of speech between pauses (pocketsphinx) or between timestamps (Whisper).
+
+    Attributes:
+        id: 0-based position. start_s / end_s: seconds from the start of the audio. text: its words.
+        words: its words with times (empty when the backend gives none).
+    """
+
+    id: int
+    start_s: float
+    end_s: float
+    text: str
+    words: tuple[TranscriptWord, ...] = ()
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """What a backend heard.
+
+    Attributes:
+        text: the whole transcript (segments joined by spaces).
+        language: ISO 639-1 code of the language decoded (``en``).
+        duration_s: length of the audio.
+        segments: in time order.
+        backend: the :data:`ASR_BACKENDS` key. model: the model's name or folder.
+        elapsed_s: decoding time.
+    """
+
+    text: str
+    language: str
+    duration_s: float
+    segments: tuple[TranscriptSegment, ...]
+    backend: str
+    model: str
+    elapsed_s: float = 0.0
+
+    @property
+    def words(self) -> tuple[TranscriptWord, ...]:
+        return tuple(w for s in self.segments for w in s.words)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "language": self.language, "duration_s": round(self.duration_s, 3),
+                "backend": self.backend, "model": self.model,
+                "segments": [{"id": s.id, "start_s": round(s.start_s, 3), "end_s": round(s.end_s, 3), "text": s.text,
+                              "words": [{"word": w.word, "start_s": round(w.start_s, 3), "end_s": round(w.end_s, 3)}
+                                        for w in s.words]} for s in self.segments]}

@@ -3,8 +3,17 @@
 Graph::
 
     IngressServer (FastAPI, no torch) --stream--> LLMServer
-                                      --render--> DecoderServer[image] / [audio] / [video]  (@serve.batch)
+                                      --render--> DecoderServer[image] / [audio] / [video]  (batched)
+                                      --speech--> SpeechServer (transcribe, synthesize: pocketsphinx, flite)
                                       --stats---> StatsServer  <--report-- DecoderServer replicas
+                                      --run-----> SkillServer["skills-cpu"]       detect, segment, ocr
+                                                  SkillServer["skills-generate"]  generate_image / _audio / _video
+                                                  SkillServer["skills-objects"]   detect_objects (with a path)
+
+Which deployment hosts which skill is ``AppArgs.skills`` (the placement of
+:data:`services.skill_host.SKILL_DEPLOYMENTS`; by default only ``skills-cpu``, ``deploy/serve.yaml`` adds
+``skills-generate`` and ``skills-objects``); a deployment whose skills the preset cannot serve (no decoder of that
+modality, no object-detector path) is not deployed; ``skills: {}`` deploys none.
 
 Every deployment's resources, replica counts / autoscaling and queue bounds are typed fields of
 :class:`AppArgs` (pydantic, validated by Ray from the YAML ``args``). On a small CPU machine keep every
@@ -14,7 +23,7 @@ the GPU (``num_gpus: 0.3``).
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -24,6 +33,7 @@ from polymodal.modality import Modality
 from polymodal.presets import get_preset
 
 from services.settings import ServerSettings
+from services.speech import SpeechConfig
 
 
 class _Args(BaseModel):
@@ -89,11 +99,17 @@ class DeploymentArgs(_Args):
 
 
 class DecoderDeploymentArgs(DeploymentArgs):
-    """A decoder deployment: resources plus ``@serve.batch`` settings."""
+    """A decoder deployment: resources plus batching settings.
+
+    ``batch_policy``: ``adaptive`` (default; no timer: a lone request starts at once, requests arriving while a
+    batch runs share the next pipeline call) or ``timeout`` (Ray's ``@serve.batch``: a batch waits up to
+    ``batch_wait_timeout_s`` to fill, which a request arriving alone always pays). Figures: ``bench/README.md``.
+    """
 
     num_cpus: float = Field(0.2, ge=0)
     max_batch_size: int = Field(4, ge=1, le=64)
-    batch_wait_timeout_s: float = Field(0.05, ge=0, le=10)
+    batch_policy: Literal["adaptive", "timeout"] = "adaptive"
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
     max_ongoing_requests: int = Field(16, ge=1)
 
 
@@ -102,9 +118,41 @@ class LLMDeploymentArgs(DeploymentArgs):
     max_concurrency: int = Field(1, ge=1, le=64, description="generations at once per replica")
 
 
+class SkillDeploymentArgs(DeploymentArgs):
+    """A skill deployment: resources plus the skills it hosts (:data:`services.skill_host.SKILL_DEPLOYMENTS`)."""
+
+    num_cpus: float = Field(0.2, ge=0)
+    skills: list[str] = Field(min_length=1)
+    ocr_threads: int | None = Field(None, ge=1, le=64, description="ONNX Runtime threads of ocr (None: its own)")
+
+
+def _default_skill_deployments() -> dict[str, SkillDeploymentArgs]:
+    """Only ``skills-cpu`` (light, 0.1 CPU): the generators and OWL-ViT build models of their own, so their
+    deployments are opt-in (``deploy/serve.yaml`` lists them)."""
+    from services.skill_host import SKILL_DEPLOYMENTS
+
+    return {"skills-cpu": SkillDeploymentArgs(skills=list(SKILL_DEPLOYMENTS["skills-cpu"]), num_cpus=0.1)}
+
+
 class IngressDeploymentArgs(DeploymentArgs):
     num_cpus: float = Field(0.1, ge=0)
     max_ongoing_requests: int = Field(128, ge=1)
+
+
+class SpeechDeploymentArgs(DeploymentArgs, SpeechConfig):
+    """The speech deployment: resources plus :class:`services.speech.SpeechConfig` (engines, voices, models).
+
+    ``enabled: false`` deploys none (the speech endpoints then answer 503). Its work is subprocesses (flite) and
+    a CPU decoder (pocketsphinx): a small CPU share by default; give it ``num_gpus`` with transformers engines.
+    """
+
+    enabled: bool = True
+    num_cpus: float = Field(0.2, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+
+    def speech_config(self) -> dict[str, Any]:
+        """The :class:`~services.speech.SpeechConfig` part (what the deployment's constructor takes)."""
+        return SpeechConfig.model_validate(self.model_dump(include=set(SpeechConfig.model_fields))).model_dump()
 
 
 class AppArgs(_Args):
@@ -116,6 +164,9 @@ class AppArgs(_Args):
         export_dir: an export of trained parts (:mod:`polymodal.export`: projectors, token rows, LoRA).
         modalities: output modalities to deploy decoders for (default: every decoder of the preset).
         ingress / llm / stats: deployment settings. decoders: per modality (missing ones use defaults).
+        speech: the speech deployment (recognition and synthesis) and its engines.
+        skills: skill deployments by name, each with the skills it hosts (``{}``: no skills).
+        object_detector_path: OWL-ViT folder or hub id of the ``detect_objects`` skill (``None``: not served).
         server: the HTTP API's settings (limits, timeouts, keys, store).
     """
 
@@ -127,10 +178,34 @@ class AppArgs(_Args):
     llm: LLMDeploymentArgs = LLMDeploymentArgs()
     decoders: dict[Modality, DecoderDeploymentArgs] = {}
     stats: DeploymentArgs = DeploymentArgs(num_cpus=0.0, max_ongoing_requests=256)
+    speech: SpeechDeploymentArgs = SpeechDeploymentArgs()
+    skills: dict[str, SkillDeploymentArgs] = Field(default_factory=_default_skill_deployments)
+    object_detector_path: str | None = None
     server: ServerSettings = ServerSettings()
 
     def resolved_preset(self) -> PresetConfig:
         return get_preset(self.preset)
+
+    def skill_placement(self, preset: PresetConfig, modalities: list[Modality] | None = None) -> dict[str, list[str]]:
+        """Deployment name -> the skills it will host for ``preset`` (deployments left empty are dropped).
+
+        Raises:
+            ValueError: an unknown skill name, or a skill listed in two deployments.
+        """
+        from services.skill_host import servable_skills
+
+        seen: dict[str, str] = {}
+        out: dict[str, list[str]] = {}
+        for dep, d in self.skills.items():
+            for n in d.skills:
+                if n in seen:
+                    raise ValueError(f"skill {n!r} is listed in two skill deployments: {seen[n]!r} and {dep!r}")
+                seen[n] = dep
+            names = servable_skills(preset, d.skills, object_detector_path=self.object_detector_path,
+                                    modalities=modalities)
+            if names:
+                out[dep] = list(names)
+        return out
 
 
 def app_builder(args: AppArgs):
@@ -140,7 +215,7 @@ def app_builder(args: AppArgs):
         polymodal.preflight.StartupError: a path that is missing or unusable.
         ValueError: unknown preset, or a requested modality the preset has no decoder for.
     """
-    from services.deployments import DecoderServer, IngressServer, LLMServer, StatsServer
+    from services.deployments import DecoderServer, IngressServer, LLMServer, SkillServer, SpeechServer, StatsServer
 
     from polymodal.preflight import check_start
 
@@ -165,6 +240,17 @@ def app_builder(args: AppArgs):
     for m in chosen:
         d = args.decoders.get(m, DecoderDeploymentArgs())
         decoders[m.value] = serve.deployment(DecoderServer).options(**d.options(f"decoder-{m.value}")).bind(
-            preset, m.value, args.device, args.export_dir, d.max_batch_size, d.batch_wait_timeout_s, stats)
+            preset, m.value, args.device, args.export_dir, d.max_batch_size, d.batch_wait_timeout_s, stats,
+            batch_policy=d.batch_policy)
+    speech = None
+    if args.speech.enabled:
+        speech = serve.deployment(SpeechServer).options(**args.speech.options("speech")).bind(
+            args.speech.speech_config())
+    skill_handles: dict[str, Any] = {}
+    for dep, names in args.skill_placement(preset, chosen).items():
+        d = args.skills[dep]
+        skill_handles[dep] = serve.deployment(SkillServer).options(**d.options(dep)).bind(
+            preset, names, args.device, args.object_detector_path, d.ocr_threads)
+    placement = {n: dep for dep, names in args.skill_placement(preset, chosen).items() for n in names}
     return serve.deployment(IngressServer).options(**args.ingress.options("ingress")).bind(
-        served, llm, decoders, stats, server)
+        served, llm, decoders, stats, server, speech, skill_handles, placement)

@@ -1,8 +1,14 @@
 """The Ray Serve backend: the ingress's stages are DeploymentHandles.
 
-- LLM: ``handle.options(stream=True).generate.remote(req)`` streams text deltas and signal groups.
+- LLM: ``handle.options(stream=True).generate_chunks.remote(req)`` streams text deltas and signal groups, in lists
+  (a few per answer, not one Ray stream item per token).
 - Decoders: one handle per modality; ``render.remote(req)`` (the replica batches with ``@serve.batch``).
+- Skills: one handle per skill deployment (``placement`` says which hosts which skill); ``run.remote(req)``.
+  A skill call is not retried when its replica dies (it answers a 503 the ingress turns into the call's error
+  result for the model).
 - Stats: the stats deployment sums the decoder replicas' counters (for ``/metrics``).
+- Speech: ``handle.options(stream=True).synthesize.remote(req)`` streams one chunk per sentence;
+  ``transcribe.remote(req)``; ``info.remote()`` (voices).
 
 Cancelling the awaiting task (client disconnect, timeout) cancels the downstream request: Ray Serve
 propagates the cancellation into the replica, where it sets the work's cancel flag. Ray's
@@ -22,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray.exceptions import RayActorError, RayTaskError
@@ -31,9 +37,22 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentRes
 
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
+from polymodal.types import Transcript
 
 from services.errors import Overloaded, StageUnavailable
-from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, LLMEvent, LLMRequest, RenderRequest
+from services.protocol import (
+    REQUEST_DEADLINE,
+    Backend,
+    EncodedMedium,
+    LLMEvent,
+    LLMRequest,
+    RenderRequest,
+    SpeechAudioChunk,
+    SpeechRequest,
+    TranscriptionRequest,
+    SkillOutput,
+    SkillRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +125,23 @@ class RayBackend(Backend):
         decoders: per modality (enum or its value), handle of :class:`services.deployments.DecoderServer`.
         stats: handle of :class:`services.deployments.StatsServer` (optional).
         retry_after_s: ``Retry-After`` for 503.
+        speech: handle of :class:`services.deployments.SpeechServer` (optional).
+        skill_servers: ``{deployment name: SkillServer handle}``; placement: ``{skill name: deployment name}``.
     """
 
     def __init__(self, preset: PresetConfig, llm: DeploymentHandle, decoders: dict[Modality | str, DeploymentHandle],
-                 stats: DeploymentHandle | None = None, retry_after_s: int = 1):
+                 stats: DeploymentHandle | None = None, retry_after_s: int = 1,
+                 speech: DeploymentHandle | None = None,
+                 skill_servers: dict[str, DeploymentHandle] | None = None, placement: dict[str, str] | None = None):
         self.preset = preset
         self._llm = llm
         self._decoders = {Modality.parse(m): h for m, h in decoders.items()}
         self._stats = stats
         self._retry = retry_after_s
+        self._speech = speech
+        self._skill_servers = dict(skill_servers or {})
+        self._placement = {n: d for n, d in (placement or {}).items() if d in self._skill_servers}
+        self._specs: dict[str, Any] | None = None
         self.retried: dict[str, int] = {}  # renders sent again after their replica died, per modality
 
     @property
@@ -127,10 +154,11 @@ class RayBackend(Backend):
             gen = None
             streamed = False
             try:
-                gen = self._llm.options(stream=True).generate.remote(request)
-                async for item in gen:
+                gen = self._llm.options(stream=True).generate_chunks.remote(request)
+                async for chunk in gen:  # lists of items: text gathered over a short window, groups at once
                     streamed = True
-                    yield item
+                    for item in chunk:
+                        yield item
                 return
             except (asyncio.CancelledError, GeneratorExit):
                 _cancel(gen)
@@ -164,6 +192,67 @@ class RayBackend(Backend):
                 log.warning("%s: the %s decoder replica died under this render (%s); try %d (seed %d)",
                             request.request_id, m.value, type(e).__name__, retries.tries, request.seed)
 
+    def _speech_handle(self) -> DeploymentHandle:
+        if self._speech is None:
+            raise StageUnavailable("speech is not deployed on this server")
+        return self._speech
+
+    async def _unary(self, call: Callable[[], DeploymentResponse], stage: str) -> Any:
+        """One call to a replica (``call`` sends it): cancelled with the caller, its errors translated
+        (:func:`_unwrap`). Not retried: only renders are (deterministic for their seed)."""
+        resp = None
+        try:
+            resp = call()
+            return await resp
+        except asyncio.CancelledError:
+            _cancel(resp)
+            raise
+        except Exception as e:  # noqa: BLE001 - translated
+            raise _unwrap(e, stage, self._retry) from None
+
+    async def transcribe(self, request: TranscriptionRequest) -> Transcript:
+        handle = self._speech_handle()
+        return await self._unary(lambda: handle.transcribe.remote(request), "speech")
+
+    async def synthesize(self, request: SpeechRequest) -> AsyncIterator[SpeechAudioChunk]:
+        handle = self._speech_handle()
+        gen = None
+        try:
+            gen = handle.options(stream=True).synthesize.remote(request)
+            async for chunk in gen:
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            _cancel(gen)
+            raise
+        except Exception as e:  # noqa: BLE001 - translated
+            raise _unwrap(e, "speech", self._retry) from None
+
+    async def speech_info(self) -> dict[str, Any]:
+        handle = self._speech_handle()
+        return await self._unary(handle.info.remote, "speech")
+
+    @property
+    def skills(self) -> tuple[str, ...]:
+        return tuple(self._placement)
+
+    def skill_host(self, name: str) -> str | None:
+        return self._placement.get(name)
+
+    def skill_specs(self) -> dict[str, Any]:
+        if self._specs is None:
+            from skills import skill_specs
+
+            self._specs = {s.name: s for s in skill_specs(list(self._placement))}
+        return self._specs
+
+    async def run_skill(self, request: SkillRequest) -> SkillOutput:
+        dep = self._placement.get(request.name)
+        if dep is None:
+            raise StageUnavailable(f"skill {request.name!r} is not deployed; deployed: "
+                                   f"{', '.join(self._placement) or 'none'}")
+        handle = self._skill_servers[dep]
+        return await self._unary(lambda: handle.run.remote(request), f"{dep} skill")
+
     async def describe(self) -> dict[str, Any]:
         parts: dict[str, Any] = {"decoders": {}}
         ready = True
@@ -178,7 +267,22 @@ class RayBackend(Backend):
             except Exception as e:  # noqa: BLE001 - reported
                 parts["decoders"][m.value] = {"error": str(_unwrap(e, m.value, self._retry)).splitlines()[0]}
                 ready = False
-        parts["ready"] = ready and all(d.get("healthy", True) for d in parts["decoders"].values())
+        if self._speech is not None:
+            try:
+                parts["speech"] = await self._speech.describe.remote()
+            except Exception as e:  # noqa: BLE001 - reported
+                parts["speech"] = {"error": str(_unwrap(e, "speech", self._retry)).splitlines()[0]}
+                ready = False
+        if self._skill_servers:
+            parts["skills"] = {}
+            for dep, h in self._skill_servers.items():
+                try:
+                    parts["skills"][dep] = await h.describe.remote()
+                except Exception as e:  # noqa: BLE001 - reported
+                    parts["skills"][dep] = {"error": str(_unwrap(e, dep, self._retry)).splitlines()[0]}
+                    ready = False
+        parts["ready"] = (ready and all(d.get("healthy", True) for d in parts["decoders"].values())
+                          and parts.get("speech", {}).get("healthy", True))
         return parts
 
     async def stats(self) -> dict[str, dict[str, float]]:

@@ -152,8 +152,15 @@ def _serve_local(args, host: str, port: int, stop: threading.Event, out) -> int:
     from services.ingress import build_app
     from services.local import LocalBackend
 
+    from services.skill_host import SKILL_DEPLOYMENTS
+
+    # every placed skill, all in this process, and the generators (free here: they use the decoder stages)
+    skills = list(dict.fromkeys([*(n for d in args.skills.values() for n in d.skills),
+                                 *SKILL_DEPLOYMENTS["skills-generate"]]))
     backend = LocalBackend.from_preset(args.preset, device=args.device, export_dir=args.export_dir,
-                                       modalities=args.modalities)
+                                       modalities=args.modalities,
+                                       speech=args.speech.speech_config() if args.speech.enabled else None,
+                                       skills=skills, object_detector_path=args.object_detector_path)
     app = build_app(backend, args.server)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="on")
     server = uvicorn.Server(config)

@@ -12,8 +12,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from polymodal.constrained.grammars import ConstraintLimits
+
 from polymodal.config import (
     MAX_DURATION_S,
+    MAX_SCHEMA_BYTES,
+    MAX_TOOLS,
     MAX_FPS,
     MAX_INFERENCE_STEPS,
     MAX_INPUT_VIDEO_FRAMES,
@@ -48,6 +52,14 @@ class Limits(_Model):
         max_duration_s: audio / video duration.
         max_n: ``n`` of the images and audio endpoints.
         max_input_video_frames: frames sampled from an input video.
+        max_speech_input_chars: characters of ``/v1/audio/speech``'s ``input`` (OpenAI's 4096 at most).
+        max_transcription_s: length of an audio sent to ``/v1/audio/transcriptions`` (413 above).
+        max_schema_bytes: a ``response_format`` JSON schema, or all ``tools``' parameter schemas together, as
+            compact JSON (400 naming the field above).
+        max_tools: functions in ``tools``.
+        max_parallel_tool_calls: calls in one answer with ``parallel_tool_calls`` (the grammar's bound).
+        grammar_compile_timeout_s: compiling one request's grammar (400 naming the field above).
+        grammar_cache_entries: compiled grammars kept (LRU) by the LLM stage.
     """
 
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
@@ -63,6 +75,19 @@ class Limits(_Model):
     max_duration_s: float = Field(MAX_DURATION_S, gt=0, le=MAX_DURATION_S)
     max_n: int = Field(4, ge=1, le=16)
     max_input_video_frames: int = Field(MAX_INPUT_VIDEO_FRAMES, ge=1, le=MAX_INPUT_VIDEO_FRAMES)
+    max_speech_input_chars: int = Field(4096, ge=1, le=4096)
+    max_transcription_s: float = Field(600.0, gt=0, le=3600)
+    max_schema_bytes: int = Field(64 * 1024, ge=2, le=MAX_SCHEMA_BYTES)
+    max_tools: int = Field(64, ge=1, le=MAX_TOOLS)
+    max_parallel_tool_calls: int = Field(8, ge=1, le=64)
+    grammar_compile_timeout_s: float = Field(5.0, gt=0, le=120)
+    grammar_cache_entries: int = Field(256, ge=1, le=100_000)
+
+    def constraint_limits(self) -> ConstraintLimits:
+        """The bounds the LLM stage's grammar compiler works under (sent with each request that has a format)."""
+        return ConstraintLimits(max_entries=self.grammar_cache_entries, max_schema_bytes=self.max_schema_bytes,
+                                compile_timeout_s=self.grammar_compile_timeout_s,
+                                max_parallel_calls=self.max_parallel_tool_calls)
 
 
 class ServerSettings(_Model):
@@ -96,6 +121,11 @@ class ServerSettings(_Model):
         max_video_queue: video jobs waiting per replica.
         video_job_timeout_s: a video job still unfinished after this is failed.
         input_audio_sample_rate_hz: sample rate input audio is resampled to for the encoders.
+        max_skill_rounds: skill rounds of one chat request at most (generate until a skill call, run it, append its
+            result, continue); a request's own ``max_skill_rounds`` may only lower it. After the last round the
+            model answers without skills.
+        skill_timeout_s: one skill call's time at most (also bounded by what is left of ``request_timeout_s``);
+            past it the model reads an error result.
     """
 
     model_name: str | None = None
@@ -116,6 +146,8 @@ class ServerSettings(_Model):
     max_video_queue: int = Field(8, ge=0, le=1000)
     video_job_timeout_s: float = Field(1800.0, gt=0, le=24 * 3600)
     input_audio_sample_rate_hz: int = Field(16000, ge=8000, le=48000)
+    max_skill_rounds: int = Field(4, ge=1, le=32)
+    skill_timeout_s: float = Field(30.0, gt=0, le=3600)
 
     def effective_api_keys(self) -> tuple[str, ...]:
         if self.api_keys:

@@ -12,16 +12,24 @@ in an answer), then given its bytes (:meth:`~FileStore.fulfil`: ``ready``) or ma
 rendering it). A pending artifact not settled by its ``ready_by`` deadline (the replica rendering it stopped)
 reads as failed.
 
+Ownership (issue #27): with API keys configured, an artifact belongs to the key whose request made it. The ingress
+sets :data:`ARTIFACT_OWNER` (a digest of the request's key, never the key) for the request; :meth:`FileStore.reserve`
+/ :meth:`~FileStore.put` record it and :meth:`~FileStore.lookup` / :meth:`~FileStore.get` / :meth:`~FileStore.wait`
+answer ``None`` (unknown) for another owner's artifact. Without keys the owner is ``None`` and every artifact is
+everyone's, as before.
+
 Layout::
 
     <dir>/artifacts/<id>.bin, <id>.json   {"mime_type", "ext", "created_at", "expires_at", "bytes", "state",
-                                           "error", "ready_by"} (.bin only once ready)
+                                           "error", "ready_by", "owner"} (.bin only once ready)
     <dir>/videos/<id>.json                the video job (see :class:`VideoJob`)
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import hashlib
 import json
 import os
 import re
@@ -37,6 +45,15 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 JobStatus = Literal["queued", "in_progress", "completed", "failed"]
 ArtifactState = Literal["pending", "ready", "failed"]
 WAIT_POLL_S = 0.05
+
+ARTIFACT_OWNER: contextvars.ContextVar[str | None] = contextvars.ContextVar("polymodal_artifact_owner", default=None)
+"""Who the request being served is (:func:`owner_of` its API key; ``None`` without keys): new artifacts belong to
+it and lookups see only its artifacts and ownerless ones. Set by the ingress's key check."""
+
+
+def owner_of(api_key: str) -> str:
+    """The owner recorded for an API key: a digest (the key itself is never stored)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:32]
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -56,7 +73,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
 @dataclass(frozen=True)
 class Artifact:
     """A stored medium's record. ``state``: ``pending`` (reserved, bytes not yet there; settled by ``ready_by``),
-    ``ready`` or ``failed`` (``error`` says why). ``bytes``: the file's size (0 until ready)."""
+    ``ready`` or ``failed`` (``error`` says why). ``bytes``: the file's size (0 until ready). ``owner``: who made it
+    (:func:`owner_of` an API key; ``None``: made without keys, everyone's)."""
 
     id: str
     mime_type: str
@@ -67,6 +85,7 @@ class Artifact:
     state: ArtifactState = "ready"
     error: str | None = None
     ready_by: int | None = None
+    owner: str | None = None
 
 
 @dataclass
@@ -123,18 +142,19 @@ class FileStore:
         _atomic_write(self.root / "artifacts" / f"{art.id}.json", json.dumps(asdict(art)).encode())
 
     def put(self, data: bytes, mime_type: str, ext: str, ttl_s: int | None = None) -> Artifact:
-        """Store ``data`` now (state ``ready``)."""
+        """Store ``data`` now (state ``ready``; owned by :data:`ARTIFACT_OWNER`)."""
         return self.fulfil(self.reserve(mime_type, ext, ttl_s), data, mime_type, ext)
 
     def reserve(self, mime_type: str, ext: str, ttl_s: int | None = None, ready_within_s: float = 3600) -> Artifact:
-        """A ``pending`` artifact: its id (and URL) exist before its bytes; :meth:`fulfil` or :meth:`fail` it.
+        """A ``pending`` artifact (owned by :data:`ARTIFACT_OWNER`): its id (and URL) exist before its bytes;
+        :meth:`fulfil` or :meth:`fail` it.
 
         Args:
             ready_within_s: not settled within this (e.g. the replica rendering it stopped), it reads as failed.
         """
         now = int(time.time())
         art = Artifact(self.new_id("art_"), mime_type, ext, now, now + int(ttl_s or self.ttl_s), 0, "pending",
-                       None, now + int(max(1.0, ready_within_s)) + 1)
+                       None, now + int(max(1.0, ready_within_s)) + 1, ARTIFACT_OWNER.get())
         self._write_meta(art)
         self.sweep(limit=16)
         return art
@@ -142,20 +162,22 @@ class FileStore:
     def fulfil(self, art: Artifact, data: bytes, mime_type: str, ext: str) -> Artifact:
         """A reserved artifact's bytes (state ``ready``; it expires its TTL after now)."""
         now = int(time.time())
-        ready = Artifact(art.id, mime_type, ext, now, now + (art.expires_at - art.created_at), len(data))
+        ready = Artifact(art.id, mime_type, ext, now, now + (art.expires_at - art.created_at), len(data),
+                         owner=art.owner)
         _atomic_write(self.root / "artifacts" / f"{art.id}.bin", data)
         self._write_meta(ready)
         return ready
 
     def fail(self, art: Artifact, error: str) -> Artifact:
         """A reserved artifact that will never have bytes (state ``failed``, with the reason)."""
-        failed = Artifact(art.id, art.mime_type, art.ext, art.created_at, art.expires_at, 0, "failed", error)
+        failed = Artifact(art.id, art.mime_type, art.ext, art.created_at, art.expires_at, 0, "failed", error,
+                          owner=art.owner)
         self._write_meta(failed)
         return failed
 
     def lookup(self, artifact_id: str) -> Artifact | None:
-        """The record in any state, or ``None`` if unknown or expired (expired ones are removed). A pending one
-        past its ``ready_by`` reads as failed."""
+        """The record in any state, or ``None`` if unknown, expired (expired ones are removed) or another owner's
+        (:data:`ARTIFACT_OWNER`). A pending one past its ``ready_by`` reads as failed."""
         if not _ID.match(artifact_id):
             return None
         try:
@@ -165,9 +187,12 @@ class FileStore:
         if art.expires_at < time.time():
             self._remove(artifact_id)
             return None
+        if art.owner is not None and art.owner != ARTIFACT_OWNER.get():
+            return None
         if art.state == "pending" and art.ready_by is not None and art.ready_by < time.time():
             return Artifact(art.id, art.mime_type, art.ext, art.created_at, art.expires_at, 0, "failed",
-                            "the medium was not ready in time (its request timed out or its replica stopped)")
+                            "the medium was not ready in time (its request timed out or its replica stopped)",
+                            owner=art.owner)
         return art
 
     def get(self, artifact_id: str) -> tuple[Artifact, bytes] | None:

@@ -2,9 +2,11 @@
 
 - :class:`LLMWorker` runs ``LLMStage.stream`` in a thread and hands its items to asyncio; cancelling the
   consumer sets a flag the LLM checks after every token.
+- :class:`AdaptiveBatcher` forms decoder batches without a timer: a call that finds the decoder idle starts at
+  once; calls that arrive while a batch runs go together into the next one (the wait is the busy time only).
 - :class:`DecoderWorker` renders a batch of :class:`~services.protocol.RenderRequest` items: grouped by
   compatible settings (the whole :class:`~polymodal.config.DecoderDefaults`: size, steps, guidance,
-  frames, fps, duration), one seed per item, encoded to files. A pipeline call that raises is retried item
+  frames, fps, duration, strength; and for edits the source's shape and whether it has a mask), one seed per item, encoded to files. A pipeline call that raises is retried item
   by item, so only the bad item fails. A group stops at the next denoising step once every item in it is
   cancelled (an item cancelled while others of its group still want their result simply has its output
   dropped).
@@ -19,11 +21,11 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from polymodal.config import DecoderDefaults
 from polymodal.modality import Modality
 from polymodal.types import LLMResult
 
@@ -47,8 +49,9 @@ class LLMWorker:
 
     Args:
         stage: the LLM stage (:class:`~services.protocol.LLMStageLike`: ``stream(turns, *, modalities,
-            max_new_tokens, temperature, top_p, seed, should_cancel, system, task, allowed_modalities)`` yielding ``TextDelta |
-            SignalGroup`` and finally ``LLMResult``).
+            max_new_tokens, temperature, top_p, seed, should_cancel, system, task, allowed_modalities, and the output
+            formats of ``LLMRequest.format_kwargs``)`` yielding ``TextDelta | SignalGroup | ToolCall`` and finally
+            ``LLMResult``).
         max_concurrency: generations run at once (the model is shared; 1 keeps the KV cache loop simple).
     """
 
@@ -78,6 +81,7 @@ class LLMWorker:
                     kwargs["task"] = req.task
                 if req.allowed_modalities is not None:
                     kwargs["allowed_modalities"] = list(req.allowed_modalities)
+                kwargs.update(req.format_kwargs())
                 for item in self.stage.stream(list(req.turns), **kwargs):
                     put(item)
                     if cancel.is_set():
@@ -161,8 +165,11 @@ class BatchItem:
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
-def _options_key(options: DecoderDefaults) -> tuple:
-    return tuple(sorted(options.model_dump().items()))
+def _batch_key(request: RenderRequest) -> tuple:
+    """What the items of one pipeline call share: every option, and the edit source's shape and mask-ness (edits
+    and generations never share a call)."""
+    source = None if request.source is None else request.source.signature
+    return tuple(sorted(request.options.model_dump().items())), source
 
 
 class DecoderWorker:
@@ -189,7 +196,7 @@ class DecoderWorker:
         results: list[EncodedMedium | Exception | None] = [None] * len(items)
         groups: dict[tuple, list[int]] = {}
         for i, it in enumerate(items):
-            groups.setdefault(_options_key(it.request.options), []).append(i)
+            groups.setdefault(_batch_key(it.request), []).append(i)
         for idx in groups.values():
             live = [i for i in idx if not items[i].cancel.is_set()]
             for i in idx:
@@ -213,6 +220,7 @@ class DecoderWorker:
         """One pipeline call; ``None`` if it raised (the error is kept in ``last_error``)."""
         reqs = [b.request for b in batch]
         self.counters.add(batches=1, batch_items=len(batch), max_batch_size=len(batch))
+        edits = {} if reqs[0].source is None else {"sources": [r.source for r in reqs]}
         try:
             raw = self.stage.render(
                 [r.group for r in reqs],
@@ -220,6 +228,7 @@ class DecoderWorker:
                 reqs[0].options,
                 should_cancel=lambda: all(b.cancel.is_set() for b in batch),
                 on_step=lambda i: self.counters.add(steps=1),
+                **edits,
             )
             if len(raw) != len(batch):
                 raise RuntimeError(f"decoder returned {len(raw)} results for {len(batch)} items")
@@ -262,3 +271,86 @@ def is_fatal(e: BaseException) -> bool:
     fails so Ray Serve replaces it. A CUDA out-of-memory error is not fatal (the next, smaller batch may fit)."""
     text = str(e).lower()
     return "cuda error" in text or "device-side assert" in text
+
+
+BATCH_POLICIES = ("adaptive", "timeout")
+"""How a decoder deployment forms batches: ``adaptive`` (:class:`AdaptiveBatcher`: no timer, a lone request
+starts at once, requests arriving while the decoder is busy share the next call) or ``timeout`` (Ray's
+``@serve.batch``: a batch waits up to ``batch_wait_timeout_s`` after its first item to fill)."""
+
+
+def check_batch_policy(name: str) -> str:
+    """``name`` if it is one of :data:`BATCH_POLICIES`.
+
+    Raises:
+        ValueError: another name (the message lists the choices).
+    """
+    if name not in BATCH_POLICIES:
+        raise ValueError(f"unknown batch policy {name!r}; choices: {', '.join(BATCH_POLICIES)}")
+    return name
+
+
+class AdaptiveBatcher:
+    """Batches concurrent calls with no timer: the wait for a batch is the time the decoder is busy.
+
+    A call that finds the runner idle starts at once, alone (a lone request pays no batch wait); calls that arrive
+    while a batch runs queue up and go together, up to ``max_batch_size``, as soon as it ends. A caller cancelled
+    while queued is dropped before its batch starts; one cancelled while its batch runs has its result dropped
+    (set ``BatchItem.cancel`` so the step callback can stop the work).
+
+    Args:
+        run: ``async run(items) -> one result per item`` (e.g. a :class:`DecoderWorker` batch in a thread); one
+            call at a time.
+        max_batch_size: most items per call.
+
+    Raises:
+        ValueError: ``max_batch_size`` < 1.
+    """
+
+    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        self._run = run
+        self.max_batch_size = int(max_batch_size)
+        self._queue: deque[tuple[Any, asyncio.Future]] = deque()
+        self._wake = asyncio.Event()  # bound to a loop at first use (Python >= 3.10)
+        self._task: asyncio.Task | None = None
+        self.batch_sizes: list[int] = []  # sizes of the calls made so far (tests, benches)
+
+    async def submit(self, item: Any) -> Any:
+        """Queue ``item`` -> its result (raises what ``run`` raised for its batch)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._loop())
+        fut = loop.create_future()
+        self._queue.append((item, fut))
+        self._wake.set()
+        return await fut
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+            batch: list[tuple[Any, asyncio.Future]] = []
+            while self._queue and len(batch) < self.max_batch_size:
+                item, fut = self._queue.popleft()
+                if not fut.done():  # a cancelled caller's item is dropped here
+                    batch.append((item, fut))
+            if not batch:
+                continue
+            self.batch_sizes.append(len(batch))
+            try:
+                results = await self._run([item for item, _ in batch])
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    fut.cancel()
+                raise
+            except Exception as e:  # noqa: BLE001 - handed to every caller of the batch
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), r in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(r)

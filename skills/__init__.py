@@ -15,10 +15,16 @@ generate_image heavy  the preset's image decoder through its own text encoder   
 generate_audio heavy  the preset's audio decoder through its own text encoder   audio
 generate_video heavy  the preset's video decoder through its own text encoder   video
 detect_objects gpu    OWL-ViT (transformers) by hub id or folder, strict load   boxes with scores
+transcribe     heavy  pocketsphinx 5.1.1 (en-us model in the wheel) or Whisper  transcript, segment/word times
+synthesize_    light  flite / espeak-ng programs, or VITS (transformers);       audio (24 kHz mono speech)
+speech                named voices (OpenAI's names too), sentence by sentence
 ============== ====== ========================================================= =============================
 
-Importing this package imports neither torch nor OpenCV nor onnxruntime (the HTTP ingress lists the skills'
-schemas): each skill imports its libraries when it first runs.
+Speech: :mod:`skills.asr` (recognisers, :data:`ASR_BACKENDS`) and :mod:`skills.tts` (voices, :data:`TTS_BACKENDS`,
+the sentence-by-sentence :class:`Synthesizer`) are also used directly by the speech server (``services.speech``).
+
+Importing this package imports neither torch nor OpenCV nor onnxruntime nor pocketsphinx (the HTTP ingress lists
+the skills' schemas): each skill imports its libraries when it first runs.
 """
 
 from __future__ import annotations
@@ -36,17 +42,19 @@ from skills.base import (
     images,
     input_image,
 )
+from skills.asr import ASR_BACKENDS, Transcript, TranscribeParams, TranscribeSkill
 from skills.detect import CASCADES, DetectParams, DetectSkill
 from skills.generate import GenerateAudioSkill, GenerateImageSkill, GenerateParams, GenerateVideoSkill
 from skills.masks import SkillMask, decode_rle, draw_masks, encode_rle, mask_iou
 from skills.objects import OBJECT_DETECTORS, DetectObjectsParams, DetectObjectsSkill
 from skills.ocr import OcrParams, OcrSkill
 from skills.segment import SegmentParams, SegmentSkill
+from skills.tts import TTS_BACKENDS, SpeakParams, Synthesizer, SynthesizeSpeechSkill, Voice
 
 SKILLS: dict[str, type[Skill]] = {
     cls.name: cls
     for cls in (DetectSkill, OcrSkill, SegmentSkill, GenerateImageSkill, GenerateAudioSkill, GenerateVideoSkill,
-                DetectObjectsSkill)
+                DetectObjectsSkill, TranscribeSkill, SynthesizeSpeechSkill)
 }
 
 
@@ -64,7 +72,9 @@ def get_skill(name: str) -> type[Skill]:
 
 def build_skill(name: str, **parts: Any) -> Skill:
     """Build skill ``name`` with its heavy parts: ``decoder=`` for ``generate_*``, ``path=`` (and ``device=``,
-    ``dtype=``) for ``detect_objects``; ``threads=`` optionally for ``ocr``; nothing for ``detect`` / ``segment``.
+    ``dtype=``) for ``detect_objects``; ``threads=`` optionally for ``ocr``; nothing for ``detect`` / ``segment``;
+    optionally ``backend=``, ``model=``, ``device=`` (or a ready ``asr=``) for ``transcribe`` and ``backends=``,
+    ``model=``, ``default_voice=`` (or a ready ``synthesizer=``) for ``synthesize_speech``.
 
     Raises:
         ValueError: unknown name (lists the choices), or a decoder of the wrong modality.
@@ -85,6 +95,7 @@ def skill_specs(names: list[str] | None = None) -> list[SkillSpec]:
 
 
 __all__ = [
+    "ASR_BACKENDS",
     "CASCADES",
     "MAX_IMAGE_PIXELS",
     "OBJECT_DETECTORS",
@@ -108,6 +119,14 @@ __all__ = [
     "SkillParams",
     "SkillResult",
     "SkillSpec",
+    "SpeakParams",
+    "SynthesizeSpeechSkill",
+    "Synthesizer",
+    "TTS_BACKENDS",
+    "Transcript",
+    "TranscribeParams",
+    "TranscribeSkill",
+    "Voice",
     "build_skill",
     "decode_rle",
     "draw_masks",

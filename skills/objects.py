@@ -13,7 +13,6 @@ folder's ``config.json`` ``model_type`` (:data:`OBJECT_DETECTORS`).
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -80,62 +79,22 @@ def load_object_detector(path: str, *, device: str = "cpu", dtype: str = "auto")
             :data:`OBJECT_DETECTORS` (lists the choices), missing / unexpected / mismatched weights, or a
             processor that cannot be built.
     """
-    import logging
-
-    import torch
     import transformers
 
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        cfg_file = folder / "config.json"
-        if not cfg_file.is_file():
-            raise SkillLoadError(f"detect_objects: {cfg_file} is missing; not a transformers model folder")
-        model_type = json.loads(cfg_file.read_text()).get("model_type")
-    elif path.startswith((".", "/", "~")) or path.count("/") != 1:  # not a hub id: never ask the hub
-        raise SkillLoadError(f"detect_objects: folder {str(folder)!r} does not exist and {path!r} is not a local "
-                             "folder nor a hub id such as 'google/owlvit-base-patch32'")
-    else:
-        try:
-            model_type = transformers.AutoConfig.from_pretrained(path).model_type
-        except (OSError, ValueError) as e:
-            raise SkillLoadError(f"detect_objects: {path!r} is not a local folder and could not be fetched from the "
-                                 f"hub ({type(e).__name__}: {e}); download it where the hub is reachable and pass "
-                                 "the folder") from e
+    from skills.hf_loading import load_strict, read_model_type
+
+    model_type = read_model_type(path, "detect_objects", example="google/owlvit-base-patch32")
     if model_type not in OBJECT_DETECTORS:
         raise SkillLoadError(f"detect_objects: {path!r} holds a {model_type!r} model; choose a folder of: "
                              f"{', '.join(OBJECT_DETECTORS)}")
     model_name, processor_name = OBJECT_DETECTORS[model_type]
-    model_cls, processor_cls = getattr(transformers, model_name), getattr(transformers, processor_name)
-    torch_dtype = torch.float32 if device == "cpu" or dtype == "float32" else (
-        torch.bfloat16 if dtype == "bfloat16" else torch.float16)
-    # the checks below replace transformers' own load report (and transformers 5's note that no layer "was
-    # sharded", from its tensor-parallel logger), as polymodal.encoders does
-    quiet = [logging.getLogger(f"transformers.{n}") for n in ("modeling_utils", "distributed.tensor_parallel")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.ERROR)
-    from packaging.version import Version
-
-    dtype_kwarg = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
-    try:
-        model, info = model_cls.from_pretrained(path, output_loading_info=True, **{dtype_kwarg: torch_dtype})
-    except (OSError, ValueError, KeyError) as e:
-        raise SkillLoadError(f"detect_objects: cannot load {model_name} from {path!r}: {e}") from e
-    finally:
-        for q, lv in zip(quiet, levels):
-            q.setLevel(lv)
-    missing = sorted(info.get("missing_keys") or [])
-    unexpected = sorted(info.get("unexpected_keys") or [])
-    mismatched = sorted(str(k) for k in (info.get("mismatched_keys") or []))
-    if missing or unexpected or mismatched:
-        raise SkillLoadError(f"detect_objects: {model_name} from {path!r}: missing weights {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, mismatched {mismatched[:5]} (refusing to run with partly "
-                             "random weights)")
+    processor_cls = getattr(transformers, processor_name)
+    model = load_strict(model_name, path, device=device, dtype=dtype, what="detect_objects")
     try:
         processor = processor_cls.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SkillLoadError(f"detect_objects: cannot load {processor_name} from {path!r}: {e}") from e
-    return model.to(device).eval(), processor, model_type
+    return model, processor, model_type
 
 
 class DetectObjectsSkill(Skill):

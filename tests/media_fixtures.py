@@ -4,14 +4,16 @@ Plain functions (cached), usable from any test module::
 
     from tests.media_fixtures import photo_png, speech_wav, photo_mp4
 
-``speech_wav`` skips the calling test (with a reason) when the ``espeak-ng`` binary is absent
-(Debian: ``apt-get install -y espeak-ng``).
+``speech_wav`` needs the ``espeak-ng`` program (Debian: ``apt-get install -y espeak-ng``): through
+:func:`require_program`, a test that needs a program skips (with the reason) when it is absent, except under
+``CI=true``, where it fails: CI installs the programs (``.ci/run``), so a missing one is a broken CI, not a skip.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import os
 import shutil
 import subprocess
 import tempfile
@@ -82,6 +84,23 @@ def espeak_available() -> bool:
     return ESPEAK is not None
 
 
+def in_ci() -> bool:
+    """``CI=true`` (GitHub Actions, GitLab and most CI systems set it; ``.ci/run`` runs under it)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_program(name: str, package: str | None = None) -> str:
+    """The path of program ``name``; when it is not installed the calling test skips with the reason, or fails
+    under ``CI=true`` (where ``.ci/run`` installs it)."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed (Debian: apt-get install -y {package or name})"
+        if in_ci():
+            pytest.fail(f"{msg}; CI installs it (.ci/run), so its absence is an error here")
+        pytest.skip(msg)
+    return path
+
+
 @functools.lru_cache(maxsize=None)
 def _speech(text: str) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,9 +111,8 @@ def _speech(text: str) -> bytes:
 
 
 def speech_wav(text: str = SPEECH_TEXT) -> bytes:
-    """Real synthetic speech (espeak-ng, mono 22.05 kHz WAV). Skips the test when espeak-ng is absent."""
-    if ESPEAK is None:
-        pytest.skip("espeak-ng is not installed (Debian: apt-get install -y espeak-ng)")
+    """Real synthetic speech (espeak-ng, mono 22.05 kHz WAV). Without espeak-ng the test skips (fails under CI)."""
+    require_program("espeak-ng")
     return _speech(text)
 
 

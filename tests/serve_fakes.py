@@ -7,7 +7,8 @@
   masks the others' signal tokens), honours ``should_cancel`` between tokens, and records every call.
 - :class:`FakeDecoderStage` renders real files (PNG via Pillow, WAV via soundfile, bytes for video) whose
   content depends on the seed and the options, sleeping ``step_s`` per denoising step, calling ``on_step``
-  and stopping when ``should_cancel()``; ``poison_seeds`` make a whole pipeline call raise.
+  and stopping when ``should_cancel()``; ``poison_seeds`` make a whole pipeline call raise; edits' ``sources`` are
+  recorded in ``calls`` (the rendered content does not read them).
 """
 
 from __future__ import annotations
@@ -143,10 +144,10 @@ class FakeDecoderStage:
     def describe(self):
         return {"init_state": self.init_state, "fake": True}
 
-    def render(self, groups, seeds, options=None, should_cancel=None, on_step=None):
+    def render(self, groups, seeds, options=None, should_cancel=None, on_step=None, sources=None):
         options = options or self.defaults
         with self._lock:
-            self.calls.append(dict(seeds=list(seeds), options=options, n=len(groups)))
+            self.calls.append(dict(seeds=list(seeds), options=options, n=len(groups), sources=sources))
         for g in groups:
             if g.modality is not self.modality:
                 raise ValueError(f"{g.modality.value} group sent to the {self.modality.value} decoder")
@@ -184,3 +185,65 @@ def fake_stages(modalities=(Modality.IMAGE, Modality.AUDIO, Modality.VIDEO), ste
     preset = preset.model_copy(update={"decoders": {m: preset.decoders[m] for m in modalities}})
     decoders = {m: FakeDecoderStage(m, preset.decoders[m].defaults, step_s=step_s, **decoder_kw) for m in modalities}
     return preset, FakeLLMStage(), decoders
+
+
+class ScriptedToolLLMStage:
+    """A stand-in LLM that uses tools as a trained one would (the tiny preset's random LLM writes valid but random
+    arguments): when the request offers tools and the last turn is the user's, it calls ``tool_choice``'s function
+    (or the first tool) with ``script[name]`` as arguments; after ``tool`` turns it answers in text quoting the
+    results it read. Records every call (tools offered, tool_choice, turns)."""
+
+    def __init__(self, script: dict[str, dict]):
+        self.script = dict(script)
+        self.calls: list[dict] = []
+        self._lock = threading.Lock()
+
+    def stream(self, turns, *, modalities=(), max_new_tokens=None, temperature=None, top_p=None, seed=None,
+               should_cancel=None, system=None, allowed_modalities=None, tools=(), tool_choice=None,
+               parallel_tool_calls=True, response_format=None, logprobs=None, constraint_limits=None, task=None):
+        import json
+
+        from polymodal.types import ToolCall
+
+        with self._lock:
+            self.calls.append(dict(turns=list(turns), tools=[t.name for t in tools], tool_choice=tool_choice,
+                                   modalities=list(modalities)))
+            k = len(self.calls)
+        last = turns[-1]
+        if tools and last.role == "user" and (tool_choice is None or tool_choice.mode != "none"):
+            name = tool_choice.name if tool_choice is not None and tool_choice.mode == "function" else tools[0].name
+            call = ToolCall(f"call_{k}", name, json.dumps(self.script.get(name, {})))
+            yield call
+            yield LLMResult("", (), 10, 5, "tool_calls", tool_calls=(call,))
+            return
+        read = [p.text for t in turns if t.role == "tool" for p in t.parts if isinstance(p, TextPart)]
+        text = "I read: " + " | ".join(read) if read else "No tool was used."
+        yield TextDelta(text)
+        yield LLMResult(text, (), 10, len(text.split()), "stop")
+
+    def describe(self):
+        return {"init_state": "scripted"}
+
+
+class LargeMedium:
+    """A rendered medium whose file is ``data`` as given (no encoding work): stands for real-size video or audio."""
+
+    def __init__(self, data: bytes, seed: int):
+        self.data, self.seed, self.duration_s = data, seed, None
+
+    def encode(self):
+        return self.data, "video/mp4", "mp4"
+
+
+class LargeMediumStage(FakeDecoderStage):
+    """A decoder stage whose every medium is the same ``size_bytes`` of random bytes (built once), so the ingress's
+    own handling of a large answer (storing it, base64, JSON, sending) is all the work a request makes."""
+
+    def __init__(self, modality: Modality, defaults: DecoderDefaults, size_bytes: int = 20 * 1024 * 1024):
+        super().__init__(modality, defaults)
+        self.payload = np.random.default_rng(0).integers(0, 256, size_bytes, dtype=np.uint8).tobytes()
+
+    def render(self, groups, seeds, options=None, should_cancel=None, on_step=None):
+        with self._lock:
+            self.calls.append(dict(seeds=list(seeds), options=options, n=len(groups)))
+        return [LargeMedium(self.payload, s) for s in seeds]

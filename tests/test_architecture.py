@@ -202,6 +202,8 @@ BRANCH_ALLOWED = {
                                           "catalog's images: a filter of a dataset format, not of the runtime"),
     "skills/base.py": (1, "input_image(): the vision skills (detect, ocr, segment, detect_objects) declare images "
                           "as their input; this picks the image_index-th image of what the call was given"),
+    "skills/asr.py": (1, "transcribe hears sounds: like input_image(), it picks the audio_index-th audio part of "
+                         "what the call was given (speech recognition is about waveforms, not any medium)"),
 }
 
 

@@ -81,6 +81,21 @@ def test_constrained_mask_quick(tmp_path):
     assert _positive(data["decode"]["no_mask_tokens_per_s"]) and _positive(data["decode"]["mask_tokens_per_s"])
 
 
+def test_structured_quick(tmp_path):
+    """Tiny (random): without the grammar nothing is valid; with it, every call validates and every JSON answer
+    that ended by itself validates (a ``length`` ending is counted as a failure, never as valid)."""
+    stdout, data = _run("structured.py", "--quick", tmp_path=tmp_path, timeout=600)
+    assert "with vs without the grammar" in stdout and "slowdown x" in stdout
+    r = data["presets"]["tiny"]
+    js, tools = r["json"], r["tools"]
+    assert js["constrained"]["valid"] == js["constrained"]["finish_reasons"].get("stop", 0) >= 3
+    assert tools["constrained"]["valid_share"] == 1.0 and tools["constrained"]["finish_reasons"] == {"tool_calls": 3}
+    assert js["unconstrained"]["valid"] == 0 and tools["unconstrained"]["valid"] == 0
+    for side in (js["constrained"], tools["constrained"], js["unconstrained"]):
+        assert _positive(side["tokens_per_s"]) and 0 <= side["field_accuracy"] <= 1
+    assert _positive(js["slowdown_x"]) and _positive(tools["slowdown_x"])
+
+
 def test_reference_baseline_quick(tmp_path):
     stdout, data = _run("reference_baseline.py", "--quick", "--steps", "2", "--concurrent", "4",
                         tmp_path=tmp_path, timeout=600)
@@ -92,8 +107,9 @@ def test_reference_baseline_quick(tmp_path):
 
 
 def test_skills_quick(tmp_path):
-    stdout, data = _run("skills_latency.py", "--quick", "--no-generate", tmp_path=tmp_path, timeout=600)
-    assert "skill latency in process" in stdout
+    # the deployment's throughput (its own Ray cluster) is not run here: tests/test_serve_ray.py covers the graph
+    stdout, data = _run("skills_latency.py", "--quick", "--no-generate", "--no-serve", tmp_path=tmp_path, timeout=600)
+    assert "skill latency in process" in stdout and "deployment" not in data
     assert set(data["skills"]) == {"detect (face)", "detect (cat_face)", "segment", "ocr", "detect_objects (tiny)"}
     for key, s in data["skills"].items():
         assert s["ok"] == s["n"] == 3 and not s["errors"], (key, s)
@@ -101,25 +117,64 @@ def test_skills_quick(tmp_path):
     assert data["skills"]["ocr"]["note"] == "line read back 3/3"
 
 
+def test_speech_word_error_rate():
+    from speech import sentences, word_errors
+
+    assert word_errors("The cat sat.", "the cat sat") == (0, 3)
+    assert word_errors("the cat sat on the mat", "the bat sat the mat too") == (3, 6)  # sub, del, ins
+    assert word_errors("It's half-past two", "it's half past two") == (0, 4)
+    assert word_errors("a b", "") == (2, 2)
+    texts = sentences()
+    assert len(texts) == 100 and len(set(texts)) == 100 and all(t[-1] in ".?!" for t in texts)
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_speech_quick(tmp_path):
+    """Intelligibility of two voices on 5 sentences, and 1 / 4 streams against a --no-ray server."""
+    stdout, data = _run("speech.py", "--quick", tmp_path=tmp_path)
+    assert "(a) intelligibility" in stdout and "(c) /v1/audio/speech streams" in stdout
+    a = data["intelligibility"]
+    assert set(a) == {"echo", "echo (1 pass)", "espeak-ng:en-us"}
+    assert all(r["sentences"] == 5 and r["words"] > 0 and 0 <= r["wer"] for r in a.values())
+    assert a["echo"]["wer"] <= 0.2  # flite's default voice is intelligible to pocketsphinx
+    for level, r in data["streaming"].items():
+        assert r["joined_equal_whole"] == f"{r['requests']}/{r['requests']}", (level, r)
+        assert r["first_chunk"]["p50_s"] <= r["last_chunk"]["p50_s"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_gpu_script_at_toy_size_on_cpu(tmp_path):
-    stdout, data = _run("gpu.py", "--cpu-smoke", tmp_path=tmp_path, timeout=600)
-    assert "images/s" in stdout
+    """The GPU path end to end at toy sizes on the CPU: the decoder stage vs plain diffusers, the 7B-shaped LLM
+    (toy-sized), one forced image request in process, and the same SD v1.5-shaped decoder served by the Ray Serve
+    graph (loaded from the diffusers layout) beside the plain call, then a chat request over HTTP."""
+    stdout, data = _run("gpu.py", "--cpu-smoke", tmp_path=tmp_path, timeout=840)
+    assert "images/s" in stdout and "Through the Ray Serve deployment" in stdout
     assert [r["batch_size"] for r in data["decoder"]] == [1, 8]
     assert all(_positive(r["ours"]["images_per_s"]) and _positive(r["plain"]["images_per_s"]) for r in data["decoder"])
     run = data["end_to_end"]["runs"][0]
     assert run["images"] == 1 and run["finish_reason"] == "stop" and run["hidden_states_finite"]
     assert 1 <= data["llm"]["completion_tokens"] <= 8 and _positive(data["llm"]["tokens_per_s"])
+    dep = data["deployment"]
+    assert [r["batch_size"] for r in dep["decoder"]] == [1, 8]
+    assert all(_positive(r["ratio_deployment_over_plain"]) for r in dep["decoder"])
+    assert dep["decoder"][1]["mean_batch_size"] > 1  # eight clients: the deployment formed batches
+    assert dep["http"]["status"] == 200 and dep["http"]["images"] == 1
+    assert "e2e_request_latency" in dep["http"]["streaming_means_s"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_overhead_quick(tmp_path):
     stdout, data = _run("overhead.py", "--quick", "--steps", "2", tmp_path=tmp_path)
-    assert "HTTP -> Ray Serve graph" in stdout
+    assert "HTTP -> Ray Serve graph" in stdout and "polymodal_time_to_first_token_seconds" in stdout
     assert data["latency"]["in_process"]["n"] == data["latency"]["http_ray_serve"]["n"] == 4
     assert data["identical_outputs"] == "5/5"  # the same request gives the same image on both paths
     assert _positive(data["ratio_http_over_in_process"]["p50"])
+    s = data["streaming_means_s"]
+    assert 0 < s["time_to_first_token"][""] < s["e2e_request_latency"][""]
+    assert 0 < s["time_to_first_medium"]["modality=image"] <= 1.5 * s["e2e_request_latency"][""]
 
 
 @pytest.mark.slow
@@ -127,10 +182,14 @@ def test_overhead_quick(tmp_path):
 def test_batching_quick(tmp_path):
     stdout, data = _run("batching.py", "--quick", "--steps", "2", "--concurrency", "1,8", "--max-batch-size", "8",
                         "--batch-wait-s", "0.2", "--llm-max-concurrency", "1", tmp_path=tmp_path)
-    assert "ratio on/off" in stdout and "tokens/s" in stdout
+    assert "graph gain on/off" in stdout and "serving efficiency" in stdout and "tokens/s" in stdout
     rows = {r["concurrency"]: r for r in data["decoder"]}
     assert all(r["off"]["max_batch_size_seen"] == 1 for r in rows.values())
-    assert rows[8]["on"]["max_batch_size_seen"] > 1
+    assert rows[8]["on-adaptive"]["max_batch_size_seen"] > 1 and rows[8]["on-timeout"]["max_batch_size_seen"] > 1
+    assert rows[1]["on-adaptive"]["max_batch_size_seen"] == 1  # a lone request is never held for company
+    ceiling = rows[8]["in_process"]
+    assert ceiling["batch"] == 8 and _positive(ceiling["model_gain"])
+    assert all(_positive(rows[8][f"serving_efficiency_{p}"]) for p in ("adaptive", "timeout"))
     llm = data["llm"]["rows"][0]
     assert llm["max_concurrency"] == 1 and _positive(llm["c1"]["tokens_per_s"]) and llm["c4"]["tokens"] > 0
 

@@ -155,10 +155,11 @@ def test_chat_with_a_photo_returns_a_png(container):
     }
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=300)
     assert r.status_code == 200, r.text[:2000]
-    content = r.json()["choices"][0]["message"]["content"]
-    assert isinstance(content, list), "an answer with media is a list of parts"
-    images = [p for p in content if p.get("type") == "image_url"]
-    assert len(images) >= 1
+    message = r.json()["choices"][0]["message"]
+    # the answer's shape (issue #20): content is text with a reference; the media in message.images
+    assert isinstance(message["content"], str) and "![image 1](" in message["content"], message["content"]
+    images = message["images"]
+    assert len(images) >= 1 and images[0]["type"] == "image_url"
     head, _, b64 = images[0]["image_url"]["url"].partition(",")
     assert head == "data:image/png;base64"
     png = base64.b64decode(b64)
@@ -166,6 +167,22 @@ def test_chat_with_a_photo_returns_a_png(container):
     im = Image.open(io.BytesIO(png))
     im.load()  # decodes the whole file
     assert im.format == "PNG" and im.width > 0 and im.height > 0
+
+
+def test_the_image_speaks_and_hears(container):
+    """/v1/audio/speech (flite in the image, through the Ray graph's speech deployment) -> a WAV that
+    /v1/audio/transcriptions (pocketsphinx) reads back."""
+    import httpx
+
+    _, url = container
+    said = "I would like a cup of coffee please"
+    r = httpx.post(f"{url}/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", "input": said + "."},
+                   timeout=120)
+    assert r.status_code == 200 and r.content[:4] == b"RIFF", r.text[:500]
+    t = httpx.post(f"{url}/v1/audio/transcriptions", data={"model": "whisper-1"},
+                   files={"file": ("speech.wav", r.content, "audio/wav")}, timeout=120)
+    assert t.status_code == 200, t.text[:500]
+    assert len(set(t.json()["text"].split()) & set(said.lower().split())) >= 6, t.json()
 
 
 def test_runs_as_non_root(container):

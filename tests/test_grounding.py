@@ -288,7 +288,11 @@ def test_preset_without_grounding_refuses_a_task():
     from polymodal.pipeline import LLMStage
     from polymodal.presets import get_preset
 
-    st = LLMStage(get_preset("tiny"), engine=None, encoders={}, input_projectors={})
+    import types
+
+    preset = get_preset("tiny")
+    # no model needed: the stage reads only its engine's chat format at construction (the tool-call format, #22)
+    st = LLMStage(preset, engine=types.SimpleNamespace(chat_format=preset.chat), encoders={}, input_projectors={})
     with pytest.raises(ValueError, match="has no grounding"):
         st.task_identifier("grounding")
 

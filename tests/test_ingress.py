@@ -192,6 +192,8 @@ def test_unknown_model_is_400(app_llm_dec):
     ({"audio": {"duration_s": 0}}, "audio.duration_s"),
     ({"video": {"fps": 100}}, "video.fps"),
     ({"video": {"crf": 52}}, "video.crf"),
+    ({"image": {"bogus": 1}}, "image.bogus"),                # our own option objects refuse unknown keys
+    ({"audio": {"num_steps": 4}}, "audio.num_steps"),
     ({"modalities": ["smell"]}, "modalities"),
     ({"messages": []}, "messages"),
 ])
@@ -665,11 +667,10 @@ def test_stats_server_sums_replicas():
 
 
 @pytest.mark.parametrize("fields,param", [
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"logprobs": True}, "logprobs"),
+    ({"functions": [{"name": "f", "parameters": {"type": "object"}}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
 ])
-def test_unsupported_openai_fields_are_refused(app_llm_dec, fields, param):
+def test_legacy_function_calling_fields_are_refused(app_llm_dec, fields, param):
     app, _, _ = app_llm_dec
     r = call(app, "POST", "/v1/chat/completions", json={"model": "tiny", "messages": user("x"), **fields})
     assert r.status_code == 400 and err(r)["param"] == param

@@ -49,4 +49,7 @@ def test_wheel_holds_every_package_and_the_toy_assets(tmp_path):
     missing = sorted(shipped - names)
     assert not missing, f"shipped toy assets missing from the wheel: {missing[:10]}"
     assert "training/toyworld/mosit.yaml" in names  # the toy MosIT config `polymodal toyworld build` reads
+    page = {p.relative_to(ROOT).as_posix() for p in (ROOT / "services" / "web").iterdir() if p.is_file()}
+    assert {"services/web/index.html", "services/web/page.js", "services/web/view.js"} <= page
+    assert page <= names, f"the chat page's files missing from the wheel: {sorted(page - names)}"
     assert build_s < 120, f"wheel build took {build_s:.1f} s"

@@ -52,7 +52,7 @@ def test_readme_python_block_runs(line, code, request, tmp_path, monkeypatch, ca
     base = None if code.startswith(IN_PROCESS) else request.getfixturevalue(SERVED[m.group("preset") if m else "toy"])
     monkeypatch.chdir(tmp_path)  # the blocks write their files where they run
     code = code if base is None else code.replace("http://127.0.0.1:8000", base)
-    exec(compile(code, f"README.md:{line}", "exec"), {"__name__": "__main__"})
+    exec(compile(code, f"README.md:{line}", "exec", dont_inherit=True), {"__name__": "__main__"})  # not this file's __future__ flags
     printed = capsys.readouterr().out
     for phrase, expected in PRINTS:
         if phrase in code:

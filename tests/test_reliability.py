@@ -187,10 +187,11 @@ def test_served_decoders_bound_the_ceiling():
     assert llm.calls[-1]["allowed_modalities"] == [IMAGE]
 
 
-def test_audio_voice_is_refused_until_speech_output_exists():
+def test_audio_voice_without_a_speech_stage_is_503():
+    """A spoken answer needs the speech stage (tests/test_speech.py speaks); none deployed: 503, the LLM not run."""
     app, llm, _ = make()
     r = chat(app, user("say hi"), modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"})
-    assert r.status_code == 400 and err(r)["param"] == "audio.voice" and "not available" in err(r)["message"]
+    assert r.status_code == 503 and err(r)["code"] == "stage_unavailable" and "speech" in err(r)["message"]
     assert llm.calls == []
 
 

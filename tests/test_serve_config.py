@@ -46,8 +46,15 @@ def test_serve_yaml_is_a_valid_serve_config_and_builds_the_graph():
     AppArgs.model_validate(app_cfg.args)  # every field known and in bounds
     app = call_user_app_builder_with_args_if_necessary(app_builder, app_cfg.args)  # Ray's own builder path
     g = _graph(app)
-    assert set(g) == {"ingress", "llm", "stats", "decoder-image", "decoder-audio", "decoder-video"}
+    # the skill deployments the toy preset can serve (skills-objects needs object_detector_path: not deployed)
+    assert set(g) == {"ingress", "llm", "stats", "decoder-image", "decoder-audio", "decoder-video", "speech",
+                      "skills-cpu", "skills-generate"}
     assert g["ingress"].func_or_class.__name__ == IngressServer.__name__
+    assert g["skills-cpu"].init_args[1] == ["detect", "segment", "ocr"]
+    assert g["skills-generate"].init_args[1] == ["generate_image", "generate_audio", "generate_video"]
+    assert g["ingress"].init_args[7] == {"detect": "skills-cpu", "segment": "skills-cpu", "ocr": "skills-cpu",
+                                         "generate_image": "skills-generate", "generate_audio": "skills-generate",
+                                         "generate_video": "skills-generate"}
     for name, d in g.items():
         assert 0 <= d.ray_actor_options["num_cpus"] < 1, name  # schedulable on a 2-core machine
     img = g["decoder-image"]
@@ -57,6 +64,9 @@ def test_serve_yaml_is_a_valid_serve_config_and_builds_the_graph():
     assert img.init_args[4] == 4 and img.init_args[1] == "image"  # max_batch_size, modality
     assert g["llm"].func_or_class is LLMServer and g["llm"].max_queued_requests == 32
     assert g["stats"].func_or_class is StatsServer
+    speech = g["speech"]
+    assert speech.func_or_class.__name__ == "SpeechServer" and speech.init_args[0]["asr_backend"] == "pocketsphinx"
+    assert g["ingress"].init_args[5] is not None  # the ingress gets the speech handle
 
 
 def test_typed_args_are_validated():
@@ -74,7 +84,7 @@ def test_builder_options_and_modalities():
     app = app_builder(AppArgs(preset="tiny", modalities=["image"],
                               decoders={"image": {"num_gpus": 0.25, "num_cpus": 0.5, "max_batch_size": 6}}))
     g = _graph(app)
-    assert set(g) == {"ingress", "llm", "stats", "decoder-image"}
+    assert set(g) == {"ingress", "llm", "stats", "decoder-image", "speech", "skills-cpu"}  # skills-cpu: the default
     d = g["decoder-image"]
     assert d.ray_actor_options["num_gpus"] == 0.25 and d.num_replicas == 1 and d.init_args[4] == 6
     served = g["ingress"].init_args[0]
@@ -83,6 +93,8 @@ def test_builder_options_and_modalities():
     assert settings.store_dir and "polymodal-store" in settings.store_dir  # one folder for every ingress replica
     with pytest.raises(ValueError, match="no video decoder"):
         app_builder(AppArgs(preset=str(_preset_without_video()), modalities=["video"]))
+    no_speech = _graph(app_builder(AppArgs(preset="tiny", modalities=["image"], speech={"enabled": False})))
+    assert "speech" not in no_speech and no_speech["ingress"].init_args[5] is None
 
 
 def _preset_without_video() -> Path:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -152,6 +153,25 @@ def test_images_endpoint(service):
     assert [im.size for im in ims] == [(32, 32), (32, 32)] and ims[0].tobytes() != ims[1].tobytes()
 
 
+def test_images_edits_over_ray(service):
+    """/v1/images/edits over the Ray graph: the source and its mask cross to the image decoder replica (issue #27)."""
+    client = _openai(service)
+    rng = np.random.default_rng(0)
+    src = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    alpha = np.full((32, 32), 255, np.uint8)
+    alpha[:16] = 0  # the top half may change
+    bufs = []
+    for im in (Image.fromarray(src), Image.fromarray(np.dstack([src, alpha]), "RGBA")):
+        bufs.append(io.BytesIO())
+        im.save(bufs[-1], format="PNG")
+    out = client.images.edit(image=("src.png", bufs[0].getvalue(), "image/png"),
+                             mask=("mask.png", bufs[1].getvalue(), "image/png"), prompt="a red fox", n=2,
+                             size="32x32", extra_body={"seed": 3, "num_inference_steps": 2, "strength": 1.0})
+    ims = [np.asarray(Image.open(io.BytesIO(base64.b64decode(d.b64_json))).convert("RGB")) for d in out.data]
+    assert all(np.array_equal(im[16:], src[16:]) for im in ims)  # kept outside the mask, exactly
+    assert not np.array_equal(ims[0][:16], ims[1][:16])
+
+
 def test_sse_streaming(service):
     events = []
     with httpx.stream("POST", service.url + "/v1/chat/completions", timeout=120, json={
@@ -177,6 +197,8 @@ def test_sse_streaming(service):
 
 
 def test_16_concurrent_requests_distinct_ids_and_decoder_batches(service):
+    items0 = service.metric("polymodal_decoder_batch_items_total")
+
     async def go():
         async with httpx.AsyncClient(timeout=300) as c:
             return await asyncio.gather(*[c.post(service.url + "/v1/chat/completions", json={
@@ -186,7 +208,9 @@ def test_16_concurrent_requests_distinct_ids_and_decoder_batches(service):
     rs = asyncio.run(go())
     assert [r.status_code for r in rs] == [200] * 16, [r.text for r in rs if r.status_code != 200][:1]
     assert len({r.json()["id"] for r in rs}) == 16
-    time.sleep(0.5)  # counters reach the stats deployment
+    deadline = time.monotonic() + 10  # counters reach the stats deployment within a period (1 s) of changing
+    while service.metric("polymodal_decoder_batch_items_total") < items0 + 16 and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert service.metric("polymodal_decoder_max_batch_size") > 1
     assert service.metric("polymodal_decoder_batch_items_total") > service.metric("polymodal_decoder_batches_total")
 
@@ -240,6 +264,101 @@ def test_rules_over_ray(service):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     r = httpx.post(service.url + "/v1/videos", json={"prompt": "waves"}, timeout=60)
     assert r.status_code == 400
+
+
+def test_speech_over_ray(service):
+    """The speech deployment (flite + pocketsphinx) behind the ingress's handles: the official client's speech ->
+    transcription round trip, a streamed answer that joins to the whole one, an unknown voice as a 400 from the
+    replica, and /ready listing the stage."""
+    import openai
+
+    from tests.media_fixtures import require_program
+
+    require_program("flite")
+    said = "I would like a cup of coffee please"
+    client = openai.OpenAI(base_url=service.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    speech = client.audio.speech.create(model="tts-1", voice="alloy", input=said + ".")
+    assert speech.content[:4] == b"RIFF"
+    heard = client.audio.transcriptions.create(file=("s.wav", speech.content, "audio/wav"), model="whisper-1")
+    assert len(set(heard.text.split()) & set(said.lower().split())) >= 6, heard.text
+    body = {"model": "tts-1", "voice": "echo", "input": "Hello there. How are you today?", "response_format": "pcm"}
+    whole = httpx.post(service.url + "/v1/audio/speech", json=body, timeout=120)
+    with httpx.stream("POST", service.url + "/v1/audio/speech", json={**body, "stream_format": "audio"},
+                      timeout=120) as r:
+        streamed = b"".join(r.iter_bytes())
+    assert whole.status_code == 200 and len(whole.content) > 24000 and streamed == whole.content
+    bad = httpx.post(service.url + "/v1/audio/speech", json={**body, "voice": "nope"}, timeout=60)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "unknown_voice", bad.text
+    parts = httpx.get(service.url + "/ready", timeout=30).json()["parts"]
+    assert parts["speech"]["healthy"] and parts["speech"]["asr"]["backend"] == "pocketsphinx"
+
+
+def test_structured_outputs_over_ray(service):
+    """Issue #22 through the graph: the grammar is compiled in the LLM replica, its errors cross Ray as 400s."""
+    import jsonschema
+
+    client = _openai(service)
+    ask = [{"role": "user", "content": "weather in Paris?"}]
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    r = client.chat.completions.create(model="tiny", messages=ask, max_tokens=100, seed=1, logprobs=True,
+                                       top_logprobs=2, response_format={"type": "json_schema", "json_schema": {
+                                           "name": "person", "schema": person, "strict": True}})
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].logprobs.content
+    jsonschema.validate(json.loads(r.choices[0].message.content), person)
+    params = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}},
+              "required": ["city"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": params}}]
+    chunks = list(client.chat.completions.create(model="tiny", messages=ask, tools=tools, tool_choice="required",
+                                                 parallel_tool_calls=False, max_tokens=100, seed=2, stream=True))
+    deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or ()]
+    assert deltas[0].function.name == "get_weather" and chunks[-1].choices[0].finish_reason == "tool_calls"
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    jsonschema.validate(json.loads(arguments), params)
+    history = [*ask, {"role": "assistant", "content": None, "tool_calls": [{"id": deltas[0].id, "type": "function",
+               "function": {"name": "get_weather", "arguments": arguments}}]},
+               {"role": "tool", "tool_call_id": deltas[0].id, "content": "21 C"}]
+    second = client.chat.completions.create(model="tiny", messages=history, tools=tools, max_tokens=8, seed=3)
+    assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    bad = httpx.post(service.url + "/v1/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": ask, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "no-such-type"}}}}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format.json_schema.schema"
+
+
+def test_skills_through_the_graph(service):
+    """Issue #23 through the graph: detect runs in the skills-cpu deployment (real Haar cascade on the astronaut,
+    directly and in the skill loop of a chat with the tiny LLM's forced call); a bad call is an error result."""
+    from skimage import data as skimage_data
+
+    from polymodal.grounding.boxes import box_iou
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage_data.astronaut()).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    listed = httpx.get(service.url + "/v1/skills", timeout=30).json()["data"]
+    assert {s["name"]: s["deployment"] for s in listed} == {"detect": "skills-cpu", "segment": "skills-cpu",
+                                                            "ocr": "skills-cpu"}
+    direct = httpx.post(service.url + "/v1/skills/detect", timeout=120, json={
+        "arguments": {"target": "face"}, "input": [{"type": "image_url", "image_url": {"url": url}}]})
+    assert direct.status_code == 200, direct.text
+    assert box_iou(tuple(direct.json()["boxes"][0]["box_px"]), (180.0, 75.0, 268.0, 165.0)) >= 0.5
+    r = _openai(service).chat.completions.create(
+        model="tiny", max_tokens=64, seed=4, tool_choice={"type": "function", "function": {"name": "detect"}},
+        messages=[{"role": "user", "content": [{"type": "text", "text": "find the face"},
+                                               {"type": "image_url", "image_url": {"url": url}}]}],
+        extra_body={"skills": ["detect"], "max_skill_rounds": 1, "modalities": ["text"]})
+    call = r.choices[0].message.model_extra["skill_calls"][0]
+    assert call["name"] == "detect" and call["deployment"] == "skills-cpu"
+    assert call["result"]["error"] is None or call["result"]["error_code"] == "invalid_input"
+    no_image = _openai(service).chat.completions.create(
+        model="tiny", max_tokens=64, seed=5, tool_choice={"type": "function", "function": {"name": "detect"}},
+        messages=[{"role": "user", "content": "find the face"}], extra_body={"skills": ["detect"],
+                                                                           "max_skill_rounds": 1,
+                                                                           "modalities": ["text"]})
+    res = no_image.choices[0].message.model_extra["skill_calls"][0]["result"]
+    assert res["error_code"] == "invalid_input" and "needs an image" in res["error"]
 
 
 def test_sigterm_shuts_down_cleanly(service):

@@ -90,7 +90,7 @@ def test_skills_is_in_package_discovery():
 # ---- registry and schemas ----------------------------------------------------------------------------------------
 def test_registry_lists_the_builtins_and_refuses_unknown_names():
     assert set(SKILLS) == {"detect", "ocr", "segment", "generate_image", "generate_audio", "generate_video",
-                           "detect_objects"}
+                           "detect_objects", "transcribe", "synthesize_speech"}
     assert get_skill("detect") is skills.DetectSkill
     with pytest.raises(ValueError, match="choose from: detect, ocr, segment"):
         get_skill("sam")

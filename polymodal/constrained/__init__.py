@@ -22,6 +22,7 @@ from polymodal.constrained.grammars import (
     json_object,
     json_schema,
     response_format,
+    response_schema,
     tool_calls,
 )
 from polymodal.constrained.tools import (
@@ -54,7 +55,7 @@ def __getattr__(name: str):
 __all__ = [
     "CompileTimeout", "ConstraintError", "InvalidSchema", "SchemaTooLarge", "TokenRejected",
     "ConstraintLimits", "Grammar", "JsonLayout", "ToolChoice", "check", "close_objects", "json_object",
-    "json_schema", "response_format", "tool_calls",
+    "json_schema", "response_format", "response_schema", "tool_calls",
     "TOOL_CALL_FORMATS", "ParsedAnswer", "StreamingToolCallParser", "Tool", "ToolCall", "ToolCallFormat",
     "ToolResult", "hermes", "parse_tool_calls", "tool_call_format", "tools_from_openai", "vicuna_hermes",
     *_MATCHER_NAMES,

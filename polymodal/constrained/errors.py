@@ -17,6 +17,13 @@ class ConstraintError(ValueError):
         self.param = param
         self.reason = message
 
+    def __reduce__(self):  # pickled across Ray with its keyword-only ``param``
+        return _rebuild, (type(self), self.reason, self.param)
+
+
+def _rebuild(cls: type, message: str, param: str) -> ConstraintError:
+    return cls(message, param=param)
+
 
 class InvalidSchema(ConstraintError):
     """The schema (or tool list) is malformed, or uses a feature the grammar engine does not support."""

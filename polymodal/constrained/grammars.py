@@ -87,6 +87,10 @@ class Grammar:
             one tool when the whole fails.
         special_ids: special token ids the grammar itself admits (``tool_calls(free_special_ids=...)``);
             every other special token stays masked.
+        free_text_until: the answer is free text up to the first occurrence of this string (``tool_calls``
+            under ``auto``: the opening tag), structured after it; ``None``: structured from the first token.
+            A decode loop applies the chat template's stop strings to the free text only, never inside the
+            structure (NExT-GPT's Vicuna stops on ``###``, which a JSON string may hold).
     """
 
     kind: str
@@ -94,6 +98,7 @@ class Grammar:
     param: str
     parts: tuple[tuple[str, str], ...] = ()
     special_ids: tuple[int, ...] = ()
+    free_text_until: str | None = None
 
 
 def _compact_size(value: Any) -> int:
@@ -198,21 +203,49 @@ def response_format(
     Raises:
         InvalidSchema / SchemaTooLarge: naming ``response_format.type`` / ``...json_schema.schema`` etc.
     """
+    answer = response_schema(value, limits=limits, param=param)
+    if answer is None:
+        return None
+    schema, where = answer
+    if where == param:
+        return json_object(layout)
+    return Grammar("json_schema", _json_grammar(schema, layout), where)
+
+
+def response_schema(
+    value: Mapping[str, Any] | None,
+    *,
+    limits: ConstraintLimits = ConstraintLimits(),
+    param: str = "response_format",
+) -> tuple[dict[str, Any], str] | None:
+    """OpenAI's ``response_format`` -> ``(the JSON schema the answer must match, the field an error names)``;
+    ``None`` for absent or ``{"type": "text"}``. ``json_object`` is ``{"type": "object"}`` (named ``param``);
+    a strict ``json_schema`` comes with its objects closed (:func:`close_objects`).
+
+    Raises:
+        InvalidSchema / SchemaTooLarge: naming ``response_format.type`` / ``...json_schema.schema`` etc.
+    """
     if value is None:
         return None
+    if not isinstance(value, Mapping):
+        raise InvalidSchema('must be an object such as {"type": "json_object"}', param=param)
     kind = value.get("type")
     if kind == "text":
         return None
     if kind == "json_object":
-        return json_object(layout)
+        return {"type": "object"}, param
     if kind == "json_schema":
         js = value.get("json_schema")
         if not isinstance(js, Mapping):
             raise InvalidSchema("json_schema must be an object {name, schema, strict}", param=f"{param}.json_schema")
         if "schema" not in js:
             raise InvalidSchema("a schema is required", param=f"{param}.json_schema.schema")
-        return json_schema(js["schema"], strict=bool(js.get("strict") or False), layout=layout, limits=limits,
-                           param=f"{param}.json_schema.schema")
+        where = f"{param}.json_schema.schema"
+        schema = js["schema"]
+        if not isinstance(schema, Mapping):
+            raise InvalidSchema(f"a JSON schema must be an object, got {type(schema).__name__}", param=where)
+        _check_size(schema, limits, where)
+        return (close_objects(dict(schema)) if js.get("strict") else dict(schema)), where
     raise InvalidSchema(f"unknown type {kind!r}; choose from: text, json_object, json_schema", param=f"{param}.type")
 
 
@@ -274,6 +307,7 @@ def tool_calls(
     parallel: bool = True,
     strict: bool = False,
     free_special_ids: Sequence[int] = (),
+    answer: tuple[Mapping[str, Any], str] | None = None,
     limits: ConstraintLimits = ConstraintLimits(),
     param: str = "tools",
 ) -> Grammar | None:
@@ -293,6 +327,11 @@ def tool_calls(
     forced group completion stays possible: any order is accepted). Nothing special is allowed anywhere
     else. :func:`check` cannot resolve ids without a tokenizer: the ingress checks the grammar built
     without them (same structure), the LLM side compiles the one with them.
+
+    ``answer``: ``(schema, field)`` from :func:`response_schema` when the request also sets a JSON
+    ``response_format``: under ``auto`` the answer is then either that JSON (no free text, no media tokens)
+    or call(s) from the first token; ``required`` / named choices ignore it (the JSON answer comes in a later
+    turn). ``none`` gives ``None`` here: the caller uses :func:`response_format` alone.
 
     Raises:
         InvalidSchema: no tools, a parameters schema that is not an object schema.
@@ -337,7 +376,16 @@ def tool_calls(
     more = f" (CALL_SEP call){{0,{n_more}}}" if n_more > 0 else ""
     if n_more > 0:
         lines.append(f"CALL_SEP: {_lark_literal(fmt.call_separator)}")
-    if choice.mode == "auto":
+    free_until = None
+    if choice.mode == "auto" and answer is not None:
+        # a JSON answer (response_format) or call(s): nothing free
+        a_schema, a_param = answer
+        a_json = json.dumps(_with_layout(a_schema, layout), ensure_ascii=False)
+        lines.append(f"answer: %json {a_json}")
+        parts.append((a_param, f"%llguidance {{}}\nstart: body\nbody: %json {a_json}"))
+        lines.append(f"start: answer | call{more}")
+    elif choice.mode == "auto":
+        free_until = trigger
         # free text that never contains the trigger, or the shortest text ending in it (lazy) then a call
         t_re = _regex_literal(trigger)
         lines.append(f"FREE: /(?s:.*)/ & ~/(?s:.*){t_re}(?s:.*)/")
@@ -352,7 +400,8 @@ def tool_calls(
             lines.append(f"start: FREE | head after_open{more}")
     else:
         lines.append(f"start: call{more}")
-    return Grammar("tool_calls", "\n".join(lines), param, tuple(parts), special if choice.mode == "auto" else ())
+    return Grammar("tool_calls", "\n".join(lines), param, tuple(parts), special if free_until is not None else (),
+                   free_until)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -349,6 +349,16 @@ class GrammarConstraint:
     def allows_eos(self) -> bool:
         return self._m.is_accepting() and not self._m.is_error()
 
+    def free_text_end(self, text: str) -> int:
+        """How much of the answer ``text`` is free text, where a chat template's stop strings may end it: up to
+        the first ``Grammar.free_text_until`` (an ``auto`` tool-call answer's opening tag), or none of it (JSON,
+        forced calls). See :mod:`polymodal.llm`."""
+        until = self.grammar.free_text_until
+        if until is None:
+            return 0
+        at = text.find(until)
+        return len(text) if at < 0 else at
+
     def forced_tokens(self) -> list[int]:
         """Tokens the grammar forces from here (e.g. the rest of ``"arguments": ``); may be empty."""
         return list(self._m.compute_ff_tokens())

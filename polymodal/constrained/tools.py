@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from polymodal.constrained.errors import InvalidSchema
+from polymodal.types import ToolCall  # noqa: F401 - re-exported: the call as the stages pass it
 
 TOOL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 """OpenAI's rule for function names (so a name is always a plain JSON string and a Lark literal)."""
@@ -55,19 +56,6 @@ class Tool:
             fn["description"] = self.description
         fn["parameters"] = dict(self.parameters) or {"type": "object"}
         return {"type": "function", "function": fn}
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A call the model made: ``arguments_json`` is a JSON object as a string (OpenAI's shape)."""
-
-    id: str
-    name: str
-    arguments_json: str
-
-    @property
-    def arguments(self) -> dict[str, Any]:
-        return json.loads(self.arguments_json)
 
 
 @dataclass(frozen=True)

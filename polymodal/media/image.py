@@ -2,6 +2,8 @@
 
 - input: PNG, JPEG, WebP, GIF, BMP, TIFF -> ``uint8 (H, W, 3)`` RGB (:func:`decode_image`).
 - output: ``uint8 (H, W, 3)`` -> PNG (:func:`encode_png`).
+- edits (``/v1/images/edits``): OpenAI's mask PNG -> bool (H, W) (:func:`decode_edit_mask`); :func:`resize_image`,
+  :func:`resize_mask` to the edit's output size.
 """
 
 from __future__ import annotations
@@ -118,6 +120,55 @@ def _to_rgb(img) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def decode_edit_mask(data: bytes, limits: MediaLimits = DEFAULT_LIMITS) -> np.ndarray:
+    """An edit mask in OpenAI's convention (``/v1/images/edits``): a PNG with an alpha channel whose fully
+    transparent pixels (alpha 0) mark where the image may change.
+
+    Returns:
+        bool (H, W): True where the image may change (the decoders' :class:`polymodal.types.EditSource` mask).
+
+    Raises:
+        MediaError: ``corrupt`` (unreadable), ``unsupported`` (not a PNG, or a PNG without alpha), ``too_large``.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    check_bytes(IMAGE, data, limits)
+    try:
+        img = Image.open(io.BytesIO(bytes(data)), formats=("PNG",))
+        if img.width * img.height > limits.max_pixels:
+            raise MediaError(IMAGE, "too_large", f"{img.width}x{img.height} pixels; the limit is {limits.max_pixels}")
+        img.load()
+    except UnidentifiedImageError:
+        raise MediaError(IMAGE, "unsupported", "a mask must be a PNG (with an alpha channel)") from None
+    except (OSError, ValueError, SyntaxError, struct.error, EOFError) as e:
+        raise MediaError(IMAGE, "corrupt", f"unreadable PNG ({e})") from None
+    if not (img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info):
+        raise MediaError(IMAGE, "unsupported", f"the mask has no alpha channel (mode {img.mode!r}): its fully "
+                                               "transparent pixels mark where the image may change")
+    return np.asarray(img.convert("RGBA"), dtype=np.uint8)[..., 3] == 0
+
+
+def resize_image(image: np.ndarray, height_px: int, width_px: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (height_px, width_px, 3) (Pillow, bicubic; the same array when the size matches)."""
+    from PIL import Image
+
+    if image.shape[:2] == (height_px, width_px):
+        return image
+    out = Image.fromarray(np.ascontiguousarray(image), mode="RGB").resize((width_px, height_px), Image.BICUBIC)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, height_px: int, width_px: int) -> np.ndarray:
+    """bool (H, W) -> bool (height_px, width_px) (nearest: a mask stays a mask)."""
+    from PIL import Image
+
+    if mask.shape == (height_px, width_px):
+        return mask
+    out = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").resize((width_px, height_px),
+                                                                                    Image.NEAREST)
+    return np.asarray(out) > 127
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 (H, W, 3) -> PNG bytes."""
     from PIL import Image
@@ -165,7 +216,7 @@ IMAGE_SPEC = ModalitySpec(
     inline_markdown=True,
     input_mime_types=("image/*",),
     file_extensions=(".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"),
-    option_fields=("num_inference_steps", "guidance_scale", "height_px", "width_px"),
+    option_fields=("num_inference_steps", "guidance_scale", "height_px", "width_px", "strength"),
     codec=ImageCodec(),
 )
 IMAGE = register_modality(IMAGE_SPEC)

@@ -272,7 +272,8 @@ VIDEO_SPEC = ModalitySpec(
     answer_field="videos",
     input_mime_types=("video/*",),
     file_extensions=(".mp4", ".webm", ".mov", ".mkv", ".avi"),
-    option_fields=("num_inference_steps", "guidance_scale", "height_px", "width_px", "num_frames", "fps", "crf"),
+    option_fields=("num_inference_steps", "guidance_scale", "height_px", "width_px", "num_frames", "fps", "crf",
+                   "strength"),
     codec=VideoCodec(),
 )
 VIDEO = register_modality(VIDEO_SPEC)

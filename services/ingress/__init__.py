@@ -40,7 +40,36 @@ Endpoints
   ``n`` images are rendered from that group with seeds ``seed + k`` (one decoder batch); ``data[k].b64_json``
   (default) or ``url`` (+ ``expires_at``).
 - ``POST /v1/audio/generations``: the same for audio (WAV); ``data[k].b64_json`` or ``url``.
+- ``POST /v1/images/edits`` (issue #27; OpenAI's multipart shape, see :mod:`~services.ingress.routes.edits`): one
+  ``image`` file, optional ``mask`` (PNG with alpha; transparent = may change), ``prompt``, ``n``, ``size``,
+  ``response_format`` (+ ``seed``, ``num_inference_steps``, ``guidance_scale``, ``strength``): the prompt through
+  the LLM with the image group required (the source image before it when the model reads images), that group
+  rendered ``n`` times from the source (img2img; inpainting with a mask, the source's pixels kept outside it),
+  the answer as ``/v1/images/generations``'. Bad input: 400 naming the field (``image``, ``mask``, ``strength``, ...).
+- Chat edits: ``edit`` in a chat request renders the answer's images from an image of the conversation instead of
+  from noise, and puts ``image`` into the answer's floor. The rule: ``edit: true`` takes the last image of the last
+  user message (uploaded, or one of our artifact URLs as an ``image_url`` part), else the conversation's most recent
+  image (an earlier answer's image sent back in the history counts); ``edit: "<artifact id or URL>"`` takes that
+  artifact. References resolve from the store only, never fetched: unknown or expired is a 400
+  (``artifact_not_found``, param ``edit``); none in the conversation: 400 ``no_image_to_edit``. The source is
+  resized to the answer's image size; ``image.strength`` says how far the edit may go (default: the preset's).
+- ``POST /v1/audio/speech`` (OpenAI's text-to-speech: ``model``, ``input`` up to 4096 characters, ``voice``,
+  ``response_format`` wav (default here) / pcm (16-bit LE mono, 24 kHz) / flac / mp3 / opus / aac, ``speed``
+  0.25-4.0, ``stream_format`` absent (the whole file) / ``audio`` (the file's bytes as each sentence is encoded) /
+  ``sse`` (``speech.audio.delta`` events, then ``speech.audio.done``)); ``GET /v1/audio/voices`` (ours: the
+  voices, OpenAI's names first). An unknown voice is a 400 listing the choices (``code: unknown_voice``); nothing
+  to speak, an over-long input, an unknown format or ``instructions``: 400. See :mod:`~services.ingress.routes.speech`.
+- ``POST /v1/audio/transcriptions`` (OpenAI's speech-to-text, multipart: ``file``, ``model``, ``language``,
+  ``prompt``, ``response_format`` json / text / verbose_json (segments and words with start / end seconds) / srt /
+  vtt, ``temperature``, ``timestamp_granularities[]``). A corrupt or unsupported upload: 400 on ``file``; too
+  large or too long (``limits.max_transcription_s``): 413. See :mod:`~services.ingress.routes.transcriptions`.
+  Both run in the speech stage (``Backend.synthesize`` / ``Backend.transcribe``; 503 where none is deployed).
 - ``POST /v1/videos`` (async job), ``GET /v1/videos/{id}``, ``GET /v1/videos/{id}/content`` (MP4).
+- ``GET /v1/skills`` (the served skills: name, description, JSON schema, the deployment hosting each) and
+  ``POST /v1/skills/{name}`` (one call on ``{"arguments", "input": [content parts]}``; 404 unknown skill, 400
+  ``invalid_arguments`` / ``invalid_input``, 422 ``skill_failed``): :mod:`~services.ingress.routes.skills`. In chat,
+  ``skills: [...]`` enables server-side skills for the model (the loop: :mod:`~services.ingress.skill_loop`; the
+  answer's ``message.skill_calls``, ``message.masks``, skills' boxes in ``message.boxes``).
 - ``GET /v1/artifacts/{id}.{ext}``: every generated medium, until it expires (``artifact_ttl_s``). One still being
   rendered (its reference already streamed) is waited for, at most ``request_timeout_s`` (then 504); one whose
   render failed: 500 ``generation_failed`` saying why; unknown or expired: 404.
@@ -87,6 +116,10 @@ Streaming (``stream: true``) is Server-Sent Events of ``chat.completion.chunk`` 
 4. each medium as soon as its decoder finishes: ``delta: {"images": [item]}`` (``audios``, ``videos``; the item as
    in the message's array, ``index`` its place there); the first sound also ``delta.audio`` {id, data, format,
    expires_at, transcript (the text so far)}. These chunks have no ``content``, so text-only clients ignore them;
+   a spoken answer (``audio.voice``, ``format: pcm16``): ``delta: {"audio": {id, data (base64 PCM16 mono),
+   transcript (this sentence; the deltas join to the whole), sample_rate_hz (24000), index}}`` as each sentence of
+   the text is spoken, while the text still streams; they join to the non-streamed answer's samples, and the
+   closing chunk waits for the last of them;
 5. with ``box_overlay``, the overlay's reference (content) then its ``delta.images`` chunk; then ``delta: {}`` with
    ``finish_reason`` (a grounding model: ``delta: {"boxes": [...]}``, the boxes of the whole answer); with
    ``stream_options.include_usage`` a chunk with ``usage``;
@@ -99,8 +132,12 @@ the medium could not be rendered, never dropped), and no unlisted medium is made
 others are masked in the LLM's decode loop: ``LLMRequest.allowed_modalities``); ``["text"]`` alone: no media.
 Without ``modalities`` the preset's ``generation.media_without_modalities`` decides: ``model_decides`` (every
 shipped preset: ``tiny``, ``smol``, ``toy``, ``nextgpt-7b``; the model may add any medium this server has a
-decoder for, nothing is forced) or ``none`` (text only). ``audio.voice`` (a spoken answer) is refused with 400
-(speech output is not available yet). The images / audio / videos endpoints allow and require their one medium.
+decoder for, nothing is forced) or ``none`` (text only). ``audio`` with a ``voice`` (a name of
+``/v1/audio/voices``; unknown: 400 ``unknown_voice`` listing them) asks for the answer spoken: "audio" in
+``modalities`` (required then) is satisfied by speech, so no generated sound is made and no audio decoder is
+needed; ``message.audio`` = {id (the WAV's artifact), data (base64 WAV, or PCM16 with ``format: pcm16``), format,
+expires_at, transcript (the answer's text), sample_rate_hz}; streaming needs ``pcm16`` (400 otherwise); no speech
+stage: 503. The images / audio / videos endpoints allow and require their one medium.
 Unknown ``model``: 400. Out-of-range options: 400 naming the field (every option is bounded in its schema, e.g.
 ``duration_s`` >= 0.02 s, AudioLDM's two mel frames). Body over ``limits.max_body_bytes`` or a medium over
 ``limits.max_media_bytes``: 413. Admission (:mod:`~services.ingress.admission`): a request predicted not to
@@ -116,16 +153,20 @@ Modules (the contract above is kept here; each rule is implemented in one place)
 -------------------------------------------------------------------------------
 - :mod:`~services.ingress.app`: :func:`build_app` (the public entry): the app, its routers, handlers, middleware.
 - :mod:`~services.ingress.routes`: one router per resource (``chat``, ``generations`` for images and audio,
-  ``videos``, ``artifacts``, ``system`` for models / health / ready / metrics); routes are module-level functions
-  that get the :class:`~services.ingress.service.IngressService` through ``Depends(get_service)``.
+  ``speech`` and ``transcriptions``, ``videos``, ``artifacts``, ``system`` for models / health / ready / metrics);
+  routes are module-level functions that get the :class:`~services.ingress.service.IngressService` through
+  ``Depends(get_service)``.
 - :mod:`~services.ingress.planning`: request -> :class:`~services.ingress.planning.ChatPlan` (turns, options,
   seeds); :mod:`~services.ingress.media_input`: input media (URLs, our artifacts, base64, decoding under limits);
   :mod:`~services.ingress.history`: an assistant message sent back -> its parts (our references resolved).
+- :mod:`~services.ingress.skill_loop`: the skills a request enables, the next round, the result turn, the rounds'
+  outputs as one answer (the loop itself runs in :mod:`~services.ingress.running`).
 - :mod:`~services.ingress.running`: a plan over the backend (renders as groups arrive, timeout, disconnect);
   :mod:`~services.ingress.streaming`: the SSE driver; :mod:`~services.ingress.video_jobs`: background video jobs.
 - :mod:`~services.ingress.responses`: the shape of every answer (completion body, chunks, arrays, parts, audio);
   :mod:`~services.ingress.content`: ``content`` with its references (streamed and whole);
   :mod:`~services.ingress.media_refs`: the per-modality table, artifact URLs, markdown references.
+- :mod:`~services.ingress.audio_formats`: speech PCM -> wav / pcm / flac / mp3 / opus / aac, whole or streamed.
 - :mod:`~services.ingress.admission` (slots, 503), :mod:`~services.ingress.middleware` (body limit, request
   metrics), :mod:`~services.ingress.error_map` (exceptions and validation -> OpenAI error body).
 """

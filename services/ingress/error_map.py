@@ -6,7 +6,8 @@
 - Starlette's HTTP errors (404 route, 405 method, 413 from the body limit): their status, our body.
 - Anything else: 500 ``internal_error`` (logged), never a stack trace to the client.
 - A stage's exception (:func:`stage_error`): a ``ValueError`` of the LLM stage (it refuses the conversation) is
-  the caller's mistake (400); any other is a 500.
+  the caller's mistake (400; a ``ConstraintError``, a schema the grammar engine refused, names its field); any
+  other is a 500.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from polymodal.constrained.errors import ConstraintError
 
 from services.errors import APIError, bad_request
 
@@ -58,6 +61,8 @@ def stage_error(e: BaseException) -> APIError:
     """A model stage's exception as the API error the client gets."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, ConstraintError):  # a schema the grammar engine refused with the tokenizer: names the field
+        return bad_request(str(e).splitlines()[0], param=e.param, code="invalid_schema")
     if isinstance(e, ValueError):  # the LLM stage refuses the conversation (caller's mistake)
         return bad_request(str(e).splitlines()[0] if str(e) else "invalid request", code="invalid_request")
     log.error("stage failure: %r", e, exc_info=e)

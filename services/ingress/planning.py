@@ -3,8 +3,10 @@
 Turns from messages (media decoded by :class:`services.ingress.media_input.MediaReader`; an assistant message's
 references to our own artifacts resolved by :class:`services.ingress.history.AssistantTurn`), the system prompt,
 the requested modalities, decoder options merged over the preset's defaults and checked against the server's
-limits, grounding tasks, and seeds (medium k of an answer gets ``seed + k``; the one-medium endpoints render
-one group with seeds ``seed + k`` for k < n). Every refusal here is a 4xx naming the field.
+limits, grounding tasks, seeds (medium k of an answer gets ``seed + k``; the one-medium endpoints render
+one group with seeds ``seed + k`` for k < n), and the output formats (``response_format``, ``tools``,
+``tool_choice``, ``logprobs``: :mod:`services.ingress.formats` builds and checks their grammar without a
+tokenizer, so a bad schema is a 400 before any model work). Every refusal here is a 4xx naming the field.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
@@ -21,20 +23,28 @@ from pydantic import BaseModel, ValidationError
 
 from polymodal.config import DecoderDefaults, PresetConfig
 from polymodal.modality import Modality
-from polymodal.types import MediaPart, TextPart, Turn, input_images
+from polymodal.types import EditSource, MediaPart, TextPart, ToolCall, Turn, input_images
 
 from services.errors import APIError, bad_request
+from services.ingress.formats import history_tool_calls, output_format, tool_turn
 from services.ingress.history import AssistantTurn
+from services.ingress.media_refs import artifact_id_of
 from services.ingress.media_input import MediaReader
+from services.ingress.spoken import SpeechPlan, plan_speech
+from services.ingress.skill_loop import SkillPlan, plan_skills
 from services.protocol import Backend, LLMRequest
 from services.schemas import ChatCompletionRequest, TextContent
 from services.settings import ServerSettings
 
+_ARTIFACT_ID = re.compile(r"^art_[A-Za-z0-9_-]{8,60}$")
 _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 # The images / audio / videos endpoints only need the LLM's short lead-in (returned as revised_prompt) and
 # the group it emits or that is then forced: more text would only delay the medium. At most this many
 # tokens, and at most the preset's generation.prompt_lead_in_tokens.
 PROMPT_ENDPOINT_MAX_NEW_TOKENS = 32
+SPOKEN_ANSWER_SLOT = "audio"
+"""OpenAI's message field a spoken answer fills (``message.audio``): the medium whose spec names this
+``message_slot`` is the one ``audio.voice`` satisfies with speech instead of a generated medium."""
 
 
 def new_id(prefix: str) -> str:
@@ -63,8 +73,13 @@ class ChatPlan:
     variant_seeds: tuple[int, ...] = ()  # one-medium endpoints: render the first group once per seed
     box_overlay: bool = False
     allowed: tuple[Modality, ...] = ()  # the ceiling: media the answer may contain (the LLM masks the others)
+    json_content: bool = False  # response_format JSON: content is the JSON alone (media only in the arrays)
     deadline: float | None = None  # time.monotonic() by which the answer is due (retries stop before it)
+    started_s: float = field(default_factory=time.monotonic)  # time.monotonic() when it was planned (metrics)
     on_complete: Callable[[], None] | None = None  # called once the plan ran to its end (admission's estimate)
+    edit_source: EditSource | None = None  # edits: the groups of its modality render from it (issue #27)
+    speech: SpeechPlan | None = None  # the answer spoken (``audio.voice``), or not
+    skills: SkillPlan = SkillPlan()  # server-side skills enabled (issue #23: the loop, services.ingress.skill_loop)
 
 
 class Planner:
@@ -156,9 +171,19 @@ class Planner:
         system: list[str] = []
         turns: list[Turn] = []
         n_media = 0
+        call_ids: set[str] = set()  # the tool_calls ids of the assistant messages so far
         for i, msg in enumerate(req.messages):
             p = f"messages[{i}]"
             content = msg.content
+            if msg.tool_calls and msg.role != "assistant":
+                raise bad_request(f"{p}.tool_calls: only an assistant message carries tool calls",
+                                  param=f"{p}.tool_calls")
+            if msg.tool_call_id is not None and msg.role != "tool":
+                raise bad_request(f"{p}.tool_call_id: only a tool message answers a tool call",
+                                  param=f"{p}.tool_call_id")
+            if msg.role == "tool":
+                turns.append(tool_turn(msg, p, call_ids))
+                continue
             if msg.role in ("system", "developer"):
                 if isinstance(content, list):
                     if any(not isinstance(c, TextContent) for c in content):
@@ -168,9 +193,11 @@ class Planner:
                     system.append(content)
                 continue
             parts: list[TextPart | MediaPart] = []
+            calls: tuple[ToolCall, ...] = ()
             if msg.role == "assistant":
                 parts = await AssistantTurn(self.media, p, self.limits.max_media_inputs - n_media).read(msg)
                 n_media += sum(isinstance(x, MediaPart) for x in parts)
+                calls = history_tool_calls(msg, p, call_ids)
             elif isinstance(content, str):
                 parts.append(TextPart(content))
             elif content:
@@ -184,12 +211,13 @@ class Planner:
                         raise bad_request(f"at most {self.limits.max_media_inputs} media inputs per request",
                                           param=pp, code="too_many_media")
                     parts.append(await self.media.read_part(c, pp))
-            if not parts:
+            if not parts and not calls:
                 article = "an" if msg.role == "assistant" else "a"
                 raise bad_request(f"{p}.content: {article} {msg.role} message needs content", param=f"{p}.content")
-            turns.append(Turn(msg.role, tuple(parts)))
-        if not turns or turns[-1].role != "user":
-            raise bad_request("the last message must be the user's (system messages aside)", param="messages")
+            turns.append(Turn(msg.role, tuple(parts), tool_calls=calls))
+        if not turns or turns[-1].role not in ("user", "tool"):
+            raise bad_request("the last message must be the user's or a tool result (system messages aside)",
+                              param="messages")
         return turns, ("\n".join(system) if system else None)
 
     # ---- plans -----------------------------------------------------------------------------------
@@ -206,17 +234,23 @@ class Planner:
             bad conversation or medium), 413 (medium too large).
         """
         self.check_model(req.model)
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise bad_request("response_format: only {'type': 'text'} is supported", param="response_format",
-                              code="unsupported_parameter")
-        for name in ("tools", "functions"):
+        for name in ("functions", "function_call"):
             if getattr(req, name):
-                raise bad_request(f"{name}: tool calling is not supported by this model", param=name,
-                                  code="unsupported_parameter")
-        if req.logprobs:
-            raise bad_request("logprobs: not supported by this server", param="logprobs",
-                              code="unsupported_parameter")
+                raise bad_request(f"{name}: the legacy function-calling fields are not supported; use tools and "
+                                  "tool_choice", param=name, code="unsupported_parameter")
         requested, allowed = self.modalities(req)
+        editing = req.edit is not None and req.edit is not False
+        if editing:  # an edit answers with an image: the floor and the ceiling hold it
+            self.require_output(Modality.IMAGE, "edit")
+            if req.modalities is not None and Modality.IMAGE not in requested:
+                raise bad_request("edit: an edit answers with an image; add \"image\" to modalities", param="edit",
+                                  code="invalid_value")
+            requested = tuple(dict.fromkeys((*requested, Modality.IMAGE)))
+            allowed = tuple(dict.fromkeys((*allowed, Modality.IMAGE)))
+        speech = await plan_speech(self.backend, req)
+        sp, req = plan_skills(self.backend, req, allowed, self.settings.max_skill_rounds)  # + the skills' tools
+        formats = output_format(req, () if sp.forced else requested, self.limits,  # a forced skill call:
+                                self.backend.preset.chat.tool_format)  # the floor applies after it
         max_new = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_new is not None and max_new > self.limits.max_new_tokens:
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -228,17 +262,19 @@ class Planner:
             # the request schema has no field for: the preset's defaults)
             given: BaseModel | None = getattr(req, m.value, None)
             overrides = given.model_dump(exclude_unset=True, exclude_none=True) if given is not None else {}
+            overrides = {k: v for k, v in overrides.items() if k not in ("voice", "format")}  # not decoder options
             options[m] = self.decoder_options(m, overrides, f"{m.value}.")
         self.check_grounding(req)
         turns, system = await self.build_turns(req)
         if req.box_overlay and not input_images(turns):
             raise bad_request("box_overlay: the messages hold no image to draw the boxes on", param="box_overlay",
                               code="invalid_value")
+        edit_source = await self.edit_source(req.edit, turns, options[Modality.IMAGE]) if editing else None
         base_seed = self.seed(req.seed)
         return ChatPlan(
             request_id=request_id,
-            llm=LLMRequest(request_id, tuple(turns), requested, max_new, req.temperature, req.top_p,
-                           base_seed, system, task=req.task, allowed_modalities=allowed),
+            llm=LLMRequest(request_id, tuple(turns), () if sp.forced else requested, max_new, req.temperature,
+                           req.top_p, base_seed, system, task=req.task, allowed_modalities=allowed, **formats),
             options=options,
             base_seed=base_seed,
             requested=requested,
@@ -246,8 +282,61 @@ class Planner:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             box_overlay=req.box_overlay,
             allowed=allowed,
+            json_content=formats.get("response_format") is not None,
             deadline=time.monotonic() + self.settings.request_timeout_s,
+            edit_source=edit_source, skills=sp,
+            speech=speech,
         )
+
+    async def edit_source(self, edit: bool | str, turns: list[Turn], options: DecoderDefaults) -> EditSource:
+        """The image a chat edit renders from (the rule, documented in :mod:`services.ingress`):
+
+        - ``edit: true``: the last image the last user message holds (uploaded, or one of our artifact URLs as an
+          ``image_url`` part), else the conversation's most recent image (an assistant's generated image sent back in
+          the history counts: it resolves from the store);
+        - ``edit: "<artifact id or artifact URL>"``: that artifact, read from the store only (never fetched).
+
+        The source is resized to the answer's image size (``image.height_px`` / ``width_px``, else the preset's) and
+        the whole image may change (no mask in chat).
+
+        Raises:
+            APIError: 400 ``edit``: no image in the conversation, an unknown / expired / failed artifact
+            (``artifact_not_found`` / ``artifact_failed``), a string that is not our artifact, not an image, or
+            ``image.strength x image.num_inference_steps < 1``.
+        """
+        from polymodal import media_io
+        from polymodal.media.image import resize_image
+
+        if options.num_inference_steps * options.strength < 1:
+            raise bad_request(f"image.strength {options.strength} x image.num_inference_steps "
+                              f"{options.num_inference_steps} leaves no denoising step (the product must be >= 1)",
+                              param="image.strength", code="invalid_value")
+        if edit is True:
+            images = input_images(turns[-1:]) or input_images(turns)
+            if not images:
+                raise bad_request("edit: the conversation holds no image to edit (send one, refer to one of this "
+                                  "server's artifact URLs, or give its id as edit)", param="edit",
+                                  code="no_image_to_edit")
+            image = images[-1].data
+        else:
+            ref = str(edit).strip()
+            artifact_id = artifact_id_of(ref) or (ref if _ARTIFACT_ID.match(ref) else None)
+            if artifact_id is None:
+                raise bad_request("edit: expected true or one of this server's artifact ids / URLs "
+                                  f"(/v1/artifacts/...); got {ref[:100]!r} (never fetched)", param="edit",
+                                  code="invalid_history_reference")
+            _, data = await self.media.stored(artifact_id, "edit")
+            try:  # another medium is a MediaError ("not an image")
+                image = media_io.decode_media(Modality.IMAGE, data, limits=self.media.media_limits).data
+            except media_io.MediaError as e:
+                raise self.media.media_error(e, "edit") from None
+        return EditSource(Modality.IMAGE, resize_image(image, options.height_px, options.width_px))
+
+    # ---- output formats (issue #22) ----------------------------------------------------------------
+    def server_skill_names(self) -> tuple[str, ...]:
+        """Server-side skills a named ``tool_choice`` may also name (the skills issue, #23, fills this hook; none
+        are callable through ``tool_choice`` yet)."""
+        return ()
 
     def modalities(self, req: ChatCompletionRequest) -> tuple[tuple[Modality, ...], tuple[Modality, ...]]:
         """``modalities`` and ``audio`` -> (the media the answer must contain, the media it may contain).
@@ -255,19 +344,22 @@ class Planner:
         DESIGN.md's one rule: ``modalities``, when given, is the floor and the ceiling (``["text"]`` alone: no
         media at all); absent, nothing is required and the preset's ``generation.media_without_modalities``
         decides the ceiling (``model_decides``: every medium this server has a decoder for, as the model
-        chooses; ``none``: text only). ``audio.voice`` (a spoken answer) is not available yet.
+        chooses; ``none``: text only). ``audio`` with a ``voice`` asks for the answer spoken: then "audio" in
+        ``modalities`` is satisfied by speech (see :meth:`speech`), and no generated sound is asked for or allowed.
 
         Raises:
-            APIError: 400 naming ``modalities`` (an unknown medium, one this server cannot produce) or
-            ``audio.voice``.
+            APIError: 400 naming ``modalities`` (an unknown medium, one this server cannot produce; ``audio.voice``
+            without "audio" in ``modalities``).
         """
-        if req.audio is not None and req.audio.voice is not None:
-            raise bad_request("audio.voice: a spoken answer (speech output) is not available yet on this server; "
-                              "leave out audio.voice (\"audio\" in modalities asks for a generated sound)",
-                              param="audio.voice", code="unsupported_parameter")
+        spoken = req.audio is not None and req.audio.voice is not None
+
+        def by_speech(m: Modality) -> bool:  # the medium whose answer slot (message.audio) a spoken answer fills
+            return spoken and m.spec.message_slot == SPOKEN_ANSWER_SLOT
+
         if req.modalities is None:
-            return (), self.unasked_ceiling(self.backend.preset)
+            return (), tuple(m for m in self.unasked_ceiling(self.backend.preset) if not by_speech(m))
         requested: list[Modality] = []
+        satisfied = False
         for k, name in enumerate(req.modalities):
             if str(name).lower() == "text":
                 continue
@@ -276,9 +368,15 @@ class Planner:
             except ValueError:
                 raise bad_request(f"modalities[{k}]: unknown modality {name!r}; choose from text, "
                                   + ", ".join(x.value for x in Modality), param="modalities") from None
+            if by_speech(m):
+                satisfied = True
+                continue
             self.require_output(m, "modalities")
             if m not in requested:
                 requested.append(m)
+        if spoken and not satisfied:
+            raise bad_request("modalities: audio.voice asks for the answer spoken; add \"audio\" to modalities "
+                              "(or leave out audio.voice)", param="modalities", code="invalid_value")
         return tuple(requested), tuple(requested)
 
     def unasked_ceiling(self, preset: PresetConfig) -> tuple[Modality, ...]:
@@ -288,13 +386,13 @@ class Planner:
         return tuple(self.backend.output_modalities)
 
     def check_grounding(self, req: ChatCompletionRequest) -> None:
-        """``task`` / ``box_overlay`` need a grounding model; ``task`` one of its tasks.
+        """``task`` / ``box_overlay`` need a grounding model (or ``skills``: the overlay of their boxes and masks).
 
         Raises:
             APIError: 400 naming the field (and the tasks to choose from).
         """
         grounding = self.backend.preset.grounding
-        for param, asked in (("task", req.task is not None), ("box_overlay", req.box_overlay)):
+        for param, asked in (("task", req.task is not None), ("box_overlay", req.box_overlay and not req.skills)):
             if asked and grounding is None:
                 raise bad_request(f"{param}: this model has no grounding (its preset has no grounding tokens)",
                                   param=param, code="unsupported_parameter")
@@ -303,14 +401,16 @@ class Planner:
                               param="task", code="invalid_value")
 
     def plan_prompt(self, prompt: str, modality: Modality, options: DecoderDefaults, seed: int | None, n: int,
-                    request_id: str, fmt: str) -> ChatPlan:
+                    request_id: str, fmt: str, *, media: tuple[MediaPart, ...] = (),
+                    edit_source: EditSource | None = None) -> ChatPlan:
         """A one-medium request (images / audio / videos endpoints): the prompt through the LLM with the
         modality's group required; the first group of that modality is rendered ``n`` times with seeds
-        ``seed + k``."""
+        ``seed + k``. ``media``: input media placed before the prompt in the user's turn (an edit's source
+        image, when the model reads images); ``edit_source``: every variant renders from it (``/v1/images/edits``)."""
         base_seed = self.seed(seed)
-        llm = LLMRequest(request_id, (Turn("user", (TextPart(prompt),)),), (modality,),
+        llm = LLMRequest(request_id, (Turn("user", (*media, TextPart(prompt))),), (modality,),
                          min(PROMPT_ENDPOINT_MAX_NEW_TOKENS, self.backend.preset.generation.prompt_lead_in_tokens,
                              self.limits.max_new_tokens), None, None, base_seed, allowed_modalities=(modality,))
         return ChatPlan(request_id, llm, {modality: options}, base_seed, (modality,), fmt,
                         variant_seeds=tuple(base_seed + k for k in range(n)), allowed=(modality,),
-                        deadline=time.monotonic() + self.settings.request_timeout_s)
+                        deadline=time.monotonic() + self.settings.request_timeout_s, edit_source=edit_source)

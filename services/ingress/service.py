@@ -22,7 +22,7 @@ from services.ingress.video_jobs import VideoJobs
 from services.metrics import APIMetrics
 from services.protocol import Backend
 from services.settings import ServerSettings
-from services.store import FileStore
+from services.store import ARTIFACT_OWNER, FileStore, owner_of
 
 
 class IngressService:
@@ -53,8 +53,12 @@ class IngressService:
         self._api_keys = settings.effective_api_keys()
 
     def check_auth(self, request: Request) -> None:
-        """Raises:
+        """Check the request's key and make it the owner of what the request stores and reads
+        (:data:`services.store.ARTIFACT_OWNER`; ``None`` without keys).
+
+        Raises:
             APIError: 401 when keys are configured and the request has none of them as a Bearer token."""
+        ARTIFACT_OWNER.set(None)
         if not self._api_keys:
             return
         header = request.headers.get("authorization", "")
@@ -66,6 +70,7 @@ class IngressService:
             self.metrics.rejected.labels("unauthorized").inc()
             raise APIError(401, "missing or invalid API key; send 'Authorization: Bearer <key>'",
                            type="authentication_error", code="invalid_api_key")
+        ARTIFACT_OWNER.set(owner_of(token))
 
     def base_url(self, request: Request) -> str:
         """Base of artifact URLs: ``public_base_url`` or the request's own."""
@@ -77,6 +82,7 @@ def get_service(request: Request) -> IngressService:
     return request.app.state.service
 
 
-def require_api_key(request: Request) -> None:
-    """FastAPI dependency of the ``/v1`` routes: 401 without a valid key (when keys are configured)."""
+async def require_api_key(request: Request) -> None:
+    """FastAPI dependency of the ``/v1`` routes: 401 without a valid key (when keys are configured). Async, so the
+    owner it sets (:data:`services.store.ARTIFACT_OWNER`) is in the context the route and its tasks run in."""
     get_service(request).check_auth(request)

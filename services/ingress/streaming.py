@@ -17,6 +17,7 @@ from fastapi.responses import StreamingResponse
 from services.errors import APIError
 from services.ingress.admission import Slot
 from services.ingress.error_map import stage_error
+from services.ingress.payloads import Payload, stream_pieces
 from services.ingress.planning import ChatPlan
 from services.ingress.responses import Responses, StreamChunks
 from services.ingress.running import Runner
@@ -64,10 +65,15 @@ async def sse(runner: Runner, responses: Responses, metrics: APIMetrics, timeout
     loop = asyncio.get_running_loop()
     chunks = StreamChunks(responses, plan, base_url)
     queue: asyncio.Queue = asyncio.Queue()
+    spoken = runner.spoken_answer(plan)  # audio.voice: the text spoken as it arrives, delta.audio per sentence
+    speech_art = runner.reserve_speech() if spoken is not None else None
+    said: list = []
 
     async def pump() -> None:
         try:
             async for ev in runner.events(plan):
+                if spoken is not None and ev[0] == "text":
+                    spoken.feed(ev[1])
                 queue.put_nowait(("event", ev))
             queue.put_nowait(("end", None))
         except asyncio.CancelledError:
@@ -75,41 +81,86 @@ async def sse(runner: Runner, responses: Responses, metrics: APIMetrics, timeout
         except Exception as e:  # noqa: BLE001 - sent as an error event
             queue.put_nowait(("error", stage_error(e)))
 
+    async def speak() -> None:
+        try:
+            async for c in spoken.chunks():
+                queue.put_nowait(("speech", c))
+            queue.put_nowait(("speech_end", None))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - sent as an error event
+            queue.put_nowait(("error", stage_error(e)))
+
     task = asyncio.ensure_future(pump())
+    speaker = asyncio.ensure_future(speak()) if spoken is not None else None
 
     def on_timeout() -> None:
-        if not task.done():
+        if not task.done() or (speaker is not None and not speaker.done()):
             task.cancel()
+            if speaker is not None:
+                speaker.cancel()
             metrics.rejected.labels("timeout").inc()
             queue.put_nowait(("error", APIError(
                 504, f"the request did not finish within {timeout_s:g} s and was cancelled", type="server_error",
                 code="timeout")))
 
     timer = loop.call_later(timeout_s, on_timeout)
+    ended, spoken_all = False, spoken is None
+    held: list[bytes] = []  # the closing frames, held until the last sentence is spoken
     try:
         yield chunks.opening()
-        while True:
+        while not (ended and spoken_all):
             what, payload = await queue.get()
             if what == "end":
-                break
+                ended = True
+                continue
             if what == "error":
                 yield chunks.error(payload)
                 return
-            kind, value = payload
-            if kind == "text":
-                frames = chunks.text(value)
-            elif kind == "reserved":
-                frames = chunks.reserved(value)
-            elif kind == "medium":
-                frames = chunks.medium(value)
+            if what == "speech":
+                said.append(payload)
+                frames = chunks.speech(payload, speech_art)
+            elif what == "speech_end":
+                spoken_all = True
+                runner.store_speech(speech_art, said, spoken.text, plan.speech.sample_rate_hz)
+                frames, held = held, []
             else:
-                result, _ = value
-                frames = chunks.overlay(await runner.overlay(plan, result), result) if plan.box_overlay else []
-                frames += chunks.finish(result)
+                kind, value = payload
+                if kind == "text":
+                    frames = chunks.text(value)
+                elif kind == "logprobs":
+                    frames = chunks.logprobs(value)
+                elif kind == "tool_call":
+                    frames = chunks.tool_call(value)
+                elif kind == "reserved":
+                    frames = chunks.reserved(value)
+                elif kind == "medium":
+                    frames = chunks.medium(value)
+                elif kind == "skill_call":
+                    frames = chunks.skill_call(value)
+                else:
+                    result, _ = value
+                    frames = (chunks.overlay(await runner.overlay(plan, result, chunks.skill_calls), result)
+                              if plan.box_overlay else [])
+                    frames += chunks.finish(result)
+                    if spoken is not None:
+                        spoken.finish()
+                        if not spoken_all:
+                            held, frames = frames, []
             for frame in frames:
-                yield frame
+                if isinstance(frame, Payload):  # a large medium's base64, encoded in pieces
+                    async for piece in stream_pieces([frame]):
+                        yield piece
+                else:
+                    yield frame
         yield chunks.done()
     finally:
         timer.cancel()
         if not task.done():
             task.cancel()
+        if spoken is not None:
+            await spoken.aclose()
+            if speaker is not None and not speaker.done():
+                speaker.cancel()
+            if (now := runner.store.lookup(speech_art.id)) is not None and now.state == "pending":
+                runner.store.fail(speech_art, "the answer's speech did not finish")

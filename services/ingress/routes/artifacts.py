@@ -1,6 +1,6 @@
 """``GET /v1/artifacts/{id}.{ext}``: every generated medium (the references in answers, ``url`` media, video
-results) until it expires. No API key: the unguessable id is the capability (clients hand these URLs to players
-and browsers).
+results) until it expires. With API keys configured it requires a key and answers only the key that made the
+artifact (another key: 404, as unknown; issue #27); without keys the unguessable id is the capability.
 
 A medium still being rendered (its reference is already in a streamed answer) is waited for, at most the request
 timeout (then 504); one whose render failed is a 500 ``generation_failed`` saying why; unknown or expired: 404.
@@ -14,9 +14,9 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from services.errors import APIError
-from services.ingress.service import IngressService, get_service
+from services.ingress.service import IngressService, get_service, require_api_key
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 @router.get("/v1/artifacts/{name}")

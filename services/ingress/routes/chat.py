@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
+from services.ingress.payloads import Splicer
 from services.ingress.planning import new_id, request_kind
 from services.ingress.running import ClientGone
 from services.ingress.service import IngressService, get_service, require_api_key
@@ -29,7 +30,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
             body_iter = sse(svc.runner, svc.responses, svc.metrics, svc.settings.request_timeout_s, plan, base)
             return SSEResponse(body_iter, slot, headers={"X-Request-Id": request_id})
         out = await svc.runner.guarded(request, svc.runner.collect(plan))
-        return JSONResponse(svc.responses.completion_body(plan, out, base), headers={"X-Request-Id": request_id})
+        splicer = Splicer()  # large media are base64-encoded piece by piece while the body is sent
+        return splicer.response(svc.responses.completion_body(plan, out, base, splicer),
+                                headers={"X-Request-Id": request_id})
     except ClientGone:
         return Response(status_code=499)
     finally:

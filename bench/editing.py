@@ -1,0 +1,308 @@
+"""Editing shares the loaded weights (issue #27): the decoder deployment's memory after edits have been served,
+against the same deployment serving only generation.
+
+Run from the repository root::
+
+    .venv/bin/python bench/editing.py [--quick] [--preset toy] [--out editing.json]
+
+Each side runs in a fresh child process (same preset, same thread count, same generation requests), hosting the
+decoder stages as a decoder deployment does (:class:`services.workers.DecoderWorker` over
+:class:`polymodal.pipeline.DecoderStage`; render requests carry signal groups of random states):
+
+- ``generation``: ``--rounds`` rounds of one image and one video generation batch (``--batch`` items each), then
+  two more image batches and one more video batch (the other side's edit calls, as generations);
+- ``generation+edits``: the same first two batches, then an img2img batch, an inpainting batch and a video-to-video
+  batch per round (so the edit pipelines are composed and have run): the same number of pipeline calls.
+
+Measured after the last round (``gc.collect()`` first): the process's USS and PSS (psutil ``memory_full_info``) and
+the bytes of every distinct parameter / buffer tensor the decoder pipelines hold, edit pipelines included (by
+storage pointer: a second copy of the weights would count twice). Printed: both sides and the ratio, and for scale
+what one more copy of the weights would add.
+
+``--quality``: what the edits show, through the service (a ``--no-ray`` host of ``--preset``, in this process,
+``POST /v1/images/edits`` with the official ``openai`` client). ``--n`` held-out sources (seed 20 000; random layout:
+the shape's position and size vary) at the preset's image size, each edited once per kind:
+
+- ``recolour``: "make the {shape} {colour}" (a colour other than the source's): the edit must read as the asked
+  colour *and* keep the source's shape;
+- ``reshape``: "make it a {shape}" (another shape): the asked shape, the source's colour kept.
+
+Both must also keep the shape's place: the foreground's bounding-box centre within ``POSITION_TOL`` of the image
+size of the source's, its side within ``SIZE_TOL`` (relative) of the source's (a regeneration from scratch moves
+them). Controls: (1) *instruction of another request*: the edit of source i scored against the target of request j
+(a derangement: i's edit request is kept, only the expectation changes); chance is 1/3 of a changed colour
+(recolour) or 1/2 of a changed shape (reshape), before the kept parts; (2) *same edit, two sources*: request i's
+instruction applied to source i and to source j; the share where each output's box is nearer its own source's box
+than the other's (the outputs follow their sources; 0.5 if they did not).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+
+MIB = 1024 * 1024
+MODES = ("generation", "generation+edits")
+POSITION_TOL = 0.10  # bounding-box centre within 10 % of the image size of the source's
+SIZE_TOL = 0.20  # bounding-box side within 20 % of the source's
+QUALITY_SEED = 20_000  # held-out: the toy build's data seeds are below 10 000
+
+
+def _weights_bytes(stages) -> int:
+    """Bytes of the distinct tensors (parameters and buffers) of every pipeline the decoders hold."""
+    seen: dict[int, int] = {}
+    for stage in stages.values():
+        dec = stage.decoder
+        pipes = [dec.pipeline, *dec._edit_pipelines.values()]
+        for pipe in pipes:
+            for comp in pipe.components.values():
+                if hasattr(comp, "parameters"):
+                    for t in (*comp.parameters(), *comp.buffers()):
+                        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def child(mode: str, preset_name: str, rounds: int, batch: int) -> dict:
+    """One side: build the image and video decoder stages, serve the rounds, measure."""
+    import numpy as np
+    import psutil
+
+    C.one_thread()
+    from polymodal.modality import Modality
+    from polymodal.pipeline import build_decoder_stage
+    from polymodal.presets import get_preset
+    from polymodal.types import EditSource, SignalGroup
+    from services.protocol import RenderRequest
+    from services.workers import BatchItem, DecoderWorker
+
+    preset = get_preset(preset_name)
+    mods = [m for m in (Modality.IMAGE, Modality.VIDEO) if m in preset.decoders and m in preset.output_projectors]
+    stages = {m: build_decoder_stage(preset, m) for m in mods}
+    workers = {m: DecoderWorker(s) for m, s in stages.items()}
+    rng = np.random.default_rng(0)
+
+    def group(m: Modality) -> SignalGroup:
+        proj = stages[m].projector  # (N, D_llm) states of the size its output projector takes
+        shape = (proj.num_signal_tokens, proj.d_llm)
+        return SignalGroup(m, rng.standard_normal(shape).astype(np.float32),
+                           rng.standard_normal(shape).astype(np.float32), 0, 0)
+
+    def run(m: Modality, sources=None) -> None:
+        opts = stages[m].defaults
+        reqs = [RenderRequest("bench", group(m), k, opts, None if sources is None else sources[k])
+                for k in range(batch)]
+        out = workers[m].run_batch([BatchItem(r) for r in reqs])
+        bad = [o for o in out if isinstance(o, Exception)]
+        if bad:
+            raise RuntimeError(f"{m.value}: {bad[0]}")
+
+    for _ in range(rounds):
+        for m in mods:
+            run(m)
+        if mode == "generation":  # as many pipeline calls as the other side's edits: the same serving history
+            run(Modality.IMAGE)
+            run(Modality.IMAGE)
+            if Modality.VIDEO in stages:
+                run(Modality.VIDEO)
+        else:
+            d = stages[Modality.IMAGE].defaults
+            img = rng.integers(0, 255, (d.height_px, d.width_px, 3), dtype=np.uint8)
+            mask = np.zeros(img.shape[:2], bool)
+            mask[: d.height_px // 2] = True
+            run(Modality.IMAGE, [EditSource(Modality.IMAGE, img)] * batch)
+            run(Modality.IMAGE, [EditSource(Modality.IMAGE, img, mask)] * batch)
+            if Modality.VIDEO in stages:
+                v = stages[Modality.VIDEO].defaults
+                vid = rng.integers(0, 255, (v.num_frames, v.height_px, v.width_px, 3), dtype=np.uint8)
+                run(Modality.VIDEO, [EditSource(Modality.VIDEO, vid)] * batch)
+    gc.collect()
+    mem = psutil.Process().memory_full_info()
+    return {"mode": mode, "uss_mib": mem.uss / MIB, "pss_mib": mem.pss / MIB,
+            "weights_mib": _weights_bytes(stages) / MIB,
+            "edit_pipelines": {m.value: sorted(s.decoder._edit_pipelines) for m, s in stages.items()}}
+
+
+def foreground_box(image):
+    """(cx, cy, side) of the largest foreground component (pixels far from the border colour), or ``None``."""
+    import numpy as np
+
+    from training.toyworld import checkers
+
+    img = np.asarray(image, dtype=np.float64)[..., :3]
+    mask = np.linalg.norm(img - checkers._border_colour(img), axis=-1) > checkers.FOREGROUND_DISTANCE
+    if mask.sum() < 4:
+        return None
+    ys, xs = np.nonzero(checkers._largest_component(mask))
+    return (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+
+
+def kept_place(src_box, out_box, size_px: int) -> bool:
+    if src_box is None or out_box is None:
+        return False
+    dc = max(abs(src_box[0] - out_box[0]), abs(src_box[1] - out_box[1]))
+    return dc <= POSITION_TOL * size_px and abs(out_box[2] - src_box[2]) <= SIZE_TOL * src_box[2]
+
+
+def edit_requests(n: int, size_px: int) -> list[dict]:
+    """``n`` held-out sources, each with a recolour and a reshape target."""
+    import numpy as np
+
+    from training.toyworld.data import COLOURS, SHAPES, render_image
+
+    rng = np.random.default_rng(QUALITY_SEED)
+    out = []
+    for i in range(n):
+        image, attrs = render_image(rng, size_px=size_px, shape=SHAPES[i % 3], colour=list(COLOURS)[(i // 3) % 4])
+        colour = [c for c in COLOURS if c != attrs["colour"]][int(rng.integers(3))]
+        shape = [x for x in SHAPES if x != attrs["shape"]][int(rng.integers(2))]
+        out.append({"image": image, "attrs": attrs, "kinds": {
+            "recolour": (f"make the {attrs['shape']} {colour}", {"colour": colour, "shape": attrs["shape"]}),
+            "reshape": (f"make it a {shape}", {"colour": attrs["colour"], "shape": shape}),
+        }})
+    return out
+
+
+def quality(preset_name: str, n: int) -> dict:
+    """The quality half (see the module docstring) through a ``--no-ray`` host of ``preset_name``."""
+    import base64
+    import io
+    import threading
+    import time
+
+    import numpy as np
+    from openai import OpenAI
+    from PIL import Image
+
+    from polymodal.modality import Modality
+    from polymodal.presets import get_preset
+    from services.run import serve_main
+    from training.toyworld import checkers
+
+    size_px = get_preset(preset_name).decoders[Modality.IMAGE].defaults.height_px
+    port, stop, log = C.free_port(), threading.Event(), io.StringIO()
+    threading.Thread(target=serve_main, args=(preset_name,), daemon=True,
+                     kwargs=dict(host="127.0.0.1", port=port, no_ray=True, stop_event=stop, out=log)).start()
+    deadline = time.monotonic() + 600
+    while "serving preset" not in log.getvalue():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the {preset_name} host did not start: {log.getvalue()}")
+        time.sleep(0.2)
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    def edit(image, prompt, seed):
+        r = client.images.edit(model=preset_name, image=("src.png", png(image), "image/png"), prompt=prompt,
+                               extra_body={"seed": seed})
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
+
+    reqs = edit_requests(n, size_px)
+    perm = [(i + 1) % n for i in range(n)]  # a derangement
+    rows: dict[str, dict[str, list]] = {}
+    t0 = time.perf_counter()
+    for kind in ("recolour", "reshape"):
+        r = rows.setdefault(kind, {"asked": [], "other": [], "place": [], "all": [], "control_other": [],
+                                   "follow": []})
+        outs = []
+        for i, q in enumerate(reqs):
+            prompt, target = q["kinds"][kind]
+            out = edit(q["image"], prompt, seed=i)
+            outs.append(out)
+            got = checkers.check_image(out)
+            attr, other = ("colour", "shape") if kind == "recolour" else ("shape", "colour")
+            ok_asked, ok_other = got.__dict__[attr] == target[attr], got.__dict__[other] == target[other]
+            ok_place = kept_place(foreground_box(q["image"]), foreground_box(out), size_px)
+            r["asked"].append(ok_asked)
+            r["other"].append(ok_other)
+            r["place"].append(ok_place)
+            r["all"].append(ok_asked and ok_other and ok_place)
+            j = perm[i]  # control 1: scored against another request's target
+            r["control_other"].append(got.__dict__[attr] == reqs[j]["kinds"][kind][1][attr])
+        for i, q in enumerate(reqs):  # control 2: request i's instruction on source j
+            j = perm[i]
+            other_out = edit(reqs[j]["image"], q["kinds"][kind][0], seed=i)
+            bi, bj, oi, oj = (foreground_box(reqs[i]["image"]), foreground_box(reqs[j]["image"]),
+                              foreground_box(outs[i]), foreground_box(other_out))
+
+            def nearer(own, alien, out):
+                if None in (own, alien, out):
+                    return False
+                return np.hypot(own[0] - out[0], own[1] - out[1]) < np.hypot(alien[0] - out[0], alien[1] - out[1])
+
+            r["follow"].append(nearer(bi, bj, oi) and nearer(bj, bi, oj))
+    stop.set()
+    summary = {}
+    for kind, r in rows.items():
+        chance = 1 / 3 if kind == "recolour" else 1 / 2
+        sd = (chance * (1 - chance) / n) ** 0.5
+        summary[kind] = {k: float(np.mean(v)) for k, v in r.items()}
+        summary[kind].update(chance=chance, chance_plus_3sd=chance + 3 * sd, n=n)
+    return {"preset": preset_name, "n": n, "size_px": size_px, "position_tol": POSITION_TOL, "size_tol": SIZE_TOL,
+            "seconds": time.perf_counter() - t0, "kinds": summary}
+
+
+def main() -> None:
+    p = C.base_parser(__doc__.splitlines()[0])
+    p.add_argument("--preset", default="toy")
+    p.add_argument("--rounds", type=int, default=None, help="rounds of requests per side (default 10; --quick 2)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--quality", action="store_true", help="what the edits show, through the service (not memory)")
+    p.add_argument("--n", type=int, default=None, help="--quality: held-out sources (default 200; --quick 12)")
+    p.add_argument("--child", choices=MODES, help=argparse_hidden())
+    args = p.parse_args()
+    rounds = args.rounds or (2 if args.quick else 10)
+    if args.child:
+        print(json.dumps(child(args.child, args.preset, rounds, args.batch)))
+        return
+    if args.quality:
+        C.one_thread()
+        res = quality(args.preset, args.n or (12 if args.quick else 200))
+        C.print_table(f"edits through the service, preset {res['preset']} (n {res['n']}, {res['size_px']} px; place: "
+                      f"centre within {POSITION_TOL:.0%} of the image, side within {SIZE_TOL:.0%})",
+                      ["kind", "asked change", "other kept", "place kept", "all", "ctrl: other's instruction",
+                       "chance + 3 sd", "ctrl: follows its source"],
+                      [[k, v["asked"], v["other"], v["place"], v["all"], v["control_other"], v["chance_plus_3sd"],
+                        v["follow"]] for k, v in res["kinds"].items()])
+        C.finish({**res, "machine": C.machine()}, args.out)
+        return
+    sides = {}
+    for mode in MODES:
+        cmd = [sys.executable, __file__, "--child", mode, "--preset", args.preset, "--rounds", str(rounds),
+               "--batch", str(args.batch)]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+        sides[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    gen, edit = sides["generation"], sides["generation+edits"]
+    results = {
+        "preset": args.preset, "rounds": rounds, "batch": args.batch, "machine": C.machine(), "sides": sides,
+        "uss_ratio": C.ratio(edit["uss_mib"], gen["uss_mib"]),
+        "pss_ratio": C.ratio(edit["pss_mib"], gen["pss_mib"]),
+        "weights_ratio": C.ratio(edit["weights_mib"], gen["weights_mib"]),
+        "one_more_copy_ratio": C.ratio(gen["uss_mib"] + gen["weights_mib"], gen["uss_mib"]),
+    }
+    C.print_table(f"decoder deployment memory, preset {args.preset} ({rounds} rounds, batch {args.batch})",
+                  ["side", "USS MiB", "PSS MiB", "weights MiB"],
+                  [[m, s["uss_mib"], s["pss_mib"], s["weights_mib"]] for m, s in sides.items()])
+    C.print_table("ratios (generation+edits / generation)", ["measure", "ratio"], [
+        ["USS", results["uss_ratio"]], ["PSS", results["pss_ratio"]], ["weights", results["weights_ratio"]],
+        ["USS if the edits held one more copy of the weights", results["one_more_copy_ratio"]]])
+    C.finish(results, args.out)
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    main()

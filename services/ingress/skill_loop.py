@@ -1,0 +1,189 @@
+"""The skill loop's pieces (issue #23): which skills a request enables, the next round's LLM request, the result
+turn the model reads, and how the rounds' outputs make one answer.
+
+A request enables server-side skills by name (``skills: ["detect", "ocr"]``, the names of ``GET /v1/skills``); they
+are added after the client's ``tools`` (the preset's tool-call format lists them to the model), and ``tool_choice``
+may name one (forced; ``required`` forces some call). :class:`~services.ingress.running.Runner` runs the loop:
+generate until the model calls a skill, run the call(s), append the assistant's call turn and one ``tool`` turn per
+result (:func:`result_text`), generate again (:func:`next_round`). ``max_skill_rounds`` rounds offer the skills; the
+generation after the last offers only the client's tools, so the model answers. The floor of ``modalities``
+applies from the round after a forced skill call (the forced round is a call, not an answer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from polymodal.constrained.grammars import ToolChoice
+from polymodal.constrained.tools import Tool
+from polymodal.modality import Modality
+from polymodal.types import LLMResult, SignalGroup, ToolCall, Turn
+
+from services.errors import bad_request
+from services.protocol import Backend, LLMRequest, SkillOutput
+from services.schemas import ChatCompletionRequest
+
+MEDIA = {m.value for m in Modality}
+
+
+@dataclass(frozen=True)
+class SkillPlan:
+    """The skills a request enabled.
+
+    Attributes:
+        names: the enabled skills, in the request's order (deduplicated).
+        tools: their tools (each skill's JSON schema as the function's parameters), added after the client's.
+        max_rounds: rounds that offer the skills (the request's ``max_skill_rounds`` within the server's).
+        forced: ``tool_choice`` forces a skill call in the first round (named, or ``required``).
+    """
+
+    names: tuple[str, ...] = ()
+    tools: tuple[Tool, ...] = ()
+    max_rounds: int = 0
+    forced: bool = False
+
+
+def plan_skills(backend: Backend, req: ChatCompletionRequest, allowed: tuple[Modality, ...],
+                server_max_rounds: int) -> tuple[SkillPlan, ChatCompletionRequest]:
+    """The request's ``skills`` -> a :class:`SkillPlan` (empty without skills) and the request with the skills'
+    tools after its own ``tools`` (so ``tool_choice`` may name them and the grammar lists them).
+
+    Args:
+        allowed: the media the answer may contain (a skill that makes other media is refused; a generator is only
+            served where its decoder is, so without ``modalities`` the preset's policy decides as for signal tokens).
+
+    Raises:
+        APIError: 400 naming ``skills[k]``: a skill this server does not run (lists the ones it does), a skill that
+        makes a medium outside the answer's media; or ``tools[i].function.name`` equal to an enabled skill's name.
+    """
+    if not req.skills:
+        return SkillPlan(), req
+    specs = backend.skill_specs()
+    names: list[str] = []
+    for k, n in enumerate(req.skills):
+        if n not in specs:
+            raise bad_request(f"skills[{k}]: unknown skill {n!r}; this server runs: {', '.join(specs) or 'none'} "
+                              "(see GET /v1/skills)", param=f"skills[{k}]", code="unknown_skill")
+        makes = [Modality.parse(r) for r in specs[n].returns if r in MEDIA]
+        outside = [m.value for m in makes if m not in allowed]
+        if outside:
+            raise bad_request(f"skills[{k}]: {n!r} makes {', '.join(outside)}, which this answer may not contain "
+                              f"(its media: {', '.join(x.value for x in allowed) or 'text only'})",
+                              param=f"skills[{k}]", code="unsupported_modality")
+        if n not in names:
+            names.append(n)
+    for i, t in enumerate(req.tools or ()):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if isinstance(fn, dict) and fn.get("name") in names:
+            raise bad_request(f"tools[{i}].function.name: {fn.get('name')!r} is also an enabled skill; rename the "
+                              "function or leave the skill out", param=f"tools[{i}].function.name",
+                              code="invalid_value")
+    choice = req.tool_choice
+    named = choice.get("function", {}).get("name") if isinstance(choice, dict) and isinstance(
+        choice.get("function"), dict) else None
+    forced = named in names or (choice == "required" and not req.tools)
+    rounds = min(req.max_skill_rounds or server_max_rounds, server_max_rounds)
+    tools = tuple(Tool(n, specs[n].parameters, specs[n].description) for n in names)
+    with_skills = req.model_copy(update={"tools": [*(req.tools or ()), *(t.openai_dict() for t in tools)]})
+    return SkillPlan(tuple(names), tools, rounds, forced), with_skills
+
+
+def next_round(llm: LLMRequest, skills: tuple[str, ...], turns: tuple[Turn, ...], requested: tuple[Modality, ...],
+               *, offer_skills: bool) -> LLMRequest:
+    """The LLM request of the loop's next generation: the conversation so far; the skills still offered
+    (``tool_choice`` back to auto: the forced call was made) or only the client's tools (the model answers); the
+    media floor (``requested``) in force."""
+    tools = llm.tools if offer_skills else tuple(t for t in llm.tools if t.name not in skills)
+    choice = llm.tool_choice
+    if tools and choice is not None and choice.mode in ("required", "function"):
+        choice = ToolChoice("auto")
+    return dataclasses.replace(llm, turns=turns, modalities=requested, tools=tools,
+                               tool_choice=choice if tools else None)
+
+
+@dataclass(frozen=True)
+class SkillCall:
+    """One skill call the loop ran: the model's call, the skill's output, its media (``Stored`` s of
+    :mod:`~services.ingress.running`: ``index`` among the answer's media, ``text_offset`` where the call was made),
+    the round (0-based), the deployment that ran it."""
+
+    call: ToolCall
+    output: SkillOutput
+    media: tuple[Any, ...]
+    round: int
+    deployment: str | None
+
+
+def skill_failure(name: str, message: str, code: str = "failed") -> SkillOutput:
+    """An error :class:`SkillOutput` made in the ingress (timeout, deployment down)."""
+    from skills.base import SkillResult
+
+    r = SkillResult.failure(name, message, code)
+    return SkillOutput(r, r.to_dict())
+
+
+def result_text(call: SkillCall) -> str:
+    """The ``tool`` turn the model reads after a call: a compact JSON object (the result's text, boxes, masks'
+    boxes, media made; or the error and its code)."""
+    out = call.output
+    d: dict[str, Any] = {"skill": call.call.name}
+    if out.ok:
+        d["result"] = out.result.text
+        if out.result.boxes:
+            d["boxes"] = [{"label": b.phrase, "box": [round(float(v), 1) for v in b.box_px]}
+                          for b in out.result.boxes[:20]]
+        if out.result.masks:
+            d["masks"] = [{"label": m.label, "bbox": [round(float(v), 1) for v in m.bbox_px], "area_px": m.area_px}
+                          for m in out.result.masks[:20]]
+        if out.media:
+            d["media"] = [f"{m.medium.modality.value} {k + 1}" for k, m in enumerate(call.media)]
+    else:
+        d["error"] = out.result.error
+        d["error_code"] = out.result.error_code
+    return json.dumps(d, ensure_ascii=False)
+
+
+class Shift:
+    """Where a round's output goes in the whole answer: media indices after ``index_base``, text offsets after
+    ``text_offset`` (both 0 in the first round, so a plan without skills is unchanged)."""
+
+    def __init__(self) -> None:
+        self.index_base = 0
+        self.text_offset = 0
+
+    def group(self, g: SignalGroup) -> SignalGroup:
+        if not (self.index_base or self.text_offset):
+            return g
+        return dataclasses.replace(g, index=g.index + self.index_base, text_offset=g.text_offset + self.text_offset)
+
+    def result(self, r: LLMResult) -> LLMResult:
+        if not self.text_offset:
+            return r
+        boxes = tuple(dataclasses.replace(b, text_span=(b.text_span[0] + self.text_offset,
+                                                        b.text_span[1] + self.text_offset))
+                      if b.text_span is not None else b for b in r.boxes)
+        return dataclasses.replace(r, boxes=boxes)
+
+
+def merge(results: list[LLMResult], logprobs: bool, skills: tuple[str, ...]) -> LLMResult:
+    """The rounds' results as one: texts joined, tokens summed, the last round's finish reason and its calls of
+    client tools (the skills' calls are the loop's: ``message.skill_calls``)."""
+    last = results[-1]
+    theirs = tuple(c for c in last.tool_calls if c.name not in skills)
+    finish = last.finish_reason if theirs or last.finish_reason != "tool_calls" else "stop"
+    if len(results) == 1:
+        return dataclasses.replace(last, tool_calls=theirs, finish_reason=finish)
+    return LLMResult(
+        text="".join(r.text for r in results),
+        groups=tuple(g for r in results for g in r.groups),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        completion_tokens=sum(r.completion_tokens for r in results),
+        finish_reason=finish,
+        notes=tuple(n for r in results for n in r.notes),
+        boxes=tuple(b for r in results for b in r.boxes),
+        tool_calls=theirs,
+        logprobs=tuple(e for r in results for e in (r.logprobs or ())) if logprobs else None,
+    )
