@@ -15,7 +15,7 @@ from training.toyworld.build import BUILD_MANIFEST, BuildSettings, build
 pytest.importorskip("gguf")
 
 QUICK = BuildSettings(canonical_count=48, random_count=48, mosit_dialogues=12, decode_requests=24,
-                      instruct_requests=6, plain_bank=4, plain_dialogues=6, grounding_batch_size=4, step_scale=0.002)
+                      instruct_requests=6, plain_bank=4, plain_dialogues=8, grounding_batch_size=4, step_scale=0.002)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,11 @@ def test_build_writes_every_part_and_a_loadable_preset(quick_build):
     assert all(len(r["conversations"]) == 2 and r["conversations"][1]["value"] for r in plain)
     assert not any(k.endswith("_captions") for r in plain for k in r)
     assert_disjoint(plain_questions(200), {r["conversations"][0]["value"] for r in plain})
-    assert manifest["figures"]["instruct"]["num_examples"] >= 3 * QUICK.instruct_requests + QUICK.plain_dialogues
+    # no modality's requests are outnumbered by the plain dialogues (8 > instruct_requests 6: 8 per modality)
+    reqs = json.loads((out / "work" / "requests-instruct.json").read_text())
+    per = {m.value: sum(f"{m.value}_captions" in r for r in reqs) for m in Modality}
+    assert per == {m.value: QUICK.plain_dialogues for m in Modality}, per
+    assert manifest["figures"]["instruct"]["num_examples"] >= 3 * QUICK.plain_dialogues + QUICK.plain_dialogues
 
     preset = toy_preset(out)
     assert preset.export_dir == str(export.resolve())

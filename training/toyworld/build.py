@@ -54,21 +54,31 @@ class BuildSettings:
     random_count: int = 2400  # images
     mosit_dialogues: int = 600
     decode_requests: int = 1152  # per modality (training bank)
-    instruct_requests: int = 192  # per modality, with lead-ins, besides the MosIT dialogues
+    # requests per modality, with lead-ins, besides the MosIT dialogues; at least plain_dialogues of them (drawn
+    # afresh from the training bank): no modality's requests, asked in words as a client without `modalities`
+    # asks, are outnumbered by the plain dialogues (600 plain rows beside 192 per modality cost video asked in
+    # words 30/30 -> 11/30: the requests without "video" in them came back as images)
+    instruct_requests: int = 192
     # plain-question dialogues (training.toyworld.plain: the training bank of plain questions, the base model's own
     # answers) in the instruct data besides the MosIT dialogues and requests: the mix ratio (0: none; more than the
-    # bank's answered questions cycles through them)
-    plain_dialogues: int = 400
+    # bank's answered questions cycles through them). 0 in a full build (the shipped export got its plain
+    # dialogues by a continued instruct stage: build(instruct_from=...), see the README's toy world)
+    plain_dialogues: int = 0
     plain_max_new_tokens: int = 96  # the base model's answers: longer ones are cut to whole sentences
     # answer only this many questions of the bank, the shortest (the distillation answers shortest first, so the
     # answers of a run stopped part-way serve it); None: all
     plain_bank: int | None = None
     encode_steps: int = 300
     decode_steps: int = 6000  # cheap: the LLM states are cached (1500 steps ~ 36 s)
-    instruct_steps: int = 400  # 300 before plain_dialogues: the media rows seen stay about the same
+    instruct_steps: int = 300
     # build(instruct_from=...): steps of the instruct stage continued from a build's export (its LoRA, projectors
     # and token rows keep training on this build's instruct data; the encode and decode stages are skipped)
-    continue_steps: int = 100
+    continue_steps: int = 60
+    # the continued stage's learning rate (every part) and its linear warm-up. The finished stage ended its cosine
+    # near 0; restarting at lr (1e-3) with a fresh AdamW moved the LoRA matrices by 20-40% (relative norm) in 60
+    # steps and the video requests asked in words drifted to images (above)
+    continue_lr: float = 5e-4
+    continue_warmup_steps: int = 6
     # the signal states' loss against the next-token loss in the instruct stage. Measured (in process, 24 held-out
     # requests, 32-token lead-in): 4.0 lifts video 25% -> 54% but drops image 98% -> 79% and raises the
     # instruct CE 0.44 -> 1.53; decode-stage requests with lead-ins changed nothing (video 25%)
@@ -290,8 +300,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     parts_key = {**input_key, "preset": preset.to_yaml().replace(str(out), "OUT"),
                  "decoders": {m: e["config_hash"] for m, e in decoders["decoders"].items()}}
     decode_data = write_requests(work / "requests-decode.json", list(TOY_MODALITIES), s.decode_requests, seed=s.seed)
-    instruct_data = write_requests(work / "requests-instruct.json", list(TOY_MODALITIES), s.instruct_requests,
-                                   seed=s.seed + 1, lead_ins=True)
+    instruct_data = write_requests(work / "requests-instruct.json", list(TOY_MODALITIES),
+                                   max(s.instruct_requests, s.plain_dialogues), seed=s.seed + 1, lead_ins=True)
     common = dict(seed=s.seed, lr=s.lr, device=device)
     instruct = dict(batch_size=s.batch_size, lora_r=s.lora_r, lora_alpha=float(2 * s.lora_r),
                     lora_targets=list(s.lora_targets), mse_weight=s.instruct_mse_weight,
@@ -319,7 +329,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
         log(f"alignment: instruction tuning continued from {start} (encode and decode stages skipped)")
         ins_export, ins_fig = _stage(
             "instruct", work, preset_yaml, instruct_data_all, start, parts_key, progress, folder="instruct-continued",
-            max_steps=s.steps(s.continue_steps), continue_lora=True, **instruct)
+            max_steps=s.steps(s.continue_steps), continue_lora=True,
+            **{**instruct, "lr": s.continue_lr, "warmup_steps": s.steps(s.continue_warmup_steps)})
         return _finish(out, {"export": ins_export}, {"instruct_continued": ins_fig}, s, decoders, encoders, t0, log,
                        continued_from=_continued_from(start))
 
