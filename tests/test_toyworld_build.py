@@ -15,7 +15,7 @@ from training.toyworld.build import BUILD_MANIFEST, BuildSettings, build
 pytest.importorskip("gguf")
 
 QUICK = BuildSettings(canonical_count=48, random_count=48, mosit_dialogues=12, decode_requests=24,
-                      instruct_requests=6, grounding_batch_size=4, step_scale=0.002)
+                      instruct_requests=6, plain_bank=4, plain_dialogues=8, grounding_batch_size=4, step_scale=0.002)
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,19 @@ def test_build_writes_every_part_and_a_loadable_preset(quick_build):
     assert sum(p.stat().st_size for p in (export / "lora").rglob("*")) < 5 * 2**20
     for stage in ("encode", "decode", "instruct"):
         assert manifest["figures"][stage]["steps"] >= 1
+    # plain questions answered in words join the instruct data (the base model's answers; none held out)
+    from training.toyworld.phrasings import assert_disjoint, plain_questions
+
+    plain = json.loads((out / "work" / "plain-dialogues.json").read_text())
+    assert len(plain) == QUICK.plain_dialogues
+    assert all(len(r["conversations"]) == 2 and r["conversations"][1]["value"] for r in plain)
+    assert not any(k.endswith("_captions") for r in plain for k in r)
+    assert_disjoint(plain_questions(200), {r["conversations"][0]["value"] for r in plain})
+    # no modality's requests are outnumbered by the plain dialogues (8 > instruct_requests 6: 8 per modality)
+    reqs = json.loads((out / "work" / "requests-instruct.json").read_text())
+    per = {m.value: sum(f"{m.value}_captions" in r for r in reqs) for m in Modality}
+    assert per == {m.value: QUICK.plain_dialogues for m in Modality}, per
+    assert manifest["figures"]["instruct"]["num_examples"] >= 3 * QUICK.plain_dialogues + QUICK.plain_dialogues
 
     preset = toy_preset(out)
     assert preset.export_dir == str(export.resolve())
@@ -95,7 +108,45 @@ def test_rebuild_is_served_from_the_caches(quick_build):
     assert (out / "decoders" / "toyworld-decoders.json").read_text() == decoders
 
 
+def test_build_reuses_trained_parts_from_another_build(quick_build, tmp_path):
+    """--parts-from: the decoders and encoder are copied, not trained; with the same work folder every stage is
+    served from its cache (their keys hold the parts' config hashes, not the folder)."""
+    out, first = quick_build
+    second = build(tmp_path / "copy", QUICK, progress=False, work=out / "work", parts_from=out)
+    for part in ("decoders", "encoders"):
+        assert (tmp_path / "copy" / part / f"toyworld-{part}.json").read_text() == (
+            out / part / f"toyworld-{part}.json").read_text()
+    assert second["figures"]["instruct"] == first["figures"]["instruct"]
+    assert second["figures"]["decoders"] == first["figures"]["decoders"]
+    with pytest.raises(FileNotFoundError, match="--parts-from"):
+        build(tmp_path / "other", QUICK, progress=False, parts_from=tmp_path / "nothing")
+
+
 def test_build_refuses_a_device_it_cannot_use(tmp_path):
     with pytest.raises(ValueError, match="device 'tpu'"):
         build(tmp_path, QUICK, progress=False, device="tpu")
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_instruct_continues_from_a_finished_export(quick_build, tmp_path):
+    """--instruct-from: the encode and decode stages are skipped; the instruct stage keeps training the export's
+    own LoRA (TrainConfig.continue_lora) and the manifest names where it started."""
+    from safetensors.torch import load_file
+
+    out, first = quick_build
+    cont = tmp_path / "cont"
+    manifest = build(cont, QUICK, progress=False, work=out / "work", parts_from=out, instruct_from=out / "export")
+    assert set(manifest["figures"]) == {"instruct_continued", "decoders", "encoders"}
+    assert manifest["figures"]["instruct_continued"]["steps"] == QUICK.steps(QUICK.continue_steps)
+    assert manifest["continued_from"]["export"] == str((out / "export").resolve())
+    assert manifest["continued_from"]["figures"]["instruct"] == first["figures"]["instruct"]
+    before = load_file(str(out / "export" / "lora" / "adapter_model.safetensors"))
+    after = load_file(str(cont / "export" / "lora" / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()  # the same adapter (r, targets), trained further
+    assert any(not np.allclose(before[k].numpy(), after[k].numpy()) for k in before)
+    assert json.loads((cont / "export" / "lora" / "adapter_config.json").read_text())["r"] == QUICK.lora_r
+    with pytest.raises(ValueError, match="instruct_from"):
+        build(tmp_path / "g", QUICK, progress=False, work=out / "work", parts_from=out, instruct_from=out / "export",
+              grounding=True)
+    with pytest.raises(FileNotFoundError, match="--instruct-from"):
+        build(tmp_path / "n", QUICK, progress=False, work=out / "work", parts_from=out, instruct_from=tmp_path)

@@ -81,6 +81,8 @@ class TrainConfig(BaseModel):
     lora_alpha: float = Field(32.0, gt=0.0)
     lora_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     lora_targets: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    continue_lora: bool = Field(False, description="instruct from an export that holds a LoRA: keep training that "
+                                "adapter (its r and targets must be lora_r and lora_targets) instead of refusing")
 
     prompt_template: str = Field("{caption}", description="decode: the user message made from a caption")
     instruction: str = Field("Describe this {modality} briefly.", description="encode: the user's request")

@@ -256,6 +256,39 @@ def _lambda(config: TrainConfig):
     return f
 
 
+def _without_lora(init: Path, tmp: Path) -> Path:
+    """A view of the export ``init`` without its LoRA (links to its other files; ``export.json`` without the
+    ``lora`` part) in ``tmp``, so that loading it leaves the LLM's weights unmerged."""
+    view = tmp / "export"
+    view.mkdir()
+    for f in init.iterdir():
+        if f.name == "export.json":
+            body = json.loads(f.read_text())
+            body["parts"] = [p for p in body.get("parts", []) if p != "lora"]
+            (view / f.name).write_text(json.dumps(body, indent=2))
+        elif f.name != "lora":
+            (view / f.name).symlink_to(f.resolve())
+    return view
+
+
+def _continue_lora(engine, lora_dir: Path, config: TrainConfig):
+    """The LoRA of ``lora_dir`` on ``engine.model``, trainable (``continue_lora``).
+
+    Raises:
+        TrainError: its r or target modules differ from ``config``'s, or peft cannot load it.
+    """
+    from peft import PeftModel
+
+    saved = json.loads((lora_dir / "adapter_config.json").read_text())
+    if saved.get("r") != config.lora_r or sorted(saved.get("target_modules") or []) != sorted(config.lora_targets):
+        raise TrainError(f"{lora_dir}: r {saved.get('r')} on {saved.get('target_modules')}; continue_lora needs "
+                         f"lora_r {config.lora_r} on {config.lora_targets}")
+    try:
+        return PeftModel.from_pretrained(engine.model, str(lora_dir), is_trainable=True)
+    except (ValueError, KeyError, RuntimeError, OSError) as e:
+        raise TrainError(f"{lora_dir}: cannot load the LoRA to keep training it: {e}") from e
+
+
 def _add_lora(engine, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
@@ -316,15 +349,24 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
         check_media([d for d in dialogues if any(r.modality in noise_mods for r in d.media("assistant"))],
                     inputs=False, outputs=True)
 
-    if config.init_from and spec.lora and (Path(config.init_from) / "lora" / "adapter_config.json").is_file():
+    init_lora = Path(config.init_from) / "lora" if config.init_from else None
+    resume_lora = bool(spec.lora and init_lora is not None and (init_lora / "adapter_config.json").is_file())
+    if resume_lora and not config.continue_lora:
         raise TrainError(f"{config.init_from} holds a LoRA; a new LoRA trained on top of it cannot be exported as "
-                         "one adapter. Start the instruct stage from an export without lora/.")
+                         "one adapter. Start the instruct stage from an export without lora/, or set "
+                         "continue_lora to keep training that adapter.")
+    if resume_lora and parts is not None:
+        raise TrainError("continue_lora loads the parts itself (the LoRA of init_from unmerged); pass no parts")
     preset = get_preset(config.preset)
     for m in out_mods:
         if m not in preset.decoders or m not in preset.output_projectors:
             raise TrainError(f"preset {preset.name!r} has no {m.value} decoder; drop those records or pick "
                              f"--modalities from: {', '.join(x.value for x in preset.decoders)}")
-    if parts is None:
+    if resume_lora:
+        with tempfile.TemporaryDirectory(prefix="polymodal-init-") as tmp:
+            parts = load_parts(preset, output_modalities=out_mods, device=config.device,
+                               init_from=str(_without_lora(Path(config.init_from), Path(tmp))))
+    elif parts is None:
         parts = load_parts(preset, output_modalities=out_mods, device=config.device, init_from=config.init_from)
     engine = parts.llm.engine
     dev = engine.device
@@ -338,7 +380,8 @@ def setup(config: TrainConfig, parts: Parts | None = None) -> Setup:
                 comp.requires_grad_(False)
     for p in parts.llm.input_projectors.values():
         p.requires_grad_(False)
-    peft_model = _add_lora(engine, config) if spec.lora else None
+    peft_model = (_continue_lora(engine, init_lora, config) if resume_lora else _add_lora(engine, config)) \
+        if spec.lora else None
 
     trained_inputs = [m for m in in_mods if spec.input_projectors]
     trained_outputs = [m for m in out_mods if spec.output_projectors]

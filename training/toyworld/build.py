@@ -12,7 +12,8 @@ Steps (each skipped when its inputs and settings are unchanged; one torch thread
 4. Alignment of ``smol`` with the three NExT-GPT stages (:mod:`training.align`), each starting from the
    previous stage's export: ``encode`` (input projectors on toy images and captions), ``decode`` (output
    projectors on training-bank requests, LLM frozen, states cached, groups open the answer), ``instruct``
-   (LoRA + both projectors + signal rows on the MosIT dialogues and requests with lead-ins) -> ``OUT/export``.
+   (LoRA + both projectors + signal rows on the MosIT dialogues, requests with lead-ins and plain questions
+   answered in words: :mod:`training.toyworld.plain`, the base model's own answers, cached) -> ``OUT/export``.
 5. With ``grounding``: the ``toy-grounding`` preset's instruct stage (:func:`polymodal.presets.toy.
    toy_grounding_preset`: patch-token image inputs, location tokens), from the decode stage's export, on
    RefCOCO-style rows of every random-layout image ("where is the red circle?" -> its box,
@@ -53,10 +54,31 @@ class BuildSettings:
     random_count: int = 2400  # images
     mosit_dialogues: int = 600
     decode_requests: int = 1152  # per modality (training bank)
-    instruct_requests: int = 192  # per modality, with lead-ins, besides the MosIT dialogues
+    # requests per modality, with lead-ins, besides the MosIT dialogues; at least plain_dialogues of them (drawn
+    # afresh from the training bank): no modality's requests, asked in words as a client without `modalities`
+    # asks, are outnumbered by the plain dialogues (600 plain rows beside 192 per modality cost video asked in
+    # words 30/30 -> 11/30: the requests without "video" in them came back as images)
+    instruct_requests: int = 192
+    # plain-question dialogues (training.toyworld.plain: the training bank of plain questions, the base model's own
+    # answers) in the instruct data besides the MosIT dialogues and requests: the mix ratio (0: none; more than the
+    # bank's answered questions cycles through them). 0 in a full build (the shipped export got its plain
+    # dialogues by a continued instruct stage: build(instruct_from=...), see the README's toy world)
+    plain_dialogues: int = 0
+    plain_max_new_tokens: int = 96  # the base model's answers: longer ones are cut to whole sentences
+    # answer only this many questions of the bank, the shortest (the distillation answers shortest first, so the
+    # answers of a run stopped part-way serve it); None: all
+    plain_bank: int | None = None
     encode_steps: int = 300
     decode_steps: int = 6000  # cheap: the LLM states are cached (1500 steps ~ 36 s)
     instruct_steps: int = 300
+    # build(instruct_from=...): steps of the instruct stage continued from a build's export (its LoRA, projectors
+    # and token rows keep training on this build's instruct data; the encode and decode stages are skipped)
+    continue_steps: int = 60
+    # the continued stage's learning rate (every part) and its linear warm-up. The finished stage ended its cosine
+    # near 0; restarting at lr (1e-3) with a fresh AdamW moved the LoRA matrices by 20-40% (relative norm) in 60
+    # steps and the video requests asked in words drifted to images (above)
+    continue_lr: float = 5e-4
+    continue_warmup_steps: int = 6
     # the signal states' loss against the next-token loss in the instruct stage. Measured (in process, 24 held-out
     # requests, 32-token lead-in): 4.0 lifts video 25% -> 54% but drops image 98% -> 79% and raises the
     # instruct CE 0.44 -> 1.53; decode-stage requests with lead-ins changed nothing (video 25%)
@@ -175,8 +197,13 @@ def _stage(name: str, work: Path, preset_yaml: Path, data: list, init_from: Path
 
     out = work / f"align-{folder or name}"
     on = {} if device in (None, "cpu") else {"device": device}  # CPU builds keep the keys they always had
+    init_key = None
+    if init_from is not None:  # an earlier stage of this build (its stamp), or a finished export (its files)
+        stamp = init_from / ".build-key"
+        init_key = stamp.read_text() if stamp.is_file() else _key(
+            {str(f.relative_to(init_from)): _file_key(str(f)) for f in sorted(init_from.rglob("*")) if f.is_file()})
     key = _key({**key_parts, **on, "fields": fields, "data": [_file_key(d["path"]) for d in data],
-                "init": (init_from / ".build-key").read_text() if init_from else None})
+                "init": init_key})
     export = out / "export"
     if _done(export, key):
         return export, json.loads((out / "figures.json").read_text())
@@ -203,8 +230,36 @@ def _size_mb(folder: Path) -> float:
     return round(sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20, 3)
 
 
+def _reuse_parts(parts_from: Path, out: Path, log) -> tuple[dict, dict]:
+    """Copy the trained ``decoders/`` and ``encoders/`` of the build folder ``parts_from`` into ``out`` (unless they
+    are the same folders) -> their manifests (decoders, encoders), used as they are: their config hashes are not
+    checked against this build's data (file bytes of WAV / MP4 change with the codecs; what the parts learned does
+    not).
+
+    Raises:
+        FileNotFoundError: ``parts_from`` lacks a part's manifest (names it).
+    """
+    from polymodal.presets.toy import MANIFEST as DECODERS_MANIFEST
+    from training.toyworld.encoder import MANIFEST as ENCODERS_MANIFEST
+
+    manifests = []
+    for name, manifest in (("decoders", DECODERS_MANIFEST), ("encoders", ENCODERS_MANIFEST)):
+        src, dst = parts_from / name, out / name
+        if not (src / manifest).is_file():
+            raise FileNotFoundError(f"{src / manifest} not found: --parts-from needs a toy build folder with trained "
+                                    f"decoders/ and encoders/ (e.g. polymodal/assets/toy)")
+        if src.resolve() != dst.resolve():
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(src, dst)
+        log(f"{name}: reused from {src}")
+        manifests.append(json.loads((dst / manifest).read_text()))
+    return manifests[0], manifests[1]
+
+
 def build(out: str | Path, settings: BuildSettings | None = None, *, progress: bool = True,
-          work: str | Path | None = None, grounding: bool = False, device: str | None = None) -> dict:
+          work: str | Path | None = None, grounding: bool = False, device: str | None = None,
+          parts_from: str | Path | None = None, instruct_from: str | Path | None = None) -> dict:
     """Build (or bring up to date) the toy world into ``out``; returns the build manifest.
 
     ``work``: intermediate files (default ``OUT/work``; not needed by the preset, safe to delete).
@@ -212,10 +267,16 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     ``device``: where the alignment stages train (default ``cpu``: the shipped build; ``cuda``: the LLM in
     float32 there too, so its results match a CPU build up to kernel rounding, and stages trained on another
     device are cached apart). The toy decoders and encoder always train on the CPU.
+    ``instruct_from``: a finished toy export (e.g. ``polymodal/assets/toy/export``, with ``parts_from`` the build
+    it belongs to): skip the encode and decode stages and continue its instruct stage (its LoRA kept training,
+    ``TrainConfig.continue_lora``) for ``settings.continue_steps`` on this build's instruct data. The way to
+    add data (plain dialogues) to a shipped build without its 1.5 CPU hours; the manifest names the start.
 
     Raises:
-        ValueError: ``device`` is neither ``cpu`` nor an available ``cuda`` device; bad settings (from the steps).
-        FileNotFoundError: from the steps (missing files).
+        ValueError: ``device`` is neither ``cpu`` nor an available ``cuda`` device; ``instruct_from`` with
+            ``grounding``; bad settings (from the steps).
+        FileNotFoundError: from the steps (missing files); ``parts_from`` without decoders or encoders;
+            ``instruct_from`` without ``export.json``.
     """
     import torch
 
@@ -223,6 +284,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     from training.toyworld.align import write_requests
     from training.toyworld.encoder import train_encoders
     from training.toyworld.grounding import write_grounding_rows
+    from training.toyworld.phrasings import plain_training_questions
+    from training.toyworld.plain import distill_answers, write_dialogues
     from training.toyworld.train import train_decoders
 
     s = settings or BuildSettings()
@@ -241,10 +304,13 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     random_images = _data(work / "data-random", count=s.random_count, seed=s.seed + 1, modalities=[IMAGE],
                           size_px=64, layout="random", progress=progress).parent
 
-    log("toy decoders")
-    decoders = train_decoders(canonical, out / "decoders", step_scale=s.step_scale, progress=progress)
-    log("toy image encoder")
-    encoders = train_encoders(random_images, out / "encoders", step_scale=s.step_scale, progress=progress)
+    if parts_from is not None:
+        decoders, encoders = _reuse_parts(Path(parts_from), out, log)
+    else:
+        log("toy decoders")
+        decoders = train_decoders(canonical, out / "decoders", step_scale=s.step_scale, progress=progress)
+        log("toy image encoder")
+        encoders = train_encoders(random_images, out / "encoders", step_scale=s.step_scale, progress=progress)
 
     log("MosIT dialogues from the toy catalog")
     mosit = _mosit(work, canonical, s, progress)
@@ -265,12 +331,39 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     parts_key = {**input_key, "preset": preset.to_yaml().replace(str(out), "OUT"),
                  "decoders": {m: e["config_hash"] for m, e in decoders["decoders"].items()}}
     decode_data = write_requests(work / "requests-decode.json", list(TOY_MODALITIES), s.decode_requests, seed=s.seed)
-    instruct_data = write_requests(work / "requests-instruct.json", list(TOY_MODALITIES), s.instruct_requests,
-                                   seed=s.seed + 1, lead_ins=True)
+    instruct_data = write_requests(work / "requests-instruct.json", list(TOY_MODALITIES),
+                                   max(s.instruct_requests, s.plain_dialogues), seed=s.seed + 1, lead_ins=True)
     common = dict(seed=s.seed, lr=s.lr, device=device)
     instruct = dict(batch_size=s.batch_size, lora_r=s.lora_r, lora_alpha=float(2 * s.lora_r),
                     lora_targets=list(s.lora_targets), mse_weight=s.instruct_mse_weight,
                     signal_ce=s.instruct_signal_ce, **common)  # the instruct stage's fields (toy and toy-grounding)
+
+    plain_data = []
+    if instruct_from is not None and grounding:
+        raise ValueError("instruct_from continues the toy instruct stage only; build grounding without it")
+    if instruct_from is not None and not (Path(instruct_from) / "export.json").is_file():
+        raise FileNotFoundError(f"{Path(instruct_from) / 'export.json'} not found: --instruct-from needs a finished "
+                                f"toy export (e.g. polymodal/assets/toy/export)")
+    if s.plain_dialogues:
+        log("plain questions: the base model's answers (cached)")
+        bank = plain_training_questions(s.seed)
+        rows = distill_answers(bank if s.plain_bank is None else sorted(bank, key=len)[:s.plain_bank],
+                               work / "plain-answers",
+                               max_new_tokens=s.plain_max_new_tokens, progress=progress)
+        plain_data = [{"path": str(write_dialogues(work / "plain-dialogues.json", rows, s.plain_dialogues)),
+                       "format": "t2x"}]
+
+    instruct_data_all = [{"path": str(mosit), "format": "mosit"}, {"path": str(instruct_data), "format": "t2x"},
+                         *plain_data]
+    if instruct_from is not None:
+        start = Path(instruct_from).resolve()
+        log(f"alignment: instruction tuning continued from {start} (encode and decode stages skipped)")
+        ins_export, ins_fig = _stage(
+            "instruct", work, preset_yaml, instruct_data_all, start, parts_key, progress, folder="instruct-continued",
+            max_steps=s.steps(s.continue_steps), continue_lora=True,
+            **{**instruct, "lr": s.continue_lr, "warmup_steps": s.steps(s.continue_warmup_steps)})
+        return _finish(out, {"export": ins_export}, {"instruct_continued": ins_fig}, s, decoders, encoders, t0, log,
+                       continued_from=_continued_from(start))
 
     log("alignment 1/3: encoding side")
     enc_export, enc_fig = _stage(
@@ -284,9 +377,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
         **common)
     log("alignment 3/3: instruction tuning (LoRA)")
     ins_export, ins_fig = _stage(
-        "instruct", work, preset_yaml,
-        [{"path": str(mosit), "format": "mosit"}, {"path": str(instruct_data), "format": "t2x"}], dec_export,
-        parts_key, progress, max_steps=s.steps(s.instruct_steps), **instruct)
+        "instruct", work, preset_yaml, instruct_data_all, dec_export, parts_key, progress,
+        max_steps=s.steps(s.instruct_steps), **instruct)
 
     exports = {"export": ins_export}
     figures = {"encode": enc_fig, "decode": dec_fig, "instruct": ins_fig}
@@ -301,6 +393,24 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
             {**parts_key, "preset": g_preset.to_yaml().replace(str(out), "OUT")}, progress, folder="grounding",
             max_steps=s.steps(s.grounding_steps), **{**instruct, "batch_size": s.grounding_batch_size})
 
+    return _finish(out, exports, figures, s, decoders, encoders, t0, log)
+
+
+def _continued_from(export: Path) -> dict:
+    """Where a continued instruct stage started: the export, its steps, and its build's settings and figures
+    (``../toyworld-build.json`` when there is one)."""
+    body = json.loads((export / "export.json").read_text())
+    out = {"export": str(export), "stage": body.get("stage"), "steps": body.get("steps")}
+    manifest = export.parent / BUILD_MANIFEST
+    if manifest.is_file():
+        prev = json.loads(manifest.read_text())
+        out.update(settings=prev.get("settings"), figures=prev.get("figures"), build_s=prev.get("build_s"))
+    return out
+
+
+def _finish(out: Path, exports: dict, figures: dict, s: BuildSettings, decoders: dict, encoders: dict, t0: float,
+            log, **extra) -> dict:
+    """Copy the exports into ``out`` and write the build manifest -> the manifest as read back."""
     for name, export in exports.items():
         final = out / name
         if final.exists():
@@ -312,7 +422,7 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
                     "decoders": {m: e["figures"] for m, e in decoders["decoders"].items()},
                     "encoders": {m: e["figures"] for m, e in encoders["encoders"].items()}},
         "sizes_mb": {p: _size_mb(out / p) for p in ("decoders", "encoders", *exports)},
-        "build_s": round(time.time() - t0, 1),
+        "build_s": round(time.time() - t0, 1), **extra,
     }
     manifest["sizes_mb"]["total"] = round(sum(manifest["sizes_mb"].values()), 3)
     text = json.dumps(manifest, indent=2, sort_keys=True)

@@ -103,20 +103,36 @@ def build(
         "serve it with POLYMODAL_TOY_DIR=OUT polymodal serve --preset toy-grounding)")] = False,
     device: Annotated[str, typer.Option(help="where the alignment stages train: cpu (the shipped build) or cuda "
                                         "(float32; cached apart from CPU results)")] = "cpu",
+    parts_from: Annotated[Optional[Path], typer.Option(
+        "--parts-from", help="a toy build folder (e.g. polymodal/assets/toy) whose trained decoders/ and encoders/ "
+        "are copied into OUT and used as they are, instead of training them")] = None,
+    instruct_from: Annotated[Optional[Path], typer.Option(
+        "--instruct-from", help="a finished toy export (e.g. polymodal/assets/toy/export, with --parts-from its "
+        "build): skip the encode and decode stages and continue its instruct stage (its LoRA kept training) on "
+        "this build's instruct data, plain dialogues included")] = None,
+    plain_dialogues: Annotated[Optional[int], typer.Option(
+        help="plain-question dialogues in the instruct data (default: the build's setting)", min=0)] = None,
+    plain_bank: Annotated[Optional[int], typer.Option(
+        help="answer only this many (the shortest) questions of the plain training bank (default: all)", min=1)] = None,
+    continue_steps: Annotated[Optional[int], typer.Option(
+        help="--instruct-from: steps of the continued instruct stage (default: the build's setting)", min=1)] = None,
 ) -> None:
     """Build the whole toy world: data, toy decoders and encoder, MosIT dialogues, the three alignment stages.
 
     Deterministic and cached step by step (a rerun redoes only what changed); about 1.5 hours on one CPU core
     at full size. --grounding adds 2000 steps of batch 32: about 6 minutes on an H200 (--device cuda), an
     estimated 7 hours on one CPU core. The package ships a build of both (polymodal/assets/toy), so this is
-    only needed to change it.
+    only needed to change it. --instruct-from continues a finished export's instruct stage instead of running
+    the three stages (how the shipped export got its plain dialogues: see the README's Toy world).
     """
     from training.toyworld.build import BuildSettings
     from training.toyworld.build import build as run
 
     try:
-        manifest = run(out, BuildSettings(step_scale=step_scale), work=work, progress=True, grounding=grounding,
-                       device=device)
+        given = {"plain_dialogues": plain_dialogues, "plain_bank": plain_bank, "continue_steps": continue_steps}
+        settings = BuildSettings(step_scale=step_scale, **{k: v for k, v in given.items() if v is not None})
+        manifest = run(out, settings, work=work, progress=True, grounding=grounding,
+                       device=device, parts_from=parts_from, instruct_from=instruct_from)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")

@@ -221,3 +221,115 @@ def plain_questions(n: int = 200, seed: int = 0) -> list[str]:
             raise AssertionError(f"plain question {q!r} names {sorted(words & toy_words)}")
     order = rng.permutation(len(bank))[:n]
     return [bank[i] for i in sorted(order)]
+
+
+# ---- plain questions: the training bank (instruct stage), disjoint from the held-out ones ---------------
+# Other templates, other countries, other words and other facts than plain_questions draws from, and kinds it
+# has none of (advice, small talk, questions about media that ask for none, questions that name a toy
+# attribute without asking for a medium: "How many sides does a triangle have?"). The answers are the base
+# model's own (training.toyworld.plain): the stage learns that these get words, not signal tokens.
+_TRAIN_ARITHMETIC = ("What's {a} plus {b}?", "Calculate {a} multiplied by {b}.", "Subtract {b} from {a}.",
+                     "What is {a} divided by {b}?", "Can you add up {a} and {b} for me?", "What is {a} squared?",
+                     "Is {a} an even or an odd number?", "What is the sum of {a}, {b} and 10?",
+                     "If I have {a} apples and eat {b}, how many are left?", "What is half of {a}?")
+_TRAIN_COUNTRIES = ("New Zealand", "South Korea", "Pakistan", "Bangladesh", "Philippines", "Malaysia", "Saudi Arabia",
+                    "Iran", "Israel", "Jordan", "Ethiopia", "Ghana", "Tanzania", "Uganda", "South Africa", "Algeria",
+                    "Tunisia", "Venezuela", "Ecuador", "Bolivia", "Uruguay", "Romania", "Bulgaria", "Serbia",
+                    "Croatia", "Estonia", "Latvia", "Lithuania", "Nepal", "Mongolia", "Jamaica", "Czechia")
+_TRAIN_COUNTRY_TEMPLATES = ("Which city is the capital of {c}?", "Name the capital city of {c}.",
+                            "On which continent is {c}?", "What language do people speak in {c}?")
+_TRAIN_WORDS = ("friendship", "courage", "economy", "telescope", "bacteria", "climate", "electricity", "evolution",
+                "philosophy", "poetry", "mathematics", "geography", "history", "chemistry", "biology", "astronomy",
+                "volunteer", "neighbour", "library", "hospital", "bridge", "river", "desert", "forest", "ocean",
+                "planet", "comet", "galaxy", "battery", "magnet", "computer", "internet", "keyboard", "password",
+                "budget", "salary", "holiday", "breakfast", "vitamin", "protein", "muscle", "skeleton", "compass",
+                "thunder", "rainbow", "earthquake", "hurricane", "drought", "election", "parliament")
+_TRAIN_WORD_TEMPLATES = ("What is {w}?", "Explain {w} to a child.", "Can you tell me what {w} means?",
+                         "Describe {w} in a few words.")
+_TRAIN_FACTS = (
+    "Who wrote Romeo and Juliet?", "What is the speed of light?", "How many planets are in the solar system?",
+    "What is the smallest prime number?", "Who invented the light bulb?", "What is the largest desert?",
+    "Which animal is known as the king of the jungle?", "How many teeth does an adult human have?",
+    "Who was Albert Einstein?", "What do caterpillars turn into?", "How many months have 31 days?",
+    "Who painted the ceiling of the Sistine Chapel?", "What is the main language of Mexico?",
+    "When did the Titanic sink?", "What is the heart's job?", "Why do we have seasons?", "How do plants make food?",
+    "What causes rain?", "Why does the moon change shape?", "What is the closest star to Earth?",
+    "How far is the moon from Earth?", "What is DNA?", "Who was Cleopatra?", "What is the Great Wall of China?",
+    "How old is the universe?", "What are the three states of matter?", "Why is the ocean salty?",
+    "What is the biggest country by area?", "How many people live on Earth?", "Who wrote Pride and Prejudice?",
+    "What is the tallest animal?", "How do airplanes fly?", "What is a leap year?", "Why do cats purr?",
+    "How many hearts does an octopus have?", "What is the largest bone in the human body?", "Who built the pyramids?",
+    "What is the square root of 144?", "What is the smallest country in the world?",
+    "What is the fastest land animal?", "What is the Milky Way?", "Why do birds migrate?", "Who was Napoleon?",
+    "What is the Eiffel Tower?", "What do pandas eat?", "Why do we yawn?", "How do fish breathe?",
+    "What is a black hole?")
+_TRAIN_ADVICE = (
+    "How can I sleep better?", "How do I stay focused while studying?", "What should I eat before a run?",
+    "How can I save money each month?", "How do I start learning a new language?", "What is a good way to relax "
+    "after work?", "How can I be more productive in the morning?", "How do I write a good cover letter?",
+    "What should I pack for a weekend trip?", "How can I drink more water during the day?",
+    "How do I prepare for a job interview?", "How can I keep my houseplants alive?", "What are some tips for "
+    "public speaking?", "How do I make friends in a new city?", "How can I improve my handwriting?",
+    "How do I cook rice?", "How should I start exercising?", "What can I do when I feel stressed?",
+    "How do I keep my laptop battery healthy?", "How can I remember names better?", "How do I boil an egg?",
+    "What is a healthy breakfast?", "How do I clean a cast iron pan?", "How can I read more books?",
+    "How do I apologise to a friend?", "Any tips for a long flight?", "How can I learn to type faster?",
+    "How do I make a budget?", "What should I do if I cannot sleep?", "How can I be a better listener?")
+_TRAIN_SMALL_TALK = (
+    "Hello!", "Hi there, how are you?", "Good morning!", "What's your name?", "Thank you!", "Thanks for your help.",
+    "Tell me a joke.", "Who are you?", "What can you do?", "Goodbye!", "Nice to meet you.", "How is your day going?",
+    "Are you a robot?", "What do you like to talk about?", "Can you help me with something?", "I'm bored.",
+    "Do you have feelings?", "What is your favourite book?", "Say something nice.", "I had a great day today!",
+    "Tell me a fun fact.", "What should we talk about?", "Can you keep a secret?", "Are you smart?",
+    "Let's chat for a bit.")
+_TRAIN_ABOUT_MEDIA = (  # they name pictures, sounds or videos, and ask for words
+    "What is a photograph?", "How does a camera work?", "Who invented the telephone?", "What is a podcast?",
+    "How do speakers produce sound?", "What does a film director do?", "Why do online videos buffer?",
+    "What file format is best for photos?", "How fast does sound travel?", "What is the difference between an "
+    "image and a video?", "How many frames per second does a film usually have?", "What is a pixel?",
+    "Who painted The Starry Night?", "What is an audiobook?", "How do I take better photos with my phone?",
+    "Why do old movies look grainy?", "What is an echo?", "How does a microphone work?", "What is animation?",
+    "Who was Charlie Chaplin?", "What is a music video?", "How do I describe a painting?",
+    "What makes a good photograph?", "What is the loudest animal?", "How do bats use sound?",
+    "What is a video game?", "What was the first movie ever made?", "What is a sketch?",
+    "Why do we hear thunder after lightning?", "What is a documentary?", "How does television work?",
+    "What is digital art?", "What does a sound engineer do?", "How do hearing aids work?",
+    "Why are some sounds unpleasant?", "What is a camera lens?", "What is the purpose of a storyboard?",
+    "How is a cartoon made?", "What is an image file?", "Can you explain what resolution means for a screen?")
+_TRAIN_TOY_WORDS = (  # toy attributes named, no medium asked for
+    "How many sides does a triangle have?", "What is the area of a square with sides of 4 cm?",
+    "Why is the sky blue?", "What colour do you get when you mix blue and yellow?",
+    "How do you find the circumference of a circle?", "Why are leaves green?", "What does a red traffic light mean?",
+    "What is a square number?", "What is a high note in music?", "Why do some people hear a low hum at night?",
+    "Which way does the sun move across the sky?", "Is a square a rectangle?", "What is a sine wave?",
+    "Why is a tomato red?", "What does moving up a level in a game mean?", "What is a right triangle?",
+    "What makes a sound loud or quiet?", "How many degrees are in a circle?", "Why do bananas turn yellow?",
+    "What is the green light in a traffic light for?")
+
+
+def plain_training_questions(seed: int = 0) -> list[str]:
+    """The training bank of plain questions (each once, a fixed order for ``seed``): arithmetic, geography,
+    definitions, facts, advice, small talk, questions about media that ask for none, and questions that name a
+    toy attribute without asking for a medium. Disjoint from every held-out plain question
+    (:func:`plain_questions`) and every held-out media request (:func:`all_prompts`), checked here.
+
+    Raises:
+        AssertionError: a question is also a held-out one (names a few).
+    """
+    rng = np.random.default_rng([seed, 11])
+    arithmetic = []
+    for k in range(100):
+        a, b = (int(x) for x in rng.integers(2, 100, size=2))
+        arithmetic.append(_TRAIN_ARITHMETIC[k % len(_TRAIN_ARITHMETIC)].format(a=max(a, b), b=max(1, min(a, b))))
+    geography = [_TRAIN_COUNTRY_TEMPLATES[k % len(_TRAIN_COUNTRY_TEMPLATES)].format(c=c)
+                 for k, c in enumerate(_TRAIN_COUNTRIES)]
+    geography += [_TRAIN_COUNTRY_TEMPLATES[(k + 1) % len(_TRAIN_COUNTRY_TEMPLATES)].format(c=c)
+                  for k, c in enumerate(_TRAIN_COUNTRIES[::2])]
+    words = [_TRAIN_WORD_TEMPLATES[k % len(_TRAIN_WORD_TEMPLATES)].format(w=w) for k, w in enumerate(_TRAIN_WORDS)]
+    bank = list(dict.fromkeys([*arithmetic, *geography, *words, *_TRAIN_FACTS, *_TRAIN_ADVICE, *_TRAIN_SMALL_TALK,
+                               *_TRAIN_ABOUT_MEDIA, *_TRAIN_TOY_WORDS]))
+    assert_disjoint(plain_questions(200), bank)
+    for m in HELDOUT_REQUESTS:
+        assert_disjoint(all_prompts(m, heldout=True), bank)
+    order = rng.permutation(len(bank))
+    return [bank[i] for i in order]
