@@ -22,9 +22,11 @@ def default_counts() -> dict[Modality, int]:
     return {m: m.spec.default_signal_count for m in Modality if m.spec.in_default_signals}
 
 
-def default_markers() -> dict[Modality, tuple[str, str]]:
-    """The (begin, end) input markers of every registered modality, from its spec (``<Image>``, ``</Image>``)."""
-    return {m: m.spec.input_markers for m in Modality}
+def default_markers(counts: dict[Modality, int] | None = None) -> dict[Modality, tuple[str, str]]:
+    """The (begin, end) input markers, from the specs (``<Image>``, ``</Image>``), of every registered modality that
+    is ``in_default_signals`` or has signal tokens in ``counts``: a later modality's markers are not added to the
+    vocabulary of a preset that does not use it (its token rows, random init and sampled decodes stay the same)."""
+    return {m: m.spec.input_markers for m in Modality if m.spec.in_default_signals or m in (counts or {})}
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class SignalSpec:
             if n < 1:
                 raise ValueError(f"signal token count for {m.value} must be >= 1, got {n}")
         tokens = {m: tuple(fmt.format(prefix=m.spec.signal_prefix, i=i) for i in range(n)) for m, n in counts.items()}
-        return cls(tokens=tokens, input_markers=dict(input_markers or default_markers()))
+        return cls(tokens=tokens, input_markers=dict(input_markers or default_markers(counts)))
 
     @property
     def modalities(self) -> list[Modality]:
