@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from polymodal.modality import Modality
+from polymodal.presets.toy import SIGNAL_COUNTS
 from training.toyworld.build import BUILD_MANIFEST, BuildSettings, build
 
 pytest.importorskip("gguf")
@@ -41,7 +42,7 @@ def test_build_writes_every_part_and_a_loadable_preset(quick_build):
     export = out / "export"
     names = {p.name for p in export.iterdir()}
     assert {"input_image.safetensors", "token_rows.safetensors", "lora", "export.json"} <= names
-    assert {f"output_{m.value}.safetensors" for m in Modality} <= names
+    assert {f"output_{m.value}.safetensors" for m in SIGNAL_COUNTS} <= names  # toy's modalities
     # the LoRA holds only its matrices (the resized embedding matrix would be hundreds of MB)
     assert sum(p.stat().st_size for p in (export / "lora").rglob("*")) < 5 * 2**20
     for stage in ("encode", "decode", "instruct"):
@@ -56,8 +57,8 @@ def test_build_writes_every_part_and_a_loadable_preset(quick_build):
     assert_disjoint(plain_questions(200), {r["conversations"][0]["value"] for r in plain})
     # no modality's requests are outnumbered by the plain dialogues (8 > instruct_requests 6: 8 per modality)
     reqs = json.loads((out / "work" / "requests-instruct.json").read_text())
-    per = {m.value: sum(f"{m.value}_captions" in r for r in reqs) for m in Modality}
-    assert per == {m.value: QUICK.plain_dialogues for m in Modality}, per
+    per = {m.value: sum(f"{m.value}_captions" in r for r in reqs) for m in SIGNAL_COUNTS}
+    assert per == {m.value: QUICK.plain_dialogues for m in SIGNAL_COUNTS}, per
     assert manifest["figures"]["instruct"]["num_examples"] >= 3 * QUICK.plain_dialogues + QUICK.plain_dialogues
 
     preset = toy_preset(out)
