@@ -151,3 +151,29 @@ def test_instruct_continues_from_a_finished_export(quick_build, tmp_path):
               grounding=True)
     with pytest.raises(FileNotFoundError, match="--instruct-from"):
         build(tmp_path / "n", QUICK, progress=False, work=out / "work", parts_from=out, instruct_from=tmp_path)
+
+
+def test_request_weights_scale_one_modality_and_leave_the_others_as_they_were():
+    from training.toyworld.align import request_records
+
+    weighted = BuildSettings(plain_dialogues=8, instruct_requests=6, instruct_request_weights=(("video", 2.0),))
+    counts = weighted.instruct_request_counts()
+    assert counts == {Modality.IMAGE: 8, Modality.AUDIO: 8, Modality.VIDEO: 16}
+    assert BuildSettings(plain_dialogues=8, instruct_requests=6).instruct_request_counts() == 8  # the old file
+    rows = request_records(list(counts), counts, seed=1, lead_ins=True)
+    per = {m: [r for r in rows if f"{m.value}_captions" in r] for m in counts}
+    assert {m: len(v) for m, v in per.items()} == counts  # the longer list is not cut to the shortest
+    plain = request_records(list(counts), 8, seed=1, lead_ins=True)
+    assert per[Modality.IMAGE] == [r for r in plain if "image_captions" in r]  # image and audio rows unchanged
+    for bad in ((("video", 0.0),), (("object3d", 1.0),), (("nonsense", 1.0),)):
+        with pytest.raises(ValueError):
+            BuildSettings(instruct_request_weights=bad)
+
+
+def test_cli_request_weight_is_parsed_and_a_bad_one_is_refused():
+    from training.toyworld.cli import _weights
+
+    assert _weights(["video=2", "audio=1.5"]) == (("video", 2.0), ("audio", 1.5))
+    for bad in ("video", "video=two"):
+        with pytest.raises(ValueError, match="MODALITY=NUMBER"):
+            _weights([bad])

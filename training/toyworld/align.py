@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,17 @@ import numpy as np
 from polymodal.modality import Modality
 from training.toyworld.phrasings import LEAD_INS, requests
 
-def request_records(modalities: Sequence[Modality | str], per_modality: int, *, seed: int = 0,
+def request_records(modalities: Sequence[Modality | str], per_modality: int | Mapping[Modality, int], *, seed: int = 0,
                     lead_ins: bool = False) -> list[dict]:
-    """``per_modality`` t2x records per modality (training bank only), interleaved across modalities."""
+    """``per_modality`` t2x records per modality (training bank only; an int, or a count per modality),
+    interleaved across modalities (a modality with more records fills the tail alone)."""
     mods = [Modality.parse(m) for m in modalities]
+    counts = {m: per_modality if isinstance(per_modality, int) else int(per_modality[m]) for m in mods}
     rng = np.random.default_rng([seed, 7])
     per: list[list[dict]] = []
     for m in mods:
         rows = []
-        for k, (request, caption, _) in enumerate(requests(m, per_modality, heldout=False, seed=seed)):
+        for k, (request, caption, _) in enumerate(requests(m, counts[m], heldout=False, seed=seed)):
             answer = f"<{m.value}>"  # the training data's placeholder of the medium
             if lead_ins and k % 2 == 1:
                 lead = LEAD_INS[m][rng.integers(len(LEAD_INS[m]))].format(caption=caption)
@@ -36,10 +39,10 @@ def request_records(modalities: Sequence[Modality | str], per_modality: int, *, 
             rows.append({f"{m.value}_captions": [caption],
                          "conversations": [{"from": "human", "value": request}, {"from": "gpt", "value": answer}]})
         per.append(rows)
-    return [r for group in zip(*per) for r in group]
+    return [r for group in itertools.zip_longest(*per) for r in group if r is not None]
 
 
-def write_requests(path: str | Path, modalities: Sequence[Modality | str], per_modality: int, *, seed: int = 0,
+def write_requests(path: str | Path, modalities: Sequence[Modality | str], per_modality: int | Mapping[Modality, int], *, seed: int = 0,
                    lead_ins: bool = False) -> Path:
     """Write :func:`request_records` as a JSON list (atomically); returns ``path``."""
     path = Path(path)

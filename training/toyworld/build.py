@@ -59,6 +59,10 @@ class BuildSettings:
     # asks, are outnumbered by the plain dialogues (600 plain rows beside 192 per modality cost video asked in
     # words 30/30 -> 11/30: the requests without "video" in them came back as images)
     instruct_requests: int = 192
+    # per-modality multipliers of those requests, e.g. (("video", 2.0),): more of a modality whose requests the
+    # plain dialogues pull towards another (trial 2 of the continued stage: 23/30 video requests asked in words,
+    # every miss named only the motion, "a red circle that moves left", and came back as an image). () : 1 each
+    instruct_request_weights: tuple[tuple[str, float], ...] = ()
     # plain-question dialogues (training.toyworld.plain: the training bank of plain questions, the base model's own
     # answers) in the instruct data besides the MosIT dialogues and requests: the mix ratio (0: none; more than the
     # bank's answered questions cycles through them). 0 in a full build (the shipped export got its plain
@@ -104,6 +108,25 @@ class BuildSettings:
     # the mosit_dialogues. 0 (default): none, and the MosIT step's cache key is the one it always had (the shipped
     # build is unchanged). Not yet trained or measured: the toy rebuild that learns edits is still to run.
     mosit_edit_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.instruct_request_counts()  # a bad weight fails when the settings are made, not mid-build
+
+    def instruct_request_counts(self) -> int | dict[Modality, int]:
+        """Instruct-stage requests per modality: ``max(instruct_requests, plain_dialogues)`` times each modality's
+        weight (an int when no weight is set: the files, and so the cache keys, of earlier builds).
+
+        Raises:
+            ValueError: a weight names a modality the toy world has no recipe for, or is not > 0."""
+        base = max(self.instruct_requests, self.plain_dialogues)
+        if not self.instruct_request_weights:
+            return base
+        weights = {Modality.parse(m): float(w) for m, w in self.instruct_request_weights}
+        bad = [m.value for m, w in weights.items() if m not in TOY_MODALITIES or not w > 0]
+        if bad:
+            raise ValueError(f"instruct_request_weights: {bad} must be toy modalities "
+                             f"({[m.value for m in TOY_MODALITIES]}) with a weight > 0")
+        return {m: max(1, int(round(base * weights.get(m, 1.0)))) for m in TOY_MODALITIES}
 
     def steps(self, n: int) -> int:
         return max(1, int(round(n * self.step_scale)))
@@ -331,8 +354,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     parts_key = {**input_key, "preset": preset.to_yaml().replace(str(out), "OUT"),
                  "decoders": {m: e["config_hash"] for m, e in decoders["decoders"].items()}}
     decode_data = write_requests(work / "requests-decode.json", list(TOY_MODALITIES), s.decode_requests, seed=s.seed)
-    instruct_data = write_requests(work / "requests-instruct.json", list(TOY_MODALITIES),
-                                   max(s.instruct_requests, s.plain_dialogues), seed=s.seed + 1, lead_ins=True)
+    instruct_data = write_requests(work / "requests-instruct.json", list(TOY_MODALITIES), s.instruct_request_counts(),
+                                   seed=s.seed + 1, lead_ins=True)
     common = dict(seed=s.seed, lr=s.lr, device=device)
     instruct = dict(batch_size=s.batch_size, lora_r=s.lora_r, lora_alpha=float(2 * s.lora_r),
                     lora_targets=list(s.lora_targets), mse_weight=s.instruct_mse_weight,

@@ -116,6 +116,9 @@ def build(
         help="answer only this many (the shortest) questions of the plain training bank (default: all)", min=1)] = None,
     continue_steps: Annotated[Optional[int], typer.Option(
         help="--instruct-from: steps of the continued instruct stage (default: the build's setting)", min=1)] = None,
+    request_weight: Annotated[Optional[list[str]], typer.Option(
+        "--request-weight", help="MODALITY=W: W times as many instruct-stage requests of that modality (repeatable; "
+        "e.g. video=2)")] = None,
 ) -> None:
     """Build the whole toy world: data, toy decoders and encoder, MosIT dialogues, the three alignment stages.
 
@@ -129,13 +132,28 @@ def build(
     from training.toyworld.build import build as run
 
     try:
-        given = {"plain_dialogues": plain_dialogues, "plain_bank": plain_bank, "continue_steps": continue_steps}
+        given = {"plain_dialogues": plain_dialogues, "plain_bank": plain_bank, "continue_steps": continue_steps,
+                 "instruct_request_weights": _weights(request_weight) if request_weight else None}
         settings = BuildSettings(step_scale=step_scale, **{k: v for k, v in given.items() if v is not None})
         manifest = run(out, settings, work=work, progress=True, grounding=grounding,
                        device=device, parts_from=parts_from, instruct_from=instruct_from)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")
+
+
+def _weights(items: list[str]) -> tuple[tuple[str, float], ...]:
+    """``["video=2"]`` -> ``(("video", 2.0),)``. Raises: ValueError: not MODALITY=NUMBER."""
+    out = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out.append((name.strip(), float(value)))
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--request-weight {item!r}: expected MODALITY=NUMBER, e.g. video=2")
+    return tuple(out)
 
 
 @app.command()
