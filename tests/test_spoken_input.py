@@ -259,7 +259,8 @@ def test_transcript_only_silence_alone_is_refused():
                                    {"messages": audio_message(silence, "Draw a cat.")}])
     err = alone.json()["error"]
     assert alone.status_code == 400 and err["code"] == "invalid_value", alone.text
-    assert err["param"] == "messages[0].content[0]" and "no speech was heard in messages[0].content[0]" in err["message"]
+    assert err["param"] == "messages[0].content[0]"
+    assert "no speech was heard in messages[0].content[0]" in err["message"]
     assert beside.status_code == 200, beside.text
     assert len(llm.calls) == 1 and [p.text for p in llm_parts(llm)] == ["Draw a cat."]
     [t] = beside.json()["choices"][0]["message"]["input_transcripts"]

@@ -90,8 +90,8 @@ def transcripts_json(transcripts: tuple[InputTranscript, ...]) -> list[dict[str,
 class SpokenInput:
     """The spoken parts of one request, transcribed concurrently.
 
-    Usage: :meth:`heard` for every medium of a user message as soon as it is decoded (a spoken one starts its recogniser
-    call, if the preset opts in), then ``turns, transcripts = await apply(turns)``; :meth:`aclose` cancels the
+    Usage: :meth:`heard` for every medium of a user message as soon as it is decoded (a spoken one starts its
+    recogniser call, if the preset opts in), then ``turns, transcripts = await apply(turns)``; :meth:`aclose` cancels the
     calls still running (the request failed before :meth:`apply`).
 
     Args:
