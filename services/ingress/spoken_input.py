@@ -91,8 +91,8 @@ class SpokenInput:
     """The spoken parts of one request, transcribed concurrently.
 
     Usage: :meth:`heard` for every medium of a user message as soon as it is decoded (a spoken one starts its
-    recogniser call, if the preset opts in), then ``turns, transcripts = await apply(turns)``; :meth:`aclose` cancels the
-    calls still running (the request failed before :meth:`apply`).
+    recogniser call, if the preset opts in), then ``turns, transcripts = await apply(turns)``; :meth:`aclose`
+    cancels the calls still running (the request failed before :meth:`apply`).
 
     Args:
         backend: the speech stage's host and the preset (``spoken_transcript``, the audio encoder).
