@@ -89,11 +89,14 @@ class DecodeOptions:
         sample_rate_hz: audio: the rate samples are resampled to (e.g. 16000; CLAP wants 48000).
         num_frames: video: F, frames sampled evenly over the duration.
         size_px: video: scale frames so their shorter side is this (``None``: the source size).
+        sound_track: video: also decode the first audio stream, mono float32 at 16 kHz, into the part's
+            ``sound_track`` (:func:`polymodal.media.video.decode_sound_track`; no audio stream: ``None``).
     """
 
     sample_rate_hz: int = 16000
     num_frames: int = 8
     size_px: int | None = None
+    sound_track: bool = False
 
 
 class MediaCodec:
@@ -265,12 +268,14 @@ def decode_media(
     sample_rate_hz: int = 16000,
     num_frames: int = 8,
     size_px: int | None = None,
+    sound_track: bool = False,
     name: str | None = None,
 ) -> MediaPart:
     """Decode one medium into a :class:`polymodal.types.MediaPart` with its modality's codec.
 
     Args:
-        sample_rate_hz / num_frames / size_px: the :class:`DecodeOptions` (audio rate; video frames and size).
+        sample_rate_hz / num_frames / size_px / sound_track: the :class:`DecodeOptions` (audio rate; video frames,
+            size and sound track).
 
     Raises:
         MediaError: see the codec (:func:`polymodal.media.image.decode_image`, ``audio.decode_audio``,
@@ -278,5 +283,6 @@ def decode_media(
         ValueError: unknown modality (lists the choices).
     """
     modality = Modality.parse(modality)
-    options = DecodeOptions(sample_rate_hz=sample_rate_hz, num_frames=num_frames, size_px=size_px)
+    options = DecodeOptions(sample_rate_hz=sample_rate_hz, num_frames=num_frames, size_px=size_px,
+                            sound_track=sound_track)
     return modality.spec.codec.decode(data, limits=limits, options=options, name=name)

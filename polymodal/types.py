@@ -26,6 +26,9 @@ class MediaPart:
     ``data``: image uint8 (H, W, 3); audio float32 (S,) mono at ``sample_rate_hz``; video uint8 (F, H, W, 3).
     ``signal_states``: for a medium the model produced earlier in the conversation, the output-projector
     input it came from (N, D_llm), kept for reference; it re-enters the prompt through the encoder.
+    ``sound_track``: a video's sound, decoded when asked (``DecodeOptions.sound_track``): an audio part, float32
+    (S,) mono at its ``sample_rate_hz`` (16000); ``None`` for other media, a video without an audio stream, or
+    when it was not asked for. Spoken input in chat transcribes it (:mod:`services.ingress.spoken_input`).
     """
 
     modality: Modality
@@ -34,6 +37,7 @@ class MediaPart:
     fps: float | None = None
     name: str | None = None
     signal_states: np.ndarray | None = None
+    sound_track: MediaPart | None = None
 
 
 @dataclass(frozen=True)

@@ -125,8 +125,9 @@ def speech_samples(text: str = SPEECH_TEXT) -> tuple[np.ndarray, int]:
 
 
 def encode_video(frames: list[np.ndarray] | np.ndarray, fps: int, *, codec: str = "libx264", fmt: str = "mp4",
-                 gop: int | None = None) -> bytes:
-    """Encode uint8 (F, H, W, 3) frames with PyAV (even H and W for yuv420p)."""
+                 gop: int | None = None, sound: tuple[np.ndarray, int] | None = None) -> bytes:
+    """Encode uint8 (F, H, W, 3) frames with PyAV (even H and W for yuv420p); ``sound``: (float32 samples, mono (S,)
+    or stereo (2, S), their rate) muxed in as the sound track (AAC; Opus in WebM, at 48 kHz)."""
     import av
 
     frames = list(frames)
@@ -137,11 +138,23 @@ def encode_video(frames: list[np.ndarray] | np.ndarray, fps: int, *, codec: str 
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         if gop is not None:
             stream.codec_context.gop_size = gop
+        track = None
+        if sound is not None:  # every stream is added before the first packet is muxed
+            samples, rate = sound
+            samples = np.asarray(samples, np.float32).reshape(-1, np.shape(samples)[-1])  # (C, S)
+            layout = "mono" if len(samples) == 1 else "stereo"
+            track = container.add_stream("libopus" if fmt == "webm" else "aac", rate=rate)
+            track.layout = layout
         for arr in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(arr), format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if track is not None:
+            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout=layout)
+            frame.sample_rate, frame.pts = rate, 0
+            for packet in (*track.encode(frame), *track.encode(None)):
+                container.mux(packet)
     return buf.getvalue()
 
 

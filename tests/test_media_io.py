@@ -13,7 +13,7 @@ from PIL import Image
 
 from polymodal.media.audio import decode_audio
 from polymodal.media.image import decode_image
-from polymodal.media.video import decode_video
+from polymodal.media.video import decode_sound_track, decode_video
 from polymodal.media_io import (
     MediaError,
     MediaLimits,
@@ -408,3 +408,42 @@ def test_decode_media_audio_and_video_parts():
     assert audio.sample_rate_hz == 16000 and audio.data.ndim == 1
     video = decode_media("video", photo_mp4(), num_frames=4, size_px=32)
     assert video.data.shape == (4, 32, 43, 3) and video.fps == pytest.approx(8.0)
+
+
+def _tone(freq_hz: float, duration_s: float, rate: int) -> np.ndarray:
+    t = np.arange(int(duration_s * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq_hz * t)).astype(np.float32)
+
+
+def test_a_videos_sound_track_is_decoded_to_16k_mono_when_asked():
+    """An MP4 with a 440 Hz AAC sound track at 22.05 kHz (2 s, as the frames): asked for, the part carries it as an
+    audio part, mono float32 at 16 kHz, the tone's pitch kept; not asked for, or no audio stream: ``None``."""
+    frames = photo_frames()  # 16 frames: 2 s at 8 fps
+    data = encode_video(frames, 8, sound=(_tone(440.0, 2.0, 22050), 22050))
+    video = decode_media("video", data, num_frames=4, sound_track=True)
+    track = video.sound_track
+    assert video.data.shape[0] == 4 and track is not None and track.modality is Modality.AUDIO
+    assert track.sample_rate_hz == 16000 and track.data.dtype == np.float32 and track.data.ndim == 1
+    assert abs(len(track.data) / 16000 - 2.0) < 0.15  # AAC's priming / padding: a few ms
+    spectrum = np.abs(np.fft.rfft(track.data[4000:-4000]))
+    assert np.fft.rfftfreq(len(track.data) - 8000, 1 / 16000)[spectrum.argmax()] == pytest.approx(440.0, abs=5)
+    assert 0.3 < np.abs(track.data).max() < 0.7
+    assert decode_media("video", data, num_frames=4).sound_track is None  # not asked for
+    silent = encode_video(frames, 8)
+    assert decode_sound_track(silent) is None
+    assert decode_media("video", silent, num_frames=4, sound_track=True).sound_track is None
+    _media_error(decode_sound_track, data, limits=MediaLimits(max_video_duration_s=0.5), code="too_large",
+                 medium="video")
+
+
+def test_a_webm_stereo_sound_track_is_averaged_to_mono():
+    """Opus in WebM, stereo at 48 kHz: the channels are averaged (the tone in one channel, silence in the other:
+    half its amplitude; libswresample's own downmix would give 1/sqrt(2)); over the channel limit: too large."""
+    tone = _tone(300.0, 2.0, 48000)
+    data = encode_video(photo_frames(), 8, codec="libvpx-vp9", fmt="webm", sound=(np.stack([tone, 0 * tone]), 48000))
+    sound = decode_sound_track(data)
+    assert sound is not None and abs(len(sound) / 16000 - 2.0) < 0.15
+    assert 0.2 < np.abs(sound[4000:-4000]).max() < 0.3  # 0.5 / 2
+    assert np.fft.rfftfreq(len(sound), 1 / 16000)[np.abs(np.fft.rfft(sound)).argmax()] == pytest.approx(300.0, abs=5)
+    _media_error(decode_sound_track, data, limits=MediaLimits(max_audio_channels=1), code="too_large",
+                 medium="video")

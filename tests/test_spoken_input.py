@@ -1,8 +1,10 @@
-"""Spoken input in chat (issue #26): an ``input_audio`` part transcribed by the speech stage and, where the preset opts
-in (``spoken_transcript``), marked into the prompt beside the audio's tokens; the transcript in the answer
-(``message.input_transcripts``, the first streamed delta); the toy preset end to end in process.
+"""Spoken input in chat (issue #26): an ``input_audio`` part, or a ``video_url`` part's sound track, transcribed by the
+speech stage and, where the preset opts in (``spoken_transcript``), marked into the prompt beside the part's tokens;
+the transcript in the answer (``message.input_transcripts``, the first streamed delta); silence in a transcript-only
+turn refused; the toy preset end to end in process.
 
-Needs the ``flite`` program (skips with the reason where it is missing, fails under ``CI=true``)."""
+The real-speech tests need the ``flite`` program (skip with the reason where it is missing, fail under ``CI=true``);
+the plumbing tests use :class:`FakeRecogniser` as the speech stage."""
 
 from __future__ import annotations
 
@@ -13,14 +15,15 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from polymodal.modality import Modality
-from polymodal.types import MediaPart, TextPart
+from polymodal.types import MediaPart, TextPart, Transcript
 from services.ingress import build_app
 from services.local import LocalBackend
 from services.settings import ServerSettings
-from tests.media_fixtures import require_program
+from tests.media_fixtures import audio_bytes, encode_video, photo_frames, require_program
 from tests.serve_fakes import FakeLLMStage, fake_stages
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -164,6 +167,104 @@ def test_corrupt_or_missing_stage_spoken_input_is_refused(speech_worker):
                      ServerSettings())
     [r] = post_all(bare, [{"messages": audio_message(spoken_wav(SAID))}])
     assert r.status_code == 503 and r.json()["error"]["code"] == "stage_unavailable" and llm3.calls == []
+
+
+# ---- a video's sound track -------------------------------------------------------------------------------------
+class FakeRecogniser:
+    """The speech stage, faked: hears ``text`` in whatever it is sent and records the requests."""
+
+    def __init__(self, text: str):
+        self.text, self.requests = text, []
+
+    async def transcribe(self, request) -> Transcript:
+        self.requests.append(request)
+        return Transcript(self.text, "en", len(request.samples) / request.sample_rate_hz, (), "fake", "fake")
+
+
+def mp4(sound: tuple[np.ndarray, int] | None, duration_s: float = 2.0) -> bytes:
+    """The four photos as an 8 fps H.264 MP4 of about ``duration_s``, with ``sound`` as its AAC track (or none)."""
+    frames = photo_frames()  # 16 frames: 2 s
+    frames = np.concatenate([frames] * int(np.ceil(duration_s / 2.0)))
+    return encode_video(frames, 8, sound=sound)
+
+
+def video_message(data: bytes, before: str | None = None, after: str | None = None) -> list[dict]:
+    video = {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(data).decode()}}
+    content = [*([{"type": "text", "text": before}] if before else []), video,
+               *([{"type": "text", "text": after}] if after else [])]
+    return [{"role": "user", "content": content}]
+
+
+def tone(duration_s: float = 2.0, rate: int = 22050) -> tuple[np.ndarray, int]:
+    t = np.arange(int(duration_s * rate)) / rate
+    return (0.4 * np.sin(2 * np.pi * 300.0 * t)).astype(np.float32), rate
+
+
+def test_a_videos_speech_is_transcribed_after_its_frames(speech_worker):
+    """A real spoken sentence (flite) as an MP4's sound track: pocketsphinx hears it; the marked transcript follows
+    the video's part in the prompt and is listed under the video_url part's indices."""
+    import soundfile as sf
+
+    samples, rate = sf.read(io.BytesIO(spoken_wav(SAID)), dtype="float32")
+    app, llm = app_for(speech_worker, spoken_transcript=MARK)
+    [r] = post_all(app, [{"messages": video_message(mp4((samples, rate), len(samples) / rate), "Look:",
+                                                    "Answer briefly."), "seed": 1}])
+    assert r.status_code == 200, r.text
+    parts = llm_parts(llm)
+    assert [type(p) for p in parts] == [TextPart, MediaPart, TextPart, TextPart]
+    assert parts[1].modality is Modality.VIDEO and parts[3].text == "Answer briefly."
+    heard = parts[2].text
+    assert heard.startswith("[spoken] ") and word_errors(SAID, heard.removeprefix("[spoken] "))[0] <= 2, heard
+    [t] = r.json()["choices"][0]["message"]["input_transcripts"]
+    assert (t["message_index"], t["content_index"]) == (0, 1) and t["text"] == heard.removeprefix("[spoken] ")
+    assert t["sent_to_llm"] is True and abs(t["duration_s"] - len(samples) / rate) < 0.2
+
+
+def test_a_videos_sound_track_is_heard_only_where_there_is_one_and_the_preset_opts_in():
+    """Opted in: the sound track reaches the recogniser as 16 kHz mono and its transcript follows the video; a video
+    without an audio stream adds nothing (no call, no transcript); a preset not opted in decodes no sound track and
+    transcribes nothing."""
+    with_sound, silent = mp4(tone()), mp4(None)
+    rec = FakeRecogniser("show me the sea")
+    app, llm = app_for(rec, spoken_transcript=MARK)
+    r1, r2 = post_all(app, [{"messages": video_message(with_sound, "Q1", "Q2")},
+                            {"messages": video_message(silent, "Q1", "Q2")}])
+    assert r1.status_code == 200 and r2.status_code == 200, (r1.text, r2.text)
+    [req] = rec.requests
+    assert req.sample_rate_hz == 16000 and req.samples.dtype == np.float32 and req.samples.ndim == 1
+    assert abs(len(req.samples) / 16000 - 2.0) < 0.15 and np.abs(req.samples).max() > 0.2
+    texts = [p.text if isinstance(p, TextPart) else p.modality for p in llm_parts(llm, 0)]
+    assert texts == ["Q1", Modality.VIDEO, "[spoken] show me the sea", "Q2"]
+    [t] = r1.json()["choices"][0]["message"]["input_transcripts"]
+    assert (t["message_index"], t["content_index"], t["text"], t["sent_to_llm"]) == (0, 1, "show me the sea", True)
+    texts = [p.text if isinstance(p, TextPart) else p.modality for p in llm_parts(llm, 1)]
+    assert texts == ["Q1", Modality.VIDEO, "Q2"] and "input_transcripts" not in r2.json()["choices"][0]["message"]
+    assert llm_parts(llm, 1)[1].sound_track is None
+    rec2 = FakeRecogniser("show me the sea")
+    plain, llm2 = app_for(rec2, spoken_transcript=None)
+    [r3] = post_all(plain, [{"messages": video_message(with_sound, "Q1", "Q2")}])
+    assert r3.status_code == 200, r3.text
+    parts = llm_parts(llm2)
+    assert [type(p) for p in parts] == [TextPart, MediaPart, TextPart] and parts[1].sound_track is None
+    assert rec2.requests == [] and "input_transcripts" not in r3.json()["choices"][0]["message"]
+
+
+def test_transcript_only_silence_alone_is_refused():
+    """Transcript-only (no audio encoder): audio in which nothing was heard, alone in the user's message, is a 400
+    naming the part (not an empty turn sent to the LLM); beside text, the text alone goes on."""
+    rec = FakeRecogniser("")
+    app, llm = app_for(rec, spoken_transcript="{transcript}", audio_encoder=False)
+    silence = audio_bytes(np.zeros(16000, np.float32), 16000)
+    alone, beside = post_all(app, [{"messages": audio_message(silence)},
+                                   {"messages": audio_message(silence, "Draw a cat.")}])
+    err = alone.json()["error"]
+    assert alone.status_code == 400 and err["code"] == "invalid_value", alone.text
+    assert err["param"] == "messages[0].content[0]"
+    assert "no speech was heard in messages[0].content[0]" in err["message"]
+    assert beside.status_code == 200, beside.text
+    assert len(llm.calls) == 1 and [p.text for p in llm_parts(llm)] == ["Draw a cat."]
+    [t] = beside.json()["choices"][0]["message"]["input_transcripts"]
+    assert t["text"] == "" and t["sent_to_llm"] is False and len(rec.requests) == 2
 
 
 # ---- the toy preset, the real path end to end in process --------------------------------------------------------

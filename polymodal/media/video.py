@@ -2,7 +2,8 @@
 torch).
 
 - input: MP4/MOV, WebM/Matroska -> ``uint8 (F, H, W, 3)`` frames sampled evenly over the duration, and the source
-  frame rate (:func:`decode_video`).
+  frame rate (:func:`decode_video`); where asked (``DecodeOptions.sound_track``), the first audio stream as
+  ``float32 (S,)`` mono at 16 kHz in the part's ``sound_track`` (:func:`decode_sound_track`; none: ``None``).
 - output: ``uint8 (F, H, W, 3)`` at ``fps`` -> MP4, h264 yuv420p at ``crf`` (:func:`encode_mp4`).
 """
 
@@ -24,6 +25,7 @@ from polymodal.media_io import (
     check_bytes,
     wrong_medium,
 )
+from polymodal.media.audio import AUDIO  # a video's sound track is an audio part
 from polymodal.modality import ModalitySpec, register_modality
 from polymodal.types import MediaPart
 
@@ -32,6 +34,8 @@ VIDEO_FORMATS = ("mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm")
 
 # A rendered video whose every value is at or below this uint8 level is "all black".
 BLACK_LEVEL_U8 = 0
+SOUND_TRACK_RATE_HZ = 16000
+"""The rate a video's sound track is decoded at (:func:`decode_sound_track`): what speech recognisers hear."""
 
 
 def decode_video(
@@ -88,6 +92,82 @@ def decode_video(
         raise
     except (av.FFmpegError, OSError, ValueError, EOFError) as e:
         raise MediaError(VIDEO, "corrupt", f"corrupt or truncated video data ({_av_reason(e)})") from None
+
+
+def decode_sound_track(
+    data: bytes, *, sample_rate_hz: int = SOUND_TRACK_RATE_HZ, limits: MediaLimits = DEFAULT_LIMITS
+) -> np.ndarray | None:
+    """Decode a video file's sound track: its first audio stream, whole, resampled (libswresample) to
+    ``sample_rate_hz`` and its channels averaged to mono.
+
+    Args:
+        data: the encoded file (MP4/MOV, WebM/Matroska; :func:`decode_video` reads its frames).
+        sample_rate_hz: the output rate (16 kHz: speech recognition's).
+        limits: ``max_bytes``, ``max_audio_channels``; the sound may not run past ``max_video_duration_s`` (plus one
+            second of codec padding).
+
+    Returns:
+        float32 (S,) with S ~ duration * ``sample_rate_hz``; ``None`` when the file has no audio stream or it
+        holds no samples (a silent video is no error).
+
+    Raises:
+        MediaError: ``corrupt`` (unreadable file or sound track, non-finite samples), ``too_large`` (bytes,
+            channels, duration).
+        ValueError: ``sample_rate_hz`` is not positive.
+    """
+    import av
+
+    if sample_rate_hz <= 0:
+        raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
+    check_bytes(VIDEO, data, limits)
+    try:
+        container = av.open(io.BytesIO(bytes(data)), mode="r")
+    except av.FFmpegError as e:
+        raise MediaError(VIDEO, "corrupt", f"not a readable video file: {_av_reason(e)}") from None
+    try:
+        with container:
+            if not container.streams.audio:
+                return None
+            return _mono_samples(container, container.streams.audio[0], sample_rate_hz, limits)
+    except MediaError:
+        raise
+    except (av.FFmpegError, OSError, ValueError, EOFError) as e:
+        raise MediaError(VIDEO, "corrupt", f"corrupt or truncated sound track ({_av_reason(e)})") from None
+
+
+def _mono_samples(container, stream, sample_rate_hz: int, limits: MediaLimits) -> np.ndarray | None:
+    import av
+
+    channels = int(stream.codec_context.channels or 0)
+    if channels > limits.max_audio_channels:
+        raise MediaError(VIDEO, "too_large", f"a sound track of {channels} channels; the limit is "
+                         f"{limits.max_audio_channels}")
+    # the source's channels kept (planar), averaged here: libswresample's own downmix scales stereo by 1/sqrt(2)
+    # each, which can clip; the average is what audio inputs get (:func:`polymodal.media.audio.decode_audio`)
+    resampler = av.AudioResampler(format="fltp", layout=None, rate=sample_rate_hz)
+    max_samples = int((limits.max_video_duration_s + 1) * sample_rate_hz)
+    chunks: list[np.ndarray] = []
+    total = 0
+
+    def add(frames) -> None:
+        nonlocal total
+        for out in frames:
+            chunk = out.to_ndarray().mean(axis=0, dtype=np.float32)  # planar: (channels, n)
+            total += chunk.size
+            if total > max_samples:
+                raise MediaError(VIDEO, "too_large", f"the sound track runs past {limits.max_video_duration_s:g} s "
+                                 "(the limit on a video's duration)")
+            chunks.append(chunk)
+
+    for frame in container.decode(stream):
+        add(resampler.resample(frame))
+    add(resampler.resample(None))  # flush
+    if not total:
+        return None
+    samples = np.concatenate(chunks).astype(np.float32, copy=False)
+    if not np.isfinite(samples).all():
+        raise MediaError(VIDEO, "corrupt", "non-finite samples in the sound track")
+    return np.ascontiguousarray(samples)
 
 
 def _av_reason(e: Exception) -> str:
@@ -243,7 +323,9 @@ class VideoCodec(MediaCodec):
 
     def decode(self, data: bytes, *, limits: MediaLimits, options: DecodeOptions, name: str | None = None) -> MediaPart:
         frames, fps = decode_video(data, num_frames=options.num_frames, size_px=options.size_px, limits=limits)
-        return MediaPart(VIDEO, frames, fps=fps, name=name)
+        sound = decode_sound_track(data, limits=limits) if options.sound_track else None
+        track = None if sound is None else MediaPart(AUDIO, sound, sample_rate_hz=SOUND_TRACK_RATE_HZ)
+        return MediaPart(VIDEO, frames, fps=fps, name=name, sound_track=track)
 
     def validate(self, data: Any, meta: Mapping[str, Any]) -> None:
         if not (data.dtype == np.uint8 and data.ndim == 4 and data.shape[-1] == 3):

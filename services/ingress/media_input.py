@@ -4,7 +4,9 @@ Data URLs are parsed strictly; this server's own artifact URLs (any host, the ``
 an id in the store) are read from the store, never fetched; other ``http(s)://`` URLs are fetched only from
 ``allowed_remote_hosts`` and never in an assistant message (a 400 there). Decoding uses
 :mod:`polymodal.media_io` (numpy / Pillow / soundfile / PyAV, in a worker thread), so a bad or oversized medium
-is refused (400 / 413) before any model work and the LLM stage receives arrays.
+is refused (400 / 413) before any model work and the LLM stage receives arrays. Where the preset transcribes spoken
+input, a user's video is decoded with its sound track (``MediaPart.sound_track``, for
+:mod:`services.ingress.spoken_input`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from polymodal.types import MediaPart
 
 from services.errors import APIError, bad_request
 from services.ingress.media_refs import artifact_id_of
-from services.ingress.spoken_input import is_speech, reads_audio_as_text
+from services.ingress.spoken_input import is_speech, reads_audio_as_text, transcribes_speech
 from services.metrics import APIMetrics
 from services.protocol import Backend
 from services.schemas import AudioContent, AudioURLContent, ImageContent, VideoContent
@@ -67,14 +69,15 @@ class MediaReader:
         if isinstance(c, AudioContent):  # OpenAI's input_audio: base64 (not a URL) and a format, read as audio
             modality = modality_of_mime(f"audio/{c.input_audio.format}")
             data = self.b64(c.input_audio.data, f"{pp}.input_audio.data")
-            return await self.decode(modality, data, f"audio/{c.input_audio.format}", f"{pp}.input_audio.data"), data
+            return await self.decode(modality, data, f"audio/{c.input_audio.format}", f"{pp}.input_audio.data",
+                                     sound=not assistant), data
         # a URL part: its type is a modality's content_part (image_url, audio_url, video_url)
         modality = modality_of_content_part(c.type)
         if modality is None:
             raise bad_request(f"{pp}.type: {c.type!r} is not a media part", param=f"{pp}.type")
         param = f"{pp}.{c.type}.url"
         mime, data = await self.media_bytes(getattr(c, c.type).url, param, assistant=assistant)
-        return await self.decode(modality, data, mime, param), data
+        return await self.decode(modality, data, mime, param, sound=not assistant), data
 
     async def stored(self, artifact_id: str, param: str) -> tuple[str, bytes]:
         """(mime, bytes) of one of our artifacts; one still being generated is waited for (``request_timeout_s``).
@@ -150,7 +153,14 @@ class MediaReader:
         return APIError(e.http_status, f"{param}: {e}", param=param,
                         code="media_too_large" if e.http_status == 413 else f"media_{e.code}")
 
-    async def decode(self, modality: Modality, data: bytes, mime: str | None, param: str) -> MediaPart:
+    async def decode(self, modality: Modality, data: bytes, mime: str | None, param: str, *,
+                     sound: bool = False) -> MediaPart:
+        """``data`` -> the decoded part, in a worker thread; ``sound``: a user's medium, whose video's sound track is
+        decoded too where the preset transcribes spoken input.
+
+        Raises:
+            APIError: 400 (not read by this model, wrong medium, corrupt), 413 (too large).
+        """
         if modality not in self.backend.input_modalities and not (
                 is_speech(modality) and reads_audio_as_text(self.backend.preset, self.backend.input_modalities)):
             accepted = ", ".join(m.value for m in self.backend.input_modalities) or "none"
@@ -164,6 +174,7 @@ class MediaReader:
                 media_io.decode_media, modality, data, limits=self.media_limits,
                 sample_rate_hz=self.settings.input_audio_sample_rate_hz,
                 num_frames=self.limits.max_input_video_frames,
+                sound_track=sound and transcribes_speech(self.backend.preset),
             )
         except media_io.MediaError as e:
             raise self.media_error(e, param) from None

@@ -1,21 +1,23 @@
-"""Spoken input in chat: the audio parts of user messages transcribed, the transcript marked into the prompt.
+"""Spoken input in chat: the speech in user messages transcribed, the transcript marked into the prompt.
 
 Where the preset opts in (:attr:`polymodal.config.PresetConfig.spoken_transcript`, a format such as
-``"[spoken] {transcript}"``), every audio part of a user message (OpenAI's ``input_audio``, or an ``audio_url``) is
-transcribed by the speech stage (``Backend.transcribe``: the ``SpeechServer`` deployment on Ray, the in-process
-:class:`services.speech.SpeechWorker` under ``--no-ray``; never in the ingress) and
-``spoken_transcript.format(transcript=text)`` goes to the LLM as the user's text right after the audio's own
-tokens. A preset that reads no audio (no audio encoder) but opts in gets the transcript *in place of* the audio
-(transcript-only: a text LLM hears a spoken question); an assistant message's audio is then left out of the prompt
-(its markdown reference stays in the text). A preset that does not opt in is unchanged: nothing is transcribed, and
-its audio reaches the LLM through the audio encoder alone (or is refused, 400, when it has none).
+``"[spoken] {transcript}"``), every audio part of a user message (OpenAI's ``input_audio``, or an ``audio_url``) and
+the sound track of every video part (``video_url``: :attr:`polymodal.types.MediaPart.sound_track`, decoded with the
+frames, mono float32 at 16 kHz, where the file has an audio stream) is transcribed by the speech stage
+(``Backend.transcribe``: the ``SpeechServer`` deployment on Ray, the in-process :class:`services.speech.SpeechWorker`
+under ``--no-ray``; never in the ingress) and ``spoken_transcript.format(transcript=text)`` goes to the LLM as the
+user's text right after the part's own tokens (the audio's, or the video's frames). A preset that reads no audio
+(no audio encoder) but opts in gets an audio part's transcript *in place of* the audio (transcript-only: a text LLM
+hears a spoken question); an assistant message's audio is then left out of the prompt (its markdown reference stays
+in the text). A video stays in the prompt either way (the model reads its frames, or it is refused, 400). A preset
+that does not opt in is unchanged: nothing is transcribed, no sound track is decoded, and its audio reaches the LLM
+through the audio encoder alone (or is refused, 400, when it has none).
 
-Latency: one recogniser call per audio part, each started as soon as its part is decoded, so the calls run
+Latency: one recogniser call per spoken part, each started as soon as its part is decoded, so the calls run
 concurrently with each other and with the rest of the request's planning (decoding later media, checks); the plan
-waits for them only before the LLM request is built. An empty transcript (silence) adds no text.
-
-Video: the input video path decodes frames only (:func:`polymodal.media.video.decode_video`), so the sound track of
-a ``video_url`` part is neither encoded nor transcribed.
+waits for them only before the LLM request is built. An empty transcript (silence) adds no text; a user message
+that is then left with nothing at all (transcript-only, its audio silent) is a 400 ``invalid_value`` naming the part
+("no speech was heard in messages[i].content[j]"): an empty turn would reach the LLM otherwise.
 
 The answer shows what was heard: ``message.input_transcripts`` (and the first streamed chunk's
 ``delta.input_transcripts``), a list of ``{message_index, content_index, text, duration_s, sent_to_llm}``, an
@@ -32,6 +34,7 @@ from polymodal.config import PresetConfig
 from polymodal.modality import Modality
 from polymodal.types import MediaPart, TextPart, Transcript, Turn
 
+from services.errors import bad_request
 from services.protocol import Backend, TranscriptionRequest
 
 
@@ -45,6 +48,12 @@ def is_speech(modality: Modality) -> bool:
     return modality is Modality.AUDIO
 
 
+def spoken_sound(part: MediaPart) -> MediaPart | None:
+    """The waveform a recogniser hears in a decoded part: an audio part itself, a video's sound track (``None``:
+    the video has none, or it was not decoded), nothing in other media."""
+    return part if is_speech(part.modality) else part.sound_track
+
+
 def reads_audio_as_text(preset: PresetConfig, input_modalities: tuple[Modality, ...]) -> bool:
     """The transcript-only path: the preset opts in but reads no audio, so audio input is accepted for its
     transcript alone."""
@@ -53,11 +62,12 @@ def reads_audio_as_text(preset: PresetConfig, input_modalities: tuple[Modality, 
 
 @dataclass(frozen=True)
 class InputTranscript:
-    """What was heard in one audio part of the request.
+    """What was heard in one spoken part of the request.
 
     Attributes:
-        message_index / content_index: the part's place in ``messages[i].content[j]``.
-        text: the transcript. duration_s: the audio's length.
+        message_index / content_index: the part's place in ``messages[i].content[j]``: an ``input_audio`` /
+            ``audio_url`` part, or the ``video_url`` part whose sound track was heard.
+        text: the transcript. duration_s: the audio's (the sound track's) length.
         sent_to_llm: the marked transcript reached the LLM (``False`` when it was empty).
     """
 
@@ -80,9 +90,9 @@ def transcripts_json(transcripts: tuple[InputTranscript, ...]) -> list[dict[str,
 class SpokenInput:
     """The spoken parts of one request, transcribed concurrently.
 
-    Usage: :meth:`heard` for every audio part of a user message as soon as it is decoded (starts its recogniser
-    call, if the preset opts in), then ``turns, transcripts = await apply(turns)``; :meth:`aclose` cancels the
-    calls still running (the request failed before :meth:`apply`).
+    Usage: :meth:`heard` for every medium of a user message as soon as it is decoded (a spoken one starts its
+    recogniser call, if the preset opts in), then ``turns, transcripts = await apply(turns)``; :meth:`aclose`
+    cancels the calls still running (the request failed before :meth:`apply`).
 
     Args:
         backend: the speech stage's host and the preset (``spoken_transcript``, the audio encoder).
@@ -96,19 +106,23 @@ class SpokenInput:
         self._tasks: dict[int, tuple[int, int, asyncio.Task]] = {}  # id(part) -> (message, content, call)
 
     def heard(self, part: MediaPart, message_index: int, content_index: int) -> None:
-        """A user message's medium, decoded: an audio part starts its transcription (nothing else does)."""
-        if self.format is None or not is_speech(part.modality):
+        """A user message's medium, decoded: an audio part or a video with a sound track starts its transcription
+        (nothing else does)."""
+        sound = spoken_sound(part)
+        if self.format is None or sound is None:
             return
-        request = TranscriptionRequest(f"{self.request_id}-{message_index}-{content_index}", part.data,
-                                       int(part.sample_rate_hz or 16000))
+        request = TranscriptionRequest(f"{self.request_id}-{message_index}-{content_index}", sound.data,
+                                       int(sound.sample_rate_hz or 16000))
         self._tasks[id(part)] = (message_index, content_index,
                                  asyncio.ensure_future(self.backend.transcribe(request)))
 
     async def apply(self, turns: list[Turn]) -> tuple[list[Turn], tuple[InputTranscript, ...]]:
-        """The turns with each transcript marked in after its audio part (or in its place, transcript-only).
+        """The turns with each transcript marked in after its spoken part (or in an audio part's place,
+        transcript-only).
 
         Raises:
-            APIError / StageUnavailable: the speech stage's (no speech stage: 503).
+            APIError: 400 ``invalid_value`` when a user message is left with nothing (transcript-only, no speech
+                heard); the speech stage's errors. StageUnavailable: no speech stage (503).
         """
         if not self._tasks and not self.in_place:
             return turns, ()
@@ -121,6 +135,7 @@ class SpokenInput:
         found: list[InputTranscript] = []
         for turn in turns:
             parts: list[TextPart | MediaPart] = []
+            silent: list[tuple[int, int]] = []  # the user's audio parts left out that said nothing
             for part in turn.parts:
                 t = heard.get(id(part)) if isinstance(part, MediaPart) else None
                 audio = isinstance(part, MediaPart) and is_speech(part.modality)
@@ -133,6 +148,13 @@ class SpokenInput:
                     parts.append(TextPart(self.format.format(transcript=text)))
                 i, j, _ = self._tasks[id(part)]
                 found.append(InputTranscript(i, j, text, float(t.duration_s), bool(text)))
+                if not text and audio and self.in_place:
+                    silent.append((i, j))
+            if silent and not parts and not turn.tool_calls:
+                where = " or ".join(f"messages[{i}].content[{j}]" for i, j in silent)
+                raise bad_request(f"no speech was heard in {where}, and the message holds nothing else (this model "
+                                  "reads audio through its transcript only); send speech or text",
+                                  param=f"messages[{silent[0][0]}].content[{silent[0][1]}]", code="invalid_value")
             out.append(Turn(turn.role, tuple(parts), tool_calls=turn.tool_calls, tool_call_id=turn.tool_call_id))
         return out, tuple(found)
 
