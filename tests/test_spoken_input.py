@@ -235,6 +235,7 @@ def test_a_videos_sound_track_is_heard_only_where_there_is_one_and_the_preset_op
     assert abs(len(req.samples) / 16000 - 2.0) < 0.15 and np.abs(req.samples).max() > 0.2
     texts = [p.text if isinstance(p, TextPart) else p.modality for p in llm_parts(llm, 0)]
     assert texts == ["Q1", Modality.VIDEO, "[spoken] show me the sea", "Q2"]
+    assert llm_parts(llm, 0)[1].sound_track is None  # the track went to the recogniser, not to the LLM stage
     [t] = r1.json()["choices"][0]["message"]["input_transcripts"]
     assert (t["message_index"], t["content_index"], t["text"], t["sent_to_llm"]) == (0, 1, "show me the sea", True)
     texts = [p.text if isinstance(p, TextPart) else p.modality for p in llm_parts(llm, 1)]

@@ -27,6 +27,7 @@ extension field beside OpenAI's shape (clients that do not know it ignore it).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +141,9 @@ class SpokenInput:
                 t = heard.get(id(part)) if isinstance(part, MediaPart) else None
                 audio = isinstance(part, MediaPart) and is_speech(part.modality)
                 if not (audio and self.in_place):  # transcript-only: no audio tokens (the model has no encoder)
-                    parts.append(part)
+                    # a video's sound track was for the recogniser: the LLM stage gets the frames alone
+                    parts.append(dataclasses.replace(part, sound_track=None)
+                                 if isinstance(part, MediaPart) and part.sound_track is not None else part)
                 if t is None:
                     continue
                 text = t.text.strip()
