@@ -15,7 +15,7 @@ process (``--no-ray``, toy skills on).
 
     .venv/bin/python bench/skilluse.py --serve toy --n 20 --modes disabled --out bench/results/skilluse_toy_disabled.json
     POLYMODAL_TOY_DIR=build/toy-skills .venv/bin/python bench/skilluse.py --serve toy-skills --n 200 \\
-        --modes skills,disabled,swapped --out bench/results/skilluse_toy_skills.json
+        --max-tokens 128 --modes skills,disabled,swapped --out bench/results/skilluse_toy_skills.json
     .venv/bin/python bench/skilluse.py --serve tiny --brain http://127.0.0.1:8001/v1 --brain-model smol --n 5
 
 ``--quick``: n = 4 per family and a PASS/FAIL verdict per threshold of the issue (right skill >= 0.95, right

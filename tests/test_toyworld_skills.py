@@ -239,3 +239,76 @@ def test_skills_build_continues_toy_into_export_skills_and_loads_as_the_preset(t
     pipe = AnyToAnyPipeline.from_preset(preset)
     assert pipe.llm_stage.tool_format.name == "llava-plus"
     assert pipe.describe()["input_projectors"]["image"]["init_state"] == "pretrained"
+
+
+class LlavaPlusScriptedStage:
+    """A stand-in LLM that writes what a trained toy-skills model writes (the skill_use turn's thoughts and its call,
+    then the answer turn quoting the result it read), in the llava-plus rendering. Records the turns it was given."""
+
+    def __init__(self):
+        self.turns: list = []
+
+    def stream(self, turns, *, tools=(), tool_choice=None, **_kw):
+        from polymodal.constrained.tools import LLAVA_PLUS_THOUGHTS, llava_plus_answer
+        from polymodal.types import LLMResult, TextDelta, TextPart, ToolCall
+
+        self.turns.append(list(turns))
+        if tools and turns[-1].role == "user":
+            text = LLAVA_PLUS_THOUGHTS + "I need the number of red shapes, so I use count."
+            call = ToolCall("call_1", "count", json.dumps({"colour": "red"}))
+            yield TextDelta(text)
+            yield call
+            yield LLMResult(text, (), 10, 20, "tool_calls", tool_calls=(call,))
+            return
+        read = json.loads(next(p.text for t in turns if t.role == "tool" for p in t.parts
+                               if isinstance(p, TextPart)))
+        text = llava_plus_answer(f"count returned: {read['result']}.", f"There are {read['result'].split()[0]} red "
+                                 "shapes.")
+        yield TextDelta(text)
+        yield LLMResult(text, (), 10, 20, "stop")
+
+    def describe(self):
+        return {"init_state": "scripted"}
+
+
+@pytest.mark.parametrize("tool_format", ["llava-plus", "hermes"])
+def test_through_the_service_a_llava_plus_answer_shows_its_value_and_the_real_count(tool_format):
+    """A chat with ``skills: ["count"]`` on a toy scene, served by a preset declaring ``tool_format`` (tiny's parts,
+    a scripted LLM writing the llava-plus turns): the real toy skill counts, the model reads its result, and the
+    client's ``content`` is the answer alone under llava-plus (the thoughts dropped), the text as written under any
+    other format."""
+    import base64
+    import dataclasses
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from polymodal.presets import get_preset
+    from services.ingress import build_app
+    from services.local import LocalBackend
+    from services.settings import ServerSettings
+    from services.skill_host import SkillHost
+    from tests.local_server import serve_app
+
+    scene = next(t for t in (skilluse.make_task("count", i, seed=3) for i in range(50)) if t.arguments["colour"] == "red")
+    buf = io.BytesIO()
+    Image.fromarray(scene.scene.image).save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    tiny = get_preset("tiny")
+    preset = tiny.model_copy(update={"chat": dataclasses.replace(tiny.chat, tool_format=tool_format)})
+    stage = LlavaPlusScriptedStage()
+    app = build_app(LocalBackend(preset, stage, {}, skill_host=SkillHost.build(["count"])),
+                    ServerSettings(request_timeout_s=60))
+    for base in serve_app(app):
+        r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
+            "model": "tiny", "skills": ["count"], "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": scene.question}]}]})
+    assert r.status_code == 200, r.text
+    msg = r.json()["choices"][0]["message"]
+    assert [c["name"] for c in msg["skill_calls"]] == ["count"]
+    want = f"There are {scene.truth} red shapes."
+    if tool_format == "llava-plus":
+        assert msg["content"] == want
+    else:
+        assert msg["content"].endswith('"value👉" ' + want) and msg["content"].startswith('"thoughts🤔" ')

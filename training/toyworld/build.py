@@ -445,15 +445,15 @@ SKILLS_LATER_COMMANDS = """
 polymodal toyworld build --out build/toy-skills --parts-from polymodal/assets/toy \\
     --instruct-from polymodal/assets/toy/export --skills
 POLYMODAL_TOY_DIR=build/toy-skills .venv/bin/python bench/skilluse.py --serve toy-skills --n 200 \\
-    --modes skills,disabled,swapped --out bench/results/skilluse_toy_skills.json
-POLYMODAL_TOY_DIR=build/toy-skills .venv/bin/python bench/skilluse.py --serve toy-skills --quick
+    --max-tokens 128 --modes skills,disabled,swapped --out bench/results/skilluse_toy_skills.json
+POLYMODAL_TOY_DIR=build/toy-skills .venv/bin/python bench/skilluse.py --serve toy-skills --quick --max-tokens 128
 """
 """The commands of the later training + bench run of issue #25 (README's toy world gets its figures)."""
 
 
 SKILL_USE_MAX_TOKENS = 1024
-"""The skills stage's longest sequence: a skill-use dialogue is ~750 tokens, its system text (the skill listing the
-served model reads) ~600 of them; the default 512 would skip every one."""
+"""The skills stage's longest sequence: a skill-use dialogue is 810-910 smol tokens, its system text (the skill
+listing the served model reads) 657 of them; the default 512 would skip every one."""
 
 
 def _skills(out: Path, work: Path, s: BuildSettings, instruct_from, decoders: dict, encoders: dict, device,

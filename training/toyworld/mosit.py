@@ -21,6 +21,12 @@ answers that prompt with:
   a green triangle </Image>`` (a recolour or a reshape, instruction from :data:`phrasings.TRAIN_EDITS`; the
   edited caption a catalog caption, so the answer's image target is the edited image's caption).
 
+Skill use (issue #25, mode :data:`SKILL_USE_MODE`): :func:`write_skill_use_dialogues` writes LLaVA-Plus's four turns
+over toy scenes (``<Image> scene.png </Image> Where is the red circle?`` -> the skill_use turn -> ``locate model
+outputs: {...}`` -> the answer) as MosIT records directly: a scene is rendered with its question and truth
+(:mod:`training.toyworld.skilluse`), not retrieved from the catalog by caption, and its turns are rendered by the
+serving code (the ``llava-plus`` tool format, the skill loop's result text, the real toy skills).
+
 Placeholder captions are captions of ``catalog`` (the ``catalog.jsonl`` the build reads), drawn item by item,
 so the build's retrieval finds an item with exactly that caption. With ``retrieval.threshold: 0.999`` nothing
 else can match: the closest two distinct toy captions ("a video of a yellow triangle moving left" / "... right")
