@@ -14,6 +14,8 @@ serves ``locate`` / ``count`` (``polymodal serve --toy-skills``), or ``--serve P
 process (``--no-ray``, toy skills on).
 
     .venv/bin/python bench/skilluse.py --serve toy --n 20 --modes disabled --out bench/results/skilluse_toy_disabled.json
+    POLYMODAL_TOY_DIR=build/toy-skills .venv/bin/python bench/skilluse.py --serve toy-skills --n 200 \\
+        --max-tokens 128 --modes skills,disabled,swapped --out bench/results/skilluse_toy_skills.json
     .venv/bin/python bench/skilluse.py --serve tiny --brain http://127.0.0.1:8001/v1 --brain-model smol --n 5
 
 ``--quick``: n = 4 per family and a PASS/FAIL verdict per threshold of the issue (right skill >= 0.95, right
@@ -50,20 +52,20 @@ def _data_url(image) -> str:
 
 
 def _user(task: skilluse.SkillTask) -> dict:
-    return {"role": "user", "content": [{"type": "text", "text": task.question},
-                                        {"type": "image_url", "image_url": {"url": _data_url(task.scene.image)}}]}
+    # the scene first, then the question: the order of the toy skill-use dialogues the toy-skills preset learns
+    # (training.toyworld.mosit.write_skill_use_dialogues) and of the toy writer's comprehension exchanges
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_url(task.scene.image)}},
+                                        {"type": "text", "text": task.question}]}
 
 
 def _result_json(name: str, result) -> str:
-    """A skill result as the service's skill loop feeds it to the model (``services.ingress.skill_loop.result_text``)."""
-    d: dict[str, Any] = {"skill": name}
-    if result.ok:
-        d["result"] = result.text
-        if result.boxes:
-            d["boxes"] = [{"label": b.phrase, "box": [round(float(v), 1) for v in b.box_px]} for b in result.boxes]
-    else:
-        d["error"], d["error_code"] = result.error, result.error_code
-    return json.dumps(d)
+    """A skill result as the service's skill loop feeds it to the model (``services.ingress.skill_loop.result_text``,
+    called: the text the toy-skills preset was trained on)."""
+    from polymodal.types import ToolCall
+    from services.ingress.skill_loop import SkillCall, result_text
+    from services.protocol import SkillOutput
+
+    return result_text(SkillCall(ToolCall("call_0", name, "{}"), SkillOutput(result, result.to_dict()), (), 0, None))
 
 
 def _args(raw: str) -> dict:

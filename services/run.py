@@ -67,7 +67,8 @@ def serve_main(
         request_timeout_s: per-request timeout.
         brain: an external OpenAI-compatible brain (:class:`services.settings.BrainConfig` or its dict; zero-shot
             skill use, :mod:`services.brain`) that answers chats with the server's skills and decoders as tools.
-        toy_skills: also deploy the toy world's ``locate`` / ``count`` (``skills-toy``, :mod:`skills.toy`).
+        toy_skills: also deploy the toy world's ``locate`` / ``count`` (``skills-toy``, :mod:`skills.toy`); on for a
+            preset whose model was trained to call them (``toy-skills``: :data:`polymodal.presets.PRESET_SKILLS`).
         app_args: a full :class:`services.app.AppArgs` (dict or model); the arguments above override it.
         stop_event: set it to stop (tests / embedding); signals are only handled in the main thread.
         out: stream for the URL line (default stdout).
@@ -93,6 +94,10 @@ def serve_main(
         from polymodal.modality import Modality
 
         updates["modalities"] = Modality.parse_list(list(modalities))
+    if not toy_skills and isinstance(preset, str):
+        from polymodal.presets import PRESET_SKILLS
+
+        toy_skills = bool(PRESET_SKILLS.get(preset))  # toy-skills: its model calls the toy skills
     if toy_skills:
         from services.app import SkillDeploymentArgs
         from services.skill_host import SKILL_DEPLOYMENTS

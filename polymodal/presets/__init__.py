@@ -10,6 +10,8 @@
   shipped in ``polymodal/assets/toy`` and read by :mod:`polymodal.presets.toy`); answers can be checked.
 - ``toy-grounding``: ``toy`` with boxes as an output over patch-token image inputs (``polymodal toyworld build
   --grounding``).
+- ``toy-skills``: ``toy`` whose model calls the toy skills ``locate`` / ``count`` in LLaVA-Plus's rendering
+  (``chat.tool_format: llava-plus``; ``polymodal toyworld build --skills``; not shipped yet: the preset says so).
 - ``toy-3d``: ``toy`` with 3D outputs (coloured point clouds; ``<3D0>..<3D3>`` appended), its toy 3D decoder
   trained by ``polymodal toyworld train-3d`` (not shipped yet: the preset says so when asked for).
 - ``nextgpt-7b``: NExT-GPT's composition (Vicuna-7B, ImageBind-huge, SD v1.5, AudioLDM-l-full,
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from polymodal.config import PresetConfig
 from polymodal.presets.builtin import SMOL_SYSTEM, nextgpt, smol, tiny, tiny_grounding
-from polymodal.presets.toy import toy_3d_preset, toy_grounding_preset, toy_preset
+from polymodal.presets.toy import TOY_SKILLS, toy_3d_preset, toy_grounding_preset, toy_preset, toy_skills_preset
 
 
 def toy() -> PresetConfig:
@@ -46,6 +48,11 @@ def toy_3d() -> PresetConfig:
     return toy_3d_preset()
 
 
+def toy_skills() -> PresetConfig:
+    """``toy`` with LLaVA-Plus skill use (see :func:`polymodal.presets.toy.toy_skills_preset`)."""
+    return toy_skills_preset()
+
+
 PRESETS: dict[str, Callable[[], PresetConfig]] = {
     "tiny": tiny,
     "smol": smol,
@@ -55,7 +62,11 @@ PRESETS: dict[str, Callable[[], PresetConfig]] = {
     "tiny-grounding": tiny_grounding,
     "toy-grounding": toy_grounding,
     "toy-3d": toy_3d,
+    "toy-skills": toy_skills,
 }
+
+PRESET_SKILLS: dict[str, tuple[str, ...]] = {"toy-skills": TOY_SKILLS}
+"""The skills a registered preset's model was trained to call: ``polymodal serve --preset NAME`` deploys them."""
 
 
 def get_preset(name_or_path: str | PresetConfig) -> PresetConfig:

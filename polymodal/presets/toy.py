@@ -10,6 +10,8 @@ A toy build folder (``ROOT``) holds what :func:`training.toyworld.build.build` t
 - ``ROOT/export-grounding/`` (``polymodal toyworld build --grounding``; shipped too): the ``toy-grounding``
   preset's parts: the same instruct stage with grounding rows added, on patch-token image inputs and our
   location tokens (:func:`toy_grounding_preset`).
+- ``ROOT/export-skills/`` (not shipped yet): the ``toy-skills`` preset's parts: ``toy``'s instruct stage continued on
+  LLaVA-Plus skill-use dialogues (``polymodal toyworld build --skills``, :func:`toy_skills_preset`).
 - ``ROOT/decoders/object3d/`` and ``ROOT/export-3d/`` (not shipped yet): the ``toy-3d`` preset's 3D decoder (``polymodal
   toyworld train-3d``) and its aligned parts with the ``<3D0>..<3D3>`` rows (:func:`toy_3d_preset`).
 
@@ -62,6 +64,12 @@ def _encoder_dim(folder: Path) -> int:
 
 
 GROUNDING_EXPORT = "export-grounding"
+SKILLS_EXPORT = "export-skills"
+TOY_SKILLS: tuple[str, ...] = ("locate", "count")
+"""The skills the ``toy-skills`` model was trained to call (:mod:`skills.toy`; ``polymodal serve --preset toy-skills``
+deploys them)."""
+SKILLS_BUILD_COMMAND = ("polymodal toyworld build --out {root} --parts-from polymodal/assets/toy "
+                        "--instruct-from polymodal/assets/toy/export --skills")
 EXPORT_3D = "export-3d"
 SIGNAL_COUNTS_3D = {**SIGNAL_COUNTS, OBJECT3D: 4}  # toy's rows and ids first, the 3D rows appended
 
@@ -172,6 +180,41 @@ def toy_preset(root: str | Path | None = None, *, aligned: bool = True) -> Prese
         # (bench/speech.py (b): spoken held-out requests score near the typed ones)
         spoken_transcript=TOY_SPOKEN_TRANSCRIPT,
     )
+
+
+def toy_skills_preset(root: str | Path | None = None, *, aligned: bool = True) -> PresetConfig:
+    """``toy-skills``: ``toy`` whose model uses the toy skills (``locate``, ``count``) the LLaVA-Plus way (issue #25).
+
+    ``toy``'s parts, chat format with ``tool_format: llava-plus`` (the model writes ``"thoughts🤔" ...`` /
+    ``"actions🚀" [{"API_name": ..., "API_params": ...}]`` / ``"value👉"``, reads ``<skill> model outputs: ...``;
+    :func:`polymodal.constrained.tools.llava_plus`), and its own export ``ROOT/export-skills``: ``toy``'s instruct
+    stage continued on the toy MosIT writer's skill-use dialogues (:func:`training.toyworld.mosit.
+    write_skill_use_dialogues`) plus ordinary requests (``polymodal toyworld build --skills``). Its skills are
+    :data:`TOY_SKILLS` (``polymodal serve --preset toy-skills`` deploys them).
+
+    ``aligned=False``: without the export (the starting point of the build's stage).
+
+    Raises:
+        FileNotFoundError: no toy build in ``root``; (aligned) no ``ROOT/export-skills/export.json`` (names the
+            build command).
+    """
+    import dataclasses
+
+    root = Path(root) if root is not None else toy_root()
+    base = toy_preset(root, aligned=False)
+    export = root / SKILLS_EXPORT
+    if aligned and not (export / "export.json").is_file():
+        raise FileNotFoundError(
+            f"the toy-skills preset is not trained: {export / 'export.json'} missing; build it with "
+            f"`{SKILLS_BUILD_COMMAND.format(root=root)}` (then POLYMODAL_TOY_DIR={root} polymodal serve --preset "
+            "toy-skills)")
+    return base.model_copy(update={
+        "name": "toy-skills",
+        "description": "toy world with skill use learned the LLaVA-Plus way: calls the toy skills locate and count "
+                       "(boxes and counts of shapes in a scene); built by polymodal toyworld build --skills",
+        "chat": dataclasses.replace(base.chat, tool_format="llava-plus"),
+        "export_dir": str(export.resolve()) if aligned else None,
+    })
 
 
 def toy_3d_preset(root: str | Path | None = None, *, aligned: bool = True) -> PresetConfig:

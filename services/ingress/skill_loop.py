@@ -155,6 +155,30 @@ def result_text(call: SkillCall) -> str:
     return json.dumps(d, ensure_ascii=False)
 
 
+def shown_answer(text: str, tool_format: str) -> tuple[str, int]:
+    """The answer text a client sees (``message.content``) -> (text, characters of the model's text dropped before
+    it).
+
+    ``llava-plus`` (a preset that learned LLaVA-Plus's rendering, e.g. ``toy-skills``): the model's text of all the
+    rounds is ``"thoughts🤔" <why> "thoughts🤔" <reading of the result>\n"value👉" <answer>`` (a skill_use turn's
+    actions block is parsed into the call; its thoughts stay in the text); the client gets the answer alone, the text
+    after the last ``"value👉"`` (LLaVA-Plus's ``value``, what its demo shows), the thoughts and markers dropped (the
+    calls and their results are in ``message.skill_calls``). A text without the marker (an ordinary request's
+    answer, media included) is shown as it is. Other formats: unchanged. Streamed deltas carry the raw text.
+    """
+    if tool_format != "llava-plus":
+        return text, 0
+    from polymodal.constrained.tools import LLAVA_PLUS_VALUE
+
+    at = text.rfind(LLAVA_PLUS_VALUE)
+    if at < 0:
+        return text, 0
+    cut = at + len(LLAVA_PLUS_VALUE)
+    rest = text[cut:]
+    cut += len(rest) - len(rest.lstrip())
+    return text[cut:].rstrip(), cut
+
+
 class Shift:
     """Where a round's output goes in the whole answer: media indices after ``index_base``, text offsets after
     ``text_offset`` (both 0 in the first round, so a plan without skills is unchanged)."""

@@ -26,7 +26,8 @@ Readers (registry :data:`READERS`; ``format="auto"`` picks one from the file's s
 - ``mosit``: MosIT records: ``{"image_list" | "audio_list" | "video_list": [{"name" (or "image_name"
   ...), "data_source"?, "caption", "caption_embedding"?}], "conversation" (or "conversations"):
   [{"from": "human" | "gpt", "value"}]}``; a message refers to a medium by its file name (optionally inside
-  ``<Image>...</Image>`` tags): in a human message it is an input, in a gpt message an output.
+  ``<Image>...</Image>`` tags): in a human message it is an input, in a gpt message an output; an optional
+  ``"system"`` string replaces the chat format's system text for that dialogue.
 - ``jsonl``: one ``{"path"?, "caption", "modality"}`` object per line (``path`` relative to the file).
 - ``captions``: a caption per line (``.txt``) or a CSV with a ``caption`` column; needs a modality.
 - ``builtin``: the caption list shipped in :mod:`training.align.captions` (path ``builtin``).
@@ -138,10 +139,12 @@ class Message:
 
 @dataclass(frozen=True)
 class Dialogue:
-    """A conversation; ``source`` names the file and row."""
+    """A conversation; ``source`` names the file and row; ``system``: its own system text instead of the chat
+    format's (a MosIT record's ``system``, e.g. the skill listing a served model reads when skills are offered)."""
 
     messages: tuple[Message, ...]
     source: str
+    system: str | None = None
 
     def media(self, role: str | None = None) -> list[MediaRef]:
         return [p for m in self.messages if role in (None, m.role) for p in m.parts if isinstance(p, MediaRef)]
@@ -408,7 +411,10 @@ def read_mosit(path: Path, spec: DataSpec) -> list[Record]:
             if text[cursor:].strip():
                 parts.append(text[cursor:].strip())
             msgs.append(Message(role, tuple(parts)))
-        out.append(Dialogue(tuple(msgs), where))
+        system = rec.get("system")
+        if system is not None and not isinstance(system, str):
+            raise DataFormatError(f"{where}: system must be a string")
+        out.append(Dialogue(tuple(msgs), where, system))
     return out
 
 

@@ -239,8 +239,9 @@ class SequenceBuilder:
 
         if f.add_bos and e.tokenizer.bos_token_id is not None:
             add([e.tokenizer.bos_token_id], False)
-        if f.system or f.system_prefix:
-            add(self._text(f.system_prefix + f.system + f.system_suffix, True), False)
+        system = f.system if dialogue.system is None else dialogue.system  # as LLMEngine.chat_segments lays it out
+        if system or f.system_prefix:
+            add(self._text(f.system_prefix + system + f.system_suffix, True), False)
         for msg in dialogue.messages:
             user = msg.role == "user"
             add(self._text(f.user_prefix if user else f.assistant_prefix, True), False)

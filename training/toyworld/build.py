@@ -108,6 +108,13 @@ class BuildSettings:
     # the mosit_dialogues. 0 (default): none, and the MosIT step's cache key is the one it always had (the shipped
     # build is unchanged). Not yet trained or measured: the toy rebuild that learns edits is still to run.
     mosit_edit_weight: float = 0.0
+    # build(skills=True) (issue #25): the toy-skills preset's instruct stage, continued from instruct_from on
+    # LLaVA-Plus skill-use dialogues over toy scenes (training.toyworld.mosit.write_skill_use_dialogues: training
+    # phrasings, the real toy skills' results) plus ordinary requests with lead-ins per modality (so media generation
+    # is kept), at continue_lr. Not yet trained or measured: the toy rebuild that learns skill use is still to run
+    skill_use_dialogues: int = 600  # families alternating (locate, count)
+    skill_use_requests: int = 100  # per modality
+    skill_use_steps: int = 300
 
     def __post_init__(self) -> None:
         self.instruct_request_counts()  # a bad weight fails when the settings are made, not mid-build
@@ -282,7 +289,8 @@ def _reuse_parts(parts_from: Path, out: Path, log) -> tuple[dict, dict]:
 
 def build(out: str | Path, settings: BuildSettings | None = None, *, progress: bool = True,
           work: str | Path | None = None, grounding: bool = False, device: str | None = None,
-          parts_from: str | Path | None = None, instruct_from: str | Path | None = None) -> dict:
+          parts_from: str | Path | None = None, instruct_from: str | Path | None = None,
+          skills: bool = False) -> dict:
     """Build (or bring up to date) the toy world into ``out``; returns the build manifest.
 
     ``work``: intermediate files (default ``OUT/work``; not needed by the preset, safe to delete).
@@ -294,12 +302,16 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     it belongs to): skip the encode and decode stages and continue its instruct stage (its LoRA kept training,
     ``TrainConfig.continue_lora``) for ``settings.continue_steps`` on this build's instruct data. The way to
     add data (plain dialogues) to a shipped build without its 1.5 CPU hours; the manifest names the start.
+    ``skills`` (with ``instruct_from``): the ``toy-skills`` preset instead (issue #25; :func:`_skills`): the
+    instruct stage continued on LLaVA-Plus skill-use dialogues and ordinary requests into ``OUT/export-skills``;
+    the MosIT and plain steps and ``OUT/export`` are left alone.
 
     Raises:
         ValueError: ``device`` is neither ``cpu`` nor an available ``cuda`` device; ``instruct_from`` with
             ``grounding``; bad settings (from the steps).
         FileNotFoundError: from the steps (missing files); ``parts_from`` without decoders or encoders;
-            ``instruct_from`` without ``export.json``.
+            ``instruct_from`` without ``export.json``. ValueError: ``skills`` without ``instruct_from`` or with
+            ``grounding``.
     """
     import torch
 
@@ -312,8 +324,14 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     from training.toyworld.train import train_decoders
 
     s = settings or BuildSettings()
+    if skills and (instruct_from is None or grounding):
+        raise ValueError("skills continues a finished toy export's instruct stage: give instruct_from (e.g. "
+                         "polymodal/assets/toy/export) and no grounding")
     if device not in (None, "cpu") and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise ValueError(f"device {device!r}: expected cpu, or cuda on a machine where CUDA is available")
+    if skills and not (Path(instruct_from) / "export.json").is_file():
+        raise FileNotFoundError(f"{Path(instruct_from) / 'export.json'} not found: --instruct-from needs a finished "
+                                f"toy export (e.g. polymodal/assets/toy/export)")
     torch.set_num_threads(1)
     out = Path(out).resolve()
     work = Path(work).resolve() if work else out / "work"
@@ -334,6 +352,9 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
         decoders = train_decoders(canonical, out / "decoders", step_scale=s.step_scale, progress=progress)
         log("toy image encoder")
         encoders = train_encoders(random_images, out / "encoders", step_scale=s.step_scale, progress=progress)
+
+    if skills:
+        return _skills(out, work, s, instruct_from, decoders, encoders, device, progress, t0, log)
 
     log("MosIT dialogues from the toy catalog")
     mosit = _mosit(work, canonical, s, progress)
@@ -417,6 +438,67 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
             max_steps=s.steps(s.grounding_steps), **{**instruct, "batch_size": s.grounding_batch_size})
 
     return _finish(out, exports, figures, s, decoders, encoders, t0, log)
+
+
+SKILLS_LATER_COMMANDS = """
+# the toy-skills rebuild (one cached, resumable command; CPU or --device cuda), then its bench through the service:
+polymodal toyworld build --out build/toy-skills --parts-from polymodal/assets/toy \\
+    --instruct-from polymodal/assets/toy/export --skills
+POLYMODAL_TOY_DIR=build/toy-skills .venv/bin/python bench/skilluse.py --serve toy-skills --n 200 \\
+    --max-tokens 128 --modes skills,disabled,swapped --out bench/results/skilluse_toy_skills.json
+POLYMODAL_TOY_DIR=build/toy-skills .venv/bin/python bench/skilluse.py --serve toy-skills --quick --max-tokens 128
+"""
+"""The commands of the later training + bench run of issue #25 (README's toy world gets its figures)."""
+
+
+SKILL_USE_MAX_TOKENS = 1024
+"""The skills stage's longest sequence: a skill-use dialogue is 810-910 smol tokens, its system text (the skill
+listing the served model reads) 657 of them; the default 512 would skip every one."""
+
+
+def _skills(out: Path, work: Path, s: BuildSettings, instruct_from, decoders: dict, encoders: dict, device,
+            progress: bool, t0: float, log) -> dict:
+    """The ``toy-skills`` instruct stage (``build(skills=True)``): continued from ``instruct_from`` (its LoRA,
+    projectors and token rows keep training, ``continue_lora``) for ``settings.skill_use_steps`` on
+    ``work/skilluse/skilluse.json`` (``skill_use_dialogues`` LLaVA-Plus dialogues, format ``mosit``) and
+    ``work/requests-skills.json`` (``skill_use_requests`` ordinary requests per modality, with lead-ins, format
+    ``t2x``) -> ``OUT/export-skills`` (:data:`polymodal.presets.toy.SKILLS_EXPORT`) and the build manifest.
+    The commands of the later run: :data:`SKILLS_LATER_COMMANDS`."""
+    from polymodal.presets.toy import SKILLS_EXPORT, toy_skills_preset
+    from training.toyworld.align import write_requests
+    from training.toyworld.mosit import write_skill_use_dialogues
+
+    log("skill-use dialogues (LLaVA-Plus, toy scenes, the toy skills' results)")
+    folder = work / "skilluse"
+    key = _key({"n": s.skill_use_dialogues, "seed": s.seed, "writer": _file_key(str(Path(__file__).parent / "mosit.py"))})
+    if not _done(folder, key):
+        if folder.exists():
+            shutil.rmtree(folder)
+        write_skill_use_dialogues(folder, s.skill_use_dialogues, seed=s.seed)
+        _stamp(folder, key)
+    requests = write_requests(work / "requests-skills.json", list(TOY_MODALITIES), s.skill_use_requests,
+                              seed=s.seed + 2, lead_ins=True)
+    preset = toy_skills_preset(out, aligned=False)
+    if device not in (None, "cpu"):
+        preset = preset.model_copy(update={"llm": preset.llm.model_copy(update={"dtype": "float32"}), "decoders": {
+            m: d.model_copy(update={"dtype": "float32"}) for m, d in preset.decoders.items()}})
+    preset_yaml = work / "preset-skills.yaml"
+    preset_yaml.write_text(preset.to_yaml())
+    parts_key = {"preset": preset.to_yaml().replace(str(out), "OUT"),
+                 "encoders": {m: e["config_hash"] for m, e in encoders["encoders"].items()},
+                 "decoders": {m: e["config_hash"] for m, e in decoders["decoders"].items()}}
+    start = Path(instruct_from).resolve()
+    log(f"alignment: toy-skills instruction tuning continued from {start}")
+    export, fig = _stage(
+        "instruct", work, preset_yaml,
+        [{"path": str(folder / "skilluse.json"), "format": "mosit"}, {"path": str(requests), "format": "t2x"}],
+        start, parts_key, progress, folder="instruct-skills", max_steps=s.steps(s.skill_use_steps),
+        continue_lora=True, batch_size=s.batch_size, lora_r=s.lora_r, lora_alpha=float(2 * s.lora_r),
+        lora_targets=list(s.lora_targets), mse_weight=s.instruct_mse_weight, signal_ce=s.instruct_signal_ce,
+        seed=s.seed, lr=s.continue_lr, device=device, warmup_steps=s.steps(s.continue_warmup_steps),
+        max_tokens=SKILL_USE_MAX_TOKENS)
+    return _finish(out, {SKILLS_EXPORT: export}, {"instruct_skills": fig}, s, decoders, encoders, t0, log,
+                   continued_from=_continued_from(start))
 
 
 def _continued_from(export: Path) -> dict:

@@ -116,6 +116,12 @@ def build(
         help="answer only this many (the shortest) questions of the plain training bank (default: all)", min=1)] = None,
     continue_steps: Annotated[Optional[int], typer.Option(
         help="--instruct-from: steps of the continued instruct stage (default: the build's setting)", min=1)] = None,
+    skills: Annotated[bool, typer.Option(
+        "--skills", help="with --instruct-from: build the toy-skills preset (LLaVA-Plus skill use of the toy skills "
+        "locate / count) into OUT/export-skills: the instruct stage continued on skill-use dialogues plus ordinary "
+        "requests; serve it with POLYMODAL_TOY_DIR=OUT polymodal serve --preset toy-skills")] = False,
+    skill_use_steps: Annotated[Optional[int], typer.Option(
+        help="--skills: steps of the continued stage (default: the build's setting)", min=1)] = None,
     request_weight: Annotated[Optional[list[str]], typer.Option(
         "--request-weight", help="MODALITY=W: W times as many instruct-stage requests of that modality (repeatable; "
         "e.g. video=2)")] = None,
@@ -126,17 +132,20 @@ def build(
     at full size. --grounding adds 2000 steps of batch 32: about 6 minutes on an H200 (--device cuda), an
     estimated 7 hours on one CPU core. The package ships a build of both (polymodal/assets/toy), so this is
     only needed to change it. --instruct-from continues a finished export's instruct stage instead of running
-    the three stages (how the shipped export got its plain dialogues: see the README's Toy world).
+    the three stages (how the shipped export got its plain dialogues: see the README's Toy world). --skills with
+    --instruct-from builds the toy-skills preset (issue #25; the later run's commands:
+    training.toyworld.build.SKILLS_LATER_COMMANDS).
     """
     from training.toyworld.build import BuildSettings
     from training.toyworld.build import build as run
 
     try:
         given = {"plain_dialogues": plain_dialogues, "plain_bank": plain_bank, "continue_steps": continue_steps,
+                 "skill_use_steps": skill_use_steps,
                  "instruct_request_weights": _weights(request_weight) if request_weight else None}
         settings = BuildSettings(step_scale=step_scale, **{k: v for k, v in given.items() if v is not None})
         manifest = run(out, settings, work=work, progress=True, grounding=grounding,
-                       device=device, parts_from=parts_from, instruct_from=instruct_from)
+                       device=device, parts_from=parts_from, instruct_from=instruct_from, skills=skills)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")

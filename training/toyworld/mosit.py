@@ -21,6 +21,12 @@ answers that prompt with:
   a green triangle </Image>`` (a recolour or a reshape, instruction from :data:`phrasings.TRAIN_EDITS`; the
   edited caption a catalog caption, so the answer's image target is the edited image's caption).
 
+Skill use (issue #25, mode :data:`SKILL_USE_MODE`): :func:`write_skill_use_dialogues` writes LLaVA-Plus's four turns
+over toy scenes (``<Image> scene.png </Image> Where is the red circle?`` -> the skill_use turn -> ``locate model
+outputs: {...}`` -> the answer) as MosIT records directly: a scene is rendered with its question and truth
+(:mod:`training.toyworld.skilluse`), not retrieved from the catalog by caption, and its turns are rendered by the
+serving code (the ``llava-plus`` tool format, the skill loop's result text, the real toy skills).
+
 Placeholder captions are captions of ``catalog`` (the ``catalog.jsonl`` the build reads), drawn item by item,
 so the build's retrieval finds an item with exactly that caption. With ``retrieval.threshold: 0.999`` nothing
 else can match: the closest two distinct toy captions ("a video of a yellow triangle moving left" / "... right")
@@ -37,6 +43,7 @@ This module does not import :mod:`mosit` (imports flow mosit -> polymodal): it r
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
@@ -334,3 +341,120 @@ class ToyDialogueWriter:
         asked.add(key)
         question, answer = rng.choice(FOLLOW_UPS[key])
         return question, answer.format(value=c.attributes[key])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# skill use (issue #25): LLaVA-Plus's four turns over toy scenes
+
+SKILL_USE_MODE = "I_S"
+"""The MosIT mode of the toy skill-use dialogues: the human shares a toy scene and asks what a skill answers."""
+SKILL_USE_SKILLS: tuple[str, ...] = ("locate", "count")
+"""The skills listed in the dialogues' system text, in this order (as a request ``skills: ["locate", "count"]`` lists
+them: ``bench/skilluse.py``)."""
+SKILL_USE_FILE = "skilluse.json"
+
+_USE_THOUGHTS = {
+    "locate": ("The question asks for the box of the {colour} {shape}; the locate skill finds it.",
+               "I need the pixel box of the {colour} {shape}, so I use locate."),
+    "count": ("The question asks how many {colour} shapes there are; the count skill counts them.",
+              "I need the number of {colour} shapes, so I use count."),
+}
+_ANSWERS = {
+    "locate": ("The {label} is at {box}.", "The box of the {label} is {box}."),
+    "locate-none": ("I found no {label} in the picture.",),
+    "count": ("There are {n} {label}.", "The picture holds {n} {label}."),
+}
+
+
+def skill_use_turns(task, *, call_id: str = "call_0") -> tuple[str, str, str, str]:
+    """The four turns of one skill-use dialogue over ``task`` (a :class:`training.toyworld.skilluse.SkillTask`):
+    (human question, assistant skill_use, human skill_result, assistant answer), the image not included.
+
+    Rendered by the serving code, so training and serving agree: the skill_use turn by the ``llava-plus``
+    :class:`~polymodal.constrained.tools.ToolCallFormat` (``assistant_text``: thoughts, then ``"actions🚀"
+    [{"API_name": ..., "API_params": ...}]`` and ``"value👉"``), the skill_result turn as the service's skill loop
+    hands a result to that format (:func:`services.ingress.skill_loop.result_text` in ``results_text``), the answer
+    by :func:`~polymodal.constrained.tools.llava_plus_answer`. The result is what the real toy skill
+    (:mod:`skills.toy`) returns on the scene, and the answer states what the result says (not the scene's truth).
+    """
+    from polymodal.constrained.tools import LLAVA_PLUS_THOUGHTS, ToolResult, llava_plus, llava_plus_answer
+    from polymodal.types import ToolCall
+    from services.ingress.skill_loop import SkillCall, result_text
+    from services.protocol import SkillOutput
+    from skills import build_skill, images
+
+    fmt = llava_plus()
+    rng = random.Random(f"{task.family}|{task.question}|{task.arguments}")
+    args = dict(task.arguments)
+    call = ToolCall(call_id, task.skill, json.dumps(args))
+    result = build_skill(task.skill).run(args, images(task.scene.image))
+    if not result.ok:
+        raise ValueError(f"the toy skill {task.skill!r} failed on a scene: {result.error}")
+    words = {"shape": args.get("shape", ""), "colour": args.get("colour", "")}
+    skill_use = fmt.assistant_text(LLAVA_PLUS_THOUGHTS + rng.choice(_USE_THOUGHTS[task.skill]).format(**words), [call])
+    fed = result_text(SkillCall(call, SkillOutput(result, result.to_dict()), (), 0, None))
+    skill_result = fmt.results_text([ToolResult(call_id, task.skill, fed)])
+    if task.skill == "locate":
+        label = f"{args['colour']} {args['shape']}"
+        found = result.data.get("found") or []
+        if found:
+            box = "[" + ", ".join(str(int(v)) for v in found[0]["box_px"]) + "]"
+            answer = rng.choice(_ANSWERS["locate"]).format(label=label, box=box)
+        else:
+            answer = rng.choice(_ANSWERS["locate-none"]).format(label=label)
+    else:
+        n = int(result.data["count"])
+        label = f"{args['colour']} shape" + ("" if n == 1 else "s")
+        answer = rng.choice(_ANSWERS["count"]).format(n=n, label=label)
+    return task.question, skill_use, skill_result, llava_plus_answer(f"{task.skill} returned: {result.text}.", answer)
+
+
+def skill_use_system() -> str:
+    """The system text of a skill-use dialogue: the toy preset's, then the ``llava-plus`` listing of
+    :data:`SKILL_USE_SKILLS` (each skill's JSON schema and description, as the skill loop offers them: the text the
+    served model reads when a request enables those skills)."""
+    from polymodal.constrained.tools import Tool, llava_plus
+    from polymodal.presets.builtin import SMOL_SYSTEM
+    from skills import build_skill
+
+    specs = [build_skill(n).spec() for n in SKILL_USE_SKILLS]
+    return llava_plus().system_text([Tool(s.name, s.parameters, s.description) for s in specs], base=SMOL_SYSTEM)
+
+
+def write_skill_use_dialogues(out_dir: str | Path, count: int, *, seed: int = 0) -> Path:
+    """Write ``count`` skill-use dialogues (mode :data:`SKILL_USE_MODE`, families alternating) as MosIT records ->
+    ``OUT/skilluse.json`` (scenes in ``OUT/images/``; read with the ``mosit`` data format).
+
+    Each record: ``image_list`` (the scene's PNG), ``conversation`` (the four turns of :func:`skill_use_turns`, the
+    scene placeholder before the question, as the toy writer's comprehension exchanges put it), ``system`` (the text
+    of :func:`skill_use_system`) and ``mode`` / ``family`` / ``truth``. Scenes and questions come from
+    :func:`training.toyworld.skilluse.make_task` with the *training* phrasings (``split="train"``; the bench's held-out
+    phrasings are disjoint), indices from 1,000,000 on (the bench draws 0..n-1 of the same seed).
+
+    Raises:
+        ValueError: ``count`` < 1; a toy skill that fails on a scene.
+    """
+    from PIL import Image
+
+    from training.toyworld.skilluse import FAMILIES, make_task
+
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        family = FAMILIES[i % len(FAMILIES)]
+        task = make_task(family, 1_000_000 + i // len(FAMILIES), seed=seed, split="train")
+        name = f"scene-{i:06d}.png"
+        Image.fromarray(task.scene.image).save(out / "images" / name)
+        question, use, result, answer = skill_use_turns(task)
+        truth = list(task.truth) if isinstance(task.truth, tuple) else task.truth
+        rows.append({"mode": SKILL_USE_MODE, "family": family, "truth": truth,
+                     "image_list": [{"name": name}], "system": skill_use_system(),
+                     "conversation": [{"from": "human", "value": f"<Image> {name} </Image> {question}"},
+                                      {"from": "gpt", "value": use}, {"from": "human", "value": result},
+                                      {"from": "gpt", "value": answer}]})
+    path = out / SKILL_USE_FILE
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    return path
