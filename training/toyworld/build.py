@@ -440,17 +440,6 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     return _finish(out, exports, figures, s, decoders, encoders, t0, log)
 
 
-SKILLS_LATER_COMMANDS = """
-# the toy-skills rebuild (one cached, resumable command; CPU or --device cuda), then its bench through the service:
-polymodal toyworld build --out build/toy-skills --parts-from polymodal/assets/toy \\
-    --instruct-from polymodal/assets/toy/export --skills
-POLYMODAL_TOY_DIR=build/toy-skills .venv/bin/python bench/skilluse.py --serve toy-skills --n 200 \\
-    --max-tokens 128 --modes skills,disabled,swapped --out bench/results/skilluse_toy_skills.json
-POLYMODAL_TOY_DIR=build/toy-skills .venv/bin/python bench/skilluse.py --serve toy-skills --quick --max-tokens 128
-"""
-"""The commands of the later training + bench run of issue #25 (README's toy world gets its figures)."""
-
-
 SKILL_USE_MAX_TOKENS = 1024
 """The skills stage's longest sequence: a skill-use dialogue is 810-910 smol tokens, its system text (the skill
 listing the served model reads) 657 of them; the default 512 would skip every one."""
@@ -463,7 +452,7 @@ def _skills(out: Path, work: Path, s: BuildSettings, instruct_from, decoders: di
     ``work/skilluse/skilluse.json`` (``skill_use_dialogues`` LLaVA-Plus dialogues, format ``mosit``) and
     ``work/requests-skills.json`` (``skill_use_requests`` ordinary requests per modality, with lead-ins, format
     ``t2x``) -> ``OUT/export-skills`` (:data:`polymodal.presets.toy.SKILLS_EXPORT`) and the build manifest.
-    The commands of the later run: :data:`SKILLS_LATER_COMMANDS`."""
+    The rebuild and bench commands: the README's toy-skills paragraph."""
     from polymodal.presets.toy import SKILLS_EXPORT, toy_skills_preset
     from training.toyworld.align import write_requests
     from training.toyworld.mosit import write_skill_use_dialogues

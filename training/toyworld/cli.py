@@ -133,8 +133,7 @@ def build(
     estimated 7 hours on one CPU core. The package ships a build of both (polymodal/assets/toy), so this is
     only needed to change it. --instruct-from continues a finished export's instruct stage instead of running
     the three stages (how the shipped export got its plain dialogues: see the README's Toy world). --skills with
-    --instruct-from builds the toy-skills preset (issue #25; the later run's commands:
-    training.toyworld.build.SKILLS_LATER_COMMANDS).
+    --instruct-from builds the toy-skills preset (issue #25; its bench: the README's toy-skills paragraph).
     """
     from training.toyworld.build import BuildSettings
     from training.toyworld.build import build as run
