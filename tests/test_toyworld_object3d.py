@@ -158,11 +158,14 @@ def test_the_toy_3d_preset_appends_3d_to_toy(tmp_path):
     from polymodal.modality import Modality
     from polymodal.presets.toy import toy_3d_preset, toy_preset
 
-    root = _fake_toy_root(tmp_path)
+    root, root_3d = _fake_toy_root(tmp_path), tmp_path / "toy-3d"
     with pytest.raises(FileNotFoundError, match="polymodal toyworld train-3d"):
-        toy_3d_preset(root)
-    train_object3d_decoder(root / "decoders", TINY, progress=False)
-    toy, toy3d = toy_preset(root), toy_3d_preset(root)
+        toy_3d_preset(root, root_3d=root_3d)
+    train_object3d_decoder(root / "decoders", TINY, progress=False)  # into toy's folder: not where toy-3d looks
+    with pytest.raises(FileNotFoundError, match=f"train-3d --out {root_3d / 'decoders'}"):
+        toy_3d_preset(root, root_3d=root_3d)
+    train_object3d_decoder(root_3d / "decoders", TINY, progress=False)
+    toy, toy3d = toy_preset(root), toy_3d_preset(root, root_3d=root_3d)
     assert toy3d.name == "toy-3d" and OBJECT3D not in toy.decoders  # toy is unchanged
     assert list(toy3d.signals.counts) == [Modality.IMAGE, Modality.AUDIO, Modality.VIDEO, OBJECT3D]
     spec, base = toy3d.signals.spec(), toy.signals.spec()
@@ -170,5 +173,5 @@ def test_the_toy_3d_preset_appends_3d_to_toy(tmp_path):
     assert all(spec.tokens[m] == base.tokens[m] for m in base.tokens)  # toy's rows first, in toy's order
     dec = toy3d.decoders[OBJECT3D]
     assert dec.source == "pretrained" and (dec.cond_tokens, dec.cond_dim) == (TINY.cond_tokens, TINY.cond_dim)
-    assert OBJECT3D in toy3d.output_projectors and toy3d.export_dir is None  # no export-3d yet
+    assert OBJECT3D in toy3d.output_projectors and toy3d.export_dir is None  # no ROOT3D/export yet
     assert PresetConfig.from_yaml(toy3d.to_yaml()) == toy3d

@@ -198,8 +198,9 @@ def score_decoder(
 
 @app.command("train-3d")
 def train_3d(
-    out: Annotated[Path, typer.Option("--out", help="a toy decoders folder (ROOT/decoders): gets object3d/ and its "
-                                      "entry in toyworld-decoders.json (other entries kept)")],
+    out: Annotated[Path, typer.Option("--out", help="a toy-3d decoders folder (ROOT3D/decoders, e.g. polymodal/assets/"
+                                      "toy-3d/decoders): gets object3d/ and its entry in toyworld-decoders.json "
+                                      "(other entries kept)")],
     step_scale: Annotated[float, typer.Option(help="multiply the step count (quick trials)", min=1e-6, max=100)] = 1.0,
     force: Annotated[bool, typer.Option("--force", help="retrain even if the config hash matches")] = False,
     score: Annotated[int, typer.Option(help="then render this many held-out captions and check them (0: no)",
@@ -208,7 +209,8 @@ def train_3d(
     """Train the toy 3D decoder (point-set diffusion, issue #29) from scratch on procedural coloured point clouds.
 
     Cached by the recipe's hash and resumable: stop it any time and run it again; it continues from the last
-    checkpoint (every 500 steps). The toy-3d preset reads it from ROOT/decoders/object3d.
+    checkpoint (every 500 steps). The toy-3d preset reads it from ROOT3D/decoders/object3d ($POLYMODAL_TOY_3D_DIR,
+    else the shipped polymodal/assets/toy-3d: --out polymodal/assets/toy-3d/decoders).
     """
     from training.toyworld.object3d import Object3DDecoderRecipe, score_object3d_decoder, train_object3d_decoder
 
