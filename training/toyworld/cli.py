@@ -221,3 +221,29 @@ def train_3d(
     if score:
         typer.echo(f"object3d decoder alone (own text encoder, {score} held-out captions): "
                    f"{score_object3d_decoder(out, count=score)}")
+
+
+@app.command("build-3d")
+def build_3d(
+    out: Annotated[Path, typer.Option("--out", help="the toy-3d build folder (ROOT3D, e.g. polymodal/assets/toy-3d): "
+                                      "its decoders/ from train-3d; gets export/ and toy-3d-build.json")],
+    toy_root: Annotated[Optional[Path], typer.Option(
+        "--toy-root", help="the finished toy build whose export is continued (default: POLYMODAL_TOY_DIR or the "
+        "shipped polymodal/assets/toy)")] = None,
+    step_scale: Annotated[float, typer.Option(help="multiply every training step count (quick trials)",
+                                              min=1e-6, max=100)] = 1.0,
+    work: Annotated[Optional[Path], typer.Option(help="intermediate files (default OUT/work)")] = None,
+    device: Annotated[str, typer.Option(help="where the alignment stages train: cpu or cuda (float32)")] = "cpu",
+) -> None:
+    """The toy-3d preset's alignment (issue #29): the 3D output projector (decode stage), then toy's instruct stage
+    continued with 3D requests beside the toy ones, into OUT/export. Needs `polymodal toyworld train-3d --out
+    OUT/decoders` first; cached step by step like `polymodal toyworld build`."""
+    from training.toyworld.build import BuildSettings
+    from training.toyworld.object3d import build_toy_3d
+
+    try:
+        manifest = build_toy_3d(out, BuildSettings(step_scale=step_scale), toy_root=toy_root, work=work,
+                                progress=True, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")

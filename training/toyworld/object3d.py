@@ -462,3 +462,116 @@ def score_object3d_decoder(out_dir: str | Path, *, count: int = 40, seed: int = 
             r = check_object3d(m.data)
             correct += int(r.shape == it.attributes["shape"] and r.colour == it.attributes["colour"])
     return {"n": count, "correct": correct, "accuracy": correct / count}
+
+
+# ------------------------------------------------------------------------------------------ toy-3d alignment
+
+BUILD_3D_MANIFEST = "toy-3d-build.json"
+
+
+def build_toy_3d(out_3d: str | Path, settings=None, *, toy_root: str | Path | None = None, progress: bool = True,
+                 work: str | Path | None = None, device: str | None = None) -> dict:
+    """The ``toy-3d`` preset's aligned parts -> ``OUT3D/export`` (and ``OUT3D/toy-3d-build.json``); returns the
+    manifest.
+
+    Needs a trained toy 3D decoder in ``OUT3D/decoders`` (``polymodal toyworld train-3d --out OUT3D/decoders``) and a
+    finished toy build ``toy_root`` (default :func:`polymodal.presets.toy.toy_root`: the shipped one). Two stages of
+    :mod:`training.align`, cached like the toy build's (:func:`training.toyworld.build._stage`; a
+    :class:`~training.toyworld.build.BuildSettings` gives the counts and steps):
+
+    1. decode: the 3D output projector alone (``modalities=[object3d]``; toy's export loaded, its LoRA merged as
+       served), on ``decode_requests`` training-bank 3D requests, ``decode_steps`` (cached LLM states);
+    2. instruct, continued from toy's export plus that projector (toy's LoRA kept training, ``continue_lora``; the
+       ``<3D0>..`` rows and every projector trained) on toy's MosIT dialogues and ``instruct_requests`` requests
+       with lead-ins of each of the four modalities, ``instruct_steps`` at ``continue_lr``.
+
+    Raises:
+        FileNotFoundError: no toy 3D decoder in ``OUT3D/decoders`` (names ``polymodal toyworld train-3d``), no toy
+            export in ``toy_root``.
+        ValueError: ``device`` is neither ``cpu`` nor an available ``cuda`` device.
+    """
+    import shutil
+
+    import torch
+
+    from polymodal.presets.toy import MANIFEST, toy_3d_preset
+    from polymodal.presets.toy import toy_root as default_toy_root
+    from training.toyworld.align import write_requests
+    from training.toyworld.build import TOY_MODALITIES, BuildSettings, _data, _mosit, _size_mb, _stage
+
+    s = settings or BuildSettings()
+    if device not in (None, "cpu") and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise ValueError(f"device {device!r}: expected cpu, or cuda on a machine where CUDA is available")
+    torch.set_num_threads(1)
+    out = Path(out_3d).resolve()
+    root = Path(toy_root).resolve() if toy_root is not None else default_toy_root().resolve()
+    preset = toy_3d_preset(root, root_3d=out, aligned=False)  # FileNotFoundError: no 3D decoder (names train-3d)
+    toy_export = root / "export"
+    if not (toy_export / "export.json").is_file():
+        raise FileNotFoundError(f"{toy_export / 'export.json'} not found: build-3d continues a finished toy build's "
+                                "export (polymodal toyworld build)")
+    if device not in (None, "cpu"):  # float32 wherever the stages train ("auto" would be float16 on a GPU)
+        preset = preset.model_copy(update={"llm": preset.llm.model_copy(update={"dtype": "float32"}), "decoders": {
+            m: d.model_copy(update={"dtype": "float32"}) for m, d in preset.decoders.items()}})
+    work = Path(work).resolve() if work else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log = (lambda msg: print(f"[toyworld build-3d] {msg}", flush=True)) if progress else (lambda msg: None)
+
+    preset_yaml = work / "preset-3d-unaligned.yaml"
+    preset_yaml.write_text(preset.to_yaml())
+    hashes = {m: e["config_hash"] for d in (root / "decoders", out / "decoders")
+              for m, e in json.loads((d / MANIFEST).read_text())["decoders"].items()}
+    key = {"preset": preset.to_yaml().replace(str(out), "OUT3D").replace(str(root), "ROOT"), "decoders": hashes}
+    modalities = [*TOY_MODALITIES, OBJECT3D]
+    common = dict(seed=s.seed, device=device)
+
+    log("alignment 1/2: the 3D output projector (decode stage)")
+    decode_data = write_requests(work / "requests-decode-3d.json", [OBJECT3D], s.decode_requests, seed=s.seed)
+    dec_export, dec_fig = _stage(
+        "decode", work, preset_yaml, [{"path": str(decode_data), "format": "t2x"}], toy_export, key, progress,
+        folder="decode-3d", max_steps=s.steps(s.decode_steps), batch_size=s.decode_batch_size, token_rows="none",
+        ce_weight=0.0, modalities=[OBJECT3D], lr=s.lr, **common)
+
+    # the instruct stage's start: toy's export (LoRA, rows, projectors) plus the 3D projector just trained
+    start = work / "start-3d"
+    if start.exists():
+        shutil.rmtree(start)
+    shutil.copytree(toy_export, start)
+    part = f"output_{OBJECT3D.value}"
+    shutil.copy(dec_export / f"{part}.safetensors", start / f"{part}.safetensors")
+    body = json.loads((start / "export.json").read_text())
+    body["parts"] = sorted({*body.get("parts", []), part})
+    body["modalities"] = sorted({*body.get("modalities", []), OBJECT3D.value})
+    (start / "export.json").write_text(json.dumps(body, indent=2))
+    (start / ".build-key").write_text(hashlib.sha256(json.dumps(
+        [dec_export.joinpath(".build-key").read_text(), sorted(p.name for p in toy_export.iterdir())]).encode()
+    ).hexdigest())
+
+    log("MosIT dialogues from the toy catalog")
+    canonical = _data(work / "data-canonical", count=s.canonical_count, seed=s.seed, modalities=list(TOY_MODALITIES),
+                      size_px=32, layout="canonical", progress=progress).parent
+    mosit = _mosit(work, canonical, s, progress)
+    instruct_data = write_requests(work / "requests-instruct-3d.json", modalities, s.instruct_requests,
+                                   seed=s.seed + 1, lead_ins=True)
+    log("alignment 2/2: instruction tuning continued from toy's export (LoRA)")
+    ins_export, ins_fig = _stage(
+        "instruct", work, preset_yaml, [{"path": str(mosit), "format": "mosit"},
+                                        {"path": str(instruct_data), "format": "t2x"}], start, key, progress,
+        folder="instruct-3d", max_steps=s.steps(s.instruct_steps), continue_lora=True, batch_size=s.batch_size,
+        lora_r=s.lora_r, lora_alpha=float(2 * s.lora_r), lora_targets=list(s.lora_targets),
+        mse_weight=s.instruct_mse_weight, signal_ce=s.instruct_signal_ce, lr=s.continue_lr,
+        warmup_steps=s.steps(s.continue_warmup_steps), **common)
+
+    final = out / "export"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(ins_export, final, ignore=shutil.ignore_patterns(".build-key"))
+    manifest = {"settings": dataclasses.asdict(s), "toy_root": str(root),
+                "figures": {"decode": dec_fig, "instruct": ins_fig},
+                "sizes_mb": {p: _size_mb(out / p) for p in ("decoders", "export")},
+                "build_s": round(time.time() - t0, 1)}
+    text = json.dumps(manifest, indent=2, sort_keys=True)
+    (out / BUILD_3D_MANIFEST).write_text(text)
+    log(f"done in {manifest['build_s']} s; sizes (MB): {manifest['sizes_mb']}")
+    return json.loads(text)
