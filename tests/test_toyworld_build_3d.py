@@ -10,7 +10,8 @@ import pytest
 
 from polymodal.media.object3d import OBJECT3D
 from training.toyworld.build import BuildSettings
-from training.toyworld.object3d import BUILD_3D_MANIFEST, Object3DDecoderRecipe, build_toy_3d, train_object3d_decoder
+from training.toyworld.cli import BUILD_3D_MANIFEST, build_toy_3d
+from training.toyworld.object3d import Object3DDecoderRecipe, train_object3d_decoder
 
 pytest.importorskip("gguf")
 pytestmark = pytest.mark.timeout(900)
@@ -41,7 +42,7 @@ def test_build_3d_writes_an_export_the_toy_3d_preset_loads(tmp_path):
     assert manifest["figures"]["decode"]["steps"] >= 1 and manifest["figures"]["instruct"]["steps"] >= 1
     names = {p.name for p in (out / "export").iterdir()}
     assert {"output_object3d.safetensors", "token_rows.safetensors", "lora", "export.json"} <= names
-    reqs = json.loads((out / "work" / "requests-instruct-3d.json").read_text())
+    reqs = json.loads((out / "work" / "requests-instruct.json").read_text())
     assert sum("object3d_captions" in r for r in reqs) == QUICK.instruct_requests  # 3D requests in the instruct data
     preset = toy_3d_preset(root_3d=out)
     assert preset.export_dir == str((out / "export").resolve())

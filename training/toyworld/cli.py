@@ -223,6 +223,32 @@ def train_3d(
                    f"{score_object3d_decoder(out, count=score)}")
 
 
+BUILD_3D_MANIFEST = "toy-3d-build.json"
+
+
+def build_toy_3d(out: str | Path, settings=None, *, toy_root: str | Path | None = None, progress: bool = True,
+                 work: str | Path | None = None, device: str | None = None) -> dict:
+    """The ``toy-3d`` preset's aligned parts -> ``OUT/export`` and ``OUT/toy-3d-build.json`` (returned): toy's export
+    continued with 3D (:func:`training.toyworld.build.extend`: the 3D output projector by a decode stage, then toy's
+    instruct stage continued with 3D requests beside the toy ones). ``OUT`` is a toy-3d build folder whose
+    ``decoders/`` holds the trained toy 3D decoder; ``toy_root`` the finished toy build (default: the shipped one).
+
+    Raises:
+        FileNotFoundError: no toy 3D decoder in ``OUT/decoders`` (names ``polymodal toyworld train-3d``), no toy
+            export.
+        ValueError: an unusable ``device``.
+    """
+    from polymodal.presets.toy import toy_3d_preset
+    from polymodal.presets.toy import toy_root as default_toy_root
+    from training.toyworld.build import extend
+    from training.toyworld.object3d import OBJECT3D
+
+    root = Path(toy_root) if toy_root is not None else default_toy_root()
+    preset = toy_3d_preset(root, root_3d=out, aligned=False)  # FileNotFoundError: no 3D decoder (names train-3d)
+    return extend(out, preset, [OBJECT3D], settings, toy_root=root, manifest=BUILD_3D_MANIFEST, progress=progress,
+                  work=work, device=device)
+
+
 @app.command("build-3d")
 def build_3d(
     out: Annotated[Path, typer.Option("--out", help="the toy-3d build folder (ROOT3D, e.g. polymodal/assets/toy-3d): "
@@ -239,7 +265,6 @@ def build_3d(
     continued with 3D requests beside the toy ones, into OUT/export. Needs `polymodal toyworld train-3d --out
     OUT/decoders` first; cached step by step like `polymodal toyworld build`."""
     from training.toyworld.build import BuildSettings
-    from training.toyworld.object3d import build_toy_3d
 
     try:
         manifest = build_toy_3d(out, BuildSettings(step_scale=step_scale), toy_root=toy_root, work=work,
