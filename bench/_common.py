@@ -244,8 +244,9 @@ def chat_body(model: str, *, seed: int, modalities: Sequence[str] = ("image",), 
 
 
 # ---- reading answers (the shape of services/ingress/__init__.py: "The answer's shape") ----------------------
-ANSWER_FIELD = {"image": "images", "audio": "audios", "video": "videos"}
-"""The message array that holds each modality's media (``[{"type": "image_url", "image_url": {"url"}}]``)."""
+ANSWER_FIELD = {"image": "images", "audio": "audios", "video": "videos", "object3d": "objects3d"}
+"""The message array that holds each modality's media (``[{"type": "image_url", "image_url": {"url"}}]``; the spec's
+``answer_field``)."""
 
 
 def as_dict(message: Any) -> dict[str, Any]:

@@ -4,6 +4,9 @@ Run from the repository root::
 
     .venv/bin/python bench/toyworld.py [--quick] [--n 200] [--toy-dir DIR] [--out toyworld.json]
 
+3D (issue #29): ``--preset toy-3d --modalities object3d`` serves ``toy-3d`` (its build: ``$POLYMODAL_TOY_3D_DIR``, else
+``polymodal/assets/toy-3d``) and scores the held-out 3D requests on shape and colour (chance 1/20).
+
 Serves the ``toy`` preset (the build in ``$POLYMODAL_TOY_DIR`` or ``--toy-dir``, else the one shipped in the
 package) as the whole graph of ``services.app:app_builder`` (ingress, LLM, image / audio / video decoders, one
 torch thread per replica) on our own local Ray cluster, and measures over HTTP:
@@ -58,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 
 MODALITIES = ("image", "audio", "video")
+PRESET_MODALITIES = {"toy": MODALITIES, "toy-3d": (*MODALITIES, "object3d")}  # --preset: what --modalities may ask
 TARGET_SHARE = 0.90
 PLAIN_TARGET = 0.95  # issue #21: plain questions without modalities answered without media
 WORDS_GAP = 0.03  # issue #21: media asked in words (no modalities) within 3 points of the figures with modalities
@@ -105,15 +109,14 @@ def training_questions() -> set[str]:
 
 def hit_probability(modality: str, asked: dict) -> float:
     """The probability that a uniform guess shows every scored attribute ``asked`` states."""
-    from training.toyworld.data import COLOURS, DIRECTIONS, PITCHES_HZ, SHAPES, TIMBRES
     from training.toyworld.evaluate import SCORED
+    from training.toyworld.phrasings import ATTRIBUTE_COMBOS
 
-    sizes = {"colour": len(COLOURS), "shape": len(SHAPES), "pitch": len(PITCHES_HZ), "timbre": len(TIMBRES),
-             "direction": len(DIRECTIONS)}
+    m = C.Modality.parse(modality)
     p = 1.0
-    for k in SCORED[C.Modality.parse(modality)]:
+    for k in SCORED[m]:
         if k in asked:
-            p /= sizes[k]
+            p /= len({a[k] for a in ATTRIBUTE_COMBOS[m]})  # the values this modality's requests may ask
     return p
 
 
@@ -211,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="max_tokens of the chat requests (the lead-in before the medium; the in-process "
                         "control generates as many)")
     p.add_argument("--seed", type=int, default=0, help="seed of the request draw and of generation")
-    p.add_argument("--modalities", default=",".join(MODALITIES), help="comma-separated subset of image,audio,video")
+    p.add_argument("--modalities", default=",".join(MODALITIES),
+                   help="comma-separated subset of image,audio,video (and object3d with --preset toy-3d)")
+    p.add_argument("--preset", default="toy", choices=sorted(PRESET_MODALITIES),
+                   help="toy, or toy-3d (its build: $POLYMODAL_TOY_3D_DIR, else the shipped polymodal/assets/toy-3d)")
     p.add_argument("--skip-input", action="store_true", help="skip the input side (image in, text out)")
     p.add_argument("--skip-control", action="store_true", help="skip the in-process shuffled-states control")
     p.add_argument("--skip-plain", action="store_true", help="skip the plain questions without modalities")
@@ -223,15 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     n = 12 if args.quick else args.n
     mods = [m.strip() for m in args.modalities.split(",") if m.strip()]
-    bad = [m for m in mods if m not in MODALITIES]
+    bad = [m for m in mods if m not in PRESET_MODALITIES[args.preset]]
     if bad or not mods:
-        p.error(f"--modalities: unknown {bad or 'empty'}; choose from {', '.join(MODALITIES)}")
+        p.error(f"--modalities: unknown {bad or 'empty'}; choose from {', '.join(PRESET_MODALITIES[args.preset])}")
     if n < 2:
         p.error("--n must be >= 2 (the controls need a derangement)")
     if args.toy_dir:
         os.environ["POLYMODAL_TOY_DIR"] = str(Path(args.toy_dir).resolve())  # Ray's workers inherit it
 
-    from polymodal.presets.toy import toy_preset, toy_root
+    from polymodal.presets import get_preset
+    from polymodal.presets.toy import toy_root
     from training.toyworld.checkers import check_bytes
     from training.toyworld.evaluate import (
         SCORED,
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.toyworld.phrasings import assert_disjoint
 
     try:
-        preset = toy_preset()
+        preset = get_preset(args.preset)
     except FileNotFoundError as e:
         print(f"bench/toyworld.py: {e}", file=sys.stderr)
         return 2
@@ -270,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from services.app import AppArgs
 
-    app_args = AppArgs(preset="toy", modalities=[C.Modality.parse(m) for m in mods],
+    app_args = AppArgs(preset=args.preset, modalities=[C.Modality.parse(m) for m in mods],
                        server={"request_timeout_s": 900, "max_concurrent_requests": 64})
     model = preset.name
     results: dict[str, Any] = {"benchmark": "toyworld", "toy_dir": str(toy_root()), "n": n, "seed": args.seed,
@@ -382,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     with C.ray_cluster():
         url, results["timings_s"]["deploy_until_ready"] = C.deploy(
-            app_args, f"preset 'toy' with decoders {', '.join(mods)}", timeout_s=1800)
+            app_args, f"preset '{args.preset}' with decoders {', '.join(mods)}", timeout_s=1800)
         client = httpx.Client(timeout=1200)
         try:
             import openai
@@ -438,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         from polymodal.pipeline import AnyToAnyPipeline
         from training.toyworld.evaluate import score_pipeline
 
-        print("in-process control: building the toy pipeline ...", flush=True)
+        print(f"in-process control: building the {args.preset} pipeline ...", flush=True)
         try:  # no "Loading pipeline components" bars between the lines
             from diffusers.utils import logging as diffusers_logging
 

@@ -335,6 +335,13 @@ class Decoder:
         """Write the pipeline in the diffusers on-disk layout (model_index.json + component folders)."""
         self.pipeline.save_pretrained(str(path), safe_serialization=True)
 
+    @property
+    def output_mime_type(self) -> str:
+        """The MIME type of the files this decoder's media encode to (default: its modality codec's; a kind whose
+        pipelines write different files, e.g. 3D meshes or point clouds, says which): an artifact reserved before
+        rendering is named after it."""
+        return self.modality.spec.codec.mime_type
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}({type(self.pipeline).__name__}, init_state={self.init_state!r}, "

@@ -42,7 +42,7 @@ from decoders.base import Decoder, seeded
 from decoders.errors import DecodeError
 from decoders.media import Medium
 from polymodal.config import DecoderConfig, DecoderDefaults
-from polymodal.media.object3d import OBJECT3D, Mesh3D
+from polymodal.media.object3d import GLB_MIME, OBJECT3D, PLY_MIME, Mesh3D
 from polymodal.types import EditSource
 
 TINY_SHAPE_E_TEXT_LENGTH = 16
@@ -352,6 +352,11 @@ class Object3DDecoder(Decoder):
     @property
     def is_shap_e(self) -> bool:
         return isinstance(self.pipeline, ShapEPipeline)
+
+    @property
+    def output_mime_type(self) -> str:
+        """GLB for Shap-E's meshes, PLY for the point-set pipeline's clouds."""
+        return GLB_MIME if self.is_shap_e else PLY_MIME
 
     @classmethod
     def tiny_pipeline(cls, config: DecoderConfig, *, seed: int = 0) -> ShapEPipeline:

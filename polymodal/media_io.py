@@ -137,6 +137,22 @@ class MediaCodec:
         """A rendered medium -> ``(file bytes, mime type, extension)``."""
         raise NotImplementedError(f"{type(self).__name__} writes no files")
 
+    def output_types(self) -> dict[str, str]:
+        """MIME type -> extension (no dot) of every kind of file :meth:`encode` writes (default: the one,
+        ``{mime_type: ext}``); a codec writing several (3D: PLY point clouds, GLB meshes) lists each."""
+        return {self.mime_type: self.ext}
+
+    def extension(self, mime_type: str) -> str:
+        """The extension of this codec's files of ``mime_type``: an artifact's name follows its type.
+
+        Raises:
+            ValueError: a type this codec does not write (lists the ones it does).
+        """
+        types = self.output_types()
+        if mime_type not in types:
+            raise ValueError(f"{type(self).__name__} writes no {mime_type!r} files; choose from: {', '.join(types)}")
+        return types[mime_type]
+
     def duration_s(self, data: Any, meta: Mapping[str, Any]) -> float | None:
         """Length of a rendered medium in seconds (``None``: not a timed medium)."""
         return None

@@ -229,6 +229,9 @@ class BrainBackend(Backend):
     def input_modalities(self) -> tuple[Modality, ...]:
         return self.inner.input_modalities
 
+    def output_mime_type(self, modality: Modality) -> str:
+        return self.inner.output_mime_type(modality)
+
     async def render(self, request):
         return await self.inner.render(request)
 

@@ -107,6 +107,12 @@ class LocalBackend(Backend):
     def output_modalities(self) -> tuple[Modality, ...]:
         return tuple(self._decoders)
 
+    def output_mime_type(self, modality: Modality) -> str:
+        worker = self._decoders.get(modality)
+        decoder = getattr(worker.stage, "decoder", None) if worker is not None else None
+        mime = getattr(decoder, "output_mime_type", None)
+        return mime if isinstance(mime, str) else super().output_mime_type(modality)
+
     async def generate(self, request: LLMRequest) -> AsyncIterator[LLMEvent]:
         async for item in self._llm.stream(request):
             yield item

@@ -345,6 +345,12 @@ class Backend(abc.ABC):
         """Modalities this backend has a decoder for."""
         return tuple(m for m in self.preset.decoders if m in self.preset.output_projectors)
 
+    def output_mime_type(self, modality: Modality) -> str:
+        """The MIME type of the files this backend's ``modality`` decoder writes (what a medium's artifact is
+        reserved and named as before it is rendered: its link is in a streamed answer first). Default: the
+        modality codec's; a backend that knows its decoder says (a Shap-E 3D decoder: GLB, not PLY)."""
+        return modality.spec.codec.mime_type
+
     @property
     def input_modalities(self) -> tuple[Modality, ...]:
         """Modalities the LLM stage can read (it has an encoder and an input projector)."""

@@ -9,9 +9,9 @@ multiples of 8 (the VAE's).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from polymodal.config import (
     MAX_CRF,
@@ -25,6 +25,7 @@ from polymodal.config import (
     MAX_TOP_LOGPROBS,
     MIN_DURATION_S,
 )
+from polymodal.modality import ModalitySpec, specs
 
 
 class _Req(BaseModel):
@@ -108,43 +109,68 @@ class ChatMessage(_Req):
 
 
 # ---- per-medium generation options (override the preset's decoder defaults) -------------------------
-class _Steps(_Req):
+# One options object per registered modality, made from its spec (``ModalitySpec.option_fields``, the
+# ``polymodal.config.DecoderDefaults`` fields that apply to its decoder): the chat request's field of that name
+# (``image``, ``audio``, ``video``, ...). A new modality gets its options field with its spec, no field by hand.
+class _MediumOptions(_Req):
     """Per-medium options are polymodal's own extension: an unknown key is a typo, refused with 400 naming it."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    num_inference_steps: int | None = Field(None, ge=1, le=MAX_INFERENCE_STEPS)
-    guidance_scale: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)
 
 
 STRENGTH_DESCRIPTION = ("edits: how far the medium may go from its source, the fraction of the denoising schedule "
                         "run (0 < strength <= 1; strength x num_inference_steps >= 1); default: the preset's")
 
+OPTION_FIELDS: dict[str, tuple[Any, Any]] = {
+    "num_inference_steps": (int | None, Field(None, ge=1, le=MAX_INFERENCE_STEPS)),
+    "guidance_scale": (float | None, Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)),
+    "height_px": (int | None, Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)),
+    "width_px": (int | None, Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)),
+    "num_frames": (int | None, Field(None, ge=1, le=MAX_NUM_FRAMES)),
+    "fps": (int | None, Field(None, ge=1, le=MAX_FPS)),
+    "duration_s": (float | None, Field(None, ge=MIN_DURATION_S, le=MAX_DURATION_S)),
+    "crf": (int | None, Field(None, ge=0, le=MAX_CRF, description="libx264 constant rate factor of the MP4 (lower: "
+                              "closer to the generated frames, bigger file; default: the preset's)")),
+    "strength": (float | None, Field(None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)),
+}
+"""The request field (type, bounds) of every ``polymodal.modality.DECODER_OPTION_FIELDS`` entry."""
 
-class ImageOptions(_Steps):
-    height_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
-    width_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
-    strength: float | None = Field(None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)
+SPOKEN_FIELDS: dict[str, tuple[Any, Any]] = {
+    "format": (Literal["wav", "pcm16"] | None, None),
+    "voice": (str | None, None),
+}
+"""Not decoder options: OpenAI's chat ``audio`` output parameter, on the options of the medium whose spec has a
+``message_slot`` (audio): ``voice`` asks for the answer spoken (``message.audio``; streamed: ``delta.audio`` PCM16
+chunks), a name of ``GET /v1/audio/voices``; ``format`` ``wav`` (a whole answer's default; a generated sound is
+always WAV) or ``pcm16`` (a spoken answer's raw samples; a streamed one's only format)."""
 
 
-class AudioOptions(_Steps):
-    """Also OpenAI's chat ``audio`` output parameter: ``voice`` asks for the answer spoken (``message.audio``;
-    streamed: ``delta.audio`` PCM16 chunks), a name of ``GET /v1/audio/voices``; ``format`` ``wav`` (a whole
-    answer's default; a generated sound is always WAV) or ``pcm16`` (a spoken answer's raw samples; a streamed
-    one's only format)."""
+def medium_options_model(spec: ModalitySpec) -> type[_MediumOptions]:
+    """The options object of one modality (``ImageOptions`` for ``image``): its spec's ``option_fields`` (in that
+    order), plus :data:`SPOKEN_FIELDS` when the spec has a ``message_slot``.
 
-    duration_s: float | None = Field(None, ge=MIN_DURATION_S, le=MAX_DURATION_S)
-    format: Literal["wav", "pcm16"] | None = None
-    voice: str | None = None
+    Raises:
+        ValueError: an option field this module has no request field for (add it to :data:`OPTION_FIELDS`).
+    """
+    missing = [f for f in spec.option_fields if f not in OPTION_FIELDS]
+    if missing:
+        raise ValueError(f"{spec.name}: no request field for option fields {missing}; known: "
+                         f"{', '.join(OPTION_FIELDS)}")
+    fields = {f: OPTION_FIELDS[f] for f in spec.option_fields}
+    if spec.message_slot is not None:
+        fields.update(SPOKEN_FIELDS)
+    doc = (f"``{spec.name}``: options of a generated {spec.label} ({', '.join(spec.option_fields)}); each overrides "
+           "the preset's decoder default.")
+    return create_model(f"{''.join(w.capitalize() for w in spec.name.split('_'))}Options", __base__=_MediumOptions,
+                        __module__=__name__, __doc__=doc, **fields)
 
 
-class VideoOptions(_Steps):
-    height_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
-    width_px: int | None = Field(None, ge=8, le=MAX_SIZE_PX, multiple_of=8)
-    num_frames: int | None = Field(None, ge=1, le=MAX_NUM_FRAMES)
-    fps: int | None = Field(None, ge=1, le=MAX_FPS)
-    crf: int | None = Field(None, ge=0, le=MAX_CRF, description="libx264 constant rate factor of the MP4 (lower: "
-                            "closer to the generated frames, bigger file; default: the preset's)")
-    strength: float | None = Field(None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)
+MEDIUM_OPTIONS: dict[str, type[_MediumOptions]] = {spec.name: medium_options_model(spec) for spec in specs()}
+"""Modality name -> its options object, for every modality registered when this module was imported (the
+built-ins: importing ``polymodal`` registers them; a plug-in registered later has no options field)."""
+ImageOptions = MEDIUM_OPTIONS["image"]
+AudioOptions = MEDIUM_OPTIONS["audio"]
+VideoOptions = MEDIUM_OPTIONS["video"]
 
 
 class StreamOptions(_Req):
@@ -154,10 +180,11 @@ class StreamOptions(_Req):
 MAX_SEED = 2**31 - 1
 
 
-class ChatCompletionRequest(_Req):
+class _ChatCompletionFields(_Req):
     """``POST /v1/chat/completions``.
 
-    Extensions: ``image`` / ``audio`` / ``video`` generation options, ``media_format`` (the answer's media arrays
+    Extensions: per-medium generation options, one field per registered modality named after it (``image``,
+    ``audio``, ``video``, ...; :data:`MEDIUM_OPTIONS`), ``media_format`` (the answer's media arrays
     hold ``inline`` data URLs or ``url`` artifact links). ``modalities``: ``text`` plus any of ``image``,
     ``audio``, ``video``; each requested medium is produced or the request is refused with 400. With a grounding
     model: ``task`` (one of the model's grounding tasks, ``grounding``, ``refer``, ...) and ``box_overlay`` (also
@@ -178,9 +205,6 @@ class ChatCompletionRequest(_Req):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    image: ImageOptions | None = None
-    audio: AudioOptions | None = None
-    video: VideoOptions | None = None
     media_format: Literal["inline", "url"] | None = None
     task: str | None = Field(None, max_length=64, description="a grounding task (see /v1/models: grounding.tasks)")
     box_overlay: bool = Field(False, description="also return the input image with the answer's boxes drawn")
@@ -209,6 +233,12 @@ class ChatCompletionRequest(_Req):
     # OpenAI's legacy function calling: refused (400) with a pointer to ``tools``.
     functions: list | None = None
     function_call: str | dict | None = None
+
+
+ChatCompletionRequest = create_model(
+    "ChatCompletionRequest", __base__=_ChatCompletionFields, __module__=__name__,
+    __doc__=_ChatCompletionFields.__doc__,
+    **{name: (model | None, None) for name, model in MEDIUM_OPTIONS.items()})
 
 
 class SkillCallRequest(_Req):

@@ -69,13 +69,13 @@ class FakeLLMStage:
         rng = np.random.default_rng(seed)
         own = [m for m in self.volunteer if allowed_modalities is None or m in allowed_modalities]
         for m in own:  # the model's own groups, within its ceiling (the engine masks the rest)
-            n = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}[m]
+            n = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}.get(m, m.spec.default_signal_count)
             yield SignalGroup(m, rng.standard_normal((n, D_LLM)).astype(np.float32),
                               np.zeros((n, D_LLM), np.float32), index=index, text_offset=len(text))
             index += 1
         if self.force_groups:
             for m in [m for m in modalities if m not in own]:
-                n = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}[m]
+                n = {Modality.IMAGE: 4, Modality.AUDIO: 8, Modality.VIDEO: 24}.get(m, m.spec.default_signal_count)
                 yield SignalGroup(m, rng.standard_normal((n, D_LLM)).astype(np.float32),
                                   np.zeros((n, D_LLM), np.float32), index=index, text_offset=len(text),
                                   forced=True)

@@ -49,6 +49,8 @@ def test_chance_per_modality():
     assert TW.hit_probability("audio", {"pitch": "low"}) == pytest.approx(1 / 3)
     assert TW.hit_probability("audio", {"pitch": "low", "timbre": "sine"}) == pytest.approx(1 / 6)
     assert TW.hit_probability("video", {"direction": "up", "colour": "red", "shape": "circle"}) == pytest.approx(1 / 4)
+    # 3D: shape and colour scored (5 x 4), the size asked but not scored
+    assert TW.hit_probability("object3d", {"size": "large", "colour": "red", "shape": "torus"}) == pytest.approx(1 / 20)
     c = TW.chance([0.25] * 100)
     assert c["chance"] == pytest.approx(0.25)
     assert c["chance_plus_3_sigma"] == pytest.approx(0.25 + 3 * math.sqrt(100 * 0.25 * 0.75) / 100)

@@ -5,6 +5,7 @@ tiny random folder loaded strictly; the point-set pipeline), and the rest of the
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -346,3 +347,70 @@ def test_the_answer_carries_3d_in_its_arrays_parts_and_out_files(preset_3d, tmp_
     entry = next(p for p in json.loads((out / "manifest.json").read_text())["parts"] if p.get("type") == "object3d")
     assert entry["mime"] == "application/ply" and entry["shape"] == [24, 6] and entry["file"].endswith(".ply")
     np.testing.assert_allclose(decode_ply((out / entry["file"]).read_bytes())[:, :3], media[0].data[:, :3])
+
+
+# ------------------------------------------------------------------------------- artifact names follow the type
+
+
+def test_a_codec_names_each_type_it_writes():
+    from polymodal.modality import Modality
+
+    codec = OBJECT3D.spec.codec
+    assert (codec.extension(GLB_MIME), codec.extension("application/ply")) == ("glb", "ply")
+    assert Modality.IMAGE.spec.codec.extension("image/png") == "png"
+    with pytest.raises(ValueError, match="choose from: application/ply, model/gltf-binary"):
+        codec.extension("image/png")
+
+
+def test_each_3d_pipeline_says_which_files_it_writes(shap_e_folder, preset_3d):
+    from decoders import build_decoder
+
+    assert build_decoder(OBJECT3D, _shap_e_config(shap_e_folder)).output_mime_type == GLB_MIME
+    assert build_decoder(OBJECT3D, preset_3d.decoders[OBJECT3D]).output_mime_type == "application/ply"
+
+
+class _MeshStage:
+    """A 3D decoder stage whose decoder writes meshes (as Shap-E's): one small tetrahedron per item."""
+
+    modality = OBJECT3D
+
+    def __init__(self, defaults):
+        self.defaults = defaults
+        self.decoder = type("MeshDecoder", (), {"output_mime_type": GLB_MIME})()
+        self.init_state = "random"
+
+    def render(self, groups, seeds, options=None, should_cancel=None, on_step=None, sources=None):
+        from decoders.media import Medium
+
+        v = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], np.float32)
+        f = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], np.int32)
+        mesh = Mesh3D(v, f, np.full((4, 3), 200, np.uint8))
+        return [Medium(OBJECT3D, mesh, s) for s in seeds]
+
+
+def test_a_mesh_artifact_link_ends_glb_also_when_streamed(preset_3d):
+    """The link of a medium is written before it is rendered (streamed answers): its extension follows the type
+    the backend's decoder writes (GLB for a Shap-E mesh), not the codec's first (PLY)."""
+    from fastapi.testclient import TestClient
+
+    from services.ingress import build_app
+    from services.local import LocalBackend
+    from tests.serve_fakes import FakeLLMStage
+
+    backend = LocalBackend(preset_3d, FakeLLMStage(), {OBJECT3D: _MeshStage(preset_3d.decoders[OBJECT3D].defaults)})
+    assert backend.output_mime_type(OBJECT3D) == GLB_MIME
+    body = {"model": "tiny-3d", "seed": 0, "modalities": ["text", "object3d"], "media_format": "url",
+            "messages": [{"role": "user", "content": "make a red cube"}]}
+    with TestClient(build_app(backend)) as client:
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        msg = r.json()["choices"][0]["message"]
+        url = msg["objects3d"][0]["object3d_url"]["url"]
+        assert url.endswith(".glb") and f"({url})" in msg["content"]
+        got = client.get(url)
+        assert got.status_code == 200 and got.headers["content-type"].startswith(GLB_MIME)
+        assert decode_glb(got.content).faces.shape == (4, 3)
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            text = "".join(s.iter_text())
+        links = re.findall(r"/v1/artifacts/[A-Za-z0-9_-]+\.(\w+)", text)
+        assert links and set(links) == {"glb"}, links  # the reference in the content and the array item

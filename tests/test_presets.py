@@ -18,10 +18,10 @@ def test_yaml_round_trip_is_identical(name):
         if not (toy_root() / "decoders").is_dir():
             pytest.skip(f"no toy world build at {toy_root()} (polymodal toyworld build)")
     if name == "toy-3d":
-        from polymodal.presets.toy import toy_root
+        from polymodal.presets.toy import toy_3d_root
 
-        if not (toy_root() / "decoders" / "object3d").is_dir():
-            pytest.skip(f"no toy 3D decoder at {toy_root()} (polymodal toyworld train-3d)")
+        if not (toy_3d_root() / "decoders" / "object3d").is_dir():
+            pytest.skip(f"no toy 3D decoder at {toy_3d_root()} (polymodal toyworld train-3d)")
     if name == "toy-skills":
         from polymodal.presets.toy import SKILLS_EXPORT, toy_root, toy_skills_preset
 

@@ -158,11 +158,14 @@ def test_the_toy_3d_preset_appends_3d_to_toy(tmp_path):
     from polymodal.modality import Modality
     from polymodal.presets.toy import toy_3d_preset, toy_preset
 
-    root = _fake_toy_root(tmp_path)
+    root, root_3d = _fake_toy_root(tmp_path), tmp_path / "toy-3d"
     with pytest.raises(FileNotFoundError, match="polymodal toyworld train-3d"):
-        toy_3d_preset(root)
-    train_object3d_decoder(root / "decoders", TINY, progress=False)
-    toy, toy3d = toy_preset(root), toy_3d_preset(root)
+        toy_3d_preset(root, root_3d=root_3d)
+    train_object3d_decoder(root / "decoders", TINY, progress=False)  # into toy's folder: not where toy-3d looks
+    with pytest.raises(FileNotFoundError, match=f"train-3d --out {root_3d / 'decoders'}"):
+        toy_3d_preset(root, root_3d=root_3d)
+    train_object3d_decoder(root_3d / "decoders", TINY, progress=False)
+    toy, toy3d = toy_preset(root), toy_3d_preset(root, root_3d=root_3d)
     assert toy3d.name == "toy-3d" and OBJECT3D not in toy.decoders  # toy is unchanged
     assert list(toy3d.signals.counts) == [Modality.IMAGE, Modality.AUDIO, Modality.VIDEO, OBJECT3D]
     spec, base = toy3d.signals.spec(), toy.signals.spec()
@@ -170,5 +173,30 @@ def test_the_toy_3d_preset_appends_3d_to_toy(tmp_path):
     assert all(spec.tokens[m] == base.tokens[m] for m in base.tokens)  # toy's rows first, in toy's order
     dec = toy3d.decoders[OBJECT3D]
     assert dec.source == "pretrained" and (dec.cond_tokens, dec.cond_dim) == (TINY.cond_tokens, TINY.cond_dim)
-    assert OBJECT3D in toy3d.output_projectors and toy3d.export_dir is None  # no export-3d yet
+    assert OBJECT3D in toy3d.output_projectors and toy3d.export_dir is None  # no ROOT3D/export yet
     assert PresetConfig.from_yaml(toy3d.to_yaml()) == toy3d
+
+
+def _size_mb(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.is_dir() else 0.0
+
+
+def test_the_toy_3d_build_is_its_own_folder_with_its_own_size_budget(tmp_path, monkeypatch):
+    """The toy build (polymodal/assets/toy) is near the 10 MB of test_toy_preset: the 3D decoder (~3.2 MB) and the
+    toy-3d export go to polymodal/assets/toy-3d, checked here; asked for untrained, toy-3d names the command."""
+    from polymodal.presets import get_preset
+    from polymodal.presets.toy import ASSETS, ASSETS_3D, toy_3d_root
+
+    assert ASSETS_3D.parent == ASSETS.parent and ASSETS_3D != ASSETS
+    assert not (ASSETS / "decoders" / OBJECT3D.value).exists()  # nothing of 3D in the toy build
+    assert _size_mb(ASSETS_3D / "decoders") < 4 and _size_mb(ASSETS_3D / "export") < 4
+    assert _size_mb(ASSETS_3D) < 8
+    monkeypatch.delenv("POLYMODAL_TOY_3D_DIR", raising=False)
+    assert toy_3d_root() == ASSETS_3D
+    if not (ASSETS_3D / "decoders" / OBJECT3D.value / "model_index.json").is_file():
+        with pytest.raises(FileNotFoundError, match=f"polymodal toyworld train-3d --out {ASSETS_3D / 'decoders'}"):
+            get_preset("toy-3d")
+    monkeypatch.setenv("POLYMODAL_TOY_3D_DIR", str(tmp_path / "elsewhere"))
+    assert toy_3d_root() == tmp_path / "elsewhere"
+    with pytest.raises(FileNotFoundError, match="train-3d --out " + str(tmp_path / "elsewhere" / "decoders")):
+        get_preset("toy-3d")

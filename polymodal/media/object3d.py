@@ -174,8 +174,9 @@ def decode_glb(data: bytes) -> Mesh3D:
 class Object3DCodec(MediaCodec):
     """3D files: PLY out for point clouds (float32 (P, 6)), GLB out for meshes (:class:`Mesh3D`).
 
-    ``mime_type`` / ``ext`` are the point cloud's (what an artifact is reserved as before rendering); :meth:`encode`
-    returns each file's own type, which the stored artifact keeps.
+    ``mime_type`` / ``ext`` are the point cloud's; :meth:`encode` returns each file's own type, which the stored
+    artifact keeps; an artifact reserved before rendering is named after the type its decoder writes
+    (``decoders.Decoder.output_mime_type``: GLB for Shap-E) through :meth:`extension`.
     """
 
     mime_type = PLY_MIME
@@ -196,6 +197,9 @@ class Object3DCodec(MediaCodec):
         if isinstance(data, Mesh3D):
             return encode_glb(data), GLB_MIME, "glb"
         return encode_ply(data), PLY_MIME, "ply"
+
+    def output_types(self) -> dict[str, str]:
+        return {PLY_MIME: "ply", GLB_MIME: "glb"}
 
     def degenerate(self, data: Any) -> str | None:
         xyz = data.vertices if isinstance(data, Mesh3D) else data[:, :3]

@@ -12,11 +12,17 @@ A toy build folder (``ROOT``) holds what :func:`training.toyworld.build.build` t
   location tokens (:func:`toy_grounding_preset`).
 - ``ROOT/export-skills/`` (not shipped yet): the ``toy-skills`` preset's parts: ``toy``'s instruct stage continued on
   LLaVA-Plus skill-use dialogues (``polymodal toyworld build --skills``, :func:`toy_skills_preset`).
-- ``ROOT/decoders/object3d/`` and ``ROOT/export-3d/`` (not shipped yet): the ``toy-3d`` preset's 3D decoder (``polymodal
-  toyworld train-3d``) and its aligned parts with the ``<3D0>..<3D3>`` rows (:func:`toy_3d_preset`).
+
+The ``toy-3d`` preset's own parts are in a build folder of their own, ``ROOT3D`` (:func:`toy_3d_preset`; the toy
+build's size budget has no room for them):
+
+- ``ROOT3D/decoders/``: the toy 3D decoder (``polymodal toyworld train-3d --out ROOT3D/decoders``: its
+  ``toyworld-decoders.json`` and ``object3d/``).
+- ``ROOT3D/export/``: its aligned parts with the ``<3D0>..<3D3>`` rows (the alignment stages re-run with 3D requests).
 
 ``ROOT`` is ``$POLYMODAL_TOY_DIR`` when set, else the build shipped inside the package
-(``polymodal/assets/toy``, package data).
+(``polymodal/assets/toy``, package data); ``ROOT3D`` is ``$POLYMODAL_TOY_3D_DIR`` when set, else
+``polymodal/assets/toy-3d`` (package data once trained; not shipped yet).
 
 The manifests are read here (:data:`MANIFEST`, :func:`manifest_entry`, :func:`decoder_config`): serving needs
 them and imports nothing of the offline wing; the offline wing (``training.toyworld``) writes them.
@@ -45,6 +51,7 @@ from polymodal.signals import ChatFormat
 IMAGE, AUDIO, VIDEO, OBJECT3D = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO, Modality.OBJECT3D
 # the shipped toy build (package data: pyproject's [tool.setuptools.package-data])
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "toy"
+ASSETS_3D = ASSETS.parent / "toy-3d"  # the toy-3d preset's own build (its 3D decoder and export), package data too
 SIGNAL_COUNTS = {IMAGE: 4, AUDIO: 4, VIDEO: 8}
 # ROOT/decoders/MANIFEST: one entry per trained toy decoder (path, conditioning shape, generation defaults)
 MANIFEST = "toyworld-decoders.json"
@@ -56,6 +63,12 @@ def toy_root() -> Path:
     """``$POLYMODAL_TOY_DIR`` or the shipped build."""
     env = os.environ.get("POLYMODAL_TOY_DIR")
     return Path(env).expanduser() if env else ASSETS
+
+
+def toy_3d_root() -> Path:
+    """``$POLYMODAL_TOY_3D_DIR`` or the shipped toy-3d build (:data:`ASSETS_3D`)."""
+    env = os.environ.get("POLYMODAL_TOY_3D_DIR")
+    return Path(env).expanduser() if env else ASSETS_3D
 
 
 def _encoder_dim(folder: Path) -> int:
@@ -70,7 +83,6 @@ TOY_SKILLS: tuple[str, ...] = ("locate", "count")
 deploys them)."""
 SKILLS_BUILD_COMMAND = ("polymodal toyworld build --out {root} --parts-from polymodal/assets/toy "
                         "--instruct-from polymodal/assets/toy/export --skills")
-EXPORT_3D = "export-3d"
 SIGNAL_COUNTS_3D = {**SIGNAL_COUNTS, OBJECT3D: 4}  # toy's rows and ids first, the 3D rows appended
 
 
@@ -217,24 +229,28 @@ def toy_skills_preset(root: str | Path | None = None, *, aligned: bool = True) -
     })
 
 
-def toy_3d_preset(root: str | Path | None = None, *, aligned: bool = True) -> PresetConfig:
+def toy_3d_preset(root: str | Path | None = None, *, root_3d: str | Path | None = None,
+                  aligned: bool = True) -> PresetConfig:
     """``toy-3d``: ``toy`` plus 3D outputs (coloured point clouds: "make a large red torus"), issue #29.
 
-    ``toy``'s parts and signal rows (ids kept: ``<3D0>..<3D3>`` are appended after video's), the toy 3D decoder
-    (``ROOT/decoders/object3d``, :mod:`training.toyworld.object3d`) with an output projector like the others, and
-    its own export ``ROOT/export-3d`` (the alignment stages re-run with 3D requests). ``toy`` itself does not change.
+    ``toy``'s parts and signal rows from ``root`` (default :func:`toy_root`; ids kept: ``<3D0>..<3D3>`` are appended
+    after video's), and from its own build folder ``root_3d`` (default :func:`toy_3d_root`) the toy 3D decoder
+    (``ROOT3D/decoders/object3d``, :mod:`training.toyworld.object3d`) with an output projector like the others and
+    its export ``ROOT3D/export`` (the alignment stages re-run with 3D requests). ``toy`` itself does not change.
 
     Raises:
-        FileNotFoundError: no toy build, or no toy 3D decoder in it (names the commands that make them).
+        FileNotFoundError: no toy build, or no toy 3D decoder in ``root_3d`` (names the commands that make them).
     """
     root = Path(root) if root is not None else toy_root()
+    root_3d = Path(root_3d) if root_3d is not None else toy_3d_root()
     base = toy_preset(root, aligned=False)
-    dec_dir = root / "decoders"
+    dec_dir = root_3d / "decoders"
     if not (dec_dir / OBJECT3D.value / "model_index.json").is_file():
         raise FileNotFoundError(
             f"no toy 3D decoder at {dec_dir / OBJECT3D.value}; train it with "
-            f"`polymodal toyworld train-3d --out {dec_dir}` (see training/toyworld/object3d.py)")
-    export = root / EXPORT_3D
+            f"`polymodal toyworld train-3d --out {dec_dir}` (see training/toyworld/object3d.py) or point "
+            "POLYMODAL_TOY_3D_DIR at a toy-3d build")
+    export = root_3d / "export"
     return base.model_copy(update={
         "name": "toy-3d",
         "description": "toy world with 3D outputs: coloured point clouds (sphere, cube, pyramid, cylinder, torus) "

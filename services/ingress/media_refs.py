@@ -4,7 +4,7 @@ references in ``message.content`` (written by :mod:`~services.ingress.responses`
 
 The per-modality facts of the answer's shape come from each modality's registered spec
 (:class:`polymodal.modality.ModalitySpec`: ``label``, ``answer_field``, ``inline_markdown``, ``content_part``,
-``message_slot``; the artifact's extension is ``spec.codec.ext``).
+``message_slot``; the artifact's extension is ``spec.codec.extension(its MIME type)``).
 
 A reference is ``![image 1](URL)`` for a modality shown inline (images) and ``[audio 1](URL)`` /
 ``[video 1](URL)`` for the others; URL is the medium's artifact URL ``{base}/v1/artifacts/{id}.{ext}``. Our own

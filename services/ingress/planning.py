@@ -266,13 +266,19 @@ class Planner:
             raise bad_request(f"{param} must be <= {self.limits.max_new_tokens} on this server, got {max_new}",
                               param=param, code="invalid_value")
         options = {}
-        for m in self.backend.output_modalities:
-            # the request's options field of this medium (``image``, ``audio``, ``video``; none for a modality
-            # the request schema has no field for: the preset's defaults)
+        for m in Modality:
+            # the request's options field of this medium (its spec's option fields: services.schemas.MEDIUM_OPTIONS;
+            # none for a modality registered after the schema was made: the preset's defaults)
             given: BaseModel | None = getattr(req, m.value, None)
             overrides = given.model_dump(exclude_unset=True, exclude_none=True) if given is not None else {}
             overrides = {k: v for k, v in overrides.items() if k not in ("voice", "format")}  # not decoder options
-            options[m] = self.decoder_options(m, overrides, f"{m.value}.")
+            if m in self.backend.output_modalities:
+                options[m] = self.decoder_options(m, overrides, f"{m.value}.")
+            elif overrides:  # options nothing would read: refused, never silently ignored
+                served = ", ".join(x.value for x in self.backend.output_modalities) or "none"
+                raise bad_request(f"{m.value}: this model cannot produce {m.value}, so its options "
+                                  f"({', '.join(overrides)}) would not be read (it produces text and: {served})",
+                                  param=f"{m.value}.{next(iter(overrides))}", code="unsupported_parameter")
         self.check_grounding(req)
         spoken = SpokenInput(self.backend, request_id)  # spoken input: transcribed while the rest is planned
         try:

@@ -113,9 +113,10 @@ class Runner:
         self.store = store
 
     def reserve(self, modality: Modality) -> Artifact:
-        """A pending artifact for a medium about to be rendered (it must be ready within the request timeout)."""
-        ext = modality.spec.codec.ext
-        return self.store.reserve(f"{modality.value}/{ext}", ext, self.settings.artifact_ttl_s,
+        """A pending artifact for a medium about to be rendered (it must be ready within the request timeout), named
+        after the type its decoder writes (:meth:`services.protocol.Backend.output_mime_type`)."""
+        mime = self.backend.output_mime_type(modality)  # the link's extension follows the type the decoder writes
+        return self.store.reserve(mime, modality.spec.codec.extension(mime), self.settings.artifact_ttl_s,
                                   ready_within_s=self.settings.request_timeout_s)
 
     async def _render(self, plan: ChatPlan, group: SignalGroup, seed: int, art: Artifact) -> Stored:

@@ -53,7 +53,7 @@ from polymodal.modality import Modality
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 # Media folders are the specs' answer_field (images/, audios/, videos/); <image> placeholders and <Image> tags name
 # a registered modality (any case).
-_PLACEHOLDER_RE = re.compile(r"<([A-Za-z]+)>")
+_PLACEHOLDER_RE = re.compile(r"<([A-Za-z][A-Za-z0-9_]*)>")  # a registered modality's name: letters, then digits too
 
 
 def _placeholders(text: str) -> list[tuple[re.Match, Modality]]:

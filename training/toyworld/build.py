@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -525,3 +526,102 @@ def _finish(out: Path, exports: dict, figures: dict, s: BuildSettings, decoders:
     tmp.replace(out / BUILD_MANIFEST)
     log(f"done in {manifest['build_s']} s; sizes (MB): {manifest['sizes_mb']}")
     return json.loads(text)  # as read back from the file (tuples are lists)
+
+
+# ------------------------------------------------------------------ a preset that adds output modalities to toy's
+
+
+def extend(out: str | Path, preset, added: Sequence[Modality], settings: BuildSettings | None = None, *,
+           toy_root: str | Path, manifest: str, progress: bool = True, work: str | Path | None = None,
+           device: str | None = None) -> dict:
+    """Align a preset that is ``toy`` plus output modalities ``added`` (their decoders trained; the 3D one) by
+    continuing the finished toy build ``toy_root``'s export -> ``OUT/export`` and ``OUT/manifest``; returns the
+    manifest. ``preset``: the unaligned preset (its new decoders' manifest in ``OUT/decoders``).
+
+    Two stages of :mod:`training.align`, cached like :func:`build`'s (``settings`` gives counts and steps):
+
+    1. decode: the added modalities' output projectors alone (``modalities=added``; toy's export loaded, its LoRA
+       merged as served), on ``decode_requests`` training-bank requests each, ``decode_steps`` (cached LLM states);
+    2. instruct, continued from toy's export plus those projectors (toy's LoRA kept training, ``continue_lora``; the
+       new signal rows and every projector trained) on toy's MosIT dialogues and ``instruct_requests`` requests
+       with lead-ins of every modality, ``instruct_steps`` at ``continue_lr``.
+
+    Raises:
+        FileNotFoundError: no toy export in ``toy_root``, no decoder manifest.
+        ValueError: ``device`` is neither ``cpu`` nor an available ``cuda`` device.
+    """
+    import torch
+
+    from polymodal.presets.toy import MANIFEST
+    from training.toyworld.align import write_requests
+
+    s = settings or BuildSettings()
+    if device not in (None, "cpu") and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise ValueError(f"device {device!r}: expected cpu, or cuda on a machine where CUDA is available")
+    torch.set_num_threads(1)
+    out, root = Path(out).resolve(), Path(toy_root).resolve()
+    added = [Modality.parse(m) for m in added]
+    toy_export = root / "export"
+    if not (toy_export / "export.json").is_file():
+        raise FileNotFoundError(f"{toy_export / 'export.json'} not found: a finished toy build's export is continued "
+                                "(polymodal toyworld build)")
+    if device not in (None, "cpu"):  # float32 wherever the stages train ("auto" would be float16 on a GPU)
+        preset = preset.model_copy(update={"llm": preset.llm.model_copy(update={"dtype": "float32"}), "decoders": {
+            m: d.model_copy(update={"dtype": "float32"}) for m, d in preset.decoders.items()}})
+    work = Path(work).resolve() if work else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    log = (lambda msg: print(f"[toyworld {preset.name}] {msg}", flush=True)) if progress else (lambda msg: None)
+
+    preset_yaml = work / "preset-unaligned.yaml"
+    preset_yaml.write_text(preset.to_yaml())
+    hashes = {m: e["config_hash"] for d in (root / "decoders", out / "decoders")
+              for m, e in json.loads((d / MANIFEST).read_text())["decoders"].items()}
+    key = {"preset": preset.to_yaml().replace(str(out), "OUT").replace(str(root), "ROOT"), "decoders": hashes}
+    common = dict(seed=s.seed, device=device)
+
+    log(f"alignment 1/2: the output projectors of {', '.join(m.value for m in added)} (decode stage)")
+    decode_data = write_requests(work / "requests-decode.json", added, s.decode_requests, seed=s.seed)
+    dec_export, dec_fig = _stage(
+        "decode", work, preset_yaml, [{"path": str(decode_data), "format": "t2x"}], toy_export, key, progress,
+        max_steps=s.steps(s.decode_steps), batch_size=s.decode_batch_size, token_rows="none", ce_weight=0.0,
+        modalities=added, lr=s.lr, **common)
+
+    # the instruct stage's start: toy's export (LoRA, rows, projectors) plus the projectors just trained
+    start = work / "start"
+    if start.exists():
+        shutil.rmtree(start)
+    shutil.copytree(toy_export, start)
+    body = json.loads((start / "export.json").read_text())
+    for m in added:
+        shutil.copy(dec_export / f"output_{m.value}.safetensors", start / f"output_{m.value}.safetensors")
+    body["parts"] = sorted({*body.get("parts", []), *(f"output_{m.value}" for m in added)})
+    body["modalities"] = sorted({*body.get("modalities", []), *(m.value for m in added)})
+    (start / "export.json").write_text(json.dumps(body, indent=2))
+    _stamp(start, _key({"decode": (dec_export / ".build-key").read_text(), "toy": sorted(body["parts"])}))
+
+    log("MosIT dialogues from the toy catalog")
+    canonical = _data(work / "data-canonical", count=s.canonical_count, seed=s.seed, modalities=list(TOY_MODALITIES),
+                      size_px=32, layout="canonical", progress=progress).parent
+    mosit = _mosit(work, canonical, s, progress)
+    instruct_data = write_requests(work / "requests-instruct.json", [*TOY_MODALITIES, *added], s.instruct_requests,
+                                   seed=s.seed + 1, lead_ins=True)
+    log("alignment 2/2: instruction tuning continued from toy's export (LoRA)")
+    ins_export, ins_fig = _stage(
+        "instruct", work, preset_yaml, [{"path": str(mosit), "format": "mosit"},
+                                        {"path": str(instruct_data), "format": "t2x"}], start, key, progress,
+        max_steps=s.steps(s.instruct_steps), continue_lora=True, batch_size=s.batch_size, lora_r=s.lora_r,
+        lora_alpha=float(2 * s.lora_r), lora_targets=list(s.lora_targets), mse_weight=s.instruct_mse_weight,
+        signal_ce=s.instruct_signal_ce, lr=s.continue_lr, warmup_steps=s.steps(s.continue_warmup_steps), **common)
+
+    final = out / "export"
+    if final.exists():
+        shutil.rmtree(final)
+    shutil.copytree(ins_export, final, ignore=shutil.ignore_patterns(".build-key"))
+    result = {"settings": dataclasses.asdict(s), "toy_root": str(root), "preset": preset.name,
+              "added": [m.value for m in added], "figures": {"decode": dec_fig, "instruct": ins_fig},
+              "sizes_mb": {p: _size_mb(out / p) for p in ("decoders", "export")}, "build_s": round(time.time() - t0, 1)}
+    text = json.dumps(result, indent=2, sort_keys=True)
+    (out / manifest).write_text(text)
+    log(f"done in {result['build_s']} s; sizes (MB): {result['sizes_mb']}")
+    return json.loads(text)

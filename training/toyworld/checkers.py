@@ -18,13 +18,13 @@ Each returns a frozen reading whose fields are ``None`` when nothing could be re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 
 import numpy as np
 
 from polymodal.modality import Modality
 from training.toyworld.data import COLOURS, PITCHES_HZ
-from training.toyworld.object3d import check_object3d, read_ply_points
+from training.toyworld.object3d import PHRASINGS_3D, SCORED_3D, Object3DReading, check_object3d, read_ply_points
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as foreground
 _PALETTE = np.asarray(list(COLOURS.values()), dtype=np.float64)
@@ -191,6 +191,30 @@ CHECKERS = {
     Modality.VIDEO: lambda data, meta: check_video(data),
     Modality.OBJECT3D: lambda data, meta: check_object3d(data),
 }
+
+
+# The reading type of each modality (an unreadable medium: every attribute None, see empty_reading).
+READINGS = {Modality.IMAGE: ImageReading, Modality.AUDIO: AudioReading, Modality.VIDEO: VideoReading,
+            Modality.OBJECT3D: Object3DReading}
+
+# The attributes each modality's media are scored on (training.toyworld.evaluate; video: direction, its shape and
+# colour are reported; 3D: shape and colour, its size reported).
+SCORED: dict[Modality, tuple[str, ...]] = {
+    Modality.IMAGE: ("colour", "shape"),
+    Modality.AUDIO: ("pitch", "timbre"),
+    Modality.VIDEO: ("direction",),
+    Modality.OBJECT3D: SCORED_3D,
+}
+
+# The request phrasings of the toy recipes beyond training.toyworld.data's three (caption templates, training and
+# held-out request wrappers, lead-ins, attribute combinations), added to training.toyworld.phrasings' tables.
+RECIPE_PHRASINGS: dict[Modality, dict] = {Modality.OBJECT3D: PHRASINGS_3D}
+
+
+def empty_reading(modality: Modality | str):
+    """The reading of a medium that could not be made: every attribute ``None`` (a miss)."""
+    cls = READINGS[_checked(modality)]
+    return cls(**{f.name: None for f in fields(cls) if f.default is MISSING})
 
 
 def _checked(modality: Modality | str) -> Modality:

@@ -206,8 +206,9 @@ def score_decoder(
 
 @app.command("train-3d")
 def train_3d(
-    out: Annotated[Path, typer.Option("--out", help="a toy decoders folder (ROOT/decoders): gets object3d/ and its "
-                                      "entry in toyworld-decoders.json (other entries kept)")],
+    out: Annotated[Path, typer.Option("--out", help="a toy-3d decoders folder (ROOT3D/decoders, e.g. polymodal/assets/"
+                                      "toy-3d/decoders): gets object3d/ and its entry in toyworld-decoders.json "
+                                      "(other entries kept)")],
     step_scale: Annotated[float, typer.Option(help="multiply the step count (quick trials)", min=1e-6, max=100)] = 1.0,
     force: Annotated[bool, typer.Option("--force", help="retrain even if the config hash matches")] = False,
     score: Annotated[int, typer.Option(help="then render this many held-out captions and check them (0: no)",
@@ -216,7 +217,8 @@ def train_3d(
     """Train the toy 3D decoder (point-set diffusion, issue #29) from scratch on procedural coloured point clouds.
 
     Cached by the recipe's hash and resumable: stop it any time and run it again; it continues from the last
-    checkpoint (every 500 steps). The toy-3d preset reads it from ROOT/decoders/object3d.
+    checkpoint (every 500 steps). The toy-3d preset reads it from ROOT3D/decoders/object3d ($POLYMODAL_TOY_3D_DIR,
+    else the shipped polymodal/assets/toy-3d: --out polymodal/assets/toy-3d/decoders).
     """
     from training.toyworld.object3d import Object3DDecoderRecipe, score_object3d_decoder, train_object3d_decoder
 
@@ -227,3 +229,54 @@ def train_3d(
     if score:
         typer.echo(f"object3d decoder alone (own text encoder, {score} held-out captions): "
                    f"{score_object3d_decoder(out, count=score)}")
+
+
+BUILD_3D_MANIFEST = "toy-3d-build.json"
+
+
+def build_toy_3d(out: str | Path, settings=None, *, toy_root: str | Path | None = None, progress: bool = True,
+                 work: str | Path | None = None, device: str | None = None) -> dict:
+    """The ``toy-3d`` preset's aligned parts -> ``OUT/export`` and ``OUT/toy-3d-build.json`` (returned): toy's export
+    continued with 3D (:func:`training.toyworld.build.extend`: the 3D output projector by a decode stage, then toy's
+    instruct stage continued with 3D requests beside the toy ones). ``OUT`` is a toy-3d build folder whose
+    ``decoders/`` holds the trained toy 3D decoder; ``toy_root`` the finished toy build (default: the shipped one).
+
+    Raises:
+        FileNotFoundError: no toy 3D decoder in ``OUT/decoders`` (names ``polymodal toyworld train-3d``), no toy
+            export.
+        ValueError: an unusable ``device``.
+    """
+    from polymodal.presets.toy import toy_3d_preset
+    from polymodal.presets.toy import toy_root as default_toy_root
+    from training.toyworld.build import extend
+    from training.toyworld.object3d import OBJECT3D
+
+    root = Path(toy_root) if toy_root is not None else default_toy_root()
+    preset = toy_3d_preset(root, root_3d=out, aligned=False)  # FileNotFoundError: no 3D decoder (names train-3d)
+    return extend(out, preset, [OBJECT3D], settings, toy_root=root, manifest=BUILD_3D_MANIFEST, progress=progress,
+                  work=work, device=device)
+
+
+@app.command("build-3d")
+def build_3d(
+    out: Annotated[Path, typer.Option("--out", help="the toy-3d build folder (ROOT3D, e.g. polymodal/assets/toy-3d): "
+                                      "its decoders/ from train-3d; gets export/ and toy-3d-build.json")],
+    toy_root: Annotated[Optional[Path], typer.Option(
+        "--toy-root", help="the finished toy build whose export is continued (default: POLYMODAL_TOY_DIR or the "
+        "shipped polymodal/assets/toy)")] = None,
+    step_scale: Annotated[float, typer.Option(help="multiply every training step count (quick trials)",
+                                              min=1e-6, max=100)] = 1.0,
+    work: Annotated[Optional[Path], typer.Option(help="intermediate files (default OUT/work)")] = None,
+    device: Annotated[str, typer.Option(help="where the alignment stages train: cpu or cuda (float32)")] = "cpu",
+) -> None:
+    """The toy-3d preset's alignment (issue #29): the 3D output projector (decode stage), then toy's instruct stage
+    continued with 3D requests beside the toy ones, into OUT/export. Needs `polymodal toyworld train-3d --out
+    OUT/decoders` first; cached step by step like `polymodal toyworld build`."""
+    from training.toyworld.build import BuildSettings
+
+    try:
+        manifest = build_toy_3d(out, BuildSettings(step_scale=step_scale), toy_root=toy_root, work=work,
+                                progress=True, device=device)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")

@@ -9,15 +9,11 @@ from dataclasses import dataclass
 
 from polymodal.modality import Modality
 from training.toyworld import checkers
-from training.toyworld.data import TEMPLATES, iter_items
-from training.toyworld.phrasings import ATTRIBUTE_COMBOS
+from training.toyworld.data import iter_items
+from training.toyworld.phrasings import ATTRIBUTE_COMBOS, CAPTION_TEMPLATES
 
-# The attributes each modality's media are scored on (video: direction; shape and colour are reported).
-SCORED: dict[Modality, tuple[str, ...]] = {
-    Modality.IMAGE: ("colour", "shape"),
-    Modality.AUDIO: ("pitch", "timbre"),
-    Modality.VIDEO: ("direction",),
-}
+SCORED = checkers.SCORED
+"""The attributes each modality's media are scored on (:data:`training.toyworld.checkers.SCORED`)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +61,7 @@ def toy_prompts(modality: Modality | str, n: int) -> list[tuple[str, dict]]:
     leaves out a scored attribute is replaced by the first one that asks every scored attribute."""
     modality = Modality.parse(modality)
     combos = ATTRIBUTE_COMBOS[modality]
-    templates = TEMPLATES[modality]
+    templates = CAPTION_TEMPLATES[modality]
     asks_all = next(t for t in templates if all(f"{{{k}}}" in t for k in SCORED[modality]))
     out = []
     for i in range(n):
@@ -95,9 +91,9 @@ def score_decoder(decoder, n: int = 48, seed: int = 0, options=None) -> Score:
 
 
 def empty_reading(modality: Modality | str):
-    """The reading of a medium that could not be made: every attribute ``None`` (a miss)."""
-    return {Modality.IMAGE: checkers.ImageReading(None, None), Modality.AUDIO: checkers.AudioReading(None, None),
-            Modality.VIDEO: checkers.VideoReading(None)}[Modality.parse(modality)]
+    """The reading of a medium that could not be made: every attribute ``None`` (a miss;
+    :func:`training.toyworld.checkers.empty_reading`)."""
+    return checkers.empty_reading(modality)
 
 
 def read_media(modality: Modality, media) -> list:

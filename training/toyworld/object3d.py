@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -47,8 +48,20 @@ TEMPLATES_3D = (
     "a point cloud of a {size} {colour} {shape}",
     "one {colour} {shape} object",
 )
+# ---- requests: the toy-3d instruct stage's phrasings and its benchmark's (registered with
+# training.toyworld.checkers.RECIPE_PHRASINGS into training.toyworld.phrasings: requests("object3d", n, heldout=...))
+TRAIN_REQUESTS_3D = ("{caption}", "Make {caption}.", "Build {caption}.", "Generate {caption}.", "Sculpt {caption}.",
+                     "Can you model {caption}?", "Please render {caption}.", "Create {caption}.")
+HELDOUT_REQUESTS_3D = ("Could you model {caption} for me?", "I would like {caption}.", "Make me {caption}, please.",
+                       "Give me {caption}.")
+LEAD_INS_3D = ("Here is {caption}.", "Sure, here is {caption} in 3d.", "This is {caption}.")
+SCORED_3D = ("shape", "colour")  # what a 3D medium is scored on (chance 1/20); the size is reported, not scored
 # words of the toy 3D decoder's tokenizer besides the templates' and attribute values (request words)
 _EXTRA_WORDS_3D = "an the of me please make draw show create generate render give build sculpt shape model".split()
+ATTRIBUTE_COMBOS_3D = [{"size": z, "colour": c, "shape": s}
+                       for z, c, s in itertools.product(SIZES, COLOURS, SHAPES_3D)]  # 40: 5 shapes x 4 colours x 2
+PHRASINGS_3D = {"captions": TEMPLATES_3D, "train": TRAIN_REQUESTS_3D, "heldout": HELDOUT_REQUESTS_3D,
+                "lead_ins": LEAD_INS_3D, "combos": ATTRIBUTE_COMBOS_3D}
 POINT_JITTER = 0.01  # of the size
 COLOUR_JITTER = 15  # uint8 levels, per item
 MAX_FIT_RESIDUAL = 0.12  # median point-to-surface distance over the size above which no shape is read
@@ -449,3 +462,4 @@ def score_object3d_decoder(out_dir: str | Path, *, count: int = 40, seed: int = 
             r = check_object3d(m.data)
             correct += int(r.shape == it.attributes["shape"] and r.colour == it.attributes["colour"])
     return {"n": count, "correct": correct, "accuracy": correct / count}
+

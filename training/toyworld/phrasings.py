@@ -22,7 +22,7 @@ from training.toyworld.data import COLOURS, DIRECTIONS, PITCHES_HZ, SHAPES, TEMP
 
 IMAGE, AUDIO, VIDEO = Modality.IMAGE, Modality.AUDIO, Modality.VIDEO
 
-CAPTION_TEMPLATES: dict[Modality, tuple[str, ...]] = TEMPLATES
+CAPTION_TEMPLATES: dict[Modality, tuple[str, ...]] = dict(TEMPLATES)  # a copy: the other recipes' are added
 
 TRAIN_REQUESTS: dict[Modality, tuple[str, ...]] = {
     IMAGE: ("{caption}", "Draw {caption}.", "Show me {caption}.", "Please generate {caption}.",
@@ -56,6 +56,44 @@ ATTRIBUTE_COMBOS: dict[Modality, list[dict[str, str]]] = {
     AUDIO: [{"pitch": p, "timbre": t} for p, t in itertools.product(PITCHES_HZ, TIMBRES)],
     VIDEO: [{"direction": d, "colour": c, "shape": s} for d, c, s in itertools.product(DIRECTIONS, COLOURS, SHAPES)],
 }
+
+
+def register_requests(modality: Modality | str, *, captions: Sequence[str], train: Sequence[str],
+                      heldout: Sequence[str], lead_ins: Sequence[str], combos: Sequence[dict[str, str]]) -> None:
+    """Add a toy recipe's phrasings (a modality beyond :mod:`training.toyworld.data`'s three) to the tables:
+    caption templates, training and held-out request wrappers, lead-ins, attribute combinations. The existing
+    modalities' draws do not change (:func:`requests` seeds by the modality's registration index).
+
+    Raises:
+        ValueError: the modality has phrasings already, a bank is empty, or a held-out prompt is a training one.
+    """
+    modality = Modality.parse(modality)
+    if modality in TRAIN_REQUESTS:
+        raise ValueError(f"{modality.value} has request phrasings already")
+    if not (captions and train and heldout and lead_ins and combos):
+        raise ValueError(f"{modality.value}: every bank (captions, train, heldout, lead_ins, combos) needs an entry")
+    prompts = {split: {w.format(caption=t.format(**a)) for w in bank for t in captions for a in combos}
+               for split, bank in (("train", train), ("heldout", heldout))}
+    common = sorted(prompts["train"] & prompts["heldout"])
+    if common:
+        raise ValueError(f"{modality.value}: {len(common)} held-out requests are training ones, e.g. {common[:3]}")
+    CAPTION_TEMPLATES[modality] = tuple(captions)
+    TRAIN_REQUESTS[modality] = tuple(train)
+    HELDOUT_REQUESTS[modality] = tuple(heldout)
+    LEAD_INS[modality] = tuple(lead_ins)
+    ATTRIBUTE_COMBOS[modality] = [dict(a) for a in combos]
+
+
+def _register_recipes() -> None:
+    """The other toy recipes' phrasings (:data:`training.toyworld.checkers.RECIPE_PHRASINGS`: 3D), after the three."""
+    from training.toyworld.checkers import RECIPE_PHRASINGS
+
+    for m, phrasings in RECIPE_PHRASINGS.items():
+        register_requests(m, **phrasings)
+
+
+_register_recipes()
+
 
 
 def caption_attributes(template: str, attrs: dict[str, str]) -> dict[str, str]:
