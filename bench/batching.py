@@ -10,9 +10,8 @@ The deployments are the real ``services.deployments`` classes with ``services.ap
 (``DecoderDeploymentArgs`` / ``LLMDeploymentArgs``), each in its own Serve application on our own local Ray
 cluster, called through DeploymentHandles from this process (no HTTP, no LLM in front of the decoder: the
 decoder gets ready signal groups of the preset's shape, so its own throughput is measured). Batching off
-and on are measured side by side, level by level; "on" once per ``--batch-policies`` entry (``busy``: no timer,
-requests that arrive while a batch runs share the next call; ``adaptive``: the same, and after a batch of k > 1 the
-next waits up to 50 ms for its k callers to come back; ``timeout``: Ray's ``@serve.batch`` waiting
+and on are measured side by side, level by level; "on" once per ``--batch-policies`` entry (``adaptive``: no timer,
+requests that arrive while a batch runs share the next call; ``timeout``: Ray's ``@serve.batch`` waiting
 ``--batch-wait-s``). Each replica has fractional CPUs, hence one torch thread.
 
 The ceiling: at each level the same decoder stage, built in this process on one torch thread, renders one batch of
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=_ints, default=[1, 4, 16], help="decoder levels (comma separated)")
     p.add_argument("--max-batch-size", type=int, default=16, help="decoder max_batch_size with batching on")
     p.add_argument("--batch-wait-s", type=float, default=0.0, help="decoder batch_wait_timeout_s (policy timeout)")
-    p.add_argument("--batch-policies", default="adaptive,busy,timeout",
+    p.add_argument("--batch-policies", default="adaptive,timeout",
                    help="batch policies measured with batching on (comma separated; services.workers.BATCH_POLICIES)")
     p.add_argument("--decoder-num-cpus", type=float, default=0.4, help="num_cpus of each decoder replica")
     p.add_argument("--requests-per-client", type=int, default=3,

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens of the request")
     p.add_argument("--text-only", action="store_true",
                    help="a text-only request instead (the LLM path alone: no decoder, no PNG)")
-    p.add_argument("--batch-policy", choices=["adaptive", "busy", "timeout"], default=None,
+    p.add_argument("--batch-policy", choices=["adaptive", "timeout"], default=None,
                    help="image decoder batch_policy (default: DecoderDeploymentArgs' default)")
     p.add_argument("--batch-wait-s", type=float, default=None,
                    help="image decoder batch_wait_timeout_s (policy timeout; a lone request waits it)")

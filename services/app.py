@@ -101,15 +101,14 @@ class DeploymentArgs(_Args):
 class DecoderDeploymentArgs(DeploymentArgs):
     """A decoder deployment: resources plus batching settings.
 
-    ``batch_policy``: ``adaptive`` (default; no fixed timer: a lone request starts at once, requests arriving while
-    a batch runs share the next pipeline call, a batch's callers coming back are waited for up to 50 ms), ``busy``
-    (the same without that refill) or ``timeout`` (Ray's ``@serve.batch``: a batch waits up to
+    ``batch_policy``: ``adaptive`` (default; no timer: a lone request starts at once, requests arriving while a
+    batch runs share the next pipeline call) or ``timeout`` (Ray's ``@serve.batch``: a batch waits up to
     ``batch_wait_timeout_s`` to fill, which a request arriving alone always pays). Figures: ``bench/README.md``.
     """
 
     num_cpus: float = Field(0.2, ge=0)
     max_batch_size: int = Field(4, ge=1, le=64)
-    batch_policy: Literal["adaptive", "busy", "timeout"] = "adaptive"
+    batch_policy: Literal["adaptive", "timeout"] = "adaptive"
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
     max_ongoing_requests: int = Field(16, ge=1)
 

@@ -51,7 +51,7 @@ from services.protocol import (
 )
 from services.settings import ServerSettings
 from services.speech import SpeechConfig, SpeechWorker
-from services.workers import AdaptiveBatcher, BatchItem, DecoderWorker, LLMWorker, batch_refill_s, check_batch_policy
+from services.workers import AdaptiveBatcher, BatchItem, DecoderWorker, LLMWorker, check_batch_policy
 
 log = logging.getLogger("ray.serve")
 
@@ -129,10 +129,9 @@ class DecoderServer:
             arrives alone waits all of it).
         stats: handle of :class:`StatsServer` (counters for ``/metrics``), optional.
         stage: a ready ``DecoderStage`` (tests); skips loading.
-        batch_policy: ``adaptive`` (default: no fixed timer; requests that arrive while a batch runs share the
-            next call, and a batch's callers coming back are briefly waited for, see
-            :class:`services.workers.AdaptiveBatcher`), ``busy`` (the same without that refill) or ``timeout``
-            (Ray's ``@serve.batch`` with ``batch_wait_timeout_s``); :data:`services.workers.BATCH_POLICIES`.
+        batch_policy: ``adaptive`` (default: no timer; requests that arrive while a batch runs share the next
+            call, see :class:`services.workers.AdaptiveBatcher`) or ``timeout`` (Ray's ``@serve.batch`` with
+            ``batch_wait_timeout_s``); :data:`services.workers.BATCH_POLICIES`.
         stats_period_s: the counters go to ``stats`` at most this often (only when they changed).
 
     Raises:
@@ -156,8 +155,7 @@ class DecoderServer:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
         self.render_batch.set_max_batch_size(int(max_batch_size))
         self.render_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
-        self._batcher = None if batch_policy == "timeout" else AdaptiveBatcher(
-            self._run_batch, int(max_batch_size), refill_s=batch_refill_s(batch_policy))
+        self._batcher = AdaptiveBatcher(self._run_batch, int(max_batch_size)) if batch_policy == "adaptive" else None
         self._stats = stats
         self._stats_period_s = float(stats_period_s)
         self._replica = uuid.uuid4().hex

@@ -273,26 +273,10 @@ def is_fatal(e: BaseException) -> bool:
     return "cuda error" in text or "device-side assert" in text
 
 
-BATCH_POLICIES = ("adaptive", "busy", "timeout")
-"""How a decoder deployment forms batches: ``adaptive`` (:class:`AdaptiveBatcher` with a refill of
-:data:`ADAPTIVE_REFILL_S`: a lone request starts at once, requests arriving while the decoder is busy share the
-next call, and after a batch of k > 1 the next waits briefly for its k callers to come back), ``busy`` (the same
-without the refill: only the busy time forms batches) or ``timeout`` (Ray's ``@serve.batch``: a batch waits up to
-``batch_wait_timeout_s`` after its first item to fill). Figures: ``bench/batching.py``."""
-
-ADAPTIVE_REFILL_S = 0.05
-"""``adaptive``'s refill bound (seconds; also at most 5% of the last batch's run time: :class:`AdaptiveBatcher`)."""
-
-
-def batch_refill_s(policy: str) -> float:
-    """The :class:`AdaptiveBatcher` refill of a policy (``adaptive``: :data:`ADAPTIVE_REFILL_S`, ``busy``: 0).
-
-    Raises:
-        ValueError: an unknown policy, or ``timeout`` (Ray forms those batches, not :class:`AdaptiveBatcher`).
-    """
-    if check_batch_policy(policy) == "timeout":
-        raise ValueError("the timeout policy batches with Ray's @serve.batch, not AdaptiveBatcher")
-    return ADAPTIVE_REFILL_S if policy == "adaptive" else 0.0
+BATCH_POLICIES = ("adaptive", "timeout")
+"""How a decoder deployment forms batches: ``adaptive`` (:class:`AdaptiveBatcher`: no timer, a lone request
+starts at once, requests arriving while the decoder is busy share the next call) or ``timeout`` (Ray's
+``@serve.batch``: a batch waits up to ``batch_wait_timeout_s`` after its first item to fill)."""
 
 
 def check_batch_policy(name: str) -> str:
@@ -307,41 +291,27 @@ def check_batch_policy(name: str) -> str:
 
 
 class AdaptiveBatcher:
-    """Batches concurrent calls with no fixed timer: the wait for a batch is the time the decoder is busy.
+    """Batches concurrent calls with no timer: the wait for a batch is the time the decoder is busy.
 
     A call that finds the runner idle starts at once, alone (a lone request pays no batch wait); calls that arrive
     while a batch runs queue up and go together, up to ``max_batch_size``, as soon as it ends. A caller cancelled
     while queued is dropped before its batch starts; one cancelled while its batch runs has its result dropped
     (set ``BatchItem.cancel`` so the step callback can stop the work).
 
-    Refill (``refill_s`` > 0): after a batch of k > 1 items, the callers it answered usually come back together
-    (k clients in a loop), but the first of them to arrive would find the runner idle and start alone, splitting
-    the next batch into 1 + (k - 1) (``bench/batching.py``: mean batch 12.5 of 16 at 16 concurrent). So after such
-    a batch, the next one waits for up to k queued items, at most ``refill_s`` and at most ``refill_fraction``
-    of the last batch's run time (the throughput it can cost), from the moment its first item is queued. After a
-    batch of one nothing waits, so a lone request still starts at once; when load falls, one request pays the
-    bounded wait once.
-
     Args:
         run: ``async run(items) -> one result per item`` (e.g. a :class:`DecoderWorker` batch in a thread); one
             call at a time.
         max_batch_size: most items per call.
-        refill_s: the most a batch waits to refill after a batch of k > 1 (seconds; 0: never).
-        refill_fraction: that wait's bound relative to the last batch's run time.
 
     Raises:
-        ValueError: ``max_batch_size`` < 1, or a negative ``refill_s`` / ``refill_fraction``.
+        ValueError: ``max_batch_size`` < 1.
     """
 
-    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int,
-                 refill_s: float = 0.0, refill_fraction: float = 0.05):
+    def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if refill_s < 0 or refill_fraction < 0:
-            raise ValueError(f"refill_s and refill_fraction must be >= 0, got {refill_s}, {refill_fraction}")
         self._run = run
         self.max_batch_size = int(max_batch_size)
-        self.refill_s, self.refill_fraction = float(refill_s), float(refill_fraction)
         self._queue: deque[tuple[Any, asyncio.Future]] = deque()
         self._wake = asyncio.Event()  # bound to a loop at first use (Python >= 3.10)
         self._task: asyncio.Task | None = None
@@ -358,13 +328,10 @@ class AdaptiveBatcher:
         return await fut
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        last_size, last_s = 1, 0.0
         while True:
             while not self._queue:
                 self._wake.clear()
                 await self._wake.wait()
-            await self._refill(min(last_size, self.max_batch_size), min(self.refill_s, self.refill_fraction * last_s))
             batch: list[tuple[Any, asyncio.Future]] = []
             while self._queue and len(batch) < self.max_batch_size:
                 item, fut = self._queue.popleft()
@@ -373,7 +340,6 @@ class AdaptiveBatcher:
             if not batch:
                 continue
             self.batch_sizes.append(len(batch))
-            started = loop.time()
             try:
                 results = await self._run([item for item, _ in batch])
             except asyncio.CancelledError:
@@ -385,22 +351,6 @@ class AdaptiveBatcher:
                     if not fut.done():
                         fut.set_exception(e)
                 continue
-            last_size, last_s = len(batch), loop.time() - started
             for (_, fut), r in zip(batch, results):
                 if not fut.done():
                     fut.set_result(r)
-
-    async def _refill(self, target: int, wait_s: float) -> None:
-        """Wait (at most ``wait_s``) until ``target`` items are queued; no wait for a target of one."""
-        if target <= 1 or wait_s <= 0:
-            return
-        deadline = asyncio.get_running_loop().time() + wait_s
-        while len(self._queue) < target:
-            left = deadline - asyncio.get_running_loop().time()
-            if left <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), left)
-            except asyncio.TimeoutError:
-                return

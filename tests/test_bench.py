@@ -196,8 +196,7 @@ def test_overhead_quick(tmp_path):
 @pytest.mark.timeout(900)
 def test_batching_quick(tmp_path):
     stdout, data = _run("batching.py", "--quick", "--steps", "2", "--concurrency", "1,8", "--max-batch-size", "8",
-                        "--batch-wait-s", "0.2", "--llm-max-concurrency", "1", "--batch-policies", "adaptive,timeout",
-                        tmp_path=tmp_path)
+                        "--batch-wait-s", "0.2", "--llm-max-concurrency", "1", tmp_path=tmp_path)
     assert "graph gain on/off" in stdout and "serving efficiency" in stdout and "tokens/s" in stdout
     rows = {r["concurrency"]: r for r in data["decoder"]}
     assert all(r["off"]["max_batch_size_seen"] == 1 for r in rows.values())

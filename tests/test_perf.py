@@ -72,66 +72,9 @@ def test_adaptive_batcher_drops_a_cancelled_queued_call_and_passes_errors_to_its
     assert seen == [["busy"], ["bad"], ["after"]]
 
 
-def _clients_in_a_loop(refill_s: float, n_clients: int = 4, rounds: int = 4, gap_s: float = 0.01):
-    """``n_clients`` each submitting ``rounds`` items in a row; after each answer a client comes back ``gap_s``
-    later, client i a little after client i - 1 (like HTTP clients sending their next request)."""
-
-    async def run(items):
-        await asyncio.sleep(0.2)
-        return items
-
-    async def client(b, c):
-        for r in range(rounds):
-            await b.submit((c, r))
-            await asyncio.sleep(gap_s + 0.002 * c)
-
-    async def go():
-        b = AdaptiveBatcher(run, max_batch_size=8, refill_s=refill_s, refill_fraction=0.5)
-        await asyncio.gather(*(client(b, c) for c in range(n_clients)))
-        return b.batch_sizes
-
-    return asyncio.run(go())
-
-
-def test_adaptive_refill_keeps_a_returning_batch_together_and_busy_splits_it():
-    busy = _clients_in_a_loop(refill_s=0.0)
-    refill = _clients_in_a_loop(refill_s=0.05)
-    # without the refill the first client back starts alone and the batch splits 1 + 3, round after round
-    assert busy.count(1) >= 3, busy
-    # with it the four clients (who start together) stay one batch, round after round
-    assert refill == [4, 4, 4, 4], refill
-
-
-def test_adaptive_refill_never_delays_a_lone_caller():
-    async def run(items):
-        await asyncio.sleep(0.05)
-        return items
-
-    async def go():
-        b = AdaptiveBatcher(run, max_batch_size=4, refill_s=0.5, refill_fraction=10.0)
-        waits = []
-        for i in range(3):
-            t = time.perf_counter()
-            await b.submit(i)
-            waits.append(time.perf_counter() - t)
-        return waits
-
-    assert max(asyncio.run(go())) < 0.05 + 0.04  # batches of one: the refill never waits
-
-
-def test_batch_refill_of_each_policy():
-    from services.workers import ADAPTIVE_REFILL_S, batch_refill_s
-
-    assert batch_refill_s("adaptive") == ADAPTIVE_REFILL_S > 0 and batch_refill_s("busy") == 0
-    with pytest.raises(ValueError):
-        batch_refill_s("timeout")
-    with pytest.raises(ValueError):
-        AdaptiveBatcher(lambda items: items, max_batch_size=2, refill_s=-1)
-
-
 def test_batch_policy_registry_lists_choices():
     assert check_batch_policy("adaptive") == "adaptive"
-    with pytest.raises(ValueError, match="adaptive, busy, timeout"):
+    with pytest.raises(ValueError, match="adaptive, timeout"):
         check_batch_policy("eager")
     preset, _, decoders = fake_stages((IMAGE,))
     with pytest.raises(ValueError, match="unknown batch policy"):
