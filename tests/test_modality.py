@@ -138,10 +138,9 @@ def test_option_fields_match_the_request_schemas():
     """A modality's ``option_fields`` are exactly the DecoderDefaults fields its chat-request options model has."""
     from services.schemas import ChatCompletionRequest
 
-    # 3D has no options field in the chat request (the schema's fields are NExT-GPT's three): its media use the
-    # preset's decoder defaults
-    assert Modality.OBJECT3D.value not in ChatCompletionRequest.model_fields
-    for m in NEXTGPT:
+    # every modality registered when the schema is built has its options field, 3D included (from its spec)
+    assert Modality.OBJECT3D.value in ChatCompletionRequest.model_fields
+    for m in (*NEXTGPT, Modality.OBJECT3D):
         model = ChatCompletionRequest.model_fields[m.value].annotation.__args__[0]
         assert set(model.model_fields) & set(DecoderDefaults.model_fields) == set(m.spec.option_fields), m
 

@@ -35,8 +35,8 @@ from services.ingress.error_map import stage_error
 from services.ingress.audio_formats import encode_chunks
 from services.ingress.payloads import LARGE_PAYLOAD_BYTES
 from services.ingress.planning import ChatPlan, input_images
-from services.ingress.skill_loop import (Shift, SkillCall, merge, next_round, result_text, shown_answer, skill_failure,
-                                         unknown_call)
+from services.ingress.skill_loop import (Shift, SkillCall, merge, next_round, result_text, shown_answer, shown_media,
+                                         skill_failure, unknown_call)
 from services.ingress.spoken import SpokenAnswer
 from services.metrics import APIMetrics, StreamLatencies
 from services.protocol import REQUEST_DEADLINE, Backend, EncodedMedium, RenderRequest, SkillRequest, SpeechAudioChunk
@@ -389,11 +389,9 @@ class Runner:
             if reader is not None and not reader.done():
                 reader.cancel()
         answer = result.text if result is not None and result.text else "".join(text)
-        shown, cut = shown_answer(answer, getattr(self.backend.preset.chat, "tool_format", ""))
-        if cut:  # llava-plus: the value alone; the media's places move with it
-            media = [dataclasses.replace(m, medium=dataclasses.replace(
-                m.medium, text_offset=min(max(0, m.medium.text_offset - cut), len(shown)))) for m in media]
-        return ChatOutcome(shown, media, result, groups, overlay, spoken=said, skill_calls=calls)
+        shown, cut = shown_answer(answer, getattr(self.backend.preset.chat, "tool_format", ""))  # llava-plus: value
+        return ChatOutcome(shown, shown_media(media, cut, shown), result, groups, overlay, spoken=said,
+                           skill_calls=calls)
 
     async def media_items(self, plan: ChatPlan, request: Request) -> tuple[str, list[Stored]]:
         """A one-medium plan (images / audio endpoints), guarded: (the LLM's text, the media by seed)."""

@@ -179,6 +179,15 @@ def shown_answer(text: str, tool_format: str) -> tuple[str, int]:
     return text[cut:].rstrip(), cut
 
 
+def shown_media(media: list, cut: int, shown: str) -> list:
+    """The answer's stored media (each with ``.medium.text_offset``) with their places moved to the shown text
+    (:func:`shown_answer` dropped ``cut`` characters before it; a medium inside the dropped part goes to 0)."""
+    if not cut:
+        return media
+    return [dataclasses.replace(m, medium=dataclasses.replace(
+        m.medium, text_offset=min(max(0, m.medium.text_offset - cut), len(shown)))) for m in media]
+
+
 class Shift:
     """Where a round's output goes in the whole answer: media indices after ``index_base``, text offsets after
     ``text_offset`` (both 0 in the first round, so a plan without skills is unchanged)."""
