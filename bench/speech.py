@@ -22,7 +22,9 @@ Run from the repository root::
     (the request spoken by the default voice with ``skills.tts`` at 24 kHz, sent as one ``input_audio`` WAV, no
     text). The medium is read by the toy checker and scored against what the request states
     (:func:`training.toyworld.evaluate.score_readings`); also the WER of the transcripts the answers report
-    (``message.input_transcripts``) and the latency of both (the spoken one adds the recognition).
+    (``message.input_transcripts``) and the latency of both (the spoken one adds the recognition). The server's
+    recogniser uses the toy preset's ``spoken_vocabulary`` (``--spoken-vocabulary none``: the generic model); the
+    same recordings are also transcribed here by pocketsphinx both ways (generic / vocabulary WER side by side).
 (c) Streaming. ``polymodal serve --no-ray --preset tiny`` runs in a subprocess; each request asks
     ``/v1/audio/speech`` for a 5-sentence text (``response_format: pcm``, ``stream_format: audio``). Time to the
     first audio bytes and to the last, p50 / p95, with 1 stream at a time and with ``--streams`` (16) at once;
@@ -271,6 +273,7 @@ async def spoken_requests(client, base: str, n: int, modalities: list[str], conc
         reqs = TW.draw_requests(m, n, seed)
         held = TW.check_heldout(m, [r for r, _, _ in reqs])
         wavs = [spoken_wav(synth, r) for r, _, _ in reqs]
+        side_by_side = recogniser_side_by_side([r for r, _, _ in reqs], wavs)
         typed = await _gather_limited([_chat_medium(client, base, m, r, 1_000 * seed + i)
                                        for i, (r, _, _) in enumerate(reqs)], concurrency)
         spoken = await _gather_limited([_chat_medium(client, base, m, [{"type": "input_audio", "input_audio": {
@@ -288,20 +291,45 @@ async def spoken_requests(client, base: str, n: int, modalities: list[str], conc
         errs = [word_errors(r, g["heard"] or "") for (r, _, _), g in zip(reqs, spoken)]
         res["spoken"]["transcript_wer"] = sum(e for e, _ in errs) / max(1, sum(k for _, k in errs))
         res["spoken"]["transcripts_exact"] = sum(e == 0 for e, _ in errs)
+        res["recogniser"] = side_by_side
         res["requests"] = [{"said": r, "heard": g["heard"], "asked": a, "read": dataclasses.asdict(g["reading"]),
                             "typed_read": dataclasses.asdict(t["reading"])}
                            for (r, _, a), g, t in zip(reqs, spoken, typed)]
         out[m] = res
         rows.append([m, n, f"{res['typed']['correct']}/{n}", res["typed"]["share"], f"{res['spoken']['correct']}/{n}",
-                     res["spoken"]["share"], res["spoken"]["transcript_wer"], res["typed"]["latency"]["p50_s"],
+                     res["spoken"]["share"], res["spoken"]["transcript_wer"], side_by_side["generic"]["wer"],
+                     side_by_side["vocabulary"]["wer"], res["typed"]["latency"]["p50_s"],
                      res["spoken"]["latency"]["p50_s"], res["typed"]["errors"] + res["spoken"]["errors"]])
         print(f"  {m}: typed {res['typed']['share']:.3f}, spoken {res['spoken']['share']:.3f}", flush=True)
     total = {k: sum(out[m][k]["correct"] for m in out) / max(1, n * len(out)) for k in ("typed", "spoken")}
     out["all"] = {"typed_share": total["typed"], "spoken_share": total["spoken"]}
-    rows.append(["all", n * len(modalities), "", total["typed"], "", total["spoken"], "", "", "", ""])
+    rows.append(["all", n * len(modalities), "", total["typed"], "", total["spoken"], "", "", "", "", "", ""])
     C.print_table("(b) toy-world held-out requests, typed vs spoken (input_audio, no text), toy preset, --no-ray",
-                  ["modality", "n", "typed", "share", "spoken", "share", "transcript WER", "typed p50 s",
-                   "spoken p50 s", "errors"], rows)
+                  ["modality", "n", "typed", "share", "spoken", "share", "served WER", "generic WER",
+                   "vocabulary WER", "typed p50 s", "spoken p50 s", "errors"], rows)
+    return out
+
+
+def recogniser_side_by_side(said: list[str], wavs: list[bytes]) -> dict:
+    """(b), the recogniser alone on the same recordings: pocketsphinx's generic language model vs the toy preset's
+    ``spoken_vocabulary`` (:data:`polymodal.presets.toy.SPOKEN_VOCABULARY_FILE`), WER and exact transcripts each."""
+    import io
+
+    import soundfile as sf
+
+    from polymodal.presets.toy import SPOKEN_VOCABULARY_FILE
+    from skills.asr import PocketsphinxASR, to_rate
+
+    asr = PocketsphinxASR()
+    out: dict = {"vocabulary_file": str(Path(SPOKEN_VOCABULARY_FILE).relative_to(C.ROOT))}
+    for label, vocab in (("generic", None), ("vocabulary", str(SPOKEN_VOCABULARY_FILE))):
+        heard = []
+        for w in wavs:
+            x, rate = sf.read(io.BytesIO(w), dtype="float32")
+            heard.append(asr.transcribe(to_rate(x, rate), vocabulary=vocab).text)
+        errs = [word_errors(r, h) for r, h in zip(said, heard)]
+        out[label] = {"wer": sum(e for e, _ in errs) / max(1, sum(k for _, k in errs)),
+                      "exact": sum(e == 0 for e, _ in errs), "heard": heard}
     return out
 
 
@@ -373,12 +401,20 @@ async def chat_streaming(client, base: str, levels: list[int], runs: int) -> dic
 
 
 async def toy_server_parts(parts: set[str], n: int, modalities: list[str], concurrency: int, levels: list[int],
-                           runs: int, on_part=None) -> dict:
+                           runs: int, on_part=None, vocabulary: bool = True) -> dict:
     import httpx
 
     port = C.free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = _serve(port, "toy", request_timeout_s=900)  # a loaded box: no 503 / 504 from admission
+    preset = "toy"
+    if not vocabulary:  # the toy preset as it is, but with pocketsphinx's generic language model
+        import tempfile
+
+        from polymodal.presets import get_preset
+
+        preset = str(Path(tempfile.mkdtemp(prefix="speech-bench-")) / "toy-generic-asr.yaml")
+        Path(preset).write_text(get_preset("toy").model_copy(update={"spoken_vocabulary": None}).to_yaml())
+    proc = _serve(port, preset, request_timeout_s=900)  # a loaded box: no 503 / 504 from admission
     out = {}
     try:
         t0 = time.perf_counter()
@@ -388,6 +424,7 @@ async def toy_server_parts(parts: set[str], n: int, modalities: list[str], concu
             if "b" in parts:
                 t0 = time.perf_counter()
                 out["spoken_requests"] = await spoken_requests(client, base, n, modalities, concurrency)
+                out["spoken_requests"]["served_vocabulary"] = "toy preset's" if vocabulary else "generic"
                 out["spoken_requests"]["wall_s"] = time.perf_counter() - t0
                 if on_part is not None:
                     on_part(out)
@@ -412,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-spoken", type=int, default=60, help="held-out requests per modality for (b) (--quick: 6)")
     p.add_argument("--spoken-modalities", default="image,audio,video", help="modalities of (b)")
     p.add_argument("--concurrency", type=int, default=4, help="chat requests at once in (b)")
+    p.add_argument("--spoken-vocabulary", choices=("preset", "none"), default="preset",
+                   help="(b)'s server: the toy preset's spoken_vocabulary (preset) or pocketsphinx's generic language "
+                        "model (none); the recogniser-alone columns show both either way")
     p.add_argument("--chat-streams", default="1,4", help="concurrent streams of (c-chat), comma-separated levels")
     p.add_argument("--chat-runs", type=int, default=8, help="streams per level of (c-chat) (--quick: 2)")
     p.add_argument("--streams", type=int, default=16, help="concurrent streams of (c) (--quick: 4)")
@@ -441,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         results.update(asyncio.run(toy_server_parts(
             parts, 6 if args.quick else args.n_spoken, [m for m in args.spoken_modalities.split(",") if m],
             args.concurrency, [1, 2] if args.quick else levels, 2 if args.quick else args.chat_runs,
-            on_part=lambda part: C.finish({**results, **part, "partial": True}, args.out) if args.out else None)))
+            on_part=lambda part: C.finish({**results, **part, "partial": True}, args.out) if args.out else None,
+            vocabulary=args.spoken_vocabulary == "preset")))
     C.finish(results, args.out)
     return 0
 

@@ -222,6 +222,13 @@ class PresetConfig(_Model):
         "{transcript}'. It changes the prompt the model was trained on, so it is opt-in per preset. None: spoken "
         "input reaches the LLM only through the audio encoder and is not transcribed"
     )
+    spoken_vocabulary: str | None = Field(
+        None, description="a sentence corpus file (one sentence per line: lower-case words, numbers spelled out, "
+        "no punctuation) that the speech stage's pocketsphinx recogniser takes as its language model for this "
+        "preset's spoken input (a 3-gram model of the corpus plus the generic model's most frequent words; "
+        "skills.asr.BACKGROUND_WORDS); the transcription endpoint keeps the generic model. It must be readable "
+        "where the speech stage runs (checked at start). None: the generic model"
+    )
 
     @field_validator("spoken_transcript")
     @classmethod

@@ -13,7 +13,8 @@ parts. What is checked:
   ``POLYMODAL_VICUNA_V0`` for ``nextgpt-7b``);
 - every encoder's and decoder's weights of the served modalities (a local folder or file that exists; the
   ImageBind package for ``imagebind``), and every projector ``checkpoint`` file of the preset;
-- the export (``--projectors``, else the preset's own ``export_dir``): :func:`polymodal.export.export_problems`.
+- the export (``--projectors``, else the preset's own ``export_dir``): :func:`polymodal.export.export_problems`;
+- the preset's ``spoken_vocabulary`` file (readable; its words are checked when the speech stage first uses it).
 
 A hub id (``org/name``) that is not in the local hub cache is not an error while the hub may be reachable (it is
 downloaded at load); with ``HF_HUB_OFFLINE`` set it is. Either way it is named in the message when the start fails
@@ -202,6 +203,9 @@ def check_start(preset: str | PresetConfig, *, export_dir: str | os.PathLike | N
     _check_cache(str(cache) if cache else os.environ.get("POLYMODAL_CACHE"), found)
     _check_llm(p, found)
     _check_parts(p, modalities, found)
+    if p.spoken_vocabulary and not os.access(p.spoken_vocabulary, os.R_OK):
+        found.problems.append(f"spoken_vocabulary {p.spoken_vocabulary!r} of preset {p.name!r}: no such file or not "
+                              "readable")
     export = str(export_dir) if export_dir else p.export_dir
     if export:
         from polymodal.export import export_problems

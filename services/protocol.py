@@ -211,7 +211,9 @@ class SpeechAudioChunk:
 @dataclass(frozen=True, eq=False)
 class TranscriptionRequest:
     """Audio to transcribe: float32 (S,) mono ``samples`` at ``sample_rate_hz`` (the stage resamples to its
-    recogniser's rate); ``language`` an ISO 639-1 code or ``None``; ``prompt`` / ``temperature`` for Whisper."""
+    recogniser's rate); ``language`` an ISO 639-1 code or ``None``; ``prompt`` / ``temperature`` for Whisper;
+    ``vocabulary`` a sentence corpus file on the speech stage's host that restricts pocketsphinx's language model
+    (the preset's :attr:`~polymodal.config.PresetConfig.spoken_vocabulary`; never set from a client's request)."""
 
     request_id: str
     samples: np.ndarray
@@ -219,6 +221,7 @@ class TranscriptionRequest:
     language: str | None = None
     prompt: str | None = None
     temperature: float = 0.0
+    vocabulary: str | None = None
 
 
 # ---- stage seams ---------------------------------------------------------------------------------------

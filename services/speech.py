@@ -165,11 +165,16 @@ class SpeechWorker:
 
     # ---- recognition ----------------------------------------------------------------------------------------
     def _transcribe(self, request: TranscriptionRequest) -> Transcript:
-        from skills.base import SkillError
+        from skills.base import SkillError, SkillLoadError
 
         try:
             return self.asr.transcribe(request.samples, request.sample_rate_hz, language=request.language,
-                                       prompt=request.prompt, temperature=request.temperature)
+                                       prompt=request.prompt, temperature=request.temperature,
+                                       vocabulary=request.vocabulary)
+        except SkillLoadError as e:  # the preset's vocabulary (checked at start: polymodal.preflight)
+            self.last_error = str(e)
+            raise APIError(500, f"speech recognition cannot use its vocabulary: {e}", type="server_error",
+                           code="speech_failed") from None
         except SkillError as e:
             if e.code == "invalid_arguments":
                 raise bad_request(f"language: {e}", param="language", code="unsupported_language") from None

@@ -268,6 +268,80 @@ def test_transcript_only_silence_alone_is_refused():
     assert t["text"] == "" and t["sent_to_llm"] is False and len(rec.requests) == 2
 
 
+# ---- a preset's spoken vocabulary (the toy's: what its users are trained to say) --------------------------------
+def test_the_toy_vocabulary_is_current_and_holds_no_held_out_request():
+    """The shipped corpus is what :func:`spoken_corpus` writes today (regenerate with ``write_spoken_corpus``), the
+    toy preset names it, and no held-out request or plain question is a line of it."""
+    from polymodal.presets import get_preset
+    from polymodal.presets.toy import SPOKEN_VOCABULARY_FILE
+    from training.toyworld import phrasings as P
+
+    shipped = [ln for ln in SPOKEN_VOCABULARY_FILE.read_text().splitlines() if not ln.startswith("#")]
+    assert shipped == P.spoken_corpus(), ("stale: .venv/bin/python -c 'from training.toyworld.phrasings import "
+                                          "write_spoken_corpus as w; w(\"polymodal/assets/toy/spoken-vocabulary.txt\")'")
+    assert get_preset("toy").spoken_vocabulary == str(SPOKEN_VOCABULARY_FILE)
+    assert P.spoken_sentence("What is 47 - 3D?") == "what is forty seven three d"
+    lines = set(shipped)
+    held = {P.spoken_sentence(r) for m in P.HELDOUT_REQUESTS for r in P.all_prompts(m, heldout=True)}
+    held |= {P.spoken_sentence(q) for q in P.plain_questions(200)}
+    assert held and not held & lines
+
+
+def test_a_vocabulary_steers_pocketsphinx_and_leaves_the_generic_model_alone(speech_worker):
+    """Spoken held-out audio requests: with the toy vocabulary the transcripts name the asked pitch and timbre at
+    least as often as with the generic model (which hears "sine" as "sign"), and at least 5 of 6; a generic call
+    after the vocabulary's is the same as before it (one decoder pool per language model)."""
+    import soundfile as sf
+
+    from polymodal.presets.toy import SPOKEN_VOCABULARY_FILE
+    from training.toyworld.phrasings import requests
+
+    asr, vocab = speech_worker.asr, str(SPOKEN_VOCABULARY_FILE)
+    named = {"generic": 0, "vocabulary": 0}
+    first_generic = None
+    for said, _, asked in requests("audio", 6, heldout=True, seed=3):
+        x, rate = sf.read(io.BytesIO(spoken_wav(said)), dtype="float32")
+        generic, steered = asr.transcribe(x, rate).text, asr.transcribe(x, rate, vocabulary=vocab).text
+        first_generic = first_generic or (x, rate, generic)
+        for key, text in (("generic", generic), ("vocabulary", steered)):
+            named[key] += all(v in text.split() for v in asked.values())
+    assert named["vocabulary"] >= max(5, named["generic"]), named
+    x, rate, generic = first_generic
+    assert asr.transcribe(x, rate).text == generic
+    assert vocab in asr.asr.describe()["vocabularies"]
+
+
+def test_a_vocabulary_that_cannot_be_used_is_a_clear_error(speech_worker, tmp_path):
+    """Words the dictionary lacks are named, an empty corpus is refused, and a preset whose vocabulary file is
+    missing does not start (:func:`polymodal.preflight.check_start`)."""
+    from polymodal.preflight import StartupError, check_start
+    from polymodal.presets import get_preset
+    from skills.base import SkillLoadError
+
+    odd, empty = tmp_path / "odd.txt", tmp_path / "empty.txt"
+    odd.write_text("draw a red zzqxj\n")
+    empty.write_text("# nothing\n\n")
+    x = np.zeros(8000, np.float32)
+    with pytest.raises(SkillLoadError, match="zzqxj"):
+        speech_worker.asr.transcribe(x, 16000, vocabulary=str(odd))
+    with pytest.raises(SkillLoadError, match="holds no sentence"):
+        speech_worker.asr.transcribe(x, 16000, vocabulary=str(empty))
+    tiny = get_preset("tiny")
+    with pytest.raises(StartupError, match="spoken_vocabulary .*missing.txt"):
+        check_start(tiny.model_copy(update={"spoken_vocabulary": str(tmp_path / "missing.txt")}))
+
+
+def test_the_presets_vocabulary_goes_with_each_spoken_part_only():
+    """Chat sends the preset's vocabulary with every transcription it asks for."""
+    rec = FakeRecogniser("a high sine tone")
+    preset, _, decoders = fake_stages((Modality.IMAGE,))
+    preset = preset.model_copy(update={"spoken_transcript": MARK, "spoken_vocabulary": "/srv/said.txt"})
+    app = build_app(LocalBackend(preset, FakeLLMStage(), decoders, speech=rec), ServerSettings())
+    [r] = post_all(app, [{"messages": audio_message(audio_bytes(tone()[0], 22050))}])
+    assert r.status_code == 200, r.text
+    assert [q.vocabulary for q in rec.requests] == ["/srv/said.txt"]
+
+
 # ---- the toy preset, the real path end to end in process --------------------------------------------------------
 def _toy_built() -> bool:
     from polymodal.presets.toy import toy_root

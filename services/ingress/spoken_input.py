@@ -113,7 +113,8 @@ class SpokenInput:
         if self.format is None or sound is None:
             return
         request = TranscriptionRequest(f"{self.request_id}-{message_index}-{content_index}", sound.data,
-                                       int(sound.sample_rate_hz or 16000))
+                                       int(sound.sample_rate_hz or 16000),
+                                       vocabulary=self.backend.preset.spoken_vocabulary)
         self._tasks[id(part)] = (message_index, content_index,
                                  asyncio.ensure_future(self.backend.transcribe(request)))
 

@@ -13,6 +13,7 @@ decoders and the aligned LLM do).
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -371,3 +372,48 @@ def plain_training_questions(seed: int = 0) -> list[str]:
         assert_disjoint(all_prompts(m, heldout=True), bank)
     order = rng.permutation(len(bank))
     return [bank[i] for i in order]
+
+
+SPOKEN_VOCABULARY = "spoken-vocabulary.txt"
+"""The toy presets' spoken-input corpus in the shipped build (``polymodal/assets/toy``; :func:`write_spoken_corpus`)."""
+
+
+def spoken_sentence(text: str) -> str:
+    """``text`` as a line of a recogniser's corpus: numbers spelled out (num2words: "47" -> "forty seven"),
+    lower-case words, no punctuation (apostrophes kept: "what's")."""
+    import re
+
+    from num2words import num2words
+
+    spelled = re.sub(r"\d+", lambda m: f" {num2words(int(m.group()))} ", text).replace("-", " ")
+    return " ".join(re.findall(r"[a-z]+(?:'[a-z]+)*", spelled.lower()))
+
+
+def spoken_corpus() -> list[str]:
+    """What a toy user is trained to say, as a recogniser's corpus (issue #26: the ``toy`` presets'
+    :attr:`~polymodal.config.PresetConfig.spoken_vocabulary`): every training request of every modality
+    (:func:`all_prompts`, ``heldout=False``) and the training bank of plain questions
+    (:func:`plain_training_questions`), each through :func:`spoken_sentence`, unique, sorted. No held-out request or
+    question is in it (their words may be: the attributes are shared). A line with a word that pocketsphinx's
+    dictionary cannot pronounce is left out (5 words today: "torus", "cm", "czechia", "audiobook", "houseplants"; the
+    recogniser refuses a corpus with such words)."""
+    import pocketsphinx
+
+    with open(Path(pocketsphinx.get_model_path()) / "en-us" / "cmudict-en-us.dict", encoding="utf-8") as f:
+        known = {ln.split(None, 1)[0].split("(", 1)[0] for ln in f if ln.strip()}
+    lines = {spoken_sentence(p) for m in TRAIN_REQUESTS for p in all_prompts(m, heldout=False)}
+    lines |= {spoken_sentence(q) for q in plain_training_questions()}
+    return sorted(ln for ln in lines if ln and set(ln.split()) <= known)
+
+
+def write_spoken_corpus(path: str | Path) -> Path:
+    """Write :func:`spoken_corpus` (a comment line first) to ``path`` (atomically) and return it."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("# polymodal toy world: training requests and plain questions, as said "
+                   "(training.toyworld.phrasings.spoken_corpus)\n" + "\n".join(spoken_corpus()) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, path)
+    return path
