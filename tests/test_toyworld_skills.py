@@ -147,6 +147,56 @@ def test_a_client_sees_the_value_of_a_llava_plus_answer():
     assert shown_answer(media, "llava-plus") == (media, 0)
 
 
+def test_streams_and_spoken_answers_show_what_the_whole_answer_shows():
+    """:class:`ShownText` fed any cut of a LLaVA-Plus answer shows what :func:`shown_answer` shows of the whole (a
+    skill call between the rounds drops the first round's thoughts), maps offsets onto the shown text, and leaves an
+    ordinary answer and other formats as written; a spoken answer speaks the shown text."""
+    import asyncio
+
+    import numpy as np
+
+    from services.ingress.skill_loop import ShownText, shown_answer
+    from services.ingress.spoken import SpokenAnswer
+
+    round1 = '"thoughts🤔" I need the number of red shapes, so I use count.'
+    round2 = '"thoughts🤔" count returned: 2 red shapes.\n"value👉"  There are 2 red shapes.'
+    plain = "Here is a drawing of a blue triangle."
+    rng = np.random.default_rng(0)
+    for fmt, rounds in (("llava-plus", [round1, round2]), ("llava-plus", [plain]), ("hermes", [round1, round2]),
+                        ("llava-plus", ['"thoughts🤔" no marker here'])):
+        whole = "".join(rounds)
+        for _ in range(20):
+            st, out = ShownText(fmt), []
+            for k, r in enumerate(rounds):
+                cuts = sorted(set(rng.integers(0, len(r) + 1, size=4).tolist()) | {0, len(r)})
+                out += [st.feed(r[a:b]) for a, b in zip(cuts, cuts[1:])]
+                if k < len(rounds) - 1:
+                    st.next_round()
+            out.append(st.finish())
+            shown, cut = shown_answer(whole, fmt)
+            assert "".join(out).rstrip() == shown, (fmt, out)
+            if cut:
+                assert st.offset(len(whole)) == len("".join(out)) and st.offset(cut) == 0
+                assert st.offset(len(round1)) == 0  # inside the dropped thoughts: where the shown text is then
+
+    class NoSpeech:
+        async def synthesize(self, request):
+            return
+            yield
+
+    async def speak():
+        sa = SpokenAnswer(NoSpeech(), "r", tool_format="llava-plus")
+        sa.on_event("text", round1)
+        sa.on_event("skill_call", None)
+        for piece in (round2[:20], round2[20:]):
+            sa.on_event("text", piece)
+        sa.finish()
+        [_ async for _ in sa.chunks()]
+        return sa.text
+
+    assert asyncio.run(speak()) == "There are 2 red shapes."
+
+
 def test_the_toy_skills_preset_declares_llava_plus_and_says_how_to_build_it(tmp_path):
     from polymodal.presets import PRESET_SKILLS, PRESETS, get_preset
     from polymodal.presets.toy import ASSETS, SKILLS_EXPORT, toy_preset, toy_skills_preset
@@ -300,12 +350,16 @@ def test_through_the_service_a_llava_plus_answer_shows_its_value_and_the_real_co
     stage = LlavaPlusScriptedStage()
     app = build_app(LocalBackend(preset, stage, {}, skill_host=SkillHost.build(["count"])),
                     ServerSettings(request_timeout_s=60))
+    body = {"model": "tiny", "skills": ["count"], "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": scene.question}]}]}
     for base in serve_app(app):
-        r = httpx.post(base + "/v1/chat/completions", timeout=60, json={
-            "model": "tiny", "skills": ["count"], "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": scene.question}]}]})
+        r = httpx.post(base + "/v1/chat/completions", timeout=60, json=body)
+        streamed = httpx.post(base + "/v1/chat/completions", timeout=60, json={**body, "stream": True})
     assert r.status_code == 200, r.text
     msg = r.json()["choices"][0]["message"]
+    deltas = [json.loads(ln[6:])["choices"][0]["delta"] for ln in streamed.text.splitlines()
+              if ln.startswith("data: {") and '"choices"' in ln]
+    assert "".join(d.get("content") or "" for d in deltas).strip() == msg["content"]  # the stream shows the same
     assert [c["name"] for c in msg["skill_calls"]] == ["count"]
     want = f"There are {scene.truth} red shapes."
     if tool_format == "llava-plus":

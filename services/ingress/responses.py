@@ -43,7 +43,7 @@ from services.ingress.payloads import Piece, Splicer
 from services.ingress.planning import ChatPlan
 from services.ingress.audio_formats import encode_chunks
 from services.ingress.running import ChatOutcome, Reserved, SpokenAudio, Stored
-from services.ingress.skill_loop import SkillCall
+from services.ingress.skill_loop import ShownText, SkillCall
 from services.ingress.spoken_input import transcripts_json
 from services.metrics import APIMetrics
 from services.protocol import SpeechAudioChunk
@@ -316,6 +316,8 @@ class StreamChunks:
         self._calls = 0
         self.skill_calls: list[SkillCall] = []
         self.splicer = Splicer()
+        # the text a client sees (a LLaVA-Plus answer: after "value👉"); offsets of references follow it
+        self.shown = ShownText(getattr(responses.preset.chat, "tool_format", ""))
 
     def _content(self, piece: str) -> list[bytes]:
         if not piece:
@@ -349,8 +351,9 @@ class StreamChunks:
             n = self._number(st.medium.modality, st.artifact)
             if not self.plan.json_content:
                 md = self.r.reference(st.medium.modality, n, st.artifact, self.base_url)
-                frames += self._content(self.content.reference(st.medium.text_offset, md))
+                frames += self._content(self.content.reference(self.shown.offset(st.medium.text_offset), md))
             frames += self.medium(st)
+        self.shown.next_round()
         return frames
 
     def opening(self) -> bytes:
@@ -360,8 +363,10 @@ class StreamChunks:
         return self.r.chunk(self.plan, self.created, {"role": "assistant", "content": "", **heard})
 
     def text(self, value: str) -> list[bytes]:
-        self._text.append(value)
-        return self._content(self.content.text(value))
+        """The model's next text: the part a client sees (:class:`~services.ingress.skill_loop.ShownText`)."""
+        shown = self.shown.feed(value)
+        self._text.append(shown)
+        return self._content(self.content.text(shown)) if shown else []
 
     def _number(self, modality: Modality, art: Artifact) -> int:
         self._counts[modality] = n = self._counts.get(modality, 0) + 1
@@ -377,7 +382,7 @@ class StreamChunks:
             if self.plan.json_content:
                 continue
             md = self.r.reference(r.group.modality, n, art, self.base_url)
-            frames += self._content(self.content.reference(r.group.text_offset, md))
+            frames += self._content(self.content.reference(self.shown.offset(r.group.text_offset), md))
         return frames
 
     def medium(self, s: Stored) -> list[Piece]:
@@ -412,15 +417,19 @@ class StreamChunks:
         s, _ = overlay
         n = self._number(Modality.IMAGE, s.artifact)
         frames = [] if self.plan.json_content else self._content(self.content.reference(
-            len(result.text), self.r.reference(Modality.IMAGE, n, s.artifact, self.base_url)))
+            self.shown.offset(len(result.text)), self.r.reference(Modality.IMAGE, n, s.artifact, self.base_url)))
         item = self.r.array_item(Modality.IMAGE, self.r.url(s, self.plan.media_format, self.base_url), n)
         return [*frames, self.r.chunk(self.plan, self.created,
                                         {Modality.IMAGE.spec.answer_field: [{**item, "overlay": True}]})]
 
     def finish(self, result: LLMResult) -> list[bytes]:
         """References still waiting, the closing ``delta`` with ``finish_reason`` (``boxes`` for a grounding model),
-        then the usage chunk when the request asked for it."""
-        out = self._content(self.content.finish())
+        then the usage chunk when the request asked for it (first, text still held: thoughts that never reached
+        a value marker, shown as written)."""
+        held = self.shown.finish()
+        self._text.append(held)
+        out = self._content(self.content.text(held)) if held else []
+        out += self._content(self.content.finish())
         if self._logprobs:  # entries whose text never came (held-back whitespace)
             out.append(self.r.chunk(self.plan, self.created, {"content": ""},
                                     logprobs=self.r.logprobs_json(self._logprobs)))

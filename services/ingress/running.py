@@ -325,9 +325,8 @@ class Runner:
 
     def spoken_answer(self, plan: ChatPlan) -> SpokenAnswer | None:
         """The plan's spoken answer (``audio.voice``), fed the text as it arrives; ``None`` when not asked."""
-        if plan.speech is None:
-            return None
-        return SpokenAnswer(self.backend, plan.request_id, voice=plan.speech.voice)
+        return None if plan.speech is None else SpokenAnswer(self.backend, plan.request_id, voice=plan.speech.voice,
+                                                              tool_format=self.backend.preset.chat.tool_format)
 
     def reserve_speech(self) -> Artifact:
         """The artifact a spoken answer's WAV goes into (its id is ``message.audio.id`` / ``delta.audio.id``)."""
@@ -360,10 +359,10 @@ class Runner:
         reader = asyncio.ensure_future(read()) if spoken is not None else None
         try:
             async for kind, value in self.events(plan):
+                if spoken is not None:  # spoken as shown (SpokenAnswer.on_event)
+                    spoken.on_event(kind, value)
                 if kind == "text":
                     text.append(value)
-                    if spoken is not None:
-                        spoken.feed(value)
                 elif kind == "medium":
                     media.append(value)
                 elif kind == "skill_call":

@@ -164,7 +164,7 @@ def shown_answer(text: str, tool_format: str) -> tuple[str, int]:
     actions block is parsed into the call; its thoughts stay in the text); the client gets the answer alone, the text
     after the last ``"value👉"`` (LLaVA-Plus's ``value``, what its demo shows), the thoughts and markers dropped (the
     calls and their results are in ``message.skill_calls``). A text without the marker (an ordinary request's
-    answer, media included) is shown as it is. Other formats: unchanged. Streamed deltas carry the raw text.
+    answer, media included) is shown as it is. Other formats: unchanged. Streams and spoken answers: :class:`ShownText`.
     """
     if tool_format != "llava-plus":
         return text, 0
@@ -177,6 +177,80 @@ def shown_answer(text: str, tool_format: str) -> tuple[str, int]:
     rest = text[cut:]
     cut += len(rest) - len(rest.lstrip())
     return text[cut:].rstrip(), cut
+
+
+class ShownText:
+    """:func:`shown_answer` as the text arrives (a streamed answer's deltas, the text a spoken answer speaks).
+
+    ``llava-plus``: a round whose text opens with ``"thoughts🤔"`` is held until its ``"value👉"``; what follows the
+    marker (leading spaces dropped) is shown as it comes; a round that does not open with the marker is shown as it
+    comes; :meth:`next_round` after each skill call (a new round may open with thoughts again); :meth:`finish`
+    returns what is still held (thoughts without a value marker are shown as written, as :func:`shown_answer` shows
+    a text without the marker). :meth:`offset` maps a character offset of the model's text to the shown text (an
+    offset inside a dropped part maps to where the shown text is at that point). Other formats: everything is
+    shown, offsets unchanged.
+    """
+
+    def __init__(self, tool_format: str):
+        self.active = tool_format == "llava-plus"
+        self.mode = "probe" if self.active else "show"
+        self.text = ""  # the model's text so far
+        self.pos = 0  # characters of it decided (shown or dropped)
+        self.kept: list[tuple[int, int]] = []  # shown ranges [start, end) of the model's text
+
+    def _show(self, end: int) -> str:
+        piece = self.text[self.pos:end]
+        if piece:
+            self.kept.append((self.pos, end))
+        self.pos = end
+        return piece
+
+    def feed(self, piece: str) -> str:
+        """The model's next text -> the part to show now (maybe ``""``)."""
+        from polymodal.constrained.tools import LLAVA_PLUS_THOUGHTS, LLAVA_PLUS_VALUE
+
+        self.text += piece
+        while True:
+            if self.mode == "show":
+                return self._show(len(self.text))
+            rest = self.text[self.pos:]
+            if self.mode == "probe":
+                opening = rest.lstrip()
+                if opening.startswith(LLAVA_PLUS_THOUGHTS.strip()):
+                    self.mode = "hold"
+                elif LLAVA_PLUS_THOUGHTS.startswith(opening):
+                    return ""  # too short to tell
+                else:
+                    self.mode = "show"
+            elif self.mode == "hold":
+                at = rest.find(LLAVA_PLUS_VALUE)
+                if at < 0:
+                    return ""
+                self.pos += at + len(LLAVA_PLUS_VALUE)
+                self.mode = "lead"
+            else:  # lead: the spaces after the value marker
+                skip = len(rest) - len(rest.lstrip())
+                self.pos += skip
+                if self.pos == len(self.text):
+                    return ""
+                self.mode = "show"
+
+    def next_round(self) -> None:
+        """A skill call ended the round (its thoughts, still held, are dropped): the next may open with thoughts."""
+        if self.active:
+            if self.mode != "show":
+                self.pos = len(self.text)
+            self.mode = "probe"
+
+    def finish(self) -> str:
+        """What is still held, shown as written (a round of thoughts that never reached a value marker)."""
+        if self.mode in ("probe", "hold"):
+            return self._show(len(self.text))
+        return ""
+
+    def offset(self, raw: int) -> int:
+        """A character offset of the model's text -> the offset in the shown text."""
+        return sum(min(end, raw) - start for start, end in self.kept if start < raw)
 
 
 def shown_media(media: list, cut: int, shown: str) -> list:

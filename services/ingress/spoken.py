@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from polymodal.sentences import SentenceStream
 
 from services.errors import bad_request
+from services.ingress.skill_loop import ShownText
 from services.protocol import Backend, SpeechAudioChunk, SpeechRequest
 from services.schemas import ChatCompletionRequest
 
@@ -36,8 +37,10 @@ class SpokenAnswer:
         voice / speed: as ``/v1/audio/speech``'s. A bad voice surfaces from :meth:`chunks` as the stage's 400.
     """
 
-    def __init__(self, backend: Backend, request_id: str, voice: str | None = None, speed: float = 1.0):
+    def __init__(self, backend: Backend, request_id: str, voice: str | None = None, speed: float = 1.0,
+                 tool_format: str = ""):
         self.backend, self.request_id, self.voice, self.speed = backend, request_id, voice, speed
+        self.shown = ShownText(tool_format)  # what is spoken is what a client sees (LLaVA-Plus: no thoughts)
         self.text = ""
         self._sentences = SentenceStream()
         self._todo: asyncio.Queue = asyncio.Queue()
@@ -45,10 +48,25 @@ class SpokenAnswer:
         self._task: asyncio.Task | None = None
         self._finished = False
 
+    def on_event(self, kind: str, value) -> None:
+        """An event of :meth:`services.ingress.running.Runner.events`: its text is fed; a skill call starts a new
+        round of :class:`~services.ingress.skill_loop.ShownText`; the rest is not spoken."""
+        if kind == "text":
+            self.feed(value)
+        elif kind == "skill_call":
+            self.shown.next_round()
+
     def feed(self, delta: str) -> None:
-        """Add a piece of the answer's text; every sentence it completes is queued for speaking."""
+        """Add a piece of the model's text; every sentence of the shown text it completes is queued for speaking.
+
+        Raises:
+            RuntimeError: after :meth:`finish`.
+        """
         if self._finished:
             raise RuntimeError("feed() after finish()")
+        self._add(self.shown.feed(delta))
+
+    def _add(self, delta: str) -> None:
         self.text += delta
         for sentence in self._sentences.feed(delta):
             self._queue(sentence)
@@ -56,6 +74,7 @@ class SpokenAnswer:
     def finish(self) -> None:
         """The text is complete: queue its last sentence(s)."""
         if not self._finished:
+            self._add(self.shown.finish())
             self._finished = True
             for sentence in self._sentences.flush():
                 self._queue(sentence)

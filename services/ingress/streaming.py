@@ -72,8 +72,8 @@ async def sse(runner: Runner, responses: Responses, metrics: APIMetrics, timeout
     async def pump() -> None:
         try:
             async for ev in runner.events(plan):
-                if spoken is not None and ev[0] == "text":
-                    spoken.feed(ev[1])
+                if spoken is not None:
+                    spoken.on_event(*ev)
                 queue.put_nowait(("event", ev))
             queue.put_nowait(("end", None))
         except asyncio.CancelledError:
