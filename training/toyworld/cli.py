@@ -125,6 +125,10 @@ def build(
     request_weight: Annotated[Optional[list[str]], typer.Option(
         "--request-weight", help="MODALITY=W: W times as many instruct-stage requests of that modality (repeatable; "
         "e.g. video=2)")] = None,
+    mosit_edit_weight: Annotated[Optional[float], typer.Option(
+        help="weight of the MosIT edit dialogues (issue #27: a shared toy image and a recolour / reshape instruction "
+        "answered with the edited image) beside the other modes' (1.0 each); default: the build's (0, none)",
+        min=0)] = None,
 ) -> None:
     """Build the whole toy world: data, toy decoders and encoder, MosIT dialogues, the three alignment stages.
 
@@ -140,7 +144,7 @@ def build(
 
     try:
         given = {"plain_dialogues": plain_dialogues, "plain_bank": plain_bank, "continue_steps": continue_steps,
-                 "skill_use_steps": skill_use_steps,
+                 "skill_use_steps": skill_use_steps, "mosit_edit_weight": mosit_edit_weight,
                  "instruct_request_weights": _weights(request_weight) if request_weight else None}
         settings = BuildSettings(step_scale=step_scale, **{k: v for k, v in given.items() if v is not None})
         manifest = run(out, settings, work=work, progress=True, grounding=grounding,
