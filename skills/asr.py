@@ -78,6 +78,17 @@ def to_rate(samples: np.ndarray, sample_rate_hz: int, target_hz: int = ASR_SAMPL
     return np.clip(a, -1.0, 1.0)
 
 
+def dictionary_words(path: str | Path | None = None) -> set[str]:
+    """The words of a pocketsphinx pronunciation dictionary (default: the wheel's ``cmudict-en-us.dict``;
+    alternatives such as ``the(2)`` folded): the words a vocabulary corpus may use."""
+    if path is None:
+        import pocketsphinx
+
+        path = Path(pocketsphinx.get_model_path()) / "en-us" / "cmudict-en-us.dict"
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return {ln.split(None, 1)[0].split("(", 1)[0] for ln in f if ln.strip()}
+
+
 class ASRBackend:
     """A speech recogniser: float32 16 kHz samples -> :class:`Transcript`. Thread-safe."""
 
@@ -203,7 +214,7 @@ class PocketsphinxASR(ASRBackend):
             sentences = [ln for ln in lines if ln and not ln.startswith("#")]
             if not sentences:
                 raise SkillLoadError(f"ASR: the vocabulary {vocabulary!r} holds no sentence (one per line)")
-            known = self._dictionary_words()
+            known = dictionary_words(self.model_files["dict"])
             unknown = sorted({w for ln in sentences for w in ln.split()} - known)
             if unknown:
                 raise SkillLoadError(f"ASR: the vocabulary {vocabulary!r} uses {len(unknown)} word(s) that "
@@ -223,10 +234,6 @@ class PocketsphinxASR(ASRBackend):
             self._pools.setdefault(vocabulary, queue.SimpleQueue())
             return path
 
-    def _dictionary_words(self) -> set[str]:
-        """The pronunciation dictionary's words (alternatives such as ``the(2)`` folded)."""
-        with open(self.model_files["dict"], encoding="utf-8", errors="replace") as f:
-            return {ln.split(None, 1)[0].split("(", 1)[0] for ln in f if ln.strip()}
 
     def _decode(self, decoder, pcm: bytes, cmn: str) -> None:
         decoder.set_cmn(cmn)

@@ -57,7 +57,7 @@ SIGNAL_COUNTS = {IMAGE: 4, AUDIO: 4, VIDEO: 8}
 MANIFEST = "toyworld-decoders.json"
 SPOKEN_VOCABULARY_FILE = ASSETS / "spoken-vocabulary.txt"
 """The toy presets' :attr:`~polymodal.config.PresetConfig.spoken_vocabulary` (package data, written by
-``training.toyworld.phrasings.write_spoken_corpus``; ``tests/test_speech_vocabulary.py`` keeps it current)."""
+``training.toyworld.phrasings.write_spoken_corpus``; ``tests/test_spoken_input.py`` keeps it current)."""
 TOY_SPOKEN_TRANSCRIPT = "{transcript}"
 """The toy preset's :attr:`~polymodal.config.PresetConfig.spoken_transcript`: the transcript as plain user text."""
 
@@ -195,7 +195,7 @@ def toy_preset(root: str | Path | None = None, *, aligned: bool = True) -> Prese
         # (bench/speech.py (b): spoken held-out requests score near the typed ones)
         spoken_transcript=TOY_SPOKEN_TRANSCRIPT,
         # what a toy user is trained to say, as the recogniser's language model (bench/speech.py (b): spoken audio
-        # requests 67 % with the generic model; see the README's Speech section)
+        # requests 91.7 % with it, 65.0 % with the generic model; see the README's Speech section)
         spoken_vocabulary=str(SPOKEN_VOCABULARY_FILE),
     )
 

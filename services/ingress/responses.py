@@ -317,7 +317,7 @@ class StreamChunks:
         self.skill_calls: list[SkillCall] = []
         self.splicer = Splicer()
         # the text a client sees (a LLaVA-Plus answer: after "value👉"); offsets of references follow it
-        self.shown = ShownText(getattr(responses.preset.chat, "tool_format", ""))
+        self.shown = ShownText(responses.preset.chat.tool_format)
 
     def _content(self, piece: str) -> list[bytes]:
         if not piece:

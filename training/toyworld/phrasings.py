@@ -397,10 +397,9 @@ def spoken_corpus() -> list[str]:
     question is in it (their words may be: the attributes are shared). A line with a word that pocketsphinx's
     dictionary cannot pronounce is left out (5 words today: "torus", "cm", "czechia", "audiobook", "houseplants"; the
     recogniser refuses a corpus with such words)."""
-    import pocketsphinx
+    from skills.asr import dictionary_words
 
-    with open(Path(pocketsphinx.get_model_path()) / "en-us" / "cmudict-en-us.dict", encoding="utf-8") as f:
-        known = {ln.split(None, 1)[0].split("(", 1)[0] for ln in f if ln.strip()}
+    known = dictionary_words()
     lines = {spoken_sentence(p) for m in TRAIN_REQUESTS for p in all_prompts(m, heldout=False)}
     lines |= {spoken_sentence(q) for q in plain_training_questions()}
     return sorted(ln for ln in lines if ln and set(ln.split()) <= known)
