@@ -162,7 +162,10 @@ def test_shap_e_loads_a_tiny_random_folder_strictly_and_writes_a_glb(shap_e_fold
     np.testing.assert_array_equal(back.faces, m.data.faces)
     import trimesh
 
-    assert trimesh.Trimesh(back.vertices, back.faces).is_watertight  # a closed surface, as marching cubes makes
+    # a closed surface, as marching cubes makes: every edge of the written faces is shared by exactly two faces.
+    # process=False: trimesh's default merge of near-equal vertices can weld a few of the ~2M random-field
+    # vertices that happen to coincide in float32 and so report a pinched (non-manifold) edge that the file lacks
+    assert trimesh.Trimesh(back.vertices, back.faces, process=False).is_watertight
     assert dec.render(states, [7], should_cancel=lambda: True)[0].reason == "cancelled"
 
 

@@ -19,8 +19,7 @@
   in the arrays and ``parts``).
 
 What the answer looks like is decided here and nowhere else (the routes and the SSE driver only pass what was
-produced; the per-modality names are each modality's spec), so a change of the
-answer's shape is a change of this module.
+produced; the per-modality names are each modality's spec), so a change of the answer's shape is one of this module.
 """
 
 from __future__ import annotations
@@ -74,10 +73,7 @@ class Responses:
 
     def __init__(self, preset: PresetConfig, settings: ServerSettings, store: FileStore, metrics: APIMetrics,
                  model_name: str):
-        self.preset = preset
-        self.settings = settings
-        self.store = store
-        self.metrics = metrics
+        self.preset, self.settings, self.store, self.metrics = preset, settings, store, metrics
         self.model_name = model_name
 
     # ---- one medium ------------------------------------------------------------------------------
