@@ -177,8 +177,9 @@ def edit_requests(n: int, size_px: int) -> list[dict]:
     return out
 
 
-def quality(preset_name: str, n: int) -> dict:
-    """The quality half (see the module docstring) through a ``--no-ray`` host of ``preset_name``."""
+def quality(preset_name: str, n: int, strengths: list[float | None]) -> dict:
+    """The quality half (see the module docstring) through a ``--no-ray`` host of ``preset_name``, once per edit
+    ``strength`` of ``strengths`` (``None``: the preset's default) on the same sources, seeds and instructions."""
     import base64
     import io
     import threading
@@ -191,7 +192,6 @@ def quality(preset_name: str, n: int) -> dict:
     from polymodal.modality import Modality
     from polymodal.presets import get_preset
     from services.run import serve_main
-    from training.toyworld import checkers
 
     size_px = get_preset(preset_name).decoders[Modality.IMAGE].defaults.height_px
     port, stop, log = C.free_port(), threading.Event(), io.StringIO()
@@ -209,22 +209,37 @@ def quality(preset_name: str, n: int) -> dict:
         Image.fromarray(a).save(buf, format="PNG")
         return buf.getvalue()
 
-    def edit(image, prompt, seed):
+    def edit(image, prompt, seed, strength):
+        extra = {"seed": seed} if strength is None else {"seed": seed, "strength": strength}
         r = client.images.edit(model=preset_name, image=("src.png", png(image), "image/png"), prompt=prompt,
-                               extra_body={"seed": seed})
+                               extra_body=extra)
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
 
     reqs = edit_requests(n, size_px)
     perm = [(i + 1) % n for i in range(n)]  # a derangement
-    rows: dict[str, dict[str, list]] = {}
     t0 = time.perf_counter()
+    runs = [{"strength": strength, "kinds": _quality_rows(edit, reqs, perm, size_px, strength)}
+            for strength in strengths]
+    stop.set()
+    return {"preset": preset_name, "n": n, "size_px": size_px, "position_tol": POSITION_TOL, "size_tol": SIZE_TOL,
+            "seconds": time.perf_counter() - t0, "runs": runs}
+
+
+def _quality_rows(edit, reqs: list[dict], perm: list[int], size_px: int, strength: float | None) -> dict:
+    """Both edit kinds at one ``strength``: the per-kind shares of :func:`quality` (and chance + 3 sd)."""
+    import numpy as np
+
+    from training.toyworld import checkers
+
+    n = len(reqs)
+    rows: dict[str, dict[str, list]] = {}
     for kind in ("recolour", "reshape"):
         r = rows.setdefault(kind, {"asked": [], "other": [], "place": [], "all": [], "control_other": [],
                                    "follow": []})
         outs = []
         for i, q in enumerate(reqs):
             prompt, target = q["kinds"][kind]
-            out = edit(q["image"], prompt, seed=i)
+            out = edit(q["image"], prompt, seed=i, strength=strength)
             outs.append(out)
             got = checkers.check_image(out)
             attr, other = ("colour", "shape") if kind == "recolour" else ("shape", "colour")
@@ -238,7 +253,7 @@ def quality(preset_name: str, n: int) -> dict:
             r["control_other"].append(got.__dict__[attr] == reqs[j]["kinds"][kind][1][attr])
         for i, q in enumerate(reqs):  # control 2: request i's instruction on source j
             j = perm[i]
-            other_out = edit(reqs[j]["image"], q["kinds"][kind][0], seed=i)
+            other_out = edit(reqs[j]["image"], q["kinds"][kind][0], seed=i, strength=strength)
             bi, bj, oi, oj = (foreground_box(reqs[i]["image"]), foreground_box(reqs[j]["image"]),
                               foreground_box(outs[i]), foreground_box(other_out))
 
@@ -248,15 +263,13 @@ def quality(preset_name: str, n: int) -> dict:
                 return np.hypot(own[0] - out[0], own[1] - out[1]) < np.hypot(alien[0] - out[0], alien[1] - out[1])
 
             r["follow"].append(nearer(bi, bj, oi) and nearer(bj, bi, oj))
-    stop.set()
     summary = {}
     for kind, r in rows.items():
         chance = 1 / 3 if kind == "recolour" else 1 / 2
         sd = (chance * (1 - chance) / n) ** 0.5
         summary[kind] = {k: float(np.mean(v)) for k, v in r.items()}
         summary[kind].update(chance=chance, chance_plus_3sd=chance + 3 * sd, n=n)
-    return {"preset": preset_name, "n": n, "size_px": size_px, "position_tol": POSITION_TOL, "size_tol": SIZE_TOL,
-            "seconds": time.perf_counter() - t0, "kinds": summary}
+    return summary
 
 
 def main() -> None:
@@ -266,6 +279,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--quality", action="store_true", help="what the edits show, through the service (not memory)")
     p.add_argument("--n", type=int, default=None, help="--quality: held-out sources (default 200; --quick 12)")
+    p.add_argument("--strength", default="preset", help="--quality: comma-separated edit strengths, each run on the "
+                   "same sources side by side (0 < s <= 1; 'preset': the preset's default), e.g. 0.6,0.8,1.0")
     p.add_argument("--child", choices=MODES, help=argparse_hidden())
     args = p.parse_args()
     rounds = args.rounds or (2 if args.quick else 10)
@@ -274,13 +289,17 @@ def main() -> None:
         return
     if args.quality:
         C.one_thread()
-        res = quality(args.preset, args.n or (12 if args.quick else 200))
+        strengths = [None if x.strip() == "preset" else float(x) for x in args.strength.split(",")]
+        if any(x is not None and not 0 < x <= 1 for x in strengths):
+            p.error(f"--strength: each value must be in (0, 1] or 'preset', got {args.strength!r}")
+        res = quality(args.preset, args.n or (12 if args.quick else 200), strengths)
         C.print_table(f"edits through the service, preset {res['preset']} (n {res['n']}, {res['size_px']} px; place: "
                       f"centre within {POSITION_TOL:.0%} of the image, side within {SIZE_TOL:.0%})",
-                      ["kind", "asked change", "other kept", "place kept", "all", "ctrl: other's instruction",
-                       "chance + 3 sd", "ctrl: follows its source"],
-                      [[k, v["asked"], v["other"], v["place"], v["all"], v["control_other"], v["chance_plus_3sd"],
-                        v["follow"]] for k, v in res["kinds"].items()])
+                      ["strength", "kind", "asked change", "other kept", "place kept", "all",
+                       "ctrl: other's instruction", "chance + 3 sd", "ctrl: follows its source"],
+                      [["preset" if run["strength"] is None else run["strength"], k, v["asked"], v["other"],
+                        v["place"], v["all"], v["control_other"], v["chance_plus_3sd"], v["follow"]]
+                       for run in res["runs"] for k, v in run["kinds"].items()])
         C.finish({**res, "machine": C.machine()}, args.out)
         return
     sides = {}
