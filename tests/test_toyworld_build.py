@@ -153,6 +153,46 @@ def test_instruct_continues_from_a_finished_export(quick_build, tmp_path):
         build(tmp_path / "n", QUICK, progress=False, work=out / "work", parts_from=out, instruct_from=tmp_path)
 
 
+def test_an_interrupted_stage_continues_from_its_checkpoint(quick_build, tmp_path, monkeypatch):
+    """A build stopped mid-stage (Ctrl-C after a checkpoint) continues there when run again, and ends with the
+    weights of a build that was never stopped (the trainer's resume is exact)."""
+    import dataclasses
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from training.align import trainer
+
+    out, _ = quick_build
+    settings = dataclasses.replace(QUICK, continue_steps=10_000)  # 20 steps at step_scale 0.002: checkpoints every 10
+    works = [tmp_path / "work-stopped", tmp_path / "work-straight"]
+    for w in works:
+        shutil.copytree(out / "work", w)
+    real = trainer.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt  # the user stops the build right after the first checkpoint
+
+    def run(name, work):
+        return build(tmp_path / name, settings, progress=False, work=work, parts_from=out,
+                     instruct_from=out / "export")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run("stopped", works[0])
+    monkeypatch.undo()
+    (ckpt,) = works[0].glob("align-*/checkpoint/state.pt")
+    assert torch.load(ckpt, weights_only=False)["step"] == 10
+    resumed, straight = run("stopped", works[0]), run("straight", works[1])
+    assert resumed["figures"]["instruct_continued"]["steps"] == straight["figures"]["instruct_continued"]["steps"] == 20
+    a = load_file(str(tmp_path / "stopped" / "export" / "lora" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "export" / "lora" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert run("stopped", works[0])["figures"] == resumed["figures"]  # a finished stage is served from its cache
+
+
 def test_request_weights_scale_one_modality_and_leave_the_others_as_they_were():
     from training.toyworld.align import request_records
 

@@ -222,9 +222,14 @@ def _mosit(work: Path, data_dir: Path, s: BuildSettings, progress: bool) -> Path
 
 def _stage(name: str, work: Path, preset_yaml: Path, data: list, init_from: Path | None, key_parts: dict,
            progress: bool, *, folder: str | None = None, device: str | None = None, **fields) -> tuple[Path, dict]:
-    """Run one alignment stage (cached) in ``work/align-{folder or name}``; returns (export folder, last metrics)."""
+    """Run one alignment stage (cached) in ``work/align-{folder or name}``; returns (export folder, last metrics).
+
+    Resumable: the trainer writes a checkpoint every 5% of the steps (at least 10); a run of the same stage (same
+    key: data, settings, start) that was stopped continues from it, and ends with the weights of an unstopped run.
+    """
     from training.align import TrainConfig, train
     from training.align.config import DataSource
+    from training.align.trainer import checkpoint_path
 
     out = work / f"align-{folder or name}"
     on = {} if device in (None, "cpu") else {"device": device}  # CPU builds keep the keys they always had
@@ -238,17 +243,26 @@ def _stage(name: str, work: Path, preset_yaml: Path, data: list, init_from: Path
     export = out / "export"
     if _done(export, key):
         return export, json.loads((out / "figures.json").read_text())
-    if out.exists():
+    # an interrupted run of this very stage (same key) continues from its checkpoint; anything else starts afresh
+    resume = (out / ".stage-key").is_file() and (out / ".stage-key").read_text() == key \
+        and checkpoint_path(out).is_file()
+    if out.exists() and not resume:
         shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".stage-key").write_text(key)
+    steps = fields.get("max_steps") or 0
     cfg = TrainConfig(stage=name, preset=str(preset_yaml), data=[DataSource(**d) for d in data], out_dir=str(out),
                       init_from=str(init_from) if init_from else None, progress=progress, tensorboard=False,
-                      checkpoint_every=10_000_000, device=device or "cpu", **fields)
+                      checkpoint_every=max(10, steps // 20), resume=resume, device=device or "cpu", **fields)
+    if resume and progress:
+        print(f"[toyworld] {name}: continuing the interrupted run in {out}", flush=True)
     t = time.time()
     result = train(cfg)
     figures = {k: round(float(v), 5) for k, v in result.last.items()}
     figures.update(train_s=round(time.time() - t, 1), num_examples=result.num_examples, steps=result.step)
     (out / "figures.json").write_text(json.dumps(figures))
     _stamp(export, key)
+    shutil.rmtree(checkpoint_path(out).parent, ignore_errors=True)  # the export is what is kept
     return export, figures
 
 
