@@ -169,6 +169,9 @@ def ray_cluster(num_cpus: int | None = None) -> Iterator[None]:
 
     temp_dir = tempfile.mkdtemp(prefix="pm-bench-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.environ.pop("RAY_ADDRESS", None)
+    from services.run import apply_ray_serve_env
+
+    apply_ray_serve_env()  # what `polymodal serve` runs its own cluster with (RAY_SERVE_THROUGHPUT_OPTIMIZED=0: Serve's)
     ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), _temp_dir=temp_dir,
              include_dashboard=False, namespace="polymodal-bench", logging_level="warning",
              log_to_driver=os.environ.get("POLYMODAL_BENCH_RAY_LOGS") == "1")

@@ -23,6 +23,32 @@ from typing import Any
 
 APP_NAME = "polymodal"
 
+# What our own cluster runs Serve with unless the environment says otherwise (issue #30): Ray Serve's own
+# throughput-optimised mode (gRPC between replicas, the router and user code on the replica's event loop, GC frozen
+# after start). Graph overhead per text+image request on the `bench` preset, p50 of 3 alternating full runs of
+# `bench/overhead.py` each (2 cores): Serve's defaults 52.7 / 57.3 / 65.9 ms, this mode 45.0 / 52.9 / 45.9 ms.
+# Our replicas already run every blocking call (LLM, decoders, speech, skills, payload encoding) in executors, which
+# that mode's single loop needs. Two of its parts are turned back: direct ingress (the ingress replica listening on
+# its own port, 30000+) measured no better than through Serve's proxy here (50.0 / 50.0 / 66.3 ms with it), opens a
+# port nobody asked for and holds every stop for its 30 s drain; and its quiet stderr, since at Serve's WARNING level
+# nothing is logged per request and warnings should reach the terminal. ``RAY_SERVE_THROUGHPUT_OPTIMIZED=0``
+# restores Serve's defaults; any of these set in the environment wins.
+RAY_SERVE_ENV_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_LOG_TO_STDERR": "1",
+                          "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
+def apply_ray_serve_env(environ: dict | None = None) -> dict[str, str]:
+    """Set :data:`RAY_SERVE_ENV_DEFAULTS` in ``environ`` (default ``os.environ``) where unset -> what was set.
+
+    Call before ``ray.init`` of a cluster we start: the raylet, Serve's controller, proxy and replicas inherit the
+    driver's environment and read these when they import Serve. An attached cluster (``--address``) keeps its own
+    settings (set them in its ``runtime_env`` / RayService ``env``, see ``deploy/``).
+    """
+    environ = os.environ if environ is None else environ
+    applied = {k: v for k, v in RAY_SERVE_ENV_DEFAULTS.items() if k not in environ}
+    environ.update(applied)
+    return applied
+
 
 def _settings(base: Any, **updates: Any):
     from services.settings import ServerSettings
@@ -242,12 +268,14 @@ def start_serve(host: str, port: int, attempts: int = 3) -> None:
 
 def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | None, stop: threading.Event,
                out, rearm=lambda: None) -> int:
+    own_cluster = address is None
+    if own_cluster:
+        apply_ray_serve_env()  # before Serve is imported here, so that this process reads the same settings
     import ray
     from ray import serve
 
     from services.app import app_builder
 
-    own_cluster = address is None
     temp_dir = None
     if own_cluster:
         # A short path: Ray's unix socket paths must stay under ~107 characters.

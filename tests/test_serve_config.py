@@ -139,3 +139,45 @@ def test_start_serve_survives_a_proxy_the_controller_restarted(monkeypatch, caps
     with pytest.raises(ActorDiedError):
         start_serve("127.0.0.1", 8765, attempts=2)
     assert len(calls) == 2
+
+
+def test_our_cluster_runs_serve_throughput_optimised_unless_the_environment_says_otherwise():
+    """services.run.apply_ray_serve_env (issue #30): what a fresh process (a replica, the controller) reads from
+    Serve's constants once the defaults are set; a value the user set wins; the RayService manifest says the same."""
+    import os
+    import subprocess
+    import sys
+
+    from services.run import RAY_SERVE_ENV_DEFAULTS, apply_ray_serve_env
+
+    env = {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+    assert "RAY_SERVE_ENABLE_DIRECT_INGRESS" not in apply_ray_serve_env(env)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+    code = ("from services.run import apply_ray_serve_env; apply_ray_serve_env(); "
+            "from ray.serve._private import constants as c; "
+            "print(c.RAY_SERVE_USE_GRPC_BY_DEFAULT, c.RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD, "
+            "c.RAY_SERVE_ENABLE_DIRECT_INGRESS, c.RAY_SERVE_LOG_TO_STDERR)")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_SERVE_")}
+    read = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean, capture_output=True, text=True,
+                          check=True).stdout.split()
+    assert read == ["True", "False", "False", "True"]  # gRPC, user code on the loop; no direct ingress; stderr logs
+    off = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**clean, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert off[:2] == ["False", "True"]  # Serve's defaults when the user turns it off
+
+    containers = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+    found = {}
+
+    def walk(x):
+        if isinstance(x, dict):
+            if x.get("name", "").startswith("RAY_SERVE_") and "value" in x:
+                found[x["name"]] = x["value"]
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+
+    walk(containers)
+    assert {k: found.get(k) for k in RAY_SERVE_ENV_DEFAULTS} == RAY_SERVE_ENV_DEFAULTS
