@@ -326,10 +326,11 @@ class PointSetDiffusionPipeline(DiffusionPipeline):
         return PointSetPipelineOutput(points=out) if return_dict else (out,)
 
 
-def point_set_scheduler() -> DDIMScheduler:
-    """DDIM over a linear beta schedule of 1000 steps (1e-4 .. 0.02), epsilon prediction, samples clipped to [-1.5,
-    1.5] (points live in [-1, 1])."""
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+def point_set_scheduler(beta_schedule: str = "linear") -> DDIMScheduler:
+    """DDIM over 1000 steps, epsilon prediction, samples clipped to [-1.5, 1.5] (points live in [-1, 1]).
+    ``beta_schedule``: ``linear`` (1e-4 .. 0.02, DDPM's) or ``squaredcos_cap_v2`` (the cosine schedule of Nichol &
+    Dhariwal 2021, Point-E's), a diffusers ``DDIMScheduler`` option."""
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule=beta_schedule, beta_start=1e-4, beta_end=0.02,
                          clip_sample=True, clip_sample_range=1.5, prediction_type="epsilon")
 
 

@@ -272,6 +272,7 @@ class Object3DDecoderRecipe:
     width: int = 96  # 4 blocks of width 96: ~0.7 M parameters, 2.8 MB in fp32 (the shipped toy build stays small)
     num_layers: int = 4
     num_heads: int = 4
+    beta_schedule: str = "linear"  # the DDIM scheduler's (decoders.object3d.point_set_scheduler)
     # measured on the 2-core machine while shared (load ~18): 1.8 s per step of batch 8 (one torch thread); a step of
     # batch 16 costs about twice that, so 6000 steps are hours there and well under an hour on an idle core pair
     steps: int = 6000
@@ -320,7 +321,7 @@ def build_point_pipeline(recipe: Object3DDecoderRecipe):
         denoiser = PointSetDenoiser(num_points=recipe.num_points, width=recipe.width, num_layers=recipe.num_layers,
                                     num_heads=recipe.num_heads, cross_attention_dim=d)
     return PointSetDiffusionPipeline(denoiser=denoiser, text_encoder=text_encoder, tokenizer=tokenizer,
-                                     scheduler=point_set_scheduler())
+                                     scheduler=point_set_scheduler(recipe.beta_schedule))
 
 
 def _dataset(recipe: Object3DDecoderRecipe) -> tuple[np.ndarray, list[str]]:
