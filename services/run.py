@@ -50,6 +50,14 @@ def apply_ray_serve_env(environ: dict | None = None) -> dict[str, str]:
     return applied
 
 
+def _cluster_words(own_cluster: bool, address: str | None) -> str:
+    """How the startup line names the cluster and the Serve mode it runs (:data:`RAY_SERVE_ENV_DEFAULTS`)."""
+    if not own_cluster:
+        return f"cluster {address}"
+    on = os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0") == "1"  # as Serve reads it (get_env_bool)
+    return "own local cluster, Serve " + ("throughput-optimised" if on else "defaults: RAY_SERVE_THROUGHPUT_OPTIMIZED=0")
+
+
 def _settings(base: Any, **updates: Any):
     from services.settings import ServerSettings
 
@@ -270,7 +278,9 @@ def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | 
                out, rearm=lambda: None) -> int:
     own_cluster = address is None
     if own_cluster:
-        apply_ray_serve_env()  # before Serve is imported here, so that this process reads the same settings
+        # before ray.init: the cluster's processes inherit the environment (this process has imported Serve
+        # already; it only deploys, and reads none of these)
+        apply_ray_serve_env()
     import ray
     from ray import serve
 
@@ -290,7 +300,7 @@ def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | 
         serve.run(app_builder(args), name=APP_NAME, route_prefix="/", blocking=False,
                   logging_config={"log_level": os.environ.get("POLYMODAL_SERVE_LOG_LEVEL", "WARNING")})
         print(f"polymodal: serving preset {args.preset!r} on Ray Serve at http://{host}:{port}/v1 "
-              f"({'own local cluster' if own_cluster else 'cluster ' + address}) - Ctrl-C to stop",
+              f"({_cluster_words(own_cluster, address)}) - Ctrl-C to stop",
               file=out, flush=True)
         while not stop.wait(0.5):
             pass

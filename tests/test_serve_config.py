@@ -181,3 +181,13 @@ def test_our_cluster_runs_serve_throughput_optimised_unless_the_environment_says
 
     walk(containers)
     assert {k: found.get(k) for k in RAY_SERVE_ENV_DEFAULTS} == RAY_SERVE_ENV_DEFAULTS
+
+
+def test_the_startup_line_names_the_serve_mode(monkeypatch):
+    from services.run import _cluster_words
+
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+    assert _cluster_words(True, None) == "own local cluster, Serve throughput-optimised"
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
+    assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=0" in _cluster_words(True, None)
+    assert _cluster_words(False, "ray://head:10001") == "cluster ray://head:10001"
