@@ -135,6 +135,23 @@ def test_training_is_cached_and_resumable(tmp_path):
     dec = build_decoder(OBJECT3D, config)
     media = dec.render(dec.encode_text(["a large red torus"]), [0])
     assert media[0].data.shape == (32, 6)
+    # the decoder's own score, per attribute, at other generation settings than its defaults
+    from training.toyworld.object3d import score_object3d_decoder
+
+    score = score_object3d_decoder(out, count=6, steps=2, guidance_scale=1.0)
+    assert score["n"] == 6 and score["accuracy"] <= min(score["shape_accuracy"], score["colour_accuracy"])
+    assert sum(score["shape_errors"].values()) == round(6 * (1 - score["shape_accuracy"]))
+
+
+def test_the_recipe_chooses_the_beta_schedule():
+    import dataclasses
+
+    from training.toyworld.object3d import build_point_pipeline
+
+    cosine = dataclasses.replace(TINY, beta_schedule="squaredcos_cap_v2")
+    assert cosine.config_hash() != TINY.config_hash()  # a trained field
+    assert build_point_pipeline(cosine).scheduler.config.beta_schedule == "squaredcos_cap_v2"
+    assert build_point_pipeline(TINY).scheduler.config.beta_schedule == "linear"
 
 
 def _fake_toy_root(tmp_path: Path) -> Path:
