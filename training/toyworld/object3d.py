@@ -269,10 +269,10 @@ class Object3DDecoderRecipe:
     cond_tokens: int = 16
     cond_dim: int = 64
     text_layers: int = 2
-    width: int = 96  # 4 blocks of width 96: ~0.7 M parameters, 2.8 MB in fp32 (the shipped toy build stays small)
-    num_layers: int = 4
+    width: int = 128  # 6 blocks of width 128 (trial C2, 2026-12-04: 77/80 held-out captions right at guidance 5;
+    num_layers: int = 6  # width 96 x 4 blocks: 50/80 linear, 65/80 cosine; bench/results/object3d_decoder_trials.json)
     num_heads: int = 4
-    beta_schedule: str = "linear"  # the DDIM scheduler's (decoders.object3d.point_set_scheduler)
+    beta_schedule: str = "squaredcos_cap_v2"  # the DDIM scheduler's (decoders.object3d.point_set_scheduler)
     # measured on the 2-core machine while shared (load ~18): 1.8 s per step of batch 8 (one torch thread); a step of
     # batch 16 costs about twice that, so 6000 steps are hours there and well under an hour on an idle core pair
     steps: int = 6000
@@ -283,7 +283,7 @@ class Object3DDecoderRecipe:
     seed: int = 0
     checkpoint_every: int = 500
     num_inference_steps: int = 50
-    guidance_scale: float = 3.0
+    guidance_scale: float = 5.0
 
     def decoder_fields(self) -> dict:
         """``cond_tokens``, ``cond_dim`` and generation ``defaults`` of the DecoderConfig that loads the result."""
