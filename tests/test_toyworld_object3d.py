@@ -149,9 +149,10 @@ def test_the_recipe_chooses_the_beta_schedule():
     from training.toyworld.object3d import build_point_pipeline
 
     cosine = dataclasses.replace(TINY, beta_schedule="squaredcos_cap_v2")
-    assert cosine.config_hash() != TINY.config_hash()  # a trained field
+    linear = dataclasses.replace(TINY, beta_schedule="linear")
+    assert cosine.config_hash() != linear.config_hash()  # a trained field
     assert build_point_pipeline(cosine).scheduler.config.beta_schedule == "squaredcos_cap_v2"
-    assert build_point_pipeline(TINY).scheduler.config.beta_schedule == "linear"
+    assert build_point_pipeline(linear).scheduler.config.beta_schedule == "linear"
 
 
 def _fake_toy_root(tmp_path: Path) -> Path:
