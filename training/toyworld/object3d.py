@@ -273,8 +273,8 @@ class Object3DDecoderRecipe:
     num_layers: int = 6  # width 96 x 4 blocks: 50/80 linear, 65/80 cosine; bench/results/object3d_decoder_trials.json)
     num_heads: int = 4
     beta_schedule: str = "squaredcos_cap_v2"  # the DDIM scheduler's (decoders.object3d.point_set_scheduler)
-    # measured on the 2-core machine while shared (load ~18): 1.8 s per step of batch 8 (one torch thread); a step of
-    # batch 16 costs about twice that, so 6000 steps are hours there and well under an hour on an idle core pair
+    # the folder is 7.7 MB (3.2 MB at width 96 x 4 blocks), outside the toy build's 10 MB. Training time: 6000 steps
+    # took 42 min on two torch threads of the quiet 2-core box (width 96 x 4: 50 min on one niced thread); hours when shared
     steps: int = 6000
     lr: float = 1e-3
     batch_size: int = 16
