@@ -6,6 +6,7 @@ grammar of the auto tool choice accepts it and the stage returns the call), and 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -65,7 +66,7 @@ def test_the_result_and_answer_turns():
     assert llava_plus_value(answer) == "The red circle is at [4, 5, 20, 21]."
     assert llava_plus_value("no markers") == "no markers" and LLAVA_PLUS_VALUE == '"value👉"'
     listing = fmt.system_text([LOCATE])
-    assert '"name": "locate"' in listing and '"actions🚀" [{"API_name": <skill>' in listing
+    assert "\nlocate(" in listing and '"actions🚀" [{"API_name": <skill>' in listing  # the signature listing
 
 
 @pytest.fixture(scope="module")
@@ -105,3 +106,26 @@ def test_a_preset_declaring_llava_plus_emits_and_parses_it_in_the_decode_loop(ll
     answer = llava_plus_answer("locate found nothing.", "There is no red circle.")
     a = stage.generate(more, max_new_tokens=200, propose=_script(stage, answer))
     assert a.tool_calls == () and llava_plus_value(a.text) == "There is no red circle."
+
+
+def test_the_signature_listing_keeps_what_the_schema_says_in_fewer_tokens():
+    """``listing="signature"`` (llava-plus's): one ``name(arg: type, opt?: type = default): description`` line per
+    tool; enums, unions, bounds, arrays and defaults survive; a nested object schema falls back to its JSON."""
+    from polymodal.constrained.tools import hermes, tool_signature
+
+    tool = Tool("find", {"type": "object", "required": ["shape"], "properties": {
+        "shape": {"enum": ["circle", "square"]},
+        "colour": {"anyOf": [{"enum": ["red"], "type": "string"}, {"type": "null"}], "default": None},
+        "k": {"type": "integer", "minimum": 0, "maximum": 9, "default": 1},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "where": {"type": "object", "properties": {"x": {"type": "number"}}}}}, "Find things.")
+    line = tool_signature(tool)
+    assert line == ('find(shape: "circle"|"square", colour?: "red"|null = null, k?: integer >= 0 <= 9 = 1, '
+                    'tags?: string[], where?: {"type":"object","properties":{"x":{"type":"number"}}}): Find things.')
+    assert tool_signature(Tool("ping")) == "ping()"
+    listing = llava_plus().system_text([LOCATE, tool])
+    assert line in listing.splitlines() and '"name": "find"' not in listing
+    assert '"name": "find"' in hermes().system_text([tool])  # the Hermes formats keep OpenAI's JSON
+    assert len(listing) < len(json.dumps(tool.openai_dict())) + len(json.dumps(LOCATE.openai_dict())) + 400
+    with pytest.raises(ValueError, match="listing"):
+        dataclasses.replace(llava_plus(), listing="yaml")

@@ -131,7 +131,7 @@ def test_the_instruct_stage_lays_out_the_dialogue_system_text():
     plain = builder.build(Dialogue(msgs, "t"))
     listed = builder.build(Dialogue(msgs, "t", skill_use_system()))
     text = engine.tokenizer.decode(list(listed.ids))
-    assert '"API_name"' in text and '"name": "locate"' in text
+    assert '"API_name"' in text and 'locate(shape: "circle"|"square"|"triangle"' in text
     assert '"API_name"' not in engine.tokenizer.decode(list(plain.ids))
     assert len(listed.ids) > len(plain.ids)
 

@@ -58,6 +58,58 @@ class Tool:
         return {"type": "function", "function": fn}
 
 
+def _schema_type(schema: Mapping[str, Any]) -> str:
+    """A JSON schema as a short type expression: enums as ``"a"|"b"``, ``anyOf`` / type lists joined by ``|``,
+    arrays as ``T[]``, bounds as ``integer >= 0``; a schema with nested properties (or anything else) as its compact
+    JSON, so nothing the schema says is dropped."""
+    if "enum" in schema:
+        return "|".join(json.dumps(v, ensure_ascii=False) for v in schema["enum"])
+    if "const" in schema:
+        return json.dumps(schema["const"], ensure_ascii=False)
+    for key in ("anyOf", "oneOf"):
+        if key in schema and set(schema) <= {key, "default", "description", "title"}:
+            return "|".join(_schema_type(s) for s in schema[key])
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return "|".join(kind)
+    if kind == "array" and isinstance(schema.get("items"), Mapping) and set(schema) <= {
+            "type", "items", "default", "description", "title"}:
+        inner = _schema_type(schema["items"])
+        return f"({inner})[]" if "|" in inner else f"{inner}[]"
+    bounds = {"minimum": ">=", "maximum": "<=", "exclusiveMinimum": ">", "exclusiveMaximum": "<"}
+    if isinstance(kind, str) and set(schema) <= {"type", "default", "description", "title", *bounds}:
+        return " ".join([kind, *(f"{op} {schema[k]}" for k, op in bounds.items() if k in schema)])
+    rest = {k: v for k, v in schema.items() if k not in ("title", "description", "default")}
+    return json.dumps(rest, ensure_ascii=False, separators=(",", ":")) if rest else "any"
+
+
+def tool_signature(tool: Tool) -> str:
+    """One line describing ``tool`` as a call signature: ``name(arg: type, opt?: type = default): description``.
+
+    Arguments in the schema's ``properties`` order; ``?`` marks an argument not in ``required``, ``= v`` its
+    default; types as :func:`_schema_type` writes them. The argument descriptions are left out (the tool's own
+    description says what it does); a schema without ``properties`` lists its compact JSON in the parentheses.
+    About 40% of the tokens of the tool's :meth:`Tool.openai_dict` JSON (the ``toy-skills`` skills ``locate`` and
+    ``count``: 198 vs 529 SmolLM2 tokens; with :func:`llava_plus`'s instructions the system text is 316 vs 664), for
+    formats a model is trained on, whose training dialogues pay for every listed token at every step.
+    """
+    params = dict(tool.parameters)
+    props = params.get("properties")
+    if isinstance(props, Mapping):
+        required = set(params.get("required", ()))
+        args = []
+        for name, schema in props.items():
+            schema = schema if isinstance(schema, Mapping) else {}
+            arg = f"{name}{'' if name in required else '?'}: {_schema_type(schema)}"
+            if "default" in schema:
+                arg += f" = {json.dumps(schema['default'], ensure_ascii=False)}"
+            args.append(arg)
+        inside = ", ".join(args)
+    else:
+        inside = _schema_type(params) if params else ""
+    return f"{tool.name}({inside})" + (f": {tool.description}" if tool.description else "")
+
+
 @dataclass(frozen=True)
 class ToolResult:
     """A ``role: "tool"`` message: the result of the call ``tool_call_id`` (of tool ``name``)."""
@@ -88,6 +140,9 @@ class ToolCallFormat:
         result_role: the chat role that turn is rendered as (``user`` for ChatML and Vicuna, which have no
             tool role).
         text_call_separator: between an assistant's free text and its first call.
+        listing: how ``{tools}`` lists each tool: ``json`` (one :meth:`Tool.openai_dict` JSON line, the Hermes
+            convention) or ``signature`` (one :func:`tool_signature` line, ~2.7x fewer tokens: for a trained format,
+            whose training dialogues carry the listing).
     """
 
     name: str
@@ -111,18 +166,23 @@ class ToolCallFormat:
     result_separator: str = "\n"
     result_role: str = "user"
     text_call_separator: str = "\n"
+    listing: str = "json"
 
     def __post_init__(self):
         if not self.open_tag.strip() or not self.close_tag.strip():
             raise ValueError(f"tool-call format {self.name!r}: open_tag and close_tag must not be blank")
         if "{tools}" not in self.system_template:
             raise ValueError(f"tool-call format {self.name!r}: system_template must contain {{tools}}")
+        if self.listing not in ("json", "signature"):
+            raise ValueError(f"tool-call format {self.name!r}: listing {self.listing!r}: expected json or signature")
 
     # ---------------------------------------------------------------------------------------------
     # prompt side
     def system_text(self, tools: Sequence[Tool], base: str = "") -> str:
         """``base`` (the preset's or request's system text) followed by the tool listing."""
-        listing = "\n".join(json.dumps(t.openai_dict(), ensure_ascii=False) for t in tools)
+        line = tool_signature if self.listing == "signature" else (
+            lambda t: json.dumps(t.openai_dict(), ensure_ascii=False))
+        listing = "\n".join(line(t) for t in tools)
         block = self.system_template.format(tools=listing)
         return f"{base.rstrip()}\n\n{block}" if base.strip() else block
 
@@ -217,17 +277,16 @@ def llava_plus() -> ToolCallFormat:
         name_key="API_name",
         arguments_key="API_params",
         system_template=(
-            "The assistant can use these skills (one JSON per line):\n{tools}\nTo use one it writes "
-            + LLAVA_PLUS_THOUGHTS + "and its reasoning, then on a new line " + LLAVA_PLUS_ACTIONS
-            + '{{"API_name": <skill>, "API_params": <arguments>}}]\n' + LLAVA_PLUS_VALUE
-            + "; the skill's output comes back as <skill> model outputs: <output>. Then it answers with "
-            + LLAVA_PLUS_THOUGHTS + "and its reading of the output, then on a new line " + LLAVA_PLUS_VALUE
-            + " and the answer."
+            "Skills, one per line as name(arguments): what it does:\n{tools}\nTo use one: " + LLAVA_PLUS_THOUGHTS
+            + "<why>\n" + LLAVA_PLUS_ACTIONS + '{{"API_name": <skill>, "API_params": <arguments>}}]\n' + LLAVA_PLUS_VALUE
+            + "\nIts output comes back as: <skill> model outputs: <output>. Then answer: " + LLAVA_PLUS_THOUGHTS
+            + "<reading of the output>\n" + LLAVA_PLUS_VALUE + " <answer>"
         ),
         result_open="{name} model outputs: ",
         result_close="\n\nPlease summarize the model outputs and answer my first question.",
         result_separator="\n\n",
         text_call_separator="",
+        listing="signature",
     )
 
 

@@ -474,7 +474,10 @@ def _skills(out: Path, work: Path, s: BuildSettings, instruct_from, decoders: di
 
     log("skill-use dialogues (LLaVA-Plus, toy scenes, the toy skills' results)")
     folder = work / "skilluse"
-    key = _key({"n": s.skill_use_dialogues, "seed": s.seed, "writer": _file_key(str(Path(__file__).parent / "mosit.py"))})
+    root = Path(__file__).resolve().parents[2]  # the dialogues' writer and the serving code that renders them
+    writers = ("training/toyworld/mosit.py", "training/toyworld/skilluse.py", "polymodal/constrained/tools.py",
+               "services/ingress/skill_loop.py", "skills/toy.py")
+    key = _key({"n": s.skill_use_dialogues, "seed": s.seed, "writer": [_file_key(str(root / w)) for w in writers]})
     if not _done(folder, key):
         if folder.exists():
             shutil.rmtree(folder)
