@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from polymodal.media.object3d import OBJECT3D
 from training.toyworld.data import COLOURS
@@ -120,6 +121,7 @@ def test_training_is_cached_and_resumable(tmp_path):
     a = load_file(next((out / "object3d" / "denoiser").glob("*.safetensors")))
     b = load_file(next((straight / "object3d" / "denoiser").glob("*.safetensors")))
     assert a.keys() == b.keys() and all(np.allclose(a[k].numpy(), b[k].numpy(), atol=1e-6) for k in a)
+    assert {str(v.dtype) for v in a.values()} == {"torch.float16"}  # stored at half the size
     # cached: a second call returns the entry without training (the folder's mtime is kept)
     stamp = (out / "object3d" / "model_index.json").stat().st_mtime_ns
     assert train_object3d_decoder(out, TINY, progress=False) == entry
@@ -133,6 +135,7 @@ def test_training_is_cached_and_resumable(tmp_path):
 
     config = decoder_config(out, OBJECT3D)
     dec = build_decoder(OBJECT3D, config)
+    assert dec.pipeline.denoiser.dtype == torch.float32  # loaded at the decoder's dtype, computed as trained
     media = dec.render(dec.encode_text(["a large red torus"]), [0])
     assert media[0].data.shape == (32, 6)
     # the decoder's own score, per attribute, at other generation settings than its defaults
