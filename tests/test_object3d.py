@@ -46,7 +46,7 @@ def test_the_spec_is_registered_after_the_built_ins_with_its_own_tokens():
 
     spec = SignalConfig(counts={Modality.IMAGE: 4, OBJECT3D: 4}).spec()
     assert spec.tokens[OBJECT3D] == ("<3D0>", "<3D1>", "<3D2>", "<3D3>")
-    assert OBJECT3D.spec.reference(1, "u") == "[3D object 1](u)"
+    assert OBJECT3D.spec.reference(1, "u") == "[object3d 1](u)"
 
 
 def test_point_clouds_round_trip_through_ply():
@@ -329,7 +329,7 @@ def test_the_answer_carries_3d_in_its_arrays_parts_and_out_files(preset_3d, tmp_
         r = client.post("/v1/chat/completions", json=body)
         assert r.status_code == 200, r.text
         msg = r.json()["choices"][0]["message"]
-        assert isinstance(msg["content"], str) and "[3D object 1](" in msg["content"]
+        assert isinstance(msg["content"], str) and "[object3d 1](" in msg["content"]
         items = msg["objects3d"]
         assert len(items) == 1
         url = items[0]["object3d_url"]["url"] if "object3d_url" in items[0] else items[0]["url"]
@@ -342,6 +342,27 @@ def test_the_answer_carries_3d_in_its_arrays_parts_and_out_files(preset_3d, tmp_
         with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
             text = "".join(s.iter_text())
         assert '"objects3d"' in text and "[DONE]" in text
+        # the answer sent back (as LangChain keeps it: content; as the openai SDK does: with its arrays): the model
+        # does not read 3D, so the medium stays its reference text, and the next turn is answered
+        history = [body["messages"][0], {"role": "assistant", "content": msg["content"]},
+                   {"role": "user", "content": "and a blue one"}]
+        with_arrays = [history[0], {"role": "assistant", "content": msg["content"], "objects3d": items}, history[2]]
+        for messages in (history, with_arrays):
+            again = client.post("/v1/chat/completions", json={**body, "messages": messages})
+            assert again.status_code == 200, again.text
+        from services.ingress.history import AssistantTurn  # what the model reads of that turn
+
+        turn = AssistantTurn(type("Reader", (), {"backend": backend})(), "messages[1]", 4)
+        assert OBJECT3D not in backend.input_modalities
+        assert turn._written_only("application/ply") is OBJECT3D and turn._written_only("image/png") is None
+        # an unknown artifact id is still a 400, never taken as text
+        import re
+
+        forged = re.sub(r"art_[A-Za-z0-9_-]+", "art_unknown0000000000000", msg["content"])
+        assert forged != msg["content"]
+        bad = client.post("/v1/chat/completions", json={**body, "messages": [
+            history[0], {"role": "assistant", "content": forged}, history[2]]})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages[1].content", bad.text
 
     from polymodal.cli import write_answer
 

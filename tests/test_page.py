@@ -454,3 +454,50 @@ def test_masks_and_skill_calls_of_a_recorded_answer(page, toy_server, tmp_path):
     assert got["count"] == mask["area_px"] == len(flat)
     assert (got["first"], got["last"]) == (int(flat[0]), int(flat[-1]))
     assert got["inside"][3] > 0 and got["outside"][3] == 0, got
+
+
+@pytest.fixture(scope="module")
+def toy_3d_server():
+    """A ``--no-ray`` host of the shipped ``toy-3d`` (point clouds made by the trained toy 3D decoder)."""
+    require_browser()
+    from polymodal.presets.toy import toy_3d_root
+
+    if not (toy_3d_root() / "export" / "export.json").is_file():
+        pytest.fail(f"no toy-3d build at {toy_3d_root()} (it ships in polymodal/assets/toy-3d)")
+    from tests.local_server import serve
+
+    yield from serve("toy-3d")
+
+
+def test_a_point_cloud_turns_on_the_page_in_its_colour(page, toy_3d_server):
+    """A 3D answer's PLY (any medium whose file is PLY) is read by the page and drawn as a turntable: a canvas in the
+    medium's place, mostly in the asked colour, turning between two looks, and its download the API's bytes."""
+    page.open(toy_3d_server)
+    page.js("document.getElementById('model-decides').click();"
+            "document.querySelector('#output-boxes input[value=object3d]').click()")
+    page.type_and_send("Make a large red sphere.")
+    assert page.wait_answer(1) == "done"
+    canvas = ".msg.assistant figure.medium-object3d canvas.pointcloud"
+    page.wait(f"return !!document.querySelector('{canvas}')", what="the point-cloud canvas")
+    look = """
+        const c = document.querySelector(arguments[0]);
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let lit = 0, red = 0;
+        for (let i = 0; i < d.length; i += 4) {
+          const [r, g, b] = [d[i], d[i + 1], d[i + 2]];
+          if (Math.max(r, g, b) < 60) continue;  // the dark background
+          lit++;
+          if (r > 1.5 * Math.max(g, b)) red++;
+        }
+        return {lit, red, angle: Number(c.dataset.angle), label: c.getAttribute('aria-label')};"""
+    first = page.js(look, canvas)
+    time.sleep(1.0)
+    second = page.js(look, canvas)
+    page.shot("11-point-cloud")
+    assert first["lit"] > 200 and first["red"] >= 0.8 * first["lit"], first
+    assert second["angle"] != first["angle"], (first, second)  # it turns
+    assert first["label"].startswith("Generated object3d 1:") and "points" in first["label"]
+    artifact = page.js("return document.querySelector('.msg.assistant figure.medium-object3d').dataset.artifact")
+    api = httpx.get(httpx.URL(toy_3d_server).join(artifact), timeout=60)
+    assert api.status_code == 200 and api.headers["content-type"].startswith("application/ply")
+    assert api.content[:3] == b"ply"

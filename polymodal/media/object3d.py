@@ -212,7 +212,7 @@ class Object3DCodec(MediaCodec):
 
 OBJECT3D_SPEC = ModalitySpec(
     name="object3d",
-    label="3D object",
+    label="object3d",  # as the other modalities: the name (the page and history references match labels to media)
     noun="3D model",
     signal_prefix="3D",
     default_signal_count=4,

@@ -10,6 +10,10 @@ the message with its arrays), so an assistant message's media are read from:
    ``videos``: ``[{"type": "image_url", "image_url": {"url"}}]``), and OpenAI's ``audio`` ``{"id"}``: each
    medium not already taken from ``content`` (same artifact, or same bytes) is appended to the turn.
 
+A medium of a modality this model writes but does not read (3D on ``toy-3d``: no encoder reads it back) stays in the
+turn as its reference text (``[object3d 1](URL)``, a data URL as ``[object3d 1]``), after its artifact is checked
+like any other: the model sees that it made one there, the conversation goes on, and nothing is decoded.
+
 A URL there must be one of ours (the ``/v1/artifacts/{id}.{ext}`` path on any host, its id in the store) or a
 data URL (the medium itself); an unknown or expired id, or a media reference to anything else, is a 400 naming
 the field: never fetched, never dropped. Other fields of the message (``parts``, ``boxes``) are
@@ -46,6 +50,23 @@ class AssistantTurn:
         self.max_media = max_media
         self.parts: list[TextPart | MediaPart] = []
         self._seen: set[str] = set()  # artifact ids and sha256 of the files already in the turn
+
+    def _written_only(self, mime: str | None, modality: Modality | None = None) -> Modality | None:
+        """The modality of a file of ``mime`` (or ``modality``) when this model writes it but does not read it."""
+        backend = self.media.backend
+        if modality is None:
+            mime = (mime or "").split(";", 1)[0].strip().lower()
+            modality = next((m for m in backend.output_modalities
+                             if mime in {k.lower() for k in m.spec.codec.output_types()}), None)
+        ok = modality is not None and modality in backend.output_modalities
+        return modality if ok and modality not in backend.input_modalities else None
+
+    def _keep_reference(self, modality: Modality, number: int, url: str, artifact_id: str | None) -> None:
+        """An unread medium stays as its reference text (the artifact URL; a data URL is left out)."""
+        self.parts.append(TextPart(modality.spec.reference(number, url) if artifact_id else
+                                   f"[{modality.spec.label} {number}]"))
+        if artifact_id:
+            self._seen.add(artifact_id)
 
     @property
     def n_media(self) -> int:
@@ -115,15 +136,21 @@ class AssistantTurn:
                 self.parts.append(TextPart(text))
             return
         cursor = 0
+        numbers: dict[Modality, int] = {}
         for ref in refs:
             if text[cursor:ref.start].strip():
                 self.parts.append(TextPart(text[cursor:ref.start].strip()))
             if ref.url.startswith("data:"):  # the medium itself (e.g. a chat UI's inline image): no fetch
                 mime, data = await self.media.media_bytes(ref.url, param, assistant=True)
-                self._take(await self._decode(mime or "", data, param), data, None)
+                artifact_id = None
             else:
                 mime, data, artifact_id = await self._artifact(ref.url, param)
-                self._take(await self._decode(mime, data, param), data, artifact_id)
+            unread = self._written_only(mime)
+            if unread is not None:
+                numbers[unread] = numbers.get(unread, 0) + 1
+                self._keep_reference(unread, numbers[unread], ref.url, artifact_id)
+            else:
+                self._take(await self._decode(mime or "", data, param), data, artifact_id)
             cursor = ref.end
         if text[cursor:].strip():
             self.parts.append(TextPart(text[cursor:].strip()))
@@ -134,6 +161,7 @@ class AssistantTurn:
         key = modality.spec.content_part
         if not isinstance(items, list):
             raise bad_request(f"{param}: expected a list of {{'type': '{key}', '{key}': {{'url': ...}}}}", param=param)
+        unread = self._written_only(None, modality)
         for k, item in enumerate(items):
             pk = f"{param}[{k}].{key}.url"
             url = item.get(key, {}).get("url") if isinstance(item, dict) and isinstance(item.get(key), dict) else None
@@ -142,14 +170,18 @@ class AssistantTurn:
                                   param=f"{param}[{k}]")
             if url.startswith("data:"):
                 mime, data = await self.media.media_bytes(url, pk, assistant=True)
-                if not self._known(data, None):
+                if unread is not None:
+                    self._keep_reference(unread, k + 1, url, None)
+                elif not self._known(data, None):
                     self._take(await self.media.decode(modality, data, mime, pk), data, None)
                 continue
             artifact_id = artifact_id_of(url)
             if artifact_id is not None and self._known(None, artifact_id):
                 continue
             mime, data, artifact_id = await self._artifact(url, pk)
-            if not self._known(data, None):
+            if unread is not None:
+                self._keep_reference(unread, k + 1, url, artifact_id)
+            elif not self._known(data, None):
                 self._take(await self.media.decode(modality, data, mime, pk), data, artifact_id)
 
     async def _audio_slot(self, audio: Any, param: str) -> None:

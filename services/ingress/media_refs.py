@@ -24,7 +24,7 @@ ARTIFACT_PATH = re.compile(r"/v1/artifacts/(?P<id>[A-Za-z0-9_-]{8,64})(?:\.(?P<e
 """The path of an artifact URL (any host, any base before ``/v1``)."""
 
 _REF = re.compile(r"(?P<bang>!?)\[(?P<alt>[^\[\]\n]{0,200})\]\((?P<url><[^<>\n]*>|[^()\s]*)(?:\s+\"[^\"\n]*\")?\)")
-_LABELLED = re.compile(r"^\s*(?P<label>[A-Za-z]+)\s+\d{1,6}\s*$")
+_LABELLED = re.compile(r"^\s*(?P<label>[A-Za-z][A-Za-z0-9_-]*)\s+\d{1,6}\s*$")
 
 
 def artifact_url(base_url: str, artifact_id: str, ext: str) -> str:
@@ -60,7 +60,7 @@ def find_media_refs(text: str) -> list[MarkdownRef]:
     """The media references of ``text`` in order: every markdown image ``![alt](url)``, and every link whose text
     is a modality label and a number (``[audio 1](url)``, as our answers write them). Other links are text.
     """
-    labels = {m.spec.label for m in Modality}
+    labels = {m.spec.label.lower() for m in Modality}
     out = []
     for m in _REF.finditer(text):
         labelled = _LABELLED.match(m.group("alt"))

@@ -8,11 +8,13 @@
 // over the request's image they belong to, and skill calls folded in <details>. Text is always set as text (never
 // parsed as HTML).
 
+import { parsePly, turntable } from "./pointcloud.js";
+
 const REF = /(!?)\[([a-z][a-z0-9_-]*) (\d+)\]\(([^)\s]+)\)/g;
 const ELEMENT = { image: "img", audio: "audio", video: "video" };
 const EXT = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif",
   "audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/mpeg": "mp3", "audio/flac": "flac",
-  "audio/ogg": "ogg", "video/mp4": "mp4", "video/webm": "webm" };
+  "audio/ogg": "ogg", "video/mp4": "mp4", "video/webm": "webm", "application/ply": "ply", "model/gltf-binary": "glb" };
 export const PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#9a6324"];
 
 function el(tag, attrs = {}, ...children) {
@@ -78,7 +80,7 @@ export function displayUrl(url) {
 
 /** An artifact URL fetched with the page's headers (`Authorization` when the server wants a key: an `<img src>`
  * cannot send it, and another key's or no key's request is a 404) -> {url: a blob: URL} on success, else
- * {message: the API's error message or null}. */
+ * {message: the API's error message or null}; `blob` too (the bytes, for media the page reads itself). */
 export async function artifactBlobUrl(url, headers = {}) {
   let response;
   try {
@@ -93,7 +95,8 @@ export async function artifactBlobUrl(url, headers = {}) {
     } catch { /* not JSON */ }
     return { message };
   }
-  return { url: URL.createObjectURL(await response.blob()) };
+  const blob = await response.blob();
+  return { url: URL.createObjectURL(blob), blob };
 }
 
 function extensionOf(url) {
@@ -274,12 +277,13 @@ export class AnswerView {
     if (slot.filled) return;
     slot.filled = true;
     if (url.startsWith("data:")) {
-      this.place(slot, url, displayUrl(url));
+      const blob = dataUrlToBlob(url);
+      this.pending.push(this.place(slot, url, URL.createObjectURL(blob), blob));
       return;
     }
     this.pending.push(artifactBlobUrl(url, this.headers()).then((got) => {
-      if (got.url) this.place(slot, url, got.url);
-      else this.failed(slot, got.message);
+      if (got.url) return this.place(slot, url, got.url, got.blob);
+      return this.failed(slot, got.message);
     }));
   }
 
@@ -288,12 +292,19 @@ export class AnswerView {
     while (this.pending.length) await Promise.all(this.pending.splice(0));
   }
 
-  /** Puts the medium (`src`: a blob: URL of `url`'s bytes) in its reference's place. */
-  place(slot, url, src) {
+  /** Puts the medium (`src`: a blob: URL of `url`'s bytes, `blob` the bytes) in its reference's place: an element by
+   * its modality, a turntable for a PLY point cloud (any modality whose file is PLY), else a link. */
+  async place(slot, url, src, blob) {
     const tag = ELEMENT[slot.label];
     const name = `${slot.label} ${slot.number}`;
     let media;
-    if (tag === "img") {
+    if (!tag && extensionOf(url) === "ply") {
+      try {
+        media = turntable(parsePly(await blob.arrayBuffer()), { label: `Generated ${name}` });
+      } catch (e) {
+        media = el("a", { href: src, text: `Open ${name} (${e.message})` });
+      }
+    } else if (tag === "img") {
       const alt = short(this.textOnly(), 100);
       media = el("img", { src, alt: alt ? `Generated ${name}: ${alt}` : `Generated ${name}` });
       media.addEventListener("load", () => {
