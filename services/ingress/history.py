@@ -10,8 +10,8 @@ the message with its arrays), so an assistant message's media are read from:
    ``videos``: ``[{"type": "image_url", "image_url": {"url"}}]``), and OpenAI's ``audio`` ``{"id"}``: each
    medium not already taken from ``content`` (same artifact, or same bytes) is appended to the turn.
 
-A medium of a modality this model writes but does not read (3D on ``toy-3d``: no encoder reads it back) stays in the
-turn as its reference text (``[object3d 1](URL)``, a data URL as ``[object3d 1]``), after its artifact is checked
+A medium of a modality this model writes but does not read (a 3D point cloud: no encoder reads it back) stays in
+the turn as its reference text (``[<label> 1](URL)``, a data URL as ``[<label> 1]``), after its artifact is checked
 like any other: the model sees that it made one there, the conversation goes on, and nothing is decoded.
 
 A URL there must be one of ours (the ``/v1/artifacts/{id}.{ext}`` path on any host, its id in the store) or a
