@@ -305,7 +305,7 @@ def _reuse_parts(parts_from: Path, out: Path, log) -> tuple[dict, dict]:
 def build(out: str | Path, settings: BuildSettings | None = None, *, progress: bool = True,
           work: str | Path | None = None, grounding: bool = False, device: str | None = None,
           parts_from: str | Path | None = None, instruct_from: str | Path | None = None,
-          skills: bool = False) -> dict:
+          skills: bool = False, threads: int = 1) -> dict:
     """Build (or bring up to date) the toy world into ``out``; returns the build manifest.
 
     ``work``: intermediate files (default ``OUT/work``; not needed by the preset, safe to delete).
@@ -320,6 +320,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     ``skills`` (with ``instruct_from``): the ``toy-skills`` preset instead (issue #25; :func:`_skills`): the
     instruct stage continued on LLaVA-Plus skill-use dialogues and ordinary requests into ``OUT/export-skills``;
     the MosIT and plain steps and ``OUT/export`` are left alone.
+    ``threads``: torch threads of the alignment stages (1: how the shipped builds were made; more is faster on a
+    free machine, with results equal up to float rounding; not part of any cache key).
 
     Raises:
         ValueError: ``device`` is neither ``cpu`` nor an available ``cuda`` device; ``instruct_from`` with
@@ -347,7 +349,7 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     if skills and not (Path(instruct_from) / "export.json").is_file():
         raise FileNotFoundError(f"{Path(instruct_from) / 'export.json'} not found: --instruct-from needs a finished "
                                 f"toy export (e.g. polymodal/assets/toy/export)")
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, int(threads)))
     out = Path(out).resolve()
     work = Path(work).resolve() if work else out / "work"
     work.mkdir(parents=True, exist_ok=True)
@@ -550,7 +552,7 @@ def _finish(out: Path, exports: dict, figures: dict, s: BuildSettings, decoders:
 
 def extend(out: str | Path, preset, added: Sequence[Modality], settings: BuildSettings | None = None, *,
            toy_root: str | Path, manifest: str, progress: bool = True, work: str | Path | None = None,
-           device: str | None = None) -> dict:
+           device: str | None = None, threads: int = 1) -> dict:
     """Align a preset that is ``toy`` plus output modalities ``added`` (their decoders trained; the 3D one) by
     continuing the finished toy build ``toy_root``'s export -> ``OUT/export`` and ``OUT/manifest``; returns the
     manifest. ``preset``: the unaligned preset (its new decoders' manifest in ``OUT/decoders``).
@@ -562,6 +564,8 @@ def extend(out: str | Path, preset, added: Sequence[Modality], settings: BuildSe
     2. instruct, continued from toy's export plus those projectors (toy's LoRA kept training, ``continue_lora``; the
        new signal rows and every projector trained) on toy's MosIT dialogues and ``instruct_requests`` requests
        with lead-ins of every modality, ``instruct_steps`` at ``continue_lr``.
+
+    ``threads``: as :func:`build`'s.
 
     Raises:
         FileNotFoundError: no toy export in ``toy_root``, no decoder manifest.
@@ -575,7 +579,7 @@ def extend(out: str | Path, preset, added: Sequence[Modality], settings: BuildSe
     s = settings or BuildSettings()
     if device not in (None, "cpu") and not (device.startswith("cuda") and torch.cuda.is_available()):
         raise ValueError(f"device {device!r}: expected cpu, or cuda on a machine where CUDA is available")
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, int(threads)))
     out, root = Path(out).resolve(), Path(toy_root).resolve()
     added = [Modality.parse(m) for m in added]
     toy_export = root / "export"

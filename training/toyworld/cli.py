@@ -91,6 +91,11 @@ def train_encoder(
         typer.echo(f"{name}: {out / entry['path']} (kind {entry['kind']}, dim {entry['dim']}) {entry['figures']}")
 
 
+Threads = Annotated[int, typer.Option(help="torch threads of the alignment stages (1: how the shipped builds were "
+                                      "made; more is faster on a free machine, results equal up to float rounding)",
+                                      min=1, max=256)]
+
+
 @app.command()
 def build(
     out: Annotated[Path, typer.Option("--out", help="the toy build folder (decoders/, encoders/, export/); "
@@ -129,6 +134,7 @@ def build(
         help="weight of the MosIT edit dialogues (issue #27: a shared toy image and a recolour / reshape instruction "
         "answered with the edited image) beside the other modes' (1.0 each); default: the build's (0, none)",
         min=0)] = None,
+    threads: Threads = 1,
 ) -> None:
     """Build the whole toy world: data, toy decoders and encoder, MosIT dialogues, the three alignment stages.
 
@@ -148,7 +154,8 @@ def build(
                  "instruct_request_weights": _weights(request_weight) if request_weight else None}
         settings = BuildSettings(step_scale=step_scale, **{k: v for k, v in given.items() if v is not None})
         manifest = run(out, settings, work=work, progress=True, grounding=grounding,
-                       device=device, parts_from=parts_from, instruct_from=instruct_from, skills=skills)
+                       device=device, parts_from=parts_from, instruct_from=instruct_from, skills=skills,
+                       threads=threads)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")
@@ -244,7 +251,7 @@ TOY_3D_INSTRUCT_STEPS = 600
 
 
 def build_toy_3d(out: str | Path, settings=None, *, toy_root: str | Path | None = None, progress: bool = True,
-                 work: str | Path | None = None, device: str | None = None) -> dict:
+                 work: str | Path | None = None, device: str | None = None, threads: int = 1) -> dict:
     """The ``toy-3d`` preset's aligned parts -> ``OUT/export`` and ``OUT/toy-3d-build.json`` (returned): toy's export
     continued with 3D (:func:`training.toyworld.build.extend`: the 3D output projector by a decode stage, then toy's
     instruct stage continued with 3D requests beside the toy ones). ``OUT`` is a toy-3d build folder whose
@@ -266,7 +273,7 @@ def build_toy_3d(out: str | Path, settings=None, *, toy_root: str | Path | None 
     settings = settings if settings is not None else BuildSettings(instruct_steps=TOY_3D_INSTRUCT_STEPS)
     preset = toy_3d_preset(root, root_3d=out, aligned=False)  # FileNotFoundError: no 3D decoder (names train-3d)
     return extend(out, preset, [OBJECT3D], settings, toy_root=root, manifest=BUILD_3D_MANIFEST, progress=progress,
-                  work=work, device=device)
+                  work=work, device=device, threads=threads)
 
 
 @app.command("build-3d")
@@ -280,6 +287,7 @@ def build_3d(
                                               min=1e-6, max=100)] = 1.0,
     work: Annotated[Optional[Path], typer.Option(help="intermediate files (default OUT/work)")] = None,
     device: Annotated[str, typer.Option(help="where the alignment stages train: cpu or cuda (float32)")] = "cpu",
+    threads: Threads = 1,
 ) -> None:
     """The toy-3d preset's alignment (issue #29): the 3D output projector (decode stage), then toy's instruct stage
     continued with 3D requests beside the toy ones, into OUT/export. Needs `polymodal toyworld train-3d --out
@@ -288,8 +296,7 @@ def build_3d(
 
     try:
         manifest = build_toy_3d(out, BuildSettings(step_scale=step_scale, instruct_steps=TOY_3D_INSTRUCT_STEPS),
-                                toy_root=toy_root, work=work,
-                                progress=True, device=device)
+                                toy_root=toy_root, work=work, progress=True, device=device, threads=threads)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")
