@@ -13,7 +13,7 @@
 - ``toy-skills``: ``toy`` whose model calls the toy skills ``locate`` / ``count`` in LLaVA-Plus's rendering
   (``chat.tool_format: llava-plus``; ``polymodal toyworld build --skills``; not shipped yet: the preset says so).
 - ``toy-3d``: ``toy`` with 3D outputs (coloured point clouds; ``<3D0>..<3D3>`` appended), its toy 3D decoder
-  trained by ``polymodal toyworld train-3d`` (not shipped yet: the preset says so when asked for).
+  and export shipped in ``polymodal/assets/toy-3d`` (``polymodal toyworld train-3d`` / ``build-3d`` rebuild them).
 - ``nextgpt-7b``: NExT-GPT's composition (Vicuna-7B, ImageBind-huge, SD v1.5, AudioLDM-l-full,
   zeroscope_v2_576w) by hub id or local path, fp16 on GPU.
 - ``nextgpt-7b-random``: the same architectures at real size with random weights (GPU benchmarks).

@@ -22,7 +22,7 @@ build's size budget has no room for them):
 
 ``ROOT`` is ``$POLYMODAL_TOY_DIR`` when set, else the build shipped inside the package
 (``polymodal/assets/toy``, package data); ``ROOT3D`` is ``$POLYMODAL_TOY_3D_DIR`` when set, else
-``polymodal/assets/toy-3d`` (package data once trained; not shipped yet).
+``polymodal/assets/toy-3d`` (package data: the trained decoder, its denoiser stored in float16, and the export).
 
 The manifests are read here (:data:`MANIFEST`, :func:`manifest_entry`, :func:`decoder_config`): serving needs
 them and imports nothing of the offline wing; the offline wing (``training.toyworld``) writes them.
