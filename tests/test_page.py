@@ -477,7 +477,7 @@ def test_a_point_cloud_turns_on_the_page_in_its_colour(page, toy_3d_server):
             "document.querySelector('#output-boxes input[value=object3d]').click()")
     page.type_and_send("Make a large red sphere.")
     assert page.wait_answer(1) == "done"
-    canvas = ".msg.assistant figure.medium-object3d canvas.pointcloud"
+    canvas = ".msg.assistant figure.medium-object3d canvas.ply-turntable"
     page.wait(f"return !!document.querySelector('{canvas}')", what="the point-cloud canvas")
     look = """
         const c = document.querySelector(arguments[0]);

@@ -8,7 +8,7 @@
 // over the request's image they belong to, and skill calls folded in <details>. Text is always set as text (never
 // parsed as HTML).
 
-import { parsePly, turntable } from "./pointcloud.js";
+import { parsePly, turntable } from "./plyview.js";
 
 const REF = /(!?)\[([a-z][a-z0-9_-]*) (\d+)\]\(([^)\s]+)\)/g;
 const ELEMENT = { image: "img", audio: "audio", video: "video" };

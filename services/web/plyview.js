@@ -122,7 +122,7 @@ export function drawCloud(canvas, cloud, angle) {
 export function turntable(cloud, { size = 256, period = 8000, label = "point cloud" } = {}) {
   const canvas = document.createElement("canvas");
   canvas.width = canvas.height = size;
-  canvas.className = "pointcloud";
+  canvas.className = "ply-turntable";
   canvas.setAttribute("role", "img");
   canvas.setAttribute("aria-label", `${label}: ${cloud.count} points, turning`);
   const still = window.matchMedia?.("(prefers-reduced-motion: reduce)").matches;
