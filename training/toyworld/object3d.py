@@ -273,8 +273,8 @@ class Object3DDecoderRecipe:
     num_layers: int = 6  # width 96 x 4 blocks: 50/80 linear, 65/80 cosine; bench/results/object3d_decoder_trials.json)
     num_heads: int = 4
     beta_schedule: str = "squaredcos_cap_v2"  # the DDIM scheduler's (decoders.object3d.point_set_scheduler)
-    # the folder is 7.7 MB (3.2 MB at width 96 x 4 blocks), outside the toy build's 10 MB. Training time: 6000 steps
-    # took 42 min on two torch threads of the quiet 2-core box (width 96 x 4: 50 min on one niced thread); hours when shared
+    # the folder is 3.9 MB (the denoiser saved in float16; polymodal/assets/toy-3d, outside the toy build's 10 MB).
+    # Training: 6000 steps took 42 min on two torch threads of the quiet 2-core box; hours when the box is shared
     steps: int = 6000
     lr: float = 1e-3
     batch_size: int = 16
