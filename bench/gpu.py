@@ -21,7 +21,13 @@ toy sizes instead, for tests). Measured, side by side on one pipeline object:
   the issue's ">= 0.95x" check); then one chat request over HTTP with ``modalities: ["image"]`` (the LLM's
   image group is forced at its token limit), seconds end to end.
 
-``--parts`` picks what runs (``decoder,llm,e2e,deployment``; each re-runnable alone).
+- fast paths (part ``fastpath``): one row per speed option diffusers and PyTorch give the decoder
+  (``DecoderConfig.fast_path`` / ``dtype``: SDPA vs the classic attention processor, channels_last, the other
+  16-bit dtype, ``torch.compile`` default and ``reduce-overhead`` (CUDA graphs)), each a freshly built decoder stage
+  at ``--fast-path-batch``, its first call (compile included) timed apart, images/s and the speed-up over the
+  baseline row; with part ``llm`` also the LLM's tokens/s with ``attn_implementation`` sdpa vs eager.
+
+``--parts`` picks what runs (``decoder,llm,e2e,deployment,fastpath``; each re-runnable alone).
 
 The SD v1.5 UNet, VAE and CLIP ViT-L/14 text encoder are built from their published configs written out in
 code (no download), with a small-std initialisation (weights N(0, ``--init-std``)) so that float16 stays finite;
@@ -127,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per batch size and side (--quick: 1)")
     p.add_argument("--text-tokens", type=int, default=32, help="text tokens before the forced image group (e2e)")
     p.add_argument("--llm-tokens", type=int, default=128, help="tokens of the LLM tokens/s run (--quick: 16)")
-    p.add_argument("--parts", default="decoder,llm,e2e,deployment",
-                   help="what to run (comma separated): decoder, llm, e2e, deployment")
+    p.add_argument("--parts", default="decoder,llm,e2e,deployment,fastpath",
+                   help="what to run (comma separated): decoder, llm, e2e, deployment, fastpath")
+    p.add_argument("--fast-paths", default=None,
+                   help=f"fast-path rows of part fastpath (comma separated; choices: {', '.join(FAST_PATHS)}; "
+                   "default all, with --cpu-smoke all but the compile rows, which take a minute each on a CPU)")
+    p.add_argument("--fast-path-batch", type=int, default=1, help="batch size of the fast-path rows")
     args = p.parse_args(argv)
 
     import torch
@@ -184,9 +194,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print("building the 7B-shaped LLM stage ...", flush=True)
     parts = {x.strip() for x in args.parts.split(",") if x.strip()}
-    unknown = parts - {"decoder", "llm", "e2e", "deployment"}
+    unknown = parts - {"decoder", "llm", "e2e", "deployment", "fastpath"}
     if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}; choices: decoder, llm, e2e, deployment")
+        raise ValueError(f"unknown parts {sorted(unknown)}; choices: decoder, llm, e2e, deployment, fastpath")
     llm = engine = None
     d_llm = int(llm_cfg.tiny.hidden_size)
     if parts & {"llm", "e2e"}:
@@ -212,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                            hidden_states=rng.standard_normal((n_sig, d_llm)).astype(np.float32),
                            token_embeds=rng.standard_normal((n_sig, d_llm)).astype(np.float32))
 
-    def ours(b: int) -> int:
+    def ours(b: int, worker: DecoderWorker = worker) -> int:
         items = [BatchItem(RenderRequest(request_id=uuid.uuid4().hex, group=group(i), seed=i, options=defaults))
                  for i in range(b)]
         out = worker.run_batch(items)
@@ -251,6 +261,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['plain']['images_per_s']:.3f} images/s", flush=True)
         rows.append(row)
     results["decoder"] = rows
+    if "fastpath" in parts:
+        def fresh_worker(cfg) -> DecoderWorker:
+            dt = torch.float32 if toy else getattr(torch, cfg.dtype)
+            dec = ImageDecoder(sd15_pipeline(device, dt, toy=toy, init_std=args.init_std), cfg, init_state="random",
+                               device=device)
+            return DecoderWorker(DecoderStage(image, proj.to(device).eval(), dec, "random"))
+
+        results["fast_paths"] = fast_path_rows(args, dec_cfg, fresh_worker, ours, repeats)
     if "deployment" in parts:
         results["deployment"] = through_deployment(args, preset, pipe, pcfg, dec_cfg, plain, group, batch_sizes,
                                                    repeats, toy, size, steps)
@@ -286,7 +304,20 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - t
         results["llm"] = {"params_b": results["llm_params_b"], "prompt_tokens": res.prompt_tokens,
                           "completion_tokens": res.completion_tokens, "wall_s": wall,
-                          "tokens_per_s": res.completion_tokens / wall}
+                          "tokens_per_s": res.completion_tokens / wall,
+                          "attn_implementation": engine.model.config._attn_implementation}
+        try:  # the fast-path row of the LLM: the same weights with the reference attention
+            engine.model.set_attn_implementation("eager")
+            llm.generate(turns, max_new_tokens=4, propose=lambda s, lg: text_choice(lg))
+            _sync()
+            t = time.perf_counter()
+            res = llm.generate(turns, max_new_tokens=llm_tokens, propose=lambda s, lg: text_choice(lg))
+            _sync()
+            results["llm"]["eager_tokens_per_s"] = res.completion_tokens / (time.perf_counter() - t)
+        except Exception as e:  # noqa: BLE001 - a row that cannot run is reported, the rest still runs
+            results["llm"]["eager_error"] = f"{type(e).__name__}: {e}"
+        finally:
+            engine.model.set_attn_implementation(results["llm"]["attn_implementation"])
 
     any2any = AnyToAnyPipeline(preset, llm, {image: stage})
     e2e = []
@@ -320,6 +351,15 @@ def _tables(results: dict, rows: list, llm: dict | None, e2e: list, args, size: 
               f"{r['ours']['ok_items']}/{r['ours']['items']}", f"{r['plain']['ok_items']}/{r['plain']['items']}"]
              for r in rows],
         )
+    fast = results.get("fast_paths")
+    if fast:
+        C.print_table(
+            f"Decoder fast paths (DecoderConfig.fast_path / dtype), batch {fast[0]['batch_size']}, {size}x{size}, "
+            f"{steps} steps",
+            ["fast path", "dtype", "first call s (compile)", "images/s", "speed-up over baseline", "ok"],
+            [[r["name"], r["dtype"], r.get("first_call_s"), r.get("images_per_s", r.get("error")),
+              r.get("speedup_over_baseline"), f"{r.get('ok_items', 0)}/{r.get('items', 0)}"] for r in fast],
+        )
     dep = results.get("deployment")
     if dep:
         C.print_table(
@@ -337,13 +377,79 @@ def _tables(results: dict, rows: list, llm: dict | None, e2e: list, args, size: 
     if "llm_params_b" in results:
         table.append(["LLM params (M)", 1000 * results["llm_params_b"]])
     if llm is not None:
-        table.append([f"LLM tokens/s, batch 1 ({llm['completion_tokens']} tokens)", llm["tokens_per_s"]])
+        table.append([f"LLM tokens/s, batch 1 ({llm['completion_tokens']} tokens, {llm['attn_implementation']})",
+                      llm["tokens_per_s"]])
+        table.append(["LLM tokens/s, batch 1, attn_implementation eager",
+                      llm.get("eager_tokens_per_s", llm.get("eager_error"))])
     if e2e:
         table += [[f"end to end s per {size}x{size} {steps}-step image (p50)",
                    results["end_to_end"]["seconds_per_image"]["p50_s"]],
                   ["end to end: images returned", f"{sum(r['images'] for r in e2e)}/{len(e2e)}"]]
     if table:
         C.print_table("7B-shaped LLM and end to end", ["measure", "value"], table)
+
+
+# part fastpath: row name -> what it changes in the decoder's config ("dtype": "other" = the other 16-bit dtype)
+FAST_PATHS: dict[str, dict] = {
+    "baseline": {},
+    "eager-attention": {"fast_path": {"attention": "eager"}},
+    "channels_last": {"fast_path": {"channels_last": True}},
+    "other-dtype": {"dtype": "other"},
+    "compile": {"fast_path": {"compile": "default"}},
+    "compile-cudagraphs": {"fast_path": {"compile": "reduce-overhead"}},
+}
+
+
+def fast_path_rows(args, dec_cfg, fresh_worker, ours, repeats: int) -> list[dict]:
+    """Part ``fastpath``: each row a freshly built decoder stage with one option changed; its first call (where
+    ``torch.compile`` compiles) timed apart from ``repeats`` timed calls. A row that fails is reported, the
+    others still run. -> rows (see :data:`FAST_PATHS`)."""
+    import gc
+
+    import torch
+
+    from polymodal.config import DecoderFastPath
+
+    default = [n for n in FAST_PATHS if not (args.cpu_smoke and "compile" in n)]
+    names = [x.strip() for x in args.fast_paths.split(",") if x.strip()] if args.fast_paths else default
+    unknown = sorted(set(names) - set(FAST_PATHS))
+    if unknown:
+        raise ValueError(f"unknown fast paths {unknown}; choices: {', '.join(FAST_PATHS)}")
+    b = args.fast_path_batch
+    rows: list[dict] = []
+    for name in names:
+        change = FAST_PATHS[name]
+        dtype = dec_cfg.dtype
+        if change.get("dtype") == "other":
+            dtype = "bfloat16" if dec_cfg.dtype == "float16" else "float16"
+        cfg = dec_cfg.model_copy(update={"dtype": dtype,
+                                         "fast_path": DecoderFastPath(**change.get("fast_path", {}))})
+        row: dict = {"name": name, "dtype": dtype, "fast_path": cfg.fast_path.model_dump(), "batch_size": b}
+        print(f"fast path {name} ...", flush=True)
+        try:
+            worker = fresh_worker(cfg)
+            row["dtype"] = str(worker.stage.decoder.dtype).replace("torch.", "")  # float32 on a CPU, whatever asked
+            t = time.perf_counter()
+            ours(b, worker)
+            row["first_call_s"] = time.perf_counter() - t
+            walls, ok = [], 0
+            for _ in range(repeats):
+                t = time.perf_counter()
+                ok += ours(b, worker)
+                walls.append(time.perf_counter() - t)
+            row.update(wall_s=walls, ok_items=ok, items=b * repeats, images_per_s=b * repeats / sum(walls))
+        except Exception as e:  # noqa: BLE001 - a row that cannot run is reported, the rest still runs
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        worker = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        rows.append(row)
+    base = next((r for r in rows if r["name"] == "baseline" and "images_per_s" in r), None)
+    for r in rows:
+        if base and "images_per_s" in r:
+            r["speedup_over_baseline"] = C.ratio(r["images_per_s"], base["images_per_s"])
+    return rows
 
 
 def through_deployment(args, preset, pipe, pcfg, dec_cfg, plain, group, batch_sizes: list[int], repeats: int,

@@ -31,7 +31,7 @@ import torch
 
 from decoders.errors import DecodeError, DecoderLoadError
 from decoders.media import Medium, degenerate_reason, split_batch
-from polymodal.config import DecoderConfig, DecoderDefaults
+from polymodal.config import DecoderConfig, DecoderDefaults, DecoderFastPath
 from polymodal.devices import resolve_dtype
 from polymodal.modality import Modality
 from polymodal.types import EditSource
@@ -88,6 +88,7 @@ class Decoder:
             self.pipeline.to(dtype=self.dtype)
         self.pipeline.set_progress_bar_config(disable=True)
         self._check_cond_shape()
+        self.apply_fast_path(config.fast_path)
         self._lock = threading.Lock()
         self._edit_lock = threading.Lock()
         self._edit_pipelines: dict[str, object] = {}
@@ -116,6 +117,41 @@ class Decoder:
     def tiny_pipeline(cls, config: DecoderConfig, *, seed: int = 0):
         """The stock pipeline with tiny random components (seeded), conditioning (Q, D_cond) of ``config``."""
         raise NotImplementedError
+
+    # the pipeline's denoising network, by the attribute name its pipeline class gives it
+    _DENOISER_NAMES: ClassVar[tuple[str, ...]] = ("unet", "transformer", "prior", "denoiser")
+
+    def apply_fast_path(self, fast_path: DecoderFastPath) -> None:
+        """Apply ``fast_path`` to the pipeline's denoiser (and VAE): attention processor, memory format,
+        ``torch.compile`` (see :class:`polymodal.config.DecoderFastPath`); called once by ``__init__``.
+
+        Raises:
+            DecoderLoadError: an option other than the default that this pipeline cannot take (no denoiser module,
+                or a denoiser without diffusers' attention processors asked for ``eager``): never silently ignored.
+        """
+        pipe = self.pipeline
+        denoiser = next((getattr(pipe, n) for n in self._DENOISER_NAMES
+                         if isinstance(getattr(pipe, n, None), torch.nn.Module)), None)
+        vae = getattr(pipe, "vae", None)
+        modules = [m for m in (denoiser, vae) if isinstance(m, torch.nn.Module)]
+        asked = fast_path.model_dump(exclude_defaults=True)
+        if asked and denoiser is None:
+            raise DecoderLoadError(f"{self.modality.value} decoder: fast_path {asked} needs a denoiser module; "
+                                   f"{type(pipe).__name__} has none of {self._DENOISER_NAMES}")
+        if fast_path.attention == "eager":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            with_processors = [m for m in modules if hasattr(m, "set_attn_processor")]
+            if denoiser not in with_processors:
+                raise DecoderLoadError(f"{self.modality.value} decoder: fast_path attention=eager needs diffusers' "
+                                       f"attention processors; {type(denoiser).__name__} has none")
+            for m in with_processors:
+                m.set_attn_processor(AttnProcessor())
+        if fast_path.channels_last:
+            for m in modules:
+                m.to(memory_format=torch.channels_last)
+        if fast_path.compile != "off":
+            denoiser.compile(mode=fast_path.compile)
 
     def _check_cond_shape(self) -> None:
         got = self._pipeline_cond_shape()

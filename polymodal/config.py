@@ -66,6 +66,11 @@ class TinyLLMConfig(_Model):
     intermediate_size: int = Field(128, ge=8)
     vocab_size: int = Field(512, ge=64, description="BPE size of the offline tiny tokenizer")
     max_position_embeddings: int = Field(2048, ge=64)
+    init_device: Literal["cpu", "target"] = Field(
+        "cpu", description="where the random weights are drawn: cpu = the same weights on every machine (trained "
+        "exports such as the toy's LoRA and token rows are built on them); target = on the LLM's own device in its "
+        "dtype (a 7B-shaped model in seconds on a GPU instead of minutes of float32 on the CPU; other weights than a "
+        "CPU build's)")
 
 
 class LLMConfig(_Model):
@@ -81,6 +86,9 @@ class LLMConfig(_Model):
     gguf_file: str | None = None
     tiny: TinyLLMConfig = TinyLLMConfig()
     dtype: Dtype = "auto"
+    attn_implementation: Literal["sdpa", "eager"] | None = Field(
+        None, description="transformers' attention kernel (`attn_implementation`): sdpa = PyTorch's "
+        "scaled_dot_product_attention, eager = the reference matmul-softmax; None = transformers' default (sdpa)")
     max_context_tokens: int = Field(2048, ge=64)
     added_tokens: tuple[str, ...] = Field(
         (), description="tokens added to the tokenizer first, in this order (a released checkpoint's vocabulary "
@@ -142,6 +150,26 @@ class DecoderDefaults(_Model):
         "is lossless but needs the High 4:4:4 profile, which many players lack); other h264 encoders ignore it")
 
 
+class DecoderFastPath(_Model):
+    """The speed options diffusers and PyTorch give a decoder's denoiser (UNet / transformer) and VAE (issue #30).
+
+    Each is applied once when the decoder is built (:meth:`decoders.base.Decoder.apply_fast_path`); the defaults
+    are diffusers' own behaviour. ``bench/gpu.py --parts fastpath`` measures one row per option.
+
+    ``attention``: ``sdpa`` = PyTorch's ``scaled_dot_product_attention`` (diffusers' default processor,
+    ``AttnProcessor2_0``; flash / memory-efficient kernels on a GPU); ``eager`` = the classic processor
+    (``AttnProcessor``: baddbmm, softmax, bmm), the reference the SDPA row is measured against.
+    ``channels_last``: the denoiser and VAE in ``torch.channels_last`` memory format (NHWC convolutions; pays with
+    float16 / bfloat16 on tensor-core GPUs). ``compile``: ``torch.compile`` of the denoiser in place
+    (``nn.Module.compile``) with this mode; the first call compiles (tens of seconds), ``reduce-overhead`` adds
+    CUDA graphs, ``off`` = eager PyTorch.
+    """
+
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    channels_last: bool = False
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+
+
 class DecoderConfig(_Model):
     """A diffusion decoder: ``tiny`` random components or a diffusers model folder / hub id."""
 
@@ -151,6 +179,7 @@ class DecoderConfig(_Model):
     cond_tokens: int = Field(8, ge=1, description="Q of prompt_embeds (77 for SD); 1 for AudioLDM")
     cond_dim: int = Field(32, ge=1, description="D_cond")
     defaults: DecoderDefaults = DecoderDefaults()
+    fast_path: DecoderFastPath = DecoderFastPath()
     options: dict[str, float | int | str | bool] = {}
 
 

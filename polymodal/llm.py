@@ -940,7 +940,9 @@ class LLMEngine:
 # Loading
 
 
-def _tiny_model(cfg: LLMConfig, vocab: int, seed: int) -> nn.Module:
+def _tiny_model(cfg: LLMConfig, vocab: int, seed: int, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The random Llama of ``cfg.tiny`` on ``device`` in ``dtype``, drawn on the CPU in float32 (the same weights
+    on every machine) unless ``cfg.tiny.init_device == "target"``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     t = cfg.tiny
@@ -953,10 +955,21 @@ def _tiny_model(cfg: LLMConfig, vocab: int, seed: int) -> nn.Module:
         vocab_size=vocab,
         max_position_embeddings=t.max_position_embeddings,
         tie_word_embeddings=False,
+        attn_implementation=cfg.attn_implementation,
     )
-    with torch.random.fork_rng(devices=[]):
+    on_target = t.init_device == "target" and device.type != "cpu"
+    devices = [device.index or 0] if on_target and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return LlamaForCausalLM(lc)
+        if not on_target:
+            return LlamaForCausalLM(lc).to(device, dtype)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(device):
+                return LlamaForCausalLM(lc)
+        finally:
+            torch.set_default_dtype(previous)
 
 
 def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str | torch.device | None = None, seed: int = 0,
@@ -977,8 +990,8 @@ def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str 
         from polymodal.offline_tokenizer import tiny_tokenizer
 
         tok = tiny_tokenizer(cfg.tiny.vocab_size)
-        model = _tiny_model(cfg, len(tok), seed)
-        return LLMEngine(model.to(dev, dtype), tok, spec, chat, init_state="random", source="tiny", seed=seed,
+        model = _tiny_model(cfg, len(tok), seed, dev, dtype)
+        return LLMEngine(model, tok, spec, chat, init_state="random", source="tiny", seed=seed,
                          added_tokens=cfg.added_tokens, extra_tokens=extra_tokens, never_generate=never_generate)
     if not cfg.path:
         raise LLMLoadError("llm.path is required for source='pretrained' (a hub id or a local folder)")
@@ -1014,7 +1027,8 @@ def load_llm(cfg: LLMConfig, spec: SignalSpec, chat: ChatFormat, *, device: str 
                     os.replace(tmp, cached)
             path = str(cached)
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        extra = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra)
     except LLMLoadError:
         raise
     except (OSError, ValueError) as e:

@@ -177,6 +177,12 @@ def test_gpu_script_at_toy_size_on_cpu(tmp_path):
     assert dep["decoder"][1]["mean_batch_size"] > 1  # eight clients: the deployment formed batches
     assert dep["http"]["status"] == 200 and dep["http"]["images"] == 1
     assert "e2e_request_latency" in dep["http"]["streaming_means_s"]
+    fast = {r["name"]: r for r in data["fast_paths"]}  # on a CPU every row but the compile ones (a minute each)
+    assert set(fast) == {"baseline", "eager-attention", "channels_last", "other-dtype"}
+    assert all(r["ok_items"] == r["items"] == 1 and _positive(r["speedup_over_baseline"]) for r in fast.values())
+    assert fast["eager-attention"]["fast_path"]["attention"] == "eager" and fast["channels_last"]["fast_path"][
+        "channels_last"]
+    assert _positive(data["llm"]["eager_tokens_per_s"]) and data["llm"]["attn_implementation"] == "sdpa"
 
 
 @pytest.mark.slow

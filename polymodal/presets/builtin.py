@@ -122,8 +122,9 @@ def nextgpt(random: bool) -> PresetConfig:
         ),
         llm=LLMConfig(
             source=src, path=None if random else vicuna, dtype="float16",
+            # random 7B: drawn on the GPU in float16 (seconds; 27 GB of float32 on the CPU takes minutes)
             tiny=dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=11008,
-                      vocab_size=32000),
+                      vocab_size=32000, init_device="target"),
             added_tokens=added,
             missing_hint=None if random else (
                 "set POLYMODAL_VICUNA_V0 to the merged Vicuna-7B v0 folder (LLaMA-7B + lmsys/vicuna-7b-delta-v0; "
