@@ -201,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     d_llm = int(llm_cfg.tiny.hidden_size)
     if parts & {"llm", "e2e"}:
         t = time.perf_counter()
-        with torch.device(device):  # random init directly on the GPU (7B on the CPU takes minutes)
-            llm = build_llm_stage(preset, device=device)
+        llm = build_llm_stage(preset, device=device)  # the preset draws the random 7B on the GPU (init_device)
         results["llm_build_s"] = time.perf_counter() - t
         engine = llm.engine
         results["llm_params_b"] = sum(x.numel() for x in engine.model.parameters()) / 1e9
@@ -462,7 +461,8 @@ def through_deployment(args, preset, pipe, pcfg, dec_cfg, plain, group, batch_si
     import httpx
     from ray import serve
 
-    from services.app import AppArgs, DecoderDeploymentArgs, IngressDeploymentArgs, LLMDeploymentArgs
+    from services.app import (AppArgs, DecoderDeploymentArgs, IngressDeploymentArgs, LLMDeploymentArgs,
+                              SpeechDeploymentArgs)
     from services.metrics import histogram_means
     from services.protocol import RenderRequest
 
@@ -483,6 +483,9 @@ def through_deployment(args, preset, pipe, pcfg, dec_cfg, plain, group, batch_si
         decoders={image: DecoderDeploymentArgs(num_cpus=0.3, num_gpus=gpus, max_batch_size=max(batch_sizes),
                                                max_ongoing_requests=max(16, 2 * max(batch_sizes)))},
         ingress=IngressDeploymentArgs(num_cpus=0.1),
+        # what is measured is the decoder and the chat path: no speech engines (flite, pocketsphinx) or skill
+        # replicas, which a bare GPU machine may lack
+        speech=SpeechDeploymentArgs(enabled=False), skills={},
     )
     out: dict = {"preset": served.name, "decoder": []}
     with C.ray_cluster():

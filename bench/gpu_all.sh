@@ -8,7 +8,8 @@
 # Parts, in order of what matters most: core (decoder vs plain diffusers at batch 1 and 8, the 7B-shaped LLM's
 # tokens/s, end to end), deployment (the decoder through the Ray Serve graph beside plain diffusers, one chat
 # request over HTTP), fastpath (one row per DecoderConfig.fast_path option, compile rows last).
-# Limits in seconds: GPU_CORE_S (170), GPU_DEPLOYMENT_S (190), GPU_FASTPATH_S (200).
+# Limits in seconds: GPU_CORE_S (170), GPU_DEPLOYMENT_S (190), GPU_FASTPATH_S (200). GPU_PARTS picks parts
+# (default core,deployment,fastpath).
 set -u
 out=${1:?usage: bash bench/gpu_all.sh OUT_DIR [PYTHON]}
 py=${2:-python3}
@@ -25,6 +26,7 @@ failed=0
 run_part() {  # name, limit, bench/gpu.py arguments...
   local name=$1 limit=$2
   shift 2
+  [[ ",${GPU_PARTS:-core,deployment,fastpath}," == *",$name,"* ]] || return 0
   echo "== part $name (limit ${limit} s) =="
   timeout -k 10 "$limit" "$py" bench/gpu.py "$@" --out "$out/gpu_$name.json" > "$out/gpu_$name.log" 2>&1
   local rc=$?
