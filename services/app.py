@@ -103,16 +103,16 @@ class DecoderDeploymentArgs(DeploymentArgs):
 
     ``batch_policy``: ``adaptive`` (default; no timer: a lone request starts at once, requests arriving while a
     batch runs share the next pipeline call) or ``timeout`` (Ray's ``@serve.batch``: a batch waits up to
-    ``batch_wait_timeout_s`` to fill, which a request arriving alone always pays). ``regroup_s`` (adaptive): right
-    after a batch of n > 1 the next one waits up to this long for n callers (closed-loop clients come back together;
-    a lone request after an idle spell never waits). Figures: ``bench/README.md``.
+    ``batch_wait_timeout_s`` to fill, which a request arriving alone always pays). ``regroup_fraction`` (adaptive):
+    right after a batch of n > 1 the next one waits for n callers at most this fraction of that batch's run time
+    (closed-loop clients come back together; a lone request after an idle spell never waits). Figures: ``bench/README.md``.
     """
 
     num_cpus: float = Field(0.2, ge=0)
     max_batch_size: int = Field(4, ge=1, le=64)
     batch_policy: Literal["adaptive", "timeout"] = "adaptive"
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
-    regroup_s: float = Field(0.02, ge=0, le=1)
+    regroup_fraction: float = Field(0.05, ge=0, le=1)
     max_ongoing_requests: int = Field(16, ge=1)
 
 
@@ -244,7 +244,7 @@ def app_builder(args: AppArgs):
         d = args.decoders.get(m, DecoderDeploymentArgs())
         decoders[m.value] = serve.deployment(DecoderServer).options(**d.options(f"decoder-{m.value}")).bind(
             preset, m.value, args.device, args.export_dir, d.max_batch_size, d.batch_wait_timeout_s, stats,
-            batch_policy=d.batch_policy, regroup_s=d.regroup_s)
+            batch_policy=d.batch_policy, regroup_fraction=d.regroup_fraction)
     speech = None
     if args.speech.enabled:
         speech = serve.deployment(SpeechServer).options(**args.speech.options("speech")).bind(

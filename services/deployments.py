@@ -133,8 +133,8 @@ class DecoderServer:
             call, see :class:`services.workers.AdaptiveBatcher`) or ``timeout`` (Ray's ``@serve.batch`` with
             ``batch_wait_timeout_s``); :data:`services.workers.BATCH_POLICIES`.
         stats_period_s: the counters go to ``stats`` at most this often (only when they changed).
-        regroup_s: ``adaptive``: how long after a batch of n > 1 the next one waits for n callers
-            (:class:`services.workers.AdaptiveBatcher`).
+        regroup_fraction: ``adaptive``: after a batch of n > 1 the next one waits for n callers at most this
+            fraction of that batch's run time (:class:`services.workers.AdaptiveBatcher`).
 
     Raises:
         ValueError: an unknown ``batch_policy``.
@@ -143,7 +143,8 @@ class DecoderServer:
     def __init__(self, preset: PresetConfig | str, modality: str, device: str | None = None,
                  export_dir: str | None = None, max_batch_size: int = 4, batch_wait_timeout_s: float = 0.0,
                  stats: DeploymentHandle | None = None, stage: DecoderStageLike | None = None,
-                 batch_policy: str = "adaptive", stats_period_s: float = STATS_PERIOD_S, regroup_s: float = 0.0):
+                 batch_policy: str = "adaptive", stats_period_s: float = STATS_PERIOD_S,
+                 regroup_fraction: float = 0.0):
         self.modality = Modality.parse(modality)
         self.batch_policy = check_batch_policy(batch_policy)
         if stage is None:
@@ -157,7 +158,7 @@ class DecoderServer:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
         self.render_batch.set_max_batch_size(int(max_batch_size))
         self.render_batch.set_batch_wait_timeout_s(float(batch_wait_timeout_s))
-        self._batcher = (AdaptiveBatcher(self._run_batch, int(max_batch_size), float(regroup_s))
+        self._batcher = (AdaptiveBatcher(self._run_batch, int(max_batch_size), float(regroup_fraction))
                          if batch_policy == "adaptive" else None)
         self._stats = stats
         self._stats_period_s = float(stats_period_s)

@@ -316,10 +316,12 @@ class AdaptiveBatcher:
     A call that finds the runner idle starts at once, alone (a lone request pays no batch wait); calls that arrive
     while a batch runs queue up and go together, up to ``max_batch_size``, as soon as it ends. Right after a batch of
     n > 1 ends, its callers are likely to come back together (closed-loop clients: a chat UI, an agent, a bench);
-    the next batch then waits at most ``regroup_s`` (from that end) for the queue to hold n again, instead of
-    starting the first comer alone and the rest behind it (on a GPU a batch of 1 costs nearly what a batch of 8
-    does: measured on an H200, 8 clients formed batches of 1 and 7 in turn without it). A request after an idle
-    spell, or after a batch of 1, never waits. A caller cancelled
+    the next batch then waits, from that end, at most ``regroup_fraction`` of that batch's run time for the queue
+    to hold n again, instead of starting the first comer alone and the rest behind it (on a GPU a batch of 1 costs
+    nearly what a batch of 8 does: measured on an H200, 8 clients formed batches of 1 and 7 in turn, and a fixed
+    20 ms window was too short for eight 512 px results to travel back). The window scales with the work, so it
+    costs at most that fraction of one batch's time. A request after an idle spell, or after a batch of 1, never
+    waits. A caller cancelled
     while queued is dropped before its batch starts; one cancelled while its batch runs has its result dropped
     (set ``BatchItem.cancel`` so the step callback can stop the work).
 
@@ -327,22 +329,24 @@ class AdaptiveBatcher:
         run: ``async run(items) -> one result per item`` (e.g. a :class:`DecoderWorker` batch in a thread); one
             call at a time.
         max_batch_size: most items per call.
-        regroup_s: seconds after a batch of n > 1 ends during which the next batch waits for n callers (0: never).
+        regroup_fraction: after a batch of n > 1, the next batch waits for n callers at most this fraction of the
+            last batch's run time (0: never; 0.05 = 5%).
 
     Raises:
-        ValueError: ``max_batch_size`` < 1 or ``regroup_s`` < 0.
+        ValueError: ``max_batch_size`` < 1 or ``regroup_fraction`` outside [0, 1].
     """
 
     def __init__(self, run: Callable[[list[Any]], Awaitable[list[Any]]], max_batch_size: int,
-                 regroup_s: float = 0.0):
+                 regroup_fraction: float = 0.0):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if regroup_s < 0:
-            raise ValueError(f"regroup_s must be >= 0, got {regroup_s}")
+        if not 0 <= regroup_fraction <= 1:
+            raise ValueError(f"regroup_fraction must be in [0, 1], got {regroup_fraction}")
         self._run = run
         self.max_batch_size = int(max_batch_size)
-        self.regroup_s = float(regroup_s)
-        self._last_size = 0  # size and end (loop time) of the last batch
+        self.regroup_fraction = float(regroup_fraction)
+        self._last_size = 0  # size, run time and end (loop time) of the last batch
+        self._last_run_s = 0.0
         self._last_end = 0.0
         self._queue: deque[tuple[Any, asyncio.Future]] = deque()
         self._wake = asyncio.Event()  # bound to a loop at first use (Python >= 3.10)
@@ -360,9 +364,10 @@ class AdaptiveBatcher:
         return await fut
 
     async def _regroup(self) -> None:
-        """Right after a batch of n > 1: wait (until ``regroup_s`` past its end) for n queued callers."""
+        """Right after a batch of n > 1: wait (until ``regroup_fraction`` of its run time past its end) for n
+        queued callers."""
         want = min(self._last_size, self.max_batch_size)
-        deadline = self._last_end + self.regroup_s
+        deadline = self._last_end + self.regroup_fraction * self._last_run_s
         loop = asyncio.get_running_loop()
         while want > 1 and len(self._queue) < want and (left := deadline - loop.time()) > 0:
             self._wake.clear()
@@ -385,11 +390,13 @@ class AdaptiveBatcher:
             if not batch:
                 continue
             self.batch_sizes.append(len(batch))
+            start = asyncio.get_running_loop().time()
             try:
                 try:
                     results = await self._run([item for item, _ in batch])
                 finally:
-                    self._last_size, self._last_end = len(batch), asyncio.get_running_loop().time()
+                    self._last_end = asyncio.get_running_loop().time()
+                    self._last_size, self._last_run_s = len(batch), self._last_end - start
             except asyncio.CancelledError:
                 for _, fut in batch:
                     fut.cancel()

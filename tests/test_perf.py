@@ -45,7 +45,7 @@ async def _later(b: AdaptiveBatcher, i: int):
     return await b.submit(i)
 
 
-def _closed_loop_sizes(regroup_s: float) -> tuple[list[int], float]:
+def _closed_loop_sizes(regroup_fraction: float) -> tuple[list[int], float]:
     """Four closed-loop clients (each sends its next call as soon as its result arrives, after a client-side hop
     of 2-8 ms), five calls each, over a batcher whose run takes 40 ms -> (batch sizes, a lone call's wait after an
     idle spell, from submit to its run's start)."""
@@ -57,7 +57,7 @@ def _closed_loop_sizes(regroup_s: float) -> tuple[list[int], float]:
         return items
 
     async def go():
-        b = AdaptiveBatcher(run, max_batch_size=4, regroup_s=regroup_s)
+        b = AdaptiveBatcher(run, max_batch_size=4, regroup_fraction=regroup_fraction)
 
         async def client(k: int):
             for j in range(5):
@@ -65,7 +65,7 @@ def _closed_loop_sizes(regroup_s: float) -> tuple[list[int], float]:
                 await asyncio.sleep(0.002 * (k + 1))  # the result's way back and the next call's way in
 
         await asyncio.gather(*[client(k) for k in range(4)])
-        await asyncio.sleep(regroup_s + 0.05)  # idle spell: longer than the regroup window
+        await asyncio.sleep(0.1)  # idle spell: longer than the regroup window (at most the run's 40 ms)
         t = time.perf_counter()
         await b.submit("lone")
         return b.batch_sizes, started[-1] - t
@@ -75,14 +75,14 @@ def _closed_loop_sizes(regroup_s: float) -> tuple[list[int], float]:
 
 def test_adaptive_batcher_regroups_closed_loop_callers_and_never_holds_a_lone_call():
     without, _ = _closed_loop_sizes(0.0)
-    sizes, lone_wait_s = _closed_loop_sizes(0.5)
+    sizes, lone_wait_s = _closed_loop_sizes(1.0)  # the window: up to one run time (40 ms)
     # without the window the first comer after each batch goes alone and the rest follow behind it
     assert 1 in without[1:-1] and len(without) > 7
     # with it: after the first batch, every batch holds the four clients
     assert sum(sizes[:-1]) == 20 and all(n == 4 for n in sizes[1:-1]), sizes
-    assert sizes[-1] == 1 and lone_wait_s < 0.1  # after an idle spell a call starts at once (window: 0.5 s)
-    with pytest.raises(ValueError, match="regroup_s"):
-        AdaptiveBatcher(lambda items: items, 2, regroup_s=-1)
+    assert sizes[-1] == 1 and lone_wait_s < 0.03  # after an idle spell a call starts at once (window: 40 ms)
+    with pytest.raises(ValueError, match="regroup_fraction"):
+        AdaptiveBatcher(lambda items: items, 2, regroup_fraction=-1)
 
 
 def test_adaptive_batcher_drops_a_cancelled_queued_call_and_passes_errors_to_its_batch():
