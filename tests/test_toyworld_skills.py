@@ -214,6 +214,50 @@ def test_the_toy_skills_preset_declares_llava_plus_and_says_how_to_build_it(tmp_
         toy_skills_preset(_copy_parts(ASSETS, tmp_path))
 
 
+@pytest.mark.slow
+def test_the_shipped_toy_skills_model_calls_the_right_skill_and_answers_from_its_result(monkeypatch):
+    """The shipped toy-skills model (polymodal/assets/toy/export-skills) through a real ``--no-ray`` host, on held-out
+    phrasings of both families: it calls the right toy skill with the right arguments (LLaVA-Plus's skill_use turn,
+    parsed by the skill loop) and answers from the result it read. The figures on 100+ requests per family:
+    ``bench/skilluse.py`` (README, toy-skills)."""
+    import base64
+    import io
+
+    import httpx
+    from PIL import Image
+
+    from polymodal.presets.toy import ASSETS, SKILLS_EXPORT
+    from tests.local_server import serve
+
+    monkeypatch.delenv("POLYMODAL_TOY_DIR", raising=False)
+    assert (ASSETS / SKILLS_EXPORT / "export.json").is_file()  # shipped inside the package
+    host = serve("toy-skills")
+    url = next(host)
+    answers = []
+    try:
+        with httpx.Client(base_url=url, timeout=300) as h:
+            for family in skilluse.FAMILIES:
+                for i in range(2):
+                    task = skilluse.make_task(family, i, seed=11, split="heldout")
+                    buf = io.BytesIO()
+                    Image.fromarray(task.scene.image).save(buf, format="PNG")
+                    image = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+                    r = h.post("/v1/chat/completions", json={
+                        "model": "toy-skills", "max_tokens": 128, "temperature": 0, "skills": ["locate", "count"],
+                        "messages": [{"role": "user", "content": [
+                            {"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": task.question}]}]})
+                    assert r.status_code == 200, r.text
+                    msg = r.json()["choices"][0]["message"]
+                    calls = msg.get("skill_calls") or []
+                    assert calls and calls[0]["name"] == task.skill, (task.question, msg)
+                    assert skilluse.arguments_right(task, json.loads(calls[0]["arguments"])), (task.question, calls)
+                    assert "value👉" not in (msg["content"] or "")  # the client sees the answer alone
+                    answers.append(skilluse.answer_passes(task, msg["content"] or ""))
+    finally:
+        next(host, None)  # the host stops (the code after its yield)
+    assert sum(answers) >= 3, answers  # the bench: ~90% of answers pass; chance is 0.3-0.45
+
+
 def _copy_parts(assets, tmp_path):
     """A toy build with decoders and encoders but no export-skills (symlinks)."""
     root = tmp_path / "toy"

@@ -10,8 +10,9 @@ A toy build folder (``ROOT``) holds what :func:`training.toyworld.build.build` t
 - ``ROOT/export-grounding/`` (``polymodal toyworld build --grounding``; shipped too): the ``toy-grounding``
   preset's parts: the same instruct stage with grounding rows added, on patch-token image inputs and our
   location tokens (:func:`toy_grounding_preset`).
-- ``ROOT/export-skills/`` (not shipped yet): the ``toy-skills`` preset's parts: ``toy``'s instruct stage continued on
-  LLaVA-Plus skill-use dialogues (``polymodal toyworld build --skills``, :func:`toy_skills_preset`).
+- ``ROOT/export-skills/`` (``polymodal toyworld build --skills``; shipped too, its build record in
+  ``toy-skills-build.json``): the ``toy-skills`` preset's parts: ``toy``'s instruct stage continued on LLaVA-Plus
+  skill-use dialogues (:func:`toy_skills_preset`).
 
 The ``toy-3d`` preset's own parts are in a build folder of their own, ``ROOT3D`` (:func:`toy_3d_preset`; the toy
 build's size budget has no room for them):
