@@ -5,7 +5,9 @@ whose final answer passes the family's check; beside two controls:
 - ``disabled``: the same requests with skills disabled (``skills: []``): the no-skill baseline;
 - ``swapped``: the skills offered as client tools; the bench answers the model's call with the result of the same
   call on *another* request's scene, then asks for the answer: scored against the request's own truth (it must sit
-  near chance if the answer follows the result), and the share that follows the swapped result is reported.
+  near chance if the answer follows the result), and the share that says what the swapped result says is reported
+  (count: its number; locate: its box, or no box when it found none). The follow-up request sends the tools again,
+  as OpenAI clients do in a tool loop.
 
 The model is whatever answers the service's chats: the preset's LLM, or a zero-shot brain (``--brain URL
 --brain-model NAME``: the service started here calls that OpenAI-compatible endpoint, e.g. ``polymodal serve
@@ -28,6 +30,7 @@ import base64
 import io
 import json
 import math
+import re
 import sys
 import threading
 import time
@@ -76,6 +79,18 @@ def _args(raw: str) -> dict:
         return {}
 
 
+def _follows(task: skilluse.SkillTask, result, answer: str) -> bool:
+    """Whether ``answer`` says what the (swapped) ``result`` it was given says: count, its number; locate, its first
+    box (IoU >= 0.5), or no box at all when the result found none."""
+    import dataclasses
+
+    if task.family == "count":
+        return skilluse.answer_passes(dataclasses.replace(task, truth=result.data.get("count")), answer)
+    if not result.boxes:
+        return len(re.findall(r"-?\d+(?:\.\d+)?", skilluse.MEDIA_LINK.sub(" ", answer))) < 4
+    return skilluse.answer_passes(dataclasses.replace(task, truth=tuple(result.boxes[0].box_px)), answer)
+
+
 def run_one(h, model: str, task: skilluse.SkillTask, other: skilluse.SkillTask, mode: str, tools: list,
             max_tokens: int) -> dict:
     """One request in ``mode``; returns the call made (name, arguments), the answer and the checks."""
@@ -110,11 +125,13 @@ def run_one(h, model: str, task: skilluse.SkillTask, other: skilluse.SkillTask, 
                 content = json.dumps({"skill": call_name, "error": f"unknown tool {call_name!r}"})
             msgs += [{"role": "assistant", "content": msg.get("content"), "tool_calls": [tc]},
                      {"role": "tool", "tool_call_id": tc["id"], "content": content}]
-            r2 = h.post("/v1/chat/completions", json={**base, "messages": msgs, "skills": []})
+            # the tools again, as OpenAI clients send them with every request of a tool loop (without them the
+            # prompt loses the listing the model read when it called)
+            r2 = h.post("/v1/chat/completions", json={**base, "messages": msgs, "tools": tools, "skills": []})
             if r2.status_code != 200:
                 return {"error": f"HTTP {r2.status_code}: {r2.text[:200]}"}
             answer = r2.json()["choices"][0]["message"].get("content") or ""
-            follows = skilluse.answer_passes(other, answer)
+            follows = _follows(task, res, answer) if call_name in ("locate", "count") else False
     return {"question": task.question, "truth": task.truth, "call": call_name, "arguments": call_args,
             "answer": answer[:300], "right_skill": call_name == task.skill,
             "right_args": call_name == task.skill and skilluse.arguments_right(task, call_args),

@@ -68,3 +68,30 @@ def test_family_phrasings_split_and_arguments():
     assert skilluse.answer_passes(t, f"There are {['zero', 'one', 'two', 'three', 'four'][t.truth]} of them.")
     with pytest.raises(ValueError, match="choose from"):
         skilluse.make_task("teleport", 0)
+
+
+def test_the_swapped_control_scores_whether_an_answer_says_what_the_swapped_result_says():
+    """bench/skilluse.py's ``swapped`` control: a call's result on *another* scene is fed back; ``_follows`` checks the
+    answer against that result (count: its number; locate: its box, or no box when it found none)."""
+    import json
+
+    from bench.skilluse import _follows
+
+    count = skilluse.make_task("count", 0, seed=3)
+    res = build_skill("count").run(json.dumps(count.arguments), images(skilluse.make_task("count", 5, seed=3)
+                                                                         .scene.image))
+    n = res.data["count"]
+    assert _follows(count, res, f"There are {n} {count.arguments['colour']} shapes.")
+    assert not _follows(count, res, f"There are {n + 1} {count.arguments['colour']} shapes.")
+    locate = skilluse.make_task("locate", 0, seed=3)
+    for k in range(1, 40):  # another scene that holds the asked shape, and one that does not
+        other = skilluse.make_task("locate", k, seed=3).scene.image
+        res = build_skill("locate").run(json.dumps(locate.arguments), images(other))
+        if res.boxes:
+            box = [int(v) for v in res.boxes[0].box_px]
+            assert _follows(locate, res, f"The shape is at {box}.")
+            assert not _follows(locate, res, f"The shape is at {[int(v) for v in locate.truth]}.") or \
+                skilluse.box_iou(locate.truth, res.boxes[0].box_px) >= 0.5
+        else:
+            assert _follows(locate, res, "The image has no such shape.")
+            assert not _follows(locate, res, f"The shape is at {[int(v) for v in locate.truth]}.")
