@@ -239,7 +239,9 @@ class DecoderWorker:
             self._note_fatal(e)
             return None
         out: list[EncodedMedium | Exception] = []
-        encoded = _encode_all(raw)
+        live = [not (b.cancel.is_set() or getattr(r, "cancelled", False) or isinstance(r, Exception))
+                for b, r in zip(batch, raw)]
+        encoded = _encode_all([r if ok else None for r, ok in zip(raw, live)])
         for b, r, enc in zip(batch, raw, encoded):
             req = b.request
             if b.cancel.is_set() or getattr(r, "cancelled", False):
@@ -272,18 +274,18 @@ _ENCODERS = concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_coun
                                                   thread_name_prefix="encode")
 
 
-def _encode_all(raw: list) -> list[tuple[bytes, str, str] | Exception | None]:
-    """``Medium.encode()`` of each rendered item of a batch, side by side -> per item its ``(bytes, mime, ext)``,
-    the exception it raised, or ``None`` (not a medium: a failure or a cancellation)."""
-    def one(r):
-        if isinstance(r, Exception) or getattr(r, "cancelled", False) or not hasattr(r, "encode"):
+def _encode_all(media: list) -> list[tuple[bytes, str, str] | Exception | None]:
+    """``Medium.encode()`` of each medium of a batch, side by side -> per item its ``(bytes, mime, ext)``, the
+    exception it raised, or ``None`` where the item is ``None`` (failed or cancelled: nothing to encode)."""
+    def one(m):
+        if m is None:
             return None
         try:
-            return r.encode()
+            return m.encode()
         except Exception as e:  # noqa: BLE001 - this item fails, the others are kept
             return e
 
-    return [one(raw[0])] if len(raw) == 1 else list(_ENCODERS.map(one, raw))
+    return [one(media[0])] if len(media) == 1 else list(_ENCODERS.map(one, media))
 
 
 def is_fatal(e: BaseException) -> bool:
