@@ -112,7 +112,8 @@ class BuildSettings:
     # build(skills=True) (issue #25): the toy-skills preset's instruct stage, continued from instruct_from on
     # LLaVA-Plus skill-use dialogues over toy scenes (training.toyworld.mosit.write_skill_use_dialogues: training
     # phrasings, the real toy skills' results) plus ordinary requests with lead-ins per modality (so media generation
-    # is kept), at continue_lr. Not yet trained or measured: the toy rebuild that learns skill use is still to run
+    # is kept), at continue_lr. Shipped as polymodal/assets/toy/export-skills (its figures: the README's toy-skills
+    # paragraph)
     skill_use_dialogues: int = 600  # families alternating (locate, count)
     skill_use_requests: int = 100  # per modality
     skill_use_steps: int = 300

@@ -359,10 +359,13 @@ _USE_THOUGHTS = {
     "count": ("The question asks how many {colour} shapes there are; the count skill counts them.",
               "I need the number of {colour} shapes, so I use count."),
 }
+# The answer turns name the result's value within a few words of their start, after an opener that never depends on
+# the question: with the first toy-skills build's "The picture holds {n} ..." / "The box of the {label} is ...",
+# held-out questions ("Tell me the count of ...") were echoed in place of the value (20 of 21 count misses).
 _ANSWERS = {
-    "locate": ("The {label} is at {box}.", "The box of the {label} is {box}."),
+    "locate": ("The {label} is at {box}.", "Its box is {box}."),
     "locate-none": ("I found no {label} in the picture.",),
-    "count": ("There are {n} {label}.", "The picture holds {n} {label}."),
+    "count": ("There {be} {n} {label}.", "I count {n} {label}."),
 }
 
 
@@ -405,7 +408,7 @@ def skill_use_turns(task, *, call_id: str = "call_0") -> tuple[str, str, str, st
     else:
         n = int(result.data["count"])
         label = f"{args['colour']} shape" + ("" if n == 1 else "s")
-        answer = rng.choice(_ANSWERS["count"]).format(n=n, label=label)
+        answer = rng.choice(_ANSWERS["count"]).format(n=n, label=label, be="is" if n == 1 else "are")
     return task.question, skill_use, skill_result, llava_plus_answer(f"{task.skill} returned: {result.text}.", answer)
 
 

@@ -37,12 +37,17 @@ FAMILIES = ("locate", "count")
 
 LOCATE_PHRASINGS = {
     "train": ("Where is the {colour} {shape}?", "Give the box of the {colour} {shape}.",
-              "Find the {colour} {shape} in the picture.", "Locate the {colour} {shape}."),
+              "Find the {colour} {shape} in the picture.", "Locate the {colour} {shape}.",
+              "What is the pixel box of the {colour} {shape}?", "Show me where the {colour} {shape} is.",
+              "Mark the {colour} {shape} with its bounding box.", "Tell me the box of the {colour} {shape} in this image.",
+              "Can you find the {colour} {shape} and give its box?"),
     "heldout": ("Which pixels hold the {colour} {shape}? Give its box.", "Point out the {colour} {shape} with a box."),
 }
 COUNT_PHRASINGS = {
     "train": ("How many {colour} shapes are there?", "Count the {colour} shapes.",
-              "What number of {colour} shapes does the picture hold?"),
+              "What number of {colour} shapes does the picture hold?", "Give me the count of {colour} shapes.",
+              "Tell me how many {colour} shapes this image has.", "What is the number of {colour} shapes here?",
+              "Count how many {colour} shapes the picture shows.", "Please count the {colour} shapes in the picture."),
     "heldout": ("How many shapes are {colour}?", "Tell me the count of {colour} shapes in this image."),
 }
 NUMBER_WORDS = {w: k for k, w in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
