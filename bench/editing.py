@@ -31,8 +31,8 @@ Instructions come from the held-out bank (:data:`training.toyworld.phrasings.HEL
 request with its own seed, so the sources are those of earlier runs); the toy MosIT edit dialogues use only
 ``TRAIN_EDITS`` (no string in both).
 
-Both must also keep the shape's place: the foreground's bounding-box centre within ``POSITION_TOL`` of the image
-size of the source's, its side within ``SIZE_TOL`` (relative) of the source's (a regeneration from scratch moves
+Both must also keep the shape's place: the foreground's bounding-box centre within ``EDIT_POSITION_TOL`` of the image
+size of the source's, its side within ``EDIT_SIZE_TOL`` (relative) of the source's (a regeneration from scratch moves
 them). Controls: (1) *instruction of another request*: the edit of source i scored against the target of request j
 (a derangement: i's edit request is kept, only the expectation changes); chance is 1/3 of a changed colour
 (recolour) or 1/2 of a changed shape (reshape), before the kept parts; (2) *same edit, two sources*: request i's
@@ -51,12 +51,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
+from training.toyworld.checkers import EDIT_POSITION_TOL, EDIT_SIZE_TOL  # noqa: E402
+from training.toyworld.editing import edit_requests, score_edits  # noqa: E402
 
 MIB = 1024 * 1024
 MODES = ("generation", "generation+edits")
-POSITION_TOL = 0.10  # bounding-box centre within 10 % of the image size of the source's
-SIZE_TOL = 0.20  # bounding-box side within 20 % of the source's
-QUALITY_SEED = 20_000  # held-out: the toy build's data seeds are below 10 000
 
 
 def _weights_bytes(stages) -> int:
@@ -133,50 +132,6 @@ def child(mode: str, preset_name: str, rounds: int, batch: int) -> dict:
             "edit_pipelines": {m.value: sorted(s.decoder._edit_pipelines) for m, s in stages.items()}}
 
 
-def foreground_box(image):
-    """(cx, cy, side) of the largest foreground component (pixels far from the border colour), or ``None``."""
-    import numpy as np
-
-    from training.toyworld import checkers
-
-    img = np.asarray(image, dtype=np.float64)[..., :3]
-    mask = np.linalg.norm(img - checkers._border_colour(img), axis=-1) > checkers.FOREGROUND_DISTANCE
-    if mask.sum() < 4:
-        return None
-    ys, xs = np.nonzero(checkers._largest_component(mask))
-    return (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
-
-
-def kept_place(src_box, out_box, size_px: int) -> bool:
-    if src_box is None or out_box is None:
-        return False
-    dc = max(abs(src_box[0] - out_box[0]), abs(src_box[1] - out_box[1]))
-    return dc <= POSITION_TOL * size_px and abs(out_box[2] - src_box[2]) <= SIZE_TOL * src_box[2]
-
-
-def edit_requests(n: int, size_px: int) -> list[dict]:
-    """``n`` held-out sources, each with a recolour and a reshape target."""
-    import numpy as np
-
-    from training.toyworld.data import COLOURS, SHAPES, render_image
-    from training.toyworld.phrasings import edit_instruction
-
-    rng = np.random.default_rng(QUALITY_SEED)
-    wording = np.random.default_rng([QUALITY_SEED, 1])  # its own stream: the sources stay those of earlier runs
-    out = []
-    for i in range(n):
-        image, attrs = render_image(rng, size_px=size_px, shape=SHAPES[i % 3], colour=list(COLOURS)[(i // 3) % 4])
-        colour = [c for c in COLOURS if c != attrs["colour"]][int(rng.integers(3))]
-        shape = [x for x in SHAPES if x != attrs["shape"]][int(rng.integers(2))]
-        src = {"colour": attrs["colour"], "shape": attrs["shape"]}
-        kinds = {}
-        for kind, target in (("recolour", {**src, "colour": colour}), ("reshape", {**src, "shape": shape})):
-            kinds[kind] = (edit_instruction(kind, src, target, heldout=True, choice=int(wording.integers(1 << 16))),
-                           target)
-        out.append({"image": image, "attrs": attrs, "kinds": kinds})
-    return out
-
-
 def quality(preset_name: str, n: int, strengths: list[float | None]) -> dict:
     """The quality half (see the module docstring) through a ``--no-ray`` host of ``preset_name``, once per edit
     ``strength`` of ``strengths`` (``None``: the preset's default) on the same sources, seeds and instructions."""
@@ -216,60 +171,11 @@ def quality(preset_name: str, n: int, strengths: list[float | None]) -> dict:
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
 
     reqs = edit_requests(n, size_px)
-    perm = [(i + 1) % n for i in range(n)]  # a derangement
     t0 = time.perf_counter()
-    runs = [{"strength": strength, "kinds": _quality_rows(edit, reqs, perm, size_px, strength)}
-            for strength in strengths]
+    runs = [{"strength": strength, "kinds": score_edits(edit, reqs, size_px, strength)} for strength in strengths]
     stop.set()
-    return {"preset": preset_name, "n": n, "size_px": size_px, "position_tol": POSITION_TOL, "size_tol": SIZE_TOL,
+    return {"preset": preset_name, "n": n, "size_px": size_px, "position_tol": EDIT_POSITION_TOL, "size_tol": EDIT_SIZE_TOL,
             "seconds": time.perf_counter() - t0, "runs": runs}
-
-
-def _quality_rows(edit, reqs: list[dict], perm: list[int], size_px: int, strength: float | None) -> dict:
-    """Both edit kinds at one ``strength``: the per-kind shares of :func:`quality` (and chance + 3 sd)."""
-    import numpy as np
-
-    from training.toyworld import checkers
-
-    n = len(reqs)
-    rows: dict[str, dict[str, list]] = {}
-    for kind in ("recolour", "reshape"):
-        r = rows.setdefault(kind, {"asked": [], "other": [], "place": [], "all": [], "control_other": [],
-                                   "follow": []})
-        outs = []
-        for i, q in enumerate(reqs):
-            prompt, target = q["kinds"][kind]
-            out = edit(q["image"], prompt, seed=i, strength=strength)
-            outs.append(out)
-            got = checkers.check_image(out)
-            attr, other = ("colour", "shape") if kind == "recolour" else ("shape", "colour")
-            ok_asked, ok_other = got.__dict__[attr] == target[attr], got.__dict__[other] == target[other]
-            ok_place = kept_place(foreground_box(q["image"]), foreground_box(out), size_px)
-            r["asked"].append(ok_asked)
-            r["other"].append(ok_other)
-            r["place"].append(ok_place)
-            r["all"].append(ok_asked and ok_other and ok_place)
-            j = perm[i]  # control 1: scored against another request's target
-            r["control_other"].append(got.__dict__[attr] == reqs[j]["kinds"][kind][1][attr])
-        for i, q in enumerate(reqs):  # control 2: request i's instruction on source j
-            j = perm[i]
-            other_out = edit(reqs[j]["image"], q["kinds"][kind][0], seed=i, strength=strength)
-            bi, bj, oi, oj = (foreground_box(reqs[i]["image"]), foreground_box(reqs[j]["image"]),
-                              foreground_box(outs[i]), foreground_box(other_out))
-
-            def nearer(own, alien, out):
-                if None in (own, alien, out):
-                    return False
-                return np.hypot(own[0] - out[0], own[1] - out[1]) < np.hypot(alien[0] - out[0], alien[1] - out[1])
-
-            r["follow"].append(nearer(bi, bj, oi) and nearer(bj, bi, oj))
-    summary = {}
-    for kind, r in rows.items():
-        chance = 1 / 3 if kind == "recolour" else 1 / 2
-        sd = (chance * (1 - chance) / n) ** 0.5
-        summary[kind] = {k: float(np.mean(v)) for k, v in r.items()}
-        summary[kind].update(chance=chance, chance_plus_3sd=chance + 3 * sd, n=n)
-    return summary
 
 
 def main() -> None:
@@ -294,7 +200,7 @@ def main() -> None:
             p.error(f"--strength: each value must be in (0, 1] or 'preset', got {args.strength!r}")
         res = quality(args.preset, args.n or (12 if args.quick else 200), strengths)
         C.print_table(f"edits through the service, preset {res['preset']} (n {res['n']}, {res['size_px']} px; place: "
-                      f"centre within {POSITION_TOL:.0%} of the image, side within {SIZE_TOL:.0%})",
+                      f"centre within {EDIT_POSITION_TOL:.0%} of the image, side within {EDIT_SIZE_TOL:.0%})",
                       ["strength", "kind", "asked change", "other kept", "place kept", "all",
                        "ctrl: other's instruction", "chance + 3 sd", "ctrl: follows its source"],
                       [["preset" if run["strength"] is None else run["strength"], k, v["asked"], v["other"],

@@ -179,10 +179,7 @@ def test_build_knob_is_off_by_default_and_leaves_the_config_alone(monkeypatch, t
 
 def test_the_quality_benchmark_asks_held_out_edits_only():
     """bench/editing.py --quality: every instruction from the held-out bank, each target one edit of its source."""
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    import editing
+    from training.toyworld import editing
 
     held, train = phrasings.all_edit_prompts(heldout=True), phrasings.all_edit_prompts(heldout=False)
     requests = editing.edit_requests(24, 32)
@@ -195,3 +192,100 @@ def test_the_quality_benchmark_asks_held_out_edits_only():
             assert target[attr] != src[attr] and all(target[k] == src[k] for k in src if k != attr)
             used.add(instruction)
     assert len(used) > 12  # phrasings vary, not one wording per kind
+
+
+def _redraw(req_attrs: dict, target: dict, *, keep_place: bool, size_px: int = 32) -> np.ndarray:
+    """The target drawn at the source's place and background (a faithful edit), or centred at the canonical size
+    (what a regeneration from scratch gives)."""
+    from training.toyworld.data import draw_shape
+
+    canvas = np.full((size_px, size_px, 3), req_attrs["background"], dtype=np.uint8)
+    if keep_place:
+        x0, y0, side = req_attrs["x_px"], req_attrs["y_px"], req_attrs["size_px"]
+    else:
+        side = int(0.6 * size_px)
+        x0 = y0 = (size_px - side) // 2
+    return draw_shape(canvas, target["shape"], COLOURS[target["colour"]], x0, y0, side)
+
+
+def test_edit_scoring_credits_a_faithful_edit_and_not_a_regeneration():
+    """training.toyworld.editing.score_edits (bench/editing.py --quality and the decoder ceiling): an edit that draws
+    the target where the source was passes every check and follows its source; one that redraws it centred gets the
+    attributes but not the place, and does not follow its source."""
+    from training.toyworld import editing
+
+    reqs = editing.edit_requests(12, 32)
+    by_id = {id(r["image"]): r for r in reqs}
+    calls = []
+
+    def faithful(image, instruction, target, seed, strength):
+        calls.append((instruction, strength))
+        return _redraw(by_id[id(image)]["attrs"], target, keep_place=True)
+
+    def regenerate(image, instruction, target, seed, strength):
+        return _redraw(by_id[id(image)]["attrs"], target, keep_place=False)
+
+    good = editing.score_edits(faithful, reqs, 32, 0.6)
+    assert len(calls) == 2 * 2 * len(reqs) and {s for _, s in calls} == {0.6}
+    for kind in ("recolour", "reshape"):
+        g = good[kind]
+        assert g["asked"] == g["other"] == g["place"] == g["all"] == 1.0, (kind, g)
+        assert g["follow"] == 1.0 and g["control_other"] < 0.7 and g["n"] == 12
+    bad = editing.score_edits(regenerate, reqs, 32, None)
+    for kind in ("recolour", "reshape"):
+        b = bad[kind]
+        assert b["asked"] == 1.0 and b["place"] < 0.5 and b["all"] < 0.5 and b["follow"] < 0.5, (kind, b)
+
+
+def test_continuing_the_image_decoder_trains_the_unet_and_keeps_the_text_encoder(tmp_path):
+    """training.toyworld.editing.continue_image_decoder on the shipped toy image decoder, a few steps: a loadable
+    diffusers folder whose UNet moved and whose text encoder (the conditioning space the output projector hits) is
+    the source's, with its record; bad settings are refused."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from training.toyworld.editing import EditDecoderRecipe, continue_image_decoder
+
+    src = ROOT / "polymodal/assets/toy/decoders/image"
+    recipe = EditDecoderRecipe(steps=3, random_count=6, canonical_count=2, batch_size=4)
+    record = continue_image_decoder(src, tmp_path / "image", recipe, progress=False)
+    assert record["num_items"] == 8 and record["recipe"]["train_text_encoder"] is False
+    assert json.loads((tmp_path / "image/edit-decoder.json").read_text())["continued_from"] == str(src)
+    a, b = StableDiffusionPipeline.from_pretrained(str(src)), StableDiffusionPipeline.from_pretrained(str(tmp_path / "image"))
+    for (name, p), q in zip(a.text_encoder.state_dict().items(), b.text_encoder.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert any(not torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))
+    with pytest.raises(ValueError, match=">= 1"):
+        continue_image_decoder(src, tmp_path / "x", EditDecoderRecipe(steps=0), progress=False)
+    from training.toyworld.editing import decoder_edit_ceiling
+
+    res = decoder_edit_ceiling(tmp_path / "image", n=3, strengths=(0.5, 1.0), num_inference_steps=2)
+    assert [r["strength"] for r in res["runs"]] == [0.5, 1.0] and res["guidance_scale"] > 0
+    assert all(set(r["kinds"]) == {"recolour", "reshape"} and r["kinds"]["recolour"]["n"] == 3 for r in res["runs"])
+
+
+def test_an_instruct_pix2pix_toy_decoder_grows_from_the_image_decoder_and_edits(tmp_path):
+    """training.toyworld.editing.train_instruct_edit_decoder, a few steps: conv_in widened to 8 channels (the noise
+    channels start as the decoder's, the source channels from zero), saved as a StableDiffusionInstructPix2Pix
+    folder that edits a toy image; source_use_gap measures it; Min-SNR weights run."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from training.toyworld.editing import (InstructEditRecipe, instruct_edit_ceiling, source_use_gap,
+                                           train_instruct_edit_decoder)
+
+    src = ROOT / "polymodal/assets/toy/decoders/image"
+    recipe = InstructEditRecipe(steps=2, edit_pairs=6, generations=2, batch_size=4, snr_gamma=5.0)
+    record = train_instruct_edit_decoder(src, tmp_path / "ip2p", recipe, progress=False)
+    assert record["kind"] == "instruct-pix2pix" and record["num_items"] == 8
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    edit = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(tmp_path / "ip2p"))
+    base = StableDiffusionPipeline.from_pretrained(str(src))
+    w, w0 = edit.unet.conv_in.weight, base.unet.conv_in.weight
+    assert edit.unet.config.in_channels == 8 and w.shape[1] == 8
+    assert torch.allclose(w[:, :4], w0, atol=0.05) and w[:, 4:].abs().max() < 0.05  # two small steps from the start
+    gap = source_use_gap(tmp_path / "ip2p", n=4, timesteps=(500,))
+    assert set(gap[500]) == {"with_source", "zero_source"} and all(v > 0 for v in gap[500].values())
+    res = instruct_edit_ceiling(tmp_path / "ip2p", n=3, num_inference_steps=2)
+    assert set(res["runs"][0]["kinds"]) == {"recolour", "reshape"} and res["size_px"] == 32

@@ -113,6 +113,32 @@ def check_image(image) -> ImageReading:
     return _read_shape(img, _border_colour(img))
 
 
+# What an edit must keep of its source (issue #27): the shape's place
+EDIT_POSITION_TOL = 0.10  # bounding-box centre within 10 % of the image size of the source's
+EDIT_SIZE_TOL = 0.20  # bounding-box side within 20 % of the source's
+
+
+def foreground_box(image) -> tuple[float, float, float] | None:
+    """(cx, cy, side) px of the largest foreground component of ``image`` (H, W, 3) (pixels farther than
+    :data:`FOREGROUND_DISTANCE` from the border colour; side = the larger bounding-box extent), or ``None`` when
+    fewer than 4 pixels are foreground."""
+    img = _rgb(image)
+    mask = np.linalg.norm(img - _border_colour(img), axis=-1) > FOREGROUND_DISTANCE
+    if mask.sum() < 4:
+        return None
+    ys, xs = np.nonzero(_largest_component(mask))
+    return (xs.min() + xs.max()) / 2, (ys.min() + ys.max()) / 2, max(xs.max() - xs.min(), ys.max() - ys.min()) + 1
+
+
+def kept_place(src_box, out_box, size_px: int) -> bool:
+    """Whether an edit kept its source's place: :func:`foreground_box` centres within :data:`EDIT_POSITION_TOL` of
+    ``size_px`` (per axis) and sides within :data:`EDIT_SIZE_TOL` (relative); ``False`` when either box is ``None``."""
+    if src_box is None or out_box is None:
+        return False
+    dc = max(abs(src_box[0] - out_box[0]), abs(src_box[1] - out_box[1]))
+    return dc <= EDIT_POSITION_TOL * size_px and abs(out_box[2] - src_box[2]) <= EDIT_SIZE_TOL * src_box[2]
+
+
 def check_audio(audio, sample_rate_hz: int) -> AudioReading:
     """Pitch (low / middle / high) and timbre (sine / square) of a mono tone (S,) or (C, S) / (S, C).
 

@@ -199,12 +199,21 @@ def _train_autoencoder(vae, data, *, steps: int, lr: float, batch_size: int, gen
 
 
 def _train_denoiser(unet, text_encoder, condition, latents, ids, empty_ids, recipe, *, scheduler_config, gen,
-                    latents_flipped=None, aux=None, progress: bool, desc: str):
+                    latents_flipped=None, aux=None, progress: bool, desc: str, train_text_encoder: bool = True,
+                    image_latents=None, image_latents_flipped=None, image_dropout: float = 0.0,
+                    snr_gamma: float | None = None):
     """Joint denoising training of ``unet`` and ``text_encoder`` (DDPM noise with the pipeline scheduler's betas;
     the target is its ``prediction_type``: the noise, or v = sqrt(a) * noise - sqrt(1 - a) * x0 as in Salimans &
     Ho 2022, sec. 4, which weights the high-noise steps that decide the layout); ``condition(text_encoder, ids)`` gives the UNet's conditioning keyword arguments as the
     stock pipeline passes them. Captions are dropped to ``""`` with probability ``recipe.caption_dropout``.
     ``aux(text_encoder, ids, idx)``, if given, returns an extra loss (and owns parameters: ``aux.parameters()``).
+    ``train_text_encoder=False`` keeps the text encoder as it is (frozen, out of the optimiser).
+    ``image_latents`` (N, C', h, w), if given: an image-conditioned UNet as InstructPix2Pix trains it (Brooks et al.
+    2023, sec. 3.2): the UNet's input is the noisy latents with the item's image latents concatenated on the
+    channels (zeros with probability ``image_dropout``, and for items whose conditioning is zeros already);
+    ``image_latents_flipped`` pairs with ``latents_flipped``. ``snr_gamma``: Min-SNR-gamma loss weights (Hang et al.
+    2023, eq. 7: min(SNR, gamma) / SNR for an epsilon target, / (SNR + 1) for v), which lift the high-noise steps
+    where the layout is decided; ``None``: the plain mean squared error.
     Returns (smoothed loss, EMA UNet, EMA text encoder)."""
     import torch
     from diffusers import DDPMScheduler
@@ -213,13 +222,15 @@ def _train_denoiser(unet, text_encoder, condition, latents, ids, empty_ids, reci
     n = latents.shape[0]
     bs = min(recipe.batch_size, n)
     unet.train()
-    text_encoder.train()
+    text_encoder.train(train_text_encoder)
+    if not train_text_encoder:
+        text_encoder.requires_grad_(False)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     noise_scheduler = DDPMScheduler.from_config(scheduler_config)
     v_target = noise_scheduler.config.prediction_type == "v_prediction"
     if noise_scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type {noise_scheduler.config.prediction_type!r}: epsilon or v_prediction")
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
     opt = torch.optim.AdamW(params + (list(aux.parameters()) if aux is not None else []), lr=recipe.unet_lr,
                             weight_decay=0.0)
     warmup = max(1, recipe.unet_steps // 20)
@@ -229,6 +240,7 @@ def _train_denoiser(unet, text_encoder, condition, latents, ids, empty_ids, reci
     num_t = noise_scheduler.config.num_train_timesteps
     for _ in bar:
         idx = torch.randint(0, n, (bs,), generator=gen)
+        flip = None
         if latents_flipped is not None:
             flip = (torch.rand(bs, generator=gen) < 0.5)[:, None, None, None]
             z0 = torch.where(flip, latents_flipped[idx], latents[idx])
@@ -239,8 +251,19 @@ def _train_denoiser(unet, text_encoder, condition, latents, ids, empty_ids, reci
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, num_t, (bs,), generator=gen)
         zt = noise_scheduler.add_noise(z0, noise, t)
+        if image_latents is not None:
+            zi = image_latents[idx] if flip is None else torch.where(flip, image_latents_flipped[idx], image_latents[idx])
+            keep = (torch.rand(bs, generator=gen) >= image_dropout)[:, None, None, None]
+            zt = torch.cat([zt, zi * keep], dim=1)
         target = noise if not v_target else noise_scheduler.get_velocity(z0, noise, t)
-        loss = torch.nn.functional.mse_loss(unet(zt, t, **condition(text_encoder, batch_ids)).sample, target)
+        pred = unet(zt, t, **condition(text_encoder, batch_ids)).sample
+        if snr_gamma is None:
+            loss = torch.nn.functional.mse_loss(pred, target)
+        else:
+            abar = noise_scheduler.alphas_cumprod[t]
+            snr = abar / (1 - abar)
+            w = torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_target else snr)
+            loss = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * w).mean()
         if aux is not None:
             loss = loss + aux(text_encoder, ids[idx], idx)
         opt.zero_grad(set_to_none=True)
@@ -249,7 +272,8 @@ def _train_denoiser(unet, text_encoder, condition, latents, ids, empty_ids, reci
         opt.step()
         sched.step()
         _ema_update(ema_unet, unet, recipe.ema_decay)
-        _ema_update(ema_text, text_encoder, recipe.ema_decay)
+        if train_text_encoder:
+            _ema_update(ema_text, text_encoder, recipe.ema_decay)
         smoothed = _smooth(smoothed, loss.item(), 0.98)
         bar.set_postfix(loss=f"{smoothed:.4f}")
     return smoothed, ema_unet.requires_grad_(False), ema_text.requires_grad_(False)

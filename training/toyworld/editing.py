@@ -1,0 +1,396 @@
+"""Toy-world editing (issue #27): the held-out edit requests and their scoring, and the image decoder's own edit
+ceiling.
+
+- :func:`edit_requests` / :func:`score_edits`: ``n`` held-out sources (random layout: the shape's position, size and
+  background vary) with a recolour and a reshape target each, scored per kind (asked change, other attribute kept,
+  place kept: :func:`training.toyworld.checkers.kept_place`) with two controls (another request's instruction; the
+  same edit on two sources). ``bench/editing.py --quality`` scores the service with them; :func:`decoder_edit_ceiling`
+  scores the decoder alone.
+- :func:`continue_image_decoder`: the toy image decoder continued on random-layout images beside canonical ones, so
+  that img2img (SDEdit: Meng et al. 2022, sec. 3) at mid strength keeps the source's place: trained on canonical
+  layouts only, the denoiser pulls any shape to the centre and its one size band, whatever the noise leaves of the
+  source (the sweep of trial E1 in the README's editing paragraph). Captions never name the place; the text encoder
+  stays frozen by default, so the conditioning space (what the toy's output projector was trained to hit) is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+
+from training.toyworld.checkers import check_image, foreground_box, kept_place
+
+QUALITY_SEED = 20_000
+"""Seed of the held-out edit sources (the toy build's data seeds are below 10 000)."""
+EDIT_KINDS_SCORED = ("recolour", "reshape")
+
+
+def edit_requests(n: int, size_px: int) -> list[dict]:
+    """``n`` held-out sources at ``size_px``, each with a recolour and a reshape target: dicts ``image`` (H, W, 3)
+    uint8, ``attrs`` (the source's attributes and layout), ``kinds`` {kind: (held-out instruction, target
+    attributes)}. Shapes and colours cycle so every pair appears; deterministic in ``(n, size_px)``."""
+    from training.toyworld.data import COLOURS, SHAPES, render_image
+    from training.toyworld.phrasings import edit_instruction
+
+    rng = np.random.default_rng(QUALITY_SEED)
+    wording = np.random.default_rng([QUALITY_SEED, 1])  # its own stream: the sources stay those of earlier runs
+    out = []
+    for i in range(n):
+        image, attrs = render_image(rng, size_px=size_px, shape=SHAPES[i % 3], colour=list(COLOURS)[(i // 3) % 4])
+        colour = [c for c in COLOURS if c != attrs["colour"]][int(rng.integers(3))]
+        shape = [x for x in SHAPES if x != attrs["shape"]][int(rng.integers(2))]
+        src = {"colour": attrs["colour"], "shape": attrs["shape"]}
+        kinds = {}
+        for kind, target in (("recolour", {**src, "colour": colour}), ("reshape", {**src, "shape": shape})):
+            kinds[kind] = (edit_instruction(kind, src, target, heldout=True, choice=int(wording.integers(1 << 16))),
+                           target)
+        out.append({"image": image, "attrs": attrs, "kinds": kinds})
+    return out
+
+
+EditFn = Callable[[np.ndarray, str, dict, int, "float | None"], np.ndarray]
+"""``edit(source (H, W, 3) uint8, instruction, target attributes, seed, strength) -> edited (H, W, 3) uint8``."""
+
+
+def score_edits(edit: EditFn, reqs: list[dict], size_px: int, strength: float | None) -> dict:
+    """Both edit kinds of ``reqs`` (:func:`edit_requests`) through ``edit`` at one ``strength``: per kind the shares
+    ``asked`` (the asked attribute reads as the target's), ``other`` (the other attribute kept), ``place``
+    (:func:`~training.toyworld.checkers.kept_place`), ``all``; ``control_other`` (the asked attribute scored against
+    another request's target, a derangement: chance is 1/3 recolour, 1/2 reshape) and ``follow`` (request i's
+    instruction on source i and on source j: both outputs' boxes nearer their own source's than the other's; 0.5 if
+    outputs ignored their sources), with ``chance``, ``chance_plus_3sd`` and ``n``. Two ``edit`` calls per request and
+    kind."""
+    n = len(reqs)
+    perm = [(i + 1) % n for i in range(n)]  # a derangement
+    rows: dict[str, dict[str, list]] = {}
+    for kind in EDIT_KINDS_SCORED:
+        r = rows.setdefault(kind, {"asked": [], "other": [], "place": [], "all": [], "control_other": [],
+                                   "follow": []})
+        outs = []
+        attr, other = ("colour", "shape") if kind == "recolour" else ("shape", "colour")
+        for i, q in enumerate(reqs):
+            prompt, target = q["kinds"][kind]
+            out = edit(q["image"], prompt, target, i, strength)
+            outs.append(out)
+            got = check_image(out)
+            ok_asked, ok_other = getattr(got, attr) == target[attr], getattr(got, other) == target[other]
+            ok_place = kept_place(foreground_box(q["image"]), foreground_box(out), size_px)
+            r["asked"].append(ok_asked)
+            r["other"].append(ok_other)
+            r["place"].append(ok_place)
+            r["all"].append(ok_asked and ok_other and ok_place)
+            r["control_other"].append(getattr(got, attr) == reqs[perm[i]]["kinds"][kind][1][attr])
+        for i, q in enumerate(reqs):  # control 2: request i's instruction on source j
+            j = perm[i]
+            prompt, target = q["kinds"][kind]
+            other_out = edit(reqs[j]["image"], prompt, target, i, strength)
+            bi, bj, oi, oj = (foreground_box(reqs[i]["image"]), foreground_box(reqs[j]["image"]),
+                              foreground_box(outs[i]), foreground_box(other_out))
+            r["follow"].append(_nearer(bi, bj, oi) and _nearer(bj, bi, oj))
+    summary = {}
+    for kind, r in rows.items():
+        chance = 1 / 3 if kind == "recolour" else 1 / 2
+        sd = (chance * (1 - chance) / n) ** 0.5
+        summary[kind] = {k: float(np.mean(v)) for k, v in r.items()}
+        summary[kind].update(chance=chance, chance_plus_3sd=chance + 3 * sd, n=n)
+    return summary
+
+
+def _nearer(own, alien, out) -> bool:
+    if None in (own, alien, out):
+        return False
+    return bool(np.hypot(own[0] - out[0], own[1] - out[1]) < np.hypot(alien[0] - out[0], alien[1] - out[1]))
+
+
+# ---------------------------------------------------------------------------------------- the decoder alone
+
+
+def decoder_edit_ceiling(decoder_dir: str | Path, *, n: int = 24, strengths=(0.4, 0.6, 0.8),
+                         guidance_scale: float | None = None, num_inference_steps: int | None = None) -> dict:
+    """The image decoder's own edit ceiling: :func:`score_edits` with img2img of the toy decoder at
+    ``decoder_dir`` (a ``StableDiffusionPipeline`` folder; ``StableDiffusionImg2ImgPipeline.from_pipe``, the same
+    weights) prompted with the *target's caption* through its own text encoder ("a green triangle"; no LLM, no
+    instruction), per strength. What an LLM that hits the caption's conditioning exactly could reach.
+
+    Returns:
+        ``{"decoder", "n", "size_px", "guidance_scale", "num_inference_steps", "runs": [{"strength", "kinds"}]}``.
+    Raises:
+        OSError: no loadable pipeline at ``decoder_dir``.
+    """
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(decoder_dir))
+    img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    img2img.set_progress_bar_config(disable=True)
+    size_px = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    manifest = Path(decoder_dir).parent / "toyworld-decoders.json"
+    recipe = (json.loads(manifest.read_text())["decoders"].get("image", {}).get("recipe", {})
+              if manifest.is_file() else {})
+    g = guidance_scale if guidance_scale is not None else recipe.get("guidance_scale", 6.0)
+    steps = num_inference_steps or recipe.get("num_inference_steps", 20)
+
+    def edit(image, _instruction, target, seed, strength):
+        out = img2img(prompt=f"a {target['colour']} {target['shape']}", image=Image.fromarray(image),
+                      strength=strength, guidance_scale=g, num_inference_steps=steps,
+                      generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+        return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+    reqs = edit_requests(n, size_px)
+    with torch.inference_mode():
+        runs = [{"strength": s, "kinds": score_edits(edit, reqs, size_px, s)} for s in strengths]
+    return {"decoder": str(decoder_dir), "n": n, "size_px": size_px, "guidance_scale": g,
+            "num_inference_steps": steps, "runs": runs}
+
+
+@dataclass(frozen=True)
+class EditDecoderRecipe:
+    """How :func:`continue_image_decoder` continues a toy image decoder (hashed into its output's record)."""
+
+    steps: int = 1500
+    lr: float = 3e-4
+    random_count: int = 1200  # random-layout images (captions name colour and shape only)
+    canonical_count: int = 1200  # canonical ones beside them, so plain generation keeps what it had
+    batch_size: int = 32
+    caption_dropout: float = 0.1
+    ema_decay: float = 0.995
+    train_text_encoder: bool = False  # frozen: the conditioning space the output projector hits is kept
+    seed: int = 7_000  # the data's seed: below QUALITY_SEED and apart from the toy build's (0)
+
+
+def continue_image_decoder(decoder_dir: str | Path, out_dir: str | Path, recipe: EditDecoderRecipe | None = None, *,
+                           progress: bool = True) -> dict:
+    """Continue the toy image decoder at ``decoder_dir`` on ``recipe.random_count`` random-layout and
+    ``recipe.canonical_count`` canonical-layout images (its size, fresh draws of ``recipe.seed``; horizontal flips)
+    for ``recipe.steps`` denoising steps (VAE frozen; text encoder frozen unless ``train_text_encoder``), EMA weights
+    saved to ``out_dir`` (a diffusers folder) with ``edit-decoder.json`` (recipe, source, loss, seconds).
+
+    Raises:
+        OSError: no loadable pipeline at ``decoder_dir``.
+        ValueError: ``recipe.steps`` < 1 or no images asked for.
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from polymodal.modality import Modality
+    from training.toyworld.data import caption_for, render_image
+    from training.toyworld.train import _token_ids, _train_denoiser
+
+    recipe = recipe or EditDecoderRecipe()
+    if recipe.steps < 1 or recipe.random_count + recipe.canonical_count < 1:
+        raise ValueError(f"steps and images must be >= 1, got {recipe}")
+    t0 = time.time()
+    pipe = StableDiffusionPipeline.from_pretrained(str(decoder_dir))
+    size_px = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    rng = np.random.default_rng(recipe.seed)
+    images, captions = [], []
+    for layout, count in (("random", recipe.random_count), ("canonical", recipe.canonical_count)):
+        for _ in range(count):
+            img, attrs = render_image(rng, size_px=size_px, layout=layout)
+            images.append(img)
+            captions.append(caption_for(Modality.IMAGE, attrs, rng))
+    x = torch.from_numpy((np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float32))
+    scaling = float(pipe.vae.config.scaling_factor)
+    with torch.no_grad():
+        enc = lambda t: torch.cat([pipe.vae.encode(t[i : i + 256]).latent_dist.mean for i in range(0, len(t), 256)])  # noqa: E731
+        latents, flipped = enc(x) * scaling, enc(x.flip(-1)) * scaling
+    ids, empty = _token_ids(pipe.tokenizer, captions)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    loss, pipe.unet, pipe.text_encoder = _train_denoiser(
+        pipe.unet, pipe.text_encoder, lambda te, i: {"encoder_hidden_states": te(i)[0]}, latents, ids, empty,
+        SimpleNamespace(unet_steps=recipe.steps, unet_lr=recipe.lr, batch_size=recipe.batch_size,
+                        caption_dropout=recipe.caption_dropout, ema_decay=recipe.ema_decay), scheduler_config=pipe.scheduler.config, gen=gen, latents_flipped=flipped,
+        progress=progress, desc="image UNet (edit layouts)", train_text_encoder=recipe.train_text_encoder)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe.register_modules(unet=pipe.unet, text_encoder=pipe.text_encoder)
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    record = {"continued_from": str(decoder_dir), "recipe": dataclasses.asdict(recipe), "unet_loss": round(loss, 5),
+              "train_s": round(time.time() - t0, 1), "num_items": len(images)}
+    (out / "edit-decoder.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+
+@dataclass(frozen=True)
+class InstructEditRecipe:
+    """How :func:`train_instruct_edit_decoder` turns a toy image decoder into an InstructPix2Pix one."""
+
+    steps: int = 3000
+    lr: float = 3e-4
+    edit_pairs: int = 2400  # (random-layout source, the same layout with its colour or its shape changed) pairs
+    generations: int = 1200  # plain images (half random, half canonical) with a zero source: generation is kept
+    batch_size: int = 32
+    caption_dropout: float = 0.05
+    image_dropout: float = 0.05
+    snr_gamma: float | None = None  # Min-SNR-gamma weights (None: plain MSE)
+    ema_decay: float = 0.995
+    train_text_encoder: bool = False
+    seed: int = 7_000
+
+
+def _edit_pairs(rng: np.random.Generator, count: int, size_px: int):
+    """``count`` (source, target, target caption) of random-layout images: the target keeps the source's place,
+    size and background and changes its colour or its shape (alternating)."""
+    from polymodal.modality import Modality
+    from training.toyworld.data import COLOURS, SHAPES, _colour, caption_for, draw_shape, render_image
+
+    for i in range(count):
+        src, a = render_image(rng, size_px=size_px, layout="random")
+        tgt_attrs = dict(a)
+        if i % 2 == 0:
+            tgt_attrs["colour"] = [c for c in COLOURS if c != a["colour"]][int(rng.integers(len(COLOURS) - 1))]
+        else:
+            tgt_attrs["shape"] = [s for s in SHAPES if s != a["shape"]][int(rng.integers(len(SHAPES) - 1))]
+        canvas = np.full((size_px, size_px, 3), a["background"], dtype=np.uint8)
+        tgt = draw_shape(canvas, tgt_attrs["shape"], _colour(rng, tgt_attrs["colour"]), a["x_px"], a["y_px"],
+                         a["size_px"])
+        yield src, tgt, caption_for(Modality.IMAGE, tgt_attrs, rng)
+
+
+def train_instruct_edit_decoder(decoder_dir: str | Path, out_dir: str | Path,
+                                recipe: InstructEditRecipe | None = None, *, progress: bool = True) -> dict:
+    """An InstructPix2Pix decoder (Brooks et al. 2023) grown from the toy image decoder at ``decoder_dir``: its UNet's
+    ``conv_in`` widened from 4 to 8 input channels (the new ones zero-initialised, sec. 3.2: it starts as the
+    decoder it was), trained on ``recipe.edit_pairs`` toy edit pairs (conditioned on the source's latents and the
+    *target's caption*: what the LLM's signal states stand for) beside ``recipe.generations`` plain images with a
+    zero source. Saved to ``out_dir`` as a ``StableDiffusionInstructPix2PixPipeline`` folder with
+    ``edit-decoder.json``.
+
+    Raises:
+        OSError: no loadable pipeline at ``decoder_dir``.
+        ValueError: ``recipe.steps`` < 1 or no items.
+    """
+    import torch
+    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+
+    from polymodal.modality import Modality
+    from training.toyworld.data import caption_for, render_image
+    from training.toyworld.train import _token_ids, _train_denoiser
+
+    recipe = recipe or InstructEditRecipe()
+    if recipe.steps < 1 or recipe.edit_pairs + recipe.generations < 1:
+        raise ValueError(f"steps and items must be >= 1, got {recipe}")
+    t0 = time.time()
+    pipe = StableDiffusionPipeline.from_pretrained(str(decoder_dir))
+    size_px = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    rng = np.random.default_rng(recipe.seed)
+    sources, targets, captions = [], [], []
+    for src, tgt, cap in _edit_pairs(rng, recipe.edit_pairs, size_px):
+        sources.append(src)
+        targets.append(tgt)
+        captions.append(cap)
+    blank = None
+    for k in range(recipe.generations):
+        img, attrs = render_image(rng, size_px=size_px, layout="random" if k % 2 else "canonical")
+        blank = np.zeros_like(img) if blank is None else blank
+        sources.append(blank)  # marked below: its conditioning is zeros
+        targets.append(img)
+        captions.append(caption_for(Modality.IMAGE, attrs, rng))
+    to_x = lambda a: torch.from_numpy((np.stack(a).transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float32))  # noqa: E731
+    scaling = float(pipe.vae.config.scaling_factor)
+
+    def enc(t):
+        return torch.cat([pipe.vae.encode(t[i : i + 256]).latent_dist.mean for i in range(0, len(t), 256)])
+
+    with torch.no_grad():
+        xs, xt = to_x(sources), to_x(targets)
+        latents, flipped = enc(xt) * scaling, enc(xt.flip(-1)) * scaling
+        img_lat, img_flipped = enc(xs), enc(xs.flip(-1))  # unscaled: as the InstructPix2Pix pipeline encodes
+        img_lat[recipe.edit_pairs:] = 0
+        img_flipped[recipe.edit_pairs:] = 0
+    unet = pipe.unet
+    old = unet.conv_in
+    conv = torch.nn.Conv2d(8, old.out_channels, old.kernel_size, old.stride, old.padding)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, :4] = old.weight
+        conv.bias.copy_(old.bias)
+    unet.conv_in = conv
+    unet.register_to_config(in_channels=8)
+    ids, empty = _token_ids(pipe.tokenizer, captions)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    loss, unet, text_encoder = _train_denoiser(
+        unet, pipe.text_encoder, lambda te, i: {"encoder_hidden_states": te(i)[0]}, latents, ids, empty,
+        SimpleNamespace(unet_steps=recipe.steps, unet_lr=recipe.lr, batch_size=recipe.batch_size,
+                        caption_dropout=recipe.caption_dropout, ema_decay=recipe.ema_decay),
+        scheduler_config=pipe.scheduler.config, gen=gen, latents_flipped=flipped, progress=progress,
+        desc="image UNet (InstructPix2Pix)", train_text_encoder=recipe.train_text_encoder,
+        image_latents=img_lat, image_latents_flipped=img_flipped, image_dropout=recipe.image_dropout,
+        snr_gamma=recipe.snr_gamma)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    StableDiffusionInstructPix2PixPipeline(
+        vae=pipe.vae, text_encoder=text_encoder, tokenizer=pipe.tokenizer, unet=unet, scheduler=pipe.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(str(out), safe_serialization=True)
+    record = {"continued_from": str(decoder_dir), "kind": "instruct-pix2pix", "recipe": dataclasses.asdict(recipe),
+              "unet_loss": round(loss, 5), "train_s": round(time.time() - t0, 1), "num_items": len(targets)}
+    (out / "edit-decoder.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def instruct_edit_ceiling(decoder_dir: str | Path, *, n: int = 24, guidance_scale: float = 6.0,
+                          image_guidance_scale: float = 1.5, num_inference_steps: int = 20) -> dict:
+    """:func:`score_edits` of an InstructPix2Pix toy decoder (:func:`train_instruct_edit_decoder`) prompted with the
+    target's caption; ``{"decoder", "n", "size_px", ..., "runs": [{"strength": None, "kinds"}]}``."""
+    import torch
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from PIL import Image
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(decoder_dir))
+    pipe.set_progress_bar_config(disable=True)
+    size_px = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+
+    def edit(image, _instruction, target, seed, _strength):
+        out = pipe(prompt=f"a {target['colour']} {target['shape']}", image=Image.fromarray(image),
+                   guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
+                   num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(seed),
+                   output_type="np").images[0]
+        return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+    reqs = edit_requests(n, size_px)
+    with torch.inference_mode():
+        kinds = score_edits(edit, reqs, size_px, None)
+    return {"decoder": str(decoder_dir), "n": n, "size_px": size_px, "guidance_scale": guidance_scale,
+            "image_guidance_scale": image_guidance_scale, "num_inference_steps": num_inference_steps,
+            "runs": [{"strength": None, "kinds": kinds}]}
+
+
+def source_use_gap(decoder_dir: str | Path, *, n: int = 64, timesteps=(200, 500, 800, 950), seed: int = 123) -> dict:
+    """How much an InstructPix2Pix toy decoder reads its source: per training timestep, the denoising loss on ``n``
+    fresh edit pairs with the source's latents and with zeros in their place (``{t: {"with_source",
+    "zero_source"}}``). A decoder that uses its source has a clearly lower loss with it; a cheap check before
+    :func:`instruct_edit_ceiling`."""
+    import torch
+    from diffusers import DDPMScheduler, StableDiffusionInstructPix2PixPipeline
+
+    from training.toyworld.train import _token_ids
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(decoder_dir))
+    size_px = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    pairs = list(_edit_pairs(np.random.default_rng(seed), n, size_px))
+    to_x = lambda a: torch.from_numpy((np.stack(a).transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float32))  # noqa: E731
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    out = {}
+    with torch.inference_mode():
+        z0 = pipe.vae.encode(to_x([t for _, t, _ in pairs])).latent_dist.mean * pipe.vae.config.scaling_factor
+        zs = pipe.vae.encode(to_x([s for s, _, _ in pairs])).latent_dist.mean
+        hidden = pipe.text_encoder(_token_ids(pipe.tokenizer, [c for _, _, c in pairs])[0])[0]
+        for step in timesteps:
+            noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
+            t = torch.full((n,), int(step))
+            x = sched.add_noise(z0, noise, t)
+            target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(z0, noise, t)
+            err = [torch.nn.functional.mse_loss(pipe.unet(torch.cat([x, src], 1), t, encoder_hidden_states=hidden)
+                                                .sample, target).item() for src in (zs, torch.zeros_like(zs))]
+            out[int(step)] = {"with_source": err[0], "zero_source": err[1]}
+    return out
