@@ -289,3 +289,25 @@ def test_an_instruct_pix2pix_toy_decoder_grows_from_the_image_decoder_and_edits(
     assert set(gap[500]) == {"with_source", "zero_source"} and all(v > 0 for v in gap[500].values())
     res = instruct_edit_ceiling(tmp_path / "ip2p", n=3, num_inference_steps=2)
     assert set(res["runs"][0]["kinds"]) == {"recolour", "reshape"} and res["size_px"] == 32
+
+
+def test_the_edit_decoder_command_refuses_bad_options_and_reuses_a_trained_decoder(tmp_path):
+    """`polymodal toyworld edit-decoder`: unknown kind / strength out of range exit 2 with a message; a folder
+    holding a decoder of the same recipe and source is not retrained."""
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from training.toyworld.cli import app
+    from training.toyworld.editing import InstructEditRecipe
+
+    runner = CliRunner()
+    bad = runner.invoke(app, ["edit-decoder", "--out", str(tmp_path), "--kind", "pix"])
+    assert bad.exit_code == 2 and "instruct-pix2pix, sdedit" in bad.output
+    bad = runner.invoke(app, ["edit-decoder", "--out", str(tmp_path), "--kind", "sdedit", "--strength", "0.5,1.5"])
+    assert bad.exit_code == 2 and "(0, 1]" in bad.output
+    src = "polymodal/assets/toy/decoders/image"
+    (tmp_path / "edit-decoder.json").write_text(json.dumps(
+        {"continued_from": src, "recipe": dataclasses.asdict(InstructEditRecipe(steps=5)), "train_s": 1.0}))
+    ok = runner.invoke(app, ["edit-decoder", "--out", str(tmp_path), "--steps", "5", "--score", "0", "--source", src])
+    assert ok.exit_code == 0 and "up to date" in ok.output, ok.output
