@@ -251,7 +251,8 @@ def test_continuing_the_image_decoder_trains_the_unet_and_keeps_the_text_encoder
     record = continue_image_decoder(src, tmp_path / "image", recipe, progress=False)
     assert record["num_items"] == 8 and record["recipe"]["train_text_encoder"] is False
     assert json.loads((tmp_path / "image/edit-decoder.json").read_text())["continued_from"] == str(src)
-    a, b = StableDiffusionPipeline.from_pretrained(str(src)), StableDiffusionPipeline.from_pretrained(str(tmp_path / "image"))
+    a = StableDiffusionPipeline.from_pretrained(str(src))
+    b = StableDiffusionPipeline.from_pretrained(str(tmp_path / "image"))
     for (name, p), q in zip(a.text_encoder.state_dict().items(), b.text_encoder.state_dict().values()):
         assert torch.equal(p, q), name
     assert any(not torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))

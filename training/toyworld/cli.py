@@ -345,7 +345,8 @@ def edit_decoder(
         train = E.train_instruct_edit_decoder
     record_path = out / "edit-decoder.json"
     old = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    if old.get("recipe") == json.loads(json.dumps(dataclasses.asdict(recipe))) and old.get("continued_from") == str(source):
+    same = old.get("recipe") == json.loads(json.dumps(dataclasses.asdict(recipe)))
+    if same and old.get("continued_from") == str(source):
         typer.echo(f"{out}: up to date ({old['train_s']} s when trained)")
     else:
         try:

@@ -109,6 +109,21 @@ def _nearer(own, alien, out) -> bool:
     return bool(np.hypot(own[0] - out[0], own[1] - out[1]) < np.hypot(alien[0] - out[0], alien[1] - out[1]))
 
 
+def _denoiser_settings(recipe) -> SimpleNamespace:
+    """The fields :func:`training.toyworld.train._train_denoiser` reads of a decoder recipe, from an edit recipe."""
+    return SimpleNamespace(unet_steps=recipe.steps, unet_lr=recipe.lr, batch_size=recipe.batch_size,
+                           caption_dropout=recipe.caption_dropout, ema_decay=recipe.ema_decay)
+
+
+def _vae_latents(vae, images: list[np.ndarray]):
+    """(N, 4, h, w) latent means of uint8 (H, W, 3) ``images`` (unscaled; in chunks of 256)."""
+    import torch
+
+    x = torch.from_numpy((np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float32))
+    with torch.no_grad():
+        return torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
+
+
 # ---------------------------------------------------------------------------------------- the decoder alone
 
 
@@ -197,17 +212,14 @@ def continue_image_decoder(decoder_dir: str | Path, out_dir: str | Path, recipe:
             img, attrs = render_image(rng, size_px=size_px, layout=layout)
             images.append(img)
             captions.append(caption_for(Modality.IMAGE, attrs, rng))
-    x = torch.from_numpy((np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float32))
     scaling = float(pipe.vae.config.scaling_factor)
-    with torch.no_grad():
-        enc = lambda t: torch.cat([pipe.vae.encode(t[i : i + 256]).latent_dist.mean for i in range(0, len(t), 256)])  # noqa: E731
-        latents, flipped = enc(x) * scaling, enc(x.flip(-1)) * scaling
+    latents = _vae_latents(pipe.vae, images) * scaling
+    flipped = _vae_latents(pipe.vae, [a[:, ::-1] for a in images]) * scaling
     ids, empty = _token_ids(pipe.tokenizer, captions)
     gen = torch.Generator().manual_seed(recipe.seed)
     loss, pipe.unet, pipe.text_encoder = _train_denoiser(
         pipe.unet, pipe.text_encoder, lambda te, i: {"encoder_hidden_states": te(i)[0]}, latents, ids, empty,
-        SimpleNamespace(unet_steps=recipe.steps, unet_lr=recipe.lr, batch_size=recipe.batch_size,
-                        caption_dropout=recipe.caption_dropout, ema_decay=recipe.ema_decay), scheduler_config=pipe.scheduler.config, gen=gen, latents_flipped=flipped,
+        _denoiser_settings(recipe), scheduler_config=pipe.scheduler.config, gen=gen, latents_flipped=flipped,
         progress=progress, desc="image UNet (edit layouts)", train_text_encoder=recipe.train_text_encoder)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,18 +307,13 @@ def train_instruct_edit_decoder(decoder_dir: str | Path, out_dir: str | Path,
         sources.append(blank)  # marked below: its conditioning is zeros
         targets.append(img)
         captions.append(caption_for(Modality.IMAGE, attrs, rng))
-    to_x = lambda a: torch.from_numpy((np.stack(a).transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float32))  # noqa: E731
     scaling = float(pipe.vae.config.scaling_factor)
-
-    def enc(t):
-        return torch.cat([pipe.vae.encode(t[i : i + 256]).latent_dist.mean for i in range(0, len(t), 256)])
-
-    with torch.no_grad():
-        xs, xt = to_x(sources), to_x(targets)
-        latents, flipped = enc(xt) * scaling, enc(xt.flip(-1)) * scaling
-        img_lat, img_flipped = enc(xs), enc(xs.flip(-1))  # unscaled: as the InstructPix2Pix pipeline encodes
-        img_lat[recipe.edit_pairs:] = 0
-        img_flipped[recipe.edit_pairs:] = 0
+    latents = _vae_latents(pipe.vae, targets) * scaling
+    flipped = _vae_latents(pipe.vae, [a[:, ::-1] for a in targets]) * scaling
+    img_lat = _vae_latents(pipe.vae, sources)  # unscaled: as the InstructPix2Pix pipeline encodes
+    img_flipped = _vae_latents(pipe.vae, [a[:, ::-1] for a in sources])
+    img_lat[recipe.edit_pairs:] = 0
+    img_flipped[recipe.edit_pairs:] = 0
     unet = pipe.unet
     old = unet.conv_in
     conv = torch.nn.Conv2d(8, old.out_channels, old.kernel_size, old.stride, old.padding)
@@ -320,8 +327,7 @@ def train_instruct_edit_decoder(decoder_dir: str | Path, out_dir: str | Path,
     gen = torch.Generator().manual_seed(recipe.seed)
     loss, unet, text_encoder = _train_denoiser(
         unet, pipe.text_encoder, lambda te, i: {"encoder_hidden_states": te(i)[0]}, latents, ids, empty,
-        SimpleNamespace(unet_steps=recipe.steps, unet_lr=recipe.lr, batch_size=recipe.batch_size,
-                        caption_dropout=recipe.caption_dropout, ema_decay=recipe.ema_decay),
+        _denoiser_settings(recipe),
         scheduler_config=pipe.scheduler.config, gen=gen, latents_flipped=flipped, progress=progress,
         desc="image UNet (InstructPix2Pix)", train_text_encoder=recipe.train_text_encoder,
         image_latents=img_lat, image_latents_flipped=img_flipped, image_dropout=recipe.image_dropout,
@@ -378,12 +384,11 @@ def source_use_gap(decoder_dir: str | Path, *, n: int = 64, timesteps=(200, 500,
     pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(decoder_dir))
     size_px = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     pairs = list(_edit_pairs(np.random.default_rng(seed), n, size_px))
-    to_x = lambda a: torch.from_numpy((np.stack(a).transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float32))  # noqa: E731
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     out = {}
     with torch.inference_mode():
-        z0 = pipe.vae.encode(to_x([t for _, t, _ in pairs])).latent_dist.mean * pipe.vae.config.scaling_factor
-        zs = pipe.vae.encode(to_x([s for s, _, _ in pairs])).latent_dist.mean
+        z0 = _vae_latents(pipe.vae, [t for _, t, _ in pairs]) * pipe.vae.config.scaling_factor
+        zs = _vae_latents(pipe.vae, [s for s, _, _ in pairs])
         hidden = pipe.text_encoder(_token_ids(pipe.tokenizer, [c for _, _, c in pairs])[0])[0]
         for step in timesteps:
             noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))

@@ -252,7 +252,9 @@ def _train_denoiser(unet, text_encoder, condition, latents, ids, empty_ids, reci
         t = torch.randint(0, num_t, (bs,), generator=gen)
         zt = noise_scheduler.add_noise(z0, noise, t)
         if image_latents is not None:
-            zi = image_latents[idx] if flip is None else torch.where(flip, image_latents_flipped[idx], image_latents[idx])
+            zi = image_latents[idx]
+            if flip is not None:
+                zi = torch.where(flip, image_latents_flipped[idx], zi)
             keep = (torch.rand(bs, generator=gen) >= image_dropout)[:, None, None, None]
             zt = torch.cat([zt, zi * keep], dim=1)
         target = noise if not v_target else noise_scheduler.get_velocity(z0, noise, t)
