@@ -109,6 +109,19 @@ def _nearer(own, alien, out) -> bool:
     return bool(np.hypot(own[0] - out[0], own[1] - out[1]) < np.hypot(alien[0] - out[0], alien[1] - out[1]))
 
 
+def _start(decoder_dir, recipe, items: int):
+    """(the toy decoder at ``decoder_dir`` as a ``StableDiffusionPipeline``, its image size px, the data's rng).
+
+    Raises:
+        ValueError: ``recipe.steps`` < 1 or ``items`` < 1. OSError: no loadable pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    if recipe.steps < 1 or items < 1:
+        raise ValueError(f"steps and items must be >= 1, got {recipe}")
+    pipe = StableDiffusionPipeline.from_pretrained(str(decoder_dir))
+    return pipe, int(pipe.unet.config.sample_size * pipe.vae_scale_factor), np.random.default_rng(recipe.seed)
+
+
 def _denoiser_settings(recipe) -> SimpleNamespace:
     """The fields :func:`training.toyworld.train._train_denoiser` reads of a decoder recipe, from an edit recipe."""
     return SimpleNamespace(unet_steps=recipe.steps, unet_lr=recipe.lr, batch_size=recipe.batch_size,
@@ -193,19 +206,14 @@ def continue_image_decoder(decoder_dir: str | Path, out_dir: str | Path, recipe:
         ValueError: ``recipe.steps`` < 1 or no images asked for.
     """
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from polymodal.modality import Modality
     from training.toyworld.data import caption_for, render_image
     from training.toyworld.train import _token_ids, _train_denoiser
 
     recipe = recipe or EditDecoderRecipe()
-    if recipe.steps < 1 or recipe.random_count + recipe.canonical_count < 1:
-        raise ValueError(f"steps and images must be >= 1, got {recipe}")
     t0 = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(str(decoder_dir))
-    size_px = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    rng = np.random.default_rng(recipe.seed)
+    pipe, size_px, rng = _start(decoder_dir, recipe, recipe.random_count + recipe.canonical_count)
     images, captions = [], []
     for layout, count in (("random", recipe.random_count), ("canonical", recipe.canonical_count)):
         for _ in range(count):
@@ -282,19 +290,15 @@ def train_instruct_edit_decoder(decoder_dir: str | Path, out_dir: str | Path,
         ValueError: ``recipe.steps`` < 1 or no items.
     """
     import torch
-    from diffusers import StableDiffusionInstructPix2PixPipeline, StableDiffusionPipeline
+    from diffusers import StableDiffusionInstructPix2PixPipeline
 
     from polymodal.modality import Modality
     from training.toyworld.data import caption_for, render_image
     from training.toyworld.train import _token_ids, _train_denoiser
 
     recipe = recipe or InstructEditRecipe()
-    if recipe.steps < 1 or recipe.edit_pairs + recipe.generations < 1:
-        raise ValueError(f"steps and items must be >= 1, got {recipe}")
     t0 = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(str(decoder_dir))
-    size_px = int(pipe.unet.config.sample_size * pipe.vae_scale_factor)
-    rng = np.random.default_rng(recipe.seed)
+    pipe, size_px, rng = _start(decoder_dir, recipe, recipe.edit_pairs + recipe.generations)
     sources, targets, captions = [], [], []
     for src, tgt, cap in _edit_pairs(rng, recipe.edit_pairs, size_px):
         sources.append(src)
