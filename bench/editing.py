@@ -164,7 +164,7 @@ def quality(preset_name: str, n: int, strengths: list[float | None]) -> dict:
         Image.fromarray(a).save(buf, format="PNG")
         return buf.getvalue()
 
-    def edit(image, prompt, seed, strength):
+    def edit(image, prompt, _target, seed, strength):  # training.toyworld.editing.EditFn: the instruction is sent
         extra = {"seed": seed} if strength is None else {"seed": seed, "strength": strength}
         r = client.images.edit(model=preset_name, image=("src.png", png(image), "image/png"), prompt=prompt,
                                extra_body=extra)
@@ -174,8 +174,8 @@ def quality(preset_name: str, n: int, strengths: list[float | None]) -> dict:
     t0 = time.perf_counter()
     runs = [{"strength": strength, "kinds": score_edits(edit, reqs, size_px, strength)} for strength in strengths]
     stop.set()
-    return {"preset": preset_name, "n": n, "size_px": size_px, "position_tol": EDIT_POSITION_TOL, "size_tol": EDIT_SIZE_TOL,
-            "seconds": time.perf_counter() - t0, "runs": runs}
+    return {"preset": preset_name, "n": n, "size_px": size_px, "position_tol": EDIT_POSITION_TOL,
+            "size_tol": EDIT_SIZE_TOL, "seconds": time.perf_counter() - t0, "runs": runs}
 
 
 def main() -> None:
