@@ -36,6 +36,7 @@ import os
 import re
 import secrets
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,11 +58,16 @@ def owner_of(api_key: str) -> str:
     return hashlib.sha256(api_key.encode()).hexdigest()[:32]
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, mtime: float | None = None) -> None:
+    """``data`` to ``path`` atomically (temp file + ``os.replace``); ``mtime``: the file's modification time
+    (seconds since the epoch; an artifact record's carries its expiry, so that :meth:`FileStore.sweep` finds
+    expired records with a ``stat`` instead of reading each one)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        if mtime is not None:
+            os.utime(tmp, (mtime, mtime))
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -129,11 +135,21 @@ class VideoJob:
 
 
 class FileStore:
-    """Artifacts (bytes with a MIME type and an expiry) and video job records under ``root``."""
+    """Artifacts (bytes with a MIME type and an expiry) and video job records under ``root``.
 
-    def __init__(self, root: str | Path, ttl_s: int = 3600):
+    Expired artifacts are removed by :meth:`sweep`, which :meth:`reserve` starts in a background thread at most
+    every ``sweep_every_s`` seconds (per store object): a request never pays for the store's size (a sweep per
+    request read every record on the ingress's event loop, ~4 ms per request with a few hundred stored and
+    growing with them). A record's file modification time is its expiry, so a sweep ``stat``s the records and
+    reads only those past it.
+    """
+
+    def __init__(self, root: str | Path, ttl_s: int = 3600, sweep_every_s: float = 30.0):
         self.root = Path(root)
         self.ttl_s = int(ttl_s)
+        self.sweep_every_s = float(sweep_every_s)
+        self._sweeping = threading.Lock()
+        self._last_sweep = -float("inf")
         (self.root / "artifacts").mkdir(parents=True, exist_ok=True)
         (self.root / "videos").mkdir(parents=True, exist_ok=True)
 
@@ -143,7 +159,8 @@ class FileStore:
 
     # ---- artifacts -------------------------------------------------------------------------------
     def _write_meta(self, art: Artifact) -> None:
-        _atomic_write(self.root / "artifacts" / f"{art.id}.json", json.dumps(asdict(art)).encode())
+        _atomic_write(self.root / "artifacts" / f"{art.id}.json", json.dumps(asdict(art)).encode(),
+                      mtime=art.expires_at)
 
     def put(self, data: bytes, mime_type: str, ext: str, ttl_s: int | None = None) -> Artifact:
         """Store ``data`` now (state ``ready``; owned by :data:`ARTIFACT_OWNER`)."""
@@ -160,7 +177,7 @@ class FileStore:
         art = Artifact(self.new_id("art_"), mime_type, ext, now, now + int(ttl_s or self.ttl_s), 0, "pending",
                        None, now + int(max(1.0, ready_within_s)) + 1, ARTIFACT_OWNER.get())
         self._write_meta(art)
-        self.sweep(limit=16)
+        self.sweep_soon()
         return art
 
     def fulfil(self, art: Artifact, data: bytes, mime_type: str, ext: str) -> Artifact:
@@ -233,18 +250,42 @@ class FileStore:
                 pass
 
     def sweep(self, limit: int | None = None) -> int:
-        """Remove expired artifacts (at most ``limit`` per call); returns how many."""
+        """Remove expired artifacts (at most ``limit`` per call); returns how many. Only records whose file
+        time (their expiry, see :func:`_atomic_write`) has passed are read, to confirm."""
         now, n = time.time(), 0
-        for meta in (self.root / "artifacts").glob("*.json"):
-            try:
-                if json.loads(meta.read_text())["expires_at"] < now:
-                    self._remove(meta.stem)
-                    n += 1
-            except (OSError, ValueError, KeyError):
-                continue
-            if limit is not None and n >= limit:
-                break
+        with os.scandir(self.root / "artifacts") as entries:
+            for e in entries:
+                if not e.name.endswith(".json"):
+                    continue
+                try:
+                    if e.stat().st_mtime >= now or json.loads(Path(e.path).read_text())["expires_at"] >= now:
+                        continue
+                except (OSError, ValueError, KeyError):
+                    continue
+                self._remove(e.name[:-len(".json")])
+                n += 1
+                if limit is not None and n >= limit:
+                    break
         return n
+
+    def sweep_soon(self) -> bool:
+        """Start :meth:`sweep` in a background thread unless one ran within ``sweep_every_s`` or one is running;
+        returns whether one started."""
+        now = time.monotonic()
+        if now - self._last_sweep < self.sweep_every_s or not self._sweeping.acquire(blocking=False):
+            return False
+        self._last_sweep = now
+
+        def run() -> None:
+            try:
+                self.sweep()
+            except OSError:  # the folder went away (tests, shutdown): nothing to sweep
+                pass
+            finally:
+                self._sweeping.release()
+
+        threading.Thread(target=run, name="artifact-sweep", daemon=True).start()
+        return True
 
     # ---- video jobs ------------------------------------------------------------------------------
     def save_job(self, job: VideoJob) -> None:
