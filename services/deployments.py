@@ -35,7 +35,6 @@ from ray.serve.handle import DeploymentHandle
 
 from polymodal.config import PresetConfig
 from polymodal.modality import Modality
-from polymodal.types import TextDelta
 
 from services.errors import Cancelled
 from services.protocol import (
@@ -90,20 +89,9 @@ class LLMServer:
         """The items of :meth:`generate` in lists, one stream item per list (each item crossing Ray costs about as
         much as a token on a small model): the first text delta goes out alone at once (time to first token), later
         ones gather for up to ``window_s`` (a list goes out with the first delta after its window closed); any other
-        item (a signal group, the result) sends its list at once, so decoders start while the text still streams."""
-        loop = asyncio.get_running_loop()
-        chunk: list[Any] = []
-        opened = 0.0
-        first = True
-        async for item in self._worker.stream(request):
-            if not chunk:
-                opened = loop.time()
-            chunk.append(item)
-            if first or not isinstance(item, TextDelta) or loop.time() - opened >= window_s:
-                yield chunk
-                chunk = []
-                first = False
-        if chunk:
+        item (a signal group, the result) sends its list at once, so decoders start while the text still streams.
+        The lists are formed on the generating thread (:meth:`services.workers.LLMWorker.stream_chunks`)."""
+        async for chunk in self._worker.stream_chunks(request, window_s):
             yield chunk
 
     def describe(self) -> dict[str, Any]:

@@ -22,13 +22,14 @@ import concurrent.futures
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from polymodal.modality import Modality
-from polymodal.types import LLMResult
+from polymodal.types import LLMResult, TextDelta
 
 from services.errors import Cancelled, RenderFailed
 from services.protocol import (
@@ -99,26 +100,59 @@ class LLMWorker:
         Raises:
             whatever the stage raises (``ValueError`` for a bad conversation).
         """
+        async for chunk in self.stream_chunks(req, window_s=0.0):
+            for item in chunk:
+                yield item
+
+    async def stream_chunks(self, req: LLMRequest, window_s: float) -> AsyncIterator[list[LLMEvent]]:
+        """The items of :meth:`stream` in lists, gathered on the generating thread: the first text delta goes out
+        alone at once (time to first token); later ones gather for up to ``window_s`` seconds (a list goes out with
+        the first delta after its window closed); any other item (a signal group, a tool call, the result) sends
+        its list at once. ``window_s=0``: one item per list. Gathering before the hand-over, not after it, wakes
+        the event loop once per list instead of once per token (~0.25 ms per token on one CPU thread, issue #30).
+
+        Raises:
+            whatever the stage raises (``ValueError`` for a bad conversation).
+        """
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancel = threading.Event()
+        chunk: list[Any] = []
+        opened = 0.0
+        first = True
 
-        def put(item: Any) -> None:
+        def send(x: Any) -> None:
             try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+                loop.call_soon_threadsafe(queue.put_nowait, x)
             except RuntimeError:  # loop closed: the consumer is gone
                 cancel.set()
+
+        def put(item: Any) -> None:  # on the generating thread
+            nonlocal chunk, opened, first
+            if item is _END or isinstance(item, BaseException):
+                if chunk:
+                    send(chunk)
+                    chunk = []
+                send(item)
+                return
+            if not chunk:
+                opened = time.monotonic()
+            chunk.append(item)
+            if first or not isinstance(item, TextDelta) or time.monotonic() - opened >= window_s:
+                send(chunk)
+                chunk = []
+                first = False
 
         loop.run_in_executor(self._executor, self._run, req, cancel, put)
         try:
             while True:
-                item = await queue.get()
-                if item is _END:
+                got = await queue.get()
+                if got is _END:
                     return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, LLMResult):
+                if isinstance(got, BaseException):
+                    raise got
+                yield got
+                if isinstance(got[-1], LLMResult):
                     return
         finally:
             cancel.set()
