@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="image decoder batch_policy (default: DecoderDeploymentArgs' default)")
     p.add_argument("--batch-wait-s", type=float, default=None,
                    help="image decoder batch_wait_timeout_s (policy timeout; a lone request waits it)")
+    p.add_argument("--lean", action="store_true",
+                   help="deploy only what the request uses (ingress, LLM, image decoder, stats): no speech and no "
+                        "skill deployment, whose idle replicas' Ray timers share the two cores")
     args = p.parse_args(argv)
     n, warm = (4, 1) if args.quick else (args.requests, args.warmup)
 
@@ -53,7 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     preset_path = C.write_preset(preset, tmp)
     decoder = DecoderDeploymentArgs(**{k: v for k, v in (("batch_policy", args.batch_policy),
                                                           ("batch_wait_timeout_s", args.batch_wait_s)) if v is not None})
-    app_args = AppArgs(preset=str(preset_path), modalities=[C.Modality.IMAGE], decoders={C.Modality.IMAGE: decoder})
+    lean = {"speech": {"enabled": False}, "skills": {}} if args.lean else {}
+    app_args = AppArgs(preset=str(preset_path), modalities=[C.Modality.IMAGE], decoders={C.Modality.IMAGE: decoder},
+                       **lean)
 
     print(f"in-process pipeline: building {preset.name!r} ...", flush=True)
     pipe = AnyToAnyPipeline.from_preset(preset)
@@ -103,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": preset.model_dump(mode="json", include={"name", "description"}),
         "request": C.chat_body(preset.name, seed=0, max_tokens=args.max_tokens,
                                modalities=[m.value for m in out_modalities]),
-        "app_args": app_args.model_dump(mode="json", include={"llm", "decoders", "ingress"}),
+        "app_args": app_args.model_dump(mode="json", include={"llm", "decoders", "ingress", "speech", "skills"}),
         "torch_threads_in_process": 1,
         "latency": st,
         "ratio_http_over_in_process": {"p50": C.ratio(b["p50_s"], a["p50_s"]),

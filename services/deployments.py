@@ -50,12 +50,17 @@ from services.protocol import (
 )
 from services.settings import ServerSettings
 from services.speech import SpeechConfig, SpeechWorker
-from services.workers import AdaptiveBatcher, BatchItem, DecoderWorker, LLMWorker, check_batch_policy
+from services.workers import (
+    STREAM_WINDOW_S,
+    AdaptiveBatcher,
+    BatchItem,
+    DecoderWorker,
+    LLMWorker,
+    check_batch_policy,
+)
 
 log = logging.getLogger("ray.serve")
 
-STREAM_WINDOW_S = 0.03
-"""The LLM deployment sends text to the ingress at most this long after it was generated, in one stream item."""
 STATS_PERIOD_S = 1.0
 """A decoder replica sends its counters to the stats deployment at most this often (when they changed)."""
 

@@ -37,7 +37,7 @@ from services.protocol import (
     SkillRequest,
 )
 from services.speech import SpeechConfig, SpeechWorker
-from services.workers import BatchItem, DecoderWorker, LLMWorker
+from services.workers import STREAM_WINDOW_S, BatchItem, DecoderWorker, LLMWorker
 
 
 class LocalBackend(Backend):
@@ -114,8 +114,9 @@ class LocalBackend(Backend):
         return mime if isinstance(mime, str) else super().output_mime_type(modality)
 
     async def generate(self, request: LLMRequest) -> AsyncIterator[LLMEvent]:
-        async for item in self._llm.stream(request):
-            yield item
+        async for chunk in self._llm.stream_chunks(request, STREAM_WINDOW_S):  # as the LLM deployment sends them
+            for item in chunk:
+                yield item
 
     async def render(self, request: RenderRequest) -> EncodedMedium:
         m = request.group.modality

@@ -9,9 +9,11 @@ by the stats deployment) and are exposed with the same text format:
   unauthorized, too_large)
 - ``polymodal_media_total{modality}`` media returned
 - streaming latencies, named as the field names them (vLLM / vLLM-Omni's bench vocabulary), measured in the ingress
-  from the moment a chat plan starts (the request read and validated) for every chat answer, streamed or not:
-  ``polymodal_time_to_first_token_seconds`` (the first text reached the ingress),
-  ``polymodal_time_per_output_token_seconds`` (from the first to the last token, per token after the first),
+  from the moment a chat plan starts (the request read and validated):
+  ``polymodal_time_to_first_token_seconds`` (the first text reached the ingress) and
+  ``polymodal_time_per_output_token_seconds`` (from the first to the last token, per token after the first) for
+  answers whose text streams (``stream: true``, spoken answers: the text of a whole answer crosses from the LLM
+  with its signal groups, ``LLMRequest.stream_text``, so it has no time per token); for every chat answer:
   ``polymodal_time_to_first_medium_seconds{modality}`` (the answer's first medium of that modality was ready),
   ``polymodal_e2e_request_latency_seconds`` (the whole answer ready)
 - ``polymodal_decoder_steps_total{modality}`` denoising steps run (stops growing when a request is

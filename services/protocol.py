@@ -56,6 +56,10 @@ class LLMRequest:
     the server's bounds on schemas (size, compile time, cache). ``logprobs``: the top-k alternatives per text
     token (``None``: no log-probabilities). ``turns`` may hold ``tool`` turns and assistant turns with
     ``tool_calls``; the last turn is the user's or a tool result.
+
+    ``stream_text``: the text is wanted as it is made (a streamed answer, a spoken one). ``False`` (a whole answer):
+    text may wait for the next other item (a signal group, a tool call, the result), so a whole answer crosses a
+    process boundary as one list per signal group plus one (issue #30); groups still go out the moment they close.
     """
 
     request_id: str
@@ -74,6 +78,7 @@ class LLMRequest:
     parallel_tool_calls: bool = True
     logprobs: int | None = None
     constraint_limits: ConstraintLimits | None = None
+    stream_text: bool = True
 
     def format_kwargs(self) -> dict[str, Any]:
         """The output-format keyword arguments of ``LLMStageLike.stream`` this request sets (none when it sets

@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 
 _END = object()
 
+STREAM_WINDOW_S = 0.03
+"""Text of a streamed answer reaches the consumer at most this long after it was generated, in one list
+(:meth:`LLMWorker.stream_chunks`; the LLM deployment sends one list per Ray stream item)."""
+
 
 class LLMWorker:
     """Streams an ``LLMStage`` (blocking iterator) into asyncio, one generation at a time per worker.
@@ -110,6 +114,7 @@ class LLMWorker:
         the first delta after its window closed); any other item (a signal group, a tool call, the result) sends
         its list at once. ``window_s=0``: one item per list. Gathering before the hand-over, not after it, wakes
         the event loop once per list instead of once per token (~0.25 ms per token on one CPU thread, issue #30).
+        A request with ``stream_text=False`` (a whole answer) sends text only with the next other item.
 
         Raises:
             whatever the stage raises (``ValueError`` for a bad conversation).
@@ -119,7 +124,9 @@ class LLMWorker:
         cancel = threading.Event()
         chunk: list[Any] = []
         opened = 0.0
-        first = True
+        first = req.stream_text
+        if not req.stream_text:
+            window_s = float("inf")
 
         def send(x: Any) -> None:
             try:

@@ -270,8 +270,9 @@ def test_answers_with_a_20_mb_medium_leave_the_event_loop_free(tmp_path, capsys)
 
 
 def test_streaming_latencies_in_metrics_in_the_fields_names():
-    """A streamed answer with an image and a whole answer with audio: /metrics has time to first token, time per
-    output token, time to first medium per modality and end to end, and they are consistent."""
+    """A streamed answer with an image and a whole answer with audio: /metrics has time to first token and time per
+    output token (of the streamed one: a whole answer's text comes with its groups), time to first medium per
+    modality and end to end (of both), and they are consistent."""
     import httpx
 
     from services.ingress import build_app
@@ -293,8 +294,9 @@ def test_streaming_latencies_in_metrics_in_the_fields_names():
 
     r1, r2, text = asyncio.run(go())
     assert r1.status_code == r2.status_code == 200 and "data: [DONE]" in r1.text
-    for name in ("time_to_first_token", "time_per_output_token", "e2e_request_latency"):
-        assert f"polymodal_{name}_seconds_count 2.0" in text, name
+    for name in ("time_to_first_token", "time_per_output_token"):
+        assert f"polymodal_{name}_seconds_count 1.0" in text, name
+    assert "polymodal_e2e_request_latency_seconds_count 2.0" in text
     assert 'polymodal_time_to_first_medium_seconds_count{modality="image"} 1.0' in text
     assert 'polymodal_time_to_first_medium_seconds_count{modality="audio"} 1.0' in text
     means = histogram_means(text)
@@ -302,6 +304,35 @@ def test_streaming_latencies_in_metrics_in_the_fields_names():
     assert 0.01 <= ttft < e2e and 0.005 <= tpot < e2e  # the fake LLM sleeps 10 ms per token
     ttfm = means["time_to_first_medium"]
     assert ttft < ttfm["modality=image"] < 2 * e2e and 0 < ttfm["modality=audio"] < 2 * e2e  # e2e: mean of the two
+
+
+def test_a_whole_answer_crosses_from_the_llm_in_one_list_per_signal_group_plus_one():
+    """``stream_text=False`` (a non-streamed answer): the text waits for the next signal group or the result, so
+    the LLM deployment sends two lists for a one-image answer (issue #30: one call for a whole answer), the same
+    items in the same order as the streamed lists; the group still goes out the moment it closes."""
+    import dataclasses
+
+    from polymodal.types import LLMResult, SignalGroup, TextDelta, TextPart, Turn
+    from services.deployments import LLMServer
+    from services.protocol import LLMRequest
+
+    preset, llm, _ = fake_stages((IMAGE,))
+    llm.token_s = 0.002
+    server = LLMServer(preset, stage=llm)
+    words = " ".join(f"w{i}" for i in range(30))
+    streamed = LLMRequest(request_id="r", turns=(Turn("user", (TextPart(words),)),), modalities=(IMAGE,),
+                          max_new_tokens=40, seed=1)
+    whole = dataclasses.replace(streamed, stream_text=False)
+
+    async def go():
+        return ([c async for c in server.generate_chunks(streamed, window_s=0.0)],
+                [c async for c in server.generate_chunks(whole, window_s=0.0)])
+
+    per_item, chunks = asyncio.run(go())
+    assert [type(x) for c in chunks for x in c] == [type(x) for c in per_item for x in c]
+    assert len(per_item) > 20 and len(chunks) == 2
+    assert isinstance(chunks[0][-1], SignalGroup) and isinstance(chunks[0][0], TextDelta)
+    assert isinstance(chunks[1][-1], LLMResult)
 
 
 def test_llm_deployment_sends_text_in_few_chunks_and_signal_groups_at_once():

@@ -295,7 +295,8 @@ class Planner:
         return ChatPlan(
             request_id=request_id,
             llm=LLMRequest(request_id, tuple(turns), () if sp.forced else requested, max_new, req.temperature,
-                           req.top_p, base_seed, system, task=req.task, allowed_modalities=allowed, **formats),
+                           req.top_p, base_seed, system, task=req.task, allowed_modalities=allowed, **formats,
+                           stream_text=bool(req.stream) or speech is not None),
             options=options,
             base_seed=base_seed,
             requested=requested,
@@ -387,7 +388,8 @@ class Planner:
         base_seed = self.seed(seed)
         llm = LLMRequest(request_id, (Turn("user", (*media, TextPart(prompt))),), (modality,),
                          min(PROMPT_ENDPOINT_MAX_NEW_TOKENS, self.backend.preset.generation.prompt_lead_in_tokens,
-                             self.limits.max_new_tokens), None, None, base_seed, allowed_modalities=(modality,))
+                             self.limits.max_new_tokens), None, None, base_seed, allowed_modalities=(modality,),
+                         stream_text=False)
         return ChatPlan(request_id, llm, {modality: options}, base_seed, (modality,), fmt,
                         variant_seeds=tuple(base_seed + k for k in range(n)), allowed=(modality,),
                         deadline=time.monotonic() + self.settings.request_timeout_s, edit_source=edit_source)

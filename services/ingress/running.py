@@ -281,7 +281,7 @@ class Runner:
         try:
             while not (llm_done and delivered == len(renders)):
                 kind, value = await queue.get()
-                if kind == "text":
+                if kind == "text" and plan.llm.stream_text:  # a whole answer's text comes with its groups
                     clock.token()
                 if kind in ("text", "reserved", "logprobs", "tool_call", "skill_call"):
                     yield kind, value
