@@ -188,8 +188,9 @@ def test_gpu_script_at_toy_size_on_cpu(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_overhead_quick(tmp_path):
-    stdout, data = _run("overhead.py", "--quick", "--steps", "2", tmp_path=tmp_path)
+    stdout, data = _run("overhead.py", "--quick", "--calibrate-s", "0.05", "--streamed", "2", tmp_path=tmp_path)
     assert "HTTP -> Ray Serve graph" in stdout and "polymodal_time_to_first_token_seconds" in stdout
+    assert "calibrated:" in stdout and 1 <= data["steps"] < 24 and data["calibrate_s"] == 0.05
     assert data["latency"]["in_process"]["n"] == data["latency"]["http_ray_serve"]["n"] == 4
     assert data["identical_outputs"] == "5/5"  # the same request gives the same image on both paths
     assert _positive(data["ratio_http_over_in_process"]["p50"])
