@@ -268,7 +268,9 @@ def test_continuing_the_image_decoder_trains_the_unet_and_keeps_the_text_encoder
 def test_an_instruct_pix2pix_toy_decoder_grows_from_the_image_decoder_and_edits(tmp_path):
     """training.toyworld.editing.train_instruct_edit_decoder, a few steps: conv_in widened to 8 channels (the noise
     channels start as the decoder's, the source channels from zero), saved as a StableDiffusionInstructPix2Pix
-    folder that edits a toy image; source_use_gap measures it; Min-SNR weights run."""
+    folder that edits a toy image; source_use_gap measures it; Min-SNR and the x0 weighting run."""
+    import dataclasses
+
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -278,6 +280,9 @@ def test_an_instruct_pix2pix_toy_decoder_grows_from_the_image_decoder_and_edits(
     src = ROOT / "polymodal/assets/toy/decoders/image"
     recipe = InstructEditRecipe(steps=2, edit_pairs=6, generations=2, batch_size=4, snr_gamma=5.0)
     record = train_instruct_edit_decoder(src, tmp_path / "ip2p", recipe, progress=False)
+    x0 = train_instruct_edit_decoder(src, tmp_path / "ip2p-x0", dataclasses.replace(recipe, snr_gamma=None,
+                                                                                   x0_weight_cap=20.0), progress=False)
+    assert x0["recipe"]["x0_weight_cap"] == 20.0 and x0["unet_loss"] > 0
     assert record["kind"] == "instruct-pix2pix" and record["num_items"] == 8
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
@@ -307,6 +312,8 @@ def test_the_edit_decoder_command_refuses_bad_options_and_reuses_a_trained_decod
     assert bad.exit_code == 2 and "instruct-pix2pix, sdedit" in bad.output
     bad = runner.invoke(app, ["edit-decoder", "--out", str(tmp_path), "--kind", "sdedit", "--strength", "0.5,1.5"])
     assert bad.exit_code == 2 and "(0, 1]" in bad.output
+    bad = runner.invoke(app, ["edit-decoder", "--out", str(tmp_path), "--snr-gamma", "5", "--x0-weight-cap", "20"])
+    assert bad.exit_code == 2 and "give one" in bad.output
     src = "polymodal/assets/toy/decoders/image"
     (tmp_path / "edit-decoder.json").write_text(json.dumps(
         {"continued_from": src, "recipe": dataclasses.asdict(InstructEditRecipe(steps=5)), "train_s": 1.0}))

@@ -315,6 +315,9 @@ def edit_decoder(
     snr_gamma: Annotated[Optional[float], typer.Option(
         "--snr-gamma", help="instruct-pix2pix: Min-SNR-gamma loss weights (e.g. 5; default: plain MSE)", min=0.1)]
     = None,
+    x0_weight_cap: Annotated[Optional[float], typer.Option(
+        "--x0-weight-cap", help="instruct-pix2pix: noise error weighted 1 + min(1/SNR, CAP), so that a misplaced "
+        "shape costs at high noise (e.g. 20; not with --snr-gamma)", min=0.1)] = None,
     score: Annotated[int, typer.Option(help="held-out edit sources to score the decoder alone on (0: no)",
                                        min=0, max=10_000)] = 24,
     strength: Annotated[str, typer.Option(help="sdedit: comma-separated img2img strengths scored side by side")]
@@ -341,7 +344,10 @@ def edit_decoder(
         recipe = E.EditDecoderRecipe(**({"steps": steps} if steps else {}))
         train = E.continue_image_decoder
     else:
-        recipe = E.InstructEditRecipe(**({"steps": steps} if steps else {}), snr_gamma=snr_gamma)
+        if snr_gamma is not None and x0_weight_cap is not None:
+            _fail("--snr-gamma and --x0-weight-cap are two loss weightings: give one")
+        recipe = E.InstructEditRecipe(**({"steps": steps} if steps else {}), snr_gamma=snr_gamma,
+                                      x0_weight_cap=x0_weight_cap)
         train = E.train_instruct_edit_decoder
     record_path = out / "edit-decoder.json"
     old = json.loads(record_path.read_text()) if record_path.is_file() else {}

@@ -252,6 +252,7 @@ class InstructEditRecipe:
     caption_dropout: float = 0.05
     image_dropout: float = 0.05
     snr_gamma: float | None = None  # Min-SNR-gamma weights (None: plain MSE)
+    x0_weight_cap: float | None = None  # noise error weighted 1 + min(1/SNR, cap): the layout's x0 error counts
     ema_decay: float = 0.995
     train_text_encoder: bool = False
     seed: int = 7_000
@@ -335,7 +336,7 @@ def train_instruct_edit_decoder(decoder_dir: str | Path, out_dir: str | Path,
         scheduler_config=pipe.scheduler.config, gen=gen, latents_flipped=flipped, progress=progress,
         desc="image UNet (InstructPix2Pix)", train_text_encoder=recipe.train_text_encoder,
         image_latents=img_lat, image_latents_flipped=img_flipped, image_dropout=recipe.image_dropout,
-        snr_gamma=recipe.snr_gamma)
+        snr_gamma=recipe.snr_gamma, x0_weight_cap=recipe.x0_weight_cap)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     StableDiffusionInstructPix2PixPipeline(

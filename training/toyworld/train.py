@@ -201,7 +201,7 @@ def _train_autoencoder(vae, data, *, steps: int, lr: float, batch_size: int, gen
 def _train_denoiser(unet, text_encoder, condition, latents, ids, empty_ids, recipe, *, scheduler_config, gen,
                     latents_flipped=None, aux=None, progress: bool, desc: str, train_text_encoder: bool = True,
                     image_latents=None, image_latents_flipped=None, image_dropout: float = 0.0,
-                    snr_gamma: float | None = None):
+                    snr_gamma: float | None = None, x0_weight_cap: float | None = None):
     """Joint denoising training of ``unet`` and ``text_encoder`` (DDPM noise with the pipeline scheduler's betas;
     the target is its ``prediction_type``: the noise, or v = sqrt(a) * noise - sqrt(1 - a) * x0 as in Salimans &
     Ho 2022, sec. 4, which weights the high-noise steps that decide the layout); ``condition(text_encoder, ids)`` gives the UNet's conditioning keyword arguments as the
@@ -213,12 +213,18 @@ def _train_denoiser(unet, text_encoder, condition, latents, ids, empty_ids, reci
     channels (zeros with probability ``image_dropout``, and for items whose conditioning is zeros already);
     ``image_latents_flipped`` pairs with ``latents_flipped``. ``snr_gamma``: Min-SNR-gamma loss weights (Hang et al.
     2023, eq. 7: min(SNR, gamma) / SNR for an epsilon target, / (SNR + 1) for v), which lift the high-noise steps
-    where the layout is decided; ``None``: the plain mean squared error.
+    where the layout is decided; ``None``: the plain mean squared error. ``x0_weight_cap`` (epsilon targets): the
+    noise error weighted 1 + min(1 / SNR, cap), i.e. the plain loss plus the clean-image (x0) error capped at
+    ``cap``: at high noise a misplaced shape barely moves the noise error (its x0 error enters it times SNR, ~0.005
+    at t = 950 on the toy schedule), so a decoder that could read the layout from an input (InstructPix2Pix's
+    source) has almost no reason to; the x0 term gives it one. Not with ``snr_gamma``.
     Returns (smoothed loss, EMA UNet, EMA text encoder)."""
     import torch
     from diffusers import DDPMScheduler
     from tqdm import tqdm
 
+    if snr_gamma is not None and x0_weight_cap is not None:
+        raise ValueError("snr_gamma and x0_weight_cap are two loss weightings: give one")
     n = latents.shape[0]
     bs = min(recipe.batch_size, n)
     unet.train()
@@ -259,12 +265,15 @@ def _train_denoiser(unet, text_encoder, condition, latents, ids, empty_ids, reci
             zt = torch.cat([zt, zi * keep], dim=1)
         target = noise if not v_target else noise_scheduler.get_velocity(z0, noise, t)
         pred = unet(zt, t, **condition(text_encoder, batch_ids)).sample
-        if snr_gamma is None:
+        if snr_gamma is None and x0_weight_cap is None:
             loss = torch.nn.functional.mse_loss(pred, target)
         else:
             abar = noise_scheduler.alphas_cumprod[t]
             snr = abar / (1 - abar)
-            w = torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_target else snr)
+            if snr_gamma is not None:
+                w = torch.clamp(snr, max=snr_gamma) / (snr + 1 if v_target else snr)
+            else:
+                w = 1 + torch.clamp(1 / snr, max=x0_weight_cap)
             loss = (((pred - target) ** 2).mean(dim=(1, 2, 3)) * w).mean()
         if aux is not None:
             loss = loss + aux(text_encoder, ids[idx], idx)
