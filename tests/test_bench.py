@@ -228,3 +228,13 @@ def test_memory_quick(tmp_path):
     t = data["totals"]
     uss = [t[k]["uss"]["before_mib"] for k in ("replicas", "serve_processes", "all_processes")]
     assert 0 < uss[0] < uss[1] < uss[2]
+
+
+def test_artifact_store_quick(tmp_path):
+    """bench/artifact_store.py: per-call latency at each store size, in the JSON; bad sizes exit 2."""
+    stdout, data = _run("artifact_store.py", "--quick", "--sizes", "0,50", tmp_path=tmp_path)
+    assert "Artifact store" in stdout and [s["stored"] for s in data["sizes"]] == [0, 50]
+    assert all(_positive(s["latency"][k]["p50_s"]) for s in data["sizes"] for k in ("reserve", "fulfil", "lookup"))
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "artifact_store.py"), "--sizes", "a,1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "comma-separated integers" in bad.stderr
