@@ -238,3 +238,17 @@ def test_artifact_store_quick(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "artifact_store.py"), "--sizes", "a,1"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "comma-separated integers" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_editing_quality_smoke(tmp_path):
+    """bench/editing.py --quality through a --no-ray toy host with the official openai client: both edit kinds
+    scored with their controls at each strength (a smoke test: n = 3; last stop's callback break went unseen)."""
+    stdout, data = _run("editing.py", "--quality", "--n", "3", "--strength", "0.6,preset", tmp_path=tmp_path)
+    assert "edits through the service" in stdout and data["n"] == 3 and data["preset"] == "toy"
+    assert [r["strength"] for r in data["runs"]] == [0.6, None]
+    for run in data["runs"]:
+        assert set(run["kinds"]) == {"recolour", "reshape"}
+        for v in run["kinds"].values():
+            assert all(0.0 <= v[k] <= 1.0 for k in ("asked", "other", "place", "all", "control_other", "follow"))
