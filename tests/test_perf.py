@@ -306,22 +306,28 @@ def test_streaming_latencies_in_metrics_in_the_fields_names():
     assert ttft < ttfm["modality=image"] < 2 * e2e and 0 < ttfm["modality=audio"] < 2 * e2e  # e2e: mean of the two
 
 
+def _llm_server_and_request(token_s: float):
+    """An LLMServer over the fake LLM (``token_s`` per token) and a request whose answer is ~30 words + an image."""
+    from polymodal.types import TextPart, Turn
+    from services.deployments import LLMServer
+    from services.protocol import LLMRequest
+
+    preset, llm, _ = fake_stages((IMAGE,))
+    llm.token_s = token_s
+    words = " ".join(f"w{i}" for i in range(30))
+    return LLMServer(preset, stage=llm), LLMRequest(request_id="r", turns=(Turn("user", (TextPart(words),)),),
+                                                    modalities=(IMAGE,), max_new_tokens=40, seed=1)
+
+
 def test_a_whole_answer_crosses_from_the_llm_in_one_list_per_signal_group_plus_one():
     """``stream_text=False`` (a non-streamed answer): the text waits for the next signal group or the result, so
     the LLM deployment sends two lists for a one-image answer (issue #30: one call for a whole answer), the same
     items in the same order as the streamed lists; the group still goes out the moment it closes."""
     import dataclasses
 
-    from polymodal.types import LLMResult, SignalGroup, TextDelta, TextPart, Turn
-    from services.deployments import LLMServer
-    from services.protocol import LLMRequest
+    from polymodal.types import LLMResult, SignalGroup, TextDelta
 
-    preset, llm, _ = fake_stages((IMAGE,))
-    llm.token_s = 0.002
-    server = LLMServer(preset, stage=llm)
-    words = " ".join(f"w{i}" for i in range(30))
-    streamed = LLMRequest(request_id="r", turns=(Turn("user", (TextPart(words),)),), modalities=(IMAGE,),
-                          max_new_tokens=40, seed=1)
+    server, streamed = _llm_server_and_request(token_s=0.002)
     whole = dataclasses.replace(streamed, stream_text=False)
 
     async def go():
@@ -338,16 +344,9 @@ def test_a_whole_answer_crosses_from_the_llm_in_one_list_per_signal_group_plus_o
 def test_llm_deployment_sends_text_in_few_chunks_and_signal_groups_at_once():
     """LLMServer.generate_chunks (what the Ray backend calls): the same items as generate, in order, in far fewer
     stream items than tokens; a signal group closes its chunk at once."""
-    from polymodal.types import LLMResult, SignalGroup, TextDelta, TextPart, Turn
-    from services.deployments import LLMServer
-    from services.protocol import LLMRequest
+    from polymodal.types import LLMResult, SignalGroup, TextDelta
 
-    preset, llm, _ = fake_stages((IMAGE,))
-    llm.token_s = 0.005
-    server = LLMServer(preset, stage=llm)
-    words = " ".join(f"w{i}" for i in range(30))
-    req = LLMRequest(request_id="r", turns=(Turn("user", (TextPart(words),)),), modalities=(IMAGE,),
-                     max_new_tokens=40, seed=1)
+    server, req = _llm_server_and_request(token_s=0.005)
 
     async def go():
         flat = [x async for x in server.generate(req)]
