@@ -309,7 +309,8 @@ def edit_decoder(
     kind: Annotated[str, typer.Option(help="instruct-pix2pix (the UNet reads the source's latents: Brooks et al. "
                                       "2023) or sdedit (the decoder continued on random layouts; img2img)")]
     = "instruct-pix2pix",
-    source: Annotated[Path, typer.Option(help="the toy image decoder it grows from")]
+    source: Annotated[Path, typer.Option(
+        help="the toy image decoder it grows from (or an InstructPix2Pix one to continue)")]
     = Path("polymodal/assets/toy/decoders/image"),
     steps: Annotated[Optional[int], typer.Option(help="training steps (default: the recipe's)", min=1)] = None,
     snr_gamma: Annotated[Optional[float], typer.Option(
@@ -318,6 +319,9 @@ def edit_decoder(
     x0_weight_cap: Annotated[Optional[float], typer.Option(
         "--x0-weight-cap", help="instruct-pix2pix: noise error weighted 1 + min(1/SNR, CAP), so that a misplaced "
         "shape costs at high noise (e.g. 20; not with --snr-gamma)", min=0.1)] = None,
+    edit_pairs: Annotated[Optional[int], typer.Option(
+        "--edit-pairs", help="instruct-pix2pix: (source, edited) training pairs (default: the recipe's)", min=1)]
+    = None,
     score: Annotated[int, typer.Option(help="held-out edit sources to score the decoder alone on (0: no)",
                                        min=0, max=10_000)] = 24,
     strength: Annotated[str, typer.Option(help="sdedit: comma-separated img2img strengths scored side by side")]
@@ -341,12 +345,15 @@ def edit_decoder(
     if any(not 0 < s <= 1 for s in strengths):
         _fail(f"--strength: each value must be in (0, 1], got {strength!r}")
     if kind == "sdedit":
+        if edit_pairs is not None:
+            _fail("--edit-pairs is for --kind instruct-pix2pix")
         recipe = E.EditDecoderRecipe(**({"steps": steps} if steps else {}))
         train = E.continue_image_decoder
     else:
         if snr_gamma is not None and x0_weight_cap is not None:
             _fail("--snr-gamma and --x0-weight-cap are two loss weightings: give one")
-        recipe = E.InstructEditRecipe(**({"steps": steps} if steps else {}), snr_gamma=snr_gamma,
+        recipe = E.InstructEditRecipe(**({"steps": steps} if steps else {}),
+                                      **({"edit_pairs": edit_pairs} if edit_pairs else {}), snr_gamma=snr_gamma,
                                       x0_weight_cap=x0_weight_cap)
         train = E.train_instruct_edit_decoder
     record_path = out / "edit-decoder.json"

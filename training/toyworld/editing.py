@@ -283,12 +283,13 @@ def train_instruct_edit_decoder(decoder_dir: str | Path, out_dir: str | Path,
     ``conv_in`` widened from 4 to 8 input channels (the new ones zero-initialised, sec. 3.2: it starts as the
     decoder it was), trained on ``recipe.edit_pairs`` toy edit pairs (conditioned on the source's latents and the
     *target's caption*: what the LLM's signal states stand for) beside ``recipe.generations`` plain images with a
-    zero source. Saved to ``out_dir`` as a ``StableDiffusionInstructPix2PixPipeline`` folder with
+    zero source. A ``decoder_dir`` that is already an InstructPix2Pix decoder (8 input channels) is trained on as it
+    is (continued on fresh pairs). Saved to ``out_dir`` as a ``StableDiffusionInstructPix2PixPipeline`` folder with
     ``edit-decoder.json``.
 
     Raises:
         OSError: no loadable pipeline at ``decoder_dir``.
-        ValueError: ``recipe.steps`` < 1 or no items.
+        ValueError: ``recipe.steps`` < 1, no items, or a UNet with neither 4 nor 8 input channels.
     """
     import torch
     from diffusers import StableDiffusionInstructPix2PixPipeline
@@ -320,14 +321,18 @@ def train_instruct_edit_decoder(decoder_dir: str | Path, out_dir: str | Path,
     img_lat[recipe.edit_pairs:] = 0
     img_flipped[recipe.edit_pairs:] = 0
     unet = pipe.unet
-    old = unet.conv_in
-    conv = torch.nn.Conv2d(8, old.out_channels, old.kernel_size, old.stride, old.padding)
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.weight[:, :4] = old.weight
-        conv.bias.copy_(old.bias)
-    unet.conv_in = conv
-    unet.register_to_config(in_channels=8)
+    if unet.config.in_channels == 4:
+        old = unet.conv_in
+        conv = torch.nn.Conv2d(8, old.out_channels, old.kernel_size, old.stride, old.padding)
+        with torch.no_grad():
+            conv.weight.zero_()
+            conv.weight[:, :4] = old.weight
+            conv.bias.copy_(old.bias)
+        unet.conv_in = conv
+        unet.register_to_config(in_channels=8)
+    elif unet.config.in_channels != 8:
+        raise ValueError(f"{decoder_dir}: a UNet with {unet.config.in_channels} input channels is neither a toy "
+                         "image decoder (4) nor an InstructPix2Pix one (8)")
     ids, empty = _token_ids(pipe.tokenizer, captions)
     gen = torch.Generator().manual_seed(recipe.seed)
     loss, unet, text_encoder = _train_denoiser(
