@@ -162,22 +162,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_DIRECT_PORT: int | None = None  # the port the ingress replica serves itself (direct ingress), inside ray_cluster
+
+
 @contextlib.contextmanager
 def ray_cluster(num_cpus: int | None = None) -> Iterator[None]:
-    """Our own local Ray cluster (own temp dir, no dashboard), shut down on exit; never ``ray stop``."""
+    """Our own local Ray cluster (own temp dir, no dashboard), shut down on exit; never ``ray stop``. Serve runs as
+    under ``polymodal serve``: throughput-optimised, and the (one) ingress replica answers HTTP itself on a free
+    port (:func:`services.run.own_cluster_serve_env`; ``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``: through the proxy)."""
     import ray
 
+    global _DIRECT_PORT
     temp_dir = tempfile.mkdtemp(prefix="pm-bench-", dir="/tmp" if os.path.isdir("/tmp") else None)
     os.environ.pop("RAY_ADDRESS", None)
-    from services.run import apply_ray_serve_env
+    from services.run import own_cluster_serve_env, scoped_env
 
-    apply_ray_serve_env()  # what `polymodal serve` runs its own cluster with (RAY_SERVE_THROUGHPUT_OPTIMIZED=0: Serve's)
-    ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), _temp_dir=temp_dir,
-             include_dashboard=False, namespace="polymodal-bench", logging_level="warning",
-             log_to_driver=os.environ.get("POLYMODAL_BENCH_RAY_LOGS") == "1")
+    port = free_port()
+    direct, env = own_cluster_serve_env(port, one_ingress=True)  # every bench graph has one ingress replica
+    with scoped_env(env):
+        ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), _temp_dir=temp_dir,
+                 include_dashboard=False, namespace="polymodal-bench", logging_level="warning",
+                 log_to_driver=os.environ.get("POLYMODAL_BENCH_RAY_LOGS") == "1")
+    _DIRECT_PORT = port if direct else None
     try:
         yield
     finally:
+        _DIRECT_PORT = None
         try:
             from ray import serve
 
@@ -197,8 +207,9 @@ def serve_http(port: int) -> str:
 
 
 def deploy(app_args, what: str, timeout_s: float = 600.0) -> tuple[str, float]:
-    """Inside :func:`ray_cluster`: start the HTTP proxy on a free port, deploy the whole graph of
-    ``services.app:app_builder(app_args)`` and wait for ``/ready`` -> (base URL, seconds until ready).
+    """Inside :func:`ray_cluster`: start Serve (its HTTP proxy on a free port), deploy the whole graph of
+    ``services.app:app_builder(app_args)`` and wait for ``/ready`` -> (base URL: the ingress replica's own port
+    with direct ingress, else the proxy's; seconds until ready).
 
     Raises:
         TimeoutError: not ready in ``timeout_s``.
@@ -208,7 +219,9 @@ def deploy(app_args, what: str, timeout_s: float = 600.0) -> tuple[str, float]:
     from services.app import app_builder
 
     t = time.perf_counter()
-    url = serve_http(free_port())
+    url = serve_http(free_port())  # with direct ingress: Serve's head-node proxy, beside the ingress replica's port
+    if _DIRECT_PORT is not None:
+        url = f"http://127.0.0.1:{_DIRECT_PORT}"
     print(f"Ray Serve graph: deploying {what} ...", flush=True)
     serve.run(app_builder(app_args), name="polymodal", route_prefix="/", blocking=False)
     wait_ready(url, timeout_s=timeout_s)

@@ -2,8 +2,11 @@
 
 - Default (Ray Serve): starts its **own** local Ray cluster (``ray.init(address="local")`` with its own temp
   dir, so it never joins or stops another cluster on the machine; Ray's token auth stays as Ray sets it),
-  starts Serve's HTTP proxy on ``host:port``, deploys the graph of :mod:`services.app`, prints the URL and
-  waits. On exit it deletes the app and shuts its cluster down (never ``ray stop``).
+  deploys the graph of :mod:`services.app`, prints the URL and waits. With one ingress replica (the default) that
+  replica answers HTTP on ``host:port`` itself (Serve's direct ingress, :func:`direct_ingress_env`; Serve keeps
+  its head-node proxy on a free port beside it); with more, Serve's HTTP proxy takes ``host:port`` and balances
+  them. ``RAY_SERVE_ENABLE_DIRECT_INGRESS=0`` keeps the proxy in any case. On exit it deletes the app and shuts
+  its cluster down (never ``ray stop``).
 - ``address``: attach to an existing cluster instead; on exit only this app is deleted. The cluster's
   Serve HTTP options (host/port) win if Serve already runs there.
 - ``no_ray``: one process under uvicorn with the in-process pipeline (:class:`services.local.LocalBackend`).
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -28,13 +32,68 @@ APP_NAME = "polymodal"
 # after start). Graph overhead per text+image request on the `bench` preset, p50 of 3 alternating full runs of
 # `bench/overhead.py` each (2 cores): Serve's defaults 52.7 / 57.3 / 65.9 ms, this mode 45.0 / 52.9 / 45.9 ms.
 # Our replicas already run every blocking call (LLM, decoders, speech, skills, payload encoding) in executors, which
-# that mode's single loop needs. Two of its parts are turned back: direct ingress (the ingress replica listening on
-# its own port, 30000+) measured no better than through Serve's proxy here (50.0 / 50.0 / 66.3 ms with it), opens a
-# port nobody asked for and holds every stop for its 30 s drain; and its quiet stderr, since at Serve's WARNING level
-# nothing is logged per request and warnings should reach the terminal. ``RAY_SERVE_THROUGHPUT_OPTIMIZED=0``
-# restores Serve's defaults; any of these set in the environment wins.
+# that mode's single loop needs. Two of its parts are set apart: direct ingress is off here (for a cluster we attach
+# to, whose port ranges we do not know) and turned on for our own cluster with one ingress replica, on the port asked
+# for (:func:`direct_ingress_env`); and its quiet stderr is turned back, since at Serve's WARNING level nothing is
+# logged per request and warnings should reach the terminal. ``RAY_SERVE_THROUGHPUT_OPTIMIZED=0`` restores Serve's
+# defaults; any of these set in the environment wins.
 RAY_SERVE_ENV_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_LOG_TO_STDERR": "1",
                           "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
+def direct_ingress_env(port: int) -> dict[str, str]:
+    """Ray Serve's direct ingress on ``port`` (what ``polymodal serve`` runs its own cluster with when the graph has
+    one ingress replica): that replica answers HTTP itself, on ``port``, with no proxy in front (Ray 2.60's
+    ``RAY_SERVE_ENABLE_DIRECT_INGRESS``; the replica's port range narrowed to the one asked for), and a stop drains
+    for 1 s instead of Serve's 30 s and its port is free for a replacement at once (nothing external balances
+    across replicas here). Issue #30: the proxy's hop was ~12 ms of the graph's overhead per text+image request
+    (README "Performance")."""
+    return {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1",
+            # a freed port is held back for HAProxy's stale server lists by default (minutes): with no HAProxy, a
+            # replacement ingress replica takes the port at once
+            "RAY_SERVE_PORT_QUARANTINE_S": "0"}
+
+
+def one_ingress_replica(args) -> bool:
+    """Whether ``args`` (:class:`services.app.AppArgs`) runs exactly one ingress replica: direct ingress binds one
+    port per replica, so more replicas (or autoscaling beyond one) keep Serve's proxy in front."""
+    scaling = args.ingress.autoscaling
+    return scaling.max_replicas == 1 if scaling is not None else args.ingress.num_replicas == 1
+
+
+def own_cluster_serve_env(port: int, one_ingress: bool) -> tuple[bool, dict[str, str]]:
+    """Before ``ray.init`` of our own cluster: :func:`apply_ray_serve_env`, and whether the ingress replica serves
+    ``port`` directly (``one_ingress`` and not turned off by ``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``; the user's
+    ``=1`` wins too) -> (direct, the variables to set around ``ray.init`` only: :func:`scoped_env`)."""
+    wanted = os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS")
+    direct = wanted == "1" if wanted is not None else one_ingress
+    # the cluster's processes inherit the environment (this process has imported Serve already; it only deploys
+    # and reads none of these)
+    apply_ray_serve_env()
+    if not direct:
+        return False, {}
+    # the port asked for, unless the user set the range themselves
+    return True, {k: v for k, v in direct_ingress_env(port).items()
+                  if k == "RAY_SERVE_ENABLE_DIRECT_INGRESS" or k not in os.environ}
+
+
+@contextlib.contextmanager
+def scoped_env(values: dict[str, str]):
+    """Set ``values`` in ``os.environ`` for the ``with`` block only, then put back what was there (``ray.init`` of
+    our own cluster: its processes inherit the environment when they start; later clusters of this process must
+    not, e.g. one port's direct ingress)."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def apply_ray_serve_env(environ: dict | None = None) -> dict[str, str]:
@@ -50,12 +109,14 @@ def apply_ray_serve_env(environ: dict | None = None) -> dict[str, str]:
     return applied
 
 
-def _cluster_words(own_cluster: bool, address: str | None) -> str:
-    """How the startup line names the cluster and the Serve mode it runs (:data:`RAY_SERVE_ENV_DEFAULTS`)."""
+def _cluster_words(own_cluster: bool, address: str | None, direct: bool = False) -> str:
+    """How the startup line names the cluster and the Serve mode it runs (:data:`RAY_SERVE_ENV_DEFAULTS`,
+    :func:`direct_ingress_env`)."""
     if not own_cluster:
         return f"cluster {address}"
     on = os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0") == "1"  # as Serve reads it (get_env_bool)
-    return "own local cluster, Serve " + ("throughput-optimised" if on else "defaults: RAY_SERVE_THROUGHPUT_OPTIMIZED=0")
+    mode = "throughput-optimised" if on else "defaults: RAY_SERVE_THROUGHPUT_OPTIMIZED=0"
+    return f"own local cluster, Serve {mode}, " + ("direct ingress" if direct else "through Serve's proxy")
 
 
 def _settings(base: Any, **updates: Any):
@@ -182,6 +243,14 @@ def _check_port_free(host: str, port: int) -> None:
                              f"stop it or pass --port")
 
 
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 def _install_signal_handlers(stop: threading.Event):
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
@@ -277,10 +346,7 @@ def start_serve(host: str, port: int, attempts: int = 3) -> None:
 def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | None, stop: threading.Event,
                out, rearm=lambda: None) -> int:
     own_cluster = address is None
-    if own_cluster:
-        # before ray.init: the cluster's processes inherit the environment (this process has imported Serve
-        # already; it only deploys, and reads none of these)
-        apply_ray_serve_env()
+    direct, direct_env = own_cluster_serve_env(port, one_ingress_replica(args)) if own_cluster else (False, {})
     import ray
     from ray import serve
 
@@ -290,17 +356,20 @@ def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | 
     if own_cluster:
         # A short path: Ray's unix socket paths must stay under ~107 characters.
         temp_dir = tempfile.mkdtemp(prefix="pm-ray-", dir="/tmp" if os.path.isdir("/tmp") else None)
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir,
-                 include_dashboard=False, namespace=APP_NAME, configure_logging=True, logging_level="warning")
+        with scoped_env(direct_env):
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), _temp_dir=temp_dir,
+                     include_dashboard=False, namespace=APP_NAME, configure_logging=True, logging_level="warning")
     else:
         ray.init(address=address, namespace=APP_NAME)
     rearm()  # ray.init installs its own SIGTERM handler (exit without cleanup); ours sets `stop` instead
     try:
-        start_serve(host, port)
+        # direct ingress: the ingress replica listens on `port` itself; Serve still keeps a proxy on the head node
+        # (its fallback route), which then takes a free port
+        start_serve(host, _free_port(host) if direct else port)
         serve.run(app_builder(args), name=APP_NAME, route_prefix="/", blocking=False,
                   logging_config={"log_level": os.environ.get("POLYMODAL_SERVE_LOG_LEVEL", "WARNING")})
         print(f"polymodal: serving preset {args.preset!r} on Ray Serve at http://{host}:{port}/v1 "
-              f"({_cluster_words(own_cluster, address)}) - Ctrl-C to stop",
+              f"({_cluster_words(own_cluster, address, direct)}) - Ctrl-C to stop",
               file=out, flush=True)
         while not stop.wait(0.5):
             pass

@@ -187,7 +187,39 @@ def test_the_startup_line_names_the_serve_mode(monkeypatch):
     from services.run import _cluster_words
 
     monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
-    assert _cluster_words(True, None) == "own local cluster, Serve throughput-optimised"
+    assert _cluster_words(True, None, True) == "own local cluster, Serve throughput-optimised, direct ingress"
+    assert _cluster_words(True, None) == "own local cluster, Serve throughput-optimised, through Serve's proxy"
     monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")
     assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=0" in _cluster_words(True, None)
     assert _cluster_words(False, "ray://head:10001") == "cluster ray://head:10001"
+
+
+def test_direct_ingress_serves_the_asked_port_with_one_ingress_replica_only():
+    """services.run (issue #30): the ingress replica listens on --port itself when it is the only one (Serve reads
+    the port range [MIN, MAX)); several or autoscaled ingress replicas keep Serve's proxy; the variables are set
+    for ray.init only and the environment is put back after."""
+    import os
+
+    from ray.serve._private import node_port_manager
+
+    from services.app import AppArgs, AutoscalingArgs, IngressDeploymentArgs
+    from services.run import direct_ingress_env, one_ingress_replica, scoped_env
+
+    env = direct_ingress_env(8123)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    lo, hi = int(env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"]), int(env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"])
+    pool = node_port_manager.PortAllocator(lo, hi, "http", "node")  # Serve's own allocator of replica ports
+    assert pool.allocate("replica-1") == 8123
+    with pytest.raises(node_port_manager.NoAvailablePortError):
+        pool.allocate("replica-2")
+    assert float(env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"]) <= 1
+
+    assert one_ingress_replica(AppArgs())
+    assert not one_ingress_replica(AppArgs(ingress=IngressDeploymentArgs(num_replicas=2)))
+    assert not one_ingress_replica(AppArgs(ingress=IngressDeploymentArgs(autoscaling=AutoscalingArgs(max_replicas=3))))
+    assert one_ingress_replica(AppArgs(ingress=IngressDeploymentArgs(num_replicas=4, autoscaling=AutoscalingArgs())))
+
+    before = os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT")
+    with scoped_env(env):
+        assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8123"
+    assert os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT") == before
