@@ -166,10 +166,12 @@ _DIRECT_PORT: int | None = None  # the port the ingress replica serves itself (d
 
 
 @contextlib.contextmanager
-def ray_cluster(num_cpus: int | None = None) -> Iterator[None]:
+def ray_cluster(num_cpus: int | None = None, *, one_app: bool = True) -> Iterator[None]:
     """Our own local Ray cluster (own temp dir, no dashboard), shut down on exit; never ``ray stop``. Serve runs as
     under ``polymodal serve``: throughput-optimised, and the (one) ingress replica answers HTTP itself on a free
-    port (:func:`services.run.own_cluster_serve_env`; ``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``: through the proxy)."""
+    port (:func:`services.run.own_cluster_serve_env`; ``RAY_SERVE_ENABLE_DIRECT_INGRESS=0``: through the proxy).
+    ``one_app=False`` for benches that run several applications side by side (each application's ingress would
+    claim a port of its own): Serve's proxy, as ``polymodal serve`` with several ingress replicas."""
     import ray
 
     global _DIRECT_PORT
@@ -178,7 +180,7 @@ def ray_cluster(num_cpus: int | None = None) -> Iterator[None]:
     from services.run import own_cluster_serve_env, scoped_env
 
     port = free_port()
-    direct, env = own_cluster_serve_env(port, one_ingress=True)  # every bench graph has one ingress replica
+    direct, env = own_cluster_serve_env(port, one_ingress=one_app)  # every bench graph has one ingress replica
     with scoped_env(env):
         ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), _temp_dir=temp_dir,
                  include_dashboard=False, namespace="polymodal-bench", logging_level="warning",

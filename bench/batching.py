@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {"benchmark": "batching", "preset": preset.name, "decoder_options": options.model_dump(),
                      "settings": {k: v for k, v in vars(args).items() if k != "out"}}
-    with C.ray_cluster():
+    with C.ray_cluster(one_app=False):  # several decoder / LLM applications, called through handles
         C.serve_http(C.free_port())  # Serve's proxy on a free port (8000 may be taken); no HTTP is used here
         apps = {}
         configs = [("off", 1, policies[0])] + [(f"on-{pol}", args.max_batch_size, pol) for pol in policies]
