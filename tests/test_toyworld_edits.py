@@ -319,3 +319,44 @@ def test_the_edit_decoder_command_refuses_bad_options_and_reuses_a_trained_decod
         {"continued_from": src, "recipe": dataclasses.asdict(InstructEditRecipe(steps=5)), "train_s": 1.0}))
     ok = runner.invoke(app, ["edit-decoder", "--out", str(tmp_path), "--steps", "5", "--score", "0", "--source", src])
     assert ok.exit_code == 0 and "up to date" in ok.output, ok.output
+    from training.toyworld.editing import VaeDecoderRecipe
+
+    rt = {"colour": 0.5, "shape": 0.25, "place": 0.75, "n": 200}
+    (tmp_path / "edit-decoder.json").write_text(json.dumps(
+        {"continued_from": src, "recipe": dataclasses.asdict(InstructEditRecipe(steps=5)), "train_s": 1.0,
+         "vae_decoder": {"from": f"{src}/vae", "recipe": dataclasses.asdict(VaeDecoderRecipe(steps=7)),
+                         "train_s": 2.0, "roundtrip_before": rt, "roundtrip_after": {**rt, "shape": 1.0}}}))
+    ok = runner.invoke(app, ["edit-decoder", "--out", str(tmp_path), "--steps", "5", "--score", "0", "--source", src,
+                             "--vae-steps", "7"])
+    assert ok.exit_code == 0 and "vae: up to date" in ok.output, ok.output
+    assert "0.50 / 0.25 / 0.75 -> 0.50 / 1.00 / 0.75" in ok.output
+
+
+def test_tuning_the_vae_decoder_keeps_the_latent_space_and_swaps_the_folder(tmp_path):
+    """training.toyworld.editing.tune_vae_folder (issue #27), a few steps on the shipped toy VAE: the decoder's
+    weights move, the encoder's do not (an image's latents are bit-identical after), the tuned VAE replaces
+    DIR/vae with no leftovers, and the record holds the round trip before and after."""
+    import shutil
+
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+
+    from training.toyworld.editing import VaeDecoderRecipe, tune_vae_folder
+
+    start = ROOT / "polymodal/assets/toy/decoders/image/vae"
+    (tmp_path / "dec").mkdir()
+    shutil.copytree(start, tmp_path / "dec" / "vae")
+    with pytest.raises(ValueError):
+        tune_vae_folder(tmp_path / "dec", start, VaeDecoderRecipe(steps=0), progress=False)
+    record = tune_vae_folder(tmp_path / "dec", start, VaeDecoderRecipe(steps=3, images=8, batch_size=4),
+                             progress=False)
+    assert sorted(p.name for p in (tmp_path / "dec").iterdir()) == ["vae"]
+    a, b = AutoencoderKL.from_pretrained(str(start)), AutoencoderKL.from_pretrained(str(tmp_path / "dec" / "vae"))
+    x = torch.from_numpy(np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32))
+    with torch.no_grad():
+        assert torch.equal(a.encode(x).latent_dist.mode(), b.encode(x).latent_dist.mode())
+    assert not torch.equal(a.decoder.conv_out.weight, b.decoder.conv_out.weight)
+    assert record["from"] == str(start) and record["recipe"]["steps"] == 3 and record["loss"] > 0
+    for rt in (record["roundtrip_before"], record["roundtrip_after"]):
+        assert rt["n"] == 200 and all(0 <= rt[k] <= 1 for k in ("colour", "shape", "place"))
