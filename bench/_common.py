@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -157,9 +156,10 @@ def finish(results: dict[str, Any], out: Path | None) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 (:func:`services.run.free_port`)."""
+    from services.run import free_port as free
+
+    return free("127.0.0.1")
 
 
 _DIRECT_PORT: int | None = None  # the port the ingress replica serves itself (direct ingress), inside ray_cluster
@@ -180,7 +180,7 @@ def ray_cluster(num_cpus: int | None = None, *, one_app: bool = True) -> Iterato
     from services.run import own_cluster_serve_env, scoped_env
 
     port = free_port()
-    direct, env = own_cluster_serve_env(port, one_ingress=one_app)  # every bench graph has one ingress replica
+    direct, env = own_cluster_serve_env(port, one_ingress=one_app)
     with scoped_env(env):
         ray.init(address="local", num_cpus=num_cpus or max(2, os.cpu_count() or 2), _temp_dir=temp_dir,
                  include_dashboard=False, namespace="polymodal-bench", logging_level="warning",

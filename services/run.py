@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -243,7 +244,8 @@ def _check_port_free(host: str, port: int) -> None:
                              f"stop it or pass --port")
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS picks it)."""
     import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -365,9 +367,18 @@ def _serve_ray(args, host: str, port: int, address: str | None, num_cpus: int | 
     try:
         # direct ingress: the ingress replica listens on `port` itself; Serve still keeps a proxy on the head node
         # (its fallback route), which then takes a free port
-        start_serve(host, _free_port(host) if direct else port)
-        serve.run(app_builder(args), name=APP_NAME, route_prefix="/", blocking=False,
-                  logging_config={"log_level": os.environ.get("POLYMODAL_SERVE_LOG_LEVEL", "WARNING")})
+        start_serve(host, free_port(host) if direct else port)
+        # Serve's driver-side "Application ... is ready at <the proxy's URL>" would name that fallback port; the
+        # line below names the one to use
+        serve_log = logging.getLogger("ray.serve")
+        level = serve_log.level
+        if direct:
+            serve_log.setLevel(max(logging.WARNING, serve_log.getEffectiveLevel()))
+        try:
+            serve.run(app_builder(args), name=APP_NAME, route_prefix="/", blocking=False,
+                      logging_config={"log_level": os.environ.get("POLYMODAL_SERVE_LOG_LEVEL", "WARNING")})
+        finally:
+            serve_log.setLevel(level)
         print(f"polymodal: serving preset {args.preset!r} on Ray Serve at http://{host}:{port}/v1 "
               f"({_cluster_words(own_cluster, address, direct)}) - Ctrl-C to stop",
               file=out, flush=True)

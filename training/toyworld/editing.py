@@ -128,11 +128,19 @@ def _denoiser_settings(recipe) -> SimpleNamespace:
                            caption_dropout=recipe.caption_dropout, ema_decay=recipe.ema_decay)
 
 
-def _vae_latents(vae, images: list[np.ndarray]):
-    """(N, 4, h, w) latent means of uint8 (H, W, 3) ``images`` (unscaled; in chunks of 256)."""
+def _pixels(images: list[np.ndarray]):
+    """uint8 (H, W, 3) ``images`` -> float32 (N, 3, H, W) in [-1, 1], as a VAE takes them."""
     import torch
 
-    x = torch.from_numpy((np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float32))
+    return torch.from_numpy((np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1.0).astype(np.float32))
+
+
+def _vae_latents(vae, images: list[np.ndarray]):
+    """(N, 4, h, w) latent means (the mode of the VAE's diagonal Gaussian) of uint8 (H, W, 3) ``images`` (unscaled;
+    in chunks of 256)."""
+    import torch
+
+    x = _pixels(images)
     with torch.no_grad():
         return torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
 
@@ -400,9 +408,9 @@ def vae_roundtrip(vae, *, n: int = 200, size_px: int = 32) -> dict[str, float]:
     import torch
 
     reqs = edit_requests(n, size_px)
-    x = torch.from_numpy((np.stack([q["image"] for q in reqs]).transpose(0, 3, 1, 2) / 127.5 - 1).astype(np.float32))
+    z = _vae_latents(vae, [q["image"] for q in reqs])
     with torch.no_grad():
-        y = torch.cat([vae.decode(vae.encode(x[i : i + 256]).latent_dist.mode()).sample for i in range(0, n, 256)])
+        y = torch.cat([vae.decode(z[i : i + 256]).sample for i in range(0, n, 256)])
     out = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     got = [check_image(o) for o in out]
     return {"colour": float(np.mean([g.colour == q["attrs"]["colour"] for g, q in zip(got, reqs)])),
@@ -437,11 +445,9 @@ def tune_vae_decoder(vae, recipe: VaeDecoderRecipe | None = None, *, progress: b
     rng = np.random.default_rng(recipe.seed)
     images = [render_image(rng, size_px=size_px, layout="canonical" if k % 4 == 0 else "random")[0]
               for k in range(recipe.images)]
-    x = torch.from_numpy((np.stack(images).transpose(0, 3, 1, 2) / 127.5 - 1).astype(np.float32))
-    x = torch.cat([x, x.flip(-1)])
+    images += [a[:, ::-1] for a in images]
     vae.requires_grad_(False)
-    with torch.no_grad():
-        z = torch.cat([vae.encode(x[i : i + 512]).latent_dist.mode() for i in range(0, len(x), 512)])
+    x, z = _pixels(images), _vae_latents(vae, images)
     params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     for q in params:
         q.requires_grad_(True)
