@@ -119,7 +119,7 @@ class AudioDecoder(Decoder):
         negative = self.negative_prompt_embeds[0].unsqueeze(0).expand_as(positive).contiguous()
         return positive, negative
 
-    def _call_options(self, options: DecoderDefaults) -> dict:
+    def _call_options(self, options: DecoderDefaults, batch_size: int) -> dict:
         return {"audio_length_in_s": options.duration_s}
 
     def _output_items(self, output):

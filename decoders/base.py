@@ -63,6 +63,8 @@ class Decoder:
     # Edit pipelines whose batched call is wrong (diffusers 0.42's VideoToVideoSDPipeline encodes only the first
     # frame when given one generator per item): rendered one item per call, each with its own generator.
     edit_one_item_classes: ClassVar[tuple[type, ...]] = ()
+    # Keys of DecoderConfig.options this decoder reads (any other key is refused when it is built).
+    config_option_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -101,10 +103,15 @@ class Decoder:
         """Build from ``config``: ``source="tiny"`` random components (seeded), ``"pretrained"`` strict load.
 
         Raises:
-            DecoderLoadError: a pretrained load that is missing anything (see ``load_pipeline_strict``).
+            DecoderLoadError: a pretrained load that is missing anything (see ``load_pipeline_strict``); a key of
+                ``config.options`` this decoder does not read (:attr:`config_option_keys`).
         """
         from decoders.loading import load_pipeline_strict
 
+        unknown = sorted(set(config.options) - set(cls.config_option_keys))
+        if unknown:
+            raise DecoderLoadError(f"unknown options for the {cls.modality.value} decoder: {unknown}; it reads: "
+                                   f"{', '.join(cls.config_option_keys) or 'none'}")
         dtype = resolve_dtype(config.dtype, torch.device(device))
         if config.source == "tiny":
             pipe, init_state = cls.tiny_pipeline(config, seed=seed), "random"
@@ -207,6 +214,13 @@ class Decoder:
         mask); ``()``: it cannot edit (audio)."""
         return tuple(self._edit_classes())
 
+    @property
+    def edit_options(self) -> tuple[str, ...]:
+        """The :class:`~polymodal.config.DecoderDefaults` fields its edits read: ``("strength",)`` for SDEdit-style
+        pipelines (img2img, inpainting, video-to-video: the source noised to ``strength``); ``()`` when it cannot
+        edit. A request setting an edit option not listed here is refused (the ingress reads it from ``describe``)."""
+        return ("strength",) if self.edit_kinds else ()
+
     def edit_pipeline(self, kind: str):
         """The stock pipeline of edit ``kind`` over this decoder's own components, composed once (diffusers'
         ``from_pipe``: the very UNet, VAE, text encoder, tokenizer and scheduler objects of :attr:`pipeline`).
@@ -221,7 +235,9 @@ class Decoder:
                              f"a {kind!r} edit; its edits: {can}")
         with self._edit_lock:
             pipe = self._edit_pipelines.get(kind)
-            if pipe is None:
+            if pipe is None and type(self.pipeline) is classes[kind]:  # it edits itself (InstructPix2Pix)
+                pipe = self.pipeline
+            elif pipe is None:
                 pipe = classes[kind].from_pipe(self.pipeline)
                 pipe.set_progress_bar_config(disable=True)
                 self._edit_pipelines[kind] = pipe
@@ -245,7 +261,7 @@ class Decoder:
                                  "(H, W) of the image expected")
         if len({s.signature for s in sources}) != 1:
             raise ValueError("one batch of edits must share the source's shape and whether it has a mask")
-        if int(options.num_inference_steps * options.strength) < 1:
+        if "strength" in self.edit_options and int(options.num_inference_steps * options.strength) < 1:
             raise ValueError(f"strength {options.strength} x {options.num_inference_steps} steps leaves no denoising "
                              "step: raise the strength or the steps (their product must be >= 1)")
         return "masked" if sources[0].mask is not None else "whole"
@@ -256,8 +272,9 @@ class Decoder:
 
     # ------------------------------------------------------------------ rendering
 
-    def _call_options(self, options: DecoderDefaults) -> dict:
-        """Modality-specific keyword arguments of the pipeline call (sizes, frames, duration)."""
+    def _call_options(self, options: DecoderDefaults, batch_size: int) -> dict:
+        """Modality-specific keyword arguments of a generation call of ``batch_size`` items (sizes, frames,
+        duration)."""
         raise NotImplementedError
 
     def _output_items(self, output) -> object:
@@ -333,7 +350,7 @@ class Decoder:
             one = sources is not None and isinstance(pipe, self.edit_one_item_classes)
             generators = [torch.Generator("cpu").manual_seed(seeds[k]) for k in ks]
             inputs = (self._edit_inputs(pipe, [sources[k] for k in ks], options) if sources is not None
-                      else self._call_options(options))
+                      else self._call_options(options, len(ks)))
             output = pipe(
                 prompt_embeds=positive[ks],
                 negative_prompt_embeds=negative[ks],

@@ -377,7 +377,7 @@ class Object3DDecoder(Decoder):
             return embeds[:, None, :].to(self.dtype)
         return super().encode_text(captions)
 
-    def _call_options(self, options: DecoderDefaults) -> dict:
+    def _call_options(self, options: DecoderDefaults, batch_size: int) -> dict:
         return {}
 
     def _output_items(self, output):

@@ -78,11 +78,12 @@ def clip_text_encoder(tokenizer, *, num_tokens: int, dim: int):
     ).eval()
 
 
-def unet_kwargs(cross_attention_dim: int, dims: str) -> dict:
-    """Constructor arguments of a tiny 2-level conditional UNet; ``dims`` is ``"2D"`` or ``"3D"``."""
+def unet_kwargs(cross_attention_dim: int, dims: str, in_channels: int = 4) -> dict:
+    """Constructor arguments of a tiny 2-level conditional UNet; ``dims`` is ``"2D"`` or ``"3D"``; ``in_channels`` 8
+    for InstructPix2Pix (the source's latents beside the noisy ones)."""
     return dict(
         sample_size=16,
-        in_channels=4,
+        in_channels=in_channels,
         out_channels=4,
         down_block_types=(f"CrossAttnDownBlock{dims}", f"DownBlock{dims}"),
         up_block_types=(f"UpBlock{dims}", f"CrossAttnUpBlock{dims}"),
@@ -94,15 +95,16 @@ def unet_kwargs(cross_attention_dim: int, dims: str) -> dict:
     )
 
 
-def clip_conditioned_parts(config, unet_class, dims: str, *, seed: int = 0) -> dict:
+def clip_conditioned_parts(config, unet_class, dims: str, *, seed: int = 0, in_channels: int = 4) -> dict:
     """The tiny random parts of a CLIP-conditioned pipeline (Stable Diffusion, text-to-video): ``tokenizer`` padding
     to Q = ``config.cond_tokens``, a one-layer CLIP ``text_encoder`` of width D_cond = ``config.cond_dim``, a 2-level
     ``unet`` of ``unet_class`` (``dims``: ``"2D"`` or ``"3D"``) cross-attending to (Q, D_cond), an RGB ``vae`` and
-    the DDIM ``scheduler``; built under torch's RNG seeded with ``seed``."""
+    the DDIM ``scheduler``; built under torch's RNG seeded with ``seed``; ``in_channels``: the UNet's (8 for
+    InstructPix2Pix)."""
     q, d = config.cond_tokens, config.cond_dim
     tokenizer = text_tokenizer(model_max_length=q)
     with seeded(seed):
         text_encoder = clip_text_encoder(tokenizer, num_tokens=q, dim=d)
-        unet = unet_class(**unet_kwargs(d, dims))
+        unet = unet_class(**unet_kwargs(d, dims, in_channels))
         rgb_vae = vae(3)
     return dict(vae=rgb_vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler())

@@ -46,7 +46,7 @@ class VideoDecoder(Decoder):
     def tiny_pipeline(cls, config: DecoderConfig, *, seed: int = 0) -> TextToVideoSDPipeline:
         return TextToVideoSDPipeline(**tiny.clip_conditioned_parts(config, UNet3DConditionModel, "3D", seed=seed))
 
-    def _call_options(self, options: DecoderDefaults) -> dict:
+    def _call_options(self, options: DecoderDefaults, batch_size: int) -> dict:
         return {"height": options.height_px, "width": options.width_px, "num_frames": options.num_frames}
 
     def _edit_inputs(self, pipe, sources: list[EditSource], options: DecoderDefaults) -> dict:

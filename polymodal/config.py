@@ -143,6 +143,11 @@ class DecoderDefaults(_Model):
         description="edits (image, video): how far the render may go from the source medium, the fraction of the "
         "denoising schedule run from the noised source (1: from pure noise, nothing of the source kept; "
         "num_inference_steps * strength must be >= 1)")
+    image_guidance_scale: float = Field(
+        1.5, ge=1.0, le=MAX_GUIDANCE_SCALE,
+        description="image edits by a decoder that reads its source at every step (InstructPix2Pix, Brooks et al. "
+        "2023 sec. 3.3, s_I): how closely the edit follows the source image (1: no pull toward it beyond the "
+        "conditioning; higher: closer); such a decoder has no strength")
     crf: int = Field(
         18, ge=0, le=MAX_CRF,
         description="video: libx264 constant rate factor of the MP4 the frames are encoded to (lower: closer to the "

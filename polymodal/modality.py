@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 # Every field of polymodal.config.DecoderDefaults that a modality may declare in ModalitySpec.option_fields.
 DECODER_OPTION_FIELDS = ("num_inference_steps", "guidance_scale", "height_px", "width_px", "num_frames", "fps",
-                         "duration_s", "crf", "strength")
+                         "duration_s", "crf", "strength", "image_guidance_scale")
 
 
 @dataclass(frozen=True)

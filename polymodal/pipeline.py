@@ -537,11 +537,13 @@ class DecoderStage:
                                      should_cancel=should_cancel, on_step=on_step, **extra)
 
     def describe(self) -> dict[str, Any]:
-        """State, conditioning shape and ``edit_kinds`` (the decoder's: ``"whole"``, ``"masked"``; ``[]`` when it
-        cannot edit; read by ``GET /v1/models``)."""
+        """State, conditioning shape, ``edit_kinds`` (the decoder's: ``"whole"``, ``"masked"``; ``[]`` when it
+        cannot edit; read by ``GET /v1/models``) and ``edit_options`` (the option fields its edits read:
+        ``strength`` or ``image_guidance_scale``)."""
         return {"init_state": self.init_state, "decoder": self.decoder.init_state, "projector": self.projector_state,
                 "cond_shape": list(self.decoder.cond_shape),
-                "edit_kinds": list(getattr(self.decoder, "edit_kinds", ()))}
+                "edit_kinds": list(getattr(self.decoder, "edit_kinds", ())),
+                "edit_options": list(getattr(self.decoder, "edit_options", ()))}
 
 
 def build_llm_stage(preset: PresetConfig | str, *, device: str | None = None, export_dir: str | None = None) -> LLMStage:

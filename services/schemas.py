@@ -121,6 +121,10 @@ class _MediumOptions(_Req):
 STRENGTH_DESCRIPTION = ("edits: how far the medium may go from its source, the fraction of the denoising schedule "
                         "run (0 < strength <= 1; strength x num_inference_steps >= 1); default: the preset's")
 
+IMAGE_GUIDANCE_DESCRIPTION = ("edits by a decoder that reads its source (InstructPix2Pix; GET /v1/models lists each "
+                              "decoder's edit options): how closely the edit follows the source (>= 1); default: the "
+                              "preset's")
+
 OPTION_FIELDS: dict[str, tuple[Any, Any]] = {
     "num_inference_steps": (int | None, Field(None, ge=1, le=MAX_INFERENCE_STEPS)),
     "guidance_scale": (float | None, Field(None, ge=0.0, le=MAX_GUIDANCE_SCALE)),
@@ -132,6 +136,8 @@ OPTION_FIELDS: dict[str, tuple[Any, Any]] = {
     "crf": (int | None, Field(None, ge=0, le=MAX_CRF, description="libx264 constant rate factor of the MP4 (lower: "
                               "closer to the generated frames, bigger file; default: the preset's)")),
     "strength": (float | None, Field(None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)),
+    "image_guidance_scale": (float | None, Field(None, ge=1.0, le=MAX_GUIDANCE_SCALE,
+                                                 description=IMAGE_GUIDANCE_DESCRIPTION)),
 }
 """The request field (type, bounds) of every ``polymodal.modality.DECODER_OPTION_FIELDS`` entry."""
 
@@ -282,12 +288,16 @@ class ImageEditRequest(ImageGenerationRequest):
 
     ``size``: ``"WxH"`` or ``"auto"`` (the preset's image size): the source image (and mask) are resized to it and
     the edit has that size. ``response_format``: ``b64_json`` (default) or ``url``. Extensions: ``seed`` (image k
-    gets ``seed + k``), ``num_inference_steps``, ``guidance_scale``, ``strength`` (how far the edit may go from
-    the source: the fraction of the denoising schedule run; ``strength x steps`` must be >= 1). The fields of
-    :class:`ImageGenerationRequest`, plus ``strength``.
+    gets ``seed + k``), ``num_inference_steps``, ``guidance_scale``, and the edit option of the model's image decoder
+    (``GET /v1/models``: ``edit_options``): ``strength`` (img2img / inpainting: how far the edit may go from the
+    source, the fraction of the denoising schedule run; ``strength x steps`` must be >= 1) or
+    ``image_guidance_scale`` (InstructPix2Pix: how closely the edit follows the source, >= 1); the other one is a
+    400. The fields of :class:`ImageGenerationRequest`, plus those two.
     """
 
-    strength: float | None = Field(None, gt=0.0, le=1.0)
+    strength: float | None = Field(None, gt=0.0, le=1.0, description=STRENGTH_DESCRIPTION)
+    image_guidance_scale: float | None = Field(None, ge=1.0, le=MAX_GUIDANCE_SCALE,
+                                               description=IMAGE_GUIDANCE_DESCRIPTION)
 
 
 class AudioGenerationRequest(_Req):

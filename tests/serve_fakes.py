@@ -143,7 +143,8 @@ class FakeDecoderStage:
 
     def describe(self):  # the edit kinds of the real decoders of each modality (tests/test_editing.py checks them)
         kinds = {Modality.IMAGE: ["whole", "masked"], Modality.VIDEO: ["whole"]}.get(self.modality, [])
-        return {"init_state": self.init_state, "fake": True, "edit_kinds": kinds}
+        return {"init_state": self.init_state, "fake": True, "edit_kinds": kinds,
+                "edit_options": ["strength"] if kinds else []}
 
     def render(self, groups, seeds, options=None, should_cancel=None, on_step=None, sources=None):
         options = options or self.defaults

@@ -233,6 +233,9 @@ def test_a_mask_keeps_the_rest_of_the_image(client):
     ({"image": ("a.png", png(picture(32, 32, 0)), "image/png"),
       "mask": ("m.png", png(picture(16, 16, 0), np.zeros((16, 16))), "image/png")}, {"prompt": "x"}, "mask"),
     ({"image": ("a.png", png(picture(32, 32, 0)), "image/png")}, {"prompt": "x", "model": "gpt-image-1"}, "model"),
+    # an img2img decoder reads strength, not InstructPix2Pix's image guidance: refused, never ignored
+    ({"image": ("a.png", png(picture(32, 32, 0)), "image/png")}, {"prompt": "x", "image_guidance_scale": "2"},
+     "image_guidance_scale"),
 ])
 def test_bad_edit_requests_are_4xx_naming_the_field(tiny_server, files, data, param):
     import httpx
@@ -405,6 +408,7 @@ def test_models_advertise_the_edit_kinds_of_each_decoder(tiny_server, client):
 
     card = httpx.get(tiny_server + "/v1/models", timeout=60).json()["data"][0]
     assert card["edits"] == {"image": ["whole", "masked"], "video": ["whole"]}  # audio cannot edit: left out
+    assert card["edit_options"] == {"image": ["strength"], "video": ["strength"]}
     assert card["parts"]["decoders"]["audio"]["edit_kinds"] == []
     assert [m.id for m in client.models.list()] == ["tiny"]  # the official client reads the card regardless
     assert client.models.retrieve("tiny").model_extra["edits"] == card["edits"]
@@ -563,3 +567,114 @@ def test_chat_edits_a_stored_video_by_id_video_to_video(client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=4,
                                        modalities=["text", "image"], extra_body={"edit": a})
     assert e.value.body["param"] == "edit" and "add \"video\" to modalities" in e.value.body["message"]
+
+
+def test_a_chat_edit_refuses_the_edit_option_its_decoder_does_not_read(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "make it green"}],
+                                       extra_body={"edit": True, "image": {"image_guidance_scale": 2.0}})
+    assert e.value.body["param"] == "image.image_guidance_scale"
+    assert e.value.body["code"] == "unsupported_parameter"
+    assert "strength" in e.value.body["message"]  # says what it reads instead
+
+
+def test_edit_options_follow_the_decoder_that_serves_them():
+    """An InstructPix2Pix decoder reads image_guidance_scale and no strength (nothing is noised); unknown (not
+    described yet): only the strength product is checked."""
+    import asyncio
+
+    from services.errors import APIError
+    from services.ingress.edit_sources import check_edit_options, decoder_edit_options
+
+    class Backend:
+        calls = 0
+
+        async def describe(self):
+            Backend.calls += 1
+            return {"decoders": {"image": {"edit_kinds": ["whole"], "edit_options": ["image_guidance_scale"]}}}
+
+    cache: dict = {}
+    got = [asyncio.run(decoder_edit_options(Backend(), IMAGE, cache)) for _ in range(2)]
+    assert got == [("image_guidance_scale",)] * 2 and Backend.calls == 1  # described once
+    defaults = get_preset("tiny").decoders[IMAGE].defaults
+    one_step = defaults.model_copy(update={"num_inference_steps": 1, "strength": 0.6})
+    check_edit_options(("image_guidance_scale",), IMAGE, {"image_guidance_scale": 2.0}, one_step, "")  # no strength
+    with pytest.raises(APIError) as e:
+        check_edit_options(("image_guidance_scale",), IMAGE, {"strength": 0.5}, one_step, "image.")
+    assert e.value.param == "image.strength" and e.value.status == 400
+    with pytest.raises(APIError, match="leaves no denoising step"):
+        check_edit_options(None, IMAGE, {}, one_step, "")
+    check_edit_options(None, IMAGE, {"image_guidance_scale": 2.0}, defaults, "")  # unknown: not refused
+
+
+# ---- an InstructPix2Pix image decoder: one pipeline that generates (zero source latents) and edits ----
+
+@pytest.fixture(scope="module")
+def ip2p_dec(configs):
+    return build_decoder(IMAGE, configs[IMAGE].model_copy(update={"options": {"pipeline": "instruct-pix2pix"}}),
+                         seed=0)
+
+
+def _stock_ip2p(dec, **kw):
+    out = dec.pipeline(prompt_embeds=kw.pop("emb"), negative_prompt_embeds=dec.negative_prompt_embeds[None],
+                       generator=torch.Generator("cpu").manual_seed(kw.pop("seed")), output_type="np", **kw)
+    return (np.clip(out.images[0], 0, 1) * 255).round().astype(int)
+
+
+def test_instruct_pix2pix_generates_from_zero_latents_and_edits_from_its_source(ip2p_dec):
+    from PIL import Image
+
+    dec = ip2p_dec
+    assert type(dec.pipeline).__name__ == "StableDiffusionInstructPix2PixPipeline"
+    assert dec.pipeline.unet.config.in_channels == 8
+    assert dec.edit_kinds == ("whole", "masked") and dec.edit_options == ("image_guidance_scale",)
+    assert dec.edit_pipeline("whole") is dec.pipeline  # it edits itself: no second pipeline, no second weights
+    emb = dec.encode_text(["a red circle"])
+    opts = dec.defaults.model_copy(update={"num_inference_steps": 3, "guidance_scale": 3.0})
+    gen = dec.render(emb, [4], opts)[0]
+    assert isinstance(gen, Medium) and gen.data.shape == (opts.height_px, opts.width_px, 3)
+    zeros = torch.zeros(1, 4, opts.height_px // dec.pipeline.vae_scale_factor,
+                        opts.width_px // dec.pipeline.vae_scale_factor)
+    stock = _stock_ip2p(dec, emb=emb, seed=4, image=zeros, num_inference_steps=3, guidance_scale=3.0,
+                        image_guidance_scale=1.0)
+    assert np.abs(gen.data.astype(int) - stock).max() <= 1
+    src = picture(32, 32, 6)
+    edit = dec.render(emb, [4], opts.model_copy(update={"image_guidance_scale": 2.0}),
+                      sources=[EditSource(IMAGE, src)])[0]
+    stock = _stock_ip2p(dec, emb=emb, seed=4, image=Image.fromarray(src), num_inference_steps=3,
+                        guidance_scale=3.0, image_guidance_scale=2.0)
+    assert np.abs(edit.data.astype(int) - stock).max() <= 1
+    other = dec.render(emb, [4], opts, sources=[EditSource(IMAGE, picture(32, 32, 7))])[0]
+    assert np.abs(edit.data.astype(int) - other.data.astype(int)).mean() > 1  # it follows its source
+    # no strength here: one step with the default strength is not refused (nothing is noised)
+    assert isinstance(dec.render(emb, [4], opts.model_copy(update={"num_inference_steps": 1}),
+                                 sources=[EditSource(IMAGE, src)])[0], Medium)
+
+
+def test_instruct_pix2pix_masked_edit_keeps_the_source_outside_the_mask(ip2p_dec):
+    src = picture(32, 32, 8)
+    mask = np.zeros((32, 32), bool)
+    mask[4:20, 10:28] = True
+    out = ip2p_dec.render(ip2p_dec.encode_text(["green"]), [2], ip2p_dec.defaults.model_copy(
+        update={"num_inference_steps": 3}), sources=[EditSource(IMAGE, src, mask)])[0]
+    assert np.array_equal(out.data[~mask], src[~mask])
+    assert np.abs(out.data[mask].astype(int) - src[mask].astype(int)).mean() > 5
+
+
+def test_an_instruct_pix2pix_folder_loads_as_one(ip2p_dec, configs, tmp_path):
+    from decoders.errors import DecoderLoadError
+
+    ip2p_dec.save_pretrained(tmp_path / "ip2p")
+    loaded = build_decoder(IMAGE, configs[IMAGE].model_copy(update={"source": "pretrained",
+                                                                    "path": str(tmp_path / "ip2p")}))
+    assert loaded.edit_options == ("image_guidance_scale",)
+    emb = loaded.encode_text(["x"])
+    a = loaded.render(emb, [1], loaded.defaults)[0].data
+    b = ip2p_dec.render(emb, [1], ip2p_dec.defaults)[0].data
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+    with pytest.raises(DecoderLoadError, match="unknown options"):
+        build_decoder(IMAGE, configs[IMAGE].model_copy(update={"options": {"pipline": "instruct-pix2pix"}}))
+    with pytest.raises(DecoderLoadError, match="choices"):
+        build_decoder(IMAGE, configs[IMAGE].model_copy(update={"options": {"pipeline": "pix2pix"}}))

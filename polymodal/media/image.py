@@ -216,7 +216,8 @@ IMAGE_SPEC = ModalitySpec(
     inline_markdown=True,
     input_mime_types=("image/*",),
     file_extensions=(".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"),
-    option_fields=("num_inference_steps", "guidance_scale", "height_px", "width_px", "strength"),
+    option_fields=("num_inference_steps", "guidance_scale", "height_px", "width_px", "strength",
+                   "image_guidance_scale"),
     codec=ImageCodec(),
 )
 IMAGE = register_modality(IMAGE_SPEC)

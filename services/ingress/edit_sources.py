@@ -13,6 +13,11 @@ The source is brought to the answer's size: an image resized to ``image.height_p
 resized to ``video.height_px`` x ``width_px`` and sampled evenly to ``video.num_frames`` (the edit keeps its
 length). The whole medium may change (no mask in chat). Refusals are 400s with param ``edit`` (``image.strength`` /
 ``video.strength`` for a strength that leaves no denoising step).
+
+Edit options (:func:`check_edit_options`): a decoder's edits read ``strength`` (SDEdit-style: img2img, inpainting,
+video-to-video) or ``image_guidance_scale`` (InstructPix2Pix, which reads its source at every step and noises
+nothing), as its deployment describes it (``edit_options``; :meth:`decoders.base.Decoder.edit_options`). An edit
+request that sets the other one is refused (400, ``unsupported_parameter``, naming it), never silently ignored.
 """
 
 from __future__ import annotations
@@ -77,16 +82,12 @@ async def edit_source(media: MediaReader, ref: EditRef, turns: Sequence[Turn], o
     """The :class:`EditSource` of a resolved edit (see the module's rule), at the answer's size.
 
     Raises:
-        APIError: 400: ``{modality}.strength x {modality}.num_inference_steps < 1``; no medium of the kind in the
-        conversation (``no_image_to_edit`` / ``no_video_to_edit``); a stored file that does not decode as its kind.
+        APIError: 400: no medium of the kind in the conversation (``no_image_to_edit`` / ``no_video_to_edit``); a
+        stored file that does not decode as its kind.
     """
     from polymodal import media_io
 
     m = ref.modality
-    if options.num_inference_steps * options.strength < 1:
-        raise bad_request(f"{m.value}.strength {options.strength} x {m.value}.num_inference_steps "
-                          f"{options.num_inference_steps} leaves no denoising step (the product must be >= 1)",
-                          param=f"{m.value}.strength", code="invalid_value")
     if ref.data is None:
         found = _inputs(turns[-1:], m) or _inputs(turns, m)
         if not found:
@@ -103,6 +104,50 @@ async def edit_source(media: MediaReader, ref: EditRef, turns: Sequence[Turn], o
         except media_io.MediaError as e:
             raise media.media_error(e, "edit") from None
     return EditSource(m, FIT[m](data, options))
+
+
+EDIT_OPTION_FIELDS = ("strength", "image_guidance_scale")
+"""The decoder options that only an edit reads; a decoder takes one of them (``edit_options`` of its describe)."""
+
+
+async def decoder_edit_options(backend, modality: Modality, cache: dict) -> tuple[str, ...] | None:
+    """The edit options of ``modality``'s decoder, from the backend's ``describe`` (kept in ``cache`` once read: a
+    deployment's decoder does not change its pipeline); ``None`` while it cannot be described (not ready)."""
+    if modality not in cache:
+        try:
+            parts = await backend.describe()
+        except Exception:  # noqa: BLE001 - not ready: the decoder is not asked, nothing cached
+            return None
+        described = (parts.get("decoders") or {}).get(modality.value)
+        if not isinstance(described, dict) or "edit_options" not in described:
+            return None
+        cache[modality] = tuple(described["edit_options"])
+    return cache[modality]
+
+
+def check_edit_options(edit_options: tuple[str, ...] | None, modality: Modality, overrides: dict,
+                       options: DecoderDefaults, prefix: str) -> None:
+    """Refuse an edit option the decoder does not read, and a strength that leaves no denoising step.
+
+    Args:
+        edit_options: :func:`decoder_edit_options` (``None``: unknown; only the strength product is checked).
+        overrides: the fields the request set; ``options``: the merged options; ``prefix``: of the field names
+            (``"image."`` in chat, ``""`` for ``/v1/images/edits``).
+
+    Raises:
+        APIError: 400 naming ``prefix + field``: a set edit option not in ``edit_options`` (``unsupported_parameter``);
+        ``strength x num_inference_steps < 1`` for a decoder that reads strength (``invalid_value``).
+    """
+    for name in EDIT_OPTION_FIELDS:
+        if edit_options is not None and name in overrides and name not in edit_options:
+            reads = " and ".join(edit_options) or "no edit options"
+            raise bad_request(f"{prefix}{name}: this model's {modality.value} decoder does not read it in an edit; "
+                              f"its edits read {reads} (GET /v1/models: edit_options)", param=f"{prefix}{name}",
+                              code="unsupported_parameter")
+    if (edit_options is None or "strength" in edit_options) and options.num_inference_steps * options.strength < 1:
+        raise bad_request(f"{prefix}strength {options.strength} x {prefix}num_inference_steps "
+                          f"{options.num_inference_steps} leaves no denoising step (the product must be >= 1)",
+                          param=f"{prefix}strength", code="invalid_value")
 
 
 def fit_image(image: np.ndarray, options: DecoderDefaults) -> np.ndarray:

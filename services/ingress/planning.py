@@ -26,7 +26,8 @@ from polymodal.modality import Modality
 from polymodal.types import EditSource, MediaPart, TextPart, ToolCall, Turn, input_images
 
 from services.errors import APIError, bad_request
-from services.ingress.edit_sources import edit_source as edit_source_of, resolve_edit
+from services.ingress.edit_sources import check_edit_options, decoder_edit_options, resolve_edit
+from services.ingress.edit_sources import edit_source as edit_source_of
 from services.ingress.formats import history_tool_calls, output_format, tool_turn
 from services.ingress.history import AssistantTurn
 from services.ingress.media_input import MediaReader
@@ -99,6 +100,7 @@ class Planner:
         self.limits = settings.limits
         self.media = media
         self.model_name = model_name
+        self.edit_options_cache: dict[Modality, tuple[str, ...]] = {}  # edit_sources.decoder_edit_options
 
     # ---- model / modalities ----------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
@@ -286,6 +288,11 @@ class Planner:
             if req.box_overlay and not input_images(turns):
                 raise bad_request("box_overlay: the messages hold no image to draw the boxes on",
                                   param="box_overlay", code="invalid_value")
+            if edit is not None:
+                given = getattr(req, edit.modality.value, None)
+                check_edit_options(await decoder_edit_options(self.backend, edit.modality, self.edit_options_cache),
+                                   edit.modality, given.model_dump(exclude_none=True) if given is not None else {},
+                                   options[edit.modality], f"{edit.modality.value}.")
             edit_source = None if edit is None else await edit_source_of(self.media, edit, turns,
                                                                          options[edit.modality])
             turns, heard = await spoken.apply(turns)

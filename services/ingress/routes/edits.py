@@ -3,18 +3,21 @@
 Form fields: ``image`` (one file; ``image[]`` with one file, as the OpenAI SDK sends a list, is the same), optional
 ``mask`` (a PNG with alpha: its fully transparent pixels mark where the image may change, OpenAI's convention;
 the same size as the image), ``prompt``, ``n``, ``size``, ``response_format`` and the extensions of
-:class:`services.schemas.ImageEditRequest` (``seed``, ``num_inference_steps``, ``guidance_scale``, ``strength``).
+:class:`services.schemas.ImageEditRequest` (``seed``, ``num_inference_steps``, ``guidance_scale``, and ``strength`` or
+``image_guidance_scale``: the one the image decoder's edits read).
 
 The prompt goes through the LLM with the image group required (the source image before it in the user's turn
 when the model reads images), as ``/v1/images/generations``; that group is rendered ``n`` times (seeds
 ``seed + k``) *from the source*: the image decoder's img2img pipeline, or its inpainting pipeline with a mask,
-both composed over the loaded weights (:mod:`decoders.base`). The source and the mask are resized to ``size``
-(``auto`` or absent: the preset's image size) and the edits have that size. Without a mask the whole image may
+both composed over the loaded weights (:mod:`decoders.base`); an InstructPix2Pix decoder edits with its own
+pipeline (the source read at every step; a mask keeps the source's pixels outside it). The source and the mask are
+resized to ``size`` (``auto`` or absent: the preset's image size) and the edits have that size. Without a mask the whole image may
 change (gpt-image-1's behaviour; an image's own transparency is not read as a mask).
 
 Errors (400 unless said, OpenAI's error body naming the field): not multipart (``image``), no image or more than
 one (``image``), an unreadable image (``image``; 413 over the media limit), a mask that is not a PNG with alpha or
-of another size (``mask``), a bad field (its name), ``strength x num_inference_steps < 1`` (``strength``).
+of another size (``mask``), a bad field (its name), ``strength x num_inference_steps < 1`` (``strength``), the edit
+option the decoder does not read (``strength`` / ``image_guidance_scale``, ``unsupported_parameter``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from polymodal.modality import Modality
 from polymodal.types import EditSource
 
 from services.errors import bad_request
+from services.ingress.edit_sources import EDIT_OPTION_FIELDS, check_edit_options, decoder_edit_options
 from services.ingress.routes.generations import one_medium_options, run_one_medium
 from services.ingress.service import IngressService, get_service, require_api_key
 from services.schemas import ImageEditRequest
@@ -93,12 +97,11 @@ async def images_edits(request: Request, svc: IngressService = Depends(get_servi
     form = await _read_form(request)
     body = _fields(form)
     overrides = svc.planner.parse_size(body.size)
-    overrides.update(body.model_dump(include={"num_inference_steps", "guidance_scale", "strength"},
+    overrides.update(body.model_dump(include={"num_inference_steps", "guidance_scale", *EDIT_OPTION_FIELDS},
                                      exclude_none=True))
     options = one_medium_options(svc, body, Modality.IMAGE, overrides)
-    if options.num_inference_steps * options.strength < 1:
-        raise bad_request(f"strength {options.strength} x num_inference_steps {options.num_inference_steps} leaves "
-                          "no denoising step (the product must be >= 1)", param="strength", code="invalid_value")
+    edit_options = await decoder_edit_options(svc.backend, Modality.IMAGE, svc.planner.edit_options_cache)
+    check_edit_options(edit_options, Modality.IMAGE, overrides, options, "")
     image_file = await _file(form, ("image", "image[]"), "image", svc, required=True)
     mask_file = await _file(form, ("mask",), "mask", svc, required=False)
     limits = svc.media.media_limits

@@ -30,7 +30,9 @@ def model_card(svc: IngressService, parts: dict[str, Any] | None) -> dict[str, A
     ``edits`` (an extension OpenAI clients ignore): ``{modality: [edit kinds]}`` for each output modality whose
     decoder can edit, as its deployment describes it: ``"whole"`` renders from a source medium (image-to-image,
     video-to-video; ``POST /v1/images/edits`` and chat ``edit``), ``"masked"`` only where a mask allows
-    (inpainting; ``/v1/images/edits`` with ``mask``); ``null`` while the decoders cannot be described."""
+    (inpainting; ``/v1/images/edits`` with ``mask``); ``null`` while the decoders cannot be described.
+    ``edit_options``: ``{modality: [fields]}``, the options its edits read: ``strength`` (img2img, inpainting,
+    video-to-video) or ``image_guidance_scale`` (an InstructPix2Pix image decoder); the other is refused."""
     backend = svc.backend
     inputs = ["text", *(m.value for m in backend.input_modalities)]
     outputs = ["text", *(m.value for m in backend.output_modalities)]
@@ -47,17 +49,18 @@ def model_card(svc: IngressService, parts: dict[str, Any] | None) -> dict[str, A
         "grounding": None if backend.preset.grounding is None else {
             "format": backend.preset.grounding.format, "tasks": list(backend.preset.grounding.tasks)},
         "edits": edit_kinds(parts),
+        "edit_options": edit_kinds(parts, "edit_options"),
         "parts": parts,
     }
 
 
-def edit_kinds(parts: dict[str, Any] | None) -> dict[str, list[str]] | None:
-    """``{modality: edit kinds}`` from the described decoders (modalities that cannot edit left out); ``None`` when
-    a decoder could not be described (its kinds are unknown)."""
+def edit_kinds(parts: dict[str, Any] | None, key: str = "edit_kinds") -> dict[str, list[str]] | None:
+    """``{modality: edit kinds}`` (``key="edit_options"``: the option fields its edits read) from the described
+    decoders (modalities that cannot edit left out); ``None`` when a decoder could not be described."""
     decoders = (parts or {}).get("decoders")
-    if not isinstance(decoders, dict) or any("edit_kinds" not in d for d in decoders.values()):
+    if not isinstance(decoders, dict) or any(key not in d for d in decoders.values()):
         return None
-    return {m: list(d["edit_kinds"]) for m, d in decoders.items() if d["edit_kinds"]}
+    return {m: list(d[key]) for m, d in decoders.items() if d[key]}
 
 
 @router.get("/v1/models", dependencies=[Depends(require_api_key)])
