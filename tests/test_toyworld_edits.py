@@ -296,6 +296,33 @@ def test_an_instruct_pix2pix_toy_decoder_grows_from_the_image_decoder_and_edits(
     res = instruct_edit_ceiling(tmp_path / "ip2p", n=3, num_inference_steps=2)
     assert set(res["runs"][0]["kinds"]) == {"recolour", "reshape"} and res["size_px"] == 32
 
+    # made the image decoder of a toy build (toyworld build --edit-decoder): swapped in, recorded, served as one
+    import shutil
+
+    from decoders import build_decoder
+    from polymodal.presets.toy import MANIFEST, decoder_config
+    from training.toyworld.editing import install_edit_decoder
+
+    decoders = tmp_path / "build/decoders"
+    shutil.copytree(ROOT / "polymodal/assets/toy/decoders", decoders)
+    before = json.loads((decoders / MANIFEST).read_text())["decoders"]["image"]
+    with pytest.raises(ValueError, match="InstructPix2Pix"):
+        (tmp_path / "sd").mkdir()
+        (tmp_path / "sd/edit-decoder.json").write_text("{}")
+        shutil.copy(ROOT / "polymodal/assets/toy/decoders/image/model_index.json", tmp_path / "sd")
+        install_edit_decoder(tmp_path / "sd", decoders)
+    entry = install_edit_decoder(tmp_path / "ip2p", decoders)["decoders"]["image"]
+    assert entry["config_hash"] != before["config_hash"]
+    assert entry["edit_decoder"]["chain"][0] == record and entry["edit_decoder"]["base_config_hash"] == before[
+        "config_hash"]
+    assert json.loads((decoders / "image/model_index.json").read_text())["_class_name"] == \
+        "StableDiffusionInstructPix2PixPipeline"
+    mtime = (decoders / "image/unet").stat().st_mtime_ns
+    assert install_edit_decoder(tmp_path / "ip2p", decoders)["decoders"]["image"] == entry  # up to date
+    assert (decoders / "image/unet").stat().st_mtime_ns == mtime
+    dec = build_decoder("image", decoder_config(decoders, "image"))
+    assert dec.edit_options == ("image_guidance_scale",)
+
 
 def test_the_edit_decoder_command_refuses_bad_options_and_reuses_a_trained_decoder(tmp_path):
     """`polymodal toyworld edit-decoder`: unknown kind / strength out of range exit 2 with a message; a folder

@@ -42,22 +42,27 @@ Endpoints
 - ``POST /v1/audio/generations``: the same for audio (WAV); ``data[k].b64_json`` or ``url``.
 - ``POST /v1/images/edits`` (issue #27; OpenAI's multipart shape, see :mod:`~services.ingress.routes.edits`): one
   ``image`` file, optional ``mask`` (PNG with alpha; transparent = may change), ``prompt``, ``n``, ``size``,
-  ``response_format`` (+ ``seed``, ``num_inference_steps``, ``guidance_scale``, ``strength``): the prompt through
-  the LLM with the image group required (the source image before it when the model reads images), that group
-  rendered ``n`` times from the source (img2img; inpainting with a mask, the source's pixels kept outside it),
-  the answer as ``/v1/images/generations``'. Bad input: 400 naming the field (``image``, ``mask``, ``strength``, ...).
+  ``response_format`` (+ ``seed``, ``num_inference_steps``, ``guidance_scale``, and ``strength`` or
+  ``image_guidance_scale``: the edit option the image decoder reads): the prompt through the LLM with the image
+  group required (the source image before it when the model reads images), that group rendered ``n`` times from
+  the source (img2img, or an InstructPix2Pix decoder's own pipeline; with a mask, the source's pixels kept outside
+  it), the answer as ``/v1/images/generations``'. Bad input: 400 naming the field (``image``, ``mask``,
+  ``strength``, ...); the edit option the decoder does not read: 400 ``unsupported_parameter``.
 - Chat edits: ``edit`` in a chat request renders the answer's images from an image of the conversation instead of
   from noise, and puts ``image`` into the answer's floor. The rule: ``edit: true`` takes the last image of the last
   user message (uploaded, or one of our artifact URLs as an ``image_url`` part), else the conversation's most recent
   image (an earlier answer's image sent back in the history counts); ``edit: "<artifact id or URL>"`` takes that
   artifact. References resolve from the store only, never fetched: unknown or expired is a 400
   (``artifact_not_found``, param ``edit``); none in the conversation: 400 ``no_image_to_edit``. The source is
-  resized to the answer's image size; ``image.strength`` says how far the edit may go (default: the preset's).
+  resized to the answer's image size; ``image.strength`` says how far the edit may go (default: the preset's), or,
+  for an InstructPix2Pix image decoder, ``image.image_guidance_scale`` how closely it follows the source.
   Video edits (video-to-video): ``edit`` naming a video artifact, or ``edit: true`` when ``modalities`` ask for
   video and not image (the conversation's most recent video; none: 400 ``no_video_to_edit``); the source's frames
   are resized to the answer's video size and sampled to its ``video.num_frames``; ``video.strength`` as above.
   The rule in full: :mod:`~services.ingress.edit_sources`. ``GET /v1/models``: ``edits`` says which media each
-  decoder can edit (``{"image": ["whole", "masked"], "video": ["whole"]}``).
+  decoder can edit (``{"image": ["whole", "masked"], "video": ["whole"]}``), ``edit_options`` which option its
+  edits read (``{"image": ["strength"], ...}``; ``["image_guidance_scale"]`` for InstructPix2Pix); a request
+  setting the other is a 400 (:func:`~services.ingress.edit_sources.check_edit_options`).
 - ``POST /v1/audio/speech`` (OpenAI's text-to-speech: ``model``, ``input`` up to 4096 characters, ``voice``,
   ``response_format`` wav (default here) / pcm (16-bit LE mono, 24 kHz) / flac / mp3 / opus / aac, ``speed``
   0.25-4.0, ``stream_format`` absent (the whole file) / ``audio`` (the file's bytes as each sentence is encoded) /

@@ -306,7 +306,7 @@ def _reuse_parts(parts_from: Path, out: Path, log) -> tuple[dict, dict]:
 def build(out: str | Path, settings: BuildSettings | None = None, *, progress: bool = True,
           work: str | Path | None = None, grounding: bool = False, device: str | None = None,
           parts_from: str | Path | None = None, instruct_from: str | Path | None = None,
-          skills: bool = False, threads: int = 1) -> dict:
+          skills: bool = False, threads: int = 1, edit_decoder: str | Path | None = None) -> dict:
     """Build (or bring up to date) the toy world into ``out``; returns the build manifest.
 
     ``work``: intermediate files (default ``OUT/work``; not needed by the preset, safe to delete).
@@ -321,6 +321,8 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
     ``skills`` (with ``instruct_from``): the ``toy-skills`` preset instead (issue #25; :func:`_skills`): the
     instruct stage continued on LLaVA-Plus skill-use dialogues and ordinary requests into ``OUT/export-skills``;
     the MosIT and plain steps and ``OUT/export`` are left alone.
+    ``edit_decoder``: an InstructPix2Pix toy decoder (``polymodal toyworld edit-decoder``) made the build's image
+    decoder (:func:`training.toyworld.editing.install_edit_decoder`; issue #27): it generates and edits.
     ``threads``: torch threads of the alignment stages (1: how the shipped builds were made; more is faster on a
     free machine, with results equal up to float rounding; not part of any cache key).
 
@@ -370,6 +372,11 @@ def build(out: str | Path, settings: BuildSettings | None = None, *, progress: b
         decoders = train_decoders(canonical, out / "decoders", step_scale=s.step_scale, progress=progress)
         log("toy image encoder")
         encoders = train_encoders(random_images, out / "encoders", step_scale=s.step_scale, progress=progress)
+    if edit_decoder is not None:
+        from training.toyworld.editing import install_edit_decoder
+
+        decoders = install_edit_decoder(edit_decoder, out / "decoders")
+        log(f"image decoder: the InstructPix2Pix decoder {edit_decoder}")
 
     if skills:
         return _skills(out, work, s, instruct_from, decoders, encoders, device, progress, t0, log)

@@ -134,6 +134,9 @@ def build(
         help="weight of the MosIT edit dialogues (issue #27: a shared toy image and a recolour / reshape instruction "
         "answered with the edited image) beside the other modes' (1.0 each); default: the build's (0, none)",
         min=0)] = None,
+    edit_decoder: Annotated[Optional[Path], typer.Option(
+        "--edit-decoder", help="an InstructPix2Pix toy decoder (made by polymodal toyworld edit-decoder) that becomes "
+        "the build's image decoder: it generates and edits (issue #27)")] = None,
     threads: Threads = 1,
 ) -> None:
     """Build the whole toy world: data, toy decoders and encoder, MosIT dialogues, the three alignment stages.
@@ -155,7 +158,7 @@ def build(
         settings = BuildSettings(step_scale=step_scale, **{k: v for k, v in given.items() if v is not None})
         manifest = run(out, settings, work=work, progress=True, grounding=grounding,
                        device=device, parts_from=parts_from, instruct_from=instruct_from, skills=skills,
-                       threads=threads)
+                       threads=threads, edit_decoder=edit_decoder)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
     typer.echo(f"{out}: sizes (MB) {manifest['sizes_mb']}, {manifest['build_s']} s")

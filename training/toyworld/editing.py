@@ -525,3 +525,75 @@ def source_use_gap(decoder_dir: str | Path, *, n: int = 64, timesteps=(200, 500,
                                                 .sample, target).item() for src in (zs, torch.zeros_like(zs))]
             out[int(step)] = {"with_source": err[0], "zero_source": err[1]}
     return out
+
+
+def edit_decoder_chain(decoder_dir: str | Path) -> list[dict]:
+    """The ``edit-decoder.json`` records from ``decoder_dir`` back along ``continued_from`` (newest first) while
+    the folders are there; the last one's ``continued_from`` names the toy decoder the chain grew from.
+
+    Raises:
+        FileNotFoundError: ``decoder_dir`` has no ``edit-decoder.json`` (not made by ``toyworld edit-decoder``).
+    """
+    folder = Path(decoder_dir)
+    if not (folder / "edit-decoder.json").is_file():
+        raise FileNotFoundError(f"{folder / 'edit-decoder.json'} not found: --edit-decoder takes a folder made by "
+                                "polymodal toyworld edit-decoder --kind instruct-pix2pix")
+    chain, seen = [], set()
+    while (folder / "edit-decoder.json").is_file() and folder.resolve() not in seen:
+        seen.add(folder.resolve())
+        chain.append(json.loads((folder / "edit-decoder.json").read_text()))
+        folder = Path(chain[-1].get("continued_from") or "")
+    return chain
+
+
+def install_edit_decoder(decoder_dir: str | Path, decoders_dir: str | Path) -> dict:
+    """Make the InstructPix2Pix decoder ``decoder_dir`` the image decoder of a toy build's ``decoders_dir``: its
+    folder replaces ``decoders_dir/image`` (copied beside, then swapped), and the manifest's image entry records
+    the chain of ``edit-decoder.json`` records (``edit_decoder``) and gets a config hash of its own (so that the
+    stages keyed on the decoders are redone). Up to date (nothing copied) when the entry already records this chain.
+
+    Returns:
+        The decoders manifest (as ``training.toyworld.train.train_decoders`` returns it).
+
+    Raises:
+        FileNotFoundError: no ``edit-decoder.json`` or no manifest; ValueError: ``decoder_dir`` is not an
+        InstructPix2Pix pipeline folder.
+    """
+    import hashlib
+    import os
+    import shutil
+
+    from polymodal.presets.toy import MANIFEST
+
+    src, dst = Path(decoder_dir), Path(decoders_dir)
+    chain = edit_decoder_chain(src)
+    index = json.loads((src / "model_index.json").read_text())
+    if index.get("_class_name") != "StableDiffusionInstructPix2PixPipeline":
+        raise ValueError(f"{src}: a {index.get('_class_name')} folder; --edit-decoder takes an InstructPix2Pix one "
+                         "(polymodal toyworld edit-decoder --kind instruct-pix2pix)")
+    manifest_path = dst / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path} not found: the build's decoders must exist first")
+    manifest = json.loads(manifest_path.read_text())
+    entry = manifest["decoders"]["image"]
+    record = {"from": str(src), "chain": chain}
+    if entry.get("edit_decoder", {}).get("chain") == chain:
+        return manifest
+    base_hash = entry.get("edit_decoder", {}).get("base_config_hash", entry["config_hash"])
+    record["base_config_hash"] = base_hash
+    tmp = dst / ".image-installing"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("ceiling.json"))
+    old = dst / ".image-old"
+    if old.exists():
+        shutil.rmtree(old)
+    os.replace(dst / entry["path"], old)
+    os.replace(tmp, dst / entry["path"])
+    shutil.rmtree(old)
+    digest = hashlib.sha256((base_hash + json.dumps(chain, sort_keys=True)).encode()).hexdigest()[:16]
+    manifest["decoders"]["image"] = {**entry, "config_hash": digest, "edit_decoder": record}
+    part = manifest_path.with_suffix(".json.part")
+    part.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(part, manifest_path)
+    return manifest
