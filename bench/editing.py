@@ -132,9 +132,10 @@ def child(mode: str, preset_name: str, rounds: int, batch: int) -> dict:
             "edit_pipelines": {m.value: sorted(s.decoder._edit_pipelines) for m, s in stages.items()}}
 
 
-def quality(preset_name: str, n: int, strengths: list[float | None]) -> dict:
-    """The quality half (see the module docstring) through a ``--no-ray`` host of ``preset_name``, once per edit
-    ``strength`` of ``strengths`` (``None``: the preset's default) on the same sources, seeds and instructions."""
+def quality(preset_name: str, n: int, settings: list[dict]) -> dict:
+    """The quality half (see the module docstring) through a ``--no-ray`` host of ``preset_name``, once per entry of
+    ``settings`` (the edit options sent, e.g. ``{"strength": 0.6}`` or ``{"image_guidance_scale": 2.0}``; ``{}``:
+    the preset's defaults) on the same sources, seeds and instructions."""
     import base64
     import io
     import threading
@@ -164,15 +165,15 @@ def quality(preset_name: str, n: int, strengths: list[float | None]) -> dict:
         Image.fromarray(a).save(buf, format="PNG")
         return buf.getvalue()
 
-    def edit(image, prompt, _target, seed, strength):  # training.toyworld.editing.EditFn: the instruction is sent
-        extra = {"seed": seed} if strength is None else {"seed": seed, "strength": strength}
+    def edit(image, prompt, _target, seed, setting):  # training.toyworld.editing.EditFn: the instruction is sent
         r = client.images.edit(model=preset_name, image=("src.png", png(image), "image/png"), prompt=prompt,
-                               extra_body=extra)
+                               extra_body={"seed": seed, **setting})
         return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
 
     reqs = edit_requests(n, size_px)
     t0 = time.perf_counter()
-    runs = [{"strength": strength, "kinds": score_edits(edit, reqs, size_px, strength)} for strength in strengths]
+    runs = [{"strength": setting.get("strength"), "image_guidance_scale": setting.get("image_guidance_scale"),
+             "kinds": score_edits(edit, reqs, size_px, setting)} for setting in settings]
     stop.set()
     return {"preset": preset_name, "n": n, "size_px": size_px, "position_tol": EDIT_POSITION_TOL,
             "size_tol": EDIT_SIZE_TOL, "seconds": time.perf_counter() - t0, "runs": runs}
@@ -187,6 +188,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=None, help="--quality: held-out sources (default 200; --quick 12)")
     p.add_argument("--strength", default="preset", help="--quality: comma-separated edit strengths, each run on the "
                    "same sources side by side (0 < s <= 1; 'preset': the preset's default), e.g. 0.6,0.8,1.0")
+    p.add_argument("--image-guidance-scale", default=None, help="--quality: comma-separated image guidance scales "
+                   "(>= 1; an InstructPix2Pix image decoder's edit option, instead of --strength), side by side")
     p.add_argument("--child", choices=MODES, help=argparse_hidden())
     args = p.parse_args()
     rounds = args.rounds or (2 if args.quick else 10)
@@ -198,12 +201,19 @@ def main() -> None:
         strengths = [None if x.strip() == "preset" else float(x) for x in args.strength.split(",")]
         if any(x is not None and not 0 < x <= 1 for x in strengths):
             p.error(f"--strength: each value must be in (0, 1] or 'preset', got {args.strength!r}")
-        res = quality(args.preset, args.n or (12 if args.quick else 200), strengths)
+        settings = [{} if x is None else {"strength": x} for x in strengths]
+        if args.image_guidance_scale is not None:
+            if args.strength != "preset":
+                p.error("--strength and --image-guidance-scale are the edit options of two kinds of decoder: give one")
+            settings = [{"image_guidance_scale": float(x)} for x in args.image_guidance_scale.split(",")]
+            if any(x["image_guidance_scale"] < 1 for x in settings):
+                p.error(f"--image-guidance-scale: each value must be >= 1, got {args.image_guidance_scale!r}")
+        res = quality(args.preset, args.n or (12 if args.quick else 200), settings)
         C.print_table(f"edits through the service, preset {res['preset']} (n {res['n']}, {res['size_px']} px; place: "
                       f"centre within {EDIT_POSITION_TOL:.0%} of the image, side within {EDIT_SIZE_TOL:.0%})",
-                      ["strength", "kind", "asked change", "other kept", "place kept", "all",
+                      ["setting", "kind", "asked change", "other kept", "place kept", "all",
                        "ctrl: other's instruction", "chance + 3 sd", "ctrl: follows its source"],
-                      [["preset" if run["strength"] is None else run["strength"], k, v["asked"], v["other"],
+                      [[_setting(run), k, v["asked"], v["other"],
                         v["place"], v["all"], v["control_other"], v["chance_plus_3sd"], v["follow"]]
                        for run in res["runs"] for k, v in run["kinds"].items()])
         C.finish({**res, "machine": C.machine()}, args.out)
@@ -229,6 +239,12 @@ def main() -> None:
         ["USS", results["uss_ratio"]], ["PSS", results["pss_ratio"]], ["weights", results["weights_ratio"]],
         ["USS if the edits held one more copy of the weights", results["one_more_copy_ratio"]]])
     C.finish(results, args.out)
+
+
+def _setting(run: dict) -> str:
+    if run.get("image_guidance_scale") is not None:
+        return f"image guidance {run['image_guidance_scale']}"
+    return "preset" if run["strength"] is None else f"strength {run['strength']}"
 
 
 def argparse_hidden() -> str:

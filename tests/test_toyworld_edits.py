@@ -237,8 +237,19 @@ def test_edit_scoring_credits_a_faithful_edit_and_not_a_regeneration():
         assert b["asked"] == 1.0 and b["place"] < 0.5 and b["all"] < 0.5 and b["follow"] < 0.5, (kind, b)
 
 
-def test_continuing_the_image_decoder_trains_the_unet_and_keeps_the_text_encoder(tmp_path):
-    """training.toyworld.editing.continue_image_decoder on the shipped toy image decoder, a few steps: a loadable
+@pytest.fixture(scope="module")
+def sd_decoder(tmp_path_factory) -> Path:
+    """A Stable Diffusion (4-channel) toy-sized image decoder folder, tiny random weights: 32 px, conditioning (16,
+    64) as the toy's; what the edit decoders grow from (the shipped toy decoder is an InstructPix2Pix one now)."""
+    from decoders import save_tiny_checkpoint
+    from polymodal.config import DecoderConfig
+
+    return save_tiny_checkpoint("image", DecoderConfig(cond_tokens=16, cond_dim=64),
+                                tmp_path_factory.mktemp("sd") / "image")
+
+
+def test_continuing_the_image_decoder_trains_the_unet_and_keeps_the_text_encoder(tmp_path, sd_decoder):
+    """training.toyworld.editing.continue_image_decoder on a Stable Diffusion toy image decoder, a few steps: a loadable
     diffusers folder whose UNet moved and whose text encoder (the conditioning space the output projector hits) is
     the source's, with its record; bad settings are refused."""
     import torch
@@ -246,7 +257,15 @@ def test_continuing_the_image_decoder_trains_the_unet_and_keeps_the_text_encoder
 
     from training.toyworld.editing import EditDecoderRecipe, continue_image_decoder
 
-    src = ROOT / "polymodal/assets/toy/decoders/image"
+    src = sd_decoder
+    from decoders import save_tiny_checkpoint
+    from polymodal.config import DecoderConfig
+
+    ip2p = save_tiny_checkpoint("image", DecoderConfig(cond_tokens=16, cond_dim=64, options={
+        "pipeline": "instruct-pix2pix"}), tmp_path / "ip2p")
+    with pytest.raises(ValueError, match="4-channel"):  # an InstructPix2Pix decoder is not one
+        continue_image_decoder(ip2p, tmp_path / "y", EditDecoderRecipe(steps=1, random_count=1, canonical_count=0),
+                               progress=False)
     recipe = EditDecoderRecipe(steps=3, random_count=6, canonical_count=2, batch_size=4)
     record = continue_image_decoder(src, tmp_path / "image", recipe, progress=False)
     assert record["num_items"] == 8 and record["recipe"]["train_text_encoder"] is False
@@ -265,7 +284,7 @@ def test_continuing_the_image_decoder_trains_the_unet_and_keeps_the_text_encoder
     assert all(set(r["kinds"]) == {"recolour", "reshape"} and r["kinds"]["recolour"]["n"] == 3 for r in res["runs"])
 
 
-def test_an_instruct_pix2pix_toy_decoder_grows_from_the_image_decoder_and_edits(tmp_path):
+def test_an_instruct_pix2pix_toy_decoder_grows_from_the_image_decoder_and_edits(tmp_path, sd_decoder):
     """training.toyworld.editing.train_instruct_edit_decoder, a few steps: conv_in widened to 8 channels (the noise
     channels start as the decoder's, the source channels from zero), saved as a StableDiffusionInstructPix2Pix
     folder that edits a toy image; source_use_gap measures it; Min-SNR and the x0 weighting run."""
@@ -277,7 +296,7 @@ def test_an_instruct_pix2pix_toy_decoder_grows_from_the_image_decoder_and_edits(
     from training.toyworld.editing import (InstructEditRecipe, instruct_edit_ceiling, source_use_gap,
                                            train_instruct_edit_decoder)
 
-    src = ROOT / "polymodal/assets/toy/decoders/image"
+    src = sd_decoder
     recipe = InstructEditRecipe(steps=2, edit_pairs=6, generations=2, batch_size=4, snr_gamma=5.0)
     record = train_instruct_edit_decoder(src, tmp_path / "ip2p", recipe, progress=False)
     x0 = train_instruct_edit_decoder(src, tmp_path / "ip2p-x0", dataclasses.replace(recipe, snr_gamma=None,
@@ -309,7 +328,7 @@ def test_an_instruct_pix2pix_toy_decoder_grows_from_the_image_decoder_and_edits(
     with pytest.raises(ValueError, match="InstructPix2Pix"):
         (tmp_path / "sd").mkdir()
         (tmp_path / "sd/edit-decoder.json").write_text("{}")
-        shutil.copy(ROOT / "polymodal/assets/toy/decoders/image/model_index.json", tmp_path / "sd")
+        shutil.copy(sd_decoder / "model_index.json", tmp_path / "sd")
         install_edit_decoder(tmp_path / "sd", decoders)
     entry = install_edit_decoder(tmp_path / "ip2p", decoders)["decoders"]["image"]
     assert entry["config_hash"] != before["config_hash"]

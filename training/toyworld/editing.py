@@ -55,12 +55,14 @@ def edit_requests(n: int, size_px: int) -> list[dict]:
     return out
 
 
-EditFn = Callable[[np.ndarray, str, dict, int, "float | None"], np.ndarray]
-"""``edit(source (H, W, 3) uint8, instruction, target attributes, seed, strength) -> edited (H, W, 3) uint8``."""
+EditFn = Callable[[np.ndarray, str, dict, int, "float | dict | None"], np.ndarray]
+"""``edit(source (H, W, 3) uint8, instruction, target attributes, seed, setting) -> edited (H, W, 3) uint8``; the
+setting is :func:`score_edits`' (an img2img strength, ``None``, or a dict of edit options)."""
 
 
-def score_edits(edit: EditFn, reqs: list[dict], size_px: int, strength: float | None) -> dict:
-    """Both edit kinds of ``reqs`` (:func:`edit_requests`) through ``edit`` at one ``strength``: per kind the shares
+def score_edits(edit: EditFn, reqs: list[dict], size_px: int, strength) -> dict:
+    """Both edit kinds of ``reqs`` (:func:`edit_requests`) through ``edit`` at one setting ``strength`` (passed to
+    ``edit`` as it is: an img2img strength, ``None``, or the service bench's edit options): per kind the shares
     ``asked`` (the asked attribute reads as the target's), ``other`` (the other attribute kept), ``place``
     (:func:`~training.toyworld.checkers.kept_place`), ``all``; ``control_other`` (the asked attribute scored against
     another request's target, a derangement: chance is 1/3 recolour, 1/2 reshape) and ``follow`` (request i's
@@ -211,7 +213,7 @@ def continue_image_decoder(decoder_dir: str | Path, out_dir: str | Path, recipe:
 
     Raises:
         OSError: no loadable pipeline at ``decoder_dir``.
-        ValueError: ``recipe.steps`` < 1 or no images asked for.
+        ValueError: ``recipe.steps`` < 1 or no images asked for; a UNet that is not 4-channel (InstructPix2Pix).
     """
     import torch
 
@@ -222,6 +224,10 @@ def continue_image_decoder(decoder_dir: str | Path, out_dir: str | Path, recipe:
     recipe = recipe or EditDecoderRecipe()
     t0 = time.time()
     pipe, size_px, rng = _start(decoder_dir, recipe, recipe.random_count + recipe.canonical_count)
+    if pipe.unet.config.in_channels != 4:
+        raise ValueError(f"{decoder_dir}: a UNet with {pipe.unet.config.in_channels} input channels; --kind sdedit "
+                         "continues a Stable Diffusion (4-channel) toy decoder, e.g. a toyworld build's own "
+                         "(toyworld train-decoders), not an InstructPix2Pix one")
     images, captions = [], []
     for layout, count in (("random", recipe.random_count), ("canonical", recipe.canonical_count)):
         for _ in range(count):
