@@ -406,3 +406,24 @@ def test_tuning_the_vae_decoder_keeps_the_latent_space_and_swaps_the_folder(tmp_
     assert record["from"] == str(start) and record["recipe"]["steps"] == 3 and record["loss"] > 0
     for rt in (record["roundtrip_before"], record["roundtrip_after"]):
         assert rt["n"] == 200 and all(0 <= rt[k] <= 1 for k in ("colour", "shape", "place"))
+
+
+def test_partial_edit_captions_name_only_what_changed():
+    """InstructEditRecipe.partial_captions: those edit pairs' captions name the changed attribute and not the kept
+    one (the source says it); at 0 the pairs are the earlier recipes' (no extra draw)."""
+    import numpy as np
+
+    from training.toyworld.checkers import check_image
+    from training.toyworld.data import COLOURS, SHAPES
+    from training.toyworld.editing import _edit_pairs
+
+    full = list(_edit_pairs(np.random.default_rng(3), 8, 32))
+    again = list(_edit_pairs(np.random.default_rng(3), 8, 32, 0.0))
+    assert [c for *_, c in full] == [c for *_, c in again]
+    for i, (src, tgt, cap) in enumerate(_edit_pairs(np.random.default_rng(3), 8, 32, 1.0)):
+        words = set(cap.split())
+        s, t = check_image(src), check_image(tgt)
+        if i % 2 == 0:  # recolour: the new colour named, no shape
+            assert t.colour in words and not words & set(SHAPES) and t.colour != s.colour, cap
+        else:  # reshape: the new shape named, no colour
+            assert t.shape in words and not words & set(COLOURS) and t.shape != s.shape, cap

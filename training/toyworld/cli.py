@@ -325,6 +325,9 @@ def edit_decoder(
     edit_pairs: Annotated[Optional[int], typer.Option(
         "--edit-pairs", help="instruct-pix2pix: (source, edited) training pairs (default: the recipe's)", min=1)]
     = None,
+    partial_captions: Annotated[float, typer.Option(
+        "--partial-captions", help="instruct-pix2pix: share of edit pairs whose caption names only what changed "
+        "(\"a picture of a circle\"), so that the source says the rest", min=0.0, max=1.0)] = 0.0,
     vae_steps: Annotated[int, typer.Option(
         "--vae-steps", help="then continue the VAE's decoder this many steps on random layouts, its encoder frozen "
         "(the latents the UNet learned stay; 0: no). Starts from SOURCE's VAE; e.g. 3000", min=0)] = 0,
@@ -351,8 +354,8 @@ def edit_decoder(
     if any(not 0 < s <= 1 for s in strengths):
         _fail(f"--strength: each value must be in (0, 1], got {strength!r}")
     if kind == "sdedit":
-        if edit_pairs is not None:
-            _fail("--edit-pairs is for --kind instruct-pix2pix")
+        if edit_pairs is not None or partial_captions:
+            _fail("--edit-pairs and --partial-captions are for --kind instruct-pix2pix")
         recipe = E.EditDecoderRecipe(**({"steps": steps} if steps else {}))
         train = E.continue_image_decoder
     else:
@@ -360,7 +363,7 @@ def edit_decoder(
             _fail("--snr-gamma and --x0-weight-cap are two loss weightings: give one")
         recipe = E.InstructEditRecipe(**({"steps": steps} if steps else {}),
                                       **({"edit_pairs": edit_pairs} if edit_pairs else {}), snr_gamma=snr_gamma,
-                                      x0_weight_cap=x0_weight_cap)
+                                      x0_weight_cap=x0_weight_cap, partial_captions=partial_captions)
         train = E.train_instruct_edit_decoder
     record_path = out / "edit-decoder.json"
     old = json.loads(record_path.read_text()) if record_path.is_file() else {}

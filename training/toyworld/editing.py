@@ -270,11 +270,25 @@ class InstructEditRecipe:
     ema_decay: float = 0.995
     train_text_encoder: bool = False
     seed: int = 7_000
+    # share of edit pairs whose caption names only what changed ("a picture of a circle" for a reshape): the source
+    # alone then says the rest, as InstructPix2Pix's instructions name only the change (sec. 3.1)
+    partial_captions: float = 0.0
 
 
-def _edit_pairs(rng: np.random.Generator, count: int, size_px: int):
+def partial_templates(changed: str) -> tuple[str, ...]:
+    """The toy image caption templates naming only ``changed`` (``"colour"``: "a picture of a {colour} shape";
+    ``"shape"``: "a picture of a {shape}")."""
+    from training.toyworld.data import IMAGE_TEMPLATES
+
+    if changed == "colour":
+        return tuple(t.replace("{shape}", "shape") for t in IMAGE_TEMPLATES)
+    return tuple(t.replace("{colour} ", "") for t in IMAGE_TEMPLATES)
+
+
+def _edit_pairs(rng: np.random.Generator, count: int, size_px: int, partial: float = 0.0):
     """``count`` (source, target, target caption) of random-layout images: the target keeps the source's place,
-    size and background and changes its colour or its shape (alternating)."""
+    size and background and changes its colour or its shape (alternating); a ``partial`` share of the captions name
+    only the changed attribute (:func:`partial_templates`)."""
     from polymodal.modality import Modality
     from training.toyworld.data import COLOURS, SHAPES, _colour, caption_for, draw_shape, render_image
 
@@ -288,7 +302,9 @@ def _edit_pairs(rng: np.random.Generator, count: int, size_px: int):
         canvas = np.full((size_px, size_px, 3), a["background"], dtype=np.uint8)
         tgt = draw_shape(canvas, tgt_attrs["shape"], _colour(rng, tgt_attrs["colour"]), a["x_px"], a["y_px"],
                          a["size_px"])
-        yield src, tgt, caption_for(Modality.IMAGE, tgt_attrs, rng)
+        partial_caption = partial > 0 and rng.random() < partial  # (no draw at 0: the earlier recipes' pairs)
+        templates = partial_templates("colour" if i % 2 == 0 else "shape") if partial_caption else None
+        yield src, tgt, caption_for(Modality.IMAGE, tgt_attrs, rng, templates)
 
 
 def train_instruct_edit_decoder(decoder_dir: str | Path, out_dir: str | Path,
@@ -316,7 +332,7 @@ def train_instruct_edit_decoder(decoder_dir: str | Path, out_dir: str | Path,
     t0 = time.time()
     pipe, size_px, rng = _start(decoder_dir, recipe, recipe.edit_pairs + recipe.generations)
     sources, targets, captions = [], [], []
-    for src, tgt, cap in _edit_pairs(rng, recipe.edit_pairs, size_px):
+    for src, tgt, cap in _edit_pairs(rng, recipe.edit_pairs, size_px, recipe.partial_captions):
         sources.append(src)
         targets.append(tgt)
         captions.append(cap)
