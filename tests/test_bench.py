@@ -244,10 +244,12 @@ def test_artifact_store_quick(tmp_path):
 @pytest.mark.timeout(600)
 def test_editing_quality_smoke(tmp_path):
     """bench/editing.py --quality through a --no-ray toy host with the official openai client: both edit kinds
-    scored with their controls at each strength (a smoke test: n = 3; last stop's callback break went unseen)."""
-    stdout, data = _run("editing.py", "--quality", "--n", "3", "--strength", "0.6,preset", tmp_path=tmp_path)
+    scored with their controls at each image guidance scale (the toy's image decoder is an InstructPix2Pix one; a
+    smoke test: n = 3; last stop's callback break went unseen)."""
+    stdout, data = _run("editing.py", "--quality", "--n", "3", "--image-guidance-scale", "1.5,2.5", tmp_path=tmp_path)
     assert "edits through the service" in stdout and data["n"] == 3 and data["preset"] == "toy"
-    assert [r["strength"] for r in data["runs"]] == [0.6, None]
+    assert [r["image_guidance_scale"] for r in data["runs"]] == [1.5, 2.5]
+    assert "image guidance 2.5" in stdout
     for run in data["runs"]:
         assert set(run["kinds"]) == {"recolour", "reshape"}
         for v in run["kinds"].values():
