@@ -60,8 +60,8 @@ EditFn = Callable[[np.ndarray, str, dict, int, "float | dict | None"], np.ndarra
 setting is :func:`score_edits`' (an img2img strength, ``None``, or a dict of edit options)."""
 
 
-def score_edits(edit: EditFn, reqs: list[dict], size_px: int, strength) -> dict:
-    """Both edit kinds of ``reqs`` (:func:`edit_requests`) through ``edit`` at one setting ``strength`` (passed to
+def score_edits(edit: EditFn, reqs: list[dict], size_px: int, setting) -> dict:
+    """Both edit kinds of ``reqs`` (:func:`edit_requests`) through ``edit`` at one ``setting`` (passed to
     ``edit`` as it is: an img2img strength, ``None``, or the service bench's edit options): per kind the shares
     ``asked`` (the asked attribute reads as the target's), ``other`` (the other attribute kept), ``place``
     (:func:`~training.toyworld.checkers.kept_place`), ``all``; ``control_other`` (the asked attribute scored against
@@ -79,7 +79,7 @@ def score_edits(edit: EditFn, reqs: list[dict], size_px: int, strength) -> dict:
         attr, other = ("colour", "shape") if kind == "recolour" else ("shape", "colour")
         for i, q in enumerate(reqs):
             prompt, target = q["kinds"][kind]
-            out = edit(q["image"], prompt, target, i, strength)
+            out = edit(q["image"], prompt, target, i, setting)
             outs.append(out)
             got = check_image(out)
             ok_asked, ok_other = getattr(got, attr) == target[attr], getattr(got, other) == target[other]
@@ -92,7 +92,7 @@ def score_edits(edit: EditFn, reqs: list[dict], size_px: int, strength) -> dict:
         for i, q in enumerate(reqs):  # control 2: request i's instruction on source j
             j = perm[i]
             prompt, target = q["kinds"][kind]
-            other_out = edit(reqs[j]["image"], prompt, target, i, strength)
+            other_out = edit(reqs[j]["image"], prompt, target, i, setting)
             bi, bj, oi, oj = (foreground_box(reqs[i]["image"]), foreground_box(reqs[j]["image"]),
                               foreground_box(outs[i]), foreground_box(other_out))
             r["follow"].append(_nearer(bi, bj, oi) and _nearer(bj, bi, oj))

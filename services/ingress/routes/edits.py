@@ -11,8 +11,8 @@ when the model reads images), as ``/v1/images/generations``; that group is rende
 ``seed + k``) *from the source*: the image decoder's img2img pipeline, or its inpainting pipeline with a mask,
 both composed over the loaded weights (:mod:`decoders.base`); an InstructPix2Pix decoder edits with its own
 pipeline (the source read at every step; a mask keeps the source's pixels outside it). The source and the mask are
-resized to ``size`` (``auto`` or absent: the preset's image size) and the edits have that size. Without a mask the whole image may
-change (gpt-image-1's behaviour; an image's own transparency is not read as a mask).
+resized to ``size`` (``auto`` or absent: the preset's image size) and the edits have that size. Without a mask the
+whole image may change (gpt-image-1's behaviour; an image's own transparency is not read as a mask).
 
 Errors (400 unless said, OpenAI's error body naming the field): not multipart (``image``), no image or more than
 one (``image``), an unreadable image (``image``; 413 over the media limit), a mask that is not a PNG with alpha or
