@@ -19,7 +19,9 @@ answers that prompt with:
 - with ``edits=True`` (issue #27), an exchange where the human shares an image and the assistant shows one is an
   edit: ``<Image> a red triangle </Image> Colour the triangle green.`` -> ``Here it is: a green triangle. <Image>
   a green triangle </Image>`` (a recolour or a reshape, instruction from :data:`phrasings.TRAIN_EDITS`; the
-  edited caption a catalog caption, so the answer's image target is the edited image's caption).
+  edited caption a catalog caption, so the answer's image target is the edited image's caption); a share
+  :data:`phrasings.EDIT_GROUP_FIRST_SHARE` of the answers is the edited image alone (no lead-in), as
+  ``/v1/images/edits`` asks the toy for it.
 
 Skill use (issue #25, mode :data:`SKILL_USE_MODE`): :func:`write_skill_use_dialogues` writes LLaVA-Plus's four turns
 over toy scenes (``<Image> scene.png </Image> Where is the red circle?`` -> the skill_use turn -> ``locate model
@@ -55,6 +57,7 @@ from training.toyworld.phrasings import (
     ATTRIBUTE_COMBOS,
     CAPTION_TEMPLATES,
     EDIT_ATTRIBUTE,
+    EDIT_GROUP_FIRST_SHARE,
     EDIT_KINDS,
     EDIT_LEAD_INS,
     LEAD_INS,
@@ -326,9 +329,10 @@ class ToyDialogueWriter:
                     continue
                 tgt = targets[rng.randrange(len(targets))]
                 instruction = edit_instruction(kind, s, tgt.attributes, heldout=False, choice=rng.randrange(1 << 16))
-                lead_in = _cap(rng.choice(EDIT_LEAD_INS).format(caption=tgt.caption))
-                return f"{_placeholder(IMAGE, src.caption)} {instruction}", \
-                    f"{lead_in} {_placeholder(IMAGE, tgt.caption)}", tgt
+                answer = _placeholder(IMAGE, tgt.caption)
+                if rng.random() >= EDIT_GROUP_FIRST_SHARE:
+                    answer = f"{_cap(rng.choice(EDIT_LEAD_INS).format(caption=tgt.caption))} {answer}"
+                return f"{_placeholder(IMAGE, src.caption)} {instruction}", answer, tgt
         raise ValueError("edits: the toy catalog has no two images that differ in one attribute (colour or shape)")
 
     @staticmethod

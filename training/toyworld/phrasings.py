@@ -153,12 +153,29 @@ def assert_disjoint(benchmark_prompts: Iterable[str], training_prompts: Sequence
 EDIT_KINDS: tuple[str, ...] = ("recolour", "reshape")
 EDIT_ATTRIBUTE: dict[str, str] = {"recolour": "colour", "reshape": "shape"}
 TRAIN_EDITS: dict[str, tuple[str, ...]] = {
+    # Wide on purpose: with the first 7 phrasings per kind, held-out wordings unlike them ("Could you swap the circle
+    # for a square?") were answered with the source's shape (README "Editing"). Each kind mixes verbs, sentence
+    # shapes, the old value named before the new one, and lowercase unpunctuated requests; no held-out frame ("make
+    # the ...", "give ... a ... colour", "would like", "swap ... for") is among them (tests/test_toyworld_edits.py).
     "recolour": ("Colour the {shape} {colour}.", "Turn the {shape} {colour}.", "Change its colour to {colour}.",
                  "Paint the {shape} {colour}.", "Recolour it {colour}.", "Now in {colour}, please.",
-                 "Can you make it {colour} instead of {old_colour}?"),
+                 "Can you make it {colour} instead of {old_colour}?", "Switch the colour to {colour}.",
+                 "I want it in {colour}.", "Fill the {shape} with {colour}.", "The {shape} should be {colour} now.",
+                 "Redo it in {colour}.", "Same {shape}, but {colour}, please.", "Could it be {colour} instead?",
+                 "Change the {old_colour} to {colour}.", "Let me see it in {colour}.", "colour it {colour}",
+                 "paint the {shape} {colour}", "Use {colour} instead of {old_colour}.",
+                 "Please recolour the {old_colour} {shape} to {colour}.", "How about a {colour} one?",
+                 "Go with {colour} for the {shape}.", "Turn this {old_colour} {shape} {colour}."),
     "reshape": ("Turn it into a {shape}.", "Change it to a {shape}.", "Change its shape to a {shape}.",
                 "Now as a {shape}, please.", "Reshape it into a {shape}.", "Replace the {old_shape} with a {shape}.",
-                "Can you make it a {shape} instead of a {old_shape}?"),
+                "Can you make it a {shape} instead of a {old_shape}?", "Transform it into a {shape}.",
+                "Redraw it as a {shape}.", "Same colour, but a {shape}, please.", "Could it be a {shape} instead?",
+                "I want a {shape}, not a {old_shape}.", "Put a {shape} in its place.",
+                "Change the {old_shape} into a {shape}.", "The {old_shape} should become a {shape}.",
+                "Instead of the {old_shape}, draw a {shape}.", "Let me see it as a {shape}.",
+                "turn it into a {shape}", "Convert the {old_shape} to a {shape}.", "How about a {shape} instead?",
+                "Use a {shape} instead of the {old_shape}.", "Reshape the {old_colour} {old_shape} into a {shape}.",
+                "change it to a {shape}"),
 }
 HELDOUT_EDITS: dict[str, tuple[str, ...]] = {
     "recolour": ("make the {shape} {colour}", "Could you give the {shape} a {colour} colour?",
@@ -168,6 +185,10 @@ HELDOUT_EDITS: dict[str, tuple[str, ...]] = {
 }
 # the assistant's answer before the edited image (then the image; its caption states the edited attributes)
 EDIT_LEAD_INS: tuple[str, ...] = ("Here it is: {caption}.", "Done, here is {caption}.", "Sure, now it is {caption}.")
+EDIT_GROUP_FIRST_SHARE = 0.5
+"""The share of edit answers that open with the edited image (no lead-in): ``POST /v1/images/edits`` on the toy preset
+forces the image group at the answer's start (``prompt_lead_in_tokens: 0``), so its signal states must come from the
+instruction and the source alone, as these answers train them."""
 
 
 def edit_instruction(kind: str, source: dict[str, str], target: dict[str, str], *, heldout: bool, choice: int) -> str:
