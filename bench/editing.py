@@ -216,6 +216,9 @@ def main() -> None:
                       [[_setting(run), k, v["asked"], v["other"],
                         v["place"], v["all"], v["control_other"], v["chance_plus_3sd"], v["follow"]]
                        for run in res["runs"] for k, v in run["kinds"].items()])
+        C.print_table("'all' per held-out phrasing", ["setting", "kind", "phrasing", "n", "all"],
+                      [[_setting(run), k, t, b["n"], b["all"]] for run in res["runs"] for k, v in run["kinds"].items()
+                       for t, b in v["by_phrasing"].items()])
         C.finish({**res, "machine": C.machine()}, args.out)
         return
     sides = {}

@@ -243,6 +243,15 @@ def test_edit_scoring_credits_a_faithful_edit_and_not_a_regeneration():
     for kind in ("recolour", "reshape"):
         b = bad[kind]
         assert b["asked"] == 1.0 and b["place"] < 0.5 and b["all"] < 0.5 and b["follow"] < 0.5, (kind, b)
+    # 'all' per held-out phrasing: every request counted once under the template its instruction was filled from
+    for kind in ("recolour", "reshape"):
+        by = good[kind]["by_phrasing"]
+        assert set(by) <= set(phrasings.HELDOUT_EDITS[kind]) and sum(v["n"] for v in by.values()) == len(reqs)
+        assert all(v["all"] == 1.0 for v in by.values())
+        for r in reqs:
+            instruction, target = r["kinds"][kind]
+            assert r["phrasings"][kind].format(old_colour=r["attrs"]["colour"], old_shape=r["attrs"]["shape"],
+                                               **target) == instruction
 
 
 @pytest.fixture(scope="module")

@@ -35,9 +35,10 @@ EDIT_KINDS_SCORED = ("recolour", "reshape")
 def edit_requests(n: int, size_px: int) -> list[dict]:
     """``n`` held-out sources at ``size_px``, each with a recolour and a reshape target: dicts ``image`` (H, W, 3)
     uint8, ``attrs`` (the source's attributes and layout), ``kinds`` {kind: (held-out instruction, target
-    attributes)}. Shapes and colours cycle so every pair appears; deterministic in ``(n, size_px)``."""
+    attributes)}, ``phrasings`` {kind: the instruction's template}. Shapes and colours cycle so every pair appears;
+    deterministic in ``(n, size_px)``."""
     from training.toyworld.data import COLOURS, SHAPES, render_image
-    from training.toyworld.phrasings import edit_instruction
+    from training.toyworld.phrasings import edit_instruction, edit_phrasing
 
     rng = np.random.default_rng(QUALITY_SEED)
     wording = np.random.default_rng([QUALITY_SEED, 1])  # its own stream: the sources stay those of earlier runs
@@ -47,11 +48,12 @@ def edit_requests(n: int, size_px: int) -> list[dict]:
         colour = [c for c in COLOURS if c != attrs["colour"]][int(rng.integers(3))]
         shape = [x for x in SHAPES if x != attrs["shape"]][int(rng.integers(2))]
         src = {"colour": attrs["colour"], "shape": attrs["shape"]}
-        kinds = {}
+        kinds, templates = {}, {}
         for kind, target in (("recolour", {**src, "colour": colour}), ("reshape", {**src, "shape": shape})):
-            kinds[kind] = (edit_instruction(kind, src, target, heldout=True, choice=int(wording.integers(1 << 16))),
-                           target)
-        out.append({"image": image, "attrs": attrs, "kinds": kinds})
+            choice = int(wording.integers(1 << 16))
+            kinds[kind] = (edit_instruction(kind, src, target, heldout=True, choice=choice), target)
+            templates[kind] = edit_phrasing(kind, heldout=True, choice=choice)
+        out.append({"image": image, "attrs": attrs, "kinds": kinds, "phrasings": templates})
     return out
 
 
@@ -67,8 +69,8 @@ def score_edits(edit: EditFn, reqs: list[dict], size_px: int, setting) -> dict:
     (:func:`~training.toyworld.checkers.kept_place`), ``all``; ``control_other`` (the asked attribute scored against
     another request's target, a derangement: chance is 1/3 recolour, 1/2 reshape) and ``follow`` (request i's
     instruction on source i and on source j: both outputs' boxes nearer their own source's than the other's; 0.5 if
-    outputs ignored their sources), with ``chance``, ``chance_plus_3sd`` and ``n``. Two ``edit`` calls per request and
-    kind."""
+    outputs ignored their sources), with ``chance``, ``chance_plus_3sd``, ``n`` and ``by_phrasing`` (per instruction
+    template of the requests' ``phrasings``: ``{"n", "all"}``). Two ``edit`` calls per request and kind."""
     n = len(reqs)
     perm = [(i + 1) % n for i in range(n)]  # a derangement
     rows: dict[str, dict[str, list]] = {}
@@ -101,7 +103,12 @@ def score_edits(edit: EditFn, reqs: list[dict], size_px: int, setting) -> dict:
         chance = 1 / 3 if kind == "recolour" else 1 / 2
         sd = (chance * (1 - chance) / n) ** 0.5
         summary[kind] = {k: float(np.mean(v)) for k, v in r.items()}
-        summary[kind].update(chance=chance, chance_plus_3sd=chance + 3 * sd, n=n)
+        by_phrasing: dict[str, list[bool]] = {}
+        for q, ok in zip(reqs, r["all"]):
+            if "phrasings" in q:
+                by_phrasing.setdefault(q["phrasings"][kind], []).append(ok)
+        summary[kind].update(chance=chance, chance_plus_3sd=chance + 3 * sd, n=n, by_phrasing={
+            t: {"n": len(v), "all": float(np.mean(v))} for t, v in sorted(by_phrasing.items())})
     return summary
 
 

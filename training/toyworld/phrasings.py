@@ -204,9 +204,14 @@ def edit_instruction(kind: str, source: dict[str, str], target: dict[str, str], 
     if changed != {EDIT_ATTRIBUTE[kind]}:
         raise ValueError(f"a {kind} edit changes the {EDIT_ATTRIBUTE[kind]} alone; {source} -> {target} changes "
                          f"{sorted(changed) or 'nothing'}")
+    return edit_phrasing(kind, heldout=heldout, choice=choice).format(old_colour=source["colour"],
+                                                                      old_shape=source["shape"], **target)
+
+
+def edit_phrasing(kind: str, *, heldout: bool, choice: int) -> str:
+    """The template :func:`edit_instruction` fills for ``kind`` and ``choice`` (e.g. ``"make it a {shape}"``)."""
     bank = (HELDOUT_EDITS if heldout else TRAIN_EDITS)[kind]
-    return bank[int(choice) % len(bank)].format(old_colour=source["colour"], old_shape=source["shape"],
-                                                     **target)
+    return bank[int(choice) % len(bank)]
 
 
 def all_edit_prompts(*, heldout: bool) -> set[str]:
