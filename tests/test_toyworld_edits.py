@@ -183,6 +183,16 @@ def test_build_knob_is_off_by_default_and_leaves_the_config_alone(monkeypatch, t
     assert (mode.inputs, mode.outputs) == ((IMAGE,), (IMAGE,))
     with pytest.raises(ValueError, match=">= 0"):
         with_edits(cfg, -1.0)
+    # the image-in replay beside the edits: I_T's weight set, nothing else changed, refused without edits
+    replay = with_edits(cfg, 2.0, image_in_weight=2.0)
+    assert replay.modes["I_T"].weight == 2.0 != cfg.modes["I_T"].weight
+    assert replay.modes["I_T"].model_copy(update={"weight": cfg.modes["I_T"].weight}) == cfg.modes["I_T"]
+    same = with_edits(cfg, 2.0).modes
+    assert {k: v for k, v in replay.modes.items() if k != "I_T"} == {k: v for k, v in same.items() if k != "I_T"}
+    with pytest.raises(ValueError, match="set mosit_edit_weight too"):
+        with_edits(cfg, 0.0, image_in_weight=1.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        with_edits(cfg, 1.0, image_in_weight=-1.0)
 
 
 def test_the_quality_benchmark_asks_held_out_edits_only():

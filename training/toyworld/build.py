@@ -109,6 +109,10 @@ class BuildSettings:
     # the mosit_dialogues. 0 (default): none, and the MosIT step's cache key is the one it always had (the shipped
     # build is unchanged). Not yet trained or measured: the toy rebuild that learns edits is still to run.
     mosit_edit_weight: float = 0.0
+    # with edits: the weight of the image-in dialogues (I_T: "<Image> What is in this picture?" -> "It is a red
+    # circle.") instead of mosit.yaml's 0.5, replayed beside the edits so that learning to answer a shared image
+    # with *another* colour or shape does not teach describing it wrongly. None: mosit.yaml's.
+    mosit_image_in_weight: float | None = None
     # build(skills=True) (issue #25): the toy-skills preset's instruct stage, continued from instruct_from on
     # LLaVA-Plus skill-use dialogues over toy scenes (training.toyworld.mosit.write_skill_use_dialogues: training
     # phrasings, the real toy skills' results) plus ordinary requests with lead-ins per modality (so media generation
@@ -173,23 +177,30 @@ EDIT_MODE = "I_E"
 """The MosIT mode of the toy edit dialogues (a custom mode: the human shares an image, the assistant shows one)."""
 
 
-def with_edits(cfg, weight: float):
+def with_edits(cfg, weight: float, image_in_weight: float | None = None):
     """The toy MosIT config ``cfg`` (a :class:`mosit.config.MositConfig`) with edit dialogues: mode
     :data:`EDIT_MODE` (``inputs: [image]``, ``outputs: [image]``) at ``weight``, and the toy writer's ``edits``
     option on (:class:`training.toyworld.mosit.ToyDialogueWriter`: such an exchange is a recolour or a reshape of
-    the shared image, in the training bank's phrasings). ``weight`` 0: ``cfg`` unchanged.
+    the shared image, in the training bank's phrasings); ``image_in_weight``: the ``I_T`` mode's weight instead of
+    ``cfg``'s (image-in dialogues replayed beside the edits). ``weight`` 0: ``cfg`` unchanged.
 
     Raises:
-        ValueError: a negative weight.
+        ValueError: a negative weight, or an image-in weight without edits or without an ``I_T`` mode.
     """
     from mosit.config import ModeConfig
 
-    if weight < 0:
-        raise ValueError(f"mosit_edit_weight must be >= 0, got {weight}")
+    if weight < 0 or (image_in_weight is not None and image_in_weight < 0):
+        raise ValueError(f"mosit_edit_weight and mosit_image_in_weight must be >= 0, got {weight}, {image_in_weight}")
     if weight == 0:
+        if image_in_weight is not None:
+            raise ValueError("mosit_image_in_weight is the image-in replay beside edits: set mosit_edit_weight too")
         return cfg
-    mode = ModeConfig(inputs=[IMAGE], outputs=[IMAGE], weight=weight)
-    return cfg.model_copy(update={"modes": {**cfg.modes, EDIT_MODE: mode},
+    modes = {**cfg.modes, EDIT_MODE: ModeConfig(inputs=[IMAGE], outputs=[IMAGE], weight=weight)}
+    if image_in_weight is not None:
+        if "I_T" not in cfg.modes:
+            raise ValueError("mosit_image_in_weight: the MosIT config has no I_T mode")
+        modes["I_T"] = cfg.modes["I_T"].model_copy(update={"weight": image_in_weight})
+    return cfg.model_copy(update={"modes": modes,
                                   "llm": cfg.llm.model_copy(update={"options": {**cfg.llm.options, "edits": True}})})
 
 
@@ -200,6 +211,8 @@ def _mosit(work: Path, data_dir: Path, s: BuildSettings, progress: bool) -> Path
     out = work / "mosit"
     config = Path(__file__).resolve().parent / "mosit.yaml"
     edits = {"edit_weight": s.mosit_edit_weight} if s.mosit_edit_weight else {}  # off: the key it always had
+    if s.mosit_image_in_weight is not None:
+        edits["image_in_weight"] = s.mosit_image_in_weight
     key = _key({"config": config.read_text(), "data": (data_dir / ".build-key").read_text(),
                 "n": s.mosit_dialogues, "seed": s.seed, **edits})
     if _done(out, key):
@@ -210,7 +223,7 @@ def _mosit(work: Path, data_dir: Path, s: BuildSettings, progress: bool) -> Path
     os.environ["TOYWORLD_DATA"] = str(data_dir.resolve())
     try:
         cfg = load_config(config, seed=s.seed).model_copy(update={"num_dialogues": s.mosit_dialogues})
-        cfg = with_edits(cfg, s.mosit_edit_weight)
+        cfg = with_edits(cfg, s.mosit_edit_weight, s.mosit_image_in_weight)
         mosit_build(cfg, out, progress=progress)
     finally:
         if old is None:

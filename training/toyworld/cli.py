@@ -134,6 +134,9 @@ def build(
         help="weight of the MosIT edit dialogues (issue #27: a shared toy image and a recolour / reshape instruction "
         "answered with the edited image) beside the other modes' (1.0 each); default: the build's (0, none)",
         min=0)] = None,
+    mosit_image_in_weight: Annotated[Optional[float], typer.Option(
+        help="with --mosit-edit-weight: weight of the image-in MosIT dialogues (I_T) instead of mosit.yaml's 0.5, "
+        "replayed beside the edits so that image descriptions are kept", min=0)] = None,
     edit_decoder: Annotated[Optional[Path], typer.Option(
         "--edit-decoder", help="an InstructPix2Pix toy decoder (made by polymodal toyworld edit-decoder) that becomes "
         "the build's image decoder: it generates and edits (issue #27)")] = None,
@@ -154,6 +157,7 @@ def build(
     try:
         given = {"plain_dialogues": plain_dialogues, "plain_bank": plain_bank, "continue_steps": continue_steps,
                  "skill_use_steps": skill_use_steps, "mosit_edit_weight": mosit_edit_weight,
+                 "mosit_image_in_weight": mosit_image_in_weight,
                  "instruct_request_weights": _weights(request_weight) if request_weight else None}
         settings = BuildSettings(step_scale=step_scale, **{k: v for k, v in given.items() if v is not None})
         manifest = run(out, settings, work=work, progress=True, grounding=grounding,
