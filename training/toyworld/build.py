@@ -107,7 +107,7 @@ class BuildSettings:
     # MosIT edit dialogues (issue #27; mode EDIT_MODE: a shared toy image and a recolour / reshape instruction ->
     # the edited image, see with_edits): their weight beside the other modes' (T_I, T_A, T_V 1.0, I_T 0.5) among
     # the mosit_dialogues. 0 (default): none, and the MosIT step's cache key is the one it always had (the shipped
-    # build is unchanged). Not yet trained or measured: the toy rebuild that learns edits is still to run.
+    # build is unchanged). Trained and measured: the README's editing paragraph.
     mosit_edit_weight: float = 0.0
     # with edits: the weight of the image-in dialogues (I_T: "<Image> What is in this picture?" -> "It is a red
     # circle.") instead of mosit.yaml's 0.5, replayed beside the edits so that learning to answer a shared image
@@ -124,6 +124,7 @@ class BuildSettings:
 
     def __post_init__(self) -> None:
         self.instruct_request_counts()  # a bad weight fails when the settings are made, not mid-build
+        _check_edit_weights(self.mosit_edit_weight, self.mosit_image_in_weight)
 
     def instruct_request_counts(self) -> int | dict[Modality, int]:
         """Instruct-stage requests per modality: ``max(instruct_requests, plain_dialogues)`` times each modality's
@@ -177,6 +178,14 @@ EDIT_MODE = "I_E"
 """The MosIT mode of the toy edit dialogues (a custom mode: the human shares an image, the assistant shows one)."""
 
 
+def _check_edit_weights(weight: float, image_in_weight: float | None) -> None:
+    """Raises ValueError: a negative weight, or an image-in weight without edits."""
+    if weight < 0 or (image_in_weight is not None and image_in_weight < 0):
+        raise ValueError(f"mosit_edit_weight and mosit_image_in_weight must be >= 0, got {weight}, {image_in_weight}")
+    if weight == 0 and image_in_weight is not None:
+        raise ValueError("mosit_image_in_weight is the image-in replay beside edits: set mosit_edit_weight too")
+
+
 def with_edits(cfg, weight: float, image_in_weight: float | None = None):
     """The toy MosIT config ``cfg`` (a :class:`mosit.config.MositConfig`) with edit dialogues: mode
     :data:`EDIT_MODE` (``inputs: [image]``, ``outputs: [image]``) at ``weight``, and the toy writer's ``edits``
@@ -189,11 +198,8 @@ def with_edits(cfg, weight: float, image_in_weight: float | None = None):
     """
     from mosit.config import ModeConfig
 
-    if weight < 0 or (image_in_weight is not None and image_in_weight < 0):
-        raise ValueError(f"mosit_edit_weight and mosit_image_in_weight must be >= 0, got {weight}, {image_in_weight}")
+    _check_edit_weights(weight, image_in_weight)
     if weight == 0:
-        if image_in_weight is not None:
-            raise ValueError("mosit_image_in_weight is the image-in replay beside edits: set mosit_edit_weight too")
         return cfg
     modes = {**cfg.modes, EDIT_MODE: ModeConfig(inputs=[IMAGE], outputs=[IMAGE], weight=weight)}
     if image_in_weight is not None:
