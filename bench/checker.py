@@ -4,7 +4,7 @@ shape's colour than the background's) side by side with the rule before 2026-12-
 
 Run from the repository root::
 
-    .venv/bin/python bench/checker.py [--n 600] [--vae polymodal/assets/toy/decoders/image/vae] [--out checker.json]
+    .venv/bin/python bench/checker.py [--quick] [--n 600] [--vae polymodal/assets/toy/decoders/image/vae] [--out checker.json]
 
 Images: the ``--n`` held-out edit sources of ``bench/editing.py`` (32 px, random layout) as drawn; the same blurred
 by a Gaussian of sigma 0.6 / 0.9 / 1.2 px (a soft edge, as a decoder draws one); and the same encoded and decoded by
@@ -56,10 +56,13 @@ def score(images, truth) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=600, help="held-out sources (default 600)")
+    ap.add_argument("--quick", action="store_true", help="60 sources (a smoke run)")
+    ap.add_argument("--n", type=int, default=600, help="held-out sources (default 600; a third of each shape)")
     ap.add_argument("--vae", default="polymodal/assets/toy/decoders/image/vae", help="a diffusers AutoencoderKL folder")
     ap.add_argument("--out", help="write the figures as JSON here")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n = 60
     if args.n < 3:
         ap.error("--n must be >= 3")
     if not Path(args.vae, "config.json").is_file():

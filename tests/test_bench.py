@@ -230,6 +230,20 @@ def test_memory_quick(tmp_path):
     assert 0 < uss[0] < uss[1] < uss[2]
 
 
+def test_checker_quick(tmp_path):
+    """bench/checker.py: both outline rules per image set and true shape; clean renders read perfectly by both, the
+    toy VAE's round trips of squares at least as well by the outline rule; a folder without a VAE exits 2."""
+    stdout, data = _run("checker.py", "--quick", tmp_path=tmp_path)
+    figures = data["figures"]
+    assert data["n"] == 60 and "VAE round trip" in stdout and figures["as drawn"]["n"]["square"] == 20
+    assert all(v == 1.0 for rule in ("outline (now)", "far pixels (before)") for v in figures["as drawn"][rule].values())
+    vae = figures["VAE round trip"]
+    assert vae["outline (now)"]["square"] >= vae["far pixels (before)"]["square"]
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "checker.py"), "--vae", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "no diffusers AutoencoderKL folder" in bad.stderr
+
+
 def test_artifact_store_quick(tmp_path):
     """bench/artifact_store.py: per-call latency at each store size, in the JSON; bad sizes exit 2."""
     stdout, data = _run("artifact_store.py", "--quick", "--sizes", "0,50", tmp_path=tmp_path)
