@@ -4,12 +4,13 @@ shape's colour than the background's) side by side with the rule before 2026-12-
 
 Run from the repository root::
 
-    .venv/bin/python bench/checker.py [--quick] [--n 600] [--vae polymodal/assets/toy/decoders/image/vae] [--out checker.json]
+    .venv/bin/python bench/checker.py [--quick] [--n 600] [--vae DIR] [--out checker.json]
 
 Images: the ``--n`` held-out edit sources of ``bench/editing.py`` (32 px, random layout) as drawn; the same blurred
 by a Gaussian of sigma 0.6 / 0.9 / 1.2 px (a soft edge, as a decoder draws one); and the same encoded and decoded by
-the toy VAE (``--vae``; every toy image the decoder makes passes through it, so no edit nor generation can read
-better than this). Colour is read the same way by both rules; only the shape is compared.
+the toy VAE (``--vae``, default ``polymodal/assets/toy/decoders/image/vae``; every toy image the decoder makes
+passes through it, so no edit nor generation can read better than this). Colour is read the same way by both rules;
+only the shape is compared.
 """
 
 from __future__ import annotations

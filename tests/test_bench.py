@@ -236,7 +236,8 @@ def test_checker_quick(tmp_path):
     stdout, data = _run("checker.py", "--quick", tmp_path=tmp_path)
     figures = data["figures"]
     assert data["n"] == 60 and "VAE round trip" in stdout and figures["as drawn"]["n"]["square"] == 20
-    assert all(v == 1.0 for rule in ("outline (now)", "far pixels (before)") for v in figures["as drawn"][rule].values())
+    rules = ("outline (now)", "far pixels (before)")
+    assert all(v == 1.0 for rule in rules for v in figures["as drawn"][rule].values())
     vae = figures["VAE round trip"]
     assert vae["outline (now)"]["square"] >= vae["far pixels (before)"]["square"]
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "checker.py"), "--vae", str(tmp_path)], cwd=ROOT,

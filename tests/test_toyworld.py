@@ -162,7 +162,8 @@ def test_the_image_checker_reads_soft_edges_and_the_toy_vaes_round_trips():
         soft = [ndimage.gaussian_filter(s.astype(np.float64), (sigma, sigma, 0)).round().astype(np.uint8)
                 for s in sources]
         assert [checkers.check_image(s).shape for s in soft] == truth, sigma
-    vae = AutoencoderKL.from_pretrained(os.path.join(os.path.dirname(polymodal.__file__), "assets/toy/decoders/image/vae"))
+    toy_vae = os.path.join(os.path.dirname(polymodal.__file__), "assets", "toy", "decoders", "image", "vae")
+    vae = AutoencoderKL.from_pretrained(toy_vae)
     with torch.no_grad():
         y = vae.decode(_vae_latents(vae, sources)).sample
     out = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
