@@ -20,7 +20,8 @@ storage pointer: a second copy of the weights would count twice). Printed: both 
 what one more copy of the weights would add.
 
 ``--quality``: what the edits show, through the service (a ``--no-ray`` host of ``--preset``, in this process,
-``POST /v1/images/edits`` with the official ``openai`` client). ``--n`` held-out sources (seed 20 000; random layout:
+``POST /v1/images/edits`` with the official ``openai`` client; ``--path chat``: ``/v1/chat/completions`` with the
+source in the user message and ``edit: true``). ``--n`` held-out sources (seed 20 000; random layout:
 the shape's position and size vary) at the preset's image size, each edited once per kind:
 
 - ``recolour``: e.g. "make the {shape} {colour}" (a colour other than the source's): the edit must read as the
@@ -56,6 +57,7 @@ from training.toyworld.editing import edit_requests, score_edits  # noqa: E402
 
 MIB = 1024 * 1024
 MODES = ("generation", "generation+edits")
+PATHS = ("images-edit", "chat")  # --quality: POST /v1/images/edits, or /v1/chat/completions with edit=true
 
 
 def _weights_bytes(stages) -> int:
@@ -132,10 +134,17 @@ def child(mode: str, preset_name: str, rounds: int, batch: int) -> dict:
             "edit_pipelines": {m.value: sorted(s.decoder._edit_pipelines) for m, s in stages.items()}}
 
 
-def quality(preset_name: str, n: int, settings: list[dict]) -> dict:
+def quality(preset_name: str, n: int, settings: list[dict], path: str = "images-edit") -> dict:
     """The quality half (see the module docstring) through a ``--no-ray`` host of ``preset_name``, once per entry of
     ``settings`` (the edit options sent, e.g. ``{"strength": 0.6}`` or ``{"image_guidance_scale": 2.0}``; ``{}``:
-    the preset's defaults) on the same sources, seeds and instructions."""
+    the preset's defaults) on the same sources, seeds and instructions. ``path``: ``images-edit`` (``POST
+    /v1/images/edits``) or ``chat`` (``/v1/chat/completions``: the source as an ``image_url`` part beside the
+    instruction, ``edit: true``, the edit options under ``image``; the answer's first image is scored).
+
+    Raises:
+        ValueError: another ``path``."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     import base64
     import io
     import threading
@@ -166,16 +175,24 @@ def quality(preset_name: str, n: int, settings: list[dict]) -> dict:
         return buf.getvalue()
 
     def edit(image, prompt, _target, seed, setting):  # training.toyworld.editing.EditFn: the instruction is sent
-        r = client.images.edit(model=preset_name, image=("src.png", png(image), "image/png"), prompt=prompt,
-                               extra_body={"seed": seed, **setting})
-        return np.asarray(Image.open(io.BytesIO(base64.b64decode(r.data[0].b64_json))).convert("RGB"))
+        if path == "chat":
+            url = "data:image/png;base64," + base64.b64encode(png(image)).decode()
+            r = client.chat.completions.create(
+                model=preset_name, messages=[{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]}],
+                extra_body={"edit": True, "seed": seed, "image": setting})
+            data = r.choices[0].message.images[0]["image_url"]["url"].split(",", 1)[1]
+        else:
+            data = client.images.edit(model=preset_name, image=("src.png", png(image), "image/png"), prompt=prompt,
+                                      extra_body={"seed": seed, **setting}).data[0].b64_json
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
 
     reqs = edit_requests(n, size_px)
     t0 = time.perf_counter()
     runs = [{"strength": setting.get("strength"), "image_guidance_scale": setting.get("image_guidance_scale"),
              "kinds": score_edits(edit, reqs, size_px, setting)} for setting in settings]
     stop.set()
-    return {"preset": preset_name, "n": n, "size_px": size_px, "position_tol": EDIT_POSITION_TOL,
+    return {"preset": preset_name, "path": path, "n": n, "size_px": size_px, "position_tol": EDIT_POSITION_TOL,
             "size_tol": EDIT_SIZE_TOL, "seconds": time.perf_counter() - t0, "runs": runs}
 
 
@@ -190,6 +207,8 @@ def main() -> None:
                    "same sources side by side (0 < s <= 1; 'preset': the preset's default), e.g. 0.6,0.8,1.0")
     p.add_argument("--image-guidance-scale", default=None, help="--quality: comma-separated image guidance scales "
                    "(>= 1; an InstructPix2Pix image decoder's edit option, instead of --strength), side by side")
+    p.add_argument("--path", choices=PATHS, default="images-edit",
+                   help="--quality: the endpoint edits go through (chat: the source in the user message, edit=true)")
     p.add_argument("--child", choices=MODES, help=argparse_hidden())
     args = p.parse_args()
     rounds = args.rounds or (2 if args.quick else 10)
@@ -208,8 +227,9 @@ def main() -> None:
             settings = [{"image_guidance_scale": float(x)} for x in args.image_guidance_scale.split(",")]
             if any(x["image_guidance_scale"] < 1 for x in settings):
                 p.error(f"--image-guidance-scale: each value must be >= 1, got {args.image_guidance_scale!r}")
-        res = quality(args.preset, args.n or (12 if args.quick else 200), settings)
-        C.print_table(f"edits through the service, preset {res['preset']} (n {res['n']}, {res['size_px']} px; place: "
+        res = quality(args.preset, args.n or (12 if args.quick else 200), settings, args.path)
+        C.print_table(f"edits through the service ({res['path']}), preset {res['preset']} (n {res['n']}, "
+                      f"{res['size_px']} px; place: "
                       f"centre within {EDIT_POSITION_TOL:.0%} of the image, side within {EDIT_SIZE_TOL:.0%})",
                       ["setting", "kind", "asked change", "other kept", "place kept", "all",
                        "ctrl: other's instruction", "chance + 3 sd", "ctrl: follows its source"],

@@ -269,3 +269,6 @@ def test_editing_quality_smoke(tmp_path):
         assert set(run["kinds"]) == {"recolour", "reshape"}
         for v in run["kinds"].values():
             assert all(0.0 <= v[k] <= 1.0 for k in ("asked", "other", "place", "all", "control_other", "follow"))
+    stdout, data = _run("editing.py", "--quality", "--n", "3", "--path", "chat", tmp_path=tmp_path)
+    assert "edits through the service (chat)" in stdout and data["path"] == "chat"
+    assert set(data["runs"][0]["kinds"]) == {"recolour", "reshape"}

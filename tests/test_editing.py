@@ -401,6 +401,34 @@ def test_a_streamed_chat_edit_sends_the_edited_image(client):
     assert np.array_equal(streamed, whole)  # the same edit, streamed or not
 
 
+def test_a_toy_chat_edit_opens_its_answer_with_the_edited_image(toy_server):
+    """A free-text chat edit is planned as /v1/images/edits plans one: the toy's lead-in is 0, so the edited image's
+    group opens the answer and the model's words cannot lead it astray (with words first, "make it a {shape}" kept
+    the source's shape on about half: bench/editing.py --quality --path chat); it ends with finish_reason stop."""
+    import base64
+
+    from openai import OpenAI
+
+    from training.toyworld.checkers import check_image
+    from training.toyworld.editing import edit_requests
+
+    client = OpenAI(base_url=toy_server + "/v1", api_key="none", max_retries=0)
+    reqs = [q for q in edit_requests(24, 32) if q["kinds"]["reshape"][0].lower().startswith("make it")][:4]
+    right = 0
+    for q in reqs:
+        url = "data:image/png;base64," + base64.b64encode(png(q["image"])).decode()
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": q["kinds"]["reshape"][0]}]}]
+        r = client.chat.completions.create(model="toy", messages=msgs, extra_body={"edit": True, "seed": 5})
+        assert r.choices[0].message.content.startswith("![image 1](") and r.choices[0].finish_reason == "stop"
+        got = check_image(_image_of(r.choices[0].message))
+        right += got.shape == q["kinds"]["reshape"][1]["shape"] and got.colour == q["attrs"]["colour"]
+    assert right >= 3, right
+    chunks = list(client.chat.completions.create(model="toy", messages=msgs, stream=True,
+                                                 extra_body={"edit": True, "seed": 5}))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
 # ---- GET /v1/models says what each decoder can edit (a field OpenAI clients ignore) ----
 
 def test_models_advertise_the_edit_kinds_of_each_decoder(tiny_server, client):

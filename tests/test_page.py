@@ -162,7 +162,8 @@ def test_red_circle_streams_text_then_image_and_the_image_is_red(page, toy_serve
           if (a.querySelector('.body figure.medium-image img')) note('img');
         }).observe(conv, {subtree: true, childList: true, characterData: true, attributes: true});""")
     page.shot("01-empty")
-    page.type_and_send("Draw a red circle.")
+    # "Please": the shipped toy answers a bare order ("Draw a red circle.") with the image alone, no text to stream
+    page.type_and_send("Please draw a red circle.")
     assert page.wait_answer(1) == "done"
     page.shot("02-red-circle")
     assert page.js("return window.__seen") == ["text", "img"]  # the text showed before the image

@@ -77,7 +77,7 @@ def test_page_on_the_ray_serve_host_draws_a_red_circle(ray_toy, page):
     page.open(ray_toy)
     assert page.js("return document.getElementById('model-name').textContent") == "toy"
     assert page.js("return [...document.querySelectorAll('#output-boxes input')].map(i => i.value)") == ["image"]
-    page.type_and_send("Draw a red circle.")
+    page.type_and_send("Please draw a red circle.")  # a bare order gets the image alone (tests/test_page.py)
     assert page.wait_answer(1, timeout_s=300) == "done"
     page.shot("11-ray-serve-red-circle")
     order = page.js("""

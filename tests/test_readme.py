@@ -19,7 +19,7 @@ IN_PROCESS = "# in process"  # a block that uses a library in process: run as wr
 SERVED = {"toy": "toy_server", "toy-grounding": "toy_grounding_server"}
 # what the README says a block prints: (a phrase of the block, text its output must contain)
 PRINTS = [
-    ("Describe it and make a matching sound.", "It is a red circle."),
+    ("Describe it and make a matching sound.", "a red circle."),  # names what the photo shows
     ("What colour is it?", "red"),
     ("Where is the blue square?", "blue square"),
 ]

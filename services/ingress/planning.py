@@ -82,6 +82,15 @@ class ChatPlan:
     speech: SpeechPlan | None = None  # the answer spoken (``audio.voice``), or not
     skills: SkillPlan = SkillPlan()  # server-side skills enabled (issue #23: the loop, services.ingress.skill_loop)
     input_transcripts: tuple[InputTranscript, ...] = ()  # what was heard in the spoken input (spoken_input)
+    lead_in_budget: bool = False  # a chat edit whose token budget is the preset's lead-in, not the client's max_tokens
+
+    def finish_reason(self, reason: str) -> str:
+        """The LLM's finish ``reason`` as OpenAI's ``finish_reason``: ``stop``, ``length``, ``tool_calls``; any other
+        (``signal_loop``) is ``stop``, and so is ``length`` under a lead-in budget (the edited medium's group closed
+        the answer where the server set its end; nothing the client asked for was cut)."""
+        if reason == "length" and self.lead_in_budget:
+            return "stop"
+        return reason if reason in ("stop", "length", "tool_calls") else "stop"
 
 
 class Planner:
@@ -267,6 +276,14 @@ class Planner:
             param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
             raise bad_request(f"{param} must be <= {self.limits.max_new_tokens} on this server, got {max_new}",
                               param=param, code="invalid_value")
+        lead_in_budget = False
+        if edit is not None and "response_format" not in formats and "tools" not in formats:
+            # a free-text edit is planned as /v1/images/edits plans one: at most the preset's lead-in before the edited
+            # medium's group (toy: 0, the group opens the answer as its edit dialogues train it; with a lead-in its
+            # words led "make it a circle" astray: bench/editing.py --quality --path chat)
+            lead_in = self.backend.preset.generation.prompt_lead_in_tokens
+            lead_in_budget = max_new is None or lead_in < max_new
+            max_new = lead_in if lead_in_budget else max_new
         options = {}
         for m in Modality:
             # the request's options field of this medium (its spec's option fields: services.schemas.MEDIUM_OPTIONS;
@@ -314,7 +331,7 @@ class Planner:
             json_content=formats.get("response_format") is not None,
             deadline=time.monotonic() + self.settings.request_timeout_s,
             edit_source=edit_source, skills=sp,
-            speech=speech, input_transcripts=heard,
+            speech=speech, input_transcripts=heard, lead_in_budget=lead_in_budget,
         )
 
     # ---- output formats (issue #22) ----------------------------------------------------------------

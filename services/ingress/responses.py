@@ -49,8 +49,6 @@ from services.protocol import SpeechAudioChunk
 from services.settings import ServerSettings
 from services.store import Artifact, FileStore
 
-FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
-"""The LLM's finish reasons OpenAI knows; any other (``signal_loop``) is reported as ``stop``."""
 DONE = b"data: [DONE]\n\n"
 
 
@@ -249,7 +247,7 @@ class Responses:
             "model": self.model_name,
             "system_fingerprint": self.fingerprint,
             "seed": plan.base_seed,
-            "choices": [{"index": 0, "message": message, "finish_reason": FINISH.get(r.finish_reason, "stop"),
+            "choices": [{"index": 0, "message": message, "finish_reason": plan.finish_reason(r.finish_reason),
                          "logprobs": self.logprobs_json(r.logprobs) if plan.llm.logprobs is not None else None}],
             "usage": self.usage(r),
         }
@@ -434,7 +432,7 @@ class StreamChunks:
         if self.plan.skills.names:
             last = {"boxes": self.r.boxes_json(result) + self.r.skill_boxes_json(self.skill_calls),
                     "masks": self.r.masks_json(self.skill_calls)}
-        out.append(self.r.chunk(self.plan, self.created, last, FINISH.get(result.finish_reason, "stop")))
+        out.append(self.r.chunk(self.plan, self.created, last, self.plan.finish_reason(result.finish_reason)))
         if self.plan.include_usage:
             out.append(self.r.chunk(self.plan, self.created, None, usage=self.r.usage(result)))
         return out
