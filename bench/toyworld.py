@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         if any("media" in r for r in rows):  # chat: which media the answers held
             ok = [r for r in rows if not r["error"]]
             held = {"answers_without_media": sum(not r["media"] for r in ok),
-                    "answers_without_the_asked_medium": sum(m not in r["media"] for r in ok)}
+                    "answers_without_the_asked_medium": sum(m not in r["media"] for r in ok),
+                    "answers_with_words": sum(bool((r.get("text") or "").strip()) for r in ok)}  # not the medium alone
         return {**held, "correct": score.correct, "total": score.total, "share": score.accuracy, "per_attribute": per,
                 "also_read": extra, "errors": len(errors), "error_examples": errors[:3],
                 "latency": C.stats_s([r["latency_s"] for r in rows]), "wall_s": wall, "requests_per_s": n / wall,
@@ -484,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                 per += " | read: " + ", ".join(f"{k} {v['hits']}/{v['asked']}" for k, v in r["also_read"].items())
             if path == "service_chat_words":
                 per += f" | answers without the medium: {r['answers_without_the_asked_medium']}"
+            if "answers_with_words" in r:
+                per += f" | with words: {r['answers_with_words']}"
             lat = r.get("latency", {})
             rows_t.append([label, f"{r['correct']}/{r['total']}", r["share"], per, r["chance"]["chance"],
                            r["chance"]["chance_plus_3_sigma"], lat.get("p50_s", ""), lat.get("p95_s", ""),
