@@ -281,7 +281,7 @@ class Planner:
             # a free-text edit is planned as /v1/images/edits plans one: at most the preset's lead-in before the edited
             # medium's group (toy: 0, the group opens the answer as its edit dialogues train it; with a lead-in its
             # words led "make it a circle" astray: bench/editing.py --quality --path chat)
-            lead_in = self.backend.preset.generation.prompt_lead_in_tokens
+            lead_in = min(self.backend.preset.generation.prompt_lead_in_tokens, self.limits.max_new_tokens)
             lead_in_budget = max_new is None or lead_in < max_new
             max_new = lead_in if lead_in_budget else max_new
         options = {}
